@@ -161,7 +161,9 @@ class BatchNorm:
             )
         return x, axes
 
-    def forward(self, x: np.ndarray, *, training: bool | None = None) -> np.ndarray:
+    def forward(
+        self, x: np.ndarray, *, training: bool | None = None, update_stats: bool = True
+    ) -> np.ndarray:
         """Normalize ``x``; in training mode also update the running statistics.
 
         Parameters
@@ -169,6 +171,9 @@ class BatchNorm:
         x : ndarray, shape (N, C, *spatial) (or the layout ``axis`` names), float16/32/64
         training : bool, optional
             Overrides the layer's mode for this call only.
+        update_stats : bool
+            False: a training-mode forward (batch statistics) that leaves the running
+            statistics and ``num_batches_tracked`` alone, e.g. to probe activations.
 
         Returns
         -------
@@ -198,7 +203,7 @@ class BatchNorm:
                 f"shape {x.shape} and feature axis {self.axis!r}, giving {m} value(s) per feature"
             )
         y, cache = batch_norm_train(x, self.gamma, self.beta, axis=axes, eps=self.eps)
-        if training and self.track_running_stats:
+        if training and self.track_running_stats and update_stats:
             update = self._running_update(cache.mean, cache.var, m)
             if update is None:
                 self.skipped_updates += 1

