@@ -161,9 +161,9 @@ def test_mnist_subset_corrupt_csv(tmp_path):
 
 def test_mnist1d_is_generated_offline():
     pytest.importorskip("mnist1d")
-    state = np.random.get_state()
+    state = np.random.get_state()  # noqa: NPY002 - checking the global state is untouched
     ds = bd.load_dataset("mnist1d")
     assert ds.x_train.shape == (4000, 40) and ds.x_test.shape == (1000, 40)
     assert ds.n_classes == 10
     # the generator's global seeding is undone
-    assert np.array_equal(np.random.get_state()[1], state[1])
+    assert np.array_equal(np.random.get_state()[1], state[1])  # noqa: NPY002
