@@ -79,3 +79,15 @@ def snapshot(layer):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request, monkeypatch):
+    """Run a test once per backend: "auto" resolves to the one under test."""
+    from batchnorm import functional
+
+    if request.param == "numpy":
+        monkeypatch.setattr(functional, "_load_kernels", lambda: None)
+    elif not functional.numba_available():
+        pytest.skip("numba is not installed")
+    return request.param

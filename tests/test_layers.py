@@ -11,6 +11,8 @@ from conftest import ref_eval, ref_train, snapshot
 import batchnorm as bn
 from batchnorm.gradcheck import numerical_gradient, relative_error
 
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 # ----------------------------------------------------------------------------- presets
 @pytest.mark.parametrize(

@@ -49,11 +49,13 @@ from ._validation import (
 )
 
 __all__ = [
+    "BACKENDS",
     "BatchNormCache",
     "batch_norm_backward",
     "batch_norm_eval",
     "batch_norm_train",
     "moments",
+    "numba_available",
 ]
 
 Axis = int | Sequence[int]
@@ -119,6 +121,9 @@ class BatchNormCache:
 
 
 # --------------------------------------------------------------------------- numpy kernels
+# Four primitives make up every pass; the compiled backend implements the same four.
+
+
 def _centre(x: np.ndarray, mean_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return ``d = x - s`` in working precision and ``delta = mean - s`` in float64.
 
@@ -132,71 +137,142 @@ def _centre(x: np.ndarray, mean_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, mean_b - shift.astype(np.float64)
 
 
-def _moments_numpy(x: np.ndarray, red: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and biased variance, float64, keepdims shape."""
-    mean = np.mean(x, axis=red, dtype=np.float64, keepdims=True)
-    d, delta = _centre(x, mean)
-    # Mean of squares about the shift, accumulated in float64, minus the (tiny) offset
-    # between the shift and the true mean: the corrected two-pass formula.
-    msq = np.mean(np.square(d), axis=red, dtype=np.float64, keepdims=True)
-    var = np.maximum(msq - delta * delta, 0.0)
-    return mean, var
+def _np_moments(x, axes, bshape):
+    """Per-feature mean and biased variance (float64, broadcast shape).
+
+    Two passes: a float64 mean ``m0``, then the mean square of ``d = x - s`` with ``s`` =
+    ``m0`` rounded to working precision, less ``(m0 - s)^2``. For float64 input ``d`` is
+    exact and the corrected two-pass form also uses ``mean(d)`` to repair summation error
+    in ``m0`` (NumPy sums naively along non-contiguous axes, which matters at offsets of
+    ~1e9 std); for float16/32 input ``m0`` is already exact to float64 round-off.
+    """
+    red = reduce_axes(x.ndim, axes)
+    m0 = np.mean(x, axis=red, dtype=np.float64, keepdims=True)
+    d, delta = _centre(x, m0)
+    if d.dtype == np.float64:
+        mean_d = np.mean(d, axis=red, dtype=np.float64, keepdims=True)
+        mean = (m0 - delta) + mean_d
+    else:
+        mean_d, mean = delta, m0
+    msq = np.mean(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True)
+    return mean, np.maximum(msq - mean_d * mean_d, 0.0)
 
 
-def _normalize_numpy(
-    x: np.ndarray,
-    mean_b: np.ndarray,
-    inv_std_b: np.ndarray,
-    gamma_b: np.ndarray | None,
-    beta_b: np.ndarray | None,
-) -> np.ndarray:
-    """y = (x - mean) * inv_std * gamma + beta, as one multiply-add per element."""
+def _np_affine(x, axes, mean_b, scale_b, bias_b):
+    """y = (x - mean) * scale + bias, all per-feature arrays in broadcast shape."""
     d, delta = _centre(x, mean_b)
-    scale = inv_std_b if gamma_b is None else inv_std_b * gamma_b
-    bias = -delta * scale
-    if beta_b is not None:
-        bias = bias + beta_b
     wt = d.dtype
-    d *= scale.astype(wt)
-    d += bias.astype(wt)
+    d *= scale_b.astype(wt)
+    d += (bias_b - delta * scale_b).astype(wt)
     return d.astype(x.dtype, copy=False)
 
 
-def _backward_numpy(dy: np.ndarray, cache: BatchNormCache, bshape: tuple[int, ...]):
-    x = cache.x
-    red = reduce_axes(x.ndim, cache.axis)
-    wt = _work_dtype(x.dtype)
-    mean_b = cache.mean.reshape(bshape)
-    inv_std_b = cache.inv_std.reshape(bshape)
-    gamma_b = None if cache.gamma is None else cache.gamma.reshape(bshape)
-    need_xhat_sum = cache.batch_stats or gamma_b is not None
-
+def _np_grad_sums(x, dy, axes, mean_b):
+    """sum(dy) and sum(dy * (x - mean)) per feature, accumulated in float64."""
+    red = reduce_axes(x.ndim, axes)
+    d, delta = _centre(x, mean_b)
     sum_dy = np.sum(dy, axis=red, dtype=np.float64, keepdims=True)
-    sum_dy_xhat = None
-    d = delta = None
-    if need_xhat_sum:
-        d, delta = _centre(x, mean_b)
-        sum_dy_d = np.sum(np.multiply(d, dy, dtype=wt), axis=red, dtype=np.float64, keepdims=True)
-        sum_dy_xhat = inv_std_b * (sum_dy_d - delta * sum_dy)
+    d *= dy
+    sum_dy_d = np.sum(d, axis=red, dtype=np.float64, keepdims=True)
+    return sum_dy, sum_dy_d - delta * sum_dy
 
-    k = inv_std_b if gamma_b is None else inv_std_b * gamma_b
-    if cache.batch_stats:
-        # dx = k * (dy - mean(dy) - x_hat * mean(dy * x_hat)) with x_hat = (d - delta) * inv_std,
-        # rearranged as b * d + c + k * dy per feature: one fused pass reusing d.
-        m = cache.count
-        b = -k * inv_std_b * sum_dy_xhat / m
-        c = -b * delta - k * sum_dy / m
-        d *= b.astype(wt)
-        d += c.astype(wt)
-        d += np.multiply(dy, k.astype(wt), dtype=wt)
-        dx = d
-    else:
-        dx = np.multiply(dy, k.astype(wt), dtype=wt)
 
-    fshape = cache.mean.shape
-    dgamma = None if cache.gamma is None else sum_dy_xhat.reshape(fshape).copy()
-    dbeta = sum_dy.reshape(fshape).copy() if cache.has_beta else None
-    return dx.astype(x.dtype, copy=False), dgamma, dbeta
+def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b):
+    """dx = k * dy + p * (x - mean) + q per feature."""
+    d, delta = _centre(x, mean_b)
+    wt = d.dtype
+    d *= p_b.astype(wt)
+    d += (q_b - p_b * delta).astype(wt)
+    d += np.multiply(dy, k_b.astype(wt), dtype=wt)
+    return d.astype(x.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- dispatch
+BACKENDS = ("auto", "numpy", "numba")
+_kernels_module = None
+
+
+def _load_kernels():
+    """The compiled kernels module, or None when numba is not importable (imported lazily)."""
+    global _kernels_module
+    if _kernels_module is None:
+        try:
+            from . import _kernels
+        except ImportError:
+            _kernels_module = False
+        else:
+            _kernels_module = _kernels
+    return _kernels_module or None
+
+
+def numba_available() -> bool:
+    """Whether the compiled backend can be used (numba importable)."""
+    return _load_kernels() is not None
+
+
+class _Backend:
+    """The four primitives on per-feature float64 vectors, for one array layout."""
+
+    def __init__(self, name: str, x: np.ndarray, axes: tuple[int, ...]):
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+        kern = None if name == "numpy" else _load_kernels()
+        if name == "numba" and kern is None:
+            raise ImportError("backend='numba' needs numba: pip install numba")
+        # feature axes that are not adjacent take the general (NumPy) path
+        self.kern = kern if kern is not None and kern.supported(axes) else None
+        self.name = "numba" if self.kern is not None else "numpy"
+        self.x, self.axes = x, axes
+        self.fshape = feature_shape(x.shape, axes)
+        self.bshape = broadcast_shape(x.ndim, axes, x.shape)
+        self._xw = None
+
+    def _b(self, v):
+        return v.reshape(self.bshape)
+
+    def _work(self):
+        if self._xw is None:
+            self._xw = self.kern._work_array(self.x)
+        return self._xw
+
+    def moments(self):
+        if self.kern is not None:
+            mean, var, self._xw = self.kern.moments(self.x, self.axes)
+            return mean.reshape(self.fshape), var.reshape(self.fshape)
+        mean, var = _np_moments(self.x, self.axes, self.bshape)
+        return mean.reshape(self.fshape), var.reshape(self.fshape)
+
+    def affine(self, mean, scale, bias):
+        if self.kern is not None:
+            return self.kern.affine(
+                self._work(), self.axes, mean.ravel(), scale.ravel(), bias.ravel(), self.x.dtype
+            )
+        return _np_affine(self.x, self.axes, self._b(mean), self._b(scale), self._b(bias))
+
+    def grad_sums(self, dy, mean):
+        if self.kern is not None:
+            xw = self._work()
+            s1, s2 = self.kern.grad_sums(xw, self.kern.as_work(dy, xw), self.axes, mean.ravel())
+        else:
+            s1, s2 = _np_grad_sums(self.x, dy, self.axes, self._b(mean))
+        return s1.reshape(self.fshape), s2.reshape(self.fshape)
+
+    def input_grad(self, dy, mean, k, p, q):
+        if self.kern is not None:
+            xw = self._work()
+            return self.kern.input_grad(
+                xw,
+                self.kern.as_work(dy, xw),
+                self.axes,
+                mean.ravel(),
+                k.ravel(),
+                p.ravel(),
+                q.ravel(),
+                self.x.dtype,
+            )
+        return _np_input_grad(
+            self.x, dy, self.axes, self._b(mean), self._b(k), self._b(p), self._b(q)
+        )
 
 
 # --------------------------------------------------------------------------- public API
@@ -209,7 +285,14 @@ def _prepare(x, gamma, beta, axis, eps):
     return x, axes, fshape, g, b, check_eps(eps)
 
 
-def moments(x: np.ndarray, *, axis: Axis = 1) -> tuple[np.ndarray, np.ndarray]:
+def _check_not_empty(x: np.ndarray, what: str) -> None:
+    if x.size == 0:
+        raise ValueError(f"cannot {what} an empty batch: x has shape {x.shape}")
+
+
+def moments(
+    x: np.ndarray, *, axis: Axis = 1, backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and biased variance of ``x``, accumulated in float64.
 
     Parameters
@@ -217,6 +300,8 @@ def moments(x: np.ndarray, *, axis: Axis = 1) -> tuple[np.ndarray, np.ndarray]:
     x : ndarray, shape (N, C, *spatial) or any layout, float16/32/64
     axis : int or tuple of int
         Feature axis (or axes); statistics reduce over all the others.
+    backend : {"auto", "numpy", "numba"}
+        "auto" uses the compiled kernels when numba is importable.
 
     Returns
     -------
@@ -224,12 +309,9 @@ def moments(x: np.ndarray, *, axis: Axis = 1) -> tuple[np.ndarray, np.ndarray]:
     """
     x = as_input(x)
     axes = normalize_axes(axis, x.ndim)
-    fshape = feature_shape(x.shape, axes)
-    if x.size == 0:
-        raise ValueError(f"cannot compute statistics of an empty batch: x has shape {x.shape}")
+    _check_not_empty(x, "compute statistics of")
     with _quiet():
-        mean, var = _moments_numpy(x, reduce_axes(x.ndim, axes))
-    return mean.reshape(fshape), var.reshape(fshape)
+        return _Backend(backend, x, axes).moments()
 
 
 def batch_norm_train(
@@ -239,6 +321,7 @@ def batch_norm_train(
     *,
     axis: Axis = 1,
     eps: float = 1e-5,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-norm forward pass with batch statistics (training mode).
 
@@ -252,6 +335,9 @@ def batch_norm_train(
         Feature axis (or axes); negative allowed. Statistics reduce over all the others.
     eps : float
         Added to the variance before the square root.
+    backend : {"auto", "numpy", "numba"}
+        "auto" uses the compiled kernels when numba is importable; feature axes that are not
+        adjacent always take the NumPy path.
 
     Returns
     -------
@@ -260,26 +346,20 @@ def batch_norm_train(
         ``cache.mean`` and ``cache.var`` are the batch mean and biased batch variance.
     """
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
-    if x.size == 0:
-        raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
-    bshape = broadcast_shape(x.ndim, axes, x.shape)
+    _check_not_empty(x, "normalize")
+    be = _Backend(backend, x, axes)
     with _quiet():
-        mean_b, var_b = _moments_numpy(x, reduce_axes(x.ndim, axes))
-        inv_std_b = 1.0 / np.sqrt(var_b + eps)
-        y = _normalize_numpy(
-            x,
-            mean_b,
-            inv_std_b,
-            None if g is None else g.reshape(bshape),
-            None if b is None else b.reshape(bshape),
-        )
+        mean, var = be.moments()
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = inv_std if g is None else inv_std * g
+        y = be.affine(mean, scale, np.zeros(fshape) if b is None else b)
     cache = BatchNormCache(
         x=x,
         gamma=None if g is None else g.copy(),
         has_beta=b is not None,
-        mean=mean_b.reshape(fshape),
-        var=var_b.reshape(fshape),
-        inv_std=inv_std_b.reshape(fshape),
+        mean=mean,
+        var=var,
+        inv_std=inv_std,
         axis=axes,
         eps=eps,
         batch_stats=True,
@@ -297,6 +377,7 @@ def batch_norm_eval(
     axis: Axis = 1,
     eps: float = 1e-5,
     return_cache: bool = False,
+    backend: str = "auto",
 ) -> np.ndarray | tuple[np.ndarray, BatchNormCache]:
     """Batch-norm forward pass with given statistics (evaluation mode).
 
@@ -311,6 +392,7 @@ def batch_norm_eval(
     return_cache : bool
         Also return a cache for :func:`batch_norm_backward`, in which the statistics are
         constants.
+    backend : {"auto", "numpy", "numba"}
 
     Returns
     -------
@@ -320,16 +402,11 @@ def batch_norm_eval(
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     rm = as_feature_vector(running_mean, "running_mean", fshape, x.shape)
     rv = as_feature_vector(running_var, "running_var", fshape, x.shape)
-    bshape = broadcast_shape(x.ndim, axes, x.shape)
+    be = _Backend(backend, x, axes)
     with _quiet():
         inv_std = 1.0 / np.sqrt(rv + eps)
-        y = _normalize_numpy(
-            x,
-            rm.reshape(bshape),
-            inv_std.reshape(bshape),
-            None if g is None else g.reshape(bshape),
-            None if b is None else b.reshape(bshape),
-        )
+        scale = inv_std if g is None else inv_std * g
+        y = be.affine(rm, scale, np.zeros(fshape) if b is None else b)
     if not return_cache:
         return y
     cache = BatchNormCache(
@@ -347,7 +424,7 @@ def batch_norm_eval(
 
 
 def batch_norm_backward(
-    dy: np.ndarray, cache: BatchNormCache
+    dy: np.ndarray, cache: BatchNormCache, *, backend: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Gradients of a batch-norm forward pass.
 
@@ -357,6 +434,7 @@ def batch_norm_backward(
         Upstream gradient; never modified.
     cache : BatchNormCache
         From :func:`batch_norm_train`, or :func:`batch_norm_eval` with ``return_cache=True``.
+    backend : {"auto", "numpy", "numba"}
 
     Returns
     -------
@@ -370,6 +448,19 @@ def batch_norm_backward(
         raise ValueError(
             f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
         )
-    bshape = broadcast_shape(cache.x.ndim, cache.axis, cache.x.shape)
+    be = _Backend(backend, cache.x, cache.axis)
+    inv_std, mean = cache.inv_std, cache.mean
     with _quiet():
-        return _backward_numpy(dy, cache, bshape)
+        sum_dy, sum_dy_xc = be.grad_sums(dy, mean)
+        sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
+        k = inv_std if cache.gamma is None else inv_std * cache.gamma
+        if cache.batch_stats:
+            # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) inv_std
+            m = cache.count
+            p, q = -k * inv_std * sum_dy_xhat / m, -k * sum_dy / m
+        else:  # statistics are constants: dx = k dy
+            p = q = np.zeros_like(k)
+        dx = be.input_grad(dy, mean, k, p, q)
+    dgamma = None if cache.gamma is None else sum_dy_xhat
+    dbeta = sum_dy if cache.has_beta else None
+    return dx, dgamma, dbeta

@@ -26,7 +26,13 @@ import numpy as np
 from . import checkpoint
 from ._validation import as_input, check_eps, feature_shape, normalize_axes, reduce_axes
 from .conventions import check_momentum, get_convention, new_value_weight, update_running
-from .functional import BatchNormCache, batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import (
+    BACKENDS,
+    BatchNormCache,
+    batch_norm_backward,
+    batch_norm_eval,
+    batch_norm_train,
+)
 
 __all__ = ["BatchNorm"]
 
@@ -75,6 +81,8 @@ class BatchNorm:
         ``skipped_updates`` (for mixed-precision loops that skip overflowed steps).
     dtype : float dtype
         Dtype of the parameters and running statistics (float64 by default).
+    backend : {"auto", "numpy", "numba"}
+        Kernels to run (see :func:`batchnorm.batch_norm_train`).
 
     Attributes
     ----------
@@ -100,6 +108,7 @@ class BatchNorm:
         track_running_stats: bool = True,
         nonfinite: Literal["raise", "skip"] = "raise",
         dtype: np.dtype | type = np.float64,
+        backend: str = "auto",
     ) -> None:
         conv = get_convention(convention)
         self.feature_shape = _as_feature_shape(num_features)
@@ -121,6 +130,9 @@ class BatchNorm:
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        self.backend = backend
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f":
             raise TypeError(f"dtype must be a floating dtype; got {self.dtype}")
@@ -202,7 +214,9 @@ class BatchNorm:
                 f"expected more than 1 value per feature when using batch statistics; x has "
                 f"shape {x.shape} and feature axis {self.axis!r}, giving {m} value(s) per feature"
             )
-        y, cache = batch_norm_train(x, self.gamma, self.beta, axis=axes, eps=self.eps)
+        y, cache = batch_norm_train(
+            x, self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend
+        )
         if training and self.track_running_stats and update_stats:
             update = self._running_update(cache.mean, cache.var, m)
             if update is None:
@@ -264,7 +278,7 @@ class BatchNorm:
         """
         if self._cache is None:
             raise RuntimeError("backward() called before any forward pass")
-        dx, dgamma, dbeta = batch_norm_backward(dy, self._cache)
+        dx, dgamma, dbeta = batch_norm_backward(dy, self._cache, backend=self.backend)
         if self.affine:
             self.dgamma = dgamma.astype(self.dtype, copy=False)
             self.dbeta = dbeta.astype(self.dtype, copy=False)

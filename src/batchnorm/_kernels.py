@@ -1,0 +1,330 @@
+"""Fused compiled CPU kernels (numba), with the same contracts as :mod:`batchnorm.functional`.
+
+Batch norm is memory-bound, so the kernels are arranged to touch memory as few times as
+possible:
+
+* train forward: one pass for the statistics (shifted sums of ``x - s`` and ``(x - s)^2`` in
+  float64, with ``s`` one sample of each feature, so there is no cancellation whatever the
+  offset) and one pass that reads ``x`` and writes ``y``;
+* eval forward: one pass;
+* backward: one pass for ``sum(dy)`` and ``sum(dy * (x - mean))``, one pass for ``dx``.
+
+Every layout is first viewed as ``(O, C, I)``: O = the axes before the feature axis (or
+adjacent feature axes, merged), C = the features, I = the axes after. Wide inner blocks
+(I >= 32, e.g. NCHW) run a 3-D loop; otherwise the array is treated as ``(O, C*I)`` rows
+(channels-last and ``(N, D)`` have I = 1) and vectorized along the row. Work is split over
+threads in chunks of O (and features). Inputs that are not C-contiguous are copied once.
+float16 inputs are computed through a float32 copy.
+
+The elementwise passes use the same rounding-safe form as the NumPy path:
+``y = (x - s) * a + b`` where ``s`` is the mean rounded to the working precision, so ``x - s``
+is exact for data far from zero. Fast-math lets LLVM reassociate (vectorize reductions) and
+contract to FMA, but never assumes the absence of NaN or Inf, which therefore propagate.
+
+Nothing is compiled at import: numba compiles each kernel on first use and caches the
+machine code on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Contract to FMA and ignore the sign of zero, but never assume "no NaN/Inf" (they must
+# propagate) and never reassociate: reassociation may rewrite sum(x - s) as sum(x) - n*s or
+# (x - s)*a as x*a - s*a, which is exactly the cancellation the shift exists to avoid.
+# Reductions are instead vectorized by hand with independent accumulators.
+_FASTMATH = {"contract", "nsz", "arcp"}
+_OPTS = {"parallel": True, "fastmath": _FASTMATH, "cache": True, "nogil": True}
+WIDE_INNER = 32
+
+
+# --------------------------------------------------------------------------- statistics
+@njit(**_OPTS)
+def _shifted_sums_rows(x, nchunks):  # pragma: no cover - compiled
+    """x (O, K): per column shift (first row) and chunked sums of d and d^2, float64."""
+    O, K = x.shape
+    shift = np.empty(K, np.float64)
+    for k in range(K):
+        shift[k] = x[0, k]
+    s1 = np.zeros((nchunks, K), np.float64)
+    s2 = np.zeros((nchunks, K), np.float64)
+    for t in prange(nchunks):
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        a1 = np.zeros(K, np.float64)
+        a2 = np.zeros(K, np.float64)
+        for o in range(o0, o1):
+            for k in range(K):
+                d = np.float64(x[o, k]) - shift[k]
+                a1[k] += d
+                a2[k] += d * d
+        s1[t, :] = a1
+        s2[t, :] = a2
+    return shift, s1, s2
+
+
+@njit(**_OPTS)
+def _shifted_sums_wide(x, nchunks):  # pragma: no cover - compiled
+    """x (O, C, I) with wide I: per feature shift and chunked sums over (o, i), float64."""
+    O, C, I = x.shape
+    shift = np.empty(C, np.float64)
+    for c in range(C):
+        shift[c] = x[0, c, 0]
+    s1 = np.zeros((nchunks, C), np.float64)
+    s2 = np.zeros((nchunks, C), np.float64)
+    I4 = I - I % 4
+    for task in prange(nchunks * C):
+        t = task // C
+        c = task % C
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        sh = shift[c]
+        # four independent accumulators: vectorizable without reassociation
+        p0 = p1 = p2 = p3 = 0.0
+        q0 = q1 = q2 = q3 = 0.0
+        for o in range(o0, o1):
+            row = x[o, c]
+            for i in range(0, I4, 4):
+                d0 = np.float64(row[i]) - sh
+                d1 = np.float64(row[i + 1]) - sh
+                d2 = np.float64(row[i + 2]) - sh
+                d3 = np.float64(row[i + 3]) - sh
+                p0 += d0
+                p1 += d1
+                p2 += d2
+                p3 += d3
+                q0 += d0 * d0
+                q1 += d1 * d1
+                q2 += d2 * d2
+                q3 += d3 * d3
+            for i in range(I4, I):
+                d0 = np.float64(row[i]) - sh
+                p0 += d0
+                q0 += d0 * d0
+        s1[t, c] = (p0 + p1) + (p2 + p3)
+        s2[t, c] = (q0 + q1) + (q2 + q3)
+    return shift, s1, s2
+
+
+@njit(**_OPTS)
+def _grad_sums_rows(x, dy, shift, nchunks):  # pragma: no cover - compiled
+    """Chunked sums of dy and dy * (x - shift) per column of (O, K) arrays, float64."""
+    O, K = x.shape
+    s1 = np.zeros((nchunks, K), np.float64)
+    s2 = np.zeros((nchunks, K), np.float64)
+    for t in prange(nchunks):
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        a1 = np.zeros(K, np.float64)
+        a2 = np.zeros(K, np.float64)
+        for o in range(o0, o1):
+            for k in range(K):
+                g = np.float64(dy[o, k])
+                a1[k] += g
+                a2[k] += g * (np.float64(x[o, k]) - shift[k])
+        s1[t, :] = a1
+        s2[t, :] = a2
+    return s1, s2
+
+
+@njit(**_OPTS)
+def _grad_sums_wide(x, dy, shift, nchunks):  # pragma: no cover - compiled
+    O, C, I = x.shape
+    s1 = np.zeros((nchunks, C), np.float64)
+    s2 = np.zeros((nchunks, C), np.float64)
+    I4 = I - I % 4
+    for task in prange(nchunks * C):
+        t = task // C
+        c = task % C
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        sh = shift[c]
+        p0 = p1 = p2 = p3 = 0.0
+        q0 = q1 = q2 = q3 = 0.0
+        for o in range(o0, o1):
+            xr = x[o, c]
+            gr = dy[o, c]
+            for i in range(0, I4, 4):
+                g0 = np.float64(gr[i])
+                g1 = np.float64(gr[i + 1])
+                g2 = np.float64(gr[i + 2])
+                g3 = np.float64(gr[i + 3])
+                p0 += g0
+                p1 += g1
+                p2 += g2
+                p3 += g3
+                q0 += g0 * (np.float64(xr[i]) - sh)
+                q1 += g1 * (np.float64(xr[i + 1]) - sh)
+                q2 += g2 * (np.float64(xr[i + 2]) - sh)
+                q3 += g3 * (np.float64(xr[i + 3]) - sh)
+            for i in range(I4, I):
+                g0 = np.float64(gr[i])
+                p0 += g0
+                q0 += g0 * (np.float64(xr[i]) - sh)
+        s1[t, c] = (p0 + p1) + (p2 + p3)
+        s2[t, c] = (q0 + q1) + (q2 + q3)
+    return s1, s2
+
+
+# --------------------------------------------------------------------------- elementwise
+@njit(**_OPTS)
+def _affine_rows(x, s, a, b, out, nchunks):  # pragma: no cover - compiled
+    """out = (x - s) * a + b per column, in the working precision of s/a/b."""
+    O, K = x.shape
+    for t in prange(nchunks):
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        for o in range(o0, o1):
+            for k in range(K):
+                out[o, k] = (x[o, k] - s[k]) * a[k] + b[k]
+
+
+@njit(**_OPTS)
+def _affine_wide(x, s, a, b, out):  # pragma: no cover - compiled
+    O, C, I = x.shape
+    for task in prange(O * C):
+        o = task // C
+        c = task % C
+        sc, ac, bc = s[c], a[c], b[c]
+        for i in range(I):
+            out[o, c, i] = (x[o, c, i] - sc) * ac + bc
+
+
+@njit(**_OPTS)
+def _dx_rows(x, dy, s, a, p, q, out, nchunks):  # pragma: no cover - compiled
+    """out = a * dy + p * (x - s) + q per column (the batch-norm input gradient)."""
+    O, K = x.shape
+    for t in prange(nchunks):
+        o0 = t * O // nchunks
+        o1 = (t + 1) * O // nchunks
+        for o in range(o0, o1):
+            for k in range(K):
+                out[o, k] = a[k] * dy[o, k] + p[k] * (x[o, k] - s[k]) + q[k]
+
+
+@njit(**_OPTS)
+def _dx_wide(x, dy, s, a, p, q, out):  # pragma: no cover - compiled
+    O, C, I = x.shape
+    for task in prange(O * C):
+        o = task // C
+        c = task % C
+        sc, ac, pc, qc = s[c], a[c], p[c], q[c]
+        for i in range(I):
+            out[o, c, i] = ac * dy[o, c, i] + pc * (x[o, c, i] - sc) + qc
+
+
+# --------------------------------------------------------------------------- drivers
+class Plan:
+    """How an array of a given shape and feature axes maps onto the kernels' views."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]):
+        first, last = axes[0], axes[-1]
+        self.O = int(np.prod(shape[:first], dtype=np.int64))
+        self.C = int(np.prod(shape[first : last + 1], dtype=np.int64))
+        self.I = int(np.prod(shape[last + 1 :], dtype=np.int64))
+        self.wide = self.I >= WIDE_INNER
+        threads = numba.get_num_threads()
+        self.nchunks = max(1, min(self.O, 4 * threads))
+        self.count = self.O * self.I
+
+    def view(self, arr: np.ndarray) -> np.ndarray:
+        if self.wide:
+            return arr.reshape(self.O, self.C, self.I)
+        return arr.reshape(self.O, self.C * self.I)
+
+    def per_column(self, v: np.ndarray) -> np.ndarray:
+        """Expand a per-feature vector to the kernel's columns."""
+        v = np.ascontiguousarray(v.reshape(self.C))
+        return v if self.wide or self.I == 1 else np.repeat(v, self.I)
+
+
+def supported(axes: tuple[int, ...]) -> bool:
+    """The compiled kernels need the feature axes to be adjacent (one block in memory)."""
+    return axes[-1] - axes[0] == len(axes) - 1
+
+
+def _work_array(x: np.ndarray) -> np.ndarray:
+    """C-contiguous array in a dtype the kernels take (float16 goes through float32)."""
+    if x.dtype == np.float16:
+        return x.astype(np.float32, order="C")
+    return np.ascontiguousarray(x)
+
+
+def _merge_columns(plan: Plan, shift, s1, s2):
+    """Per-feature (mean, biased var) from per-column shifted sums (Chan's merge)."""
+    s1, s2 = s1.sum(axis=0), s2.sum(axis=0)
+    if plan.wide or plan.I == 1:
+        n = plan.count
+        d = s1 / n
+        return shift + d, np.maximum(s2 / n - d * d, 0.0)
+    n_col = plan.O
+    col_d = s1 / n_col
+    col_mean = (shift + col_d).reshape(plan.C, plan.I)
+    col_m2 = np.maximum(s2 - n_col * col_d * col_d, 0.0).reshape(plan.C, plan.I)
+    mean = col_mean.mean(axis=1)
+    m2 = col_m2.sum(axis=1) + n_col * ((col_mean - mean[:, None]) ** 2).sum(axis=1)
+    return mean, m2 / plan.count
+
+
+def moments(x: np.ndarray, axes: tuple[int, ...]):
+    """Per-feature float64 mean and biased variance; also the contiguous work array used."""
+    xw = _work_array(x)
+    plan = Plan(xw.shape, axes)
+    v = plan.view(xw)
+    if plan.wide:
+        shift, s1, s2 = _shifted_sums_wide(v, plan.nchunks)
+    else:
+        shift, s1, s2 = _shifted_sums_rows(v, plan.nchunks)
+    mean, var = _merge_columns(plan, shift, s1, s2)
+    return mean, var, xw
+
+
+def affine(xw: np.ndarray, axes, mean, scale, bias, out_dtype) -> np.ndarray:
+    """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
+    plan = Plan(xw.shape, axes)
+    wt = xw.dtype
+    s = mean.astype(wt)
+    b = bias - (mean - s.astype(np.float64)) * scale
+    out = np.empty(xw.shape, wt)
+    args = (plan.per_column(s), plan.per_column(scale.astype(wt)), plan.per_column(b.astype(wt)))
+    if plan.wide:
+        _affine_wide(plan.view(xw), *args, plan.view(out))
+    else:
+        _affine_rows(plan.view(xw), *args, plan.view(out), plan.nchunks)
+    return out.astype(out_dtype, copy=False)
+
+
+def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean):
+    """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    plan = Plan(xw.shape, axes)
+    col_shift = plan.per_column(mean.astype(np.float64))
+    if plan.wide:
+        s1, s2 = _grad_sums_wide(plan.view(xw), plan.view(dyw), col_shift, plan.nchunks)
+    else:
+        s1, s2 = _grad_sums_rows(plan.view(xw), plan.view(dyw), col_shift, plan.nchunks)
+    s1, s2 = s1.sum(axis=0), s2.sum(axis=0)
+    if not plan.wide and plan.I > 1:
+        s1, s2 = s1.reshape(plan.C, plan.I).sum(1), s2.reshape(plan.C, plan.I).sum(1)
+    return s1, s2
+
+
+def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype):
+    """``dx = k * dy + p * (x - mean) + q`` per feature, rounding-safe."""
+    plan = Plan(xw.shape, axes)
+    wt = xw.dtype
+    s = mean.astype(wt)
+    q = q + p * (s.astype(np.float64) - mean)  # fold the rounding of the shift into q
+    out = np.empty(xw.shape, wt)
+    cols = [plan.per_column(v) for v in (s, k.astype(wt), p.astype(wt), q.astype(wt))]
+    if plan.wide:
+        _dx_wide(plan.view(xw), plan.view(dyw), *cols, plan.view(out))
+    else:
+        _dx_rows(plan.view(xw), plan.view(dyw), *cols, plan.view(out), plan.nchunks)
+    return out.astype(out_dtype, copy=False)
+
+
+def as_work(arr: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """``arr`` (e.g. dy) as a C-contiguous array of the work array's dtype."""
+    return np.ascontiguousarray(arr, dtype=like.dtype)
