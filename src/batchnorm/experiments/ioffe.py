@@ -183,11 +183,12 @@ def train_arm(arm: str, lr: float, seed_entropy: int, data: Dataset, config: Iof
 
 # ----------------------------------------------------------------------------- orchestration
 _progress_queue = None
+_worker_data: Dataset | None = None
 
 
-def _worker_init(queue) -> None:
-    global _progress_queue
-    _progress_queue = queue
+def _worker_init(queue, data: Dataset) -> None:
+    global _progress_queue, _worker_data
+    _progress_queue, _worker_data = queue, data
     try:  # one BLAS thread per worker process: the workers already use the cores
         from threadpoolctl import threadpool_limits
 
@@ -202,8 +203,8 @@ def _report(k: int) -> None:
 
 
 def _task(args):
-    arm, lr, entropy, data, config = args
-    return train_arm(arm, lr, entropy, data, config, progress=_report)
+    arm, lr, entropy, config = args
+    return train_arm(arm, lr, entropy, _worker_data, config, progress=_report)
 
 
 def _tasks(config: IoffeConfig, seed_entropies: list[int]):
@@ -241,11 +242,12 @@ def run(config: IoffeConfig, rng: np.random.Generator, *, data: Dataset,
         for arm, lr, _, e in tasks:
             outputs.append(train_arm(arm, lr, e, data, config, progress=tick))
     else:
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+        # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
+        ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(queue,)) as pool:
-            futures = [pool.submit(_task, (arm, lr, e, data, config)) for arm, lr, _, e in tasks]
+                                 initargs=(queue, data)) as pool:
+            futures = [pool.submit(_task, (arm, lr, e, config)) for arm, lr, _, e in tasks]
             while not all(f.done() for f in futures) or not queue.empty():
                 try:
                     done += queue.get(timeout=0.2)
