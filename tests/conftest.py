@@ -90,4 +90,6 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(functional, "_load_kernels", lambda: None)
     elif not functional.numba_available():
         pytest.skip("numba is not installed")
+    else:  # the tests' arrays are small: make "auto" take the compiled path for them too
+        monkeypatch.setattr(functional, "AUTO_NUMBA_MIN_SIZE", 0)
     return request.param
