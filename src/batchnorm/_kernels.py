@@ -38,6 +38,7 @@ from numba import njit, prange
 _FASTMATH = {"contract", "nsz", "arcp"}
 _OPTS = {"parallel": True, "fastmath": _FASTMATH, "cache": True, "nogil": True}
 WIDE_INNER = 32
+LANES = 8  # independent float64 accumulators per reduction
 
 
 # --------------------------------------------------------------------------- statistics
@@ -74,37 +75,29 @@ def _shifted_sums_wide(x, nchunks):  # pragma: no cover - compiled
         shift[c] = x[0, c, 0]
     s1 = np.zeros((nchunks, C), np.float64)
     s2 = np.zeros((nchunks, C), np.float64)
-    I4 = I - I % 4
+    I8 = I - I % LANES
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
         sh = shift[c]
-        # four independent accumulators: vectorizable without reassociation
-        p0 = p1 = p2 = p3 = 0.0
-        q0 = q1 = q2 = q3 = 0.0
+        # LANES independent accumulators: vectorizable without reassociation
+        p = np.zeros(LANES, np.float64)
+        q = np.zeros(LANES, np.float64)
         for o in range(o0, o1):
             row = x[o, c]
-            for i in range(0, I4, 4):
-                d0 = np.float64(row[i]) - sh
-                d1 = np.float64(row[i + 1]) - sh
-                d2 = np.float64(row[i + 2]) - sh
-                d3 = np.float64(row[i + 3]) - sh
-                p0 += d0
-                p1 += d1
-                p2 += d2
-                p3 += d3
-                q0 += d0 * d0
-                q1 += d1 * d1
-                q2 += d2 * d2
-                q3 += d3 * d3
-            for i in range(I4, I):
-                d0 = np.float64(row[i]) - sh
-                p0 += d0
-                q0 += d0 * d0
-        s1[t, c] = (p0 + p1) + (p2 + p3)
-        s2[t, c] = (q0 + q1) + (q2 + q3)
+            for i in range(0, I8, LANES):
+                for j in range(LANES):
+                    d = np.float64(row[i + j]) - sh
+                    p[j] += d
+                    q[j] += d * d
+            for i in range(I8, I):
+                d = np.float64(row[i]) - sh
+                p[0] += d
+                q[0] += d * d
+        s1[t, c] = p.sum()
+        s2[t, c] = q.sum()
     return shift, s1, s2
 
 
@@ -134,37 +127,29 @@ def _grad_sums_wide(x, dy, shift, nchunks):  # pragma: no cover - compiled
     O, C, I = x.shape
     s1 = np.zeros((nchunks, C), np.float64)
     s2 = np.zeros((nchunks, C), np.float64)
-    I4 = I - I % 4
+    I8 = I - I % LANES
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
         sh = shift[c]
-        p0 = p1 = p2 = p3 = 0.0
-        q0 = q1 = q2 = q3 = 0.0
+        p = np.zeros(LANES, np.float64)
+        q = np.zeros(LANES, np.float64)
         for o in range(o0, o1):
             xr = x[o, c]
             gr = dy[o, c]
-            for i in range(0, I4, 4):
-                g0 = np.float64(gr[i])
-                g1 = np.float64(gr[i + 1])
-                g2 = np.float64(gr[i + 2])
-                g3 = np.float64(gr[i + 3])
-                p0 += g0
-                p1 += g1
-                p2 += g2
-                p3 += g3
-                q0 += g0 * (np.float64(xr[i]) - sh)
-                q1 += g1 * (np.float64(xr[i + 1]) - sh)
-                q2 += g2 * (np.float64(xr[i + 2]) - sh)
-                q3 += g3 * (np.float64(xr[i + 3]) - sh)
-            for i in range(I4, I):
-                g0 = np.float64(gr[i])
-                p0 += g0
-                q0 += g0 * (np.float64(xr[i]) - sh)
-        s1[t, c] = (p0 + p1) + (p2 + p3)
-        s2[t, c] = (q0 + q1) + (q2 + q3)
+            for i in range(0, I8, LANES):
+                for j in range(LANES):
+                    g = np.float64(gr[i + j])
+                    p[j] += g
+                    q[j] += g * (np.float64(xr[i + j]) - sh)
+            for i in range(I8, I):
+                g = np.float64(gr[i])
+                p[0] += g
+                q[0] += g * (np.float64(xr[i]) - sh)
+        s1[t, c] = p.sum()
+        s2[t, c] = q.sum()
     return s1, s2
 
 

@@ -81,6 +81,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import format_bench, run_bench
+
+    result = run_bench("full" if args.full else "quick", repeats=args.repeats,
+                       progress=None if args.json else ProgressBar("bench"))
+    print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the paper's schedule: 50,000 steps")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser(
+        "bench", help="time the kernels against a plain copy and PyTorch's CPU kernel",
+        description="Minimum time over repeats of train forward, eval forward and backward "
+        "for the NumPy and numba backends and PyTorch's CPU kernel, as ratios to np.copyto "
+        "of the same array in the same run.")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench.add_argument("--full", action="store_true",
+                       help="the full suite (100 MB arrays, float16/float64)")
+    bench.add_argument("--repeats", type=int, default=10, help="repeats per timing (min taken)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,93 @@
+"""The compiled backend: dispatch, layouts, laziness, and agreement with the NumPy path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm import functional
+
+numba_only = pytest.mark.skipif(not functional.numba_available(), reason="numba not installed")
+
+# wide inner blocks (I >= 32), narrow ones, channels-last, one outer element, adjacent tuple
+LAYOUTS = [((4, 6, 8, 8), 1), ((4, 6, 3, 5), 1), ((5, 7, 7, 6), -1), ((1, 4, 40, 3), 1),
+           ((3, 5, 4, 36), (1, 2)), ((257, 33), 1), ((3, 9, 100), 2)]
+
+
+def test_import_compiles_nothing():
+    code = "import sys, batchnorm; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+@numba_only
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numba_matches_numpy(rng, shape, axis, dtype):
+    x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
+    axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
+    fs = tuple(x.shape[a] for a in axes)
+    g, b = rng.standard_normal(fs), rng.standard_normal(fs)
+    dy = rng.standard_normal(shape).astype(dtype)
+    res = {}
+    for be in ("numpy", "numba"):
+        y, cache = bn.batch_norm_train(x, g, b, axis=axis, backend=be)
+        dx, dg, db = bn.batch_norm_backward(dy, cache, backend=be)
+        ye = bn.batch_norm_eval(x, g, b, cache.mean, cache.var, axis=axis, backend=be)
+        res[be] = (y, dx, dg, db, ye, cache.mean, cache.var)
+    tol = {np.float16: 4e-3, np.float32: 3e-6, np.float64: 1e-12}[dtype]
+    for a, c in zip(res["numpy"], res["numba"], strict=True):
+        assert a.dtype == c.dtype
+        np.testing.assert_allclose(a, c, rtol=tol, atol=tol * (1 + np.abs(a).max()))
+
+
+@numba_only
+def test_numba_wide_path_nan_inf(rng):
+    x = rng.standard_normal((3, 4, 64))
+    x[1, 2, 5] = np.nan
+    x[0, 3, 0] = np.inf  # the shift (first element) itself is infinite
+    y, cache = bn.batch_norm_train(x, None, None, backend="numba")
+    dx, _, _ = bn.batch_norm_backward(rng.standard_normal(x.shape), cache, backend="numba")
+    assert np.isfinite(y[:, :2]).all() and np.isfinite(dx[:, :2]).all()
+    assert np.isnan(y[:, 2]).all() and not np.isfinite(y[:, 3]).any()
+    assert not np.isfinite(cache.mean[3]) and np.isnan(cache.mean[2])
+
+
+@numba_only
+def test_numba_float32_large_offsets_wide_and_rows(rng):
+    from conftest import ref_train
+
+    for shape, axis in (((64, 8, 64), 1), ((4096, 8), 1)):
+        x = (rng.standard_normal(shape) + 1e6).astype(np.float32)
+        y, _ = bn.batch_norm_train(x, None, None, axis=axis, backend="numba")
+        assert np.abs(y - ref_train(x, None, None, axis, 1e-5)).max() <= 2e-6
+
+
+def test_backend_validation(monkeypatch, rng):
+    x = rng.standard_normal((4, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bn.batch_norm_train(x, None, None, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bn.BatchNorm(3, backend="fast")
+    monkeypatch.setattr(functional, "_load_kernels", lambda: None)
+    with pytest.raises(ImportError, match="needs numba"):
+        bn.batch_norm_train(x, None, None, backend="numba")
+    y, _ = bn.batch_norm_train(x, None, None, backend="auto")  # falls back to NumPy
+    assert y.shape == x.shape
+
+
+@numba_only
+def test_auto_dispatch_choice(rng, monkeypatch):
+    small = rng.standard_normal((8, 3))
+    big = rng.standard_normal((functional.AUTO_NUMBA_MIN_SIZE // 4 + 1, 4))
+    assert functional._Backend("auto", small, (1,)).name == "numpy"
+    assert functional._Backend("auto", big, (1,)).name == "numba"
+    assert functional._Backend("numba", small, (1,)).name == "numba"
+    # non-adjacent feature axes take the general NumPy path
+    x4 = rng.standard_normal((3, 4, 5, 6))
+    assert functional._Backend("numba", x4, (1, 3)).name == "numpy"
