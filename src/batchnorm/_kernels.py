@@ -38,7 +38,6 @@ from numba import njit, prange
 _FASTMATH = {"contract", "nsz", "arcp"}
 _OPTS = {"parallel": True, "fastmath": _FASTMATH, "cache": True, "nogil": True}
 WIDE_INNER = 32
-LANES = 8  # independent float64 accumulators per reduction
 
 
 # --------------------------------------------------------------------------- statistics
@@ -68,36 +67,34 @@ def _shifted_sums_rows(x, nchunks):  # pragma: no cover - compiled
 
 @njit(**_OPTS)
 def _shifted_sums_wide(x, nchunks):  # pragma: no cover - compiled
-    """x (O, C, I) with wide I: per feature shift and chunked sums over (o, i), float64."""
+    """x (O, C, I) with wide I: per feature shift and chunked sums over (o, i), float64.
+
+    Each task owns one feature (and a range of o) and accumulates *down the rows* into
+    per-position accumulators (independent lanes, so it vectorizes without reassociation),
+    then sums those once.
+    """
     O, C, I = x.shape
     shift = np.empty(C, np.float64)
     for c in range(C):
         shift[c] = x[0, c, 0]
     s1 = np.zeros((nchunks, C), np.float64)
     s2 = np.zeros((nchunks, C), np.float64)
-    I8 = I - I % LANES
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
         sh = shift[c]
-        # LANES independent accumulators: vectorizable without reassociation
-        p = np.zeros(LANES, np.float64)
-        q = np.zeros(LANES, np.float64)
+        a1 = np.zeros(I, np.float64)
+        a2 = np.zeros(I, np.float64)
         for o in range(o0, o1):
             row = x[o, c]
-            for i in range(0, I8, LANES):
-                for j in range(LANES):
-                    d = np.float64(row[i + j]) - sh
-                    p[j] += d
-                    q[j] += d * d
-            for i in range(I8, I):
+            for i in range(I):
                 d = np.float64(row[i]) - sh
-                p[0] += d
-                q[0] += d * d
-        s1[t, c] = p.sum()
-        s2[t, c] = q.sum()
+                a1[i] += d
+                a2[i] += d * d
+        s1[t, c] = a1.sum()
+        s2[t, c] = a2.sum()
     return shift, s1, s2
 
 
@@ -127,29 +124,23 @@ def _grad_sums_wide(x, dy, shift, nchunks):  # pragma: no cover - compiled
     O, C, I = x.shape
     s1 = np.zeros((nchunks, C), np.float64)
     s2 = np.zeros((nchunks, C), np.float64)
-    I8 = I - I % LANES
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
         sh = shift[c]
-        p = np.zeros(LANES, np.float64)
-        q = np.zeros(LANES, np.float64)
+        a1 = np.zeros(I, np.float64)
+        a2 = np.zeros(I, np.float64)
         for o in range(o0, o1):
             xr = x[o, c]
             gr = dy[o, c]
-            for i in range(0, I8, LANES):
-                for j in range(LANES):
-                    g = np.float64(gr[i + j])
-                    p[j] += g
-                    q[j] += g * (np.float64(xr[i + j]) - sh)
-            for i in range(I8, I):
+            for i in range(I):
                 g = np.float64(gr[i])
-                p[0] += g
-                q[0] += g * (np.float64(xr[i]) - sh)
-        s1[t, c] = p.sum()
-        s2[t, c] = q.sum()
+                a1[i] += g
+                a2[i] += g * (np.float64(xr[i]) - sh)
+        s1[t, c] = a1.sum()
+        s2[t, c] = a2.sum()
     return s1, s2
 
 
@@ -211,7 +202,10 @@ class Plan:
         self.I = int(np.prod(shape[last + 1 :], dtype=np.int64))
         self.wide = self.I >= WIDE_INNER
         threads = numba.get_num_threads()
-        self.nchunks = max(1, min(self.O, 4 * threads))
+        if self.wide:  # tasks are (chunk of O, feature): split O only if too few features
+            self.nchunks = max(1, min(self.O, -(-4 * threads // self.C)))
+        else:  # tasks are chunks of rows
+            self.nchunks = max(1, min(self.O, 4 * threads))
         self.count = self.O * self.I
 
     def view(self, arr: np.ndarray) -> np.ndarray:
