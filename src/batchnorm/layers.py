@@ -173,6 +173,16 @@ class BatchNorm:
             )
         return x, axes
 
+    def _require_two_values(self, x: np.ndarray, axes: tuple[int, ...]) -> int:
+        """Values per feature in ``x``; batch statistics need at least two."""
+        m = int(np.prod([x.shape[i] for i in reduce_axes(x.ndim, axes)]))
+        if m < 2:
+            raise ValueError(
+                f"expected more than 1 value per feature when using batch statistics; x has "
+                f"shape {x.shape} and feature axis {self.axis!r}, giving {m} value(s) per feature"
+            )
+        return m
+
     def forward(
         self, x: np.ndarray, *, training: bool | None = None, update_stats: bool = True
     ) -> np.ndarray:
@@ -208,48 +218,45 @@ class BatchNorm:
             self._cache = cache
             return y
 
-        m = int(np.prod([x.shape[i] for i in reduce_axes(x.ndim, axes)]))
-        if m < 2:
-            raise ValueError(
-                f"expected more than 1 value per feature when using batch statistics; x has "
-                f"shape {x.shape} and feature axis {self.axis!r}, giving {m} value(s) per feature"
-            )
+        m = self._require_two_values(x, axes)
         y, cache = batch_norm_train(
             x, self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend
         )
         if training and self.track_running_stats and update_stats:
-            update = self._running_update(cache.mean, cache.var, m)
-            if update is None:
-                self.skipped_updates += 1
-            else:
-                new_mean, new_var = update
-                self.running_mean[...] = new_mean
-                self.running_var[...] = new_var
-                self.num_batches_tracked += 1
+            self._update_running_stats(
+                cache.mean, cache.var, self._batch_targets(cache.mean, cache.var, m)
+            )
         self._cache = cache
         return y
 
     __call__ = forward
 
+    def _batch_targets(self, mean: np.ndarray, var: np.ndarray, m: int) -> dict[str, np.ndarray]:
+        """The batch values each running statistic is smoothed towards."""
+        return {
+            "running_mean": mean,
+            "running_var": var * (m / (m - 1)) if self.unbiased else var,
+        }
+
     def _running_update(
-        self, mean: np.ndarray, var: np.ndarray, m: int
-    ) -> tuple[np.ndarray, np.ndarray] | None:
+        self, mean: np.ndarray, var: np.ndarray, targets: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
         """New running statistics, or None to skip; raises without touching state."""
-        batch_var = var * (m / (m - 1)) if self.unbiased else var
         w = new_value_weight(
             self.momentum, self.convention.momentum_weights, self.num_batches_tracked + 1
         )
-        new_mean = update_running(self.running_mean.astype(np.float64), mean, w)
-        new_var = update_running(self.running_var.astype(np.float64), batch_var, w)
+        new = {
+            key: update_running(getattr(self, key).astype(np.float64), value, w)
+            for key, value in targets.items()
+        }
         with np.errstate(over="ignore", invalid="ignore"):
             finite = (
                 np.all(np.isfinite(mean))
                 and np.all(np.isfinite(var))
-                and np.all(np.isfinite(new_mean.astype(self.dtype)))
-                and np.all(np.isfinite(new_var.astype(self.dtype)))
+                and all(np.all(np.isfinite(v.astype(self.dtype))) for v in new.values())
             )
         if finite:
-            return new_mean, new_var
+            return new
         if self.nonfinite == "skip":
             return None
         bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
@@ -262,6 +269,18 @@ class BatchNorm:
             else "updating the running statistics would overflow the layer dtype "
             f"{self.dtype}; running statistics left unchanged"
         )
+
+    def _update_running_stats(
+        self, mean: np.ndarray, var: np.ndarray, targets: dict[str, np.ndarray]
+    ) -> None:
+        """Check, then commit (or skip) one update of the running statistics."""
+        new = self._running_update(mean, var, targets)
+        if new is None:
+            self.skipped_updates += 1
+            return
+        for key, value in new.items():
+            getattr(self, key)[...] = value
+        self.num_batches_tracked += 1
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient with respect to the last forward input; sets ``dgamma`` and ``dbeta``.
@@ -294,25 +313,23 @@ class BatchNorm:
         return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
 
     # ------------------------------------------------------------------ state
+    _running_keys: tuple[str, ...] = ("running_mean", "running_var")
+    _nonnegative_keys: tuple[str, ...] = ("running_var",)
+
+    def _expected_keys(self) -> list[str]:
+        keys = ["gamma", "beta"] if self.affine else []
+        if self.track_running_stats:
+            keys += [*self._running_keys, "num_batches_tracked"]
+        return keys
+
     def state_dict(self) -> dict[str, np.ndarray | int]:
         """Copies of the parameters and running statistics as a plain dict."""
-        state: dict[str, np.ndarray | int] = {}
-        if self.affine:
-            state["gamma"] = self.gamma.copy()
-            state["beta"] = self.beta.copy()
-        if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
-            state["num_batches_tracked"] = int(self.num_batches_tracked)
-        return state
-
-    def _expected_keys(self) -> set[str]:
-        keys = set()
-        if self.affine:
-            keys |= {"gamma", "beta"}
-        if self.track_running_stats:
-            keys |= {"running_mean", "running_var", "num_batches_tracked"}
-        return keys
+        return {
+            key: int(self.num_batches_tracked)
+            if key == "num_batches_tracked"
+            else getattr(self, key).copy()
+            for key in self._expected_keys()
+        }
 
     def load_state_dict(self, state: dict) -> BatchNorm:
         """Replace parameters and running statistics; all-or-nothing.
@@ -324,7 +341,7 @@ class BatchNorm:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict; got {type(state).__name__}")
-        expected = self._expected_keys()
+        expected = set(self._expected_keys())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ValueError(
@@ -344,10 +361,9 @@ class BatchNorm:
             if not np.all(np.isfinite(converted)):
                 raise ValueError(f"state[{key!r}] has non-finite values: {arr.ravel()[:8]}")
             new[key] = converted
-        if "running_var" in new and np.any(new["running_var"] < 0):
-            raise ValueError(
-                f"state['running_var'] has negative values (min {new['running_var'].min()!r})"
-            )
+        for key in self._nonnegative_keys:
+            if key in new and np.any(new[key] < 0):
+                raise ValueError(f"state[{key!r}] has negative values (min {new[key].min()!r})")
         if "num_batches_tracked" in expected:
             nbt = state["num_batches_tracked"]
             nbt_arr = np.asarray(nbt)
