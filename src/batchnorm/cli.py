@@ -92,6 +92,44 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .diagnostics import describe_checkpoint
+
+    batch = None
+    if args.batch:
+        try:
+            batch = np.load(args.batch, allow_pickle=False)
+        except Exception as exc:
+            raise ValueError(f"cannot read --batch {args.batch}: {exc}") from exc
+    info = describe_checkpoint(args.checkpoint, batch)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    cfg = info["config"]
+    print(f"{args.checkpoint}: BatchNorm{tuple(cfg['num_features'])}, convention "
+          f"{cfg['convention']!r}, axis {cfg['axis']}, momentum {cfg['momentum']}, eps "
+          f"{cfg['eps']:g}, {info['num_batches_tracked']} batches tracked")
+    if "running_mean" in info:
+        rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
+        print(f"running mean in [{rm['min']:.4g}, {rm['max']:.4g}], running var in "
+              f"[{rv['min']:.4g}, {rv['max']:.4g}]")
+        if win["kind"] == "exponential":
+            print(f"averaging window: new-value weight {win['new_value_weight']:.4g}, "
+                  f"effective {win['effective_batches']:.1f} batches, half-life "
+                  f"{win['half_life_batches']:.1f} batches; the initial value still weighs "
+                  f"{win['initial_value_weight']:.3g}")
+        else:
+            print(f"averaging window: {win['kind']} over {win['batches_tracked']} batches")
+    if "train_eval_gap" in info:
+        gap = info["train_eval_gap"]
+        print(f"train/eval gap on {args.batch}: max |mean shift| "
+              f"{gap['max_abs_mean_shift_in_std']:.3g} running std, max |log var ratio| "
+              f"{gap['max_log_var_ratio']:.3g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the full suite (100 MB arrays, float16/float64)")
     bench.add_argument("--repeats", type=int, default=10, help="repeats per timing (min taken)")
     bench.set_defaults(func=_bench)
+
+    inspect = sub.add_parser(
+        "inspect", help="describe a saved BatchNorm checkpoint (.npz or .safetensors)",
+        description="Configuration, running statistics and their averaging window; with "
+        "--batch, the per-feature gap between that batch's statistics and the running ones.")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--batch", help="a .npy file with a batch of inputs")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
@@ -135,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

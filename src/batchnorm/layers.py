@@ -383,6 +383,7 @@ class BatchNorm:
     def config(self) -> dict:
         """The constructor arguments, as JSON-friendly values."""
         return {
+            "class": type(self).__name__,
             "num_features": list(self.feature_shape),
             "convention": self.convention.name,
             "axis": self.axis if isinstance(self.axis, int) else list(self.axis),
@@ -395,12 +396,12 @@ class BatchNorm:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the state (and configuration) to an ``.npz`` file, atomically."""
-        checkpoint.save_npz(path, self.state_dict(), meta={"batchnorm": self.config()})
+        """Write the state and configuration atomically: ``.safetensors`` by suffix, else npz."""
+        checkpoint.save_state(path, self.state_dict(), meta={"batchnorm": self.config()})
 
     def load(self, path: str | os.PathLike) -> BatchNorm:
         """Load state written by :meth:`save`; validated like :meth:`load_state_dict`."""
-        state, _ = checkpoint.load_npz(path)
+        state, _ = checkpoint.load_state(path)
         return self.load_state_dict(state)
 
     def __repr__(self) -> str:

@@ -1,0 +1,189 @@
+"""Exact conversion of batch-norm state between this library, PyTorch, Keras and Flax.
+
+Names:
+
+=========  ==============================================================================
+torch      ``weight, bias, running_mean, running_var, num_batches_tracked``
+keras      ``gamma, beta, moving_mean, moving_variance``
+flax       ``{"params": {"scale", "bias"}, "batch_stats": {"mean", "var"}}``
+=========  ==============================================================================
+
+Two things differ besides names:
+
+* momentum direction: PyTorch's momentum weights the *new* batch value, Keras's and Flax's
+  the *old* running value (see :mod:`batchnorm.conventions`); :func:`translate_momentum`
+  converts, and the exported config carries the translated value;
+* eps: evaluation computes ``(x - mean) / sqrt(var + eps)``. When the two sides use
+  different eps, the difference is absorbed into the running variance,
+  ``var_dst = var_src + eps_src - eps_dst``, so evaluation outputs agree exactly. A
+  variance that would become negative is refused.
+
+Unknown or missing keys raise ValueError naming them; nothing is changed on failure.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .conventions import CONVENTIONS, new_value_weight
+from .layers import BatchNorm
+
+__all__ = ["FRAMEWORKS", "export_state", "import_state", "translate_momentum"]
+
+FRAMEWORKS = ("torch", "keras", "flax")
+
+
+def translate_momentum(momentum: float | None, src: str, dst: str) -> float | None:
+    """The same smoothing expressed in ``dst``'s momentum direction (None stays None)."""
+    if momentum is None:
+        return None
+    w_new = new_value_weight(float(momentum), CONVENTIONS[src].momentum_weights, 1)
+    return w_new if CONVENTIONS[dst].momentum_weights == "new" else 1.0 - w_new
+
+
+def _to_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def _absorb_eps(var: np.ndarray, eps_src: float, eps_dst: float) -> np.ndarray:
+    out = np.asarray(var, np.float64) + (eps_src - eps_dst)
+    if np.any(out < 0):
+        bad = np.flatnonzero(out < 0)[:8].tolist()
+        raise ValueError(
+            f"cannot absorb eps {eps_src:g} -> {eps_dst:g}: the running variance of features "
+            f"{bad} would become negative (min {np.min(var)!r}); choose a smaller target eps"
+        )
+    return out
+
+
+def _flat(state: dict, framework: str) -> dict:
+    """Flatten a framework's state into its plain key -> array form."""
+    if framework == "flax":
+        unknown = set(state) - {"params", "batch_stats"}
+        if unknown:
+            raise ValueError(f"unknown top-level flax keys {sorted(unknown)}; expected "
+                             "'params' and 'batch_stats'")
+        flat = {}
+        for group in ("params", "batch_stats"):
+            for k, v in dict(state.get(group, {})).items():
+                flat[f"{group}/{k}"] = v
+        return flat
+    return dict(state)
+
+
+_KEYS = {
+    "torch": {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "running_var",
+              "count": "num_batches_tracked"},
+    "keras": {"gamma": "gamma", "beta": "beta", "mean": "moving_mean", "var": "moving_variance"},
+    "flax": {"gamma": "params/scale", "beta": "params/bias", "mean": "batch_stats/mean",
+             "var": "batch_stats/var"},
+}
+
+
+def _check_framework(framework: str) -> dict:
+    if framework not in _KEYS:
+        raise ValueError(f"framework must be one of {FRAMEWORKS}; got {framework!r}")
+    return _KEYS[framework]
+
+
+def export_state(layer: BatchNorm, framework: str, *, eps: float | None = None
+                 ) -> tuple[dict, dict]:
+    """The layer's state in ``framework``'s names, and the matching layer config.
+
+    Parameters
+    ----------
+    layer : BatchNorm
+    framework : {"torch", "keras", "flax"}
+    eps : float, optional
+        The target layer's eps (default: the framework's default, see the conventions
+        table); the difference to ``layer.eps`` is absorbed into the running variance.
+
+    Returns
+    -------
+    state : dict
+        Arrays in the framework's names (Flax: nested ``params`` / ``batch_stats``).
+    config : dict
+        ``{"momentum": ..., "eps": ...}`` in the framework's momentum direction.
+    """
+    keys = _check_framework(framework)
+    if not layer.track_running_stats:
+        raise ValueError("the layer keeps no running statistics to export")
+    eps_dst = CONVENTIONS[framework].eps if eps is None else float(eps)
+    flat = {keys["mean"]: layer.running_mean.astype(np.float64).copy(),
+            keys["var"]: _absorb_eps(layer.running_var, layer.eps, eps_dst)}
+    if layer.affine:
+        flat[keys["gamma"]] = layer.gamma.astype(np.float64).copy()
+        flat[keys["beta"]] = layer.beta.astype(np.float64).copy()
+    if "count" in keys:
+        flat[keys["count"]] = int(layer.num_batches_tracked)
+    config = {"momentum": translate_momentum(layer.momentum, layer.convention.name, framework),
+              "eps": eps_dst}
+    if framework == "flax":
+        nested: dict = {"params": {}, "batch_stats": {}}
+        for k, v in flat.items():
+            group, name = k.split("/")
+            nested[group][name] = v
+        return nested, config
+    return flat, config
+
+
+def import_state(state: dict, framework: str, *, layer: BatchNorm | None = None,
+                 eps: float | None = None, momentum: float | None = None) -> BatchNorm:
+    """Load a framework's batch-norm state into a layer of this library.
+
+    Parameters
+    ----------
+    state : dict
+        The framework's state (torch tensors are accepted as they are).
+    framework : {"torch", "keras", "flax"}
+    layer : BatchNorm, optional
+        Target; by default a new ``BatchNorm`` with ``convention=framework``.
+    eps : float, optional
+        The *source* layer's eps (default: the framework's default); the difference to
+        ``layer.eps`` is absorbed into the running variance.
+    momentum : float, optional
+        The source layer's momentum in the framework's direction; when given, the target
+        layer's momentum is set to the same smoothing in its own direction.
+
+    Returns
+    -------
+    BatchNorm
+        The target layer, with state replaced all-or-nothing.
+    """
+    keys = _check_framework(framework)
+    flat = _flat(state, framework)
+    known = set(keys.values())
+    unknown = set(flat) - known
+    if unknown:
+        raise ValueError(f"unknown {framework} batch-norm keys {sorted(unknown)}; expected "
+                         f"{sorted(known)}")
+    required = {keys["mean"], keys["var"]}
+    has_affine = keys["gamma"] in flat or keys["beta"] in flat
+    if has_affine:
+        required |= {keys["gamma"], keys["beta"]}
+    missing = required - set(flat)
+    if missing:
+        raise ValueError(f"missing {framework} batch-norm keys {sorted(missing)}")
+    mean = _to_numpy(flat[keys["mean"]])
+    if layer is None:
+        layer = BatchNorm(mean.shape if mean.ndim != 1 else mean.shape[0],
+                          convention=framework, affine=has_affine)
+    if has_affine != layer.affine:
+        raise ValueError(f"the {framework} state {'has' if has_affine else 'lacks'} "
+                         f"gamma/beta but the layer has affine={layer.affine}")
+    eps_src = CONVENTIONS[framework].eps if eps is None else float(eps)
+    ours = {"running_mean": mean,
+            "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps)}
+    if has_affine:
+        ours["gamma"] = _to_numpy(flat[keys["gamma"]])
+        ours["beta"] = _to_numpy(flat[keys["beta"]])
+    count = flat.get(keys.get("count", ""), 0)
+    ours["num_batches_tracked"] = int(_to_numpy(count)) if np.ndim(_to_numpy(count)) == 0 \
+        else count
+    new_momentum = (layer.momentum if momentum is None else
+                    translate_momentum(momentum, framework, layer.convention.name))
+    layer.load_state_dict(ours)  # validates everything; raises before changing anything
+    layer.momentum = new_momentum
+    return layer

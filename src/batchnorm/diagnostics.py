@@ -1,0 +1,107 @@
+r"""Diagnostics: how far a layer's running statistics are from a batch, and how long they
+remember.
+
+Train/eval gap. For a batch with statistics :math:`\mu_B, \sigma^2_B` and running estimates
+:math:`\mu, \sigma^2`, per feature: the mean shift in running-std units
+:math:`(\mu_B - \mu)/\sqrt{\sigma^2 + \epsilon}` and the variance ratio
+:math:`\sigma^2_B / \sigma^2`. Large values mean evaluation mode normalizes this batch very
+differently from training mode.
+
+Averaging window. An exponential average with new-value weight :math:`w` gives the batch
+:math:`k` steps back the weight :math:`w(1-w)^k`. Its *effective window*
+:math:`(2-w)/w` is the size of a plain average with the same variance reduction, its
+half-life is :math:`\ln 2 / -\ln(1-w)` batches, and after :math:`t` batches the initial value
+(0 for the mean, 1 for the variance) still weighs :math:`(1-w)^t`. With ``momentum=None``
+(cumulative average) the window is all :math:`t` batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from . import checkpoint
+from .conventions import get_convention, new_value_weight
+from .functional import moments
+from .layers import BatchNorm
+
+__all__ = ["averaging_window", "describe_checkpoint", "layer_from_checkpoint", "train_eval_gap"]
+
+
+def averaging_window(layer: BatchNorm) -> dict:
+    """Effective window, half-life and remaining weight of the initial value."""
+    t = int(layer.num_batches_tracked)
+    if layer.momentum is None:
+        return {"kind": "cumulative", "new_value_weight": 1.0 / max(t, 1),
+                "effective_batches": float(t), "half_life_batches": None,
+                "initial_value_weight": 0.0 if t else 1.0, "batches_tracked": t}
+    w = new_value_weight(layer.momentum, layer.convention.momentum_weights, 1)
+    if w <= 0.0:
+        return {"kind": "frozen", "new_value_weight": 0.0, "effective_batches": math.inf,
+                "half_life_batches": math.inf, "initial_value_weight": 1.0,
+                "batches_tracked": t}
+    half_life = math.log(2.0) / -math.log1p(-w) if w < 1.0 else 0.0
+    return {"kind": "exponential", "new_value_weight": w, "effective_batches": (2.0 - w) / w,
+            "half_life_batches": half_life, "initial_value_weight": (1.0 - w) ** t,
+            "batches_tracked": t}
+
+
+def train_eval_gap(layer: BatchNorm, x: np.ndarray) -> dict:
+    """Per-feature distance between the batch statistics of ``x`` and the running ones.
+
+    Returns
+    -------
+    dict with per-feature lists ``mean_shift_in_std`` and ``var_ratio`` and their summaries
+    ``max_abs_mean_shift_in_std``, ``max_log_var_ratio`` (|log| of the ratio). No state
+    changes.
+    """
+    if not layer.track_running_stats:
+        raise ValueError("the layer keeps no running statistics")
+    x, axes = layer._check_input(x)
+    mean_b, var_b = moments(x, axis=axes, backend=layer.backend)
+    rm = layer.running_mean.astype(np.float64)
+    rv = layer.running_var.astype(np.float64)
+    shift = (mean_b - rm) / np.sqrt(rv + layer.eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = var_b / rv
+        log_ratio = np.abs(np.log(ratio))
+    return {
+        "mean_shift_in_std": shift.ravel().tolist(),
+        "var_ratio": ratio.ravel().tolist(),
+        "max_abs_mean_shift_in_std": float(np.max(np.abs(shift))),
+        "max_log_var_ratio": float(np.max(log_ratio)),
+    }
+
+
+def layer_from_checkpoint(path: str | os.PathLike) -> BatchNorm:
+    """Rebuild a :class:`BatchNorm` from a file written by ``BatchNorm.save``."""
+    state, meta = checkpoint.load_state(path)
+    cfg = dict((meta or {}).get("batchnorm") or {})
+    if not cfg:
+        raise ValueError(f"{path} holds no layer configuration (was it written by "
+                         "BatchNorm.save?)")
+    if cfg.pop("class", "BatchNorm") != "BatchNorm":
+        raise ValueError(f"{path} holds a {meta['batchnorm']['class']}, not a BatchNorm")
+    num_features = cfg.pop("num_features")
+    axis = cfg.pop("axis")
+    cfg["convention"] = get_convention(cfg["convention"]).name
+    layer = BatchNorm(tuple(num_features), axis=tuple(axis) if isinstance(axis, list) else axis,
+                      dtype=np.dtype(cfg.pop("dtype")), **cfg)
+    return layer.load_state_dict(state)
+
+
+def describe_checkpoint(path: str | os.PathLike, batch: np.ndarray | None = None) -> dict:
+    """Summary of a saved layer: configuration, running statistics, window, and (given a
+    batch) the train/eval gap."""
+    layer = layer_from_checkpoint(path)
+    out = {"config": layer.config(), "num_batches_tracked": layer.num_batches_tracked}
+    if layer.track_running_stats:
+        rm, rv = layer.running_mean, layer.running_var
+        out["running_mean"] = {"min": float(rm.min()), "max": float(rm.max())}
+        out["running_var"] = {"min": float(rv.min()), "max": float(rv.max())}
+        out["averaging_window"] = averaging_window(layer)
+        if batch is not None:
+            out["train_eval_gap"] = train_eval_gap(layer, batch)
+    return out

@@ -1,0 +1,82 @@
+r"""Folding an evaluation-mode batch norm into the layer before it.
+
+In evaluation mode batch norm is the per-feature affine map
+:math:`y = s\,(z - \mu) + \beta` with :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}`. When
+:math:`z` is the output of a linear layer or convolution, :math:`z = W x + b`, the two
+compose into one layer with weights :math:`s W` (each output feature's weights scaled) and
+bias :math:`s (b - \mu) + \beta`, which alone gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import BatchNorm
+
+__all__ = ["bn_affine", "fold_conv", "fold_linear"]
+
+
+def bn_affine(layer: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (scale, shift) of a BatchNorm in evaluation mode: ``y = scale * z + shift``."""
+    if not layer.track_running_stats:
+        raise ValueError("a layer without running statistics has no fixed affine map to fold")
+    if len(layer.feature_shape) != 1:
+        raise ValueError(f"folding needs one feature axis; the layer has {layer.feature_shape}")
+    scale = 1.0 / np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+    if layer.gamma is not None:
+        scale = scale * layer.gamma
+    shift = -layer.running_mean.astype(np.float64) * scale
+    if layer.beta is not None:
+        shift = shift + layer.beta
+    return scale, shift
+
+
+def _fold(weight, bias, layer, out_axis):
+    weight = np.asarray(weight, dtype=np.float64)
+    n_out = weight.shape[out_axis]
+    if layer.feature_shape != (n_out,):
+        raise ValueError(f"the BatchNorm has {layer.feature_shape} features but the weight "
+                         f"{weight.shape} has {n_out} outputs along axis {out_axis}")
+    b = np.zeros(n_out) if bias is None else np.asarray(bias, dtype=np.float64)
+    if b.shape != (n_out,):
+        raise ValueError(f"bias has shape {b.shape}; expected ({n_out},)")
+    scale, shift = bn_affine(layer)
+    shape = [1] * weight.ndim
+    shape[out_axis] = n_out
+    return weight * scale.reshape(shape), scale * b + shift
+
+
+def fold_linear(weight, bias, layer: BatchNorm, *, layout: str = "in_out"):
+    """Fold an eval-mode BatchNorm into the Linear layer before it.
+
+    Parameters
+    ----------
+    weight : ndarray
+        ``(in, out)`` for ``y = x @ W + b`` (``layout="in_out"``, as :class:`batchnorm.nn.Linear`)
+        or ``(out, in)`` for ``y = x @ W.T + b`` (``layout="out_in"``, as PyTorch).
+    bias : ndarray, shape (out,), or None
+    layer : BatchNorm
+        Normalizing the Linear's outputs (feature axis = the output features).
+
+    Returns
+    -------
+    weight, bias : the folded parameters (float64), in the same layout.
+    """
+    if layout not in ("in_out", "out_in"):
+        raise ValueError(f"layout must be 'in_out' or 'out_in'; got {layout!r}")
+    return _fold(weight, bias, layer, 1 if layout == "in_out" else 0)
+
+
+def fold_conv(weight, bias, layer: BatchNorm):
+    """Fold an eval-mode BatchNorm into the convolution before it.
+
+    Parameters
+    ----------
+    weight : ndarray, shape (out, in, *kernel)
+    bias : ndarray, shape (out,), or None
+
+    Returns
+    -------
+    weight, bias : the folded parameters (float64).
+    """
+    return _fold(weight, bias, layer, 0)

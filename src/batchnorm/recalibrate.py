@@ -1,0 +1,187 @@
+r"""Recalibration of population statistics ("precise BN", Wu & Johnson 2021).
+
+The running averages a layer keeps during training are an exponential average over batches
+computed with *changing* weights, so they can lag behind the final network. Recalibration
+freezes the weights, runs batches through the network in training mode without updating
+anything, collects every BN layer's batch statistics, and then sets the running statistics
+to a population estimate.
+
+Two estimates, both streaming over data of any length:
+
+* ``"population"`` (default): the per-batch statistics are merged as (count, mean, M2)
+  triples with Chan et al.'s parallel formula, giving the mean and the (biased) variance of
+  all values seen, exactly as if they had been one batch; with equal batch sizes the mean is
+  the equal-weight mean of batch means.
+* ``"ioffe"``: Ioffe & Szegedy (2015) Algorithm 2, ``E[mu_B]`` and
+  ``m/(m-1) * E[sigma^2_B]`` (equal weight per batch, batch size m).
+
+Nothing is changed unless every batch ran and every estimate is finite; the report says
+how far the previous running estimates were from the recalibrated ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layers import BatchNorm
+
+__all__ = ["Moments", "find_batchnorms", "recalibrate"]
+
+
+@dataclass
+class Moments:
+    """Mergeable per-feature statistics: count, mean and M2 (sum of squared deviations).
+
+    ``Moments.from_batch(count, mean, var)`` wraps one batch's (biased) statistics;
+    ``a.merge(b)`` combines two sets exactly (Chan, Golub & LeVeque), so statistics can be
+    streamed over batches in any grouping.
+    """
+
+    count: float = 0.0
+    mean: np.ndarray | float = 0.0
+    m2: np.ndarray | float = 0.0
+    # Algorithm 2 bookkeeping: equal-weight sums of batch means and variances
+    batches: int = 0
+    sum_batch_mean: np.ndarray | float = 0.0
+    sum_batch_var: np.ndarray | float = 0.0
+    batch_sizes: set = field(default_factory=set)
+
+    @classmethod
+    def from_batch(cls, count: int, mean: np.ndarray, var: np.ndarray) -> Moments:
+        mean = np.asarray(mean, np.float64)
+        var = np.asarray(var, np.float64)
+        return cls(float(count), mean.copy(), var * count, 1, mean.copy(), var.copy(),
+                   {int(count)})
+
+    def merge(self, other: Moments) -> Moments:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        return Moments(
+            n,
+            self.mean + delta * (other.count / n),
+            self.m2 + other.m2 + delta * delta * (self.count * other.count / n),
+            self.batches + other.batches,
+            self.sum_batch_mean + other.sum_batch_mean,
+            self.sum_batch_var + other.sum_batch_var,
+            self.batch_sizes | other.batch_sizes,
+        )
+
+    @property
+    def var(self) -> np.ndarray:
+        """Biased variance of all values merged."""
+        return self.m2 / self.count
+
+    def estimate(self, method: str = "population") -> tuple[np.ndarray, np.ndarray]:
+        """(mean, var) for the running statistics by the chosen method."""
+        if self.count == 0:
+            raise ValueError("no batches were seen")
+        if method == "population":
+            return np.asarray(self.mean), np.asarray(self.var)
+        if method == "ioffe":
+            m = min(self.batch_sizes)
+            if m < 2:
+                raise ValueError("Algorithm 2 needs batches with at least 2 values per feature")
+            # with unequal batch sizes the smallest m gives the most conservative correction
+            return (np.asarray(self.sum_batch_mean / self.batches),
+                    np.asarray(self.sum_batch_var / self.batches * (m / (m - 1))))
+        raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
+
+
+def find_batchnorms(model) -> list[BatchNorm]:
+    """Every :class:`BatchNorm` in ``model`` (itself, or inside ``model.modules``)."""
+    if isinstance(model, BatchNorm):
+        # layers whose running statistics are a mean and a variance (not BatchRenorm's std)
+        return [model] if "running_var" in model._running_keys else []
+    found = []
+    for m in getattr(model, "modules", []):
+        found.extend(find_batchnorms(m))
+    return found
+
+
+def recalibrate(
+    model,
+    batches: Iterable[np.ndarray],
+    *,
+    method: str = "population",
+    forward: Callable[[np.ndarray], object] | None = None,
+    max_batches: int | None = None,
+) -> list[dict]:
+    """Set every BN layer's running statistics to a population estimate over ``batches``.
+
+    Parameters
+    ----------
+    model
+        A :class:`BatchNorm` or a container with ``.modules`` (e.g. ``nn.Sequential``) whose
+        ``forward(x, training=True, update_stats=False)`` runs with batch statistics and
+        changes nothing.
+    batches : iterable of ndarray
+        Inputs to the model; streamed, any length.
+    method : {"population", "ioffe"}
+    forward : callable, optional
+        Custom ``forward(x)``; by default
+        ``model.forward(x, training=True, update_stats=False)``.
+    max_batches : int, optional
+        Stop after this many batches.
+
+    Returns
+    -------
+    list of dict
+        Per layer: the number of batches and values used, and how far the previous running
+        statistics were from the new ones (max |Δmean| in units of the new std, and the
+        max relative change of the variance).
+    """
+    layers = find_batchnorms(model)
+    if not layers:
+        raise ValueError("the model contains no BatchNorm layer")
+    for layer in layers:
+        if not layer.track_running_stats:
+            raise ValueError(f"{layer!r} keeps no running statistics to recalibrate")
+    if method not in ("population", "ioffe"):
+        raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
+    run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
+    acc = [Moments() for _ in layers]
+    n_batches = 0
+    for x in batches:
+        if max_batches is not None and n_batches >= max_batches:
+            break
+        for layer in layers:
+            layer._cache = None
+        run(x)
+        for i, layer in enumerate(layers):
+            # GhostBatchNorm keeps a list of (slice, cache), one per virtual batch
+            caches = layer._cache if isinstance(layer._cache, list) else [(None, layer._cache)]
+            for _, cache in caches:
+                if cache is None or not getattr(cache, "batch_stats", False):
+                    raise RuntimeError(f"layer {i} did not run with batch statistics during "
+                                       "the recalibration forward pass")
+                acc[i] = acc[i].merge(Moments.from_batch(cache.count, cache.mean, cache.var))
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("recalibrate() received no batches")
+    new = [a.estimate(method) for a in acc]
+    for i, (mean, var) in enumerate(new):
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
+            raise ValueError(f"layer {i}: recalibrated statistics are not finite; nothing was "
+                             "changed")
+    report = []
+    for layer, a, (mean, var) in zip(layers, acc, new, strict=True):
+        old_mean = layer.running_mean.astype(np.float64)
+        old_var = layer.running_var.astype(np.float64)
+        std = np.sqrt(var + layer.eps)
+        report.append({
+            "batches": n_batches,
+            "values_per_feature": int(a.count),
+            "max_mean_shift_in_std": float(np.max(np.abs(old_mean - mean) / std)),
+            "max_var_relative_change": float(np.max(np.abs(old_var - var) / (var + layer.eps))),
+        })
+    for layer, (mean, var) in zip(layers, new, strict=True):
+        layer.running_mean[...] = mean
+        layer.running_var[...] = var
+    return report
