@@ -27,6 +27,9 @@ machine code on disk (``cache=True``).
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -192,16 +195,28 @@ def _dx_wide(x, dy, s, a, p, q, out):  # pragma: no cover - compiled
 
 
 # --------------------------------------------------------------------------- drivers
+@functools.lru_cache(maxsize=1)
+def _threads() -> int:
+    """Threads to plan work for (numba.get_num_threads costs ~9 us a call, so it is read
+    once; a later numba.set_num_threads only changes how work is chunked, never results)."""
+    return numba.get_num_threads()
+
+
+@functools.lru_cache(maxsize=256)
+def plan_for(shape: tuple[int, ...], axes: tuple[int, ...], threads: int) -> Plan:
+    """The (cached) plan for one shape, feature axes and thread count."""
+    return Plan(shape, axes, threads)
+
+
 class Plan:
     """How an array of a given shape and feature axes maps onto the kernels' views."""
 
-    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...]):
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], threads: int):
         first, last = axes[0], axes[-1]
         self.O = int(np.prod(shape[:first], dtype=np.int64))
         self.C = int(np.prod(shape[first : last + 1], dtype=np.int64))
         self.I = int(np.prod(shape[last + 1 :], dtype=np.int64))
         self.wide = self.I >= WIDE_INNER
-        threads = numba.get_num_threads()
         if self.wide:  # tasks are (chunk of O, feature): split O only if too few features
             self.nchunks = max(1, min(self.O, -(-4 * threads // self.C)))
         else:  # tasks are chunks of rows
@@ -250,7 +265,7 @@ def _merge_columns(plan: Plan, shift, s1, s2):
 def moments(x: np.ndarray, axes: tuple[int, ...]):
     """Per-feature float64 mean and biased variance; also the contiguous work array used."""
     xw = _work_array(x)
-    plan = Plan(xw.shape, axes)
+    plan = plan_for(xw.shape, axes, _threads())
     v = plan.view(xw)
     if plan.wide:
         shift, s1, s2 = _shifted_sums_wide(v, plan.nchunks)
@@ -262,7 +277,7 @@ def moments(x: np.ndarray, axes: tuple[int, ...]):
 
 def affine(xw: np.ndarray, axes, mean, scale, bias, out_dtype) -> np.ndarray:
     """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
-    plan = Plan(xw.shape, axes)
+    plan = plan_for(xw.shape, axes, _threads())
     wt = xw.dtype
     s = mean.astype(wt)
     b = bias - (mean - s.astype(np.float64)) * scale
@@ -277,7 +292,7 @@ def affine(xw: np.ndarray, axes, mean, scale, bias, out_dtype) -> np.ndarray:
 
 def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean):
     """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    plan = Plan(xw.shape, axes)
+    plan = plan_for(xw.shape, axes, _threads())
     col_shift = plan.per_column(mean.astype(np.float64))
     if plan.wide:
         s1, s2 = _grad_sums_wide(plan.view(xw), plan.view(dyw), col_shift, plan.nchunks)
@@ -291,7 +306,7 @@ def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean):
 
 def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype):
     """``dx = k * dy + p * (x - mean) + q`` per feature, rounding-safe."""
-    plan = Plan(xw.shape, axes)
+    plan = plan_for(xw.shape, axes, _threads())
     wt = xw.dtype
     s = mean.astype(wt)
     q = q + p * (s.astype(np.float64) - mean)  # fold the rounding of the shift into q
