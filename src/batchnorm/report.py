@@ -128,6 +128,11 @@ def _claims_text(summary: dict) -> list[tuple[str, str, str]]:
     ]
 
 
+def _sd(values) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
 def _markdown(results: dict, summary: dict) -> str:
     cfg, ds = results["config"], results["dataset"]
     early = summary["table"]["bn"]["early_step"]
@@ -161,6 +166,15 @@ def _markdown(results: dict, summary: dict) -> str:
         "the mean width, averaged over the layer's units; lower is more stable). *gap* is "
         "final train minus test accuracy. Verdicts call a difference *separated* when the "
         "means differ by more than one sd of each arm.",
+        "",
+        "## No-BN learning-rate sweep (mean ± sd over seeds)",
+        "",
+        "| lr | final train loss | test acc (%) |",
+        "|---|---|---|",
+        *[f"| {v['lr']:g} | {np.mean(v['final_train_loss']):.4f} ± "
+          f"{_sd(v['final_train_loss']):.4f} | {100 * np.mean(v['final_test_accuracy']):.1f} ± "
+          f"{100 * _sd(v['final_test_accuracy']):.1f} |"
+          for v in sorted(results["ioffe"]["no_bn"]["lr_sweep"].values(), key=lambda v: v["lr"])],
         "",
         "## Figures",
         "",
