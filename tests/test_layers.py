@@ -397,3 +397,16 @@ def test_load_rejects_bad_files_and_changes_nothing(rng, tmp_path):
 def test_repr_mentions_configuration():
     text = repr(bn.BatchNorm(8, convention="torch", momentum=None))
     assert "convention='torch'" in text and "momentum=None" in text
+
+
+def test_tuple_feature_axes_layer(rng):
+    layer = bn.BatchNorm((3, 4), axis=(1, 2), momentum=None)
+    x = rng.standard_normal((6, 3, 4, 5)) * 2 + 1
+    y = layer(x)
+    np.testing.assert_allclose(y, ref_train(x, None, None, (1, 2), 1e-5), atol=1e-12)
+    np.testing.assert_allclose(layer.running_mean, x.mean((0, 3)), rtol=1e-13)
+    assert layer.running_var.shape == (3, 4)
+    dx = layer.backward(rng.standard_normal(x.shape))
+    assert dx.shape == x.shape and layer.dgamma.shape == (3, 4)
+    with pytest.raises(ValueError, match=r"\(3, 5\) features"):
+        layer(rng.standard_normal((6, 3, 5, 5)))

@@ -213,9 +213,9 @@ class Plan:
 
     def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], threads: int):
         first, last = axes[0], axes[-1]
-        self.O = int(np.prod(shape[:first], dtype=np.int64))
-        self.C = int(np.prod(shape[first : last + 1], dtype=np.int64))
-        self.I = int(np.prod(shape[last + 1 :], dtype=np.int64))
+        self.O = math.prod(shape[:first])
+        self.C = math.prod(shape[first : last + 1])
+        self.I = math.prod(shape[last + 1 :])
         self.wide = self.I >= WIDE_INNER
         if self.wide:  # tasks are (chunk of O, feature): split O only if too few features
             self.nchunks = max(1, min(self.O, -(-4 * threads // self.C)))
