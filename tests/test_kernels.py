@@ -91,3 +91,28 @@ def test_auto_dispatch_choice(rng, monkeypatch):
     # non-adjacent feature axes take the general NumPy path
     x4 = rng.standard_normal((3, 4, 5, 6))
     assert functional._Backend("numba", x4, (1, 3)).name == "numpy"
+
+
+@numba_only
+def test_float16_conversions_match_numpy_bit_for_bit():
+    from batchnorm import _kernels as K
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 2**32, size=1_000_000, dtype=np.uint64).astype(np.uint32)]
+    # every region where rounding changes behaviour: inf/NaN, overflow to inf, the largest
+    # finite half, the normal/subnormal boundary, the flush-to-zero boundary, zero, one
+    for c in (0x7F800000, 0x477FF000, 0x477FE000, 0x38800000, 0x387FE000, 0x33000000, 0, 1 << 30):
+        r = np.arange(c - 3000, c + 3000, dtype=np.int64).clip(0, 2**31 - 1).astype(np.uint32)
+        parts += [r, r | np.uint32(0x80000000)]
+    f = np.concatenate(parts).view(np.float32)
+    with np.errstate(over="ignore"):
+        ref = f.astype(np.float16)
+    got = K.float_to_half(f)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], ref.view(np.uint16)[~nan])
+    assert np.isnan(got[nan]).all()
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    back = K.half_to_float(h)
+    ok = ~np.isnan(h)
+    np.testing.assert_array_equal(back[ok], h[ok].astype(np.float32))
+    assert np.isnan(back[~ok]).all()

@@ -194,6 +194,80 @@ def _dx_wide(x, dy, s, a, p, q, out):  # pragma: no cover - compiled
             out[o, c, i] = ac * dy[o, c, i] + pc * (x[o, c, i] - sc) + qc
 
 
+# --------------------------------------------------------------------------- float16
+# NumPy's float16 <-> float32 conversions are slow on this kind of build (~20x a copy for
+# float32 -> float16), so float16 data cross over with two small parallel kernels: a table
+# lookup in (exact), and round-to-nearest-even bit arithmetic out.
+_HALF_TABLE = None
+
+
+def _half_table() -> np.ndarray:
+    global _HALF_TABLE
+    if _HALF_TABLE is None:
+        _HALF_TABLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    return _HALF_TABLE
+
+
+@njit(**_OPTS)
+def _half_to_float(bits, table, out, nchunks):  # pragma: no cover - compiled
+    n = bits.size
+    for t in prange(nchunks):
+        for i in range(t * n // nchunks, (t + 1) * n // nchunks):
+            out[i] = table[bits[i]]
+
+
+@njit(**_OPTS)
+def _float_to_half(u, out, nchunks):  # pragma: no cover - compiled
+    """float32 bit patterns -> float16 bit patterns, rounding to nearest even.
+
+    Branch-free (every case computed, then selected) so that it vectorizes.
+    """
+    n = u.size
+    for t in prange(nchunks):
+        for i in range(t * n // nchunks, (t + 1) * n // nchunks):
+            x = np.int64(u[i])
+            sign = (x >> 16) & 0x8000
+            a = x & 0x7FFFFFFF
+            # normal float16: rebias the exponent, round the mantissa 23 -> 10 bits
+            m = a - (112 << 23)
+            normal = (m + 0xFFF + ((m >> 13) & 1)) >> 13
+            # subnormal float16: the value in units of 2^-24, rounded to nearest even
+            shift = min(max(126 - (a >> 23), 1), 31)
+            mant = (a & 0x7FFFFF) | 0x800000
+            q = mant >> shift
+            rem = mant & ((1 << shift) - 1)
+            half = 1 << (shift - 1)
+            sub = q + ((rem > half) | ((rem == half) & ((q & 1) == 1)))
+            h = normal if a >= 0x38800000 else (sub if a >= 0x33000000 else 0)
+            h = 0x7C00 if a >= 0x477FF000 else h  # >= 65520 rounds to infinity
+            h = (0x7E00 if a > 0x7F800000 else 0x7C00) if a >= 0x7F800000 else h  # NaN, inf
+            out[i] = np.uint16(sign | h)
+
+
+def _chunks(n: int) -> int:
+    return max(1, min(n // 4096, 4 * _threads()))
+
+
+def half_to_float(x: np.ndarray) -> np.ndarray:
+    """float16 array -> C-contiguous float32 array (exact)."""
+    bits = np.ascontiguousarray(x).view(np.uint16).reshape(-1)
+    out = np.empty(x.shape, np.float32)
+    _half_to_float(bits, _half_table(), out.reshape(-1), _chunks(bits.size))
+    return out
+
+
+def float_to_half(y: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 array -> float16 array, rounded to nearest even."""
+    out = np.empty(y.shape, np.float16)
+    _float_to_half(y.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16),
+                   _chunks(y.size))
+    return out
+
+
+def _to_dtype(out: np.ndarray, dtype) -> np.ndarray:
+    return float_to_half(out) if dtype == np.float16 else out.astype(dtype, copy=False)
+
+
 # --------------------------------------------------------------------------- drivers
 @functools.lru_cache(maxsize=1)
 def _threads() -> int:
@@ -242,7 +316,7 @@ def supported(axes: tuple[int, ...]) -> bool:
 def _work_array(x: np.ndarray) -> np.ndarray:
     """C-contiguous array in a dtype the kernels take (float16 goes through float32)."""
     if x.dtype == np.float16:
-        return x.astype(np.float32, order="C")
+        return half_to_float(x)
     return np.ascontiguousarray(x)
 
 
@@ -287,7 +361,7 @@ def affine(xw: np.ndarray, axes, mean, scale, bias, out_dtype) -> np.ndarray:
         _affine_wide(plan.view(xw), *args, plan.view(out))
     else:
         _affine_rows(plan.view(xw), *args, plan.view(out), plan.nchunks)
-    return out.astype(out_dtype, copy=False)
+    return _to_dtype(out, out_dtype)
 
 
 def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean):
@@ -316,9 +390,11 @@ def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype):
         _dx_wide(plan.view(xw), plan.view(dyw), *cols, plan.view(out))
     else:
         _dx_rows(plan.view(xw), plan.view(dyw), *cols, plan.view(out), plan.nchunks)
-    return out.astype(out_dtype, copy=False)
+    return _to_dtype(out, out_dtype)
 
 
 def as_work(arr: np.ndarray, like: np.ndarray) -> np.ndarray:
     """``arr`` (e.g. dy) as a C-contiguous array of the work array's dtype."""
+    if arr.dtype == np.float16 and like.dtype == np.float32:
+        return half_to_float(arr)
     return np.ascontiguousarray(arr, dtype=like.dtype)
