@@ -142,11 +142,12 @@ def test_float32_large_offset_precision(rng, offset):
     gamma, beta = rng.standard_normal(16), rng.standard_normal(16)
     y, cache = bn.batch_norm_train(x, gamma, beta)
     err = np.abs(y - ref_train(x, gamma, beta, 1, 1e-5)).max()
-    assert err <= 1e-5, f"offset {offset}: max abs error {err:.3g}"
+    # the bound is 1e-5 and its aim 1e-6; float32 rounding of |y| ~ 10 alone is 5e-7
+    assert err <= 2e-6, f"offset {offset}: max abs error {err:.3g}"
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
     rdx, rdg, rdb = ref_backward_train(x, gamma, dy, 1, 1e-5)
-    assert relative_error(dx, rdx) <= 1e-5
+    assert relative_error(dx, rdx) <= 1e-6
     assert relative_error(dgamma, rdg) <= 1e-5
     assert relative_error(dbeta, rdb) <= 1e-6
 
