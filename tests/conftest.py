@@ -84,12 +84,12 @@ def rng():
 @pytest.fixture(params=["numpy", "numba"])
 def backend(request, monkeypatch):
     """Run a test once per backend: "auto" resolves to the one under test."""
-    from batchnorm import functional
+    from batchnorm import _dispatch
 
     if request.param == "numpy":
-        monkeypatch.setattr(functional, "_load_kernels", lambda: None)
-    elif not functional.numba_available():
+        monkeypatch.setattr(_dispatch, "_load_kernels", lambda: None)
+    elif not _dispatch.numba_available():
         pytest.skip("numba is not installed")
     else:  # the tests' arrays are small: make "auto" take the compiled path for them too
-        monkeypatch.setattr(functional, "AUTO_NUMBA_MIN_SIZE", 0)
+        monkeypatch.setattr(_dispatch, "AUTO_NUMBA_MIN_SIZE", 0)
     return request.param

@@ -9,7 +9,7 @@ import pytest
 
 from batchnorm.cli import main
 from batchnorm.data import Dataset
-from batchnorm.experiments import ioffe
+from batchnorm.experiments import assess, ioffe
 
 
 def _toy_data(rng=None):
@@ -93,12 +93,12 @@ def _fake_results(gap_bn, gap_nobn, inst_bn, inst_nobn, inst_noisy, test_noisy=0
 
 
 def test_verdicts_follow_the_numbers():
-    s = ioffe.summarize(_fake_results([0.01, 0.02, 0.015], [0.08, 0.09, 0.085],
+    s = assess.summarize(_fake_results([0.01, 0.02, 0.015], [0.08, 0.09, 0.085],
                                       [0.05, 0.06, 0.055], [0.3, 0.32, 0.31], [0.5, 0.52, 0.51]))
     assert s["claims"]["regularization"]["verdict"] == "supported"
     assert s["claims"]["stable_distributions"]["verdict"] == "supported"
     assert "even less stable than without BN" in s["claims"]["stable_distributions"]["noisy_bn"]
-    s = ioffe.summarize(_fake_results([0.09, 0.1, 0.095], [0.02, 0.03, 0.025],
+    s = assess.summarize(_fake_results([0.09, 0.1, 0.095], [0.02, 0.03, 0.025],
                                       [0.3, 0.32, 0.31], [0.05, 0.06, 0.055], [0.05, 0.05, 0.05]))
     assert s["claims"]["regularization"]["verdict"] == "not supported"
     assert s["claims"]["stable_distributions"]["verdict"] == "not supported"

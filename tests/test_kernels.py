@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import functional
+from batchnorm import _dispatch
 
-numba_only = pytest.mark.skipif(not functional.numba_available(), reason="numba not installed")
+numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
 # wide inner blocks (I >= 32), narrow ones, channels-last, one outer element, adjacent tuple
 LAYOUTS = [((4, 6, 8, 8), 1), ((4, 6, 3, 5), 1), ((5, 7, 7, 6), -1), ((1, 4, 40, 3), 1),
@@ -74,7 +74,7 @@ def test_backend_validation(monkeypatch, rng):
         bn.batch_norm_train(x, None, None, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         bn.BatchNorm(3, backend="fast")
-    monkeypatch.setattr(functional, "_load_kernels", lambda: None)
+    monkeypatch.setattr(_dispatch, "_load_kernels", lambda: None)
     with pytest.raises(ImportError, match="needs numba"):
         bn.batch_norm_train(x, None, None, backend="numba")
     y, _ = bn.batch_norm_train(x, None, None, backend="auto")  # falls back to NumPy
@@ -84,13 +84,13 @@ def test_backend_validation(monkeypatch, rng):
 @numba_only
 def test_auto_dispatch_choice(rng, monkeypatch):
     small = rng.standard_normal((8, 3))
-    big = rng.standard_normal((functional.AUTO_NUMBA_MIN_SIZE // 4 + 1, 4))
-    assert functional._Backend("auto", small, (1,)).name == "numpy"
-    assert functional._Backend("auto", big, (1,)).name == "numba"
-    assert functional._Backend("numba", small, (1,)).name == "numba"
+    big = rng.standard_normal((_dispatch.AUTO_NUMBA_MIN_SIZE // 4 + 1, 4))
+    assert _dispatch.Backend("auto", small, (1,)).name == "numpy"
+    assert _dispatch.Backend("auto", big, (1,)).name == "numba"
+    assert _dispatch.Backend("numba", small, (1,)).name == "numba"
     # non-adjacent feature axes take the general NumPy path
     x4 = rng.standard_normal((3, 4, 5, 6))
-    assert functional._Backend("numba", x4, (1, 3)).name == "numpy"
+    assert _dispatch.Backend("numba", x4, (1, 3)).name == "numpy"
 
 
 @numba_only

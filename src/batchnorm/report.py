@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments.ioffe import ARMS, summarize
+from .experiments.assess import summarize
+from .experiments.ioffe import ARMS
 
 __all__ = ["write_report"]
 
