@@ -12,15 +12,14 @@ from .functional import (
 )
 from .layers import BatchNorm
 from .recalibrate import recalibrate
-from .variants import (
+from .renorm import (
     BatchRenorm,
-    FrozenBatchNorm,
-    GhostBatchNorm,
     RenormSchedule,
     batch_renorm_backward,
     batch_renorm_eval,
     batch_renorm_train,
 )
+from .variants import FrozenBatchNorm, GhostBatchNorm
 
 __version__ = "0.1.0"
 
