@@ -116,3 +116,21 @@ def test_float16_conversions_match_numpy_bit_for_bit():
     ok = ~np.isnan(h)
     np.testing.assert_array_equal(back[ok], h[ok].astype(np.float32))
     assert np.isnan(back[~ok]).all()
+
+
+def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
+    seen = []
+    real = _dispatch.Backend.__init__
+
+    def spy(self, name, x, axes):
+        seen.append(name)
+        real(self, name, x, axes)
+
+    monkeypatch.setattr(_dispatch.Backend, "__init__", spy)
+    layer = bn.BatchNorm(3, backend="numpy")
+    x = rng.standard_normal((8, 3))
+    layer(x)
+    layer.backward(x)
+    layer.eval()(x)
+    layer.backward(x)
+    assert seen == ["numpy"] * 4

@@ -214,6 +214,7 @@ class BatchNorm:
                 axis=axes,
                 eps=self.eps,
                 return_cache=True,
+                backend=self.backend,
             )
             self._cache = cache
             return y
