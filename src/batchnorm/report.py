@@ -227,6 +227,13 @@ def _html(md_summary: dict, results: dict) -> str:
     parts.append("</tr>")
     for row in _table_rows(summary):
         parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
+    parts.append("</table><h2>No-BN learning-rate sweep (mean ± sd over seeds)</h2><table>"
+                 "<tr><th>lr</th><th>final train loss</th><th>test acc (%)</th></tr>")
+    for v in sorted(results["ioffe"]["no_bn"]["lr_sweep"].values(), key=lambda v: v["lr"]):
+        parts.append(f"<tr><td>{v['lr']:g}</td><td>{np.mean(v['final_train_loss']):.4f} ± "
+                     f"{_sd(v['final_train_loss']):.4f}</td><td>"
+                     f"{100 * np.mean(v['final_test_accuracy']):.1f} ± "
+                     f"{100 * _sd(v['final_test_accuracy']):.1f}</td></tr>")
     parts.append("</table><h2>Figures</h2>")
     for name, alt in (("accuracy.png", "test accuracy"), ("percentiles.png", "percentiles"),
                       ("gap.png", "generalization gap")):
