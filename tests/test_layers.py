@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 from conftest import ref_eval, ref_train, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchnorm as bn
 from batchnorm.gradcheck import numerical_gradient, relative_error
@@ -410,3 +412,48 @@ def test_tuple_feature_axes_layer(rng):
     assert dx.shape == x.shape and layer.dgamma.shape == (3, 4)
     with pytest.raises(ValueError, match=r"\(3, 5\) features"):
         layer(rng.standard_normal((6, 3, 5, 5)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    convention=st.sampled_from(["seed", "torch", "keras", "flax"]),
+    momentum=st.sampled_from(["default", None, 0.5]),
+    ops=st.lists(st.sampled_from(["good", "nan", "one_row", "wrong_c", "int", "eval", "back"]),
+                 min_size=1, max_size=12),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_call_sequences_keep_state_consistent(convention, momentum, ops, seed):
+    """Interleave good and bad calls: bad ones change nothing, good ones follow the formula."""
+    rng = np.random.default_rng(seed)
+    kw = {} if momentum == "default" else {"momentum": momentum}
+    layer = bn.BatchNorm(3, convention=convention, axis=1, **kw)
+    conv = bn.get_convention(convention)
+    rm, rv, t = np.zeros(3), np.ones(3), 0
+    for op in ops:
+        before = snapshot(layer)
+        x = rng.standard_normal((5, 3)) * 2 + 1
+        if op == "good":
+            layer.train()(x)
+            t += 1
+            w = 1 / t if layer.momentum is None else (
+                layer.momentum if conv.momentum_weights == "new" else 1 - layer.momentum)
+            var = x.var(0) * (5 / 4 if layer.unbiased else 1)
+            rm, rv = (1 - w) * rm + w * x.mean(0), (1 - w) * rv + w * var
+        elif op == "eval":
+            y = layer.eval()(x)
+            np.testing.assert_allclose(y, ref_eval(x, layer.gamma, layer.beta, rm, rv, 1,
+                                                   layer.eps), atol=1e-12)
+            layer.train()
+        elif op == "back":
+            if layer._cache is not None:
+                layer.backward(rng.standard_normal(layer._cache.x.shape))
+        else:
+            bad = {"nan": np.where(np.arange(15).reshape(5, 3) == 4, np.nan, x),
+                   "one_row": x[:1], "wrong_c": rng.standard_normal((5, 4)),
+                   "int": np.ones((5, 3), dtype=np.int32)}[op]
+            with pytest.raises((ValueError, TypeError)):
+                layer(bad, training=True)
+            assert snapshot(layer) == before
+        np.testing.assert_allclose(layer.running_mean, rm, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(layer.running_var, rv, rtol=1e-12)
+        assert layer.num_batches_tracked == t
