@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -30,3 +33,21 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     layer = namespace["layer"]
     assert layer.num_batches_tracked == 1 and not layer.training
     assert (tmp_path / "bn.npz").exists()
+
+
+def test_readme_variants_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    monkeypatch.chdir(tmp_path)
+    first, second = _blocks("python")[0], _blocks("python")[2]
+    namespace: dict = {}
+    exec(compile(first + second, "README examples", "exec"), namespace)  # noqa: S102
+    x, model = namespace["x"], namespace["model"]
+    assert namespace["y"].shape == x.shape
+    assert namespace["report"][0]["batches"] == 10
+    z = np.random.default_rng(1).standard_normal((4, 20))
+    expected = model.modules[1].eval()(z @ model.modules[0].W)
+    np.testing.assert_allclose(z @ namespace["W_folded"] + namespace["b_folded"],
+                               expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(namespace["same"].running_var, namespace["layer"].running_var,
+                               rtol=1e-12)
+    assert (tmp_path / "bn.safetensors").exists()
