@@ -131,7 +131,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch Normalization by hand in NumPy: run the demo, benchmark the kernels, "
+        "inspect saved layers.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo", help="train networks with and without BN and test the article's claims",
