@@ -292,3 +292,10 @@ def test_cli_inspect(rng, tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     assert main(["inspect", str(tmp_path / "bad.npz")]) == 2
     assert "not a readable npz" in capsys.readouterr().err
+
+
+def test_import_refuses_a_fractional_batch_count():
+    state = {"running_mean": np.zeros(2), "running_var": np.ones(2),
+             "num_batches_tracked": np.array(2.5)}
+    with pytest.raises(ValueError, match="non-negative integer"):
+        bn.import_state(state, "torch", layer=bn.BatchNorm(2, affine=False))

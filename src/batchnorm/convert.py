@@ -179,9 +179,8 @@ def import_state(state: dict, framework: str, *, layer: BatchNorm | None = None,
     if has_affine:
         ours["gamma"] = _to_numpy(flat[keys["gamma"]])
         ours["beta"] = _to_numpy(flat[keys["beta"]])
-    count = flat.get(keys.get("count", ""), 0)
-    ours["num_batches_tracked"] = int(_to_numpy(count)) if np.ndim(_to_numpy(count)) == 0 \
-        else count
+    # passed through as is: load_state_dict refuses anything but a non-negative integer
+    ours["num_batches_tracked"] = _to_numpy(flat.get(keys.get("count"), 0))
     new_momentum = (layer.momentum if momentum is None else
                     translate_momentum(momentum, framework, layer.convention.name))
     layer.load_state_dict(ours)  # validates everything; raises before changing anything

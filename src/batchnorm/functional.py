@@ -197,17 +197,27 @@ def batch_norm_train(
     be = Backend(backend, x, axes)
     with _quiet():
         mean, var = be.moments()
+    return _normalize_batch(be, mean, var, g, b, eps)
+
+
+def _normalize_batch(be: Backend, mean, var, g, b, eps) -> tuple[np.ndarray, BatchNormCache]:
+    """The output pass and cache of a training forward, given the batch statistics.
+
+    Shared by :func:`batch_norm_train` and batch renorm (which needs the statistics first
+    to choose its scale and shift), so the statistics pass runs once.
+    """
+    with _quiet():
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = inv_std if g is None else inv_std * g
-        y = be.affine(mean, scale, np.zeros(fshape) if b is None else b)
+        y = be.affine(mean, scale, np.zeros(be.fshape) if b is None else b)
     cache = BatchNormCache(
-        x=x,
+        x=be.x,
         gamma=None if g is None else g.copy(),
         has_beta=b is not None,
         mean=mean,
         var=var,
         inv_std=inv_std,
-        axis=axes,
+        axis=be.axes,
         eps=eps,
         batch_stats=True,
     )

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import as_feature_vector, as_input, feature_shape, normalize_axes
+from ._dispatch import Backend
+from ._validation import as_feature_vector
 from .functional import (
     BatchNormCache,
+    _check_not_empty,
+    _normalize_batch,
+    _prepare,
     batch_norm_backward,
     batch_norm_eval,
-    batch_norm_train,
-    moments,
 )
 from .layers import BatchNorm
 
@@ -110,20 +112,22 @@ def batch_renorm_train(
     cache : RenormCache
     """
     rmax, dmax = _check_limits(rmax, dmax)
-    x = as_input(x)
-    fshape = feature_shape(x.shape, normalize_axes(axis, x.ndim))
+    x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
+    _check_not_empty(x, "normalize")
     mu = as_feature_vector(running_mean, "running_mean", fshape, x.shape)
     sigma = as_feature_vector(running_std, "running_std", fshape, x.shape)
     if np.any(sigma <= 0):
         raise ValueError(f"running_std must be > 0; got min {sigma.min()!r}")
-    mean_b, var_b = moments(x, axis=axis, backend=backend)
+    be = Backend(backend, x, axes)
     with np.errstate(invalid="ignore", divide="ignore"):
+        mean_b, var_b = be.moments()
         sigma_b = np.sqrt(var_b + eps)
         r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
         d = np.clip((mean_b - mu) / sigma, -dmax, dmax)
-    g = np.ones(fshape) if gamma is None else as_feature_vector(gamma, "gamma", fshape, x.shape)
-    b = np.zeros(fshape) if beta is None else as_feature_vector(beta, "beta", fshape, x.shape)
-    y, bn_cache = batch_norm_train(x, g * r, b + g * d, axis=axis, eps=eps, backend=backend)
+    g1 = np.ones(fshape) if g is None else g
+    b0 = np.zeros(fshape) if b is None else b
+    # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
+    y, bn_cache = _normalize_batch(be, mean_b, var_b, g1 * r, b0 + g1 * d, eps)
     return y, RenormCache(bn_cache, r, d, gamma is not None, beta is not None)
 
 
