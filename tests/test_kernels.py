@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _dispatch
+from batchnorm import _dispatch, functional
 
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
@@ -85,17 +85,53 @@ def test_backend_validation(monkeypatch, rng):
 def test_auto_dispatch_choice(rng, monkeypatch):
     small = rng.standard_normal((8, 3))
     big = rng.standard_normal((_dispatch.AUTO_NUMBA_MIN_SIZE // 4 + 1, 4))
-    assert _dispatch.Backend("auto", small, (1,)).name == "numpy"
-    assert _dispatch.Backend("auto", big, (1,)).name == "numba"
-    assert _dispatch.Backend("numba", small, (1,)).name == "numba"
+    assert _dispatch.select("auto", small.size, (1,)).name == "numpy"
+    assert _dispatch.select("auto", big.size, (1,)).name == "numba"
+    assert _dispatch.select("numba", small.size, (1,)).name == "numba"
     # non-adjacent feature axes take the general NumPy path
     x4 = rng.standard_normal((3, 4, 5, 6))
-    assert _dispatch.Backend("numba", x4, (1, 3)).name == "numpy"
+    assert _dispatch.select("numba", x4.size, (1, 3)).name == "numpy"
+
+
+def test_backends_share_one_contract():
+    import inspect
+
+    from batchnorm._numpy_kernels import NumpyBackend
+
+    if not _dispatch.numba_available():
+        pytest.skip("numba not installed")
+    from batchnorm._numba_kernels import NumbaBackend
+
+    for method in ("supports", "work", "work_dy", "moments", "affine", "grad_sums", "input_grad"):
+        a = inspect.signature(getattr(NumpyBackend, method))
+        b = inspect.signature(getattr(NumbaBackend, method))
+        assert list(a.parameters) == list(b.parameters), method
+
+
+@numba_only
+def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
+    """float16 input is converted to float32 once, in the forward pass."""
+    from batchnorm import _numba_kernels as K
+
+    x = rng.standard_normal((64, 8, 70)).astype(np.float16)
+    calls = []
+    real = K.half_to_float
+
+    def counting(a):
+        calls.append(a.shape)
+        return real(a)
+
+    monkeypatch.setattr(K, "half_to_float", counting)
+    y, cache = bn.batch_norm_train(x, None, None, backend="numba")
+    assert calls == [x.shape]
+    dy = rng.standard_normal(x.shape).astype(np.float32)  # float32 dy: no conversion needed
+    bn.batch_norm_backward(dy, cache, backend="numba")
+    assert calls == [x.shape]
 
 
 @numba_only
 def test_float16_conversions_match_numpy_bit_for_bit():
-    from batchnorm import _kernels as K
+    from batchnorm import _numba_kernels as K
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 2**32, size=1_000_000, dtype=np.uint64).astype(np.uint32)]
@@ -120,13 +156,13 @@ def test_float16_conversions_match_numpy_bit_for_bit():
 
 def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
     seen = []
-    real = _dispatch.Backend.__init__
+    real = _dispatch.select
 
-    def spy(self, name, x, axes):
+    def spy(name, size, axes):
         seen.append(name)
-        real(self, name, x, axes)
+        return real(name, size, axes)
 
-    monkeypatch.setattr(_dispatch.Backend, "__init__", spy)
+    monkeypatch.setattr(functional, "select", spy)
     layer = bn.BatchNorm(3, backend="numpy")
     x = rng.standard_normal((8, 3))
     layer(x)

@@ -142,7 +142,7 @@ def test_sgd_learns_a_separable_problem(rng):
 
 
 def test_backward_before_forward_is_an_error(rng):
-    with pytest.raises(RuntimeError, match="before forward"):
+    with pytest.raises(ValueError, match="before any forward"):
         Linear(2, 2, rng=rng).backward(np.ones((1, 2)))
     with pytest.raises(ValueError, match=r"\(N, 2\).*\(3, 5\)"):
         Linear(2, 2, rng=rng).forward(np.ones((3, 5)))

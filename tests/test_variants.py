@@ -78,7 +78,9 @@ def test_renorm_layer_running_std_and_inference(rng):
         sigma = 0.9 * sigma + 0.1 * np.sqrt(x.var(0) + 1e-3)
     np.testing.assert_allclose(layer.running_mean, mu, rtol=1e-13)
     np.testing.assert_allclose(layer.running_std, sigma, rtol=1e-13)
-    assert set(layer.state_dict()) == {"gamma", "beta", "running_mean", "running_std",
+    # sigma is stored like every layer's statistics: running_var = sigma^2 - eps
+    np.testing.assert_allclose(layer.running_var, sigma**2 - 1e-3, rtol=1e-13)
+    assert set(layer.state_dict()) == {"gamma", "beta", "running_mean", "running_var",
                                        "num_batches_tracked"}
     x = rng.standard_normal((5, 3))
     y = layer.eval()(x)
@@ -104,9 +106,10 @@ def test_renorm_schedule_and_layer_bad_input(rng):
     with pytest.raises(ValueError, match="rmax"):
         BatchRenorm(2, rmax=0.5)
     bad = layer.state_dict()
-    bad["running_std"] = np.array([1.0, -1.0])
+    bad["running_var"] = np.array([1.0, -1.0])
     with pytest.raises(ValueError, match="negative"):
         layer.load_state_dict(bad)
+    assert snapshot(layer) == before
 
 
 # ----------------------------------------------------------------------------- ghost
@@ -165,5 +168,9 @@ def test_frozen_from_trained_layer(rng):
     layer.running_mean[:] = 100.0  # frozen holds copies
     assert np.abs(frozen.running_mean).max() < 100
     assert frozen.parameters() == {} and frozen.train() is frozen
-    with pytest.raises(ValueError, match="running_var must be >= 0"):
-        FrozenBatchNorm(np.zeros(2), np.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="negative"):
+        FrozenBatchNorm.from_statistics(np.zeros(2), np.array([1.0, -1.0]))
+    direct = FrozenBatchNorm.from_statistics(
+        frozen.running_mean, frozen.running_var, frozen.gamma, frozen.beta, eps=1e-5
+    )
+    np.testing.assert_array_equal(direct(x), frozen(x))

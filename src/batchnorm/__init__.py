@@ -1,6 +1,14 @@
 """batchnorm: Batch Normalization implemented by hand in NumPy."""
 
-from .conventions import CONVENTIONS, Convention, get_convention
+from .conventions import (
+    CONVENTIONS,
+    BatchStats,
+    Convention,
+    NonFiniteStatisticsError,
+    RunningStats,
+    get_convention,
+    update_running,
+)
 from .convert import export_state, import_state, translate_momentum
 from .fold import fold_conv, fold_linear
 from .functional import (
@@ -10,7 +18,8 @@ from .functional import (
     batch_norm_train,
     moments,
 )
-from .layers import BatchNorm
+from .layers import BatchNorm, NormLayer
+from .module import Module, NoForwardError
 from .recalibrate import recalibrate
 from .renorm import (
     BatchRenorm,
@@ -19,7 +28,7 @@ from .renorm import (
     batch_renorm_eval,
     batch_renorm_train,
 )
-from .variants import FrozenBatchNorm, GhostBatchNorm
+from .variants import FrozenBatchNorm, GhostBatchNorm, GhostBatchStats
 
 __version__ = "0.1.0"
 
@@ -28,10 +37,17 @@ __all__ = [
     "BatchNorm",
     "BatchNormCache",
     "BatchRenorm",
+    "BatchStats",
     "Convention",
     "FrozenBatchNorm",
     "GhostBatchNorm",
+    "GhostBatchStats",
+    "Module",
+    "NoForwardError",
+    "NonFiniteStatisticsError",
+    "NormLayer",
     "RenormSchedule",
+    "RunningStats",
     "batch_norm_backward",
     "batch_norm_eval",
     "batch_norm_train",
@@ -46,4 +62,5 @@ __all__ = [
     "moments",
     "recalibrate",
     "translate_momentum",
+    "update_running",
 ]

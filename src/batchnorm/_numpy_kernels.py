@@ -77,3 +77,62 @@ def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b):
     d += (q_b - p_b * delta).astype(wt)
     d += np.multiply(dy, k_b.astype(wt), dtype=wt)
     return d.astype(x.dtype, copy=False)
+
+
+class NumpyBackend:
+    """The readable reference backend; same contract as the compiled ``NumbaBackend``.
+
+    Per-feature arguments and results are float64 arrays of the per-feature shape (the sizes
+    of the feature axes); ``xw`` is what :meth:`work` returned for the data (here the data
+    itself), ``dtype`` the dtype of the result.
+    """
+
+    name = "numpy"
+
+    @staticmethod
+    def supports(axes: tuple[int, ...]) -> bool:
+        """Every layout is supported."""
+        return True
+
+    @staticmethod
+    def work(x: np.ndarray) -> np.ndarray:
+        """The array the primitives read (the input itself: nothing is converted)."""
+        return x
+
+    @staticmethod
+    def work_dy(dy: np.ndarray, xw: np.ndarray) -> np.ndarray:
+        """``dy`` as the primitives read it (unchanged)."""
+        return dy
+
+    @staticmethod
+    def moments(xw: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature float64 mean and biased variance."""
+        fshape = tuple(xw.shape[a] for a in axes)
+        mean, var = _np_moments(xw, axes, _bshape(xw, axes))
+        return mean.reshape(fshape), var.reshape(fshape)
+
+    @staticmethod
+    def affine(xw, axes, mean, scale, bias, dtype) -> np.ndarray:
+        """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype``."""
+        b = _bshape(xw, axes)
+        y = _np_affine(xw, axes, mean.reshape(b), scale.reshape(b), bias.reshape(b))
+        return y.astype(dtype, copy=False)
+
+    @staticmethod
+    def grad_sums(xw, dyw, axes, mean) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+        s1, s2 = _np_grad_sums(xw, dyw, axes, mean.reshape(_bshape(xw, axes)))
+        return s1.reshape(mean.shape), s2.reshape(mean.shape)
+
+    @staticmethod
+    def input_grad(xw, dyw, axes, mean, k, p, q, dtype) -> np.ndarray:
+        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
+        b = _bshape(xw, axes)
+        dx = _np_input_grad(
+            xw, dyw, axes, mean.reshape(b), k.reshape(b), p.reshape(b), q.reshape(b)
+        )
+        return dx.astype(dtype, copy=False)
+
+
+def _bshape(x: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n if i in axes else 1 for i, n in enumerate(x.shape))

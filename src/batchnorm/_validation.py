@@ -16,8 +16,19 @@ SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.floa
 
 
 def as_float_array(x: object, name: str) -> np.ndarray:
-    """Return ``x`` as an ndarray of a supported floating dtype, without copying."""
+    """Return ``x`` as an ndarray of a supported floating dtype, without copying.
+
+    Non-native byte order (e.g. ``'>f4'``) is converted to the native one (a copy); masked
+    arrays are refused, since their mask would be silently ignored.
+    """
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a masked array (shape {x.shape}); its mask would be ignored. Pass "
+            f"{name}.filled(value) or the unmasked rows instead"
+        )
     arr = np.asarray(x)
+    if arr.dtype.kind == "f" and not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must have dtype float16, float32 or float64; got dtype {arr.dtype} "
@@ -36,9 +47,24 @@ def as_input(x: object, name: str = "x") -> np.ndarray:
     return arr
 
 
+def check_axis(axis: object) -> int | tuple[int, ...]:
+    """``axis`` as an int or a non-empty tuple of ints (range is checked against the data)."""
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, (bool, np.bool_)):
+        return int(axis)
+    if isinstance(axis, (tuple, list)) and axis:
+        if all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_)) for a in axis
+        ):
+            return tuple(int(a) for a in axis)
+    raise TypeError(f"axis must be an int or a non-empty tuple of ints; got {axis!r}")
+
+
 def normalize_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     """Turn ``axis`` (int or tuple of ints, negatives allowed) into sorted non-negative axes."""
-    raw = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if isinstance(axis, (tuple, list)) and not axis:
+        raise ValueError("axis must name at least one feature axis; got an empty tuple")
+    axis = check_axis(axis)
+    raw = (axis,) if isinstance(axis, int) else axis
     if not raw:
         raise ValueError("axis must name at least one feature axis; got an empty tuple")
     axes = []
@@ -68,6 +94,7 @@ def broadcast_shape(ndim: int, axes: tuple[int, ...], shape: tuple[int, ...]) ->
 
 
 def reduce_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes statistics reduce over: all but the feature axes."""
     return tuple(i for i in range(ndim) if i not in axes)
 
 
@@ -84,10 +111,33 @@ def as_feature_vector(
     return arr.astype(np.float64, copy=False)
 
 
+def check_real(value: object, name: str) -> float:
+    """A finite real number as a Python float (bools, strings, overflow and NaN refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite; got {value!r:.60}") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite; got {out!r}")
+    return out
+
+
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` (bools, floats such as 2.5 or inf, strings refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value!r}")
+    return int(value)
+
+
 def check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eps must be a real number; got {eps!r}")
-    value = float(eps)
-    if not math.isfinite(value) or value < 0:
+    """Validate ``eps``: a finite real number >= 0."""
+    value = check_real(eps, "eps")
+    if value < 0:
         raise ValueError(f"eps must be finite and >= 0; got {value!r}")
     return value

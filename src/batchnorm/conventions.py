@@ -20,13 +20,24 @@ and evaluation always adds eps to the running variance.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-__all__ = ["CONVENTIONS", "Convention", "get_convention", "new_value_weight", "update_running"]
+from ._validation import check_real
+
+__all__ = [
+    "CONVENTIONS",
+    "BatchStats",
+    "Convention",
+    "NonFiniteStatisticsError",
+    "RunningStats",
+    "check_momentum",
+    "get_convention",
+    "new_value_weight",
+    "update_running",
+]
 
 
 @dataclass(frozen=True)
@@ -79,12 +90,8 @@ def check_momentum(momentum: object) -> float | None:
     """Validate a momentum value: None or a real number in [0, 1]."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(
-        momentum, (int, float, np.floating, np.integer)
-    ):
-        raise TypeError(f"momentum must be a real number in [0, 1] or None; got {momentum!r}")
-    value = float(momentum)
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+    value = check_real(momentum, "momentum")
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None; got {value!r}")
     return value
 
@@ -113,6 +120,130 @@ def new_value_weight(
     return momentum if momentum_weights == "new" else 1.0 - momentum
 
 
-def update_running(running: np.ndarray, batch: np.ndarray, weight_new: float) -> np.ndarray:
-    """Return ``(1 - w) * running + w * batch`` as a new array (inputs untouched)."""
-    return (1.0 - weight_new) * running + weight_new * batch
+@dataclass(frozen=True, eq=False)
+class BatchStats:
+    """Statistics of one training batch, per feature.
+
+    Attributes
+    ----------
+    count : int
+        Values per feature the statistics reduce over (over all ranks, when synchronized).
+    mean, var : ndarray, shape (*features), float64
+        Batch mean and *biased* batch variance.
+    """
+
+    count: int
+    mean: np.ndarray
+    var: np.ndarray
+
+    @classmethod
+    def combine(cls, parts: list[BatchStats]) -> BatchStats:
+        """The statistics of the union of disjoint batches, merged exactly in the given order.
+
+        Chan, Golub & LeVeque's pairwise update of (count, mean, M2) with M2 = count * var;
+        parts with count 0 are skipped (a merge of nothing has count 0, mean 0, var 0).
+        """
+        count, mean, m2 = 0, None, None
+        for p in parts:
+            if p.count == 0:
+                continue
+            pm = np.asarray(p.mean, np.float64)
+            pm2 = np.asarray(p.var, np.float64) * p.count
+            if mean is None:
+                count, mean, m2 = p.count, pm, pm2
+                continue
+            n = count + p.count
+            delta = pm - mean
+            mean = mean + delta * (p.count / n)
+            m2 = m2 + pm2 + delta * delta * (count * p.count / n)
+            count = n
+        if mean is None:
+            shape = np.shape(parts[0].mean) if parts else ()
+            return cls(0, np.zeros(shape), np.zeros(shape))
+        return cls(count, mean, m2 / count)
+
+
+@dataclass(frozen=True, eq=False)
+class RunningStats:
+    """A layer's running statistics: the state :func:`update_running` maps to a new one.
+
+    Attributes
+    ----------
+    mean, var : ndarray, shape (*features), in the layer's dtype
+    num_batches_tracked : int
+    """
+
+    mean: np.ndarray
+    var: np.ndarray
+    num_batches_tracked: int
+
+
+class NonFiniteStatisticsError(ValueError):
+    """A batch's statistics, or the running statistics they would produce, are not finite."""
+
+
+def update_running(
+    running: RunningStats,
+    batch: BatchStats,
+    *,
+    momentum: float | None,
+    momentum_weights: Literal["old", "new"],
+    unbiased: bool = False,
+    smooth: Literal["var", "std"] = "var",
+    eps: float = 0.0,
+) -> RunningStats:
+    r"""One update of the running statistics; the inputs are never modified.
+
+    ``mean <- (1 - w) mean + w batch.mean`` and the same for the variance, where ``w`` is
+    :func:`new_value_weight` (``1/t`` for ``momentum=None``), the batch variance is first
+    made unbiased (``m/(m-1)``) when ``unbiased``; with ``smooth="std"`` (batch renorm) the
+    standard deviations :math:`\sqrt{var + \epsilon}` are averaged instead and the result
+    is stored back as ``std**2 - eps`` (clipped at 0).
+
+    Returns
+    -------
+    RunningStats
+        The new state, in the dtype of ``running``, with ``num_batches_tracked + 1``.
+
+    Raises
+    ------
+    NonFiniteStatisticsError
+        When the batch statistics or the new state (in its dtype) are not finite.
+    ValueError
+        When ``unbiased`` and the batch has fewer than 2 values per feature.
+    """
+    mean, var = np.asarray(batch.mean, np.float64), np.asarray(batch.var, np.float64)
+    with np.errstate(all="ignore"):
+        bad = ~(np.isfinite(mean) & np.isfinite(var))
+        if bad.any():
+            where = np.flatnonzero(bad)
+            raise NonFiniteStatisticsError(
+                f"training batch has non-finite statistics (features {where[:8].tolist()} of "
+                f"{mean.size}; first mean={mean.ravel()[where[0]]!r}, "
+                f"var={var.ravel()[where[0]]!r})"
+            )
+        if unbiased:
+            if batch.count < 2:
+                raise ValueError(
+                    f"the unbiased variance needs at least 2 values per feature; got "
+                    f"{batch.count}"
+                )
+            var = var * (batch.count / (batch.count - 1))
+        t = running.num_batches_tracked + 1
+        w = new_value_weight(momentum, momentum_weights, t)
+        old_mean = running.mean.astype(np.float64)
+        old_var = running.var.astype(np.float64)
+        new_mean = (1.0 - w) * old_mean + w * mean
+        if smooth == "std":
+            std = (1.0 - w) * np.sqrt(old_var + eps) + w * np.sqrt(var + eps)
+            new_var = np.maximum(std * std - eps, 0.0)
+        else:
+            new_var = (1.0 - w) * old_var + w * var
+        dtype = running.mean.dtype
+        out_mean, out_var = new_mean.astype(dtype), new_var.astype(dtype)
+        if not (np.all(np.isfinite(out_mean)) and np.all(np.isfinite(out_var))):
+            raise NonFiniteStatisticsError(
+                f"updating the running statistics would overflow the layer dtype {dtype} "
+                f"(max |batch mean| {np.max(np.abs(mean))!r}, max batch var {np.max(var)!r})"
+            )
+    return RunningStats(out_mean, out_var, t)

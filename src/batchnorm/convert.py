@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .conventions import CONVENTIONS, new_value_weight
-from .layers import BatchNorm
+from ._validation import check_eps
+from .conventions import CONVENTIONS, check_momentum, new_value_weight
+from .layers import BatchNorm, NormLayer
 
 __all__ = ["FRAMEWORKS", "export_state", "import_state", "translate_momentum"]
 
@@ -35,9 +36,13 @@ FRAMEWORKS = ("torch", "keras", "flax")
 
 def translate_momentum(momentum: float | None, src: str, dst: str) -> float | None:
     """The same smoothing expressed in ``dst``'s momentum direction (None stays None)."""
+    momentum = check_momentum(momentum)
     if momentum is None:
         return None
-    w_new = new_value_weight(float(momentum), CONVENTIONS[src].momentum_weights, 1)
+    for name in (src, dst):
+        if name not in CONVENTIONS:
+            raise ValueError(f"unknown convention {name!r}; choose one of {sorted(CONVENTIONS)}")
+    w_new = new_value_weight(momentum, CONVENTIONS[src].momentum_weights, 1)
     return w_new if CONVENTIONS[dst].momentum_weights == "new" else 1.0 - w_new
 
 
@@ -88,8 +93,9 @@ def _check_framework(framework: str) -> dict:
     return _KEYS[framework]
 
 
-def export_state(layer: BatchNorm, framework: str, *, eps: float | None = None
-                 ) -> tuple[dict, dict]:
+def export_state(
+    layer: NormLayer, framework: str, *, eps: float | None = None
+) -> tuple[dict, dict]:
     """The layer's state in ``framework``'s names, and the matching layer config.
 
     Parameters
@@ -108,9 +114,11 @@ def export_state(layer: BatchNorm, framework: str, *, eps: float | None = None
         ``{"momentum": ..., "eps": ...}`` in the framework's momentum direction.
     """
     keys = _check_framework(framework)
+    if not isinstance(layer, NormLayer):
+        raise TypeError(f"expected a norm layer; got {type(layer).__name__}")
     if not layer.track_running_stats:
-        raise ValueError("the layer keeps no running statistics to export")
-    eps_dst = CONVENTIONS[framework].eps if eps is None else float(eps)
+        raise ValueError(f"{type(layer).__name__} keeps no running statistics to export")
+    eps_dst = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
     flat = {keys["mean"]: layer.running_mean.astype(np.float64).copy(),
             keys["var"]: _absorb_eps(layer.running_var, layer.eps, eps_dst)}
     if layer.affine:
@@ -129,8 +137,14 @@ def export_state(layer: BatchNorm, framework: str, *, eps: float | None = None
     return flat, config
 
 
-def import_state(state: dict, framework: str, *, layer: BatchNorm | None = None,
-                 eps: float | None = None, momentum: float | None = None) -> BatchNorm:
+def import_state(
+    state: dict,
+    framework: str,
+    *,
+    layer: NormLayer | None = None,
+    eps: float | None = None,
+    momentum: float | None = None,
+) -> NormLayer:
     """Load a framework's batch-norm state into a layer of this library.
 
     Parameters
@@ -173,7 +187,8 @@ def import_state(state: dict, framework: str, *, layer: BatchNorm | None = None,
     if has_affine != layer.affine:
         raise ValueError(f"the {framework} state {'has' if has_affine else 'lacks'} "
                          f"gamma/beta but the layer has affine={layer.affine}")
-    eps_src = CONVENTIONS[framework].eps if eps is None else float(eps)
+    eps_src = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
+    momentum = check_momentum(momentum)
     ours = {"running_mean": mean,
             "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps)}
     if has_affine:

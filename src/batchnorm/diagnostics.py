@@ -23,16 +23,42 @@ import os
 import numpy as np
 
 from . import checkpoint
-from .conventions import get_convention, new_value_weight
+from .conventions import new_value_weight
 from .functional import moments
-from .layers import BatchNorm
+from .layers import NormLayer
 
-__all__ = ["averaging_window", "describe_checkpoint", "layer_from_checkpoint", "train_eval_gap"]
+__all__ = [
+    "averaging_window",
+    "describe_checkpoint",
+    "json_safe",
+    "layer_from_checkpoint",
+    "train_eval_gap",
+]
 
 
-def averaging_window(layer: BatchNorm) -> dict:
-    """Effective window, half-life and remaining weight of the initial value."""
+def _need_running(layer: object) -> NormLayer:
+    if not isinstance(layer, NormLayer):
+        raise TypeError(f"expected a norm layer; got {type(layer).__name__}")
+    if not layer.track_running_stats:
+        raise ValueError(f"{type(layer).__name__} keeps no running statistics")
+    return layer
+
+
+def averaging_window(layer: NormLayer) -> dict:
+    """Effective window, half-life and remaining weight of the initial value.
+
+    Returns
+    -------
+    dict with ``kind`` ("exponential", "cumulative" or "frozen"), ``new_value_weight``,
+    ``effective_batches``, ``half_life_batches``, ``initial_value_weight`` and
+    ``batches_tracked``.
+    """
+    _need_running(layer)
     t = int(layer.num_batches_tracked)
+    if not layer.uses_batch_stats:
+        return {"kind": "frozen", "new_value_weight": 0.0, "effective_batches": math.inf,
+                "half_life_batches": math.inf, "initial_value_weight": 1.0,
+                "batches_tracked": t}
     if layer.momentum is None:
         return {"kind": "cumulative", "new_value_weight": 1.0 / max(t, 1),
                 "effective_batches": float(t), "half_life_batches": None,
@@ -48,19 +74,24 @@ def averaging_window(layer: BatchNorm) -> dict:
             "batches_tracked": t}
 
 
-def train_eval_gap(layer: BatchNorm, x: np.ndarray) -> dict:
+def train_eval_gap(layer: NormLayer, x: np.ndarray | None = None) -> dict:
     """Per-feature distance between the batch statistics of ``x`` and the running ones.
 
     Returns
     -------
     dict with per-feature lists ``mean_shift_in_std`` and ``var_ratio`` and their summaries
     ``max_abs_mean_shift_in_std``, ``max_log_var_ratio`` (|log| of the ratio). No state
-    changes.
+    changes. Without ``x``, the statistics of the layer's last training batch
+    (``layer.last_batch_stats``) are used.
     """
-    if not layer.track_running_stats:
-        raise ValueError("the layer keeps no running statistics")
-    x, axes = layer._check_input(x)
-    mean_b, var_b = moments(x, axis=axes, backend=layer.backend)
+    _need_running(layer)
+    if x is None:
+        if layer.last_batch_stats is None:
+            raise ValueError(f"{type(layer).__name__} has seen no training batch; pass x")
+        mean_b, var_b = layer.last_batch_stats.mean, layer.last_batch_stats.var
+    else:
+        x, axes = layer.check_input(x)
+        mean_b, var_b = moments(x, axis=axes, backend=layer.backend)
     rm = layer.running_mean.astype(np.float64)
     rv = layer.running_var.astype(np.float64)
     shift = (mean_b - rm) / np.sqrt(rv + layer.eps)
@@ -75,21 +106,52 @@ def train_eval_gap(layer: BatchNorm, x: np.ndarray) -> dict:
     }
 
 
-def layer_from_checkpoint(path: str | os.PathLike) -> BatchNorm:
-    """Rebuild a :class:`BatchNorm` from a file written by ``BatchNorm.save``."""
+#: Largest number of features a checkpoint's configuration may declare.
+MAX_FEATURES = 1 << 24
+
+
+def layer_from_checkpoint(path: str | os.PathLike) -> NormLayer:
+    """Rebuild a norm layer from a file written by its ``save`` (any class of the family).
+
+    The stored arrays' shapes are checked against the declared ``num_features`` before the
+    layer is built, so a small file cannot make this allocate a huge layer.
+    """
     state, meta = checkpoint.load_state(path)
-    cfg = dict((meta or {}).get("batchnorm") or {})
-    if not cfg:
-        raise ValueError(f"{path} holds no layer configuration (was it written by "
-                         "BatchNorm.save?)")
-    if cfg.pop("class", "BatchNorm") != "BatchNorm":
-        raise ValueError(f"{path} holds a {meta['batchnorm']['class']}, not a BatchNorm")
-    num_features = cfg.pop("num_features")
-    axis = cfg.pop("axis")
-    cfg["convention"] = get_convention(cfg["convention"]).name
-    layer = BatchNorm(tuple(num_features), axis=tuple(axis) if isinstance(axis, list) else axis,
-                      dtype=np.dtype(cfg.pop("dtype")), **cfg)
+    cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{path} holds no layer configuration (was it written by a layer's save()?)"
+        )
+    for key in ("class", "num_features"):
+        if key not in cfg:
+            raise ValueError(f"{path}: the layer configuration lacks {key!r}: {cfg!r:.200}")
+    nf = cfg["num_features"]
+    dims = nf if isinstance(nf, list) else [nf]
+    if not dims or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                           for n in dims):
+        raise ValueError(f"{path}: num_features must be positive integers; got {nf!r:.200}")
+    if math.prod(dims) > MAX_FEATURES:
+        raise ValueError(f"{path}: num_features={nf!r} declares more than {MAX_FEATURES} "
+                         "features")
+    for key, value in state.items():
+        shape = np.shape(value)
+        if key != "num_batches_tracked" and shape != tuple(dims):
+            raise ValueError(f"{path}: state[{key!r}] has shape {shape} but the configuration "
+                             f"declares num_features={nf!r}")
+    layer = NormLayer.from_config(cfg)
     return layer.load_state_dict(state)
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float replaced by the string "inf", "-inf" or "nan"
+    (strict JSON has no such numbers)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def describe_checkpoint(path: str | os.PathLike, batch: np.ndarray | None = None) -> dict:

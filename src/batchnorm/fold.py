@@ -11,15 +11,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import BatchNorm
+from .layers import NormLayer
 
 __all__ = ["bn_affine", "fold_conv", "fold_linear"]
 
 
-def bn_affine(layer: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature (scale, shift) of a BatchNorm in evaluation mode: ``y = scale * z + shift``."""
+def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (scale, shift) of a norm layer in evaluation mode: ``y = scale * z + shift``.
+
+    Any norm layer with running statistics (BatchNorm, BatchRenorm, GhostBatchNorm,
+    FrozenBatchNorm); float64 results.
+    """
+    if not isinstance(layer, NormLayer):
+        raise TypeError(
+            f"expected a norm layer (BatchNorm, BatchRenorm, GhostBatchNorm, "
+            f"FrozenBatchNorm); got {type(layer).__name__}"
+        )
     if not layer.track_running_stats:
-        raise ValueError("a layer without running statistics has no fixed affine map to fold")
+        raise ValueError(
+            f"{type(layer).__name__} without running statistics has no fixed affine map to fold"
+        )
     if len(layer.feature_shape) != 1:
         raise ValueError(f"folding needs one feature axis; the layer has {layer.feature_shape}")
     scale = 1.0 / np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
@@ -46,7 +57,7 @@ def _fold(weight, bias, layer, out_axis):
     return weight * scale.reshape(shape), scale * b + shift
 
 
-def fold_linear(weight, bias, layer: BatchNorm, *, layout: str = "in_out"):
+def fold_linear(weight, bias, layer: NormLayer, *, layout: str = "in_out"):
     """Fold an eval-mode BatchNorm into the Linear layer before it.
 
     Parameters
@@ -67,7 +78,7 @@ def fold_linear(weight, bias, layer: BatchNorm, *, layout: str = "in_out"):
     return _fold(weight, bias, layer, 1 if layout == "in_out" else 0)
 
 
-def fold_conv(weight, bias, layer: BatchNorm):
+def fold_conv(weight, bias, layer: NormLayer):
     """Fold an eval-mode BatchNorm into the convolution before it.
 
     Parameters

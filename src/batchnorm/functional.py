@@ -24,15 +24,16 @@ where bars are means over the :math:`m` values of the feature.
 Numerics. Statistics are accumulated in float64 and the data are centred before squaring, so
 no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32: the NumPy path
 (:mod:`batchnorm._numpy_kernels`) centres on the float64 mean rounded to the working
-precision, the compiled path (:mod:`batchnorm._kernels`) on one sample of each feature with
+precision, the compiled path (:mod:`batchnorm._numba_kernels`) on one sample of each feature with
 the differences formed in float64. Elementwise work runs in the working precision (float64
 for float64 input, float32 otherwise; float16 is computed in float32) in the rounding-safe
 form ``(x - s) * a + b``. Results come back in the input dtype. The kernels never write to
 their inputs, and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
-sums, the input gradient) that both backends implement; the public functions below compose
-them, so the maths lives in one place.
+sums, the input gradient) that both backends implement with one contract (see
+:mod:`batchnorm._dispatch`); the public functions below compose them, so the maths lives in
+one place.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._dispatch import BACKENDS, Backend, numba_available
+from ._dispatch import BACKENDS, numba_available, select
 from ._validation import (
     as_feature_vector,
     as_float_array,
@@ -79,6 +80,9 @@ class BatchNormCache:
     ----------
     x : ndarray
         The forward input (a reference, not a copy: do not modify it before the backward pass).
+    work : ndarray
+        The array the backend read (``x`` itself, or its C-contiguous / float16-to-float32
+        conversion), kept so the backward pass does not convert ``x`` again.
     gamma : ndarray or None, shape (*features)
         A float64 copy of the scale used, or None.
     has_beta : bool
@@ -94,9 +98,12 @@ class BatchNormCache:
     batch_stats : bool
         True when ``mean``/``var`` were computed from ``x`` (training): their dependence on
         ``x`` enters the gradient. False when they were given (evaluation): constants.
+    count : int
+        Number of values per feature the statistics reduce over.
     """
 
     x: np.ndarray
+    work: np.ndarray
     gamma: np.ndarray | None
     has_beta: bool
     mean: np.ndarray
@@ -105,11 +112,7 @@ class BatchNormCache:
     axis: tuple[int, ...]
     eps: float
     batch_stats: bool
-
-    @property
-    def count(self) -> int:
-        """Number of values per feature that the statistics reduce over."""
-        return int(self.x.size // max(1, int(np.prod(self.mean.shape))))
+    count: int
 
     @property
     def x_hat(self) -> np.ndarray:
@@ -156,8 +159,9 @@ def moments(
     x = as_input(x)
     axes = normalize_axes(axis, x.ndim)
     _check_not_empty(x, "compute statistics of")
+    be = select(backend, x.size, axes)
     with _quiet():
-        return Backend(backend, x, axes).moments()
+        return be.moments(be.work(x), axes)
 
 
 def batch_norm_train(
@@ -194,13 +198,14 @@ def batch_norm_train(
     """
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     _check_not_empty(x, "normalize")
-    be = Backend(backend, x, axes)
+    be = select(backend, x.size, axes)
+    xw = be.work(x)
     with _quiet():
-        mean, var = be.moments()
-    return _normalize_batch(be, mean, var, g, b, eps)
+        mean, var = be.moments(xw, axes)
+    return _normalize_batch(be, x, xw, axes, mean, var, g, b, eps)
 
 
-def _normalize_batch(be: Backend, mean, var, g, b, eps) -> tuple[np.ndarray, BatchNormCache]:
+def _normalize_batch(be, x, xw, axes, mean, var, g, b, eps) -> tuple[np.ndarray, BatchNormCache]:
     """The output pass and cache of a training forward, given the batch statistics.
 
     Shared by :func:`batch_norm_train` and batch renorm (which needs the statistics first
@@ -209,17 +214,19 @@ def _normalize_batch(be: Backend, mean, var, g, b, eps) -> tuple[np.ndarray, Bat
     with _quiet():
         inv_std = 1.0 / np.sqrt(var + eps)
         scale = inv_std if g is None else inv_std * g
-        y = be.affine(mean, scale, np.zeros(be.fshape) if b is None else b)
+        y = be.affine(xw, axes, mean, scale, np.zeros_like(mean) if b is None else b, x.dtype)
     cache = BatchNormCache(
-        x=be.x,
+        x=x,
+        work=xw,
         gamma=None if g is None else g.copy(),
         has_beta=b is not None,
         mean=mean,
         var=var,
         inv_std=inv_std,
-        axis=be.axes,
+        axis=axes,
         eps=eps,
         batch_stats=True,
+        count=x.size // max(1, mean.size),
     )
     return y, cache
 
@@ -259,15 +266,17 @@ def batch_norm_eval(
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     rm = as_feature_vector(running_mean, "running_mean", fshape, x.shape)
     rv = as_feature_vector(running_var, "running_var", fshape, x.shape)
-    be = Backend(backend, x, axes)
+    be = select(backend, x.size, axes)
+    xw = be.work(x)
     with _quiet():
         inv_std = 1.0 / np.sqrt(rv + eps)
         scale = inv_std if g is None else inv_std * g
-        y = be.affine(rm, scale, np.zeros(fshape) if b is None else b)
+        y = be.affine(xw, axes, rm, scale, np.zeros(fshape) if b is None else b, x.dtype)
     if not return_cache:
         return y
     cache = BatchNormCache(
         x=x,
+        work=xw,
         gamma=None if g is None else g.copy(),
         has_beta=b is not None,
         mean=rm.copy(),
@@ -276,6 +285,7 @@ def batch_norm_eval(
         axis=axes,
         eps=eps,
         batch_stats=False,
+        count=x.size // max(1, rm.size),
     )
     return y, cache
 
@@ -305,10 +315,11 @@ def batch_norm_backward(
         raise ValueError(
             f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
         )
-    be = Backend(backend, cache.x, cache.axis)
-    inv_std, mean = cache.inv_std, cache.mean
+    be = select(backend, cache.x.size, cache.axis)
+    inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
+    dyw = be.work_dy(dy, xw)
     with _quiet():
-        sum_dy, sum_dy_xc = be.grad_sums(dy, mean)
+        sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean)
         sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
         if cache.batch_stats:
@@ -317,7 +328,7 @@ def batch_norm_backward(
             p, q = -k * inv_std * sum_dy_xhat / m, -k * sum_dy / m
         else:  # statistics are constants: dx = k dy
             p = q = np.zeros_like(k)
-        dx = be.input_grad(dy, mean, k, p, q)
+        dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype)
     dgamma = None if cache.gamma is None else sum_dy_xhat
     dbeta = sum_dy if cache.has_beta else None
     return dx, dgamma, dbeta

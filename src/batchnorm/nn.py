@@ -1,14 +1,9 @@
 r"""A tiny NumPy toolkit for the experiments: layers, a loss and SGD.
 
-Every module has the same small interface:
-
-* ``forward(x, *, training=None, update_stats=True) -> y``
-* ``backward(dy) -> dx`` (uses what the last forward cached; sets the parameter gradients)
-* ``parameters()`` / ``gradients()``: dicts of arrays by name
-* ``train()`` / ``eval()`` returning the module.
-
-Batch normalization is the library's own :class:`batchnorm.BatchNorm` (it has the same
-interface), used as is in a :class:`Sequential`; there is no second copy of it here.
+Every module has the one interface of :class:`batchnorm.module.Module` (forward/backward,
+``parameters()``/``gradients()``, ``train()``/``eval()``), which the norm layers share:
+batch normalization is the library's own :class:`batchnorm.BatchNorm`, used as is in a
+:class:`Sequential`; there is no second copy of it here.
 
 Equations. Linear: :math:`y = xW + b`, :math:`dW = x^\top dy`, :math:`db = \sum_i dy_i`,
 :math:`dx = dy\,W^\top`. Sigmoid: :math:`y = 1/(1+e^{-x})`, :math:`dx = dy\,y(1-y)`.
@@ -21,10 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .module import Module, NoForwardError
+
 __all__ = [
     "SGD",
     "Linear",
     "Module",
+    "NoForwardError",
     "NoisyShift",
     "ReLU",
     "Sequential",
@@ -33,39 +31,6 @@ __all__ = [
     "gaussian_init",
     "softmax_cross_entropy",
 ]
-
-
-class Module:
-    """Base class: stateless, parameter-free defaults."""
-
-    training = True
-
-    def forward(self, x, *, training=None, update_stats=True):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def backward(self, dy):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def __call__(self, x, **kw):
-        return self.forward(x, **kw)
-
-    def parameters(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def gradients(self) -> dict[str, np.ndarray | None]:
-        return {}
-
-    def train(self, mode: bool = True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def _need_cache(self, cache):
-        if cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        return cache
 
 
 def gaussian_init(rng: np.random.Generator, fan_in: int, fan_out: int, std: float | str):
@@ -97,6 +62,7 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x, *, training=None, update_stats=True):
+        """``y = x W + b`` for ``x`` of shape (N, in_features)."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.W.shape[0]:
             raise ValueError(
@@ -107,6 +73,7 @@ class Linear(Module):
         return y if self.b is None else y + self.b
 
     def backward(self, dy):
+        """Set ``dW = x^T dy`` and ``db = sum(dy)``; return ``dx = dy W^T``."""
         x = self._need_cache(self._x)
         self.dW = x.T @ dy
         if self.b is not None:
@@ -114,30 +81,40 @@ class Linear(Module):
         return dy @ self.W.T
 
     def parameters(self):
+        """``W`` (and ``b`` when there is a bias)."""
         return {"W": self.W} if self.b is None else {"W": self.W, "b": self.b}
 
     def gradients(self):
+        """``dW`` (and ``db``) from the last backward pass."""
         return {"W": self.dW} if self.b is None else {"W": self.dW, "b": self.db}
 
 
 class Sigmoid(Module):
+    """The logistic function, elementwise."""
+
     def forward(self, x, *, training=None, update_stats=True):
+        """``1 / (1 + exp(-x))``, computed without overflow on either tail."""
         # numerically stable on both tails: exp of a non-positive number only
         e = np.exp(-np.abs(x))
         self._y = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         return self._y
 
     def backward(self, dy):
+        """``dx = dy * y * (1 - y)``."""
         y = self._need_cache(getattr(self, "_y", None))
         return dy * y * (1.0 - y)
 
 
 class ReLU(Module):
+    """``max(x, 0)``, elementwise."""
+
     def forward(self, x, *, training=None, update_stats=True):
+        """``max(x, 0)``."""
         self._mask = x > 0
         return np.where(self._mask, x, 0.0)
 
     def backward(self, dy):
+        """``dx = dy`` where ``x > 0``, else 0."""
         return dy * self._need_cache(getattr(self, "_mask", None))
 
 
@@ -157,7 +134,8 @@ class NoisyShift(Module):
         self.mean_range, self.scale_range, self.jitter = mean_range, scale_range, jitter
 
     def forward(self, x, *, training=None, update_stats=True):
-        training = self.training if training is None else training
+        """Apply fresh noise in training mode; identity in evaluation mode."""
+        training = self._mode(training)
         if not training:
             self._s = None
             return x
@@ -169,6 +147,7 @@ class NoisyShift(Module):
         return self._s * x + m
 
     def backward(self, dy):
+        """``dx = s * dy`` (the noise is a constant)."""
         s = getattr(self, "_s", None)
         return dy if s is None else dy * s
 
@@ -180,6 +159,7 @@ class Sequential(Module):
         self.modules = list(modules)
 
     def forward(self, x, *, training=None, update_stats=True):
+        """Run every module in order."""
         for m in self.modules:
             x = m.forward(x, training=training, update_stats=update_stats)
         return x
@@ -193,21 +173,25 @@ class Sequential(Module):
         return outs
 
     def backward(self, dy):
+        """Run every module's backward in reverse order; return the input gradient."""
         for m in reversed(self.modules):
             dy = m.backward(dy)
         return dy
 
     def train(self, mode: bool = True):
+        """Set the mode of this container and of every module in it."""
         self.training = bool(mode)
         for m in self.modules:
             m.train(mode)
         return self
 
     def parameters(self):
+        """Every module's parameters, named ``"<index>.<name>"``."""
         return {f"{i}.{k}": v for i, m in enumerate(self.modules)
                 for k, v in m.parameters().items()}
 
     def gradients(self):
+        """Every module's gradients, named like :meth:`parameters`."""
         return {f"{i}.{k}": v for i, m in enumerate(self.modules)
                 for k, v in m.gradients().items()}
 
@@ -231,6 +215,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose largest logit is at the label."""
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
@@ -246,11 +231,12 @@ class SGD:
         self._velocity: dict[str, np.ndarray] = {}
 
     def step(self) -> None:
+        """Update every parameter of the module from its gradient."""
         params, grads = self.module.parameters(), self.module.gradients()
         for name, p in params.items():
             g = grads[name]
             if g is None:
-                raise RuntimeError(f"parameter {name!r} has no gradient; call backward() first")
+                raise NoForwardError(f"parameter {name!r} has no gradient; call backward() first")
             if self.momentum:
                 v = self._velocity.setdefault(name, np.zeros_like(p))
                 v *= self.momentum

@@ -22,11 +22,12 @@ how far the previous running estimates were from the recalibrated ones.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layers import BatchNorm
+from .layers import NormLayer
 
 __all__ = ["Moments", "find_batchnorms", "recalibrate"]
 
@@ -51,12 +52,14 @@ class Moments:
 
     @classmethod
     def from_batch(cls, count: int, mean: np.ndarray, var: np.ndarray) -> Moments:
+        """Wrap one batch's count, mean and biased variance."""
         mean = np.asarray(mean, np.float64)
         var = np.asarray(var, np.float64)
         return cls(float(count), mean.copy(), var * count, 1, mean.copy(), var.copy(),
                    {int(count)})
 
     def merge(self, other: Moments) -> Moments:
+        """The statistics of both sets of values together (neither input is changed)."""
         if other.count == 0:
             return self
         if self.count == 0:
@@ -94,11 +97,14 @@ class Moments:
         raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
 
 
-def find_batchnorms(model) -> list[BatchNorm]:
-    """Every :class:`BatchNorm` in ``model`` (itself, or inside ``model.modules``)."""
-    if isinstance(model, BatchNorm):
-        # layers whose running statistics are a mean and a variance (not BatchRenorm's std)
-        return [model] if "running_var" in model._running_keys else []
+def find_batchnorms(model) -> list[NormLayer]:
+    """Every norm layer of ``model`` that normalizes with batch statistics in training.
+
+    ``model`` is a norm layer or a container with ``.modules`` (searched recursively);
+    :class:`batchnorm.FrozenBatchNorm` layers (no batch statistics) are skipped.
+    """
+    if isinstance(model, NormLayer):
+        return [model] if model.uses_batch_stats else []
     found = []
     for m in getattr(model, "modules", []):
         found.extend(find_batchnorms(m))
@@ -113,14 +119,19 @@ def recalibrate(
     forward: Callable[[np.ndarray], object] | None = None,
     max_batches: int | None = None,
 ) -> list[dict]:
-    """Set every BN layer's running statistics to a population estimate over ``batches``.
+    """Set every norm layer's running statistics to a population estimate over ``batches``.
+
+    Works on :class:`batchnorm.BatchNorm`, :class:`batchnorm.GhostBatchNorm` (statistics
+    of each virtual batch) and :class:`batchnorm.BatchRenorm` (whose running std is then
+    ``sqrt(var + eps)`` of the population). All-or-nothing: when a batch fails or an
+    estimate is not finite in a layer's dtype, no layer changes in any way.
 
     Parameters
     ----------
     model
-        A :class:`BatchNorm` or a container with ``.modules`` (e.g. ``nn.Sequential``) whose
+        A norm layer or a container with ``.modules`` (e.g. ``nn.Sequential``) whose
         ``forward(x, training=True, update_stats=False)`` runs with batch statistics and
-        changes nothing.
+        changes no running statistics.
     batches : iterable of ndarray
         Inputs to the model; streamed, any length.
     method : {"population", "ioffe"}
@@ -139,7 +150,9 @@ def recalibrate(
     """
     layers = find_batchnorms(model)
     if not layers:
-        raise ValueError("the model contains no BatchNorm layer")
+        raise ValueError(
+            f"{type(model).__name__} contains no norm layer that uses batch statistics"
+        )
     for layer in layers:
         if not layer.track_running_stats:
             raise ValueError(f"{layer!r} keeps no running statistics to recalibrate")
@@ -148,40 +161,53 @@ def recalibrate(
     run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
     acc = [Moments() for _ in layers]
     n_batches = 0
-    for x in batches:
-        if max_batches is not None and n_batches >= max_batches:
-            break
-        for layer in layers:
-            layer._cache = None
-        run(x)
-        for i, layer in enumerate(layers):
-            # GhostBatchNorm keeps a list of (slice, cache), one per virtual batch
-            caches = layer._cache if isinstance(layer._cache, list) else [(None, layer._cache)]
-            for _, cache in caches:
-                if cache is None or not getattr(cache, "batch_stats", False):
-                    raise RuntimeError(f"layer {i} did not run with batch statistics during "
-                                       "the recalibration forward pass")
-                acc[i] = acc[i].merge(Moments.from_batch(cache.count, cache.mean, cache.var))
-        n_batches += 1
+    with ExitStack() as stack:
+        # inside recording() forwards leave each layer's cache and last_batch_stats alone
+        records = [stack.enter_context(layer.recording()) for layer in layers]
+        for x in batches:
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            run(x)
+            for i, rec in enumerate(records):
+                if not rec:
+                    raise ValueError(
+                        f"layer {i} ({type(layers[i]).__name__}) did not run with batch "
+                        "statistics during the recalibration forward pass; nothing was changed"
+                    )
+                for stats in rec:
+                    for part in getattr(stats, "parts", ()) or (stats,):
+                        acc[i] = acc[i].merge(Moments.from_batch(part.count, part.mean, part.var))
+                rec.clear()
+            n_batches += 1
     if n_batches == 0:
         raise ValueError("recalibrate() received no batches")
     new = [a.estimate(method) for a in acc]
-    for i, (mean, var) in enumerate(new):
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var))):
-            raise ValueError(f"layer {i}: recalibrated statistics are not finite; nothing was "
-                             "changed")
+    for i, ((mean, var), layer) in enumerate(zip(new, layers, strict=True)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = (mean.astype(layer.dtype), var.astype(layer.dtype))
+        if not all(np.all(np.isfinite(v)) for v in (mean, var, *cast)):
+            raise ValueError(
+                f"layer {i}: recalibrated statistics are not finite in the layer's dtype "
+                f"{layer.dtype} (max |mean| {np.max(np.abs(mean))!r}, max var {np.max(var)!r}); "
+                "nothing was changed"
+            )
     report = []
     for layer, a, (mean, var) in zip(layers, acc, new, strict=True):
         old_mean = layer.running_mean.astype(np.float64)
         old_var = layer.running_var.astype(np.float64)
         std = np.sqrt(var + layer.eps)
-        report.append({
-            "batches": n_batches,
-            "values_per_feature": int(a.count),
-            "max_mean_shift_in_std": float(np.max(np.abs(old_mean - mean) / std)),
-            "max_var_relative_change": float(np.max(np.abs(old_var - var) / (var + layer.eps))),
-        })
+        report.append(
+            {
+                "batches": n_batches,
+                "values_per_feature": int(a.count),
+                "max_mean_shift_in_std": float(np.max(np.abs(old_mean - mean) / std)),
+                "max_var_relative_change": float(
+                    np.max(np.abs(old_var - var) / (var + layer.eps))
+                ),
+            }
+        )
     for layer, (mean, var) in zip(layers, new, strict=True):
-        layer.running_mean[...] = mean
-        layer.running_var[...] = var
+        state = layer.state_dict()
+        state["running_mean"], state["running_var"] = mean, var
+        layer.load_state_dict(state)
     return report

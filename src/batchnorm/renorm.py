@@ -14,17 +14,23 @@ passes are the plain batch-norm kernels with scale :math:`\gamma r` and shift
 Running mean and running *standard deviation* are moving averages of :math:`\mu_B` and
 :math:`\sigma_B`; inference is :math:`y = \gamma (x - \mu)/\sigma + \beta`. With
 :math:`r_{max} = 1, d_{max} = 0` it is batch norm exactly.
+
+The layer stores :math:`\sigma` like every other norm layer, as a running variance
+:math:`\sigma^2 - \epsilon` (so :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`), so
+inference is the plain batch-norm evaluation and every tool (freezing, folding, export,
+diagnostics, recalibration) treats it like :class:`batchnorm.BatchNorm`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._dispatch import Backend
-from ._validation import as_feature_vector
+from ._dispatch import select
+from ._validation import as_feature_vector, check_real
+from .conventions import BatchStats, RunningStats, update_running
 from .functional import (
     BatchNormCache,
     _check_not_empty,
@@ -33,7 +39,7 @@ from .functional import (
     batch_norm_backward,
     batch_norm_eval,
 )
-from .layers import BatchNorm
+from .layers import NormLayer
 
 __all__ = [
     "BatchRenorm",
@@ -66,18 +72,20 @@ class RenormCache:
 
     @property
     def mean(self) -> np.ndarray:
+        """Batch mean."""
         return self.bn.mean
 
     @property
     def var(self) -> np.ndarray:
+        """Biased batch variance."""
         return self.bn.var
 
 
-def _check_limits(rmax: float, dmax: float) -> tuple[float, float]:
-    rmax, dmax = float(rmax), float(dmax)
-    if not (np.isfinite(rmax) and rmax >= 1.0):
+def _check_limits(rmax: object, dmax: object) -> tuple[float, float]:
+    rmax, dmax = check_real(rmax, "rmax"), check_real(dmax, "dmax")
+    if rmax < 1.0:
         raise ValueError(f"rmax must be finite and >= 1; got {rmax!r}")
-    if not (np.isfinite(dmax) and dmax >= 0.0):
+    if dmax < 0.0:
         raise ValueError(f"dmax must be finite and >= 0; got {dmax!r}")
     return rmax, dmax
 
@@ -118,16 +126,17 @@ def batch_renorm_train(
     sigma = as_feature_vector(running_std, "running_std", fshape, x.shape)
     if np.any(sigma <= 0):
         raise ValueError(f"running_std must be > 0; got min {sigma.min()!r}")
-    be = Backend(backend, x, axes)
+    be = select(backend, x.size, axes)
+    xw = be.work(x)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean_b, var_b = be.moments()
+        mean_b, var_b = be.moments(xw, axes)
         sigma_b = np.sqrt(var_b + eps)
         r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
         d = np.clip((mean_b - mu) / sigma, -dmax, dmax)
     g1 = np.ones(fshape) if g is None else g
     b0 = np.zeros(fshape) if b is None else b
     # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
-    y, bn_cache = _normalize_batch(be, mean_b, var_b, g1 * r, b0 + g1 * d, eps)
+    y, bn_cache = _normalize_batch(be, x, xw, axes, mean_b, var_b, g1 * r, b0 + g1 * d, eps)
     return y, RenormCache(bn_cache, r, d, gamma is not None, beta is not None)
 
 
@@ -146,9 +155,21 @@ def batch_renorm_backward(dy: np.ndarray, cache: RenormCache, *, backend: str = 
     return dx, dgamma, (dbeta_eff if cache.has_beta else None)
 
 
-def batch_renorm_eval(x, gamma, beta, running_mean, running_std, *, axis=1,
-                      backend: str = "auto") -> np.ndarray:
-    """Inference: ``gamma * (x - running_mean) / running_std + beta``."""
+def batch_renorm_eval(
+    x, gamma, beta, running_mean, running_std, *, axis=1, backend: str = "auto"
+) -> np.ndarray:
+    """Inference: ``gamma * (x - running_mean) / running_std + beta``.
+
+    Parameters
+    ----------
+    x : ndarray, any layout
+    gamma, beta : ndarray, shape (*features), or None
+    running_mean, running_std : ndarray, shape (*features)
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    """
     std = np.asarray(running_std, dtype=np.float64)
     return batch_norm_eval(x, gamma, beta, running_mean, std * std, axis=axis, eps=0.0,
                            backend=backend)
@@ -181,42 +202,84 @@ class RenormSchedule:
         return ramp(self.rmax, 1.0, self.rmax_steps), ramp(self.dmax, 0.0, self.dmax_steps)
 
 
-class BatchRenorm(BatchNorm):
+def _schedule_from_config(schedule: object) -> Callable[[int], tuple[float, float]] | None:
+    if isinstance(schedule, dict):
+        try:
+            return RenormSchedule(**schedule)
+        except TypeError as exc:
+            raise ValueError(f"schedule {schedule!r} is not a RenormSchedule: {exc}") from None
+    if schedule is not None and not callable(schedule):
+        raise TypeError(
+            f"schedule must be a callable step -> (rmax, dmax) (e.g. RenormSchedule) or None; "
+            f"got {schedule!r}"
+        )
+    return schedule
+
+
+class BatchRenorm(NormLayer):
     """Batch renormalization layer (Ioffe 2017).
 
     Parameters
     ----------
     num_features : int or tuple of int
-    rmax, dmax : float or None
-        Fixed clipping limits; or pass ``schedule``.
+    rmax, dmax : float
+        Fixed clipping limits (``rmax >= 1``, ``dmax >= 0``); ignored when ``schedule`` is
+        given.
     schedule : callable(step) -> (rmax, dmax), optional
         E.g. :class:`RenormSchedule`; ``step`` is ``num_batches_tracked``.
-    momentum : float
+    momentum : float or None
         Weight of the old value in the moving averages of mean and std (default 0.99).
-    Other arguments as :class:`batchnorm.BatchNorm` (the "seed" momentum direction).
+    axis, eps, affine, nonfinite, dtype, backend
+        As :class:`batchnorm.BatchNorm` (the "seed" momentum direction).
 
     Attributes
     ----------
-    running_mean, running_std : ndarray
-        Start at 0 and 1.
+    running_mean, running_var : ndarray
+        The running std is ``sqrt(running_var + eps)``; they start at 0 and ``1 - eps`` (a
+        running std of 1).
     """
 
-    _running_keys = ("running_mean", "running_std")
-    _nonnegative_keys = ("running_std",)
-
-    def __init__(self, num_features, *, rmax: float | None = 3.0, dmax: float | None = 5.0,
-                 schedule: Callable[[int], tuple[float, float]] | None = None,
-                 axis=1, momentum: float = 0.99, eps: float = 1e-5, affine: bool = True,
-                 nonfinite="raise", dtype=np.float64, backend: str = "auto"):
-        super().__init__(num_features, convention="seed", axis=axis, momentum=momentum, eps=eps,
-                         affine=affine, nonfinite=nonfinite, dtype=dtype, backend=backend)
-        if momentum is None:
-            raise ValueError("BatchRenorm needs a numeric momentum")
-        if schedule is None:
-            _check_limits(rmax, dmax)
+    def __init__(
+        self,
+        num_features,
+        *,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        schedule: Callable[[int], tuple[float, float]] | dict | None = None,
+        axis=1,
+        momentum: float | None = 0.99,
+        eps: float = 1e-5,
+        affine: bool = True,
+        nonfinite="raise",
+        dtype=np.float64,
+        backend: str = "auto",
+    ):
+        schedule = _schedule_from_config(schedule)
+        rmax, dmax = _check_limits(rmax, dmax)
+        super().__init__(
+            num_features,
+            convention="seed",
+            axis=axis,
+            momentum=momentum,
+            eps=eps,
+            affine=affine,
+            nonfinite=nonfinite,
+            dtype=dtype,
+            backend=backend,
+        )
         self.rmax, self.dmax, self.schedule = rmax, dmax, schedule
-        self.running_std = self.running_var
-        del self.running_var
+        self.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
+        for key in ("convention", "unbiased", "track_running_stats"):
+            del self._args[key]
+        described = asdict(schedule) if isinstance(schedule, RenormSchedule) else None
+        if schedule is not None and described is None:
+            described = repr(schedule)  # a custom callable: shown, but not rebuildable
+        self._record_args(rmax=rmax, dmax=dmax, schedule=described)
+
+    @property
+    def running_std(self) -> np.ndarray:
+        """The running standard deviation ``sqrt(running_var + eps)`` (float64)."""
+        return np.sqrt(self.running_var.astype(np.float64) + self.eps)
 
     def limits(self) -> tuple[float, float]:
         """The (rmax, dmax) in force at the current step."""
@@ -224,40 +287,41 @@ class BatchRenorm(BatchNorm):
             return _check_limits(*self.schedule(self.num_batches_tracked))
         return self.rmax, self.dmax
 
-    def _batch_targets(self, mean, var, m):
-        return {"running_mean": mean, "running_std": np.sqrt(var + self.eps)}
-
-    def forward(self, x, *, training=None, update_stats=True):
-        training = self.training if training is None else bool(training)
-        x, axes = self._check_input(x)
-        if not training:
-            # inference gamma (x - mu) / sigma + beta, i.e. eval with var = sigma^2, eps = 0
-            std = self.running_std.astype(np.float64)
-            y, cache = batch_norm_eval(x, self.gamma, self.beta, self.running_mean, std * std,
-                                       axis=axes, eps=0.0, return_cache=True,
-                                       backend=self.backend)
-            self._cache = cache
-            return y
-        self._require_two_values(x, axes)
+    def _forward_batch(self, x, axes):
+        m = self._values_per_feature(x, axes)
         rmax, dmax = self.limits()
         y, cache = batch_renorm_train(
-            x, self.gamma, self.beta, self.running_mean, self.running_std, rmax=rmax,
-            dmax=dmax, axis=axes, eps=self.eps, backend=self.backend)
-        if update_stats:
-            self._update_running_stats(cache.mean, cache.var,
-                                       self._batch_targets(cache.mean, cache.var, 0))
-        self._cache = cache
-        return y
+            x,
+            self.gamma,
+            self.beta,
+            self.running_mean,
+            self.running_std,
+            rmax=rmax,
+            dmax=dmax,
+            axis=axes,
+            eps=self.eps,
+            backend=self.backend,
+        )
+        return y, cache, BatchStats(m, cache.mean, cache.var)
 
-    __call__ = forward
+    def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
+        return update_running(
+            running,
+            stats,
+            momentum=self.momentum,
+            momentum_weights="old",
+            smooth="std",
+            eps=self.eps,
+        )
 
-    def backward(self, dy):
-        if self._cache is None:
-            raise RuntimeError("backward() called before any forward pass")
-        if isinstance(self._cache, RenormCache):
-            dx, dgamma, dbeta = batch_renorm_backward(dy, self._cache, backend=self.backend)
-        else:
-            dx, dgamma, dbeta = batch_norm_backward(dy, self._cache, backend=self.backend)
-        if self.affine:
-            self.dgamma, self.dbeta = dgamma.astype(self.dtype), dbeta.astype(self.dtype)
-        return dx
+    def _check_state(self, new: dict) -> None:
+        if self.eps == 0 and np.any(new["running_var"] <= 0):
+            raise ValueError(
+                "with eps=0 the running std sqrt(running_var) must be > 0; state['running_var'] "
+                f"has min {np.min(new['running_var'])!r}"
+            )
+
+    def _backward(self, dy, cache):
+        if isinstance(cache, RenormCache):
+            return batch_renorm_backward(dy, cache, backend=self.backend)
+        return batch_norm_backward(dy, cache, backend=self.backend)

@@ -15,15 +15,14 @@ backward pass gives only the input gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .functional import (
-    BatchNormCache,
-    batch_norm_backward,
-    batch_norm_eval,
-    batch_norm_train,
-)
-from .layers import BatchNorm
+from ._validation import check_count
+from .conventions import BatchStats, RunningStats, update_running
+from .functional import batch_norm_backward, batch_norm_train
+from .layers import NormLayer
 from .renorm import (
     BatchRenorm,
     RenormCache,
@@ -37,6 +36,7 @@ __all__ = [
     "BatchRenorm",
     "FrozenBatchNorm",
     "GhostBatchNorm",
+    "GhostBatchStats",
     "RenormCache",
     "RenormSchedule",
     "batch_renorm_backward",
@@ -57,7 +57,20 @@ def ghost_slices(n: int, virtual_batch_size: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-class GhostBatchNorm(BatchNorm):
+@dataclass(frozen=True, eq=False)
+class GhostBatchStats(BatchStats):
+    """Statistics of a whole batch (``count``, ``mean``, ``var``) and of its virtual batches.
+
+    Attributes
+    ----------
+    parts : tuple of BatchStats
+        One record per virtual batch, in order.
+    """
+
+    parts: tuple[BatchStats, ...] = ()
+
+
+class GhostBatchNorm(NormLayer):
     """Ghost batch norm (Hoffer et al. 2017): statistics per virtual batch along axis 0.
 
     Parameters
@@ -65,124 +78,150 @@ class GhostBatchNorm(BatchNorm):
     num_features : int or tuple of int
     virtual_batch_size : int
         Samples (along axis 0) per virtual batch.
-    Other arguments as :class:`batchnorm.BatchNorm`; axis 0 may not be a feature axis.
+    **kwargs
+        As :class:`batchnorm.BatchNorm`; axis 0 may not be a feature axis.
+
+    ``last_batch_stats`` is a :class:`GhostBatchStats`: the whole batch's statistics, with
+    each virtual batch's in ``parts``.
     """
 
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
+        vbs = check_count(virtual_batch_size, "virtual_batch_size")
         super().__init__(num_features, **kwargs)
-        if int(virtual_batch_size) < 1:
-            raise ValueError(f"virtual_batch_size must be >= 1; got {virtual_batch_size}")
-        self.virtual_batch_size = int(virtual_batch_size)
+        self.virtual_batch_size = vbs
+        self._record_args(virtual_batch_size=vbs)
 
-    def forward(self, x, *, training=None, update_stats=True):
-        training = self.training if training is None else bool(training)
-        if not (training or not self.track_running_stats):
-            return super().forward(x, training=False)
-        x, axes = self._check_input(x)
+    def _forward_batch(self, x, axes):
         if 0 in axes:
             raise ValueError(f"GhostBatchNorm splits axis 0, which is a feature axis {axes}")
+        if x.shape[0] == 0:
+            raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
         parts = ghost_slices(x.shape[0], self.virtual_batch_size)
-        per_sample = x.size // max(1, x.shape[0]) // int(np.prod(self.feature_shape))
-        for sl in parts:
-            self._require_two_values(x[sl], axes)
-        outs, caches = [], []
-        for sl in parts:
-            y, cache = batch_norm_train(x[sl], self.gamma, self.beta, axis=axes, eps=self.eps,
-                                        backend=self.backend)
+        counts = [self._values_per_feature(x[sl], axes) for sl in parts]
+        outs, caches, stats = [], [], []
+        for sl, m in zip(parts, counts, strict=True):
+            y, cache = batch_norm_train(
+                x[sl], self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend
+            )
             outs.append(y)
             caches.append((sl, cache))
-        if training and self.track_running_stats and update_stats:
-            sizes = np.array([(sl.stop - sl.start) * per_sample for sl in parts], float)
-            weights = sizes / sizes.sum()
-            mean = sum(w * c.mean for w, (_, c) in zip(weights, caches, strict=True))
-            var = sum(w * c.var for w, (_, c) in zip(weights, caches, strict=True))
-            targets = {
-                "running_mean": mean,
-                "running_var": sum(w * self._batch_targets(c.mean, c.var, int(m))["running_var"]
-                                   for w, m, (_, c) in zip(weights, sizes, caches, strict=True)),
-            }
-            self._update_running_stats(mean, var, targets)
-        self._cache = caches
-        return np.concatenate(outs, axis=0)
+            stats.append(BatchStats(m, cache.mean, cache.var))
+        whole = BatchStats.combine(stats)
+        record = GhostBatchStats(whole.count, whole.mean, whole.var, tuple(stats))
+        return np.concatenate(outs, axis=0), caches, record
 
-    __call__ = forward
+    def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
+        # one update per real batch, towards the size-weighted average of the virtual
+        # batches' statistics (each made unbiased on its own when the convention asks)
+        parts = stats.parts if isinstance(stats, GhostBatchStats) else (stats,)
+        total = sum(p.count for p in parts)
+        if self.unbiased and min(p.count for p in parts) < 2:
+            raise ValueError("the unbiased variance needs at least 2 values per virtual batch")
+        mean = sum((p.count / total) * p.mean for p in parts)
+        var = sum(
+            (p.count / total) * (p.var * (p.count / (p.count - 1)) if self.unbiased else p.var)
+            for p in parts
+        )
+        return update_running(
+            running,
+            BatchStats(total, mean, var),
+            momentum=self.momentum,
+            momentum_weights=self.convention.momentum_weights,
+        )
 
-    def backward(self, dy):
-        if not isinstance(self._cache, list):
-            return super().backward(dy)
+    def _backward(self, dy, cache):
+        if not isinstance(cache, list):
+            return super()._backward(dy, cache)
         dy = np.asarray(dy)
-        n = self._cache[-1][0].stop
+        n = cache[-1][0].stop
         if dy.shape[:1] != (n,):
             raise ValueError(f"dy has shape {dy.shape}; the last forward had {n} samples")
-        results = [batch_norm_backward(dy[sl], cache, backend=self.backend)
-                   for sl, cache in self._cache]
+        results = [batch_norm_backward(dy[sl], c, backend=self.backend) for sl, c in cache]
         dx = np.concatenate([r[0] for r in results], axis=0)
-        if self.affine:
-            self.dgamma = sum(r[1] for r in results).astype(self.dtype)
-            self.dbeta = sum(r[2] for r in results).astype(self.dtype)
-        return dx
+        if not self.affine:
+            return dx, None, None
+        return dx, sum(r[1] for r in results), sum(r[2] for r in results)
 
 
 # ----------------------------------------------------------------------------- frozen
-class FrozenBatchNorm:
+class FrozenBatchNorm(NormLayer):
     """Batch norm with fixed statistics and parameters: an affine map in every mode.
 
     ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; :meth:`backward`
-    returns ``dx`` only (nothing here learns).
+    returns ``dx`` only (nothing here learns, and ``train()`` does not unfreeze it). Build one
+    with :meth:`from_batchnorm` (any norm layer with running statistics) or
+    :meth:`from_statistics`.
     """
 
-    training = False
+    uses_batch_stats = False
 
-    def __init__(self, running_mean, running_var, gamma=None, beta=None, *, axis=1,
-                 eps: float = 1e-5, backend: str = "auto"):
-        rm = np.array(running_mean, dtype=np.float64)
-        rv = np.array(running_var, dtype=np.float64)
-        if rm.shape != rv.shape or not np.all(np.isfinite(rm)) or not np.all(np.isfinite(rv)):
-            raise ValueError(f"running_mean {rm.shape} and running_var {rv.shape} must match "
-                             "and be finite")
-        if np.any(rv < 0):
-            raise ValueError(f"running_var must be >= 0; got min {rv.min()!r}")
-        self.running_mean, self.running_var = rm, rv
-        self.gamma = None if gamma is None else np.array(gamma, dtype=np.float64)
-        self.beta = None if beta is None else np.array(beta, dtype=np.float64)
-        self.axis, self.eps, self.backend = axis, float(eps), backend
-        self._cache: BatchNormCache | None = None
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=1,
+        eps: float = 1e-5,
+        affine: bool = True,
+        dtype=np.float64,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            num_features, axis=axis, eps=eps, affine=affine, dtype=dtype, backend=backend
+        )
+        for key in ("convention", "momentum", "unbiased", "track_running_stats", "nonfinite"):
+            del self._args[key]
+        self.training = False
 
     @classmethod
-    def from_batchnorm(cls, layer: BatchNorm) -> FrozenBatchNorm:
-        """Freeze a trained :class:`batchnorm.BatchNorm` (copies its state)."""
+    def from_batchnorm(cls, layer: NormLayer) -> FrozenBatchNorm:
+        """Freeze a trained norm layer (copies its parameters and running statistics)."""
+        if not isinstance(layer, NormLayer):
+            raise TypeError(f"expected a norm layer; got {type(layer).__name__}")
         if not layer.track_running_stats:
-            raise ValueError("cannot freeze a layer that keeps no running statistics")
-        return cls(layer.running_mean, layer.running_var, layer.gamma, layer.beta,
-                   axis=layer.axis, eps=layer.eps, backend=layer.backend)
+            raise ValueError(
+                f"cannot freeze {type(layer).__name__}: it keeps no running statistics"
+            )
+        frozen = cls(
+            layer.feature_shape,
+            axis=layer.axis,
+            eps=layer.eps,
+            affine=layer.affine,
+            dtype=layer.dtype,
+            backend=layer.backend,
+        )
+        state = {k: layer.state_dict()[k] for k in frozen.state_keys()}
+        return frozen.load_state_dict(state)
 
-    @property
-    def scale(self) -> np.ndarray:
-        """Per-feature multiplier of the affine map, ``gamma / sqrt(running_var + eps)``."""
-        s = 1.0 / np.sqrt(self.running_var + self.eps)
-        return s if self.gamma is None else s * self.gamma
+    @classmethod
+    def from_statistics(
+        cls, running_mean, running_var, gamma=None, beta=None, *, axis=1, eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> FrozenBatchNorm:
+        """A frozen layer from its statistics (and optional ``gamma``, ``beta``), float64."""
+        rm = np.asarray(running_mean, dtype=np.float64)
+        if (gamma is None) != (beta is None):
+            raise ValueError("pass both gamma and beta, or neither")
+        frozen = cls(rm.shape if rm.ndim != 1 else rm.shape[0], axis=axis, eps=eps,
+                     affine=gamma is not None, backend=backend)
+        state = {"running_mean": rm, "running_var": np.asarray(running_var),
+                 "num_batches_tracked": 0}
+        if gamma is not None:
+            state.update(gamma=np.asarray(gamma), beta=np.asarray(beta))
+        return frozen.load_state_dict(state)
 
-    def forward(self, x, *, training=None, update_stats=True):
-        y, self._cache = batch_norm_eval(x, self.gamma, self.beta, self.running_mean,
-                                         self.running_var, axis=self.axis, eps=self.eps,
-                                         return_cache=True, backend=self.backend)
-        return y
-
-    __call__ = forward
+    def train(self, mode: bool = True) -> FrozenBatchNorm:
+        """Frozen: stays in evaluation mode whatever ``mode`` is."""
+        return self
 
     def backward(self, dy):
-        if self._cache is None:
-            raise RuntimeError("backward() called before any forward pass")
-        return batch_norm_backward(dy, self._cache, backend=self.backend)[0]
+        """Input gradient of the fixed affine map (``dy * gamma / sqrt(running_var + eps)``)."""
+        cache = self._need_cache(self._cache)
+        return batch_norm_backward(dy, cache, backend=self.backend)[0]
 
     def parameters(self) -> dict:
+        """Nothing learns in a frozen layer."""
         return {}
 
     def gradients(self) -> dict:
+        """Nothing learns in a frozen layer."""
         return {}
-
-    def train(self, mode: bool = True) -> FrozenBatchNorm:
-        return self
-
-    def eval(self) -> FrozenBatchNorm:
-        return self

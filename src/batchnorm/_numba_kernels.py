@@ -409,17 +409,15 @@ def _merge_columns(plan: Plan, shift, s1, s2):
     return mean, m2 / plan.count
 
 
-def moments(x: np.ndarray, axes: tuple[int, ...]):
-    """Per-feature float64 mean and biased variance; also the contiguous work array used."""
-    xw = _work_array(x)
+def moments(xw: np.ndarray, axes: tuple[int, ...]):
+    """Per-feature float64 mean and biased variance of a work array (flat vectors)."""
     plan = plan_for(xw.shape, axes, _threads())
     v = plan.view(xw)
     if plan.wide:
         shift, s1, s2 = _shifted_sums_wide(v, plan.nchunks)
     else:
         shift, s1, s2 = _shifted_sums_rows(v, plan.nchunks)
-    mean, var = _merge_columns(plan, shift, s1, s2)
-    return mean, var, xw
+    return _merge_columns(plan, shift, s1, s2)
 
 
 def affine(xw: np.ndarray, axes, mean, scale, bias, out_dtype) -> np.ndarray:
@@ -471,3 +469,59 @@ def as_work(arr: np.ndarray, like: np.ndarray) -> np.ndarray:
     if arr.dtype == np.float16 and like.dtype == np.float32:
         return half_to_float(arr)
     return np.ascontiguousarray(arr, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------- the backend
+class NumbaBackend:
+    """The compiled backend; same contract as :class:`batchnorm._numpy_kernels.NumpyBackend`.
+
+    Per-feature arguments and results are float64 arrays of the per-feature shape. ``xw``
+    is the array returned by :meth:`work` (a C-contiguous float32/float64 array; float16
+    data are converted once, in the forward pass, and the cache keeps the result for the
+    backward pass).
+    """
+
+    name = "numba"
+
+    @staticmethod
+    def supports(axes: tuple[int, ...]) -> bool:
+        """Whether this backend handles these feature axes (they must be adjacent)."""
+        return supported(axes)
+
+    @staticmethod
+    def work(x: np.ndarray) -> np.ndarray:
+        """The array the kernels read: C-contiguous, float16 converted to float32."""
+        return _work_array(x)
+
+    @staticmethod
+    def work_dy(dy: np.ndarray, xw: np.ndarray) -> np.ndarray:
+        """``dy`` in the layout and dtype of the work array."""
+        return as_work(dy, xw)
+
+    @staticmethod
+    def moments(xw: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature float64 mean and biased variance."""
+        fshape = tuple(xw.shape[a] for a in axes)
+        mean, var = moments(_work_array(xw), axes)
+        return mean.reshape(fshape), var.reshape(fshape)
+
+    @staticmethod
+    def affine(xw, axes, mean, scale, bias, dtype) -> np.ndarray:
+        """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype``."""
+        return affine(_work_array(xw), axes, mean.ravel(), scale.ravel(), bias.ravel(), dtype)
+
+    @staticmethod
+    def grad_sums(xw, dyw, axes, mean) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+        fshape = mean.shape
+        xw = _work_array(xw)
+        s1, s2 = grad_sums(xw, as_work(dyw, xw), axes, mean.ravel())
+        return s1.reshape(fshape), s2.reshape(fshape)
+
+    @staticmethod
+    def input_grad(xw, dyw, axes, mean, k, p, q, dtype) -> np.ndarray:
+        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
+        xw = _work_array(xw)
+        return input_grad(
+            xw, as_work(dyw, xw), axes, mean.ravel(), k.ravel(), p.ravel(), q.ravel(), dtype
+        )
