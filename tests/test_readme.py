@@ -25,6 +25,21 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_every_readme_python_block_runs_in_order(tmp_path, monkeypatch):
+    """Every ```python block, run in order in one namespace, as a reader would paste them."""
+    pytest.importorskip("safetensors")
+    monkeypatch.chdir(tmp_path)
+    blocks = _blocks("python")
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README python block {i}", "exec"), namespace)  # noqa: S102
+    layer = namespace["layer"]
+    assert not layer.training and (tmp_path / "bn.npz").exists()
+    assert namespace["dx"].shape == namespace["x"].shape
+    assert namespace["dgamma"].shape == (64,)
+
+
 def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     example = _blocks("python")[0]
@@ -38,9 +53,9 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 def test_readme_variants_example_runs(tmp_path, monkeypatch):
     pytest.importorskip("safetensors")
     monkeypatch.chdir(tmp_path)
-    first, second = _blocks("python")[0], _blocks("python")[2]
     namespace: dict = {}
-    exec(compile(first + second, "README examples", "exec"), namespace)  # noqa: S102
+    for block in _blocks("python")[:3]:
+        exec(compile(block, "README examples", "exec"), namespace)  # noqa: S102
     x, model = namespace["x"], namespace["model"]
     assert namespace["y"].shape == x.shape
     assert namespace["report"][0]["batches"] == 10

@@ -43,6 +43,7 @@ def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fold(weight, bias, layer, out_axis):
+    scale, shift = bn_affine(layer)  # refuses what is not a norm layer with running stats
     weight = np.asarray(weight, dtype=np.float64)
     n_out = weight.shape[out_axis]
     if layer.feature_shape != (n_out,):
@@ -51,7 +52,6 @@ def _fold(weight, bias, layer, out_axis):
     b = np.zeros(n_out) if bias is None else np.asarray(bias, dtype=np.float64)
     if b.shape != (n_out,):
         raise ValueError(f"bias has shape {b.shape}; expected ({n_out},)")
-    scale, shift = bn_affine(layer)
     shape = [1] * weight.ndim
     shape[out_axis] = n_out
     return weight * scale.reshape(shape), scale * b + shift
