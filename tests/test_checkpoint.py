@@ -386,14 +386,14 @@ def test_stale_temporaries_of_the_same_path_are_removed(tmp_path):
 
 
 _KILLED_SAVE = """
-import sys, time
+import pathlib, sys, time
 from batchnorm import _checkpoint_io
 def write(fh):
     fh.write(b"partial")
     fh.flush()
     print("writing", flush=True)
     time.sleep(60)
-_checkpoint_io.atomic_write(Path(sys.argv[1]), write)
+_checkpoint_io.atomic_write(pathlib.Path(sys.argv[1]), write)
 """
 
 
@@ -405,10 +405,12 @@ def test_a_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, monkey
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_SAVE, str(path)], env=env, stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout.readline() == "writing\n"
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
+    try:
+        assert proc.stdout.readline() == "writing\n"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "bn.npz"]
     assert len(leftovers) == 1 and leftovers[0].startswith(f".bn.npz.{proc.pid}.")
     assert checkpoint.load_state(path)[0]["num_batches_tracked"] == 7  # old file intact
@@ -470,10 +472,13 @@ def test_folders_and_missing_paths_name_the_path(tmp_path):
     assert os.listdir(tmp_path) == ["x.npz"]
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="needs /dev/null")
-def test_saving_over_a_device_is_refused():
-    with pytest.raises(ValueError, match="/dev/null: it exists and is not a regular file"):
-        checkpoint.save_state("/dev/null", _state())
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+def test_saving_over_a_non_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"pipe\.npz: it exists and is not a regular file"):
+        checkpoint.save_state(fifo, _state())
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["pipe.npz"]
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
