@@ -243,6 +243,29 @@ def test_npz_bomb_does_not_grow_memory(tmp_path):
     assert int(out[1]) < 8 << 10  # KiB: far below the 48 MiB the file declares
 
 
+def test_zip_directory_and_file_size_are_capped(tmp_path, monkeypatch):
+    path = tmp_path / "bn.npz"
+    checkpoint.save_state(path, _state())
+    monkeypatch.setattr(_checkpoint_io, "MAX_ZIP_DIRECTORY_BYTES", 100)
+    with pytest.raises(
+        ValueError, match=r"bn\.npz .* zip directory declares \d+ bytes \(3 members\)"
+    ):
+        checkpoint.load_state(path)
+    monkeypatch.undo()
+    big = tmp_path / "big.npz"
+    checkpoint.save_state(big, {"g": np.zeros(600_000)})
+    with pytest.raises(
+        ValueError,
+        match=r"big\.npz .* the file has 4800\d+ bytes; the limit is "
+        "max_bytes=0",
+    ):
+        checkpoint.load_state(big, max_bytes=0)
+    with pytest.raises(TypeError, match="max_bytes must be an int; got float"):
+        checkpoint.load_state(path, max_bytes=1e9)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0; got -1"):
+        checkpoint.load_state(path, max_bytes=-1)
+
+
 def test_npy_header_must_match_the_member_size(tmp_path):
     huge = npy_format.header_data_from_array_1_0(np.ones(3))
     huge["shape"] = (10**13,)
@@ -561,6 +584,8 @@ def test_loaded_states_round_trip_exactly(tmp_path, suffix):
         "i8": np.array(-3, dtype=np.int8),
         "n": 12,
         "e": np.zeros((0, 3), dtype=np.float32),
+        "file": np.ones(1),  # np.savez's own argument names must not capture state keys
+        "allow_pickle": np.zeros(1),
     }
     if suffix == ".npz":
         state["be"] = np.array([1.0, 2.0], dtype=">f8")

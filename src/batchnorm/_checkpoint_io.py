@@ -24,7 +24,8 @@ import stat
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,7 +47,7 @@ STALE_DEAD_WRITER_S = 60.0
 #: ... and any temporary file of the same target once it is this old (PID reuse, Windows).
 STALE_ANY_S = 24 * 3600.0
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "BOOL": np.dtype(np.bool_),
     "U8": np.dtype("<u1"),
     "I8": np.dtype("<i1"),
@@ -142,6 +143,22 @@ def resolve_target(path: Path) -> Path:
     return target
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); a folder that cannot be opened is left alone."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(fh)`` on a new temporary file beside the target, then move it into place.
 
@@ -165,6 +182,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         if old_mode is not None:
             os.chmod(tmp, old_mode)  # overwriting keeps the file's permissions
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -175,6 +193,18 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 
 
 # ----------------------------------------------------------------------------- npz
+def write_npz(fh: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed npz (what :func:`numpy.savez` writes).
+
+    Written member by member rather than through ``np.savez(fh, **arrays)``, whose own
+    keyword arguments (``file``, ``allow_pickle``) would capture state keys of those names.
+    """
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as fp:
+                npy_format.write_array(fp, arr, allow_pickle=False)
+
+
 def _bad_npz(path: Path, why: str) -> ValueError:
     return ValueError(f"{path} is not a readable npz checkpoint: {why}")
 
@@ -197,13 +227,13 @@ def _check_zip_directory(fh: BinaryIO, path: Path, size: int) -> None:
         )
 
 
-def _npy_header(fp: BinaryIO, path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = npy_format.read_magic(fp)
+def _npy_header(fp: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = npy_format.read_magic(fp)  # ValueError if not .npy
     if version == (1, 0):
         return npy_format.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
     if version == (2, 0):
         return npy_format.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
-    raise _bad_npz(path, f"member {name!r} has .npy format version {version}; 1.0 or 2.0 needed")
+    raise ValueError(f".npy format version {version} is not read (1.0 or 2.0 needed)")
 
 
 def read_npz(path: Path, max_bytes: int, meta_key: str) -> dict[str, np.ndarray]:
@@ -238,7 +268,7 @@ def _read_members(
     for name in names:
         if not name.endswith(".npy"):
             raise _bad_npz(path, f"member {name!r} is not a .npy array")
-    dupes = sorted({n for n in names if names.count(n) > 1})
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
     if dupes:
         raise _bad_npz(path, f"members {dupes} occur more than once")
     total = sum(info.file_size for info in infos)
@@ -253,10 +283,8 @@ def _read_members(
         key = info.filename[:-4]
         with zf.open(info) as fp:
             try:
-                shape, fortran, dtype = _npy_header(fp, path, info.filename)
+                shape, _, dtype = _npy_header(fp)
             except ValueError as exc:
-                if str(exc).startswith(str(path)):
-                    raise
                 raise _bad_npz(path, f"member {info.filename!r}: {exc}") from exc
             header_len = fp.tell()
         _check_member(path, info, key, meta_key, shape, dtype, header_len)
@@ -315,12 +343,12 @@ def _bad_st(path: Path, why: str) -> ValueError:
 def _check_tensor_entry(path: Path, key: str, entry: object) -> tuple[int, int, np.dtype]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _bad_st(path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}")
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise _bad_st(
             path,
             f"tensor {key!r} has dtype {entry['dtype']!r}; one of "
-            f"{sorted(_SAFETENSORS_DTYPES)} is needed",
+            f"{sorted(SAFETENSORS_DTYPES)} is needed",
         )
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):

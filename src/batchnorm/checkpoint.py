@@ -135,7 +135,7 @@ def save_npz(path: str | os.PathLike, state: Mapping, meta: dict | None = None) 
     text = _meta_text(path, meta)
     if text is not None:
         arrays[META_KEY] = np.array(text)
-    return _io.atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    return _io.atomic_write(path, lambda fh: _io.write_npz(fh, arrays))
 
 
 def _safetensors():
@@ -160,7 +160,7 @@ def save_safetensors(path: str | os.PathLike, state: Mapping, meta: dict | None 
     arrays = {}
     for key, arr in _arrays(path, state).items():
         little = arr.dtype.newbyteorder("<")
-        if little not in _io._SAFETENSORS_DTYPES.values():
+        if little not in _io.SAFETENSORS_DTYPES.values():
             raise TypeError(
                 f"cannot save {path}: safetensors cannot hold state[{key!r}] of dtype {arr.dtype}"
             )
@@ -206,6 +206,14 @@ def _parse_meta(path: Path, text: str) -> dict:
     return meta
 
 
+def _check_max_bytes(max_bytes: object) -> int:
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+        raise TypeError(f"max_bytes must be an int; got {type(max_bytes).__name__}")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0; got {max_bytes}")
+    return max_bytes
+
+
 def _unpack(raw: dict[str, np.ndarray]) -> dict:
     # a 0-d int64 is how save stores a Python int: give the int back; keep other 0-d arrays
     return {k: int(v) if v.shape == () and v.dtype == np.int64 else v for k, v in raw.items()}
@@ -237,7 +245,7 @@ def load_npz(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> tuple[di
         ``path`` is missing or a folder.
     """
     path = Path(path)
-    raw = _io.read_npz(path, max_bytes, META_KEY)
+    raw = _io.read_npz(path, _check_max_bytes(max_bytes), META_KEY)
     meta = _parse_meta(path, str(raw.pop(META_KEY)[()])) if META_KEY in raw else None
     return _unpack(raw), meta
 
@@ -252,7 +260,7 @@ def load_safetensors(
     """
     stn = _safetensors()
     path = Path(path)
-    data, header = _io.read_safetensors_checked(path, max_bytes)
+    data, header = _io.read_safetensors_checked(path, _check_max_bytes(max_bytes))
     try:
         raw = stn.load(data)
     except Exception as exc:  # noqa: BLE001 - whatever the parser refuses means "bad file"
