@@ -15,12 +15,15 @@ Writing
     A state is written to a new temporary file ``.<name>.<pid>.<random>.tmp`` beside the
     target and moved into place with :func:`os.replace`, so a crash while saving never leaves
     a half-written checkpoint under the final name. A new file gets the usual permissions
-    (``0o666`` less the umask); overwriting keeps the existing file's permission bits. Saving
-    to a symbolic link writes through it: the file the link points to is replaced and the
-    link stays. Temporaries left behind by a killed save are removed by the next save of the
-    same path once their writer process is gone (see
-    :func:`batchnorm._checkpoint_io.remove_stale_temporaries`); loading opens only the exact
-    path, never a temporary.
+    (``0o666`` less the umask); overwriting keeps the existing file's ``rwx`` permission bits
+    (not its owner, ACLs or extended attributes: the file is a new one). Saving to a symbolic
+    link writes through it: the file the link points to is replaced, beside itself, and the
+    link stays. Saving over a folder or another non-regular file (a FIFO, a device) is
+    refused. Temporaries left behind by a killed save are removed by the next save of the
+    same path once their writer process is gone and they are a minute old, or once they are a
+    day old (see :func:`batchnorm._checkpoint_io.remove_stale_temporaries`); loading opens
+    only the exact path, never a temporary. The size cap applies to reading only: a state
+    over :data:`MAX_BYTES` is saved, and read back with a larger ``max_bytes``.
 
 Metadata (the layer's configuration) travels as a JSON object: under the reserved key
 ``__meta__`` in npz, in the header's ``__metadata__`` in safetensors. Integers such as
