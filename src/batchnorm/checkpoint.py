@@ -1,12 +1,35 @@
 """Saving and loading state dicts without pickle: ``.npz`` and ``.safetensors``.
 
-NumPy ``.npz`` archives are read with ``allow_pickle=False``; safetensors files (the
-safetensors package, optional) hold raw tensors and a JSON header and cannot carry code.
-Both are written to a temporary file in the target folder and moved into place with
-:func:`os.replace`, so a crash while saving never leaves a half-written checkpoint under the
-final name. Optional metadata (the layer's configuration) travels as JSON: under the reserved
-key ``__meta__`` in npz, in the header's ``__metadata__`` in safetensors. Integers such as
-``num_batches_tracked`` are stored as 0-d int64 arrays and come back as Python ints.
+Reading
+    NumPy ``.npz`` archives are read member by member: every member must be a ``.npy`` array
+    of a numeric dtype (bool, int, uint, float); the metadata member ``__meta__`` a 0-d
+    unicode string. Safetensors files (the safetensors package, optional) hold raw tensors
+    and a JSON header. Nothing is ever unpickled. Before any array data is read, the sizes a
+    file declares (zip directory, ``.npy`` headers, safetensors header) are checked against
+    each other and against ``max_bytes`` (:data:`MAX_BYTES` unless given), so a small or
+    highly compressed hostile file cannot make the reader allocate much memory. Invalid files
+    raise :class:`ValueError` naming the path; a missing file raises FileNotFoundError and a
+    folder IsADirectoryError.
+
+Writing
+    A state is written to a new temporary file ``.<name>.<pid>.<random>.tmp`` beside the
+    target and moved into place with :func:`os.replace`, so a crash while saving never leaves
+    a half-written checkpoint under the final name. A new file gets the usual permissions
+    (``0o666`` less the umask); overwriting keeps the existing file's ``rwx`` permission bits
+    (not its owner, ACLs or extended attributes: the file is a new one). Saving to a symbolic
+    link writes through it: the file the link points to is replaced, beside itself, and the
+    link stays. Saving over a folder or another non-regular file (a FIFO, a device) is
+    refused. Temporaries left behind by a killed save are removed by the next save of the
+    same path once their writer process is gone and they are a minute old, or once they are a
+    day old (see :func:`batchnorm._checkpoint_io.remove_stale_temporaries`); loading opens
+    only the exact path, never a temporary. The size cap applies to reading only: a state
+    over :data:`MAX_BYTES` is saved, and read back with a larger ``max_bytes``.
+
+Metadata (the layer's configuration) travels as a JSON object: under the reserved key
+``__meta__`` in npz, in the header's ``__metadata__`` in safetensors. Integers such as
+``num_batches_tracked`` are stored as 0-d int64 arrays and come back as Python ints, so a
+state read by :func:`load_state` is written back identically by :func:`save_state`.
+:func:`layer_config` checks the configuration a layer's ``save`` stores.
 
 :func:`save_state` / :func:`load_state` pick the format from the file suffix.
 """
@@ -14,55 +37,108 @@ key ``__meta__`` in npz, in the header's ``__metadata__`` in safetensors. Intege
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_npz", "load_safetensors", "load_state", "save_npz", "save_safetensors",
-           "save_state"]
+from . import _checkpoint_io as _io
+
+__all__ = [
+    "MAX_BYTES",
+    "MAX_FEATURES",
+    "layer_config",
+    "load_npz",
+    "load_safetensors",
+    "load_state",
+    "save_npz",
+    "save_safetensors",
+    "save_state",
+]
 
 META_KEY = "__meta__"
+#: Default cap (bytes) on the array data a checkpoint may declare: 256 MiB, room for 32
+#: million float64 features times four per-feature vectors. Pass ``max_bytes=`` to change it.
+MAX_BYTES = 256 << 20
+#: Cap on the number of features (product of ``num_features``) :func:`layer_config` accepts.
+MAX_FEATURES = 1 << 24
+_MAX_FEATURE_DIMS = 32
 
 
-def _as_saved_array(key: str, value: object) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype == object:
-        raise TypeError(f"state entry {key!r} is not numeric (dtype object); refusing to save")
-    return arr
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(fh)`` on a temporary file beside ``path``, then move it into place."""
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _arrays(state: dict) -> dict[str, np.ndarray]:
-    arrays = {k: _as_saved_array(k, v) for k, v in state.items()}
-    if META_KEY in arrays:
-        raise ValueError(f"state may not use the reserved key {META_KEY!r}")
+# ----------------------------------------------------------------------------- saving
+def _arrays(path: Path, state: Mapping) -> dict[str, np.ndarray]:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"cannot save {path}: state must be a dict; got {type(state).__name__}")
+    arrays = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not key or "\x00" in key:
+            raise TypeError(
+                f"cannot save {path}: state keys must be non-empty str without NUL; got {key!r}"
+            )
+        if key == META_KEY:
+            raise ValueError(f"cannot save {path}: the key {META_KEY!r} is reserved")
+        try:
+            arr = np.asarray(value)
+        except (ValueError, OverflowError) as exc:
+            raise TypeError(f"cannot save {path}: state[{key!r}] is not an array ({exc})") from exc
+        if arr.dtype.kind not in _io.NUMERIC_KINDS or arr.dtype.fields is not None:
+            raise TypeError(
+                f"cannot save {path}: state[{key!r}] has dtype {arr.dtype}; only bool, int, "
+                "uint and float arrays are saved (object arrays would need pickle)"
+            )
+        arrays[key] = arr
     return arrays
 
 
-def save_npz(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
-    """Atomically write ``state`` (str -> array or int) and optional ``meta`` to ``path``."""
-    arrays = _arrays(state)
-    if meta is not None:
-        arrays[META_KEY] = np.array(json.dumps(meta, sort_keys=True))
-    return _atomic_write(Path(path), lambda fh: np.savez(fh, **arrays))
+def _meta_text(path: Path, meta: dict | None) -> str | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise TypeError(f"cannot save {path}: meta must be a dict or None; got {type(meta)}")
+    try:
+        text = json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"cannot save {path}: meta is not JSON-serializable ({exc})") from exc
+    if len(text) * 4 > _io.MAX_META_BYTES:
+        raise ValueError(
+            f"cannot save {path}: meta is {len(text)} characters of JSON; at most "
+            f"{_io.MAX_META_BYTES // 4} can be read back"
+        )
+    return text
+
+
+def save_npz(path: str | os.PathLike, state: Mapping, meta: dict | None = None) -> Path:
+    """Atomically write ``state`` and optional ``meta`` as an uncompressed ``.npz``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file (a symbolic link is written through). Its folder must exist.
+    state : Mapping
+        ``str -> array or int``; arrays must be bool, int, uint or float.
+    meta : dict or None
+        JSON-serializable metadata, stored under ``__meta__``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError
+        A key, value or ``meta`` that cannot be stored.
+    FileNotFoundError, IsADirectoryError, ValueError
+        The folder is missing, ``path`` is a folder or another non-regular file.
+    """
+    path = Path(path)
+    arrays = _arrays(path, state)
+    text = _meta_text(path, meta)
+    if text is not None:
+        arrays[META_KEY] = np.array(text)
+    return _io.atomic_write(path, lambda fh: _io.write_npz(fh, arrays))
 
 
 def _safetensors():
@@ -75,79 +151,211 @@ def _safetensors():
     return stn
 
 
-def save_safetensors(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
-    """Atomically write ``state`` and optional ``meta`` as a safetensors file."""
-    stn = _safetensors()
-    arrays = {k: np.array(v, order="C") for k, v in _arrays(state).items()}  # keeps 0-d
-    header = None if meta is None else {META_KEY: json.dumps(meta, sort_keys=True)}
-    data = stn.save(arrays, metadata=header)
-    return _atomic_write(Path(path), lambda fh: fh.write(data))
+def save_safetensors(path: str | os.PathLike, state: Mapping, meta: dict | None = None) -> Path:
+    """Atomically write ``state`` and optional ``meta`` as a safetensors file.
 
-
-def load_safetensors(path: str | os.PathLike) -> tuple[dict, dict | None]:
-    """Read a safetensors file; return ``(state, meta)``. Bad files raise ValueError."""
+    Same parameters, return value and errors as :func:`save_npz`. Big-endian arrays are
+    stored little-endian (safetensors has no byte order); dtypes safetensors cannot hold
+    (``longdouble``) raise TypeError.
+    """
     stn = _safetensors()
     path = Path(path)
-    raw_bytes = path.read_bytes()  # FileNotFoundError passes through
-    try:
-        raw = stn.load(raw_bytes)
-        header_len = int.from_bytes(raw_bytes[:8], "little")
-        header = json.loads(raw_bytes[8: 8 + header_len])
-    except Exception as exc:  # truncated, corrupted or not safetensors at all
-        raise ValueError(
-            f"{path} is not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    meta = None
-    text = header.get("__metadata__", {}).get(META_KEY) if isinstance(header, dict) else None
-    if text is not None:
-        try:
-            meta = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: metadata is not valid JSON") from exc
-    return _unpack(raw), meta
+    arrays = {}
+    for key, arr in _arrays(path, state).items():
+        little = arr.dtype.newbyteorder("<")
+        if little not in _io.SAFETENSORS_DTYPES.values():
+            raise TypeError(
+                f"cannot save {path}: safetensors cannot hold state[{key!r}] of dtype {arr.dtype}"
+            )
+        arrays[key] = np.array(arr, dtype=little, order="C")  # keeps 0-d
+    text = _meta_text(path, meta)
+    data = stn.save(arrays, metadata=None if text is None else {META_KEY: text})
+    return _io.atomic_write(path, lambda fh: fh.write(data))
 
 
-def _unpack(raw: dict) -> dict:
-    state: dict = {}
-    for k, v in raw.items():
-        state[k] = int(v) if v.ndim == 0 and v.dtype.kind in "iu" else v
-    return state
+def save_state(path: str | os.PathLike, state: Mapping, meta: dict | None = None) -> Path:
+    """Write by suffix: ``.safetensors`` via :func:`save_safetensors`, anything else npz.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file.
+    state : Mapping
+        ``str -> array or int``.
+    meta : dict or None
+        JSON-serializable metadata.
 
-def save_state(path: str | os.PathLike, state: dict, meta: dict | None = None) -> Path:
-    """Write by suffix: ``.safetensors`` or (anything else) ``.npz``."""
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     if str(path).endswith(".safetensors"):
         return save_safetensors(path, state, meta)
     return save_npz(path, state, meta)
 
 
-def load_state(path: str | os.PathLike) -> tuple[dict, dict | None]:
-    """Read by suffix: ``.safetensors`` or (anything else) ``.npz``."""
-    if str(path).endswith(".safetensors"):
-        return load_safetensors(path)
-    return load_npz(path)
+# ----------------------------------------------------------------------------- loading
+def _parse_meta(path: Path, text: str) -> dict:
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: metadata {META_KEY!r} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{path}: metadata {META_KEY!r} must be a JSON object; found a "
+            f"{type(meta).__name__}: {text[:80]!r}"
+        )
+    return meta
 
 
-def load_npz(path: str | os.PathLike) -> tuple[dict, dict | None]:
-    """Read a file written by :func:`save_npz`; return ``(state, meta)``.
+def _check_max_bytes(max_bytes: object) -> int:
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+        raise TypeError(f"max_bytes must be an int; got {type(max_bytes).__name__}")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0; got {max_bytes}")
+    return max_bytes
 
-    0-d integer arrays come back as Python ints. Raises ValueError for files that are not
-    valid npz archives or that hold object arrays (which would need pickle).
+
+def _unpack(raw: dict[str, np.ndarray]) -> dict:
+    # a 0-d int64 is how save stores a Python int: give the int back; keep other 0-d arrays
+    return {k: int(v) if v.shape == () and v.dtype == np.int64 else v for k, v in raw.items()}
+
+
+def load_npz(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> tuple[dict, dict | None]:
+    """Read a file written by :func:`save_npz`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The ``.npz`` file.
+    max_bytes : int
+        Cap on the uncompressed size of all members together, checked before reading.
+
+    Returns
+    -------
+    state : dict
+        ``str -> ndarray``; 0-d int64 arrays come back as Python ints.
+    meta : dict or None
+        The metadata object, or None if the file has none.
+
+    Raises
+    ------
+    ValueError
+        Not a zip archive, truncated or corrupt, a member that is not a numeric ``.npy``
+        array, declared sizes inconsistent or over ``max_bytes``, metadata not a JSON object.
+    FileNotFoundError, IsADirectoryError
+        ``path`` is missing or a folder.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            raw = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # zipfile, zlib, format and pickle refusals all mean "bad file"
-        raise ValueError(
-            f"{path} is not a readable npz checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    meta = None
-    if META_KEY in raw:
-        try:
-            meta = json.loads(str(raw.pop(META_KEY)))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: metadata entry {META_KEY!r} is not valid JSON") from exc
+    raw = _io.read_npz(path, _check_max_bytes(max_bytes), META_KEY)
+    meta = _parse_meta(path, str(raw.pop(META_KEY)[()])) if META_KEY in raw else None
     return _unpack(raw), meta
+
+
+def load_safetensors(
+    path: str | os.PathLike, *, max_bytes: int = MAX_BYTES
+) -> tuple[dict, dict | None]:
+    """Read a safetensors file; same parameters, returns and errors as :func:`load_npz`.
+
+    The header (length, JSON, dtypes, shapes, offsets) is checked before the data is read and
+    handed to the safetensors package.
+    """
+    stn = _safetensors()
+    path = Path(path)
+    data, header = _io.read_safetensors_checked(path, _check_max_bytes(max_bytes))
+    try:
+        raw = stn.load(data)
+    except Exception as exc:  # noqa: BLE001 - whatever the parser refuses means "bad file"
+        raise ValueError(
+            f"{path} is not a readable safetensors checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    text = header.get("__metadata__", {}).get(META_KEY)
+    meta = None if text is None else _parse_meta(path, text)
+    return _unpack(raw), meta
+
+
+def load_state(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> tuple[dict, dict | None]:
+    """Read by suffix: ``.safetensors`` via :func:`load_safetensors`, anything else npz.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint.
+    max_bytes : int
+        Cap on the array data the file may declare.
+
+    Returns
+    -------
+    state : dict
+        ``str -> ndarray or int``.
+    meta : dict or None
+        The metadata object.
+    """
+    if str(path).endswith(".safetensors"):
+        return load_safetensors(path, max_bytes=max_bytes)
+    return load_npz(path, max_bytes=max_bytes)
+
+
+def layer_config(meta: dict | None, path: str | os.PathLike, state: Mapping | None = None) -> dict:
+    """The layer configuration a layer's ``save`` stored, checked before anything is built.
+
+    Parameters
+    ----------
+    meta : dict or None
+        The metadata returned by :func:`load_state`.
+    path : str or os.PathLike
+        The checkpoint, for error messages.
+    state : Mapping or None
+        The state returned by :func:`load_state`. If given, every array in it that is not 0-d
+        must have the shape ``num_features`` declares, so a header cannot make the caller
+        allocate a layer larger than the arrays actually stored.
+
+    Returns
+    -------
+    dict
+        A copy of ``meta["batchnorm"]``, with ``"class"`` a str and ``"num_features"`` a
+        non-empty list of at most 32 positive ints whose product is at most
+        :data:`MAX_FEATURES`. Other keys are left for the caller to check.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` and the missing or bad field.
+    """
+    cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
+    if cfg is None:
+        raise ValueError(
+            f"{path} holds no layer configuration (no 'batchnorm' entry in its metadata; was it "
+            "written by a layer's save()?)"
+        )
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: metadata 'batchnorm' must be an object; got {cfg!r:.80}")
+    cls = cfg.get("class")
+    if not isinstance(cls, str) or not cls:
+        raise ValueError(f"{path}: metadata 'batchnorm.class' must be a class name; got {cls!r}")
+    nf = cfg.get("num_features")
+    ok = (
+        isinstance(nf, list)
+        and 0 < len(nf) <= _MAX_FEATURE_DIMS
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in nf)
+    )
+    if not ok:
+        raise ValueError(
+            f"{path}: metadata 'batchnorm.num_features' must be a list of 1 to "
+            f"{_MAX_FEATURE_DIMS} positive ints; got {nf!r:.80}"
+        )
+    if math.prod(nf) > MAX_FEATURES:
+        raise ValueError(
+            f"{path}: metadata 'batchnorm.num_features' {nf} declares {math.prod(nf)} "
+            f"features; at most MAX_FEATURES={MAX_FEATURES} are accepted"
+        )
+    if state is not None:
+        for key, value in state.items():
+            shape = np.shape(value)
+            if shape != () and shape != tuple(nf):
+                raise ValueError(
+                    f"{path}: state[{key!r}] has shape {shape} but metadata "
+                    f"'batchnorm.num_features' declares {tuple(nf)}"
+                )
+    return dict(cfg)

@@ -1,0 +1,425 @@
+"""File-level work behind :mod:`batchnorm.checkpoint`: atomic writes and bounded readers.
+
+Nothing here unpickles, and nothing allocates memory for array data before the sizes that a
+file declares have been checked against a cap and against each other:
+
+* npz: the zip end-of-central-directory record, then every member's declared uncompressed
+  size, then every ``.npy`` header (dtype and shape) are checked before any data is read;
+  :class:`zipfile.ZipExtFile` never returns more than a member's declared size.
+* safetensors: the 8-byte header length and the JSON header (dtypes, shapes, offsets) are
+  parsed and checked before the file's data is read.
+
+Every error names the path; invalid files raise :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import stat
+import time
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+#: npy dtype kinds a checkpoint array may have: bool, signed and unsigned int, float.
+NUMERIC_KINDS = "biuf"
+#: Largest ``.npy`` header accepted (NumPy's own default limit).
+MAX_NPY_HEADER = 10_000
+#: Largest zip central directory read (a few thousand members).
+MAX_ZIP_DIRECTORY_BYTES = 1 << 20
+#: Largest metadata string (the ``__meta__`` member of an npz) read.
+MAX_META_BYTES = 1 << 20
+#: Largest safetensors JSON header read.
+MAX_SAFETENSORS_HEADER_BYTES = 1 << 20
+#: A temporary file whose writer is gone is removed once it is this old (seconds) ...
+STALE_DEAD_WRITER_S = 60.0
+#: ... and any temporary file of the same target once it is this old (PID reuse, Windows).
+STALE_ANY_S = 24 * 3600.0
+
+SAFETENSORS_DTYPES = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "F16": np.dtype("<f2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "F32": np.dtype("<f4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F64": np.dtype("<f8"),
+}
+
+
+# ----------------------------------------------------------------------------- writing
+def _temp_stem(name: str) -> str:
+    return name[:180]  # leaves room for ".<pid>.<hex>.tmp" within 255 bytes
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never signal a process group; keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OverflowError, OSError):
+        return False  # not a valid PID on this system
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporaries of earlier saves of ``target`` whose writer is gone.
+
+    A temporary is named ``.<name>.<pid>.<8 hex>.tmp`` beside ``target``. It is removed when
+    its writer process no longer exists and it is older than :data:`STALE_DEAD_WRITER_S`, or
+    when it is older than :data:`STALE_ANY_S` whatever its PID says. Errors are ignored: the
+    clean-up never makes a save fail. Returns the paths removed.
+    """
+    pattern = re.compile(
+        re.escape(f".{_temp_stem(target.name)}.") + r"(\d{1,20})\.[0-9a-f]{8}\.tmp"
+    )
+    check_pids = os.name == "posix"  # os.kill(pid, 0) terminates the process on Windows
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            pid = int(match.group(1))
+            dead = check_pids and pid != os.getpid() and not _pid_alive(pid)
+            if (dead and age > STALE_DEAD_WRITER_S) or age > STALE_ANY_S:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def resolve_target(path: Path) -> Path:
+    """The regular file that a save to ``path`` writes (a symlink is followed).
+
+    Raises FileNotFoundError if the folder does not exist, IsADirectoryError if the target is
+    a folder, ValueError if it exists but is not a regular file or is a symlink loop.
+    """
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    if os.path.islink(target):
+        raise ValueError(f"cannot save to {path}: the symbolic link does not resolve (a loop?)")
+    folder = target.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot save to {path}: folder {folder} does not exist", str(path)
+        )
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return target
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot save to {path}: it is a folder", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"cannot save to {path}: it exists and is not a regular file")
+    return target
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); a folder that cannot be opened is left alone."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(fh)`` on a new temporary file beside the target, then move it into place.
+
+    See :func:`batchnorm.checkpoint.save_state` for the file mode and symlink rules.
+    Returns ``path``.
+    """
+    target = resolve_target(path)
+    remove_stale_temporaries(target)
+    try:
+        old_mode = stat.S_IMODE(os.stat(target).st_mode) & 0o777
+    except FileNotFoundError:
+        old_mode = None
+    tmp = target.with_name(f".{_temp_stem(target.name)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if old_mode is not None:
+            os.chmod(tmp, old_mode)  # overwriting keeps the file's permissions
+        os.replace(tmp, target)
+        _fsync_folder(target.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- npz
+def write_npz(fh: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed npz (what :func:`numpy.savez` writes).
+
+    Written member by member rather than through ``np.savez(fh, **arrays)``, whose own
+    keyword arguments (``file``, ``allow_pickle``) would capture state keys of those names.
+    """
+    with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as fp:
+                npy_format.write_array(fp, arr, allow_pickle=False)
+
+
+def _bad_npz(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a readable npz checkpoint: {why}")
+
+
+def _check_zip_directory(fh: BinaryIO, path: Path, size: int) -> None:
+    """Refuse an oversized central directory before zipfile parses it."""
+    tail_len = min(size, 22 + 0xFFFF)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        raise _bad_npz(path, "no zip end-of-directory record (truncated?)")
+    entries = int.from_bytes(tail[at + 10 : at + 12], "little")
+    dir_bytes = int.from_bytes(tail[at + 12 : at + 16], "little")
+    if dir_bytes != 0xFFFFFFFF and dir_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise _bad_npz(
+            path,
+            f"its zip directory declares {dir_bytes} bytes ({entries} members); "
+            f"at most {MAX_ZIP_DIRECTORY_BYTES} are read",
+        )
+
+
+def _npy_header(fp: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = npy_format.read_magic(fp)  # ValueError if not .npy
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(fp, max_header_size=MAX_NPY_HEADER)
+    if version == (2, 0):
+        return npy_format.read_array_header_2_0(fp, max_header_size=MAX_NPY_HEADER)
+    raise ValueError(f".npy format version {version} is not read (1.0 or 2.0 needed)")
+
+
+def read_npz(path: Path, max_bytes: int, meta_key: str) -> dict[str, np.ndarray]:
+    """Read every array of an npz archive after checking what it declares.
+
+    Each member must be a ``.npy`` file holding a numeric array (``meta_key``: a 0-d unicode
+    string), and the members' uncompressed sizes together at most ``max_bytes``.
+    """
+    with open(path, "rb") as fh:  # FileNotFoundError / IsADirectoryError name the path
+        size = os.fstat(fh.fileno()).st_size
+        magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise _bad_npz(path, f"it is not a zip archive (it starts with {magic!r})")
+        if size > max_bytes + max_bytes // 64 + (4 << 20):
+            raise _bad_npz(path, f"the file has {size} bytes; the limit is max_bytes={max_bytes}")
+        _check_zip_directory(fh, path, size)
+        fh.seek(0)
+        try:
+            with zipfile.ZipFile(fh) as zf:
+                return _read_members(zf, path, max_bytes, meta_key)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError) as exc:
+            raise _bad_npz(path, f"{type(exc).__name__}: {exc}") from exc
+        except (NotImplementedError, RuntimeError) as exc:  # unsupported compression, password
+            raise _bad_npz(path, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _read_members(
+    zf: zipfile.ZipFile, path: Path, max_bytes: int, meta_key: str
+) -> dict[str, np.ndarray]:
+    infos = zf.infolist()
+    names = [info.filename for info in infos]
+    for name in names:
+        if not name.endswith(".npy"):
+            raise _bad_npz(path, f"member {name!r} is not a .npy array")
+    dupes = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dupes:
+        raise _bad_npz(path, f"members {dupes} occur more than once")
+    total = sum(info.file_size for info in infos)
+    if total > max_bytes:
+        raise _bad_npz(
+            path,
+            f"its {len(infos)} members declare {total} bytes uncompressed; the limit is "
+            f"max_bytes={max_bytes}",
+        )
+    out: dict[str, np.ndarray] = {}
+    for info in infos:
+        key = info.filename[:-4]
+        with zf.open(info) as fp:
+            try:
+                shape, _, dtype = _npy_header(fp)
+            except ValueError as exc:
+                raise _bad_npz(path, f"member {info.filename!r}: {exc}") from exc
+            header_len = fp.tell()
+        _check_member(path, info, key, meta_key, shape, dtype, header_len)
+        with zf.open(info) as fp:
+            try:
+                arr = npy_format.read_array(fp, allow_pickle=False, max_header_size=MAX_NPY_HEADER)
+            except ValueError as exc:
+                raise _bad_npz(path, f"member {info.filename!r}: {exc}") from exc
+        out[key] = arr
+    return out
+
+
+def _check_member(
+    path: Path,
+    info: zipfile.ZipInfo,
+    key: str,
+    meta_key: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    header_len: int,
+) -> None:
+    name = info.filename
+    if key == meta_key:
+        if dtype.kind != "U" or shape != ():
+            raise _bad_npz(
+                path,
+                f"metadata member {name!r} must be a 0-d unicode string; it is {dtype} "
+                f"of shape {shape}",
+            )
+        if dtype.itemsize > MAX_META_BYTES:
+            raise _bad_npz(
+                path,
+                f"metadata member {name!r} has {dtype.itemsize} bytes; at most "
+                f"{MAX_META_BYTES} are read",
+            )
+    elif dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise _bad_npz(
+            path,
+            f"member {name!r} has dtype {dtype}; only bool, int, uint and float arrays are "
+            "read (object arrays would need pickle, which is never used)",
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if header_len + nbytes != info.file_size:
+        raise _bad_npz(
+            path,
+            f"member {name!r} declares shape {shape} of {dtype} ({nbytes} bytes) but holds "
+            f"{info.file_size - header_len} bytes of data",
+        )
+
+
+# ----------------------------------------------------------------------------- safetensors
+def _bad_st(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors checkpoint: {why}")
+
+
+def _check_tensor_entry(path: Path, key: str, entry: object) -> tuple[int, int, np.dtype]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _bad_st(path, f"header entry {key!r} is not {{dtype, shape, data_offsets}}")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise _bad_st(
+            path,
+            f"tensor {key!r} has dtype {entry['dtype']!r}; one of "
+            f"{sorted(SAFETENSORS_DTYPES)} is needed",
+        )
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(_is_count(n) for n in shape)):
+        raise _bad_st(path, f"tensor {key!r} has shape {shape!r}; a list of counts is needed")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise _bad_st(path, f"tensor {key!r} has data_offsets {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise _bad_st(
+            path,
+            f"tensor {key!r} declares shape {tuple(shape)} of {entry['dtype']} ({nbytes} bytes)"
+            f" but data_offsets {offsets} span {end - begin} bytes",
+        )
+    return begin, end, dtype
+
+
+def _is_count(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def read_safetensors_checked(path: Path, max_bytes: int) -> tuple[bytes, dict]:
+    """Return the whole file and its parsed header after checking the header.
+
+    The header must be a JSON object whose entries (besides ``__metadata__``, a str -> str
+    object) describe tensors that exactly tile the data section, at most ``max_bytes`` long.
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad_st(path, f"it has {size} bytes, fewer than the 8-byte header length")
+        header_len = int.from_bytes(head, "little")
+        if header_len > MAX_SAFETENSORS_HEADER_BYTES:
+            raise _bad_st(
+                path,
+                f"its header declares {header_len} bytes; at most "
+                f"{MAX_SAFETENSORS_HEADER_BYTES} are read",
+            )
+        if 8 + header_len > size:
+            raise _bad_st(path, f"its header declares {header_len} bytes but the file has {size}")
+        header_bytes = fh.read(header_len)
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise _bad_st(path, f"its header is not JSON ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(header, dict):
+            raise _bad_st(path, f"its header is a JSON {type(header).__name__}, not an object")
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise _bad_st(path, "its __metadata__ is not an object of strings")
+        spans = sorted(
+            _check_tensor_entry(path, k, v)[:2] + (k,)
+            for k, v in header.items()
+            if k != "__metadata__"
+        )
+        data_len = size - 8 - header_len
+        pos = 0
+        for begin, end, key in spans:
+            if begin != pos:
+                raise _bad_st(path, f"tensor {key!r} starts at data offset {begin}, expected {pos}")
+            pos = end
+        if pos > max_bytes:
+            raise _bad_st(
+                path, f"its tensors declare {pos} bytes; the limit is max_bytes={max_bytes}"
+            )
+        if pos != data_len:
+            raise _bad_st(
+                path, f"its tensors declare {pos} bytes of data but the file holds {data_len}"
+            )
+        data = fh.read(data_len)
+        if len(data) != data_len:
+            raise _bad_st(path, "the file changed while it was read")
+    return head + header_bytes + data, header
