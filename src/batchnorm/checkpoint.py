@@ -45,10 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from . import _checkpoint_io as _io
+from ._statedict import check_state_dict  # the layer state-dict checks live beside these
 
 __all__ = [
     "MAX_BYTES",
     "MAX_FEATURES",
+    "check_state_dict",
     "layer_config",
     "load_npz",
     "load_safetensors",

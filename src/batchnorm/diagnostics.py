@@ -106,39 +106,19 @@ def train_eval_gap(layer: NormLayer, x: np.ndarray | None = None) -> dict:
     }
 
 
-#: Largest number of features a checkpoint's configuration may declare.
-MAX_FEATURES = 1 << 24
-
-
 def layer_from_checkpoint(path: str | os.PathLike) -> NormLayer:
     """Rebuild a norm layer from a file written by its ``save`` (any class of the family).
 
-    The stored arrays' shapes are checked against the declared ``num_features`` before the
-    layer is built, so a small file cannot make this allocate a huge layer.
+    The configuration and the stored arrays' shapes are checked
+    (:func:`batchnorm.checkpoint.layer_config`) before the layer is built, so a small file
+    cannot make this allocate a huge layer; every problem is a ValueError naming the path.
     """
     state, meta = checkpoint.load_state(path)
-    cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
-    if not isinstance(cfg, dict):
-        raise ValueError(
-            f"{path} holds no layer configuration (was it written by a layer's save()?)"
-        )
-    for key in ("class", "num_features"):
-        if key not in cfg:
-            raise ValueError(f"{path}: the layer configuration lacks {key!r}: {cfg!r:.200}")
-    nf = cfg["num_features"]
-    dims = nf if isinstance(nf, list) else [nf]
-    if not dims or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0
-                           for n in dims):
-        raise ValueError(f"{path}: num_features must be positive integers; got {nf!r:.200}")
-    if math.prod(dims) > MAX_FEATURES:
-        raise ValueError(f"{path}: num_features={nf!r} declares more than {MAX_FEATURES} "
-                         "features")
-    for key, value in state.items():
-        shape = np.shape(value)
-        if key != "num_batches_tracked" and shape != tuple(dims):
-            raise ValueError(f"{path}: state[{key!r}] has shape {shape} but the configuration "
-                             f"declares num_features={nf!r}")
-    layer = NormLayer.from_config(cfg)
+    cfg = checkpoint.layer_config(meta, path, state)
+    try:
+        layer = NormLayer.from_config(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the layer configuration is not usable: {exc}") from None
     return layer.load_state_dict(state)
 
 

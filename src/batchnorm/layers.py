@@ -37,7 +37,6 @@ import numpy as np
 
 from . import checkpoint
 from ._dispatch import check_backend
-from ._statedict import check_state_dict
 from ._validation import (
     SUPPORTED_DTYPES,
     as_input,
@@ -48,6 +47,7 @@ from ._validation import (
     normalize_axes,
     reduce_axes,
 )
+from .checkpoint import check_state_dict
 from .conventions import (
     BatchStats,
     NonFiniteStatisticsError,
