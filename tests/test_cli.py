@@ -1,0 +1,79 @@
+"""The command line's edges (issue 8): each test fails on the CLI before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+import batchnorm
+from batchnorm import cli
+from batchnorm.cli import build_parser, main
+
+
+def _refuse_work(*args, **kwargs):
+    raise AssertionError("the demo started working before checking its arguments")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"batchnorm {batchnorm.__version__}"
+
+
+@pytest.mark.parametrize("command, default", [("demo", "bn-demo"), ("bench", "10")])
+def test_help_shows_defaults(command, default):
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    assert f"(default: {default})" in sub.format_help()
+
+
+def test_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import batchnorm.data
+    import batchnorm.experiments.runner
+
+    monkeypatch.setattr(batchnorm.data, "load_dataset", _refuse_work)
+    monkeypatch.setattr(batchnorm.experiments.runner, "run", _refuse_work)
+    target = tmp_path / "README.md"
+    target.write_text("not a folder")
+    assert main(["demo", "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not a folder" in err
+    assert target.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["demo", "--steps", "-5"], "--steps"),
+        (["demo", "--steps", "0"], "--steps"),
+        (["demo", "--workers", "0"], "--workers"),
+        (["demo", "--seeds", "0"], "--seeds"),
+        (["demo", "--eval-every", "0"], "--eval-every"),
+        (["bench", "--repeats", "0"], "--repeats"),
+        (["demo", "--steps", "many"], "--steps"),
+    ],
+)
+def test_non_positive_counts_are_refused_naming_the_flag(argv, flag, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_demo", _refuse_work)
+    monkeypatch.setattr(cli, "_bench", _refuse_work)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be" in err
+    assert "IoffeConfig" not in err
+
+
+def test_bench_says_it_is_compiling_first(monkeypatch, capsys):
+    import batchnorm.bench
+
+    seen = []
+
+    def fake_run_bench(suite, repeats, progress=None):
+        seen.append(capsys.readouterr().err)  # what was printed before the slow part started
+        return {"rows": []}
+
+    monkeypatch.setattr(batchnorm.bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(batchnorm.bench, "format_bench", lambda result: "table")
+    assert main(["bench", "--repeats", "1"]) == 0
+    assert "compiling" in seen[0]
