@@ -13,6 +13,7 @@ import batchnorm as bn
 from batchnorm import BatchRenorm, FrozenBatchNorm, GhostBatchNorm
 from batchnorm.diagnostics import averaging_window, describe_checkpoint, train_eval_gap
 from batchnorm.nn import Linear, Sequential, Sigmoid
+from batchnorm.variants import ghost_slices
 
 ALL_LAYERS = {
     "BatchNorm": lambda: bn.BatchNorm(3),
@@ -134,14 +135,19 @@ def test_import_state_refuses_bad_momentum(momentum, rng):
     assert snapshot(target) == before
 
 
-def test_renorm_state_with_zero_std_is_refused_when_eps_is_zero(rng):
-    layer = BatchRenorm(2, eps=0.0)
-    state = layer.state_dict()
-    state["running_var"] = np.zeros(2)
+def test_renorm_needs_positive_eps_so_its_running_std_stays_positive(rng):
+    """With eps = 0 a dead channel made the running std 0: a state it then refused."""
+    with pytest.raises(ValueError, match="eps > 0"):
+        BatchRenorm(2, eps=0.0)
+    layer = BatchRenorm(2, momentum=None)
+    layer(np.column_stack([np.zeros(4), np.arange(4.0)]))  # a dead channel
     before = snapshot(layer)
-    with pytest.raises(ValueError, match="running std"):
-        layer.load_state_dict(state)
+    with pytest.raises(ValueError, match="eps > 0"):
+        layer.eps = 0.0
     assert snapshot(layer) == before
+    layer.load_state_dict(layer.state_dict())
+    layer(rng.standard_normal((4, 2)))  # still trains
+    assert np.all(layer.running_std > 0)
 
 
 # ----------------------------------------------------------------- non-finite never stored
@@ -265,3 +271,166 @@ def test_concurrent_training_forwards_lose_no_update(rng):
     assert layer.num_batches_tracked == 200
     expected = np.mean([x.mean(0) for x in batches], axis=0)
     np.testing.assert_allclose(layer.running_mean, expected, rtol=1e-10)
+
+
+# ----------------------------------------------------------------- found by the hostile probe
+def test_recalibrate_is_all_or_nothing_across_layers(rng):
+    """A later layer refusing its new state must not leave earlier layers changed."""
+    a, b = bn.BatchNorm(2), bn.BatchNorm(2, dtype=np.float16)
+    model = Sequential(a, Linear(2, 2, rng=rng), b)
+    model.forward(rng.standard_normal((8, 2)), training=True)
+    model.modules[1].W[:] = [[1e3, 0.0], [0.0, 1e3]]
+    before = [snapshot(a), snapshot(b)]
+    with pytest.raises(ValueError):  # b's statistics overflow float16
+        bn.recalibrate(model, [rng.standard_normal((8, 2)) * 100])
+    assert [snapshot(a), snapshot(b)] == before
+
+
+def test_recording_keeps_updates_and_other_threads_out():
+    layer = bn.BatchNorm(2)
+    x = np.arange(16.0).reshape(8, 2)
+    with layer.recording() as rec:
+        layer(x)  # update_stats=True: the running statistics still move
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (layer(x + 100), done.set()))
+        t.start()
+        t.join()
+    assert done.is_set() and layer.num_batches_tracked == 2
+    assert len(rec) == 1  # only this thread's forward was recorded
+    np.testing.assert_allclose(layer.last_batch_stats.mean, (x + 100).mean(0))
+
+
+def test_deepcopy_inside_recording_starts_clean():
+    layer = bn.BatchNorm(2)
+    x = np.arange(16.0).reshape(8, 2)
+    with layer.recording():
+        twin = copy.deepcopy(layer)
+    twin(x)
+    twin.backward(np.ones_like(x))
+    assert twin.num_batches_tracked == 1
+
+
+def test_import_state_refuses_foreign_layers_and_keeps_cumulative_momentum(rng):
+    src = bn.BatchNorm(2, convention="torch", momentum=None)
+    src(rng.standard_normal((6, 2)))
+    state, cfg = bn.export_state(src, "torch")
+    assert cfg["momentum"] is None
+    assert bn.import_state(state, "torch", momentum=cfg["momentum"]).momentum is None
+    with pytest.raises(TypeError, match="norm layer"):
+        bn.import_state(state, "torch", layer="foo")
+    with pytest.raises(TypeError, match="dict"):
+        bn.import_state(None, "torch")
+    with pytest.raises(ValueError, match="framework"):
+        bn.export_state(src, ["torch"])
+
+
+def test_reassigned_arguments_are_validated_and_recorded(rng):
+    g = GhostBatchNorm(3, virtual_batch_size=2)
+    g.virtual_batch_size = 4
+    assert bn.NormLayer.from_config(g.config()).virtual_batch_size == 4
+    with pytest.raises(TypeError):
+        g.virtual_batch_size = 2.5
+    r = BatchRenorm(3)
+    r.rmax, r.dmax = 1.0, 0.0
+    assert r.config()["rmax"] == 1.0 and r.limits() == (1.0, 0.0)
+    with pytest.raises(ValueError):
+        r.rmax = 0.5
+    n = bn.BatchNorm(3)
+    n.unbiased = True
+    assert n.config()["unbiased"] is True
+    with pytest.raises(TypeError):
+        n.unbiased = "yes"
+    for fixed in ("affine", "axis", "dtype", "track_running_stats"):
+        with pytest.raises(AttributeError, match="fixed at construction"):
+            setattr(n, fixed, getattr(n, fixed))
+    with pytest.raises(TypeError, match="training"):
+        n(rng.standard_normal((4, 3)), training="False")
+    with pytest.raises(TypeError, match="update_stats"):
+        n(rng.standard_normal((4, 3)), update_stats="no")
+    assert n.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize(
+    "weight,fold",
+    [(np.ones(3), "linear"), (np.float64(2.0), "linear"), (None, "linear"),
+     (np.ones((2, 3, 3)), "linear"), (np.ones(3), "conv"), (np.ones((3, 2)), "conv")],
+)
+def test_fold_refuses_weights_of_the_wrong_rank(weight, fold, rng):
+    layer = _trained(ALL_LAYERS["BatchNorm"], rng)
+    call = bn.fold_linear if fold == "linear" else bn.fold_conv
+    with pytest.raises((TypeError, ValueError), match="weight"):
+        call(weight, None, layer)
+
+
+def test_huge_feature_counts_are_refused_before_allocating():
+    with pytest.raises(ValueError, match="features"):
+        bn.BatchNorm(10**13)
+    with pytest.raises(ValueError, match="features"):
+        bn.NormLayer.from_config({"class": "BatchNorm", "num_features": [10**13]})
+
+
+def test_tensors_that_need_grad_give_a_type_error():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(TypeError, match="cannot be read as a NumPy array"):
+        bn.BatchNorm(3)(x)
+
+
+def test_update_running_validates_its_inputs():
+    running = bn.RunningStats(np.zeros(2), np.ones(2), 0)
+    batch = bn.BatchStats(4, np.array([1.0, 2.0]), np.array([3.0, 4.0]))
+    for kwargs in ({"momentum": 2.0, "momentum_weights": "new"},
+                   {"momentum": float("nan"), "momentum_weights": "new"},
+                   {"momentum": 0.1, "momentum_weights": "foo"},
+                   {"momentum": 0.1, "momentum_weights": "new", "smooth": "bar"}):
+        with pytest.raises(ValueError):
+            bn.update_running(running, batch, **kwargs)
+    with pytest.raises(ValueError, match=">= 0"):
+        bn.update_running(running, bn.BatchStats(4, np.ones(2), -np.ones(2)), momentum=0.5,
+                          momentum_weights="new")
+    with pytest.raises(TypeError):
+        bn.update_running(None, batch, momentum=0.1, momentum_weights="new")
+
+
+def test_custom_conventions_are_validated_and_round_trip(tmp_path):
+    mine = bn.Convention("mine", "new", 0.2, 1e-4, True, 1)
+    layer = bn.BatchNorm(3, convention=mine)
+    layer.save(tmp_path / "c.npz")
+    back = bn.NormLayer.from_config(layer.config())
+    assert back.convention == mine and back.momentum == 0.2
+    state, cfg = bn.export_state(layer, "keras")
+    assert cfg["momentum"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="momentum_weights"):
+        bn.Convention("odd", "sideways", 0.3, 1e-5, False, 1)
+
+
+def test_ghost_merges_only_a_remainder_without_variance(rng):
+    assert ghost_slices(4, 1, values_per_sample=5) == [slice(i, i + 1) for i in range(4)]
+    g = GhostBatchNorm(3, virtual_batch_size=1)
+    g(rng.standard_normal((4, 3, 5)))
+    assert [p.count for p in g.last_batch_stats.parts] == [5, 5, 5, 5]
+    with pytest.raises(ValueError, match="virtual_batch_size=1"):
+        g(np.ones((5, 3)))
+    with pytest.raises(ValueError, match="axis 0"):
+        GhostBatchNorm(3, virtual_batch_size=2, axis=0)
+
+
+def test_renorm_schedule_is_validated_at_construction():
+    with pytest.raises(ValueError, match="rmax"):
+        bn.RenormSchedule(rmax=0.5, warmup_steps=0, rmax_steps=1)
+    with pytest.raises(ValueError):
+        bn.RenormSchedule(warmup_steps=-1)
+
+
+def test_num_batches_tracked_beyond_int64_is_refused():
+    layer = bn.BatchNorm(2)
+    state = layer.state_dict()
+    state["num_batches_tracked"] = np.uint64(2**64 - 1)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        layer.load_state_dict(state)
+
+
+def test_from_config_of_another_class_says_so():
+    cfg = bn.FrozenBatchNorm(3).config()
+    with pytest.raises(ValueError, match="not a BatchNorm"):
+        bn.BatchNorm.from_config(cfg)

@@ -26,7 +26,12 @@ def as_float_array(x: object, name: str) -> np.ndarray:
             f"{name} is a masked array (shape {x.shape}); its mask would be ignored. Pass "
             f"{name}.filled(value) or the unmasked rows instead"
         )
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a torch tensor needing grad
+        raise TypeError(
+            f"{name} ({type(x).__name__}) cannot be read as a NumPy array: {exc}"
+        ) from None
     if arr.dtype.kind == "f" and not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype not in SUPPORTED_DTYPES:

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from ._validation import check_real
+from ._validation import check_eps, check_real
 
 __all__ = [
     "CONVENTIONS",
@@ -34,10 +34,21 @@ __all__ = [
     "NonFiniteStatisticsError",
     "RunningStats",
     "check_momentum",
+    "convention_config",
     "get_convention",
     "new_value_weight",
     "update_running",
 ]
+
+
+def check_momentum(momentum: object) -> float | None:
+    """Validate a momentum value: None or a real number in [0, 1]."""
+    if momentum is None:
+        return None
+    value = check_real(momentum, "momentum")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None; got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,21 @@ class Convention:
     unbiased: bool
     axis: int
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"Convention name must be a non-empty str; got {self.name!r}")
+        if self.momentum_weights not in ("old", "new"):
+            raise ValueError(
+                f"momentum_weights must be 'old' or 'new'; got {self.momentum_weights!r}"
+            )
+        if check_momentum(self.momentum) is None:
+            raise ValueError("a convention's default momentum must be a number")
+        check_eps(self.eps)
+        if not isinstance(self.unbiased, (bool, np.bool_)):
+            raise TypeError(f"unbiased must be True or False; got {self.unbiased!r}")
+        if isinstance(self.axis, (bool, np.bool_)) or not isinstance(self.axis, (int, np.integer)):
+            raise TypeError(f"a convention's axis must be an int; got {self.axis!r}")
+
 
 CONVENTIONS: dict[str, Convention] = {
     "seed": Convention("seed", "old", 0.9, 1e-5, False, 1),
@@ -74,10 +100,16 @@ CONVENTIONS: dict[str, Convention] = {
 }
 
 
-def get_convention(name: str | Convention) -> Convention:
-    """Look up a preset by name (or pass a :class:`Convention` through)."""
+def get_convention(name: str | Convention | dict) -> Convention:
+    """Look up a preset by name; a :class:`Convention` passes through, and a dict of its
+    fields (as :func:`convention_config` writes for custom conventions) builds one."""
     if isinstance(name, Convention):
         return name
+    if isinstance(name, dict):
+        try:
+            return Convention(**name)
+        except TypeError as exc:
+            raise ValueError(f"{name!r} does not describe a Convention: {exc}") from None
     try:
         return CONVENTIONS[name]
     except (KeyError, TypeError):
@@ -86,14 +118,18 @@ def get_convention(name: str | Convention) -> Convention:
         ) from None
 
 
-def check_momentum(momentum: object) -> float | None:
-    """Validate a momentum value: None or a real number in [0, 1]."""
-    if momentum is None:
-        return None
-    value = check_real(momentum, "momentum")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1] or None; got {value!r}")
-    return value
+def convention_config(conv: Convention) -> str | dict:
+    """A preset's name, or a custom convention's fields (JSON-friendly either way)."""
+    if CONVENTIONS.get(conv.name) == conv:
+        return conv.name
+    return {
+        "name": conv.name,
+        "momentum_weights": conv.momentum_weights,
+        "momentum": conv.momentum,
+        "eps": conv.eps,
+        "unbiased": bool(conv.unbiased),
+        "axis": int(conv.axis),
+    }
 
 
 def new_value_weight(
@@ -212,7 +248,23 @@ def update_running(
     ValueError
         When ``unbiased`` and the batch has fewer than 2 values per feature.
     """
+    if not isinstance(running, RunningStats) or not isinstance(batch, BatchStats):
+        raise TypeError(
+            f"update_running needs a RunningStats and a BatchStats; got "
+            f"{type(running).__name__} and {type(batch).__name__}"
+        )
+    momentum = check_momentum(momentum)
+    if momentum_weights not in ("old", "new"):
+        raise ValueError(f"momentum_weights must be 'old' or 'new'; got {momentum_weights!r}")
+    if smooth not in ("var", "std"):
+        raise ValueError(f"smooth must be 'var' or 'std'; got {smooth!r}")
+    eps = check_eps(eps)
     mean, var = np.asarray(batch.mean, np.float64), np.asarray(batch.var, np.float64)
+    if mean.shape != running.mean.shape or var.shape != running.var.shape:
+        raise ValueError(
+            f"batch statistics of shape {mean.shape}/{var.shape} do not match running "
+            f"statistics of shape {running.mean.shape}/{running.var.shape}"
+        )
     with np.errstate(all="ignore"):
         bad = ~(np.isfinite(mean) & np.isfinite(var))
         if bad.any():
@@ -222,6 +274,8 @@ def update_running(
                 f"{mean.size}; first mean={mean.ravel()[where[0]]!r}, "
                 f"var={var.ravel()[where[0]]!r})"
             )
+        if np.any(var < 0):
+            raise ValueError(f"batch variance must be >= 0; got min {np.min(var)!r}")
         if unbiased:
             if batch.count < 2:
                 raise ValueError(

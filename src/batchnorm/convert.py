@@ -23,27 +23,36 @@ Unknown or missing keys raise ValueError naming them; nothing is changed on fail
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ._validation import check_eps
-from .conventions import CONVENTIONS, check_momentum, new_value_weight
+from .conventions import (
+    CONVENTIONS,
+    Convention,
+    check_momentum,
+    get_convention,
+    new_value_weight,
+)
 from .layers import BatchNorm, NormLayer
 
 __all__ = ["FRAMEWORKS", "export_state", "import_state", "translate_momentum"]
 
 FRAMEWORKS = ("torch", "keras", "flax")
+_NOT_GIVEN: Any = object()
 
 
-def translate_momentum(momentum: float | None, src: str, dst: str) -> float | None:
+def translate_momentum(
+    momentum: float | None, src: str | Convention, dst: str | Convention
+) -> float | None:
     """The same smoothing expressed in ``dst``'s momentum direction (None stays None)."""
     momentum = check_momentum(momentum)
+    src, dst = get_convention(src), get_convention(dst)
     if momentum is None:
         return None
-    for name in (src, dst):
-        if name not in CONVENTIONS:
-            raise ValueError(f"unknown convention {name!r}; choose one of {sorted(CONVENTIONS)}")
-    w_new = new_value_weight(momentum, CONVENTIONS[src].momentum_weights, 1)
-    return w_new if CONVENTIONS[dst].momentum_weights == "new" else 1.0 - w_new
+    w_new = new_value_weight(momentum, src.momentum_weights, 1)
+    return w_new if dst.momentum_weights == "new" else 1.0 - w_new
 
 
 def _to_numpy(v) -> np.ndarray:
@@ -88,7 +97,7 @@ _KEYS = {
 
 
 def _check_framework(framework: str) -> dict:
-    if framework not in _KEYS:
+    if not isinstance(framework, str) or framework not in _KEYS:
         raise ValueError(f"framework must be one of {FRAMEWORKS}; got {framework!r}")
     return _KEYS[framework]
 
@@ -126,7 +135,7 @@ def export_state(
         flat[keys["beta"]] = layer.beta.astype(np.float64).copy()
     if "count" in keys:
         flat[keys["count"]] = int(layer.num_batches_tracked)
-    config = {"momentum": translate_momentum(layer.momentum, layer.convention.name, framework),
+    config = {"momentum": translate_momentum(layer.momentum, layer.convention, framework),
               "eps": eps_dst}
     if framework == "flax":
         nested: dict = {"params": {}, "batch_stats": {}}
@@ -143,7 +152,7 @@ def import_state(
     *,
     layer: NormLayer | None = None,
     eps: float | None = None,
-    momentum: float | None = None,
+    momentum: float | None = _NOT_GIVEN,
 ) -> NormLayer:
     """Load a framework's batch-norm state into a layer of this library.
 
@@ -157,9 +166,10 @@ def import_state(
     eps : float, optional
         The *source* layer's eps (default: the framework's default); the difference to
         ``layer.eps`` is absorbed into the running variance.
-    momentum : float, optional
-        The source layer's momentum in the framework's direction; when given, the target
-        layer's momentum is set to the same smoothing in its own direction.
+    momentum : float or None, optional
+        The source layer's momentum in the framework's direction (None: a cumulative
+        average); when given, the target layer's momentum is set to the same smoothing in
+        its own direction.
 
     Returns
     -------
@@ -167,6 +177,12 @@ def import_state(
         The target layer, with state replaced all-or-nothing.
     """
     keys = _check_framework(framework)
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of {framework} arrays; got {type(state).__name__}")
+    if layer is not None and not isinstance(layer, NormLayer):
+        raise TypeError(f"layer must be a norm layer of this library; got {type(layer).__name__}")
+    if momentum is not _NOT_GIVEN:
+        momentum = check_momentum(momentum)
     flat = _flat(state, framework)
     known = set(keys.values())
     unknown = set(flat) - known
@@ -188,7 +204,6 @@ def import_state(
         raise ValueError(f"the {framework} state {'has' if has_affine else 'lacks'} "
                          f"gamma/beta but the layer has affine={layer.affine}")
     eps_src = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
-    momentum = check_momentum(momentum)
     ours = {"running_mean": mean,
             "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps)}
     if has_affine:
@@ -196,8 +211,8 @@ def import_state(
         ours["beta"] = _to_numpy(flat[keys["beta"]])
     # passed through as is: load_state_dict refuses anything but a non-negative integer
     ours["num_batches_tracked"] = _to_numpy(flat.get(keys.get("count"), 0))
-    new_momentum = (layer.momentum if momentum is None else
-                    translate_momentum(momentum, framework, layer.convention.name))
+    new_momentum = (layer.momentum if momentum is _NOT_GIVEN else
+                    translate_momentum(momentum, framework, layer.convention))
     layer.load_state_dict(ours)  # validates everything; raises before changing anything
     layer.momentum = new_momentum
     return layer

@@ -117,9 +117,9 @@ def layer_from_checkpoint(path: str | os.PathLike) -> NormLayer:
     cfg = checkpoint.layer_config(meta, path, state)
     try:
         layer = NormLayer.from_config(cfg)
+        return layer.load_state_dict(state)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: the layer configuration is not usable: {exc}") from None
-    return layer.load_state_dict(state)
+        raise ValueError(f"{path}: the layer configuration or state is not usable: {exc}") from None
 
 
 def json_safe(value: object) -> object:

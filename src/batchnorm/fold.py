@@ -42,9 +42,15 @@ def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
     return scale, shift
 
 
-def _fold(weight, bias, layer, out_axis):
+def _fold(weight, bias, layer, out_axis, ndim_ok, expected):
     scale, shift = bn_affine(layer)  # refuses what is not a norm layer with running stats
-    weight = np.asarray(weight, dtype=np.float64)
+    raw = np.asarray(weight)
+    if raw.dtype.kind not in "fiu":
+        raise TypeError(f"weight must be a real numeric array; got {type(weight).__name__} "
+                        f"with dtype {raw.dtype}")
+    if not ndim_ok(raw.ndim):
+        raise ValueError(f"weight has shape {raw.shape}; expected {expected}")
+    weight = raw.astype(np.float64)
     n_out = weight.shape[out_axis]
     if layer.feature_shape != (n_out,):
         raise ValueError(f"the BatchNorm has {layer.feature_shape} features but the weight "
@@ -75,7 +81,8 @@ def fold_linear(weight, bias, layer: NormLayer, *, layout: str = "in_out"):
     """
     if layout not in ("in_out", "out_in"):
         raise ValueError(f"layout must be 'in_out' or 'out_in'; got {layout!r}")
-    return _fold(weight, bias, layer, 1 if layout == "in_out" else 0)
+    expected = "(in, out)" if layout == "in_out" else "(out, in)"
+    return _fold(weight, bias, layer, 1 if layout == "in_out" else 0, lambda n: n == 2, expected)
 
 
 def fold_conv(weight, bias, layer: NormLayer):
@@ -90,4 +97,4 @@ def fold_conv(weight, bias, layer: NormLayer):
     -------
     weight, bias : the folded parameters (float64).
     """
-    return _fold(weight, bias, layer, 0)
+    return _fold(weight, bias, layer, 0, lambda n: n >= 3, "(out, in, *kernel)")

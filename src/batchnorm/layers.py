@@ -27,6 +27,7 @@ last forward's cache, so a forward/backward pair belongs to one thread.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -53,6 +54,7 @@ from .conventions import (
     NonFiniteStatisticsError,
     RunningStats,
     check_momentum,
+    convention_config,
     get_convention,
     update_running,
 )
@@ -66,12 +68,23 @@ _LAYER_CLASSES: dict[str, type[NormLayer]] = {}
 
 
 def as_feature_shape(num_features: object) -> tuple[int, ...]:
-    """``num_features`` (a positive int or a non-empty sequence of them) as a shape tuple."""
+    """``num_features`` (a positive int or a non-empty sequence of them) as a shape tuple.
+
+    At most ``checkpoint.MAX_FEATURES`` features in all (a larger layer is refused before
+    anything is allocated).
+    """
     if isinstance(num_features, (list, tuple)):
         if not num_features:
             raise ValueError("num_features must name at least one feature size; got ()")
-        return tuple(check_count(n, "num_features") for n in num_features)
-    return (check_count(num_features, "num_features"),)
+        shape = tuple(check_count(n, "num_features") for n in num_features)
+    else:
+        shape = (check_count(num_features, "num_features"),)
+    if math.prod(shape) > checkpoint.MAX_FEATURES:
+        raise ValueError(
+            f"num_features={num_features!r} gives {math.prod(shape)} features; at most "
+            f"{checkpoint.MAX_FEATURES} are supported"
+        )
+    return shape
 
 
 def check_dtype(dtype: object) -> np.dtype:
@@ -85,6 +98,19 @@ def check_dtype(dtype: object) -> np.dtype:
     if dt not in SUPPORTED_DTYPES:
         raise TypeError(f"dtype must be float16, float32 or float64; got {dt} ({dtype!r})")
     return dt
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A bool (Python or NumPy); strings such as "False" and numbers are refused."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return bool(value)
+
+
+def _check_nonfinite(value: object) -> str:
+    if value not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {value!r}")
+    return str(value)
 
 
 def _json_value(v: object) -> object:
@@ -155,23 +181,21 @@ class NormLayer(Module):
                 f"axis={axis!r} names {n_axes} feature axes but num_features="
                 f"{num_features!r} gives {len(fshape)}"
             )
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {nonfinite!r}")
+        _check_nonfinite(nonfinite)
         self.feature_shape = fshape
         self.convention = conv
         self.axis = axis
-        self._args: dict[str, object] = {}
-        self.momentum = conv.momentum if momentum is _DEFAULT else momentum
-        self.eps = conv.eps if eps is None else eps
-        self.unbiased = conv.unbiased if unbiased is None else bool(unbiased)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.momentum = conv.momentum if momentum is _DEFAULT else check_momentum(momentum)
+        self.eps = conv.eps if eps is None else check_eps(eps)
+        self.unbiased = conv.unbiased if unbiased is None else check_flag(unbiased, "unbiased")
+        self.affine = check_flag(affine, "affine")
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
         self.nonfinite = nonfinite
         self.dtype = check_dtype(dtype)
         self.backend = check_backend(backend)
-        self._args = {
+        self._args: dict[str, object] = {
             "num_features": fshape,
-            "convention": conv.name,
+            "convention": convention_config(conv),
             "axis": axis,
             "momentum": self.momentum,
             "eps": self.eps,
@@ -193,44 +217,59 @@ class NormLayer(Module):
         self.dbeta: np.ndarray | None = None
         self.training = True
         self._cache: object = None
-        self._recorders: list[list[BatchStats]] = []
+        self._recorders: dict[int, list[BatchStats]] = {}
         self._lock = threading.Lock()
+        self._built = True  # from here on, reassigned arguments are validated
 
-    @property
-    def momentum(self) -> float | None:
-        """Momentum in the convention's direction (None: cumulative average); validated."""
-        return self._momentum
+    # ------------------------------------------------------------------ arguments
+    def _arg_validators(self) -> dict[str, Any]:
+        """Constructor arguments that may be reassigned later, with their validators.
 
-    @momentum.setter
-    def momentum(self, value: float | None) -> None:
-        self._momentum = check_momentum(value)
-        if "momentum" in self._args:
-            self._args["momentum"] = self._momentum
+        Every other recorded argument (features, axis, dtype, affine, ...) is fixed at
+        construction. Subclasses add their own (e.g. ``virtual_batch_size``).
+        """
+        return {
+            "momentum": check_momentum,
+            "eps": check_eps,
+            "unbiased": lambda v: check_flag(v, "unbiased"),
+            "nonfinite": _check_nonfinite,
+            "backend": check_backend,
+        }
 
-    @property
-    def eps(self) -> float:
-        """Added to the variance before the square root; validated (finite, >= 0)."""
-        return self._eps
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self._eps = check_eps(value)
-        if "eps" in self._args:
-            self._args["eps"] = self._eps
+    def __setattr__(self, name: str, value: object) -> None:
+        # Reassigning a constructor argument validates it and updates the record behind
+        # config(), repr() and save(), so a rebuilt layer behaves like this one.
+        args = self.__dict__.get("_args")
+        if args is not None and name in args and self.__dict__.get("_built", False):
+            validate = self._arg_validators().get(name)
+            if validate is None:
+                raise AttributeError(
+                    f"{type(self).__name__}.{name} is fixed at construction; build a new layer "
+                    f"(e.g. from a modified config())"
+                )
+            value = validate(value)
+            args[name] = value
+        object.__setattr__(self, name, value)
 
     def _record_args(self, **extra: object) -> None:
         """Add subclass constructor arguments to the record behind config() and repr()."""
         self._args.update(extra)
 
+    def _forget_args(self, *names: str) -> None:
+        """Drop base arguments a subclass does not take (they stay as fixed attributes)."""
+        for name in names:
+            del self._args[name]
+
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         del state["_lock"]
+        state["_recorders"] = {}  # a copy does not inherit an open recording() block
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        object.__setattr__(self, "_lock", threading.Lock())
 
     # ------------------------------------------------------------------ input checks
     def check_input(self, x: object) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -275,6 +314,7 @@ class NormLayer(Module):
         y : ndarray, same shape and dtype as ``x``
         """
         training = self._mode(training)
+        update_stats = check_flag(update_stats, "update_stats")
         x, axes = self.check_input(x)
         if self.uses_batch_stats and (training or not self.track_running_stats):
             y, cache, stats = self._forward_batch(x, axes)
@@ -340,11 +380,7 @@ class NormLayer(Module):
         self, cache: object, stats: BatchStats | None, new: RunningStats | None, update: bool
     ) -> None:
         """Every check has passed: store the results of one forward."""
-        if self._recorders:
-            if stats is not None:
-                for rec in self._recorders:
-                    rec.append(stats)
-            return
+        rec = self._recorders.get(threading.get_ident()) if self._recorders else None
         if update:
             if new is None:
                 self.skipped_updates += 1
@@ -352,25 +388,33 @@ class NormLayer(Module):
                 self.running_mean[...] = new.mean
                 self.running_var[...] = new.var
                 self.num_batches_tracked = new.num_batches_tracked
+        if rec is not None:  # inside recording(): collect, leave cache and record alone
+            if stats is not None:
+                rec.append(stats)
+            return
         if stats is not None:
             self.last_batch_stats = stats
         self._cache = cache
 
     @contextmanager
     def recording(self) -> Iterator[list[BatchStats]]:
-        """Collect the batch statistics of the forwards run inside the block.
+        """Collect the batch statistics of this thread's forwards inside the block.
 
-        Inside the block forwards leave the layer's backward cache and
-        ``last_batch_stats`` alone (running statistics still follow ``update_stats``);
-        each forward that used batch statistics appends its :class:`BatchStats` to the
-        yielded list. Used by :func:`batchnorm.recalibrate`.
+        Inside the block, forwards run by the calling thread leave the layer's backward
+        cache and ``last_batch_stats`` alone (running statistics still follow
+        ``update_stats``), and each one that used batch statistics appends its
+        :class:`BatchStats` to the yielded list. Other threads' forwards are not recorded
+        and behave as usual. Used by :func:`batchnorm.recalibrate`.
         """
+        key = threading.get_ident()
+        if key in self._recorders:
+            raise ValueError(f"{type(self).__name__}.recording() is already open in this thread")
         rec: list[BatchStats] = []
-        self._recorders.append(rec)
+        self._recorders[key] = rec
         try:
             yield rec
         finally:
-            self._recorders.remove(rec)
+            del self._recorders[key]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient with respect to the last forward input; sets ``dgamma`` and ``dbeta``.
@@ -424,6 +468,20 @@ class NormLayer(Module):
     def _check_state(self, new: dict) -> None:
         """Layer-specific checks of a validated state (override to add some)."""
 
+    def check_state(self, state: dict) -> dict:
+        """Validate ``state`` for :meth:`load_state_dict` without changing anything.
+
+        Returns
+        -------
+        dict
+            The values :meth:`load_state_dict` would store (converted to the layer's dtype).
+        """
+        new = check_state_dict(
+            state, self.state_keys(), self.feature_shape, self.dtype, nonnegative=("running_var",)
+        )
+        self._check_state(new)
+        return new
+
     def load_state_dict(self, state: dict) -> NormLayer:
         """Replace parameters and running statistics; all-or-nothing.
 
@@ -432,10 +490,7 @@ class NormLayer(Module):
         dtype), that the running variance is >= 0 and that ``num_batches_tracked`` is a
         non-negative integer. On any failure the layer is unchanged.
         """
-        new = check_state_dict(
-            state, self.state_keys(), self.feature_shape, self.dtype, nonnegative=("running_var",)
-        )
-        self._check_state(new)
+        new = self.check_state(state)
         with self._lock:
             for key, value in new.items():
                 if key == "num_batches_tracked":
@@ -456,10 +511,12 @@ class NormLayer(Module):
         args = dict(config)
         name = args.pop("class", cls.__name__)
         target = _LAYER_CLASSES.get(name) if isinstance(name, str) else None
-        if target is None or not issubclass(target, cls):
+        if target is None:
             raise ValueError(
                 f"unknown layer class {name!r}; expected one of {sorted(_LAYER_CLASSES)}"
             )
+        if not issubclass(target, cls):
+            raise ValueError(f"the config describes a {name}, which is not a {cls.__name__}")
         for key in ("num_features", "axis"):
             if isinstance(args.get(key), list):
                 args[key] = tuple(args[key])

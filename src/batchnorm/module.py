@@ -21,7 +21,9 @@ __all__ = ["Module", "NoForwardError"]
 
 
 class NoForwardError(ValueError, RuntimeError):
-    """``backward()`` was called before any forward pass (or after a failed one).
+    """``backward()`` was called before any forward pass.
+
+    (After a rejected forward, ``backward()`` uses the last successful forward's cache.)
 
     A :class:`ValueError` (the library's errors are ``TypeError`` or ``ValueError``) and, for
     code written against earlier versions, a :class:`RuntimeError`.
@@ -63,7 +65,11 @@ class Module:
 
     def _mode(self, training: bool | None) -> bool:
         """The mode of one call: the override when given, else the module's own."""
-        return self.training if training is None else bool(training)
+        if training is None:
+            return self.training
+        if not isinstance(training, (bool, np.bool_)):
+            raise TypeError(f"training must be True, False or None; got {training!r}")
+        return bool(training)
 
     def _need_cache(self, cache):
         """Return ``cache``, or raise :class:`NoForwardError` when no forward has run."""

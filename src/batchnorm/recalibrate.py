@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._validation import check_count
 from .layers import NormLayer
 
 __all__ = ["Moments", "find_batchnorms", "recalibrate"]
@@ -105,8 +106,11 @@ def find_batchnorms(model) -> list[NormLayer]:
     """
     if isinstance(model, NormLayer):
         return [model] if model.uses_batch_stats else []
+    modules = getattr(model, "modules", None)
+    if not isinstance(modules, (list, tuple)):
+        return []
     found = []
-    for m in getattr(model, "modules", []):
+    for m in modules:
         found.extend(find_batchnorms(m))
     return found
 
@@ -158,6 +162,8 @@ def recalibrate(
             raise ValueError(f"{layer!r} keeps no running statistics to recalibrate")
     if method not in ("population", "ioffe"):
         raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
+    if max_batches is not None:
+        max_batches = check_count(max_batches, "max_batches", minimum=0)
     run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
     acc = [Moments() for _ in layers]
     n_batches = 0
@@ -206,8 +212,12 @@ def recalibrate(
                 ),
             }
         )
-    for layer, (mean, var) in zip(layers, new, strict=True):
+    states = []
+    for layer, (mean, var) in zip(layers, new, strict=True):  # check every layer first...
         state = layer.state_dict()
         state["running_mean"], state["running_var"] = mean, var
+        layer.check_state(state)
+        states.append(state)
+    for layer, state in zip(layers, states, strict=True):  # ...then change them
         layer.load_state_dict(state)
     return report

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._dispatch import select
-from ._validation import as_feature_vector, check_real
+from ._validation import as_feature_vector, check_count, check_real
 from .conventions import BatchStats, RunningStats, update_running
 from .functional import (
     BatchNormCache,
@@ -190,6 +190,11 @@ class RenormSchedule:
     dmax: float = 5.0
     dmax_steps: int = 25000
 
+    def __post_init__(self) -> None:
+        for name in ("warmup_steps", "rmax_steps", "dmax_steps"):
+            check_count(getattr(self, name), f"RenormSchedule.{name}", minimum=0)
+        _check_limits(self.rmax, self.dmax)
+
     def __call__(self, step: int) -> tuple[float, float]:
         def ramp(final: float, start: float, end_step: int) -> float:
             if step <= self.warmup_steps:
@@ -235,8 +240,8 @@ class BatchRenorm(NormLayer):
     Attributes
     ----------
     running_mean, running_var : ndarray
-        The running std is ``sqrt(running_var + eps)``; they start at 0 and ``1 - eps`` (a
-        running std of 1).
+        The running std is ``sqrt(running_var + eps)``; they start at 0 and
+        ``max(1 - eps, 0)`` (a running std of 1, or ``sqrt(eps)`` when eps > 1).
     """
 
     def __init__(
@@ -256,6 +261,8 @@ class BatchRenorm(NormLayer):
     ):
         schedule = _schedule_from_config(schedule)
         rmax, dmax = _check_limits(rmax, dmax)
+        if check_real(eps, "eps") <= 0:
+            raise ValueError(f"BatchRenorm needs eps > 0 (its running std stays > 0); got {eps!r}")
         super().__init__(
             num_features,
             convention="seed",
@@ -269,8 +276,7 @@ class BatchRenorm(NormLayer):
         )
         self.rmax, self.dmax, self.schedule = rmax, dmax, schedule
         self.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
-        for key in ("convention", "unbiased", "track_running_stats"):
-            del self._args[key]
+        self._forget_args("convention", "unbiased", "track_running_stats")
         described = asdict(schedule) if isinstance(schedule, RenormSchedule) else None
         if schedule is not None and described is None:
             described = repr(schedule)  # a custom callable: shown, but not rebuildable
@@ -314,12 +320,18 @@ class BatchRenorm(NormLayer):
             eps=self.eps,
         )
 
-    def _check_state(self, new: dict) -> None:
-        if self.eps == 0 and np.any(new["running_var"] <= 0):
-            raise ValueError(
-                "with eps=0 the running std sqrt(running_var) must be > 0; state['running_var'] "
-                f"has min {np.min(new['running_var'])!r}"
-            )
+    def _arg_validators(self) -> dict:
+        def positive_eps(value):
+            if check_real(value, "eps") <= 0:
+                raise ValueError(f"BatchRenorm needs eps > 0; got {value!r}")
+            return float(value)
+
+        return {
+            **super()._arg_validators(),
+            "eps": positive_eps,
+            "rmax": lambda v: _check_limits(v, self.dmax)[0],
+            "dmax": lambda v: _check_limits(self.rmax, v)[1],
+        }
 
     def _backward(self, dy, cache):
         if isinstance(cache, RenormCache):

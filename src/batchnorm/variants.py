@@ -47,12 +47,16 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- ghost
-def ghost_slices(n: int, virtual_batch_size: int) -> list[slice]:
-    """Split ``range(n)`` into virtual batches; a remainder of 1 joins the batch before it."""
+def ghost_slices(n: int, virtual_batch_size: int, values_per_sample: int = 1) -> list[slice]:
+    """Split ``range(n)`` into virtual batches of ``virtual_batch_size`` samples.
+
+    A last virtual batch with a single value per feature (one sample, when each sample holds
+    ``values_per_sample`` values of each feature) has no variance: it joins the one before.
+    """
     if virtual_batch_size < 1:
         raise ValueError(f"virtual_batch_size must be >= 1; got {virtual_batch_size}")
     bounds = list(range(0, n, virtual_batch_size)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+    if len(bounds) > 2 and (bounds[-1] - bounds[-2]) * values_per_sample < 2:
         del bounds[-2]
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -88,16 +92,32 @@ class GhostBatchNorm(NormLayer):
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
         vbs = check_count(virtual_batch_size, "virtual_batch_size")
         super().__init__(num_features, **kwargs)
+        if 0 in ((self.axis,) if isinstance(self.axis, int) else self.axis):
+            raise ValueError(f"GhostBatchNorm splits axis 0, so it cannot be a feature axis "
+                             f"(axis={self.axis!r})")
         self.virtual_batch_size = vbs
         self._record_args(virtual_batch_size=vbs)
+
+    def _arg_validators(self) -> dict:
+        return {
+            **super()._arg_validators(),
+            "virtual_batch_size": lambda v: check_count(v, "virtual_batch_size"),
+        }
 
     def _forward_batch(self, x, axes):
         if 0 in axes:
             raise ValueError(f"GhostBatchNorm splits axis 0, which is a feature axis {axes}")
         if x.shape[0] == 0:
             raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
-        parts = ghost_slices(x.shape[0], self.virtual_batch_size)
-        counts = [self._values_per_feature(x[sl], axes) for sl in parts]
+        per_sample = self._values_per_feature(x[:1], axes, minimum=1)
+        parts = ghost_slices(x.shape[0], self.virtual_batch_size, per_sample)
+        if x.shape[0] * per_sample < 2 or (self.virtual_batch_size * per_sample < 2):
+            raise ValueError(
+                f"GhostBatchNorm with virtual_batch_size={self.virtual_batch_size} on x of shape "
+                f"{x.shape} (feature axis {self.axis!r}) gives virtual batches with 1 value per "
+                "feature, which have no variance; use a larger virtual_batch_size"
+            )
+        counts = [(sl.stop - sl.start) * per_sample for sl in parts]
         outs, caches, stats = [], [], []
         for sl, m in zip(parts, counts, strict=True):
             y, cache = batch_norm_train(
@@ -168,8 +188,7 @@ class FrozenBatchNorm(NormLayer):
         super().__init__(
             num_features, axis=axis, eps=eps, affine=affine, dtype=dtype, backend=backend
         )
-        for key in ("convention", "momentum", "unbiased", "track_running_stats", "nonfinite"):
-            del self._args[key]
+        self._forget_args("convention", "momentum", "unbiased", "track_running_stats", "nonfinite")
         self.training = False
 
     @classmethod
