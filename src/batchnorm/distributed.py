@@ -343,6 +343,10 @@ def _agree(comm, call: _Call, error: BaseException | None, **fields: int) -> np.
         h[names[k]] = v
     table = _exchange_headers(comm, h, call, seq)
     call.exchanged = True
+    # the same words on every rank: the full label only when every rank is in the same call
+    label = (
+        call.label if len(set(table[:, _KIND].tolist())) == 1 else (call.label.partition(" ")[0])
+    )
     failed = np.flatnonzero(table[:, _STATUS] != 0).tolist()
     if failed:
         text = np.zeros(_MESSAGE_BYTES, np.uint8)
@@ -354,14 +358,14 @@ def _agree(comm, call: _Call, error: BaseException | None, **fields: int) -> np.
             f"rank {r}: " + bytes(texts[r]).rstrip(b"\0").decode("utf-8", "replace") for r in failed
         ]
         msg = (
-            f"{call.label} failed on {_ranks(failed)} (synchronized call {seq}; raised on "
+            f"{label} failed on {_ranks(failed)} (synchronized call {seq}; raised on "
             f"every rank, nothing changed): " + "; ".join(parts)
         )
         raise DistributedError(msg) from error
     problems = _problems(table)
     if problems:
         raise DistributedError(
-            f"{call.label}: {'; '.join(problems)} (synchronized call {seq}; raised on every "
+            f"{label}: {'; '.join(problems)} (synchronized call {seq}; raised on every "
             "rank, nothing changed)"
         )
     return table
