@@ -222,8 +222,11 @@ def _poll(comm, pending: dict, call: _Call, seq: int, *, know_ranks: bool) -> No
             msg = _stall_message(comm, call, seq, elapsed, sorted(pending) if know_ranks else None)
             print(f"{msg}; still waiting", file=sys.stderr, flush=True)
             warn_at = now + STALL_WARNING_SECONDS
-        # adaptive back-off: tens of microseconds at first, at most 5 ms
-        time.sleep(min(0.005, max(2e-5, elapsed / 20)))
+        # poll for 0.2 ms (a partner running on another core answers within microseconds),
+        # then yield the core (the ranks may share cores), then back off: at most 5% of
+        # the time waited, at most 5 ms
+        if elapsed > 2e-4:
+            time.sleep(0 if elapsed < 1e-3 else min(0.005, elapsed / 20))
 
 
 def _exchange_headers(comm, header: np.ndarray, call: _Call, seq: int) -> np.ndarray:
@@ -837,10 +840,13 @@ def broadcast_parameters(model, comm, root: int = 0) -> None:
         if arrays
         else (np.zeros(0))
     )
-    recv = _allgather(comm, flat, call, int(table[0, _SEQ]))
+    if comm.Get_size() > 1:
+        req = comm.Ibcast(flat, root=root)
+        _poll(comm, {-1: req}, call, int(table[0, _SEQ]), know_ranks=False)
+        traffic["sent" if comm.Get_rank() == root else "received"] += flat.nbytes
     pos = 0
     for a in arrays:
-        a[...] = recv[root, pos : pos + a.size].reshape(a.shape)
+        a[...] = flat[pos : pos + a.size].reshape(a.shape)
         pos += a.size
 
 

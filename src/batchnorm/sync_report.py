@@ -59,6 +59,7 @@ def _small_batch_figure(results: dict, path: Path) -> None:
         ax.plot(b, v.mean(1), "o-", color=color, label=label)
         ax.fill_between(b, v.min(1), v.max(1), color=color, alpha=0.2, lw=0)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(b, [str(x) for x in b])
     ax.set_xlabel(f"per-rank batch size (global batch {sb['global_batch']})")
     ax.set_ylabel("test accuracy (%)")
