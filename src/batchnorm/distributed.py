@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -148,7 +148,6 @@ class _Call:
     timeout: float | None = None
     exchanged: bool = False
     merged: SyncBatchStats | None = None
-    extra: dict = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[_Call | None] = ContextVar("batchnorm_sync_call", default=None)
