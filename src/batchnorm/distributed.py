@@ -216,6 +216,7 @@ def _poll(comm, pending: dict, call: _Call, seq: int, *, know_ranks: bool) -> No
                 file=sys.stderr,
                 flush=True,
             )
+            time.sleep(0.5)  # let mpiexec forward the message before the job is torn down
             comm.Abort(1)
         if now >= warn_at:
             msg = _stall_message(comm, call, seq, elapsed, sorted(pending) if know_ranks else None)
