@@ -608,7 +608,7 @@ def _norm_layers(model) -> list:
     return find_batchnorms(model)
 
 
-def convert_sync(model, comm, *, timeout: float | None = None):
+def convert_sync(model: object, comm: object, *, timeout: float | None = None) -> object:
     """Set ``comm`` (and ``timeout``) on every norm layer of ``model`` that uses batch statistics.
 
     Parameters
@@ -631,8 +631,18 @@ def convert_sync(model, comm, *, timeout: float | None = None):
 
 
 @contextmanager
-def unsynchronized(model) -> Iterator[object]:
-    """Make the norm layers of ``model`` local inside the block (e.g. to evaluate on one rank)."""
+def unsynchronized(model: object) -> Iterator[object]:
+    """Make the norm layers of ``model`` local inside the block (e.g. to evaluate on one rank).
+
+    Parameters
+    ----------
+    model : NormLayer or container with ``.modules``
+
+    Yields
+    ------
+    model
+        With every norm layer's ``comm`` set to None; restored on leaving the block.
+    """
     layers = _norm_layers(model)
     saved = [layer.comm for layer in layers]
     for layer in layers:
@@ -700,6 +710,17 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     """Rows ``[lo, hi)`` of rank ``rank`` when ``n`` rows are split over ``size`` ranks.
 
     Contiguous slices in rank order; the first ``n % size`` ranks get one row more.
+
+    Parameters
+    ----------
+    n : int
+        Rows of the global batch.
+    size, rank : int
+        Number of ranks and this rank (``0 <= rank < size``).
+
+    Returns
+    -------
+    lo, hi : int
     """
     if size < 1 or not 0 <= rank < size or n < 0:
         raise ValueError(f"cannot split {n} rows over {size} ranks for rank {rank}")
@@ -708,7 +729,7 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def shard(x: np.ndarray, comm) -> np.ndarray:
+def shard(x: np.ndarray, comm: object) -> np.ndarray:
     """This rank's contiguous slice of a global batch along axis 0 (see :func:`shard_bounds`).
 
     Parameters
@@ -726,7 +747,7 @@ def shard(x: np.ndarray, comm) -> np.ndarray:
     return x[lo:hi]
 
 
-def local_weight(local_count: int, comm) -> float:
+def local_weight(local_count: int, comm: object) -> float:
     """``n_r / N``: this rank's share of the global batch (one small exchange).
 
     Multiply the gradient of the *local* mean loss by it before the backward pass; then the
@@ -775,7 +796,7 @@ def _partial_gradients(model) -> list[tuple[str, np.ndarray | None]]:
     return out
 
 
-def allreduce_gradients(model, comm) -> None:
+def allreduce_gradients(model: object, comm: object) -> None:
     """Sum every rank's partial parameter gradients, in rank order, in place on every rank.
 
     Each rank must have run its backward pass from its share of the global mean loss (the
@@ -817,7 +838,7 @@ def allreduce_gradients(model, comm) -> None:
         pos += n
 
 
-def broadcast_parameters(model, comm, root: int = 0) -> None:
+def broadcast_parameters(model: object, comm: object, root: int = 0) -> None:
     """Copy rank ``root``'s parameters (and norm layers' running statistics) to every rank.
 
     Parameters
@@ -850,7 +871,9 @@ def broadcast_parameters(model, comm, root: int = 0) -> None:
         pos += a.size
 
 
-def gather_metrics(metrics: dict[str, float], comm, root: int = 0) -> list[dict] | None:
+def gather_metrics(
+    metrics: dict[str, float], comm: object, root: int = 0
+) -> list[dict[str, float]] | None:
     """Every rank's metrics on rank ``root`` (a list in rank order); None on the other ranks.
 
     Parameters
@@ -859,6 +882,11 @@ def gather_metrics(metrics: dict[str, float], comm, root: int = 0) -> list[dict]
         The same keys on every rank.
     comm : mpi4py communicator
     root : int
+
+    Returns
+    -------
+    list of dict or None
+        On ``root``: one dict per rank, in rank order; elsewhere None.
     """
     keys = sorted(metrics)
     call = _call("gather_metrics", KIND_METRICS)
