@@ -70,6 +70,9 @@ __all__ = [
 #: Seconds a rank waits for the others before it reports, on stderr, which ranks are missing
 #: (and again every time as long after). Tests lower it.
 STALL_WARNING_SECONDS = 60.0
+#: Seconds a waiting rank polls without giving up its core (MPI progresses non-blocking
+#: collectives only while the ranks poll), before it yields and then backs off.
+SPIN_SECONDS = 2e-4
 #: Message tag of the header messages (the payload goes through collectives).
 HEADER_TAG = 31871
 _MAGIC = 0x424E5359  # "BNSY": a header of this protocol
@@ -222,11 +225,11 @@ def _poll(comm, pending: dict, call: _Call, seq: int, *, know_ranks: bool) -> No
             msg = _stall_message(comm, call, seq, elapsed, sorted(pending) if know_ranks else None)
             print(f"{msg}; still waiting", file=sys.stderr, flush=True)
             warn_at = now + STALL_WARNING_SECONDS
-        # poll for 0.2 ms (a partner running on another core answers within microseconds),
-        # then yield the core (the ranks may share cores), then back off: at most 5% of
-        # the time waited, at most 5 ms
-        if elapsed > 2e-4:
-            time.sleep(0 if elapsed < 1e-3 else min(0.005, elapsed / 20))
+        # poll for SPIN_SECONDS (a partner running on another core answers within
+        # microseconds), then yield the core (the ranks may share cores), then back off: at
+        # most 5% of the time waited, at most 5 ms
+        if elapsed > SPIN_SECONDS:
+            time.sleep(0 if elapsed < 5 * SPIN_SECONDS else min(0.005, elapsed / 20))
 
 
 def _exchange_headers(comm, header: np.ndarray, call: _Call, seq: int) -> np.ndarray:
