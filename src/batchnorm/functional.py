@@ -99,7 +99,10 @@ class BatchNormCache:
         True when ``mean``/``var`` were computed from ``x`` (training): their dependence on
         ``x`` enters the gradient. False when they were given (evaluation): constants.
     count : int
-        Number of values per feature the statistics reduce over.
+        Number of values per feature the statistics reduce over (over all ranks with ``comm``).
+    comm : mpi4py communicator or None
+        The ranks a synchronized forward merged its statistics over; the backward pass
+        reduces its two per-feature sums over the same ranks.
     """
 
     x: np.ndarray
@@ -113,6 +116,7 @@ class BatchNormCache:
     eps: float
     batch_stats: bool
     count: int
+    comm: object = None
 
     @property
     def x_hat(self) -> np.ndarray:
@@ -133,13 +137,28 @@ def _prepare(x, gamma, beta, axis, eps):
     return x, axes, fshape, g, b, check_eps(eps)
 
 
+def _distributed():
+    from . import distributed
+
+    return distributed
+
+
+def _check_dy(dy: object, cache: BatchNormCache) -> np.ndarray:
+    dy = as_float_array(dy, "dy")
+    if dy.shape != cache.x.shape:
+        raise ValueError(
+            f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
+        )
+    return dy
+
+
 def _check_not_empty(x: np.ndarray, what: str) -> None:
     if x.size == 0:
         raise ValueError(f"cannot {what} an empty batch: x has shape {x.shape}")
 
 
 def moments(
-    x: np.ndarray, *, axis: Axis = 1, backend: str = "auto"
+    x: np.ndarray, *, axis: Axis = 1, backend: str = "auto", comm: object = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and biased variance of ``x``, accumulated in float64.
 
@@ -151,11 +170,16 @@ def moments(
     backend : {"auto", "numpy", "numba"}
         "auto" uses the compiled kernels when numba is importable and ``x`` has at least
         ``AUTO_NUMBA_MIN_SIZE`` (32768) elements.
+    comm : mpi4py communicator, optional
+        Statistics of the union of every rank's ``x`` (ranks may hold no rows; NaN when
+        none holds any), bit-identical on every rank; see :mod:`batchnorm.distributed`.
 
     Returns
     -------
     mean, var : ndarray, shape (*features), float64
     """
+    if comm is not None:  # local statistics, merged across ranks
+        return _distributed().moments(x, axis=axis, backend=backend, comm=comm)
     x = as_input(x)
     axes = normalize_axes(axis, x.ndim)
     _check_not_empty(x, "compute statistics of")
@@ -172,6 +196,7 @@ def batch_norm_train(
     axis: Axis = 1,
     eps: float = 1e-5,
     backend: str = "auto",
+    comm: object = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-norm forward pass with batch statistics (training mode).
 
@@ -189,6 +214,9 @@ def batch_norm_train(
         "auto" uses the compiled kernels when numba is importable and ``x`` has at least
         ``AUTO_NUMBA_MIN_SIZE`` (32768) elements; feature axes that are not adjacent always
         take the NumPy path.
+    comm : mpi4py communicator, optional
+        Synchronized batch norm: the statistics are those of the union of every rank's
+        ``x`` (see :mod:`batchnorm.distributed`); the cache remembers ``comm``.
 
     Returns
     -------
@@ -196,6 +224,10 @@ def batch_norm_train(
     cache : BatchNormCache
         ``cache.mean`` and ``cache.var`` are the batch mean and biased batch variance.
     """
+    if comm is not None:  # local statistics, merged across ranks
+        return _distributed().batch_norm_train(
+            x, gamma, beta, axis=axis, eps=eps, backend=backend, comm=comm
+        )
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     _check_not_empty(x, "normalize")
     be = select(backend, x.size, axes)
@@ -307,19 +339,21 @@ def batch_norm_backward(
     -------
     dx : ndarray, same shape and dtype as ``cache.x``
     dgamma, dbeta : ndarray, shape (*features), float64, or None when gamma / beta was None
+        With ``cache.comm`` the sums over every rank, identical on every rank.
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
-    dy = as_float_array(dy, "dy")
-    if dy.shape != cache.x.shape:
-        raise ValueError(
-            f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
-        )
+    if cache.comm is not None:  # every rank checks dy before any rank reduces
+        dy = _distributed().check_backward(cache.comm, lambda: _check_dy(dy, cache))
+    else:
+        dy = _check_dy(dy, cache)
     be = select(backend, cache.x.size, cache.axis)
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():
         sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean)
+        if cache.comm is not None:  # global sums, added in rank order on every rank
+            sum_dy, sum_dy_xc = _distributed().sum_over_ranks(cache.comm, sum_dy, sum_dy_xc)
         sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
         if cache.batch_stats:

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, distributed
 from ._dispatch import check_backend
 from ._validation import (
     SUPPORTED_DTYPES,
@@ -44,6 +44,7 @@ from ._validation import (
     check_axis,
     check_count,
     check_eps,
+    check_real,
     feature_shape,
     normalize_axes,
     reduce_axes,
@@ -146,12 +147,19 @@ class NormLayer(Module):
     dgamma, dbeta : ndarray or None
         Gradients from the last :meth:`backward`.
     training : bool
+    comm : mpi4py communicator or None
+        Synchronized batch norm: training statistics over every rank of ``comm``
+        (:mod:`batchnorm.distributed`); None (default) is a single process.
+    timeout : float or None
+        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
     """
 
     #: The running statistics every layer keeps (a mean and a variance per feature).
     running_stat_names: ClassVar[tuple[str, ...]] = ("running_mean", "running_var")
     #: Whether the layer ever uses batch statistics (FrozenBatchNorm does not).
     uses_batch_stats: ClassVar[bool] = True
+    #: Whether the layer can merge its batch statistics across ranks (``comm``).
+    synchronizable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,6 +179,8 @@ class NormLayer(Module):
         nonfinite: Literal["raise", "skip"] = "raise",
         dtype: np.dtype | type | str = np.float64,
         backend: str = "auto",
+        comm: object = None,
+        timeout: float | None = None,
     ) -> None:
         conv = get_convention(convention)
         fshape = as_feature_shape(num_features)
@@ -219,7 +229,31 @@ class NormLayer(Module):
         self._cache: object = None
         self._recorders: dict[int, list[BatchStats]] = {}
         self._lock = threading.Lock()
+        self.comm = comm
+        self.timeout = timeout
         self._built = True  # from here on, reassigned arguments are validated
+
+    @property
+    def comm(self) -> object:
+        """The communicator the batch statistics are merged over (None: this process only)."""
+        return self._comm
+
+    @comm.setter
+    def comm(self, value: object) -> None:
+        if value is not None and not self.synchronizable:
+            raise ValueError(f"{type(self).__name__} cannot synchronize its statistics (comm=)")
+        self._comm = distributed._check_comm(value)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        if value is not None and (check_real(value, "timeout") <= 0):
+            raise ValueError(f"timeout must be > 0 seconds or None; got {value!r}")
+        self._timeout = None if value is None else float(value)
 
     # ------------------------------------------------------------------ arguments
     def _arg_validators(self) -> dict[str, Any]:
@@ -287,7 +321,7 @@ class NormLayer(Module):
     def _values_per_feature(self, x: np.ndarray, axes: tuple[int, ...], minimum: int = 2) -> int:
         """Values per feature in ``x``; batch statistics need at least ``minimum``."""
         m = int(np.prod([x.shape[i] for i in reduce_axes(x.ndim, axes)], dtype=np.int64))
-        if m < minimum:
+        if m < minimum and self.comm is None:  # with comm: the global count, after the merge
             raise ValueError(
                 f"expected more than 1 value per feature when using batch statistics; x has "
                 f"shape {x.shape} and feature axis {self.axis!r}, giving {m} value(s) per feature"
@@ -315,6 +349,8 @@ class NormLayer(Module):
         """
         training = self._mode(training)
         update_stats = check_flag(update_stats, "update_stats")
+        if self.comm is not None:  # every rank checks, agrees and merges together
+            return distributed.layer_forward(self, x, training, update_stats)
         x, axes = self.check_input(x)
         if self.uses_batch_stats and (training or not self.track_running_stats):
             y, cache, stats = self._forward_batch(x, axes)
@@ -430,7 +466,8 @@ class NormLayer(Module):
         dx : ndarray, same shape and dtype as the last forward input
         """
         cache = self._need_cache(self._cache)
-        dx, dgamma, dbeta = self._backward(dy, cache)
+        with distributed.layer_call(self, "backward"):
+            dx, dgamma, dbeta = self._backward(dy, cache)
         if self.affine:
             self.dgamma = np.asarray(dgamma).astype(self.dtype, copy=False)
             self.dbeta = np.asarray(dbeta).astype(self.dtype, copy=False)
@@ -575,11 +612,16 @@ class BatchNorm(NormLayer):
         Dtype of the parameters and running statistics (float64 by default).
     backend : {"auto", "numpy", "numba"}
         Kernels to run (see :func:`batchnorm.batch_norm_train`).
+    comm : mpi4py communicator, optional
+        Synchronized batch norm over the ranks of ``comm`` (see :mod:`batchnorm.distributed`).
+    timeout : float, optional
+        With ``comm``: abort the job when ranks are missing for this many seconds.
     """
 
     def _forward_batch(self, x, axes):
-        m = self._values_per_feature(x, axes)
+        self._values_per_feature(x, axes)
         y, cache = batch_norm_train(
-            x, self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend
+            x, self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend,
+            comm=self.comm,
         )
-        return y, cache, BatchStats(m, cache.mean, cache.var)
+        return y, cache, BatchStats(cache.count, cache.mean, cache.var)

@@ -115,6 +115,31 @@ def find_batchnorms(model) -> list[NormLayer]:
     return found
 
 
+def _collect(layers, batches, run, max_batches) -> tuple[list[Moments], int]:
+    """Stream ``batches`` through ``run``; every layer's merged batch moments, and the count."""
+    acc = [Moments() for _ in layers]
+    n_batches = 0
+    with ExitStack() as stack:
+        # inside recording() forwards leave each layer's cache and last_batch_stats alone
+        records = [stack.enter_context(layer.recording()) for layer in layers]
+        for x in batches:
+            if max_batches is not None and n_batches >= max_batches:
+                break
+            run(x)
+            for i, rec in enumerate(records):
+                if not rec:
+                    raise ValueError(
+                        f"layer {i} ({type(layers[i]).__name__}) did not run with batch "
+                        "statistics during the recalibration forward pass; nothing was changed"
+                    )
+                for stats in rec:
+                    for part in getattr(stats, "parts", ()) or (stats,):
+                        acc[i] = acc[i].merge(Moments.from_batch(part.count, part.mean, part.var))
+                rec.clear()
+            n_batches += 1
+    return acc, n_batches
+
+
 def recalibrate(
     model,
     batches: Iterable[np.ndarray],
@@ -122,6 +147,7 @@ def recalibrate(
     method: str = "population",
     forward: Callable[[np.ndarray], object] | None = None,
     max_batches: int | None = None,
+    comm: object = None,
 ) -> list[dict]:
     """Set every norm layer's running statistics to a population estimate over ``batches``.
 
@@ -143,7 +169,13 @@ def recalibrate(
         Custom ``forward(x)``; by default
         ``model.forward(x, training=True, update_stats=False)``.
     max_batches : int, optional
-        Stop after this many batches.
+        Stop after this many batches (per rank, with ``comm``).
+    comm : mpi4py communicator, optional
+        The data set is sharded across the ranks of ``comm``: each rank streams its own
+        ``batches`` (any number, even none; the layers run locally), then the per-layer
+        moments are merged across ranks in rank order, so every rank sets the same
+        population statistics of the whole data set. An error on any rank raises on every
+        rank, and nothing changes.
 
     Returns
     -------
@@ -165,26 +197,18 @@ def recalibrate(
     if max_batches is not None:
         max_batches = check_count(max_batches, "max_batches", minimum=0)
     run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
-    acc = [Moments() for _ in layers]
-    n_batches = 0
-    with ExitStack() as stack:
-        # inside recording() forwards leave each layer's cache and last_batch_stats alone
-        records = [stack.enter_context(layer.recording()) for layer in layers]
-        for x in batches:
-            if max_batches is not None and n_batches >= max_batches:
-                break
-            run(x)
-            for i, rec in enumerate(records):
-                if not rec:
-                    raise ValueError(
-                        f"layer {i} ({type(layers[i]).__name__}) did not run with batch "
-                        "statistics during the recalibration forward pass; nothing was changed"
-                    )
-                for stats in rec:
-                    for part in getattr(stats, "parts", ()) or (stats,):
-                        acc[i] = acc[i].merge(Moments.from_batch(part.count, part.mean, part.var))
-                rec.clear()
-            n_batches += 1
+    if comm is None:
+        acc, n_batches = _collect(layers, batches, run, max_batches)
+    else:
+        from . import distributed
+
+        def local():
+            with distributed.unsynchronized(model):  # this rank's shard, merged below
+                return _collect(layers, batches, run, max_batches)
+
+        acc, n_batches = distributed.merge_moments(
+            comm, local, [layer.feature_shape for layer in layers]
+        )
     if n_batches == 0:
         raise ValueError("recalibrate() received no batches")
     new = [a.estimate(method) for a in acc]

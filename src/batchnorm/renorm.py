@@ -24,7 +24,7 @@ diagnostics, recalibration) treats it like :class:`batchnorm.BatchNorm`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -102,6 +102,7 @@ def batch_renorm_train(
     axis=1,
     eps: float = 1e-5,
     backend: str = "auto",
+    comm: object = None,
 ) -> tuple[np.ndarray, RenormCache]:
     """Batch-renorm forward pass in training mode (see the module docstring).
 
@@ -113,23 +114,44 @@ def batch_renorm_train(
         Current population estimates; ``running_std`` must be > 0.
     rmax, dmax : float
         Clipping limits, ``rmax >= 1``, ``dmax >= 0``.
+    comm : mpi4py communicator, optional
+        Batch statistics over the union of every rank's ``x`` (see
+        :mod:`batchnorm.distributed`); the cache remembers it for the backward pass.
 
     Returns
     -------
     y : ndarray, same shape and dtype as ``x``
     cache : RenormCache
     """
-    rmax, dmax = _check_limits(rmax, dmax)
-    x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
-    _check_not_empty(x, "normalize")
-    mu = as_feature_vector(running_mean, "running_mean", fshape, x.shape)
-    sigma = as_feature_vector(running_std, "running_std", fshape, x.shape)
-    if np.any(sigma <= 0):
-        raise ValueError(f"running_std must be > 0; got min {sigma.min()!r}")
-    be = select(backend, x.size, axes)
-    xw = be.work(x)
+
+    def prepare():
+        lim = _check_limits(rmax, dmax)
+        xa, axes, fshape, g, b, e = _prepare(x, gamma, beta, axis, eps)
+        if comm is None:
+            _check_not_empty(xa, "normalize")
+        mu = as_feature_vector(running_mean, "running_mean", fshape, xa.shape)
+        sigma = as_feature_vector(running_std, "running_std", fshape, xa.shape)
+        if np.any(sigma <= 0):
+            raise ValueError(f"running_std must be > 0; got min {sigma.min()!r}")
+        be = select(backend, xa.size, axes)
+        return (xa, fshape, g, b, e, mu, sigma, lim), be, be.work(xa), axes, xa.dtype
+
+    if comm is not None:  # local statistics, merged across ranks
+        from .distributed import synchronized_batch
+
+        return synchronized_batch(comm, "batch_renorm_train", prepare,
+                                  lambda *a: _renorm_finish(*a, comm=comm))
+    state, be, xw, axes, _ = prepare()
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_b, var_b = be.moments(xw, axes)
+    return _renorm_finish(state, be, xw, axes, BatchStats(0, mean_b, var_b), comm=None)
+
+
+def _renorm_finish(state, be, xw, axes, stats, *, comm):
+    """r, d and the output pass, given the batch statistics (local or merged)."""
+    x, fshape, g, b, eps, mu, sigma, (rmax, dmax) = state
+    mean_b, var_b = stats.mean, stats.var
+    with np.errstate(invalid="ignore", divide="ignore"):
         sigma_b = np.sqrt(var_b + eps)
         r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
         d = np.clip((mean_b - mu) / sigma, -dmax, dmax)
@@ -137,7 +159,9 @@ def batch_renorm_train(
     b0 = np.zeros(fshape) if b is None else b
     # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
     y, bn_cache = _normalize_batch(be, x, xw, axes, mean_b, var_b, g1 * r, b0 + g1 * d, eps)
-    return y, RenormCache(bn_cache, r, d, gamma is not None, beta is not None)
+    if comm is not None:
+        bn_cache = replace(bn_cache, count=stats.count, comm=comm)
+    return y, RenormCache(bn_cache, r, d, g is not None, b is not None)
 
 
 def batch_renorm_backward(dy: np.ndarray, cache: RenormCache, *, backend: str = "auto"):
@@ -234,7 +258,7 @@ class BatchRenorm(NormLayer):
         E.g. :class:`RenormSchedule`; ``step`` is ``num_batches_tracked``.
     momentum : float or None
         Weight of the old value in the moving averages of mean and std (default 0.99).
-    axis, eps, affine, nonfinite, dtype, backend
+    axis, eps, affine, nonfinite, dtype, backend, comm, timeout
         As :class:`batchnorm.BatchNorm` (the "seed" momentum direction).
 
     Attributes
@@ -258,6 +282,8 @@ class BatchRenorm(NormLayer):
         nonfinite="raise",
         dtype=np.float64,
         backend: str = "auto",
+        comm: object = None,
+        timeout: float | None = None,
     ):
         schedule = _schedule_from_config(schedule)
         rmax, dmax = _check_limits(rmax, dmax)
@@ -273,6 +299,8 @@ class BatchRenorm(NormLayer):
             nonfinite=nonfinite,
             dtype=dtype,
             backend=backend,
+            comm=comm,
+            timeout=timeout,
         )
         self.rmax, self.dmax, self.schedule = rmax, dmax, schedule
         self.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
@@ -294,7 +322,7 @@ class BatchRenorm(NormLayer):
         return self.rmax, self.dmax
 
     def _forward_batch(self, x, axes):
-        m = self._values_per_feature(x, axes)
+        self._values_per_feature(x, axes)
         rmax, dmax = self.limits()
         y, cache = batch_renorm_train(
             x,
@@ -307,8 +335,9 @@ class BatchRenorm(NormLayer):
             axis=axes,
             eps=self.eps,
             backend=self.backend,
+            comm=self.comm,
         )
-        return y, cache, BatchStats(m, cache.mean, cache.var)
+        return y, cache, BatchStats(cache.bn.count, cache.mean, cache.var)
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         return update_running(

@@ -86,8 +86,11 @@ class GhostBatchNorm(NormLayer):
         As :class:`batchnorm.BatchNorm`; axis 0 may not be a feature axis.
 
     ``last_batch_stats`` is a :class:`GhostBatchStats`: the whole batch's statistics, with
-    each virtual batch's in ``parts``.
+    each virtual batch's in ``parts``. Not synchronizable (``comm``): over MPI, local batch
+    norm on R ranks is already ghost batch norm with the per-rank batch as virtual batch.
     """
+
+    synchronizable = False
 
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
         vbs = check_count(virtual_batch_size, "virtual_batch_size")
