@@ -143,6 +143,13 @@ def test_synchronized_equals_single_process(tmp_path, n, sizes):
             np.testing.assert_allclose(ranks[r][f"layer{i}_y"], outs[i][0][lo:hi], atol=1e-12)
             np.testing.assert_allclose(ranks[r][f"layer{i}_dx"], outs[i][1][lo:hi], atol=1e-12)
 
+    # evaluation mode: every rank normalizes its slice with the (shared) running statistics
+    y_eval = layers[0].eval().forward(x)
+    for r in range(n):
+        lo, hi = bounds[r], bounds[r + 1]
+        np.testing.assert_allclose(ranks[r]["eval_y"], y_eval[lo:hi], atol=1e-12)
+        assert ranks[r]["eval_y"].tobytes() == ranks[r]["eval_y_local"].tobytes()
+
     # recalibration over a data set sharded across ranks = over the whole data set
     pieces = np.split(inp["recal"], np.cumsum(inp["recal_sizes"])[:-1])
     ref = bn.BatchNorm(5)
@@ -174,6 +181,7 @@ def test_errors_raise_on_every_rank_and_change_nothing(tmp_path, n):
         "renorm_bad_limits": ("DistributedError", ["rmax must be finite and >= 1"]),
         "functional_features": ("DistributedError", ["6 features"]),
         "gradients_missing": ("DistributedError", ["run backward() first"]),
+        "recalibrate_bad_batch": ("DistributedError", ["recalibrate failed", "(5,) features"]),
     }
     for case, (kind, words) in expected.items():
         outcomes = [r[case] for r in res]

@@ -69,6 +69,12 @@ for i, lay in enumerate((layer, renorm)):
     res[f"layer{i}_tracked"] = lay.num_batches_tracked
     res[f"layer{i}_count"] = lay.last_batch_stats.count
 
+# evaluation mode on every rank: running statistics, no merge (a header exchange only)
+layer.eval()
+res["eval_y"] = layer.forward(x[lo:hi])
+with bn.distributed.unsynchronized(layer):  # one rank alone may evaluate outside the block
+    res["eval_y_local"] = layer.forward(x[lo:hi])
+
 # recalibration of a data set sharded across ranks: rank r streams batches r, r+R, ...
 net = bn.BatchNorm(c, comm=comm)
 bn.recalibrate(net, recal[rank::size], comm=comm)

@@ -101,6 +101,12 @@ def gradients_missing(layer):
     bn.distributed.allreduce_gradients(model, comm)
 
 
+def recalibrate_bad_batch(layer):
+    good = [rng.normal(size=(4, c)) for _ in range(2)]
+    batches = good + [rng.normal(size=(4, c + 1))] if me_bad else good
+    bn.recalibrate(layer, batches, comm=comm)
+
+
 CASES = [
     ("wrong_features", wrong_features, {}),
     ("integer_dtype", integer_dtype, {}),
@@ -115,6 +121,7 @@ CASES = [
     ("renorm_bad_limits", renorm_bad_limits, {"renorm": True}),
     ("functional_features", functional_features, {}),
     ("gradients_missing", gradients_missing, {}),
+    ("recalibrate_bad_batch", recalibrate_bad_batch, {}),
 ]
 
 results = {}
