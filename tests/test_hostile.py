@@ -434,3 +434,40 @@ def test_from_config_of_another_class_says_so():
     cfg = bn.FrozenBatchNorm(3).config()
     with pytest.raises(ValueError, match="not a BatchNorm"):
         bn.BatchNorm.from_config(cfg)
+
+
+# ----------------------------------------------------------------- batchnorm inspect
+def test_inspect_json_is_strict_json_for_every_layer(rng, tmp_path, capsys):
+    import json
+
+    from batchnorm.cli import main
+
+    frozen = FrozenBatchNorm.from_batchnorm(_trained(ALL_LAYERS["BatchNorm"], rng))
+    frozen.save(tmp_path / "f.npz")  # its averaging window is infinite
+    one = bn.BatchNorm(3)
+    one(rng.standard_normal((4, 3)))
+    one.save(tmp_path / "one.npz")
+    np.save(tmp_path / "single.npy", rng.standard_normal((1, 3)))
+    assert main(["inspect", str(tmp_path / "f.npz"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # strict: no Infinity
+    assert info["averaging_window"]["effective_batches"] == "inf"
+    assert main(["inspect", str(tmp_path / "one.npz"), "--batch",
+                 str(tmp_path / "single.npy"), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    for path in (tmp_path / "f.npz", tmp_path / "one.npz"):
+        assert main(["inspect", str(path)]) == 0
+        assert type(bn.diagnostics.layer_from_checkpoint(path)).__name__ in capsys.readouterr().out
+
+
+def test_inspect_refuses_bad_files_with_exit_code_2(rng, tmp_path, capsys):
+    from batchnorm.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    layer = _trained(ALL_LAYERS["BatchNorm"], rng)
+    layer.save(tmp_path / "bn.npz")
+    np.savez(tmp_path / "two.npz", a=np.ones((2, 3)))
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
+    assert main(["inspect", str(tmp_path)]) == 2  # a folder
+    assert main(["inspect", str(tmp_path / "bn.npz"), "--batch", str(tmp_path / "two.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "allow_pickle" not in err and "error" in err

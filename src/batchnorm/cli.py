@@ -157,16 +157,19 @@ def _inspect(args: argparse.Namespace) -> int:
             batch = np.load(args.batch, allow_pickle=False)
         except Exception as exc:
             raise ValueError(f"cannot read --batch {args.batch}: {exc}") from exc
+        if not isinstance(batch, np.ndarray):  # an .npz archive, not one array
+            batch.close()
+            raise ValueError(f"--batch {args.batch} must be a .npy file holding one array")
     info = describe_checkpoint(args.checkpoint, batch)
     if args.json:
-        print(json.dumps(info, indent=1))
+        from .diagnostics import json_safe
+
+        print(json.dumps(json_safe(info), indent=1, allow_nan=False))
         return 0
-    cfg = info["config"]
-    print(
-        f"{args.checkpoint}: BatchNorm{tuple(cfg['num_features'])}, convention "
-        f"{cfg['convention']!r}, axis {cfg['axis']}, momentum {cfg['momentum']}, eps "
-        f"{cfg['eps']:g}, {info['num_batches_tracked']} batches tracked"
-    )
+    cfg = dict(info["config"])
+    head = f"{cfg.pop('class')}{tuple(cfg.pop('num_features'))}"
+    shown = ", ".join(f"{k} {v!r}" for k, v in cfg.items())
+    print(f"{args.checkpoint}: {head}, {shown}; {info['num_batches_tracked']} batches tracked")
     if "running_mean" in info:
         rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
         print(
@@ -198,18 +201,29 @@ def _sync_demo(args: argparse.Namespace) -> int:
     from .sync_report import write_sync_report
 
     comm = _world()
+    rank0 = comm.Get_rank() == 0
+    # rank 0 checks --out before any work; every rank learns the outcome (no rank is left
+    # waiting in a collective while another has given up)
+    verdict, problem = np.ones(1, np.int64), ""
+    if rank0:
+        try:
+            _check_out(args.out)
+        except ValueError as exc:
+            verdict[0], problem = 0, str(exc)
+    comm.Bcast(verdict, root=0)
+    if not verdict[0]:
+        raise ValueError(problem or f"--out {args.out} was refused on rank 0")
     config = SyncConfig()
     if args.steps is not None:
         config = replace(config, small_batch_steps=args.steps)
     if args.seeds is not None:
         config = replace(config, seeds=args.seeds)
     data = load_dataset("mnist-subset")
-    rank0 = comm.Get_rank() == 0
     if rank0:
         print(f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}",
               file=sys.stderr)
     results = run(config, data, comm=comm,
-                  progress=None if args.quiet or not rank0 else ProgressBar("sync-demo"))
+                  progress=None if args.quiet or not rank0 else Progress("sync-demo", unit="step"))
     if rank0:
         s = write_sync_report(results, args.out)
         print(f"SyncBN vs one process: max parameter difference after "
@@ -334,9 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="SyncBN over the ranks of an MPI job against one process, local BN "
         "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.")
     sync.add_argument("--out", default="sync-demo", help="output folder (default: sync-demo)")
-    sync.add_argument("--steps", type=int, default=None,
+    sync.add_argument("--steps", type=_positive_int("--steps"), default=None,
                       help="steps per small-batch run (default 1000)")
-    sync.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    sync.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
+                      help="number of seeds (default 3)")
     sync.add_argument("--quiet", action="store_true", help="no progress bar")
     sync.set_defaults(func=_sync_demo)
     return parser
@@ -358,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
         print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
