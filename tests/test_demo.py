@@ -410,3 +410,11 @@ def test_cli_reports_bad_dataset_cleanly(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--dataset", "mnist", "--steps", "2"])
     assert rc == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_serial_runs_use_one_numba_thread_and_restore_it():
+    numba = pytest.importorskip("numba")
+    before = numba.get_num_threads()
+    with runner._one_numba_thread():
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before

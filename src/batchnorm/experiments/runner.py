@@ -13,6 +13,7 @@ whatever the number of workers and whatever order the runs finish in.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -168,6 +169,50 @@ def _selected(config: IoffeConfig, specs: list[RunSpec], outputs: dict) -> dict[
 
 
 # ----------------------------------------------------------------------------- workers
+@contextlib.contextmanager
+def _one_numba_thread():
+    """Run numba's kernels on one thread inside the block, as the worker processes do.
+
+    One thread is faster for these small arrays, and the same thread count everywhere makes
+    the results bit-identical whatever the number of workers.
+    """
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, progress):
+    """Both phases in this process, in order; returns (outputs, phase-2 specs)."""
+    done = 0.0
+    outputs: dict[RunSpec, dict] = {}
+
+    def tick(w):
+        def f(k):
+            nonlocal done
+            done += k * w
+            if progress:
+                progress(min(done, total), total)
+
+        return f
+
+    for spec in phase1:
+        outputs[spec] = train_arm(spec, train, config, val=val, progress=tick(weight(spec)))
+    selected = _selected(config, phase1, outputs)
+    phase2 = plan_phase2(config, entropies, selected)
+    for spec in phase2:
+        data = get_reg() if spec.dataset == "reg" else train
+        outputs[spec] = train_arm(spec, data, config, val=None, progress=tick(weight(spec)))
+    return outputs, phase2
+
+
 _progress_queue = None
 _worker_data: dict | None = None
 
@@ -253,29 +298,9 @@ def run(
 
     workers = max(1, min(config.workers, os.cpu_count() or 1))
     if workers == 1:
-
-        def tick(w):
-            def f(k):
-                nonlocal done
-                done += k * w
-                if progress:
-                    progress(min(done, total), total)
-
-            return f
-
-        for spec in phase1:
-            outputs[spec] = train_arm(
-                spec, train, config, val=(x_val, y_val), progress=tick(weight(spec))
-            )
-        selected = _selected(config, phase1, outputs)
-        phase2 = plan_phase2(config, entropies, selected)
-        for spec in phase2:
-            outputs[spec] = train_arm(
-                spec,
-                get_reg() if spec.dataset == "reg" else train,
-                config,
-                val=None,
-                progress=tick(weight(spec)),
+        with _one_numba_thread():
+            outputs, phase2 = _run_serial(
+                config, entropies, phase1, train, (x_val, y_val), get_reg, weight, total, progress
             )
     else:
         # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
