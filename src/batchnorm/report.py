@@ -310,7 +310,14 @@ def _cost_table(results: dict) -> Table:
         out.append([name, runs, steps, "n/a" if c is None else f"{c:.0f}"])
     wall = results.get("wall_seconds")
     if wall is not None:
-        out.append(["whole run (wall clock)", "", "", f"{wall:.0f} (wall)"])
+        out.append(
+            [
+                f"all of the above (wall clock, {cfg['workers']} workers)",
+                "",
+                "",
+                f"{wall:.0f} (wall)",
+            ]
+        )
     return head, out
 
 
@@ -625,8 +632,7 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ("h1", "Does batch normalization do what the articles say?"),
         (
             "p",
-            f"Dataset: {ds['description']} ({ds['n_train']} training items used for "
-            f"training, {cfg['val_size']} held out for validation, {ds['n_test']} test). "
+            f"Dataset: {ds['description']}; {ds['n_test']} test items. "
             f"Network: {arch} sigmoid MLP, Gaussian init (std {cfg['init_std']}), plain SGD, "
             f"batch {cfg['batch_size']}. Three arms share initial weights, batch order and "
             f"seeds: no BN, BN, and noisy BN (Santurkar et al. 2018: random per-unit shifts "

@@ -481,6 +481,9 @@ def summarize(results: dict) -> dict:
         "the gap is test accuracy with batch statistics (train mode) minus with "
         "running statistics (eval mode)",
     }
+    for c in claims.values():  # sentences start with a capital
+        c["evidence"] = c["evidence"][:1].upper() + c["evidence"][1:]
+        c["rests_on"] = c["rests_on"][:1].upper() + c["rests_on"][1:]
     return {"claims": claims, "usable": usable, "usable_threshold": threshold, "n_test": n_test}
 
 
