@@ -481,6 +481,21 @@ def summarize(results: dict) -> dict:
         "the gap is test accuracy with batch statistics (train mode) minus with "
         "running statistics (eval mode)",
     }
+    # a run too short for BN itself to fit its training data decides nothing about these
+    guards = {
+        "learning_rates": {"BN": arms["bn"]["final_train_accuracy"]},
+        "small_init": {f"BN at std {small}": init[small]["bn"].get("final_train_accuracy", [])},
+        "depth": {"the deep BN network": deep["bn"]["final_train_accuracy"]},
+        "santurkar_control": {
+            "BN": arms["bn"]["final_train_accuracy"],
+            "noisy BN": arms["noisy_bn"]["final_train_accuracy"],
+        },
+    }
+    for key, needs in guards.items():
+        note = _fit_note(needs, fit)
+        if note:
+            claims[key]["verdict"] = "inconclusive"
+            claims[key]["evidence"] += f"; {note}"
     for c in claims.values():  # sentences start with a capital
         c["evidence"] = c["evidence"][:1].upper() + c["evidence"][1:]
         c["rests_on"] = c["rests_on"][:1].upper() + c["rests_on"][1:]
