@@ -64,7 +64,18 @@ def estimated_cost(spec: RunSpec, n_in: int, config: IoffeConfig) -> float:
 
 
 def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
-    """The learning-rate sweep (all arms, rates, seeds) and the deep networks' sweep."""
+    """The learning-rate sweep (all arms, rates, seeds) and the deep networks' sweep.
+
+    Parameters
+    ----------
+    config : IoffeConfig
+    entropies : list of int
+        One seed entropy per seed.
+
+    Returns
+    -------
+    list of RunSpec
+    """
     specs = [
         RunSpec(
             arm,
@@ -94,7 +105,20 @@ def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
 def plan_phase2(
     config: IoffeConfig, entropies: list[int], selected: dict[str, float]
 ) -> list[RunSpec]:
-    """Small initial scale, regularization and ghost batches, at the chosen rates."""
+    """Small initial scale, regularization and ghost batches, at the chosen rates.
+
+    Parameters
+    ----------
+    config : IoffeConfig
+    entropies : list of int
+        One seed entropy per seed.
+    selected : dict
+        Arm -> learning rate chosen on validation.
+
+    Returns
+    -------
+    list of RunSpec
+    """
     specs = [
         RunSpec(
             arm,
@@ -366,7 +390,17 @@ def run(
 
 
 def weight_total(weight: Callable[[RunSpec], float]) -> Callable[[RunSpec], float]:
-    """Sort key: a run's estimated total cost."""
+    """Sort key: a run's estimated total cost.
+
+    Parameters
+    ----------
+    weight : callable(RunSpec) -> float
+        Estimated cost per step.
+
+    Returns
+    -------
+    callable(RunSpec) -> float
+    """
     return lambda s: weight(s) * s.steps
 
 
