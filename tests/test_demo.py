@@ -222,7 +222,11 @@ def _fake(acc=None, train=None, reg_train=None, reg_test=None, dist=None, seeds=
         for a in arms
     }
     res["init"] = {
-        s: {a: {"final_test_accuracy": per_seed(acc[a])} for a in arms} for s in ("0.1", "0.01")
+        s: {
+            a: {"final_test_accuracy": per_seed(acc[a]), "final_train_accuracy": per_seed(train[a])}
+            for a in arms
+        }
+        for s in ("0.1", "0.01")
     }
     res["deep"] = {
         a: {
@@ -327,6 +331,17 @@ def test_verdicts_inconclusive_when_an_arm_did_not_fit():
     assert s["claims"]["accuracy"]["verdict"] == "inconclusive"
 
 
+def test_no_verdict_from_a_run_too_short_for_bn_to_fit():
+    arms = ("no_bn", "bn", "noisy_bn")
+    clear = {"no_bn": 0.30, "bn": 0.85, "noisy_bn": 0.85}
+    s = assess.summarize(_fake(acc=clear, train=dict.fromkeys(arms, 0.9)))
+    for key in ("accuracy", "small_init", "depth", "santurkar_control", "learning_rates"):
+        assert s["claims"][key]["verdict"] == "inconclusive", key
+        assert "too short" in s["claims"][key]["evidence"], key
+    s = assess.summarize(_fake(acc=clear, train={"no_bn": 0.3, "bn": 1.0, "noisy_bn": 1.0}))
+    assert s["claims"]["depth"]["verdict"] == "supported"  # BN fits, no BN does not train
+
+
 def test_compare_accuracy_noise_model():
     c = assess.compare_accuracy([0.9, 0.9], [0.9, 0.9], 1000)
     assert c["noise"] == pytest.approx(2 * np.sqrt(2 * 0.09 / 1000))
@@ -410,3 +425,11 @@ def test_cli_reports_bad_dataset_cleanly(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--dataset", "mnist", "--steps", "2"])
     assert rc == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_serial_runs_use_one_numba_thread_and_restore_it():
+    numba = pytest.importorskip("numba")
+    before = numba.get_num_threads()
+    with runner._one_numba_thread():
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before

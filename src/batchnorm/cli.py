@@ -51,6 +51,15 @@ class Progress:
             self.bar.close()
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None) or it is a flag."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive_int(flag: str):
     """An argparse type: an integer >= 1, with an error naming ``flag``."""
 
@@ -249,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from . import __version__
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="batchnorm",
         formatter_class=fmt,

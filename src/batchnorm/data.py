@@ -74,13 +74,16 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
+        """Number of input features (columns of ``x_train``)."""
         return int(self.x_train.shape[1])
 
     @property
     def n_classes(self) -> int:
+        """Number of classes (largest label + 1, over both splits)."""
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
 
     def summary(self) -> dict:
+        """Name, description and sizes as a JSON-ready dict (for results.json)."""
         return {
             "name": self.name,
             "description": self.description,

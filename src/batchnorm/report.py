@@ -267,6 +267,60 @@ def _ghost_table(results: dict) -> Table:
     return head, rows
 
 
+def _cost_table(results: dict) -> Table:
+    cfg = results["config"]
+    cpu = results.get("cpu_seconds", {})
+    seeds = cfg["seeds"]
+    rows = [
+        (
+            "lr_sweep",
+            "learning-rate sweep (+ distribution probes, ICS)",
+            f"3 arms x {len(cfg['lrs'])} rates x {seeds} seeds",
+            f"{cfg['steps']}",
+        ),
+        (
+            "small_init",
+            f"initial std {cfg['small_init_std']}",
+            f"3 arms x {seeds} seeds",
+            f"{cfg['steps']}",
+        ),
+        (
+            "deep",
+            f"{len(cfg['deep_hidden'])} hidden layers",
+            f"2 arms x {len(cfg['deep_lrs'])} rates x {seeds} seeds",
+            f"{cfg['deep_steps']}",
+        ),
+        (
+            "regularization",
+            f"{cfg['reg_dataset']}, until fitted",
+            f"3 arms x {seeds} seeds",
+            f"at most {cfg['reg_steps']}",
+        ),
+        (
+            "ghost",
+            "ghost batches, until fitted",
+            f"{len(cfg['ghost_sizes'])} sizes x {seeds} seeds",
+            f"at most {cfg['ghost_steps']}",
+        ),
+    ]
+    head = ["sub-experiment", "runs", "steps per run", "CPU seconds (all runs)"]
+    out = []
+    for key, name, runs, steps in rows:
+        c = cpu.get(key, {}).get("cpu_seconds")
+        out.append([name, runs, steps, "n/a" if c is None else f"{c:.0f}"])
+    wall = results.get("wall_seconds")
+    if wall is not None:
+        out.append(
+            [
+                f"all of the above (wall clock, {cfg['workers']} workers)",
+                "",
+                "",
+                f"{wall:.0f} (wall)",
+            ]
+        )
+    return head, out
+
+
 def render_text(table: Table) -> str:
     """A table as aligned plain text (for the terminal).
 
@@ -578,8 +632,7 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ("h1", "Does batch normalization do what the articles say?"),
         (
             "p",
-            f"Dataset: {ds['description']} ({ds['n_train']} training items used for "
-            f"training, {cfg['val_size']} held out for validation, {ds['n_test']} test). "
+            f"Dataset: {ds['description']}; {ds['n_test']} test items. "
             f"Network: {arch} sigmoid MLP, Gaussian init (std {cfg['init_std']}), plain SGD, "
             f"batch {cfg['batch_size']}. Three arms share initial weights, batch order and "
             f"seeds: no BN, BN, and noisy BN (Santurkar et al. 2018: random per-unit shifts "
@@ -676,6 +729,8 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ),
         ("table", _ghost_table(results)),
         ("img", "regularization.png", "regularization"),
+        ("h2", "Settings and cost of each sub-experiment"),
+        ("table", _cost_table(results)),
         ("p", "All numbers come from this run; results.json holds every number and curve."),
     ]
     return b

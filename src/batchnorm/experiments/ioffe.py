@@ -129,11 +129,11 @@ class IoffeConfig:
     train_eval_size: int = 1000
     deep_hidden: tuple[int, ...] = (100,) * 8
     deep_lrs: tuple[float, ...] = (0.5, 2.0)
-    deep_steps: int = 1500
+    deep_steps: int = 1000
     reg_dataset: str = "mnist1d"
-    reg_steps: int = 20000
+    reg_steps: int = 15000
     ghost_sizes: tuple[int, ...] = (2, 4, 8, 16, 60)
-    ghost_steps: int = 1000
+    ghost_steps: int = 800
     fit_threshold: float = 0.99
     workers: int = 2
     noise: dict = field(

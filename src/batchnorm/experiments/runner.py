@@ -13,6 +13,7 @@ whatever the number of workers and whatever order the runs finish in.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -24,7 +25,12 @@ import numpy as np
 from ..data import Dataset, load_dataset, validation_split
 from .ioffe import ARMS, IoffeConfig, RunSpec, train_arm
 
-EXPECTED_FIT_FRACTION = 0.55
+# share of the step cap that a run stopping once fitted is expected to use (for the ETA only;
+# calibrated on the default run: MNIST-1D runs fit after 55-100% of the cap, ghost runs are
+# cheaper per step than the cost model says)
+EXPECTED_FIT_FRACTION = {"reg": 0.85, "main": 0.7}
+# share of the whole run spent starting the worker processes (measured: 4-6 s of ~250 s)
+STARTUP_SHARE = 0.02
 
 __all__ = ["collect", "estimated_cost", "plan_phase1", "plan_phase2", "run", "select_lr"]
 
@@ -48,17 +54,28 @@ def estimated_cost(spec: RunSpec, n_in: int, config: IoffeConfig) -> float:
     per_step = 0.12 + 1.2e-5 * macs
     if spec.arm != "no_bn":
         groups = 1 if spec.ghost is None else -(-config.batch_size // spec.ghost)
-        per_step += len(spec.hidden) * (0.05 + 0.13 * groups)
+        per_step += len(spec.hidden) * (0.05 + 0.16 * groups)
     if spec.arm == "noisy_bn":
         per_step += 0.05 * len(spec.hidden)
     if spec.measure:
         per_step *= 1.15
-    # runs that stop once fitted are expected to use about half their step cap
-    return per_step * spec.steps * 1.1 * (EXPECTED_FIT_FRACTION if spec.stop_at_fit else 1.0)
+    fraction = EXPECTED_FIT_FRACTION[spec.dataset] if spec.stop_at_fit else 1.0
+    return per_step * spec.steps * 1.1 * fraction
 
 
 def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
-    """The learning-rate sweep (all arms, rates, seeds) and the deep networks' sweep."""
+    """The learning-rate sweep (all arms, rates, seeds) and the deep networks' sweep.
+
+    Parameters
+    ----------
+    config : IoffeConfig
+    entropies : list of int
+        One seed entropy per seed.
+
+    Returns
+    -------
+    list of RunSpec
+    """
     specs = [
         RunSpec(
             arm,
@@ -88,7 +105,20 @@ def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
 def plan_phase2(
     config: IoffeConfig, entropies: list[int], selected: dict[str, float]
 ) -> list[RunSpec]:
-    """Small initial scale, regularization and ghost batches, at the chosen rates."""
+    """Small initial scale, regularization and ghost batches, at the chosen rates.
+
+    Parameters
+    ----------
+    config : IoffeConfig
+    entropies : list of int
+        One seed entropy per seed.
+    selected : dict
+        Arm -> learning rate chosen on validation.
+
+    Returns
+    -------
+    list of RunSpec
+    """
     specs = [
         RunSpec(
             arm,
@@ -166,6 +196,50 @@ def _selected(config: IoffeConfig, specs: list[RunSpec], outputs: dict) -> dict[
 
 
 # ----------------------------------------------------------------------------- workers
+@contextlib.contextmanager
+def _one_numba_thread():
+    """Run numba's kernels on one thread inside the block, as the worker processes do.
+
+    One thread is faster for these small arrays, and the same thread count everywhere makes
+    the results bit-identical whatever the number of workers.
+    """
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, progress, startup):
+    """Both phases in this process, in order; returns (outputs, phase-2 specs)."""
+    done = startup  # nothing to start here
+    outputs: dict[RunSpec, dict] = {}
+
+    def tick(w):
+        def f(k):
+            nonlocal done
+            done += k * w
+            if progress:
+                progress(min(done, total), total)
+
+        return f
+
+    for spec in phase1:
+        outputs[spec] = train_arm(spec, train, config, val=val, progress=tick(weight(spec)))
+    selected = _selected(config, phase1, outputs)
+    phase2 = plan_phase2(config, entropies, selected)
+    for spec in phase2:
+        data = get_reg() if spec.dataset == "reg" else train
+        outputs[spec] = train_arm(spec, data, config, val=None, progress=tick(weight(spec)))
+    return outputs, phase2
+
+
 _progress_queue = None
 _worker_data: dict | None = None
 
@@ -178,6 +252,12 @@ def _worker_init(queue, data: dict) -> None:
 
         threadpool_limits(1)
     except ImportError:
+        pass
+    try:  # likewise one numba thread: two workers' thread pools contending for two cores
+        import numba  # made a 500-row BatchNorm call 15-80x slower (7-34 ms instead of 0.4)
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):
         pass
 
 
@@ -233,6 +313,10 @@ def run(
         return estimated_cost(spec, n_in, config) / spec.steps
 
     total = sum(weight(s) * s.steps for s in phase1 + dummy)
+    # starting the worker processes (spawn, imports, data) counts as work too, so the ETA of
+    # the first seconds does not treat the start-up as the speed of training
+    startup = STARTUP_SHARE * total
+    total += startup
     done = 0.0
     outputs: dict[RunSpec, dict] = {}
     reg: Dataset | None = reg_data if isinstance(reg_data, Dataset) else None
@@ -245,29 +329,18 @@ def run(
 
     workers = max(1, min(config.workers, os.cpu_count() or 1))
     if workers == 1:
-
-        def tick(w):
-            def f(k):
-                nonlocal done
-                done += k * w
-                if progress:
-                    progress(min(done, total), total)
-
-            return f
-
-        for spec in phase1:
-            outputs[spec] = train_arm(
-                spec, train, config, val=(x_val, y_val), progress=tick(weight(spec))
-            )
-        selected = _selected(config, phase1, outputs)
-        phase2 = plan_phase2(config, entropies, selected)
-        for spec in phase2:
-            outputs[spec] = train_arm(
-                spec,
-                get_reg() if spec.dataset == "reg" else train,
+        with _one_numba_thread():
+            outputs, phase2 = _run_serial(
                 config,
-                val=None,
-                progress=tick(weight(spec)),
+                entropies,
+                phase1,
+                train,
+                (x_val, y_val),
+                get_reg,
+                weight,
+                total,
+                progress,
+                startup,
             )
     else:
         # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
@@ -284,10 +357,14 @@ def run(
             }
             sweep = [s for s in phase1 if s.measure]
             phase2: list[RunSpec] | None = None
+            started = False
             get_reg()  # load while phase 1 runs
             while True:
                 try:
-                    done += q.get(timeout=0.2)
+                    got = q.get(timeout=0.2)
+                    if not started:  # the first worker is up and training
+                        started, done = True, done + startup
+                    done += got
                 except queue_mod.Empty:
                     pass
                 for f in futures.values():
@@ -313,7 +390,17 @@ def run(
 
 
 def weight_total(weight: Callable[[RunSpec], float]) -> Callable[[RunSpec], float]:
-    """Sort key: a run's estimated total cost."""
+    """Sort key: a run's estimated total cost.
+
+    Parameters
+    ----------
+    weight : callable(RunSpec) -> float
+        Estimated cost per step.
+
+    Returns
+    -------
+    callable(RunSpec) -> float
+    """
     return lambda s: weight(s) * s.steps
 
 
