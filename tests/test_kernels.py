@@ -14,14 +14,20 @@ from batchnorm import _dispatch, functional
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
 # wide inner blocks (I >= 32), narrow ones, channels-last, one outer element, adjacent tuple
-LAYOUTS = [((4, 6, 8, 8), 1), ((4, 6, 3, 5), 1), ((5, 7, 7, 6), -1), ((1, 4, 40, 3), 1),
-           ((3, 5, 4, 36), (1, 2)), ((257, 33), 1), ((3, 9, 100), 2)]
+LAYOUTS = [
+    ((4, 6, 8, 8), 1),
+    ((4, 6, 3, 5), 1),
+    ((5, 7, 7, 6), -1),
+    ((1, 4, 40, 3), 1),
+    ((3, 5, 4, 36), (1, 2)),
+    ((257, 33), 1),
+    ((3, 9, 100), 2),
+]
 
 
 def test_import_compiles_nothing():
     code = "import sys, batchnorm; print('numba' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
@@ -110,23 +116,29 @@ def test_backends_share_one_contract():
 
 @numba_only
 def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
-    """float16 input is converted to float32 once, in the forward pass."""
+    """A non-contiguous input is copied once, in the forward pass; float16 never is."""
     from batchnorm import _numba_kernels as K
 
-    x = rng.standard_normal((64, 8, 70)).astype(np.float16)
-    calls = []
-    real = K.half_to_float
+    copies = []
+    real = K._contiguous
 
     def counting(a):
-        calls.append(a.shape)
-        return real(a)
+        out = real(a)
+        if out is not a:
+            copies.append(a.shape)
+        return out
 
-    monkeypatch.setattr(K, "half_to_float", counting)
+    monkeypatch.setattr(K, "_contiguous", counting)
+    x = rng.standard_normal((64, 70, 8)).astype(np.float32).transpose(0, 2, 1)
     y, cache = bn.batch_norm_train(x, None, None, backend="numba")
-    assert calls == [x.shape]
-    dy = rng.standard_normal(x.shape).astype(np.float32)  # float32 dy: no conversion needed
+    assert copies == [x.shape] and cache.work.flags.c_contiguous
+    dy = rng.standard_normal(x.shape).astype(np.float32)  # contiguous dy: no copy
     bn.batch_norm_backward(dy, cache, backend="numba")
-    assert calls == [x.shape]
+    assert copies == [x.shape]
+    h = rng.standard_normal((64, 8, 70)).astype(np.float16)
+    _, cache = bn.batch_norm_train(h, None, None, backend="numba")
+    bn.batch_norm_backward(h, cache, backend="numba")
+    assert copies == [x.shape] and cache.work is h
 
 
 @numba_only
