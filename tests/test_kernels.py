@@ -170,9 +170,9 @@ def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
     seen = []
     real = _dispatch.select
 
-    def spy(name, size, axes):
+    def spy(name, size, axes, shape=None):
         seen.append(name)
-        return real(name, size, axes)
+        return real(name, size, axes, shape)
 
     monkeypatch.setattr(functional, "select", spy)
     layer = bn.BatchNorm(3, backend="numpy")

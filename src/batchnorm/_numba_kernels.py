@@ -40,9 +40,11 @@ machine code on disk (``cache=True``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
+import types as pytypes
 
 import numba
 import numpy as np
@@ -64,12 +66,18 @@ _OPTS = {
     "nogil": True,
     "error_model": "numpy",  # x/0 is inf or NaN, as in NumPy (never an exception)
 }
+_SERIAL_OPTS = {**_OPTS, "parallel": False}
+# Below this many elements the kernels run serially in the calling thread: a parallel
+# launch costs tens of microseconds, more than a small array's whole pass.
+SERIAL_MAX = 1 << 15
 WIDE_INNER = 32
 # Bytes of one array a fused task keeps in cache (a channel block or a strip of columns).
 # L2 is 1-2 MB per core; the fused kernels re-read the block right after summing it, so a
 # block that spills to the (shared) L3 still avoids DRAM. Measured on 2 cores with a 32 MB
 # L3: 4 MB blocks keep the fused passes at DRAM speed.
 FUSE_BYTES = 4 << 20
+# Most rows a fused strip of columns may span (see Plan).
+ROWS_FUSE_MAX = 2048
 
 
 # --------------------------------------------------------------------------- float16
@@ -561,13 +569,32 @@ def _backward_wide(x, dy, mean, inv, k, h, batch_stats, coef, out, s1, s2):  # p
         sh = mean[c] * hc
         a1 = np.zeros(I, np.float64)
         a2 = np.zeros(I, np.float64)
-        for o in range(O):
+        o = 0
+        while o + 4 <= O:  # four rows per sweep over the accumulators
+            x0, x1, x2, x3 = x[o, c], x[o + 1, c], x[o + 2, c], x[o + 3, c]
+            y0, y1, y2, y3 = dy[o, c], dy[o + 1, c], dy[o + 2, c], dy[o + 3, c]
+            for i in range(I):
+                g0 = np.float64(_ld(y0[i]))
+                g1 = np.float64(_ld(y1[i]))
+                g2 = np.float64(_ld(y2[i]))
+                g3 = np.float64(_ld(y3[i]))
+                a1[i] += (g0 + g1) + (g2 + g3)
+                a2[i] += (
+                    g0 * (np.float64(_ld(x0[i])) * hc - sh)
+                    + g1 * (np.float64(_ld(x1[i])) * hc - sh)
+                ) + (
+                    g2 * (np.float64(_ld(x2[i])) * hc - sh)
+                    + g3 * (np.float64(_ld(x3[i])) * hc - sh)
+                )
+            o += 4
+        while o < O:
             xr = x[o, c]
             gr = dy[o, c]
             for i in range(I):
                 gv = np.float64(_ld(gr[i]))
                 a1[i] += gv
                 a2[i] += gv * (np.float64(_ld(xr[i])) * hc - sh)
+            o += 1
         t1 = _total(a1)
         t2 = _total(a2) / hc
         s1[c] = t1
@@ -669,7 +696,9 @@ class Plan:
                 if width < self.C:
                     width = max(16, width - width % 16) if width >= 16 else width
                 self.width = max(1, min(width, self.C))
-                self.fused = per_col * min(16, self.C) <= FUSE_BYTES
+                # strided strips of many rows thrash the TLB and defeat the prefetchers
+                # (measured: (8192, 4096) float32 fused 3x slower than two passes)
+                self.fused = self.O <= ROWS_FUSE_MAX and per_col * min(16, self.C) <= FUSE_BYTES
         self.kshape = (self.O, self.C, self.I) if self.wide else (self.O, self.C * self.I)
 
     def view(self, arr: np.ndarray) -> np.ndarray:
@@ -696,6 +725,41 @@ def _work_dtype(dtype: np.dtype) -> np.dtype:
 
 def _plan(xw: np.ndarray, axes) -> Plan:
     return plan_for(xw.shape, axes, _threads(), xw.itemsize)
+
+
+def _setup(xw: np.ndarray, axes):
+    """(plan, kernel set, guard) for an array: serial kernels below :data:`SERIAL_MAX`
+    elements (a parallel launch costs more than the whole job), parallel ones above."""
+    if xw.size < SERIAL_MAX:
+        return plan_for(xw.shape, axes, 1, xw.itemsize), _SER, _NO_GUARD
+    return plan_for(xw.shape, axes, _threads(), xw.itemsize), _PAR, _guard()
+
+
+def small_fused(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    """Whether the serial kernels do a small array of this layout in one pass (channel
+    blocks, or columns with one feature each); other small layouts are left to NumPy."""
+    return plan_for(shape, axes, 1, 8).fused
+
+
+class _Kernels:
+    """One set of the compiled kernels (parallel, or serial copies for small arrays)."""
+
+    def __init__(self, serial: bool):
+        for name in _KERNEL_NAMES:
+            fn = globals()[name]
+            setattr(self, name, _serial_copy(fn) if serial else fn)
+
+
+def _serial_copy(dispatcher):
+    """A non-parallel compilation of a kernel (prange runs as range). The copy gets its
+    own qualified name, so numba's on-disk cache keeps the two apart."""
+    f = dispatcher.py_func
+    g = pytypes.FunctionType(
+        f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__
+    )
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__doc__ = f.__doc__
+    return njit(**_SERIAL_OPTS)(g)
 
 
 def _big(wt: np.dtype) -> float:
@@ -729,16 +793,16 @@ def _merge_columns(plan: Plan, shift, s1, s2, hs):
 
 def moments(xw: np.ndarray, axes: tuple[int, ...]):
     """Per-feature float64 mean and biased variance of a work array (flat vectors)."""
-    plan = _plan(xw, axes)
-    kern = _shifted_sums_wide if plan.wide else _shifted_sums_rows
+    plan, ks, guard = _setup(xw, axes)
+    kern = ks._shifted_sums_wide if plan.wide else ks._shifted_sums_rows
     v = plan.view(xw)
-    with _guard():
+    with guard:
         mean, var = _merge_columns(plan, *kern(v, plan.nchunks, 1.0), 1.0)
     rescale = _rescale(xw)
     if rescale != 1.0:
         bad = ~(np.isfinite(mean) & np.isfinite(var))
         if bad.any():  # a float64 sum overflowed (or the data are not finite): sum x*2^-600
-            with _guard():
+            with guard:
                 sums = kern(v, plan.nchunks, rescale)
             with np.errstate(all="ignore"):
                 m2, v2 = _merge_columns(plan, *sums, rescale)
@@ -752,24 +816,24 @@ def _coef_array(plan: Plan, rows: list[np.ndarray], wt) -> np.ndarray:
 
 def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarray:
     """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
-    plan = _plan(xw, axes)
+    plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
     h = np.ones_like(mean) if h is None else h
     s = mean.astype(wt).astype(np.float64)
     b = bias - (mean - s) * scale
     coef = _coef_array(plan, [s * h, scale / h, b, h], wt)
     out = _output(out, xw, out_dtype)
-    with _guard():
+    with guard:
         if plan.wide:
-            _affine_wide(plan.view(xw), coef, plan.view(out))
+            ks._affine_wide(plan.view(xw), coef, plan.view(out))
         else:
-            _affine_rows(plan.view(xw), coef, plan.view(out), plan.nchunks)
+            ks._affine_rows(plan.view(xw), coef, plan.view(out), plan.nchunks)
     return out
 
 
 def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
     """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors)."""
-    plan = _plan(xw, axes)
+    plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
     if not plan.fused:
         mean, var = moments(xw, axes)
@@ -783,22 +847,22 @@ def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
     var = np.empty(plan.C, np.float64)
     coef = np.empty((4, plan.C), wt)
     args = (gamma, beta, float(eps), _big(wt), _rescale(xw))
-    with _guard():
+    with guard:
         if plan.wide:
-            _train_wide(plan.view(xw), *args, coef, plan.view(out), mean, var)
+            ks._train_wide(plan.view(xw), *args, coef, plan.view(out), mean, var)
         else:
-            _train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), mean, var)
+            ks._train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), mean, var)
     return out, mean, var
 
 
 def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean, h=None):
     """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-    plan = _plan(xw, axes)
+    plan, ks, guard = _setup(xw, axes)
     h = np.ones_like(mean) if h is None else h
     col_shift = plan.per_column(mean * h)
     col_h = plan.per_column(h)
-    kern = _grad_sums_wide if plan.wide else _grad_sums_rows
-    with _guard():
+    kern = ks._grad_sums_wide if plan.wide else ks._grad_sums_rows
+    with guard:
         s1, s2 = kern(plan.view(xw), plan.view(dyw), col_shift, col_h, plan.nchunks)
     s1, s2 = s1.sum(axis=0), s2.sum(axis=0)
     if not plan.wide and plan.I > 1:
@@ -808,24 +872,24 @@ def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean, h=None):
 
 def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype, out=None, h=None):
     """``dx = k * dy + p * (x - mean) + q`` per feature, rounding-safe."""
-    plan = _plan(xw, axes)
+    plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
     h = np.ones_like(mean) if h is None else h
     s = mean.astype(wt).astype(np.float64)
     q = q + p * (s - mean)  # fold the rounding of the shift into q
     coef = _coef_array(plan, [s * h, k, p / h, q, h], wt)
     out = _output(out, xw, out_dtype)
-    with _guard():
+    with guard:
         if plan.wide:
-            _dx_wide(plan.view(xw), plan.view(dyw), coef, plan.view(out))
+            ks._dx_wide(plan.view(xw), plan.view(dyw), coef, plan.view(out))
         else:
-            _dx_rows(plan.view(xw), plan.view(dyw), coef, plan.view(out), plan.nchunks)
+            ks._dx_rows(plan.view(xw), plan.view(dyw), coef, plan.view(out), plan.nchunks)
     return out
 
 
 def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
     """Fused backward; returns ``(dx, sum_dy, sum_dy_xc)`` (flat float64 vectors)."""
-    plan = _plan(xw, axes)
+    plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
     itemsize = xw.itemsize + dyw.itemsize
     fused = plan.fused and (plan.O * plan.I * itemsize <= 2 * FUSE_BYTES if plan.wide else True)
@@ -843,11 +907,11 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
     s2 = np.empty(plan.C, np.float64)
     coef = np.empty((5, plan.C), wt)
     args = (mean, inv, k, h, bool(batch_stats))
-    with _guard():
+    with guard:
         if plan.wide:
-            _backward_wide(plan.view(xw), plan.view(dyw), *args, coef, plan.view(out), s1, s2)
+            ks._backward_wide(plan.view(xw), plan.view(dyw), *args, coef, plan.view(out), s1, s2)
         else:
-            _backward_rows(
+            ks._backward_rows(
                 plan.view(xw), plan.view(dyw), *args, plan.width, coef, plan.view(out), s1, s2
             )
     return out, s1, s2
@@ -856,6 +920,25 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
 def _contiguous(x: np.ndarray) -> np.ndarray:
     """C-contiguous, native array (float16 stays float16: the kernels read its bits)."""
     return np.ascontiguousarray(x)
+
+
+_KERNEL_NAMES = (
+    "_shifted_sums_rows",
+    "_shifted_sums_wide",
+    "_grad_sums_rows",
+    "_grad_sums_wide",
+    "_affine_rows",
+    "_affine_wide",
+    "_dx_rows",
+    "_dx_wide",
+    "_train_wide",
+    "_train_rows",
+    "_backward_wide",
+    "_backward_rows",
+)
+_PAR = _Kernels(serial=False)
+_SER = _Kernels(serial=True)
+_NO_GUARD = contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- the backend

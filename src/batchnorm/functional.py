@@ -184,7 +184,7 @@ def moments(
     x = as_input(x)
     axes = normalize_axes(axis, x.ndim)
     _check_not_empty(x, "compute statistics of")
-    be = select(backend, x.size, axes)
+    be = select(backend, x.size, axes, x.shape)
     with _quiet():
         return be.moments(be.work(x), axes)
 
@@ -239,7 +239,7 @@ def train_checked(x, axes, g, b, eps, backend, out=None) -> tuple[np.ndarray, Ba
     the per-feature shape or None, ``eps`` a checked float, ``out`` checked or None. Used by
     the layers, which validate once per call (and cache what depends only on the layout).
     """
-    be = select(backend, x.size, axes)
+    be = select(backend, x.size, axes, x.shape)
     xw = be.work(x)
     with _quiet():
         if g is None or b is None:
@@ -331,7 +331,7 @@ def batch_norm_eval(
 
 def eval_checked(x, axes, g, b, rm, rv, eps, backend, out=None, return_cache=False):
     """:func:`batch_norm_eval` on validated arguments (internal; see :func:`train_checked`)."""
-    be = select(backend, x.size, axes)
+    be = select(backend, x.size, axes, x.shape)
     xw = be.work(x)
     with _quiet():
         inv_std = 1.0 / np.sqrt(rv + eps)
@@ -395,7 +395,7 @@ def batch_norm_backward(
 
 def backward_checked(dy, cache, backend, out=None):
     """:func:`batch_norm_backward` on validated arguments (internal)."""
-    be = select(backend, cache.x.size, cache.axis)
+    be = select(backend, cache.x.size, cache.axis, cache.x.shape)
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():

@@ -352,8 +352,10 @@ class NormLayer(Module):
 
     def _new_running(self, stats: BatchStats) -> RunningStats | None:
         """The running statistics after ``stats``, or None to skip; raises before any change."""
+        # update_running never modifies its inputs: the live arrays need no copies here
+        running = RunningStats(self.running_mean, self.running_var, self.num_batches_tracked)
         try:
-            return self._running_update(self.running_stats(), stats)
+            return self._running_update(running, stats)
         except NonFiniteStatisticsError as exc:
             if self.nonfinite == "skip":
                 return None
