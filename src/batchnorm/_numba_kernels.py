@@ -5,13 +5,15 @@ possible. Every layout is first viewed as ``(O, C, I)``: O = the axes before the
 axis (or adjacent feature axes, merged), C = the features, I = the axes after.
 
 * Fused ("one trip to memory"): when each feature's data fit in cache (a channel block of
-  an NCHW array, or a strip of columns of an ``(N, D)`` / channels-last array with few
-  enough rows), one task reads the block, forms its statistics, and writes the output (or,
-  backward, forms both gradient sums and writes ``dx``) while the block is still in cache.
-  DRAM then sees one read of ``x`` (and ``dy``) and one write.
-* Two-pass otherwise (e.g. channels-last with hundreds of thousands of rows, where every
-  cache line holds every feature, so no output can be written before all of ``x`` has been
-  read): one parallel pass for the statistics and one for the output.
+  an NCHW array; for small arrays run serially also a strip of columns of an ``(N, D)`` /
+  channels-last array), one task reads the block, forms its statistics, and writes the
+  output (or, backward, forms both gradient sums and writes ``dx``) while the block is
+  still in cache. DRAM then sees one read of ``x`` (and ``dy``) and one write.
+* Two-pass otherwise: one parallel pass for the statistics and one for the output. For
+  channels-last arrays every cache line holds every feature, so no output can be written
+  before all of ``x`` has been read: beyond the cache two reads of ``x`` are unavoidable.
+  Parallel strips of columns of large ``(N, D)`` arrays measured slower than two passes
+  (strided rows defeat the prefetchers and thrash the TLB).
 
 Statistics are shifted sums of ``d = x - s`` and ``d^2`` in float64, with ``s`` one sample
 of each feature, so there is no cancellation whatever the offset. If a float64 sum
@@ -696,9 +698,14 @@ class Plan:
                 if width < self.C:
                     width = max(16, width - width % 16) if width >= 16 else width
                 self.width = max(1, min(width, self.C))
-                # strided strips of many rows thrash the TLB and defeat the prefetchers
-                # (measured: (8192, 4096) float32 fused 3x slower than two passes)
-                self.fused = self.O <= ROWS_FUSE_MAX and per_col * min(16, self.C) <= FUSE_BYTES
+                # Only the serial kernels (small arrays) fuse strips: in parallel, strided
+                # strips measured slower than the two passes (1.5-2x at (256, 1024) and
+                # (1024, 4096) float32; 3x at (8192, 4096), where they thrash the TLB).
+                self.fused = (
+                    threads == 1
+                    and self.O <= ROWS_FUSE_MAX
+                    and per_col * min(16, self.C) <= FUSE_BYTES
+                )
         self.kshape = (self.O, self.C, self.I) if self.wide else (self.O, self.C * self.I)
 
     def view(self, arr: np.ndarray) -> np.ndarray:
