@@ -353,7 +353,10 @@ def _shifted_sums_wide(x, nchunks, hs):  # pragma: no cover - compiled
 
 @njit(**_OPTS)
 def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
-    """Chunked sums of dy and dy * (x*h - shift) per column of (O, K) arrays, float64."""
+    """Chunked sums of dy and dy * (x*h - shift) per column of (O, K) arrays, float64.
+
+    Four rows per sweep over the per-column accumulators, as in _shifted_sums_rows.
+    """
     O, K = x.shape
     s1 = np.zeros((nchunks, K), np.float64)
     s2 = np.zeros((nchunks, K), np.float64)
@@ -362,11 +365,29 @@ def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
         o1 = (t + 1) * O // nchunks
         a1 = np.zeros(K, np.float64)
         a2 = np.zeros(K, np.float64)
-        for o in range(o0, o1):
+        o = o0
+        while o + 4 <= o1:
+            for k in range(K):
+                sh, hk = shift[k], h[k]
+                g0 = np.float64(_ld(dy[o, k]))
+                g1 = np.float64(_ld(dy[o + 1, k]))
+                g2 = np.float64(_ld(dy[o + 2, k]))
+                g3 = np.float64(_ld(dy[o + 3, k]))
+                a1[k] += (g0 + g1) + (g2 + g3)
+                a2[k] += (
+                    g0 * (np.float64(_ld(x[o, k])) * hk - sh)
+                    + g1 * (np.float64(_ld(x[o + 1, k])) * hk - sh)
+                ) + (
+                    g2 * (np.float64(_ld(x[o + 2, k])) * hk - sh)
+                    + g3 * (np.float64(_ld(x[o + 3, k])) * hk - sh)
+                )
+            o += 4
+        while o < o1:
             for k in range(K):
                 g = np.float64(_ld(dy[o, k]))
                 a1[k] += g
                 a2[k] += g * (np.float64(_ld(x[o, k])) * h[k] - shift[k])
+            o += 1
         s1[t, :] = a1
         s2[t, :] = a2
     return s1, s2

@@ -2,8 +2,10 @@
 
 Measuring honestly on a shared, noisy machine: within every repeat the measured functions
 run one after the other (copy, NumPy backend, numba backend, PyTorch, copy, ...), so a noisy
-neighbour slows all of them alike; the minimum and the median over the repeats are
-reported, each as a ratio to ``np.copyto`` of the same array into a preallocated one.
+neighbour slows all of them alike, each after a short untimed pause (:data:`PAUSE_S`) so
+that no library's spinning idle threads slow the next one; the minimum and the median over
+the repeats are reported, each as a ratio to ``np.copyto`` of the same array into a
+preallocated one.
 
 * Large-array table: every case (shape, layout, dtype) and pass (train forward, eval
   forward, backward) for the NumPy backend, the numba backend (writing into a preallocated
@@ -108,11 +110,18 @@ def goal(case: Case, pass_: str) -> float | None:
     return None
 
 
+#: Untimed pause before each timed call: OpenMP thread pools (PyTorch's, numba's) spin for a
+#: while after a parallel region and would otherwise steal the CPU from whichever function
+#: runs next (measured: +30 us on a 60 us call right after PyTorch on 2 cores).
+PAUSE_S = 2e-3
+
+
 def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Times of every function, run one after the other within each repeat."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(PAUSE_S)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
