@@ -203,3 +203,45 @@ def test_workqueue_layer_from_four_threads_does_not_abort():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "layer workqueue" in res.stdout
+
+
+# ----------------------------------------------------------------------------- bench
+def test_bench_marks_ratios_outside_the_goals():
+    from batchnorm.bench import Case, format_bench, goal
+
+    big = Case("NCHW 100MB", (128, 64, 56, 56), 1)
+    assert goal(big, "train") == 1.2 and goal(big, "backward") == 1.6
+    assert goal(Case("h", (32, 64, 56, 56), 1, "float16"), "train") == 3.0
+    assert goal(Case("f64", (32, 64, 56, 56), 1, "float64"), "train") is None
+    row = {
+        "case": big.name,
+        "dtype": "float32",
+        "pass": "train",
+        "copy_s": 0.01,
+        "numba_vs_copy": 1.3,
+        "goal": 1.2,
+    }
+    small = {
+        "case": "(60, 100)",
+        "layer_us": 50.0,
+        "layer_median_us": 55.0,
+        "layer_reuse_us": 48.0,
+        "pure_us": 40.0,
+        "naive_us": 60.0,
+        "torch_us": 40.0,
+        "layer_vs_naive": 50 / 60,
+        "layer_vs_torch": 50 / 40,
+    }
+    result = {
+        "rows": [row, {**row, "pass": "eval", "numba_vs_copy": 0.9, "goal": 1.05}],
+        "small": [small],
+        "repeats": 3,
+        "compile_s": None,
+        "machine": {"cpus": 2, "threads": 2, "platform": "test"},
+    }
+    text = format_bench(result)
+    lines = text.splitlines()
+    assert "<= 1.2: MISSED" in next(line for line in lines if "| train |" in line)
+    assert "<= 1.05: met" in next(line for line in lines if "| eval |" in line)
+    small_line = next(line for line in lines if line.startswith("| (60, 100)"))
+    assert "<= naive: met" in small_line and "<= torch: MISSED" in small_line

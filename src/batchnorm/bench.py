@@ -2,8 +2,9 @@
 
 Measuring honestly on a shared, noisy machine: within every repeat the measured functions
 run one after the other (copy, NumPy backend, numba backend, PyTorch, copy, ...), so a noisy
-neighbour slows all of them alike, each after a short untimed pause (:data:`PAUSE_S`) so
-that no library's spinning idle threads slow the next one; the minimum and the median over
+neighbour slows all of them alike, with a short untimed busy pause (:data:`PAUSE_S`) after
+parallel calls so that no library's spinning idle threads slow the next one; the minimum
+and the median over
 the repeats are reported, each as a ratio to ``np.copyto`` of the same array into a
 preallocated one.
 
@@ -110,21 +111,36 @@ def goal(case: Case, pass_: str) -> float | None:
     return None
 
 
-#: Untimed pause before each timed call: OpenMP thread pools (PyTorch's, numba's) spin for a
-#: while after a parallel region and would otherwise steal the CPU from whichever function
-#: runs next (measured: +30 us on a 60 us call right after PyTorch on 2 cores).
+#: Untimed busy pause before each timed call: OpenMP thread pools (PyTorch's, numba's) spin
+#: for a while after a parallel region and would otherwise steal the CPU from whichever
+#: function runs next (measured: +30 us on a 60 us call right after PyTorch on 2 cores).
+#: A busy wait, not a sleep: after sleeping, this VM runs the next small call ~2.5x slower.
 PAUSE_S = 2e-3
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Times of every function, run one after the other within each repeat."""
+def _pause() -> None:
+    end = time.perf_counter() + PAUSE_S
+    while time.perf_counter() < end:
+        pass
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, pause_after: tuple[str, ...] | None = None
+) -> dict[str, list[float]]:
+    """Times of every function, run one after the other within each repeat.
+
+    A busy pause (:data:`PAUSE_S`) follows every call, or only the calls named in
+    ``pause_after`` (the small-array table pauses after PyTorch only: its calls are serial
+    and ours run no thread pool).
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            time.sleep(PAUSE_S)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
+            if pause_after is None or name in pause_after:
+                _pause()
     return times
 
 
@@ -277,7 +293,7 @@ def _small_row(name: str, shape: tuple[int, ...], repeats: int, threads: int) ->
         fns["torch"] = torch_fwd_bwd
     for fn in fns.values():
         fn()
-    times = _interleaved(fns, repeats)
+    times = _interleaved(fns, repeats, pause_after=("torch",))
     row: dict = {"case": name, "shape": list(shape), "dtype": "float64", "repeats": repeats}
     for k, t in times.items():
         row[f"{k}_us"], row[f"{k}_median_us"] = (v * 1e6 for v in _stats(t))
