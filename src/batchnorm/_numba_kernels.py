@@ -110,7 +110,7 @@ def _ld(v):  # pragma: no cover - replaced in compiled code
     raise NotImplementedError
 
 
-@overload(_ld)
+@overload(_ld, inline="always")
 def _ld_impl(v):
     if isinstance(v, types.Integer):
         return lambda v: _h2f(v)
@@ -122,7 +122,7 @@ def _st(v, out):  # pragma: no cover - replaced in compiled code
     raise NotImplementedError
 
 
-@overload(_st)
+@overload(_st, inline="always")
 def _st_impl(v, out):
     if isinstance(out.dtype, types.Integer):
         return lambda v, out: _f2h(np.float32(v))

@@ -14,8 +14,10 @@ preallocated one.
   is reported too) and PyTorch's CPU batch-norm kernel (``torch.ops.aten.native_batch_norm``
   / ``native_batch_norm_backward``, same number of threads) when torch is installed.
 * Small-array table: forward + backward of the :class:`~batchnorm.BatchNorm` layer (training
-  mode, running update included), of the pure kernels, of the article's naive NumPy code
-  and of PyTorch's ``BatchNorm1d``/``BatchNorm2d`` with autograd, in microseconds.
+  mode, running update included), of the pure kernels and of the article's naive NumPy
+  code, interleaved, and of PyTorch's ``BatchNorm1d``/``BatchNorm2d`` with autograd in its
+  own loop right after (interleaved, it slowed whichever function ran next), in
+  microseconds.
 * First-call compile time of each compiled pass in a fresh process with an empty cache.
 
 Ratios outside the goals of issue 11 are marked ``MISSED``.
@@ -125,13 +127,12 @@ def _pause() -> None:
 
 
 def _interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, pause_after: tuple[str, ...] | None = None
+    fns: dict[str, Callable[[], object]], repeats: int, pause_after: tuple[str, ...] | None = ()
 ) -> dict[str, list[float]]:
     """Times of every function, run one after the other within each repeat.
 
-    A busy pause (:data:`PAUSE_S`) follows every call, or only the calls named in
-    ``pause_after`` (the small-array table pauses after PyTorch only: its calls are serial
-    and ours run no thread pool).
+    A busy pause (:data:`PAUSE_S`) follows the calls named in ``pause_after`` (every call
+    when None: the large-array table, whose parallel calls leave spinning thread pools).
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
@@ -222,7 +223,7 @@ def _large_rows(case: Case, repeats: int, threads: int) -> list[dict]:
     for p in PASSES:
         fns = {"copy": lambda: np.copyto(copy_out, x)}
         fns.update({name: f[p] for name, f in impls.items()})
-        times = _interleaved(fns, reps)
+        times = _interleaved(fns, reps, pause_after=None)
         copy_min, copy_med = _stats(times["copy"])
         row = {
             "case": case.name,
@@ -290,10 +291,17 @@ def _small_row(name: str, shape: tuple[int, ...], repeats: int, threads: int) ->
             xt.grad = None
             mod(xt).backward(dyt)
 
-        fns["torch"] = torch_fwd_bwd
+    else:
+        torch_fwd_bwd = None
     for fn in fns.values():
         fn()
-    times = _interleaved(fns, repeats, pause_after=("torch",))
+    times = _interleaved(fns, repeats)
+    if torch_fwd_bwd is not None:
+        # PyTorch runs in its own loop: interleaved, whichever function ran right after it
+        # measured ~30 us slower at (60, 100) (also with one torch thread: its autograd and
+        # allocator state, not only spinning threads, evict ours)
+        torch_fwd_bwd()
+        times.update(_interleaved({"torch": torch_fwd_bwd}, repeats))
     row: dict = {"case": name, "shape": list(shape), "dtype": "float64", "repeats": repeats}
     for k, t in times.items():
         row[f"{k}_us"], row[f"{k}_median_us"] = (v * 1e6 for v in _stats(t))
