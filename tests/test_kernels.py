@@ -108,7 +108,17 @@ def test_backends_share_one_contract():
         pytest.skip("numba not installed")
     from batchnorm._numba_kernels import NumbaBackend
 
-    for method in ("supports", "work", "work_dy", "moments", "affine", "grad_sums", "input_grad"):
+    for method in (
+        "supports",
+        "work",
+        "work_dy",
+        "moments",
+        "affine",
+        "grad_sums",
+        "input_grad",
+        "train",
+        "backward",
+    ):
         a = inspect.signature(getattr(NumpyBackend, method))
         b = inspect.signature(getattr(NumbaBackend, method))
         assert list(a.parameters) == list(b.parameters), method
