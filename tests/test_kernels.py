@@ -34,7 +34,12 @@ def test_import_compiles_nothing():
 @numba_only
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_numba_matches_numpy(rng, shape, axis, dtype):
+@pytest.mark.parametrize("kernels", ["serial", "parallel"])
+def test_numba_matches_numpy(rng, shape, axis, dtype, kernels, monkeypatch):
+    from batchnorm import _numba_kernels as K
+
+    if kernels == "parallel":  # these small arrays would run the serial kernels
+        monkeypatch.setattr(K, "SERIAL_MAX", 0)
     x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
     axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
     fs = tuple(x.shape[a] for a in axes)

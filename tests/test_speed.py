@@ -76,12 +76,15 @@ def test_float64_dy_with_float32_x_does_not_overflow():
 # ----------------------------------------------------------------------------- out=
 @pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_out_is_filled_and_returned(rng, dtype):
-    x = (rng.standard_normal((8, 3, 40)) * 2 + 5).astype(dtype)
+@pytest.mark.parametrize(
+    "shape,axis", [((8, 3, 40), 1), ((50, 3), 1), ((4, 5, 6, 3), -1), ((6, 3, 5), 1)]
+)
+def test_out_is_filled_and_returned(rng, dtype, shape, axis):
+    x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
     g, b = rng.standard_normal(3), rng.standard_normal(3)
-    y_ref, cache_ref = bn.batch_norm_train(x, g, b)
+    y_ref, cache_ref = bn.batch_norm_train(x, g, b, axis=axis)
     out = np.full_like(x, np.nan)
-    y, cache = bn.batch_norm_train(x, g, b, out=out)
+    y, cache = bn.batch_norm_train(x, g, b, axis=axis, out=out)
     assert y is out
     np.testing.assert_array_equal(y, y_ref)
     dy = rng.standard_normal(x.shape).astype(dtype)
@@ -92,9 +95,9 @@ def test_out_is_filled_and_returned(rng, dtype):
     np.testing.assert_array_equal(dx, dx_ref)
     np.testing.assert_array_equal(dg, dg_ref)
     rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
-    ye_ref = bn.batch_norm_eval(x, g, b, rm, rv)
+    ye_ref = bn.batch_norm_eval(x, g, b, rm, rv, axis=axis)
     eout = np.empty_like(x)
-    assert bn.batch_norm_eval(x, g, b, rm, rv, out=eout) is eout
+    assert bn.batch_norm_eval(x, g, b, rm, rv, axis=axis, out=eout) is eout
     np.testing.assert_array_equal(eout, ye_ref)
 
 
