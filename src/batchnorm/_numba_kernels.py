@@ -838,18 +838,23 @@ def moments(xw: np.ndarray, axes: tuple[int, ...]):
     return mean, var
 
 
-def _coef_array(plan: Plan, rows: list[np.ndarray], wt) -> np.ndarray:
-    return np.ascontiguousarray(plan.per_column(np.stack(rows)).astype(wt))
+def _coef_array(plan: Plan, rows: list, wt) -> np.ndarray:
+    """Per-feature coefficient rows (arrays or scalars) as one (rows, columns) array in the
+    working precision, expanded to the kernel's columns."""
+    coef = np.empty((len(rows), plan.C), wt)
+    for i, r in enumerate(rows):
+        coef[i] = r
+    return plan.per_column(coef)
 
 
 def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarray:
     """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
     plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
-    h = np.ones_like(mean) if h is None else h
     s = mean.astype(wt).astype(np.float64)
     b = bias - (mean - s) * scale
-    coef = _coef_array(plan, [s * h, scale / h, b, h], wt)
+    rows = [s, scale, b, 1.0] if h is None else [s * h, scale / h, b, h]
+    coef = _coef_array(plan, rows, wt)
     out = _output(out, xw, out_dtype)
     with guard:
         if plan.wide:
@@ -902,10 +907,10 @@ def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype, out=None, h=None):
     """``dx = k * dy + p * (x - mean) + q`` per feature, rounding-safe."""
     plan, ks, guard = _setup(xw, axes)
     wt = _work_dtype(xw.dtype)
-    h = np.ones_like(mean) if h is None else h
     s = mean.astype(wt).astype(np.float64)
     q = q + p * (s - mean)  # fold the rounding of the shift into q
-    coef = _coef_array(plan, [s * h, k, p / h, q, h], wt)
+    rows = [s, k, p, q, 1.0] if h is None else [s * h, k, p / h, q, h]
+    coef = _coef_array(plan, rows, wt)
     out = _output(out, xw, out_dtype)
     with guard:
         if plan.wide:
