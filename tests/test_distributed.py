@@ -100,10 +100,14 @@ def test_synchronized_equals_single_process(tmp_path, n, sizes):
         for r in range(1, n):
             assert ranks[r][key].tobytes() == ranks[0][key].tobytes(), (key, r)
 
-    # statistics: the single-process statistics of the concatenated batch, to a few ulps
-    mean, var = bn.moments(x)
+    # statistics: those of the concatenated batch, to a few ulps (both of the single-process
+    # NumPy path and of an extended-precision reference)
+    mean, var = bn.moments(x, backend="numpy")
     assert _ulps(ranks[0]["mean"], mean) <= 8
     assert _ulps(ranks[0]["var"], var) <= 8
+    xl = x.astype(np.longdouble)
+    assert _ulps(ranks[0]["mean"], xl.mean(0).astype(np.float64)) <= 4
+    assert _ulps(ranks[0]["var"], xl.var(0).astype(np.float64)) <= 4
     # float32 at mean 1e6, std 1: within 1e-6 of float64 statistics of the same numbers
     m64, v64 = bn.moments(inp["x32"].astype(np.float64))
     assert np.max(np.abs(ranks[0]["mean32"] - m64)) < 1e-6

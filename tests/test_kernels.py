@@ -14,21 +14,32 @@ from batchnorm import _dispatch, functional
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
 # wide inner blocks (I >= 32), narrow ones, channels-last, one outer element, adjacent tuple
-LAYOUTS = [((4, 6, 8, 8), 1), ((4, 6, 3, 5), 1), ((5, 7, 7, 6), -1), ((1, 4, 40, 3), 1),
-           ((3, 5, 4, 36), (1, 2)), ((257, 33), 1), ((3, 9, 100), 2)]
+LAYOUTS = [
+    ((4, 6, 8, 8), 1),
+    ((4, 6, 3, 5), 1),
+    ((5, 7, 7, 6), -1),
+    ((1, 4, 40, 3), 1),
+    ((3, 5, 4, 36), (1, 2)),
+    ((257, 33), 1),
+    ((3, 9, 100), 2),
+]
 
 
 def test_import_compiles_nothing():
     code = "import sys, batchnorm; print('numba' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 @numba_only
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_numba_matches_numpy(rng, shape, axis, dtype):
+@pytest.mark.parametrize("kernels", ["serial", "parallel"])
+def test_numba_matches_numpy(rng, shape, axis, dtype, kernels, monkeypatch):
+    from batchnorm import _numba_kernels as K
+
+    if kernels == "parallel":  # these small arrays would run the serial kernels
+        monkeypatch.setattr(K, "SERIAL_MAX", 0)
     x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
     axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(axis)))
     fs = tuple(x.shape[a] for a in axes)
@@ -102,7 +113,17 @@ def test_backends_share_one_contract():
         pytest.skip("numba not installed")
     from batchnorm._numba_kernels import NumbaBackend
 
-    for method in ("supports", "work", "work_dy", "moments", "affine", "grad_sums", "input_grad"):
+    for method in (
+        "supports",
+        "work",
+        "work_dy",
+        "moments",
+        "affine",
+        "grad_sums",
+        "input_grad",
+        "train",
+        "backward",
+    ):
         a = inspect.signature(getattr(NumpyBackend, method))
         b = inspect.signature(getattr(NumbaBackend, method))
         assert list(a.parameters) == list(b.parameters), method
@@ -110,23 +131,29 @@ def test_backends_share_one_contract():
 
 @numba_only
 def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
-    """float16 input is converted to float32 once, in the forward pass."""
+    """A non-contiguous input is copied once, in the forward pass; float16 never is."""
     from batchnorm import _numba_kernels as K
 
-    x = rng.standard_normal((64, 8, 70)).astype(np.float16)
-    calls = []
-    real = K.half_to_float
+    copies = []
+    real = K._contiguous
 
     def counting(a):
-        calls.append(a.shape)
-        return real(a)
+        out = real(a)
+        if out is not a:
+            copies.append(a.shape)
+        return out
 
-    monkeypatch.setattr(K, "half_to_float", counting)
+    monkeypatch.setattr(K, "_contiguous", counting)
+    x = rng.standard_normal((64, 70, 8)).astype(np.float32).transpose(0, 2, 1)
     y, cache = bn.batch_norm_train(x, None, None, backend="numba")
-    assert calls == [x.shape]
-    dy = rng.standard_normal(x.shape).astype(np.float32)  # float32 dy: no conversion needed
+    assert copies == [x.shape] and cache.work.flags.c_contiguous
+    dy = rng.standard_normal(x.shape).astype(np.float32)  # contiguous dy: no copy
     bn.batch_norm_backward(dy, cache, backend="numba")
-    assert calls == [x.shape]
+    assert copies == [x.shape]
+    h = rng.standard_normal((64, 8, 70)).astype(np.float16)
+    _, cache = bn.batch_norm_train(h, None, None, backend="numba")
+    bn.batch_norm_backward(h, cache, backend="numba")
+    assert copies == [x.shape] and cache.work is h
 
 
 @numba_only
@@ -158,9 +185,9 @@ def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
     seen = []
     real = _dispatch.select
 
-    def spy(name, size, axes):
+    def spy(name, size, axes, shape=None):
         seen.append(name)
-        return real(name, size, axes)
+        return real(name, size, axes, shape)
 
     monkeypatch.setattr(functional, "select", spy)
     layer = bn.BatchNorm(3, backend="numpy")

@@ -16,6 +16,9 @@ BACKENDS = ("auto", "numpy", "numba")
 # elements on 2 cores), and small arrays interleaved with BLAS calls suffer most from
 # thread contention.
 AUTO_NUMBA_MIN_SIZE = 1 << 15
+# Small arrays of the layouts the compiled kernels fuse run in serial compiled kernels
+# (no thread launch): one pass instead of ~8 NumPy passes and ~20 small NumPy calls.
+SMALL_NUMBA = True
 _kernels_module = None
 NUMPY = NumpyBackend()
 
@@ -45,14 +48,18 @@ def check_backend(name: object) -> str:
     return name
 
 
-def select(name: str, size: int, axes: tuple[int, ...]):
+def select(name: str, size: int, axes: tuple[int, ...], shape: tuple[int, ...] | None = None):
     """The backend object to run an array of ``size`` elements with feature ``axes``.
 
-    ``"auto"`` picks numba when it is importable and ``size >= AUTO_NUMBA_MIN_SIZE``;
-    feature axes that are not adjacent always take the NumPy path.
+    ``"auto"`` picks numba when it is importable and either ``size >= AUTO_NUMBA_MIN_SIZE``
+    (parallel kernels) or, given the ``shape``, the array is small and its layout is one
+    the serial kernels do in a single pass (NCHW-like channel blocks, ``(N, D)`` and
+    channels-last: the demo's (60, 100) batches); feature axes that are not adjacent always
+    take the NumPy path, and so do empty arrays (a rank holding no rows of a synchronized
+    batch).
     """
     check_backend(name)
-    if name == "numpy" or (name == "auto" and size < AUTO_NUMBA_MIN_SIZE):
+    if name == "numpy" or size == 0:
         return NUMPY
     kern = _load_kernels()
     if kern is None:
@@ -60,4 +67,9 @@ def select(name: str, size: int, axes: tuple[int, ...]):
             raise ImportError("backend='numba' needs numba: pip install numba")
         return NUMPY
     backend = kern.NumbaBackend
-    return backend if backend.supports(axes) else NUMPY
+    if not backend.supports(axes):
+        return NUMPY
+    if name == "auto" and size < AUTO_NUMBA_MIN_SIZE:
+        small_ok = shape is not None and SMALL_NUMBA and kern.small_fused(shape, axes)
+        return backend if small_ok else NUMPY
+    return backend

@@ -6,9 +6,17 @@ All per-feature arguments are float64 arrays in the broadcast shape of ``x``. Se
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
 from ._validation import reduce_axes
+
+#: Power of two the statistics are summed on again when a float64 sum overflowed while the
+#: data are finite (|x| near 1e308): multiplying by it is exact, and (1e308 * 2^-600)^2
+#: times any realistic count stays far below the float64 limit.
+RESCALE = 2.0**-600
 
 
 def _work_dtype(dtype: np.dtype) -> np.dtype:
@@ -16,16 +24,57 @@ def _work_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _centre(x: np.ndarray, mean_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``d = x - s`` in working precision and ``delta = mean - s`` in float64.
+def overflow_scale(
+    mean: np.ndarray, var: np.ndarray, count: int, wt: np.dtype
+) -> np.ndarray | None:
+    """Per-feature power of two ``h`` for the elementwise passes; None when all are 1.
+
+    The passes form ``x - s`` (s = the mean in working precision) in the working
+    precision, which overflows when the data span more than half its range (float32
+    ``[3.4e38, -3.4e38]``). Since ``|x - mean| <= sqrt(count * var)``, ``h = 1/16`` is used
+    when that bound (or ``|mean|``) reaches a quarter to half of the largest finite value;
+    the passes then form ``x*h - s*h`` (exact: a power of two) and fold ``1/h`` into the
+    coefficient. The compiled kernels apply the same rule.
+    """
+    big = _BIG[wt.itemsize]
+    # fast exit: sums bound the maxima (NaN/inf fall through to the exact rule)
+    vs, ms = float(np.add.reduce(var, axis=None)), float(np.add.reduce(np.abs(mean), axis=None))
+    if ms < big / 4 and count * vs < (big / 4) * (big / 4):  # inf for float64
+        return None
+    with np.errstate(all="ignore"):
+        s = mean.astype(wt).astype(np.float64)
+        bound = np.sqrt(count * var) + np.abs(mean - s)
+        huge = (bound >= big) | (np.abs(mean) >= big / 2)
+    return np.where(huge, 1.0 / 16.0, 1.0) if huge.any() else None
+
+
+_BIG = {4: float(np.finfo(np.float32).max) / 2, 8: float(np.finfo(np.float64).max) / 2}
+
+
+@functools.lru_cache(maxsize=512)
+def _geometry(shape: tuple[int, ...], axes: tuple[int, ...]):
+    """(reduced axes, broadcast shape, feature shape, values per feature) of a layout."""
+    red = reduce_axes(len(shape), axes)
+    bshape = tuple(n if i in axes else 1 for i, n in enumerate(shape))
+    fshape = tuple(shape[a] for a in axes)
+    return red, bshape, fshape, math.prod(shape[i] for i in red)
+
+
+def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``d = x*h - s*h`` in working precision and ``delta = mean - s`` in float64.
 
     ``s`` is ``mean`` rounded to the working precision; ``x - s`` is exact when x and s are
-    close (Sterbenz) and correctly rounded otherwise, so ``d - delta`` is ``x - mean`` to
-    working precision without a float64 copy of ``x``.
+    close (Sterbenz) and correctly rounded otherwise, so ``d/h - delta`` is ``x - mean`` to
+    working precision without a float64 copy of ``x``. ``h`` (a power of two per feature,
+    see :func:`overflow_scale`) is 1 unless ``x - s`` could overflow.
     """
     wt = _work_dtype(x.dtype)
     shift = mean_b.astype(wt)
-    d = np.subtract(x, shift, dtype=wt)
+    if h_b is None or not (h_b != 1.0).any():
+        d = np.subtract(x, shift, dtype=wt)
+    else:
+        d = np.multiply(x, h_b.astype(wt), dtype=wt)
+        d -= (shift * h_b).astype(wt)
     return d, mean_b - shift.astype(np.float64)
 
 
@@ -37,7 +86,23 @@ def _np_moments(x, axes, bshape):
     exact and the corrected two-pass form also uses ``mean(d)`` to repair summation error
     in ``m0`` (NumPy sums naively along non-contiguous axes, which matters at offsets of
     ~1e9 std); for float16/32 input ``m0`` is already exact to float64 round-off.
+
+    Overflow: if a feature's statistics come out non-finite they are computed again on a
+    float64 copy (squares of float32 data cannot overflow there), for float64 data scaled
+    by :data:`RESCALE`; a feature whose data are not finite stays non-finite.
     """
+    mean, var = _np_moments_once(x, axes)
+    with np.errstate(all="ignore"):
+        bad = ~(np.isfinite(mean) & np.isfinite(var))
+        if bad.any():
+            h = RESCALE if x.dtype == np.float64 else 1.0
+            m2, v2 = _np_moments_once(x.astype(np.float64) * h, axes)
+            mean = np.where(bad, m2 / h, mean)
+            var = np.where(bad, (v2 / h) / h, var)
+    return mean, var
+
+
+def _np_moments_once(x, axes):
     red = reduce_axes(x.ndim, axes)
     m0 = np.mean(x, axis=red, dtype=np.float64, keepdims=True)
     d, delta = _centre(x, m0)
@@ -50,33 +115,53 @@ def _np_moments(x, axes, bshape):
     return mean, np.maximum(msq - mean_d * mean_d, 0.0)
 
 
-def _np_affine(x, axes, mean_b, scale_b, bias_b):
+def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
+    """``d`` as the result: in ``dtype``, written into ``out`` when given."""
+    if out is None:
+        return d.astype(dtype, copy=False)
+    np.copyto(out, d, casting="unsafe")
+    return out
+
+
+def _np_affine(x, axes, mean_b, scale_b, bias_b, h_b=None):
     """y = (x - mean) * scale + bias, all per-feature arrays in broadcast shape."""
-    d, delta = _centre(x, mean_b)
+    d, delta = _centre(x, mean_b, h_b)
     wt = d.dtype
-    d *= scale_b.astype(wt)
+    d *= (scale_b if h_b is None else scale_b / h_b).astype(wt)
     d += (bias_b - delta * scale_b).astype(wt)
-    return d.astype(x.dtype, copy=False)
+    return d
 
 
-def _np_grad_sums(x, dy, axes, mean_b):
-    """sum(dy) and sum(dy * (x - mean)) per feature, accumulated in float64."""
+def _np_grad_sums(x, dy, axes, mean_b, h_b=None):
+    """sum(dy) and sum(dy * (x - mean)) per feature, accumulated in float64.
+
+    A float64 ``dy`` with float32 data is multiplied in float64 (as the compiled kernels
+    do), so a large ``dy`` does not overflow the float32 product.
+    """
     red = reduce_axes(x.ndim, axes)
-    d, delta = _centre(x, mean_b)
+    d, delta = _centre(x, mean_b, h_b)
     sum_dy = np.sum(dy, axis=red, dtype=np.float64, keepdims=True)
-    d *= dy
+    if dy.dtype.itemsize > d.dtype.itemsize:
+        d = np.multiply(d, dy, dtype=dy.dtype)
+    else:
+        d *= dy
     sum_dy_d = np.sum(d, axis=red, dtype=np.float64, keepdims=True)
+    if h_b is not None:
+        sum_dy_d = sum_dy_d / h_b
     return sum_dy, sum_dy_d - delta * sum_dy
 
 
-def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b):
+def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b, h_b=None):
     """dx = k * dy + p * (x - mean) + q per feature."""
-    d, delta = _centre(x, mean_b)
+    d, delta = _centre(x, mean_b, h_b)
     wt = d.dtype
-    d *= p_b.astype(wt)
+    d *= (p_b if h_b is None else p_b / h_b).astype(wt)
     d += (q_b - p_b * delta).astype(wt)
-    d += np.multiply(dy, k_b.astype(wt), dtype=wt)
-    return d.astype(x.dtype, copy=False)
+    if dy.dtype.itemsize > d.dtype.itemsize:  # float64 dy: the product in float64
+        d += np.multiply(dy, k_b)
+    else:
+        d += np.multiply(dy, k_b.astype(wt), dtype=wt)
+    return d
 
 
 class NumpyBackend:
@@ -112,26 +197,121 @@ class NumpyBackend:
         return mean.reshape(fshape), var.reshape(fshape)
 
     @staticmethod
-    def affine(xw, axes, mean, scale, bias, dtype) -> np.ndarray:
-        """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype``."""
+    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None) -> np.ndarray:
+        """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype`` (into
+        ``out`` when given); ``h`` the per-feature overflow scale (default 1)."""
         b = _bshape(xw, axes)
-        y = _np_affine(xw, axes, mean.reshape(b), scale.reshape(b), bias.reshape(b))
-        return y.astype(dtype, copy=False)
+        hb = None if h is None else h.reshape(b)
+        y = _np_affine(xw, axes, mean.reshape(b), scale.reshape(b), bias.reshape(b), hb)
+        return _finish(y, dtype, out)
 
     @staticmethod
-    def grad_sums(xw, dyw, axes, mean) -> tuple[np.ndarray, np.ndarray]:
+    def train(xw, axes, gamma, beta, eps, dtype, out=None):
+        """Training forward: ``(y, mean, var)``.
+
+        Written for few NumPy calls (small arrays pay per call): the float32 centred array
+        ``d = x - s`` of the statistics pass is reused for ``y = d * a + (beta - (mean - s)
+        * a)``; float64 data are centred again on the corrected mean, into the buffer of
+        the squares. The output is bit-identical to :meth:`moments` + :meth:`affine`.
+        """
+        red, b, fshape, m = _geometry(xw.shape, axes)
+        m0 = np.add.reduce(xw, axis=red, dtype=np.float64, keepdims=True) / m
+        if xw.dtype == np.float64:  # corrected two-pass (see _np_moments); d is exact
+            d = xw - m0
+            mean_d = np.add.reduce(d, axis=red, keepdims=True) / m
+            mean = m0 + mean_d
+        else:
+            shift = m0.astype(np.float32)
+            d = np.subtract(xw, shift, dtype=np.float32)
+            mean = m0
+            mean_d = delta = m0 - shift
+        sq = d * d
+        msq = np.add.reduce(sq, axis=red, dtype=np.float64, keepdims=True) / m
+        var = msq - mean_d * mean_d
+        np.maximum(var, 0.0, out=var)
+        mean, var = mean.reshape(fshape), var.reshape(fshape)
+        inv = 1.0 / np.sqrt(var + eps)
+        h = overflow_scale(mean, var, m, d.dtype)
+        s = float(np.add.reduce(mean, axis=None)) + float(np.add.reduce(var, axis=None))
+        if h is not None or not math.isfinite(s):
+            # overflow (or non-finite data): the careful statistics and output passes
+            mean, var = NumpyBackend.moments(xw, axes)
+            inv = 1.0 / np.sqrt(var + eps)
+            h = overflow_scale(mean, var, m, d.dtype)
+            return NumpyBackend.affine(xw, axes, mean, inv * gamma, beta, dtype, out, h), mean, var
+        a = (inv * gamma).reshape(b)
+        if d.dtype == np.float64:
+            # y = (x - mean) * a + beta, exactly as the output pass `affine` forms it
+            d = np.subtract(xw, mean.reshape(b), out=sq)
+            c = beta.reshape(b)
+        else:  # d = x - s with s = the mean rounded to float32, as `affine` forms it
+            a, c = a.astype(d.dtype), (beta.reshape(b) - delta * a).astype(d.dtype)
+        if out is not None and out.dtype == d.dtype:
+            np.multiply(d, a, out=out)
+            out += c
+            return out, mean, var
+        d *= a
+        d += c
+        return _finish(d, dtype, out), mean, var
+
+    @staticmethod
+    def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-        s1, s2 = _np_grad_sums(xw, dyw, axes, mean.reshape(_bshape(xw, axes)))
+        b = _bshape(xw, axes)
+        hb = None if h is None else h.reshape(b)
+        s1, s2 = _np_grad_sums(xw, dyw, axes, mean.reshape(b), hb)
         return s1.reshape(mean.shape), s2.reshape(mean.shape)
 
     @staticmethod
-    def input_grad(xw, dyw, axes, mean, k, p, q, dtype) -> np.ndarray:
+    def input_grad(xw, dyw, axes, mean, k, p, q, dtype, out=None, h=None) -> np.ndarray:
         """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
         b = _bshape(xw, axes)
+        hb = None if h is None else h.reshape(b)
         dx = _np_input_grad(
-            xw, dyw, axes, mean.reshape(b), k.reshape(b), p.reshape(b), q.reshape(b)
+            xw, dyw, axes, mean.reshape(b), k.reshape(b), p.reshape(b), q.reshape(b), hb
         )
-        return dx.astype(dtype, copy=False)
+        return _finish(dx, dtype, out)
+
+    @staticmethod
+    def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):
+        """Backward: ``(dx, sum_dy, sum_dy_xc)``; ``x`` is centred once for both the sums
+        and ``dx = k dy + p (x - mean) + q``."""
+        red, b, fshape, m = _geometry(xw.shape, axes)
+        hb = None if h is None else h.reshape(b)
+        mb = mean.reshape(b)
+        if xw.dtype == np.float64 and hb is None:
+            d, delta = xw - mb, None
+        else:
+            d, delta = _centre(xw, mb, hb)
+        wt = d.dtype
+        sum_dy = np.add.reduce(dyw, axis=red, dtype=np.float64, keepdims=True)
+        wide_dy = dyw.dtype.itemsize > wt.itemsize  # float64 dy with float32 x: in float64
+        prod = np.multiply(d, dyw, dtype=dyw.dtype if wide_dy else wt)
+        s2 = np.add.reduce(prod, axis=red, dtype=np.float64, keepdims=True)
+        if hb is not None:
+            s2 = s2 / hb
+        if delta is not None:
+            s2 -= delta * sum_dy
+        kb = k.reshape(b)
+        if batch_stats:
+            ib = inv.reshape(b)
+            p = -kb * ib * (ib * s2) / m
+            q = -kb * sum_dy / m
+            if delta is not None:
+                q = q - p * delta
+            if hb is not None:
+                p = p / hb
+            if wt != np.float64:
+                p, q = p.astype(wt), q.astype(wt)
+            d *= p
+            d += q
+        else:  # dx = k dy; 0 * (x - mean) keeps NaN/Inf of x flowing into dx as before
+            d *= 0.0
+        if wide_dy:
+            d += np.multiply(dyw, kb, out=prod)
+        else:
+            d += np.multiply(dyw, kb if wt == np.float64 else kb.astype(wt), out=prod)
+        return _finish(d, dtype, out), sum_dy.reshape(fshape), s2.reshape(fshape)
 
 
 def _bshape(x: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:

@@ -20,6 +20,7 @@ and evaluation always adds eps to the running variance.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -218,6 +219,12 @@ class NonFiniteStatisticsError(ValueError):
     """A batch's statistics, or the running statistics they would produce, are not finite."""
 
 
+def _all_finite(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when every element of ``a`` and ``b`` is finite (False may be a false alarm
+    when a sum of finite values overflows)."""
+    return math.isfinite(float(np.add.reduce(a, axis=None)) + float(np.add.reduce(b, axis=None)))
+
+
 def update_running(
     running: RunningStats,
     batch: BatchStats,
@@ -266,27 +273,29 @@ def update_running(
             f"statistics of shape {running.mean.shape}/{running.var.shape}"
         )
     with np.errstate(all="ignore"):
-        bad = ~(np.isfinite(mean) & np.isfinite(var))
-        if bad.any():
-            where = np.flatnonzero(bad)
-            raise NonFiniteStatisticsError(
-                f"training batch has non-finite statistics (features {where[:8].tolist()} of "
-                f"{mean.size}; first mean={mean.ravel()[where[0]]!r}, "
-                f"var={var.ravel()[where[0]]!r})"
-            )
+        # all finite <=> the sums are finite, unless a sum of finite values overflowed:
+        # the per-element check runs only then (small batches pay for two reductions)
+        if not _all_finite(mean, var):
+            bad = ~(np.isfinite(mean) & np.isfinite(var))
+            if bad.any():
+                where = np.flatnonzero(bad)
+                raise NonFiniteStatisticsError(
+                    f"training batch has non-finite statistics (features {where[:8].tolist()} "
+                    f"of {mean.size}; first mean={mean.ravel()[where[0]]!r}, "
+                    f"var={var.ravel()[where[0]]!r})"
+                )
         if np.any(var < 0):
             raise ValueError(f"batch variance must be >= 0; got min {np.min(var)!r}")
         if unbiased:
             if batch.count < 2:
                 raise ValueError(
-                    f"the unbiased variance needs at least 2 values per feature; got "
-                    f"{batch.count}"
+                    f"the unbiased variance needs at least 2 values per feature; got {batch.count}"
                 )
             var = var * (batch.count / (batch.count - 1))
         t = running.num_batches_tracked + 1
         w = new_value_weight(momentum, momentum_weights, t)
-        old_mean = running.mean.astype(np.float64)
-        old_var = running.var.astype(np.float64)
+        old_mean = np.asarray(running.mean, np.float64)
+        old_var = np.asarray(running.var, np.float64)
         new_mean = (1.0 - w) * old_mean + w * mean
         if smooth == "std":
             std = (1.0 - w) * np.sqrt(old_var + eps) + w * np.sqrt(var + eps)
@@ -294,8 +303,12 @@ def update_running(
         else:
             new_var = (1.0 - w) * old_var + w * var
         dtype = running.mean.dtype
-        out_mean, out_var = new_mean.astype(dtype), new_var.astype(dtype)
-        if not (np.all(np.isfinite(out_mean)) and np.all(np.isfinite(out_var))):
+        out_mean = new_mean.astype(dtype, copy=False)
+        out_var = new_var.astype(dtype, copy=False)
+        if not (
+            _all_finite(out_mean, out_var)
+            or (np.all(np.isfinite(out_mean)) and np.all(np.isfinite(out_var)))
+        ):
             raise NonFiniteStatisticsError(
                 f"updating the running statistics would overflow the layer dtype {dtype} "
                 f"(max |batch mean| {np.max(np.abs(mean))!r}, max batch var {np.max(var)!r})"

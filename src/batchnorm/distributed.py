@@ -475,18 +475,19 @@ def moments(x, *, axis, backend: str, comm) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def batch_norm_train(x, gamma, beta, *, axis, eps, backend: str, comm):
+def batch_norm_train(x, gamma, beta, *, axis, eps, backend: str, comm, out=None):
     """:func:`batchnorm.batch_norm_train` with statistics over every rank's ``x``."""
     from . import functional as F
 
     def prepare():
         xa, axes, _, g, b, e = F._prepare(x, gamma, beta, axis, eps)
-        be = select(backend, xa.size, axes)
-        return (xa, g, b, e), be, be.work(xa), axes, xa.dtype
+        o = F.check_out(out, xa, "out", xa, gamma, beta)
+        be = select(backend, xa.size, axes, xa.shape)
+        return (xa, g, b, e, o), be, be.work(xa), axes, xa.dtype
 
     def finish(state, be, xw, axes, st):
-        xa, g, b, e = state
-        y, cache = F._normalize_batch(be, xa, xw, axes, st.mean, st.var, g, b, e)
+        xa, g, b, e, o = state
+        y, cache = F._normalize_batch(be, xa, xw, axes, st.mean, st.var, g, b, e, o)
         return y, replace(cache, count=st.count, comm=comm)
 
     return synchronized_batch(comm, "batch_norm_train", prepare, finish)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._dispatch import BACKENDS, numba_available, select
+from ._numpy_kernels import _work_dtype, overflow_scale
 from ._validation import (
     as_feature_vector,
     as_float_array,
@@ -157,6 +158,30 @@ def _check_not_empty(x: np.ndarray, what: str) -> None:
         raise ValueError(f"cannot {what} an empty batch: x has shape {x.shape}")
 
 
+def check_out(out: object, like: np.ndarray, name: str, *inputs: object) -> np.ndarray | None:
+    """Validate an ``out=`` array: None, or a writeable C-contiguous ndarray with the shape
+    and dtype of ``like`` that shares no memory with any of ``inputs``."""
+    if out is None:
+        return None
+    if type(out) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} (shape {out.shape}) must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} (shape {out.shape}) is read-only")
+    for a in inputs:
+        if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
+            raise ValueError(
+                f"{name} (shape {out.shape}) overlaps an input of shape {a.shape}; pass a "
+                "separate array (inputs are never modified)"
+            )
+    return out
+
+
 def moments(
     x: np.ndarray, *, axis: Axis = 1, backend: str = "auto", comm: object = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +208,7 @@ def moments(
     x = as_input(x)
     axes = normalize_axes(axis, x.ndim)
     _check_not_empty(x, "compute statistics of")
-    be = select(backend, x.size, axes)
+    be = select(backend, x.size, axes, x.shape)
     with _quiet():
         return be.moments(be.work(x), axes)
 
@@ -196,6 +221,7 @@ def batch_norm_train(
     axis: Axis = 1,
     eps: float = 1e-5,
     backend: str = "auto",
+    out: np.ndarray | None = None,
     comm: object = None,
 ) -> tuple[np.ndarray, BatchNormCache]:
     """Batch-norm forward pass with batch statistics (training mode).
@@ -214,40 +240,53 @@ def batch_norm_train(
         "auto" uses the compiled kernels when numba is importable and ``x`` has at least
         ``AUTO_NUMBA_MIN_SIZE`` (32768) elements; feature axes that are not adjacent always
         take the NumPy path.
+    out : ndarray, optional
+        Where to write ``y`` (NumPy's convention): same shape and dtype as ``x``,
+        C-contiguous, writeable, sharing no memory with ``x``, ``gamma`` or ``beta``.
+        Saves allocating (and page-faulting) a fresh array per call.
     comm : mpi4py communicator, optional
         Synchronized batch norm: the statistics are those of the union of every rank's
         ``x`` (see :mod:`batchnorm.distributed`); the cache remembers ``comm``.
 
     Returns
     -------
-    y : ndarray, same shape and dtype as ``x``
+    y : ndarray, same shape and dtype as ``x`` (``out`` when given)
     cache : BatchNormCache
         ``cache.mean`` and ``cache.var`` are the batch mean and biased batch variance.
     """
     if comm is not None:  # local statistics, merged across ranks
         return _distributed().batch_norm_train(
-            x, gamma, beta, axis=axis, eps=eps, backend=backend, comm=comm
+            x, gamma, beta, axis=axis, eps=eps, backend=backend, comm=comm, out=out
         )
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     _check_not_empty(x, "normalize")
-    be = select(backend, x.size, axes)
+    out = check_out(out, x, "out", x, gamma, beta)
+    return train_checked(x, axes, g, b, eps, backend, out)
+
+
+def train_checked(x, axes, g, b, eps, backend, out=None) -> tuple[np.ndarray, BatchNormCache]:
+    """:func:`batch_norm_train` on arguments that are already validated (internal).
+
+    ``x`` a non-empty supported ndarray, ``axes`` normalized, ``g``/``b`` float64 arrays of
+    the per-feature shape or None, ``eps`` a checked float, ``out`` checked or None. Used by
+    the layers, which validate once per call (and cache what depends only on the layout).
+    """
+    be = select(backend, x.size, axes, x.shape)
     xw = be.work(x)
     with _quiet():
-        mean, var = be.moments(xw, axes)
-    return _normalize_batch(be, x, xw, axes, mean, var, g, b, eps)
-
-
-def _normalize_batch(be, x, xw, axes, mean, var, g, b, eps) -> tuple[np.ndarray, BatchNormCache]:
-    """The output pass and cache of a training forward, given the batch statistics.
-
-    Shared by :func:`batch_norm_train` and batch renorm (which needs the statistics first
-    to choose its scale and shift), so the statistics pass runs once.
-    """
-    with _quiet():
+        if g is None or b is None:
+            fshape = tuple(x.shape[a] for a in axes)
+            g1 = np.ones(fshape) if g is None else g
+            b0 = np.zeros(fshape) if b is None else b
+        else:
+            g1, b0 = g, b
+        y, mean, var = be.train(xw, axes, g1, b0, eps, x.dtype, out)
         inv_std = 1.0 / np.sqrt(var + eps)
-        scale = inv_std if g is None else inv_std * g
-        y = be.affine(xw, axes, mean, scale, np.zeros_like(mean) if b is None else b, x.dtype)
-    cache = BatchNormCache(
+    return y, _train_cache(x, xw, axes, mean, var, inv_std, g, b, eps)
+
+
+def _train_cache(x, xw, axes, mean, var, inv_std, g, b, eps) -> BatchNormCache:
+    return BatchNormCache(
         x=x,
         work=xw,
         gamma=None if g is None else g.copy(),
@@ -260,7 +299,23 @@ def _normalize_batch(be, x, xw, axes, mean, var, g, b, eps) -> tuple[np.ndarray,
         batch_stats=True,
         count=x.size // max(1, mean.size),
     )
-    return y, cache
+
+
+def _normalize_batch(
+    be, x, xw, axes, mean, var, g, b, eps, out=None
+) -> tuple[np.ndarray, BatchNormCache]:
+    """The output pass and cache of a training forward, given the batch statistics.
+
+    Used by batch renorm (which needs the statistics first to choose its scale and
+    shift), so the statistics pass runs once.
+    """
+    with _quiet():
+        inv_std = 1.0 / np.sqrt(var + eps)
+        scale = inv_std if g is None else inv_std * g
+        h = overflow_scale(mean, var, x.size // max(1, mean.size), _work_dtype(xw.dtype))
+        bias = np.zeros_like(mean) if b is None else b
+        y = be.affine(xw, axes, mean, scale, bias, x.dtype, out, h)
+    return y, _train_cache(x, xw, axes, mean, var, inv_std, g, b, eps)
 
 
 def batch_norm_eval(
@@ -274,6 +329,7 @@ def batch_norm_eval(
     eps: float = 1e-5,
     return_cache: bool = False,
     backend: str = "auto",
+    out: np.ndarray | None = None,
 ) -> np.ndarray | tuple[np.ndarray, BatchNormCache]:
     """Batch-norm forward pass with given statistics (evaluation mode).
 
@@ -289,21 +345,32 @@ def batch_norm_eval(
         Also return a cache for :func:`batch_norm_backward`, in which the statistics are
         constants.
     backend : {"auto", "numpy", "numba"}
+    out : ndarray, optional
+        Where to write ``y``: same shape and dtype as ``x``, C-contiguous, writeable,
+        sharing no memory with any input.
 
     Returns
     -------
-    y : ndarray, same shape and dtype as ``x``
+    y : ndarray, same shape and dtype as ``x`` (``out`` when given)
     cache : BatchNormCache, only when ``return_cache`` is True
     """
     x, axes, fshape, g, b, eps = _prepare(x, gamma, beta, axis, eps)
     rm = as_feature_vector(running_mean, "running_mean", fshape, x.shape)
     rv = as_feature_vector(running_var, "running_var", fshape, x.shape)
-    be = select(backend, x.size, axes)
+    out = check_out(out, x, "out", x, gamma, beta, running_mean, running_var)
+    return eval_checked(x, axes, g, b, rm, rv, eps, backend, out, return_cache)
+
+
+def eval_checked(x, axes, g, b, rm, rv, eps, backend, out=None, return_cache=False):
+    """:func:`batch_norm_eval` on validated arguments (internal; see :func:`train_checked`)."""
+    be = select(backend, x.size, axes, x.shape)
     xw = be.work(x)
     with _quiet():
         inv_std = 1.0 / np.sqrt(rv + eps)
         scale = inv_std if g is None else inv_std * g
-        y = be.affine(xw, axes, rm, scale, np.zeros(fshape) if b is None else b, x.dtype)
+        h = overflow_scale(rm, rv, 0, _work_dtype(xw.dtype))
+        bias = np.zeros(rm.shape) if b is None else b
+        y = be.affine(xw, axes, rm, scale, bias, x.dtype, out, h)
     if not return_cache:
         return y
     cache = BatchNormCache(
@@ -323,7 +390,11 @@ def batch_norm_eval(
 
 
 def batch_norm_backward(
-    dy: np.ndarray, cache: BatchNormCache, *, backend: str = "auto"
+    dy: np.ndarray,
+    cache: BatchNormCache,
+    *,
+    backend: str = "auto",
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Gradients of a batch-norm forward pass.
 
@@ -334,35 +405,67 @@ def batch_norm_backward(
     cache : BatchNormCache
         From :func:`batch_norm_train`, or :func:`batch_norm_eval` with ``return_cache=True``.
     backend : {"auto", "numpy", "numba"}
+    out : ndarray, optional
+        Where to write ``dx``: same shape and dtype as ``cache.x``, C-contiguous,
+        writeable, sharing no memory with ``dy`` or the forward input.
 
     Returns
     -------
-    dx : ndarray, same shape and dtype as ``cache.x``
+    dx : ndarray, same shape and dtype as ``cache.x`` (``out`` when given)
     dgamma, dbeta : ndarray, shape (*features), float64, or None when gamma / beta was None
         With ``cache.comm`` the sums over every rank, identical on every rank.
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
-    if cache.comm is not None:  # every rank checks dy before any rank reduces
-        dy = _distributed().check_backward(cache.comm, lambda: _check_dy(dy, cache))
-    else:
-        dy = _check_dy(dy, cache)
-    be = select(backend, cache.x.size, cache.axis)
+    def checked() -> tuple[np.ndarray, np.ndarray | None]:
+        d = _check_dy(dy, cache)
+        return d, check_out(out, cache.x, "out", d, cache.x, cache.work)
+
+    if cache.comm is not None:  # every rank checks dy (and out) before any rank reduces
+        dy, out = _distributed().check_backward(cache.comm, checked)
+        return _backward_synchronized(dy, cache, backend, out)
+    dy, out = checked()
+    return backward_checked(dy, cache, backend, out)
+
+
+def _backward_synchronized(dy, cache, backend, out=None):
+    """The backward pass of a synchronized forward: local gradient sums, their sums over
+    the ranks (in rank order, identical everywhere), then this rank's ``dx``."""
+    be = select(backend, cache.x.size, cache.axis, cache.x.shape)
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():
-        sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean)
-        if cache.comm is not None:  # global sums, added in rank order on every rank
-            sum_dy, sum_dy_xc = _distributed().sum_over_ranks(cache.comm, sum_dy, sum_dy_xc)
-        sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
+        var = cache.var if cache.batch_stats else np.zeros_like(cache.var)
+        h = overflow_scale(mean, var, cache.count, _work_dtype(xw.dtype))
+        sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
+        sum_dy, sum_dy_xc = _distributed().sum_over_ranks(cache.comm, sum_dy, sum_dy_xc)
         if cache.batch_stats:
-            # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), x_hat = (x - mean) inv_std
+            # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), means over all ranks' values
             m = cache.count
-            p, q = -k * inv_std * sum_dy_xhat / m, -k * sum_dy / m
-        else:  # statistics are constants: dx = k dy
+            p, q = -k * inv_std * (inv_std * sum_dy_xc) / m, -k * sum_dy / m
+        else:
             p = q = np.zeros_like(k)
-        dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype)
+        dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
+        sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
+    dgamma = None if cache.gamma is None else sum_dy_xhat
+    dbeta = sum_dy if cache.has_beta else None
+    return dx, dgamma, dbeta
+
+
+def backward_checked(dy, cache, backend, out=None):
+    """:func:`batch_norm_backward` on validated arguments (internal)."""
+    be = select(backend, cache.x.size, cache.axis, cache.x.shape)
+    inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
+    dyw = be.work_dy(dy, xw)
+    with _quiet():
+        k = inv_std if cache.gamma is None else inv_std * cache.gamma
+        var = cache.var if cache.batch_stats else np.zeros_like(cache.var)
+        h = overflow_scale(mean, var, cache.count, _work_dtype(xw.dtype))
+        dx, sum_dy, sum_dy_xc = be.backward(
+            xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
+        )
+        sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
     dgamma = None if cache.gamma is None else sum_dy_xhat
     dbeta = sum_dy if cache.has_beta else None
     return dx, dgamma, dbeta

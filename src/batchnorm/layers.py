@@ -40,6 +40,7 @@ from . import checkpoint, distributed
 from ._dispatch import check_backend
 from ._validation import (
     SUPPORTED_DTYPES,
+    as_float_array,
     as_input,
     check_axis,
     check_count,
@@ -59,12 +60,20 @@ from .conventions import (
     get_convention,
     update_running,
 )
-from .functional import batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import (
+    batch_norm_backward,
+    batch_norm_eval,
+    batch_norm_train,
+    eval_checked,
+    train_checked,
+)
 from .module import Module
 
 __all__ = ["BatchNorm", "NormLayer"]
 
 _DEFAULT: Any = object()
+# Validated layouts: (shape, dtype, axis, feature_shape) -> (feature axes, values per feature).
+_LAYOUTS: dict[tuple, tuple[tuple[int, ...], int]] = {}
 _LAYER_CLASSES: dict[str, type[NormLayer]] = {}
 
 
@@ -307,20 +316,37 @@ class NormLayer(Module):
 
     # ------------------------------------------------------------------ input checks
     def check_input(self, x: object) -> tuple[np.ndarray, tuple[int, ...]]:
-        """Validate ``x`` for this layer; return it as an array and its feature axes."""
-        x = as_input(x)
-        axes = normalize_axes(self.axis, x.ndim)
-        got = feature_shape(x.shape, axes)
+        """Validate ``x`` for this layer; return it as an array and its feature axes.
+
+        The checks of a layout (shape, dtype, axes, feature sizes) run once per distinct
+        layout; later calls with an ndarray of a known layout look the result up.
+        """
+        if type(x) is np.ndarray:
+            hit = _LAYOUTS.get((x.shape, x.dtype, self.axis, self.feature_shape))
+            if hit is not None:
+                return x, hit[0]
+        arr = as_input(x)
+        axes = normalize_axes(self.axis, arr.ndim)
+        got = feature_shape(arr.shape, axes)
         if got != self.feature_shape:
             raise ValueError(
-                f"x with shape {x.shape} has {got} features along axis {self.axis!r}, but the "
-                f"layer was built for num_features={self.feature_shape}"
+                f"x with shape {arr.shape} has {got} features along axis {self.axis!r}, but "
+                f"the layer was built for num_features={self.feature_shape}"
             )
-        return x, axes
+        if arr is x:  # remember the layout (a converted input is checked every time)
+            if len(_LAYOUTS) >= 4096:
+                _LAYOUTS.clear()
+            m = math.prod(arr.shape[i] for i in reduce_axes(arr.ndim, axes))
+            _LAYOUTS[(arr.shape, arr.dtype, self.axis, self.feature_shape)] = (axes, m)
+        return arr, axes
 
     def _values_per_feature(self, x: np.ndarray, axes: tuple[int, ...], minimum: int = 2) -> int:
         """Values per feature in ``x``; batch statistics need at least ``minimum``."""
-        m = int(np.prod([x.shape[i] for i in reduce_axes(x.ndim, axes)], dtype=np.int64))
+        hit = _LAYOUTS.get((x.shape, x.dtype, self.axis, self.feature_shape))
+        if hit is not None and hit[0] == axes:
+            m = hit[1]
+        else:
+            m = math.prod(x.shape[i] for i in reduce_axes(x.ndim, axes))
         if m < minimum and self.comm is None:  # with comm: the global count, after the merge
             raise ValueError(
                 f"expected more than 1 value per feature when using batch statistics; x has "
@@ -402,8 +428,10 @@ class NormLayer(Module):
 
     def _new_running(self, stats: BatchStats) -> RunningStats | None:
         """The running statistics after ``stats``, or None to skip; raises before any change."""
+        # update_running never modifies its inputs: the live arrays need no copies here
+        running = RunningStats(self.running_mean, self.running_var, self.num_batches_tracked)
         try:
-            return self._running_update(self.running_stats(), stats)
+            return self._running_update(running, stats)
         except NonFiniteStatisticsError as exc:
             if self.nonfinite == "skip":
                 return None
@@ -616,12 +644,85 @@ class BatchNorm(NormLayer):
         Synchronized batch norm over the ranks of ``comm`` (see :mod:`batchnorm.distributed`).
     timeout : float, optional
         With ``comm``: abort the job when ranks are missing for this many seconds.
+    reuse_buffers : bool
+        Write every output (``y`` of :meth:`forward`, ``dx`` of :meth:`backward`) into one
+        array per role kept by the layer instead of a fresh one, so a training loop stops
+        allocating (and page-faulting) a new array per call. The returned array is then
+        **overwritten by the next call** (also by a call that raises): copy it if you need
+        it longer. A new input shape or dtype gets a new buffer.
     """
 
+    def __init__(
+        self, num_features: int | Sequence[int], *, reuse_buffers: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(num_features, **kwargs)
+        if not isinstance(reuse_buffers, (bool, np.bool_)):
+            raise TypeError(f"reuse_buffers must be True or False; got {reuse_buffers!r}")
+        self.reuse_buffers = bool(reuse_buffers)
+        if self.reuse_buffers:  # recorded only when set, so default configs stay as they were
+            self._record_args(reuse_buffers=True)
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def _buffer(self, role: str, like: np.ndarray) -> np.ndarray | None:
+        """The reusable output array for ``role`` ("y" or "dx"), or None when not reusing."""
+        if not self.reuse_buffers:
+            return None
+        buf = self._buffers.get(role)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = self._buffers[role] = np.empty(like.shape, like.dtype)
+        elif np.may_share_memory(buf, like):  # the caller fed a returned buffer back in
+            buf = self._buffers[role] = np.empty(like.shape, like.dtype)
+        return buf
+
     def _forward_batch(self, x, axes):
-        self._values_per_feature(x, axes)
-        y, cache = batch_norm_train(
-            x, self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend,
-            comm=self.comm,
+        m = self._values_per_feature(x, axes)
+        if self.comm is not None:  # statistics merged over the ranks; the global count
+            y, cache = batch_norm_train(
+                x,
+                self.gamma,
+                self.beta,
+                axis=axes,
+                eps=self.eps,
+                backend=self.backend,
+                out=self._buffer("y", x),
+                comm=self.comm,
+            )
+            return y, cache, BatchStats(cache.count, cache.mean, cache.var)
+        y, cache = train_checked(
+            x,
+            axes,
+            _as_f64(self.gamma),
+            _as_f64(self.beta),
+            self.eps,
+            self.backend,
+            self._buffer("y", x),
         )
-        return y, cache, BatchStats(cache.count, cache.mean, cache.var)
+        return y, cache, BatchStats(m, cache.mean, cache.var)
+
+    def _forward_running(self, x, axes):
+        return eval_checked(
+            x,
+            axes,
+            _as_f64(self.gamma),
+            _as_f64(self.beta),
+            _as_f64(self.running_mean),
+            _as_f64(self.running_var),
+            self.eps,
+            self.backend,
+            self._buffer("y", x),
+            True,
+        )
+
+    def _backward(self, dy, cache):
+        if not self.reuse_buffers:
+            return batch_norm_backward(dy, cache, backend=self.backend)
+        dy = as_float_array(dy, "dy")
+        out = self._buffer("dx", cache.x)
+        if np.may_share_memory(out, dy):
+            out = self._buffers["dx"] = np.empty_like(out)
+        return batch_norm_backward(dy, cache, backend=self.backend, out=out)
+
+
+def _as_f64(v: np.ndarray | None) -> np.ndarray | None:
+    """A per-feature parameter as float64 (the array itself when it already is)."""
+    return None if v is None else v.astype(np.float64, copy=False)
