@@ -15,8 +15,11 @@ from batchnorm import data as bd
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
     arr = np.asarray(arr, np.uint8)
-    return bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">i", n) for n in arr.shape) \
+    return (
+        bytes([0, 0, 0x08, arr.ndim])
+        + b"".join(struct.pack(">i", n) for n in arr.shape)
         + arr.tobytes()
+    )
 
 
 def _write_mnist(folder, rng, n_train=12, n_test=5, gz=True):
@@ -46,10 +49,12 @@ def test_idx_folder_round_trip(tmp_path, rng, gz):
 
 
 def test_npz_file(tmp_path, rng):
-    arrays = {"x_train": rng.integers(0, 256, (8, 28, 28)).astype(np.uint8),
-              "y_train": rng.integers(0, 10, 8).astype(np.uint8),
-              "x_test": rng.integers(0, 256, (3, 28, 28)).astype(np.uint8),
-              "y_test": rng.integers(0, 10, 3).astype(np.uint8)}
+    arrays = {
+        "x_train": rng.integers(0, 256, (8, 28, 28)).astype(np.uint8),
+        "y_train": rng.integers(0, 10, 8).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (3, 28, 28)).astype(np.uint8),
+        "y_test": rng.integers(0, 10, 3).astype(np.uint8),
+    }
     np.savez(tmp_path / "mnist.npz", **arrays)
     ds = bd.load_dataset("mnist", path=tmp_path / "mnist.npz")
     np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
@@ -97,11 +102,16 @@ def test_mismatched_counts_and_missing_files(tmp_path, rng):
 
 
 def test_download_verifies_checksums(tmp_path, rng, monkeypatch):
-    payloads = {stem + ".gz": gzip.compress(_idx_bytes(np.zeros((2, 28, 28)) if "images" in stem
-                                                       else np.zeros(2)))
-                for stem, _ in bd.MNIST_FILES.values()}
-    good = {k: (v[0], hashlib.md5(payloads[v[0] + ".gz"]).hexdigest())
-            for k, v in bd.MNIST_FILES.items()}
+    payloads = {
+        stem + ".gz": gzip.compress(
+            _idx_bytes(np.zeros((2, 28, 28)) if "images" in stem else np.zeros(2))
+        )
+        for stem, _ in bd.MNIST_FILES.values()
+    }
+    good = {
+        k: (v[0], hashlib.md5(payloads[v[0] + ".gz"]).hexdigest())
+        for k, v in bd.MNIST_FILES.items()
+    }
     monkeypatch.setattr(bd, "MNIST_FILES", good)
     requested = []
 
@@ -120,8 +130,7 @@ def test_download_verifies_checksums(tmp_path, rng, monkeypatch):
         return io.BytesIO(payloads[url.rsplit("/", 1)[1]][:-3] + b"xyz")
 
     with pytest.raises(ValueError, match="checksum mismatch"):
-        bd.download_mnist(tmp_path / "bad", base_url="http://test.invalid/",
-                          opener=corrupt_opener)
+        bd.download_mnist(tmp_path / "bad", base_url="http://test.invalid/", opener=corrupt_opener)
     assert list((tmp_path / "bad").iterdir()) == []  # nothing half-written left behind
 
 

@@ -93,8 +93,14 @@ def test_masked_arrays_are_refused(rng):
 
 
 def test_backward_before_forward_is_a_value_error(rng):
-    for layer in [bn.BatchNorm(3), BatchRenorm(3), GhostBatchNorm(3, virtual_batch_size=2),
-                  FrozenBatchNorm(3), Linear(3, 2, rng=rng), Sigmoid()]:
+    for layer in [
+        bn.BatchNorm(3),
+        BatchRenorm(3),
+        GhostBatchNorm(3, virtual_batch_size=2),
+        FrozenBatchNorm(3),
+        Linear(3, 2, rng=rng),
+        Sigmoid(),
+    ]:
         with pytest.raises(bn.NoForwardError, match="before any forward") as info:
             layer.backward(np.ones((4, 3)))
         assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
@@ -352,8 +358,14 @@ def test_reassigned_arguments_are_validated_and_recorded(rng):
 
 @pytest.mark.parametrize(
     "weight,fold",
-    [(np.ones(3), "linear"), (np.float64(2.0), "linear"), (None, "linear"),
-     (np.ones((2, 3, 3)), "linear"), (np.ones(3), "conv"), (np.ones((3, 2)), "conv")],
+    [
+        (np.ones(3), "linear"),
+        (np.float64(2.0), "linear"),
+        (None, "linear"),
+        (np.ones((2, 3, 3)), "linear"),
+        (np.ones(3), "conv"),
+        (np.ones((3, 2)), "conv"),
+    ],
 )
 def test_fold_refuses_weights_of_the_wrong_rank(weight, fold, rng):
     layer = _trained(ALL_LAYERS["BatchNorm"], rng)
@@ -379,15 +391,18 @@ def test_tensors_that_need_grad_give_a_type_error():
 def test_update_running_validates_its_inputs():
     running = bn.RunningStats(np.zeros(2), np.ones(2), 0)
     batch = bn.BatchStats(4, np.array([1.0, 2.0]), np.array([3.0, 4.0]))
-    for kwargs in ({"momentum": 2.0, "momentum_weights": "new"},
-                   {"momentum": float("nan"), "momentum_weights": "new"},
-                   {"momentum": 0.1, "momentum_weights": "foo"},
-                   {"momentum": 0.1, "momentum_weights": "new", "smooth": "bar"}):
+    for kwargs in (
+        {"momentum": 2.0, "momentum_weights": "new"},
+        {"momentum": float("nan"), "momentum_weights": "new"},
+        {"momentum": 0.1, "momentum_weights": "foo"},
+        {"momentum": 0.1, "momentum_weights": "new", "smooth": "bar"},
+    ):
         with pytest.raises(ValueError):
             bn.update_running(running, batch, **kwargs)
     with pytest.raises(ValueError, match=">= 0"):
-        bn.update_running(running, bn.BatchStats(4, np.ones(2), -np.ones(2)), momentum=0.5,
-                          momentum_weights="new")
+        bn.update_running(
+            running, bn.BatchStats(4, np.ones(2), -np.ones(2)), momentum=0.5, momentum_weights="new"
+        )
     with pytest.raises(TypeError):
         bn.update_running(None, batch, momentum=0.1, momentum_weights="new")
 
@@ -451,8 +466,18 @@ def test_inspect_json_is_strict_json_for_every_layer(rng, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "f.npz"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)  # strict: no Infinity
     assert info["averaging_window"]["effective_batches"] == "inf"
-    assert main(["inspect", str(tmp_path / "one.npz"), "--batch",
-                 str(tmp_path / "single.npy"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(tmp_path / "one.npz"),
+                "--batch",
+                str(tmp_path / "single.npy"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     json.loads(capsys.readouterr().out)
     for path in (tmp_path / "f.npz", tmp_path / "one.npz"):
         assert main(["inspect", str(path)]) == 0

@@ -418,8 +418,11 @@ def test_tuple_feature_axes_layer(rng):
 @given(
     convention=st.sampled_from(["seed", "torch", "keras", "flax"]),
     momentum=st.sampled_from(["default", None, 0.5]),
-    ops=st.lists(st.sampled_from(["good", "nan", "one_row", "wrong_c", "int", "eval", "back"]),
-                 min_size=1, max_size=12),
+    ops=st.lists(
+        st.sampled_from(["good", "nan", "one_row", "wrong_c", "int", "eval", "back"]),
+        min_size=1,
+        max_size=12,
+    ),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_call_sequences_keep_state_consistent(convention, momentum, ops, seed):
@@ -435,22 +438,29 @@ def test_random_call_sequences_keep_state_consistent(convention, momentum, ops, 
         if op == "good":
             layer.train()(x)
             t += 1
-            w = 1 / t if layer.momentum is None else (
-                layer.momentum if conv.momentum_weights == "new" else 1 - layer.momentum)
+            w = (
+                1 / t
+                if layer.momentum is None
+                else (layer.momentum if conv.momentum_weights == "new" else 1 - layer.momentum)
+            )
             var = x.var(0) * (5 / 4 if layer.unbiased else 1)
             rm, rv = (1 - w) * rm + w * x.mean(0), (1 - w) * rv + w * var
         elif op == "eval":
             y = layer.eval()(x)
-            np.testing.assert_allclose(y, ref_eval(x, layer.gamma, layer.beta, rm, rv, 1,
-                                                   layer.eps), atol=1e-12)
+            np.testing.assert_allclose(
+                y, ref_eval(x, layer.gamma, layer.beta, rm, rv, 1, layer.eps), atol=1e-12
+            )
             layer.train()
         elif op == "back":
             if layer._cache is not None:
                 layer.backward(rng.standard_normal(layer._cache.x.shape))
         else:
-            bad = {"nan": np.where(np.arange(15).reshape(5, 3) == 4, np.nan, x),
-                   "one_row": x[:1], "wrong_c": rng.standard_normal((5, 4)),
-                   "int": np.ones((5, 3), dtype=np.int32)}[op]
+            bad = {
+                "nan": np.where(np.arange(15).reshape(5, 3) == 4, np.nan, x),
+                "one_row": x[:1],
+                "wrong_c": rng.standard_normal((5, 4)),
+                "int": np.ones((5, 3), dtype=np.int32),
+            }[op]
             with pytest.raises((ValueError, TypeError)):
                 layer(bad, training=True)
             assert snapshot(layer) == before

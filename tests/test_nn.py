@@ -81,8 +81,9 @@ def test_noisy_shift_statistics():
 
 
 def test_sequential_with_batchnorm_gradients(rng):
-    net = Sequential(Linear(4, 5, rng=rng, bias=False), bn.BatchNorm(5), Sigmoid(),
-                     Linear(5, 3, rng=rng))
+    net = Sequential(
+        Linear(4, 5, rng=rng, bias=False), bn.BatchNorm(5), Sigmoid(), Linear(5, 3, rng=rng)
+    )
     net.modules[1].gamma[:] = rng.uniform(0.5, 1.5, 5)
     x = rng.standard_normal((7, 4)) * 2 + 3
     y = net.forward(x, training=True, update_stats=False)

@@ -65,8 +65,10 @@ def test_readme_variants_example_runs(tmp_path, monkeypatch):
     assert namespace["report"][0]["batches"] == 10
     z = np.random.default_rng(1).standard_normal((4, 20))
     expected = model.modules[1].eval()(z @ model.modules[0].W)
-    np.testing.assert_allclose(z @ namespace["W_folded"] + namespace["b_folded"],
-                               expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(namespace["same"].running_var, namespace["layer"].running_var,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        z @ namespace["W_folded"] + namespace["b_folded"], expected, rtol=1e-12, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        namespace["same"].running_var, namespace["layer"].running_var, rtol=1e-12
+    )
     assert (tmp_path / "bn.safetensors").exists()

@@ -29,15 +29,22 @@ def test_moments_merge_is_exact(rng):
     np.testing.assert_allclose(acc.var, allx.var(0), rtol=1e-13)
     # grouping does not matter
     left = Moments.from_batch(5, data[0].mean(0), data[0].var(0)).merge(
-        Moments.from_batch(11, data[1].mean(0), data[1].var(0)))
+        Moments.from_batch(11, data[1].mean(0), data[1].var(0))
+    )
     right = Moments.from_batch(3, data[2].mean(0), data[2].var(0)).merge(
-        Moments.from_batch(8, data[3].mean(0), data[3].var(0)))
+        Moments.from_batch(8, data[3].mean(0), data[3].var(0))
+    )
     np.testing.assert_allclose(left.merge(right).var, acc.var, rtol=1e-13)
 
 
 def _net(rng):
-    return Sequential(Linear(5, 4, rng=rng, bias=False), bn.BatchNorm(4), Sigmoid(),
-                      Linear(4, 3, rng=rng, bias=False), bn.BatchNorm(3))
+    return Sequential(
+        Linear(5, 4, rng=rng, bias=False),
+        bn.BatchNorm(4),
+        Sigmoid(),
+        Linear(4, 3, rng=rng, bias=False),
+        bn.BatchNorm(3),
+    )
 
 
 def test_recalibrate_population_and_ioffe(rng):
@@ -56,10 +63,12 @@ def test_recalibrate_population_and_ioffe(rng):
     # Algorithm 2: E[mu_B], m/(m-1) E[var_B]
     bn.recalibrate(net, batches, method="ioffe")
     zb = [b @ net.modules[0].W for b in batches]
-    np.testing.assert_allclose(net.modules[1].running_mean, np.mean([v.mean(0) for v in zb], 0),
-                               rtol=1e-12)
-    np.testing.assert_allclose(net.modules[1].running_var,
-                               np.mean([v.var(0, ddof=1) for v in zb], 0), rtol=1e-12)
+    np.testing.assert_allclose(
+        net.modules[1].running_mean, np.mean([v.mean(0) for v in zb], 0), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        net.modules[1].running_var, np.mean([v.var(0, ddof=1) for v in zb], 0), rtol=1e-12
+    )
 
 
 def test_recalibrate_failure_changes_nothing(rng):
@@ -116,8 +125,9 @@ def _conv2d(x, w, b):
     out = np.zeros((n, co, h - kh + 1, wd - kw + 1))
     for i in range(kh):
         for j in range(kw):
-            out += np.einsum("nchw,oc->nohw", x[:, :, i:i + out.shape[2], j:j + out.shape[3]],
-                             w[:, :, i, j])
+            out += np.einsum(
+                "nchw,oc->nohw", x[:, :, i : i + out.shape[2], j : j + out.shape[3]], w[:, :, i, j]
+            )
     return out + b[None, :, None, None]
 
 
@@ -126,8 +136,7 @@ def test_fold_conv(rng):
     x = rng.standard_normal((2, 3, 6, 7))
     w, b = rng.standard_normal((5, 3, 3, 2)), rng.standard_normal(5)
     wf, bf = bn.fold_conv(w, b, layer)
-    np.testing.assert_allclose(_conv2d(x, wf, bf), layer(_conv2d(x, w, b)), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(_conv2d(x, wf, bf), layer(_conv2d(x, w, b)), rtol=1e-12, atol=1e-12)
 
 
 def test_fold_conv_matches_torch(rng):
@@ -178,13 +187,18 @@ def test_torch_round_trip_with_eps_absorbed(rng):
 
 
 def test_keras_and_flax_hand_values():
-    state = {"gamma": np.array([2.0, 1.0]), "beta": np.array([0.5, 0.0]),
-             "moving_mean": np.array([1.0, -1.0]), "moving_variance": np.array([4.0, 0.25])}
+    state = {
+        "gamma": np.array([2.0, 1.0]),
+        "beta": np.array([0.5, 0.0]),
+        "moving_mean": np.array([1.0, -1.0]),
+        "moving_variance": np.array([4.0, 0.25]),
+    }
     layer = bn.import_state(state, "keras")  # keras eps 1e-3 into a keras-convention layer
     assert layer.axis == -1 and layer.eps == 1e-3
     y = layer.eval()(np.array([[3.0, 0.0]]))
-    np.testing.assert_allclose(y, [[2.0 * 2 / np.sqrt(4.001) + 0.5, 1 / np.sqrt(0.251)]],
-                               rtol=1e-14)
+    np.testing.assert_allclose(
+        y, [[2.0 * 2 / np.sqrt(4.001) + 0.5, 1 / np.sqrt(0.251)]], rtol=1e-14
+    )
     # into a layer with eps 1e-5: variance absorbs the difference, outputs unchanged
     other = bn.import_state(state, "keras", layer=bn.BatchNorm(2, axis=-1, eps=1e-5))
     np.testing.assert_allclose(other.running_var, [4.00099, 0.25099], rtol=1e-14)
@@ -200,13 +214,18 @@ def test_conversion_errors_change_nothing():
     layer = bn.BatchNorm(2)
     before = snapshot(layer)
     with pytest.raises(ValueError, match=r"unknown keras batch-norm keys \['moving_var'\]"):
-        bn.import_state({"moving_mean": np.zeros(2), "moving_var": np.ones(2)}, "keras",
-                        layer=layer)
+        bn.import_state(
+            {"moving_mean": np.zeros(2), "moving_var": np.ones(2)}, "keras", layer=layer
+        )
     with pytest.raises(ValueError, match=r"missing torch batch-norm keys \['running_var'\]"):
         bn.import_state({"running_mean": np.zeros(2)}, "torch", layer=layer)
     with pytest.raises(ValueError, match="would become negative"):
-        bn.import_state({"running_mean": np.zeros(2), "running_var": np.array([0.0, 1.0])},
-                        "torch", eps=0.0, layer=bn.BatchNorm(2, affine=False, eps=1e-3))
+        bn.import_state(
+            {"running_mean": np.zeros(2), "running_var": np.array([0.0, 1.0])},
+            "torch",
+            eps=0.0,
+            layer=bn.BatchNorm(2, affine=False, eps=1e-3),
+        )
     with pytest.raises(ValueError, match="framework must be one of"):
         bn.export_state(layer, "jax")
     assert snapshot(layer) == before
@@ -251,7 +270,7 @@ def test_averaging_window():
     assert win["new_value_weight"] == pytest.approx(0.1)
     assert win["effective_batches"] == pytest.approx(19.0)
     assert win["half_life_batches"] == pytest.approx(math.log(2) / -math.log(0.9))
-    assert win["initial_value_weight"] == pytest.approx(0.9 ** 10)
+    assert win["initial_value_weight"] == pytest.approx(0.9**10)
     torch_layer = bn.BatchNorm(2, convention="torch")  # momentum 0.1 = new-value weight
     assert averaging_window(torch_layer)["new_value_weight"] == pytest.approx(0.1)
     cum = bn.BatchNorm(2, momentum=None)
@@ -266,8 +285,9 @@ def test_train_eval_gap(rng):
     x = np.array([[1.0, 1.0], [3.0, 3.0]])  # mean (2, 2), var (1, 1)
     before = snapshot(layer)
     gap = train_eval_gap(layer, x)
-    np.testing.assert_allclose(gap["mean_shift_in_std"], [2 / np.sqrt(4 + 1e-5),
-                                                          1 / np.sqrt(1 + 1e-5)])
+    np.testing.assert_allclose(
+        gap["mean_shift_in_std"], [2 / np.sqrt(4 + 1e-5), 1 / np.sqrt(1 + 1e-5)]
+    )
     np.testing.assert_allclose(gap["var_ratio"], [0.25, 1.0])
     assert gap["max_log_var_ratio"] == pytest.approx(math.log(4))
     assert snapshot(layer) == before
@@ -280,8 +300,7 @@ def test_cli_inspect(rng, tmp_path, capsys):
     layer.save(tmp_path / "bn.npz")
     np.save(tmp_path / "batch.npy", rng.standard_normal((10, 3)) + 5)
     assert layer_from_checkpoint(tmp_path / "bn.npz").num_batches_tracked == 4
-    assert main(["inspect", str(tmp_path / "bn.npz"), "--batch",
-                 str(tmp_path / "batch.npy")]) == 0
+    assert main(["inspect", str(tmp_path / "bn.npz"), "--batch", str(tmp_path / "batch.npy")]) == 0
     out = capsys.readouterr().out
     assert "convention 'torch'" in out and "cumulative over 4 batches" in out
     assert "train/eval gap" in out
@@ -294,7 +313,10 @@ def test_cli_inspect(rng, tmp_path, capsys):
 
 
 def test_import_refuses_a_fractional_batch_count():
-    state = {"running_mean": np.zeros(2), "running_var": np.ones(2),
-             "num_batches_tracked": np.array(2.5)}
+    state = {
+        "running_mean": np.zeros(2),
+        "running_var": np.ones(2),
+        "num_batches_tracked": np.array(2.5),
+    }
     with pytest.raises(ValueError, match="non-negative integer"):
         bn.import_state(state, "torch", layer=bn.BatchNorm(2, affine=False))

@@ -31,8 +31,9 @@ def test_renorm_with_unit_limits_is_batch_norm_exactly(rng):
     y_bn, bn_cache = bn.batch_norm_train(x, g, b)
     np.testing.assert_array_equal(y, y_bn)
     dy = rng.standard_normal(x.shape)
-    for a, c in zip(batch_renorm_backward(dy, cache), bn.batch_norm_backward(dy, bn_cache),
-                    strict=True):
+    for a, c in zip(
+        batch_renorm_backward(dy, cache), bn.batch_norm_backward(dy, bn_cache), strict=True
+    ):
         np.testing.assert_array_equal(a, c)
 
 
@@ -80,8 +81,13 @@ def test_renorm_layer_running_std_and_inference(rng):
     np.testing.assert_allclose(layer.running_std, sigma, rtol=1e-13)
     # sigma is stored like every layer's statistics: running_var = sigma^2 - eps
     np.testing.assert_allclose(layer.running_var, sigma**2 - 1e-3, rtol=1e-13)
-    assert set(layer.state_dict()) == {"gamma", "beta", "running_mean", "running_var",
-                                       "num_batches_tracked"}
+    assert set(layer.state_dict()) == {
+        "gamma",
+        "beta",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     x = rng.standard_normal((5, 3))
     y = layer.eval()(x)
     np.testing.assert_allclose(y, (x - mu) / sigma, atol=1e-12)
@@ -136,8 +142,9 @@ def test_ghost_virtual_batches_and_gradients(rng):
     layer.gamma[:] = rng.standard_normal(3)
     y = layer(x)
     for sl in ghost_slices(10, 4):
-        np.testing.assert_allclose(y[sl], ref_train(x[sl], layer.gamma, layer.beta, 1, 1e-5),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            y[sl], ref_train(x[sl], layer.gamma, layer.beta, 1, 1e-5), atol=1e-12
+        )
     # running stats: one update towards the size-weighted average of the virtual batches
     parts = [x[0:4], x[4:8], x[8:10]]
     w = np.array([4, 4, 2]) / 10
@@ -160,8 +167,11 @@ def test_frozen_from_trained_layer(rng):
     frozen = FrozenBatchNorm.from_batchnorm(layer)
     x = rng.standard_normal((4, 3, 2))
     np.testing.assert_allclose(frozen(x), layer.eval()(x), atol=0)
-    np.testing.assert_allclose(frozen(x), ref_eval(x, layer.gamma, layer.beta, layer.running_mean,
-                                                    layer.running_var, 1, 1e-5), atol=1e-13)
+    np.testing.assert_allclose(
+        frozen(x),
+        ref_eval(x, layer.gamma, layer.beta, layer.running_mean, layer.running_var, 1, 1e-5),
+        atol=1e-13,
+    )
     dy = rng.standard_normal(x.shape)
     dx = frozen.backward(dy)
     assert relative_error(dx, numerical_gradient(frozen.forward, x, dy)) < 1e-7

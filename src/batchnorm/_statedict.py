@@ -68,11 +68,7 @@ def check_state_dict(
     if "num_batches_tracked" in expected:
         nbt = state["num_batches_tracked"]
         nbt_arr = np.asarray(nbt)
-        if (
-            nbt_arr.shape != ()
-            or nbt_arr.dtype.kind not in "iu"
-            or not 0 <= int(nbt_arr) < 2**63
-        ):
+        if nbt_arr.shape != () or nbt_arr.dtype.kind not in "iu" or not 0 <= int(nbt_arr) < 2**63:
             raise ValueError(
                 f"state['num_batches_tracked'] must be a non-negative integer below 2**63; got "
                 f"{nbt!r}"

@@ -229,23 +229,36 @@ def _sync_demo(args: argparse.Namespace) -> int:
         config = replace(config, seeds=args.seeds)
     data = load_dataset("mnist-subset")
     if rank0:
-        print(f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}",
-              file=sys.stderr)
-    results = run(config, data, comm=comm,
-                  progress=None if args.quiet or not rank0 else Progress("sync-demo", unit="step"))
+        print(
+            f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
+        )
+    results = run(
+        config,
+        data,
+        comm=comm,
+        progress=None if args.quiet or not rank0 else Progress("sync-demo", unit="step"),
+    )
     if rank0:
         s = write_sync_report(results, args.out)
-        print(f"SyncBN vs one process: max parameter difference after "
-              f"{config.equivalence_steps} steps {s['sync_vs_single_process_max_param_diff']:.3g}"
-              f"; local BN vs GhostBatchNorm: {s['local_vs_ghost_max_param_diff']:.3g}")
+        print(
+            f"SyncBN vs one process: max parameter difference after "
+            f"{config.equivalence_steps} steps {s['sync_vs_single_process_max_param_diff']:.3g}"
+            f"; local BN vs GhostBatchNorm: {s['local_vs_ghost_max_param_diff']:.3g}"
+        )
         for row in s["small_batches"]:
-            print(f"per-rank batch {row['per_rank_batch']:>3}: local BN "
-                  f"{100 * row['local_bn_mean']:.1f}%, SyncBN {100 * row['sync_bn_mean']:.1f}%")
-        print(f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
-              f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "
-              f"{s['local_bytes_per_step']:,.0f}, sync {s['sync_bytes_per_step']:,.0f}")
-        print(f"wall time {s['wall_seconds']:.1f} s; wrote {args.out}/results.json, report.md, "
-              "report.html and figures")
+            print(
+                f"per-rank batch {row['per_rank_batch']:>3}: local BN "
+                f"{100 * row['local_bn_mean']:.1f}%, SyncBN {100 * row['sync_bn_mean']:.1f}%"
+            )
+        print(
+            f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
+            f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "
+            f"{s['local_bytes_per_step']:,.0f}, sync {s['sync_bytes_per_step']:,.0f}"
+        )
+        print(
+            f"wall time {s['wall_seconds']:.1f} s; wrote {args.out}/results.json, report.md, "
+            "report.html and figures"
+        )
     return 0
 
 
@@ -353,14 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=_inspect)
 
     sync = sub.add_parser(
-        "sync-demo", help="synchronized BN over MPI: mpiexec -n R batchnorm sync-demo",
+        "sync-demo",
+        help="synchronized BN over MPI: mpiexec -n R batchnorm sync-demo",
         description="SyncBN over the ranks of an MPI job against one process, local BN "
-        "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.")
+        "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.",
+    )
     sync.add_argument("--out", default="sync-demo", help="output folder (default: sync-demo)")
-    sync.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                      help="steps per small-batch run (default 1000)")
-    sync.add_argument("--seeds", type=_positive_int("--seeds"), default=None,
-                      help="number of seeds (default 3)")
+    sync.add_argument(
+        "--steps",
+        type=_positive_int("--steps"),
+        default=None,
+        help="steps per small-batch run (default 1000)",
+    )
+    sync.add_argument(
+        "--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (default 3)"
+    )
     sync.add_argument("--quiet", action="store_true", help="no progress bar")
     sync.set_defaults(func=_sync_demo)
     return parser

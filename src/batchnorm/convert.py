@@ -77,8 +77,10 @@ def _flat(state: dict, framework: str) -> dict:
     if framework == "flax":
         unknown = set(state) - {"params", "batch_stats"}
         if unknown:
-            raise ValueError(f"unknown top-level flax keys {sorted(unknown)}; expected "
-                             "'params' and 'batch_stats'")
+            raise ValueError(
+                f"unknown top-level flax keys {sorted(unknown)}; expected "
+                "'params' and 'batch_stats'"
+            )
         flat = {}
         for group in ("params", "batch_stats"):
             for k, v in dict(state.get(group, {})).items():
@@ -88,11 +90,20 @@ def _flat(state: dict, framework: str) -> dict:
 
 
 _KEYS = {
-    "torch": {"gamma": "weight", "beta": "bias", "mean": "running_mean", "var": "running_var",
-              "count": "num_batches_tracked"},
+    "torch": {
+        "gamma": "weight",
+        "beta": "bias",
+        "mean": "running_mean",
+        "var": "running_var",
+        "count": "num_batches_tracked",
+    },
     "keras": {"gamma": "gamma", "beta": "beta", "mean": "moving_mean", "var": "moving_variance"},
-    "flax": {"gamma": "params/scale", "beta": "params/bias", "mean": "batch_stats/mean",
-             "var": "batch_stats/var"},
+    "flax": {
+        "gamma": "params/scale",
+        "beta": "params/bias",
+        "mean": "batch_stats/mean",
+        "var": "batch_stats/var",
+    },
 }
 
 
@@ -128,15 +139,19 @@ def export_state(
     if not layer.track_running_stats:
         raise ValueError(f"{type(layer).__name__} keeps no running statistics to export")
     eps_dst = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
-    flat = {keys["mean"]: layer.running_mean.astype(np.float64).copy(),
-            keys["var"]: _absorb_eps(layer.running_var, layer.eps, eps_dst)}
+    flat = {
+        keys["mean"]: layer.running_mean.astype(np.float64).copy(),
+        keys["var"]: _absorb_eps(layer.running_var, layer.eps, eps_dst),
+    }
     if layer.affine:
         flat[keys["gamma"]] = layer.gamma.astype(np.float64).copy()
         flat[keys["beta"]] = layer.beta.astype(np.float64).copy()
     if "count" in keys:
         flat[keys["count"]] = int(layer.num_batches_tracked)
-    config = {"momentum": translate_momentum(layer.momentum, layer.convention, framework),
-              "eps": eps_dst}
+    config = {
+        "momentum": translate_momentum(layer.momentum, layer.convention, framework),
+        "eps": eps_dst,
+    }
     if framework == "flax":
         nested: dict = {"params": {}, "batch_stats": {}}
         for k, v in flat.items():
@@ -187,8 +202,9 @@ def import_state(
     known = set(keys.values())
     unknown = set(flat) - known
     if unknown:
-        raise ValueError(f"unknown {framework} batch-norm keys {sorted(unknown)}; expected "
-                         f"{sorted(known)}")
+        raise ValueError(
+            f"unknown {framework} batch-norm keys {sorted(unknown)}; expected {sorted(known)}"
+        )
     required = {keys["mean"], keys["var"]}
     has_affine = keys["gamma"] in flat or keys["beta"] in flat
     if has_affine:
@@ -198,21 +214,29 @@ def import_state(
         raise ValueError(f"missing {framework} batch-norm keys {sorted(missing)}")
     mean = _to_numpy(flat[keys["mean"]])
     if layer is None:
-        layer = BatchNorm(mean.shape if mean.ndim != 1 else mean.shape[0],
-                          convention=framework, affine=has_affine)
+        layer = BatchNorm(
+            mean.shape if mean.ndim != 1 else mean.shape[0], convention=framework, affine=has_affine
+        )
     if has_affine != layer.affine:
-        raise ValueError(f"the {framework} state {'has' if has_affine else 'lacks'} "
-                         f"gamma/beta but the layer has affine={layer.affine}")
+        raise ValueError(
+            f"the {framework} state {'has' if has_affine else 'lacks'} "
+            f"gamma/beta but the layer has affine={layer.affine}"
+        )
     eps_src = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
-    ours = {"running_mean": mean,
-            "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps)}
+    ours = {
+        "running_mean": mean,
+        "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps),
+    }
     if has_affine:
         ours["gamma"] = _to_numpy(flat[keys["gamma"]])
         ours["beta"] = _to_numpy(flat[keys["beta"]])
     # passed through as is: load_state_dict refuses anything but a non-negative integer
     ours["num_batches_tracked"] = _to_numpy(flat.get(keys.get("count"), 0))
-    new_momentum = (layer.momentum if momentum is _NOT_GIVEN else
-                    translate_momentum(momentum, framework, layer.convention))
+    new_momentum = (
+        layer.momentum
+        if momentum is _NOT_GIVEN
+        else translate_momentum(momentum, framework, layer.convention)
+    )
     layer.load_state_dict(ours)  # validates everything; raises before changing anything
     layer.momentum = new_momentum
     return layer

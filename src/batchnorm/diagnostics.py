@@ -56,22 +56,42 @@ def averaging_window(layer: NormLayer) -> dict:
     _need_running(layer)
     t = int(layer.num_batches_tracked)
     if not layer.uses_batch_stats:
-        return {"kind": "frozen", "new_value_weight": 0.0, "effective_batches": math.inf,
-                "half_life_batches": math.inf, "initial_value_weight": 1.0,
-                "batches_tracked": t}
+        return {
+            "kind": "frozen",
+            "new_value_weight": 0.0,
+            "effective_batches": math.inf,
+            "half_life_batches": math.inf,
+            "initial_value_weight": 1.0,
+            "batches_tracked": t,
+        }
     if layer.momentum is None:
-        return {"kind": "cumulative", "new_value_weight": 1.0 / max(t, 1),
-                "effective_batches": float(t), "half_life_batches": None,
-                "initial_value_weight": 0.0 if t else 1.0, "batches_tracked": t}
+        return {
+            "kind": "cumulative",
+            "new_value_weight": 1.0 / max(t, 1),
+            "effective_batches": float(t),
+            "half_life_batches": None,
+            "initial_value_weight": 0.0 if t else 1.0,
+            "batches_tracked": t,
+        }
     w = new_value_weight(layer.momentum, layer.convention.momentum_weights, 1)
     if w <= 0.0:
-        return {"kind": "frozen", "new_value_weight": 0.0, "effective_batches": math.inf,
-                "half_life_batches": math.inf, "initial_value_weight": 1.0,
-                "batches_tracked": t}
+        return {
+            "kind": "frozen",
+            "new_value_weight": 0.0,
+            "effective_batches": math.inf,
+            "half_life_batches": math.inf,
+            "initial_value_weight": 1.0,
+            "batches_tracked": t,
+        }
     half_life = math.log(2.0) / -math.log1p(-w) if w < 1.0 else 0.0
-    return {"kind": "exponential", "new_value_weight": w, "effective_batches": (2.0 - w) / w,
-            "half_life_batches": half_life, "initial_value_weight": (1.0 - w) ** t,
-            "batches_tracked": t}
+    return {
+        "kind": "exponential",
+        "new_value_weight": w,
+        "effective_batches": (2.0 - w) / w,
+        "half_life_batches": half_life,
+        "initial_value_weight": (1.0 - w) ** t,
+        "batches_tracked": t,
+    }
 
 
 def train_eval_gap(layer: NormLayer, x: np.ndarray | None = None) -> dict:

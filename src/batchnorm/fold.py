@@ -46,15 +46,19 @@ def _fold(weight, bias, layer, out_axis, ndim_ok, expected):
     scale, shift = bn_affine(layer)  # refuses what is not a norm layer with running stats
     raw = np.asarray(weight)
     if raw.dtype.kind not in "fiu":
-        raise TypeError(f"weight must be a real numeric array; got {type(weight).__name__} "
-                        f"with dtype {raw.dtype}")
+        raise TypeError(
+            f"weight must be a real numeric array; got {type(weight).__name__} "
+            f"with dtype {raw.dtype}"
+        )
     if not ndim_ok(raw.ndim):
         raise ValueError(f"weight has shape {raw.shape}; expected {expected}")
     weight = raw.astype(np.float64)
     n_out = weight.shape[out_axis]
     if layer.feature_shape != (n_out,):
-        raise ValueError(f"the BatchNorm has {layer.feature_shape} features but the weight "
-                         f"{weight.shape} has {n_out} outputs along axis {out_axis}")
+        raise ValueError(
+            f"the BatchNorm has {layer.feature_shape} features but the weight "
+            f"{weight.shape} has {n_out} outputs along axis {out_axis}"
+        )
     b = np.zeros(n_out) if bias is None else np.asarray(bias, dtype=np.float64)
     if b.shape != (n_out,):
         raise ValueError(f"bias has shape {b.shape}; expected ({n_out},)")

@@ -417,6 +417,7 @@ def batch_norm_backward(
     """
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
+
     def checked() -> tuple[np.ndarray, np.ndarray | None]:
         d = _check_dy(dy, cache)
         return d, check_out(out, cache.x, "out", d, cache.x, cache.work)

@@ -74,7 +74,5 @@ class Module:
     def _need_cache(self, cache):
         """Return ``cache``, or raise :class:`NoForwardError` when no forward has run."""
         if cache is None:
-            raise NoForwardError(
-                f"{type(self).__name__}.backward() called before any forward pass"
-            )
+            raise NoForwardError(f"{type(self).__name__}.backward() called before any forward pass")
         return cache

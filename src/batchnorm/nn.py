@@ -53,8 +53,15 @@ class Linear(Module):
         False drops ``b`` (as when a BatchNorm's beta follows).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, rng: np.random.Generator,
-                 std: float | str = "xavier", bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rng: np.random.Generator,
+        std: float | str = "xavier",
+        bias: bool = True,
+    ):
         self.W = gaussian_init(rng, in_features, out_features, std)
         self.b = np.zeros(out_features) if bias else None
         self.dW = np.zeros_like(self.W)
@@ -65,9 +72,7 @@ class Linear(Module):
         """``y = x W + b`` for ``x`` of shape (N, in_features)."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.W.shape[0]:
-            raise ValueError(
-                f"Linear expects input of shape (N, {self.W.shape[0]}); got {x.shape}"
-            )
+            raise ValueError(f"Linear expects input of shape (N, {self.W.shape[0]}); got {x.shape}")
         self._x = x
         y = x @ self.W
         return y if self.b is None else y + self.b
@@ -128,8 +133,14 @@ class NoisyShift(Module):
     it makes the distribution of the next layer's input deliberately unstable.
     """
 
-    def __init__(self, rng: np.random.Generator, *, mean_range: float = 0.5,
-                 scale_range: float = 0.25, jitter: float = 0.1):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        *,
+        mean_range: float = 0.5,
+        scale_range: float = 0.25,
+        jitter: float = 0.1,
+    ):
         self.rng = rng
         self.mean_range, self.scale_range, self.jitter = mean_range, scale_range, jitter
 
@@ -187,13 +198,13 @@ class Sequential(Module):
 
     def parameters(self):
         """Every module's parameters, named ``"<index>.<name>"``."""
-        return {f"{i}.{k}": v for i, m in enumerate(self.modules)
-                for k, v in m.parameters().items()}
+        return {
+            f"{i}.{k}": v for i, m in enumerate(self.modules) for k, v in m.parameters().items()
+        }
 
     def gradients(self):
         """Every module's gradients, named like :meth:`parameters`."""
-        return {f"{i}.{k}": v for i, m in enumerate(self.modules)
-                for k, v in m.gradients().items()}
+        return {f"{i}.{k}": v for i, m in enumerate(self.modules) for k, v in m.gradients().items()}
 
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -203,8 +214,9 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]}); got "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {logits.shape[1]}); got [{labels.min()}, {labels.max()}]"
+        )
     z = logits - logits.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     n = logits.shape[0]
@@ -243,4 +255,3 @@ class SGD:
                 v += g
                 g = v
             p -= self.lr * g
-

@@ -56,8 +56,7 @@ class Moments:
         """Wrap one batch's count, mean and biased variance."""
         mean = np.asarray(mean, np.float64)
         var = np.asarray(var, np.float64)
-        return cls(float(count), mean.copy(), var * count, 1, mean.copy(), var.copy(),
-                   {int(count)})
+        return cls(float(count), mean.copy(), var * count, 1, mean.copy(), var.copy(), {int(count)})
 
     def merge(self, other: Moments) -> Moments:
         """The statistics of both sets of values together (neither input is changed)."""
@@ -93,8 +92,10 @@ class Moments:
             if m < 2:
                 raise ValueError("Algorithm 2 needs batches with at least 2 values per feature")
             # with unequal batch sizes the smallest m gives the most conservative correction
-            return (np.asarray(self.sum_batch_mean / self.batches),
-                    np.asarray(self.sum_batch_var / self.batches * (m / (m - 1))))
+            return (
+                np.asarray(self.sum_batch_mean / self.batches),
+                np.asarray(self.sum_batch_var / self.batches * (m / (m - 1))),
+            )
         raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
 
 
@@ -231,9 +232,7 @@ def recalibrate(
                 "batches": n_batches,
                 "values_per_feature": int(a.count),
                 "max_mean_shift_in_std": float(np.max(np.abs(old_mean - mean) / std)),
-                "max_var_relative_change": float(
-                    np.max(np.abs(old_var - var) / (var + layer.eps))
-                ),
+                "max_var_relative_change": float(np.max(np.abs(old_var - var) / (var + layer.eps))),
             }
         )
     states = []

@@ -139,8 +139,9 @@ def batch_renorm_train(
     if comm is not None:  # local statistics, merged across ranks
         from .distributed import synchronized_batch
 
-        return synchronized_batch(comm, "batch_renorm_train", prepare,
-                                  lambda *a: _renorm_finish(*a, comm=comm))
+        return synchronized_batch(
+            comm, "batch_renorm_train", prepare, lambda *a: _renorm_finish(*a, comm=comm)
+        )
     state, be, xw, axes, _ = prepare()
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_b, var_b = be.moments(xw, axes)
@@ -195,8 +196,9 @@ def batch_renorm_eval(
     y : ndarray, same shape and dtype as ``x``
     """
     std = np.asarray(running_std, dtype=np.float64)
-    return batch_norm_eval(x, gamma, beta, running_mean, std * std, axis=axis, eps=0.0,
-                           backend=backend)
+    return batch_norm_eval(
+        x, gamma, beta, running_mean, std * std, axis=axis, eps=0.0, backend=backend
+    )
 
 
 @dataclass(frozen=True)

@@ -96,8 +96,9 @@ class GhostBatchNorm(NormLayer):
         vbs = check_count(virtual_batch_size, "virtual_batch_size")
         super().__init__(num_features, **kwargs)
         if 0 in ((self.axis,) if isinstance(self.axis, int) else self.axis):
-            raise ValueError(f"GhostBatchNorm splits axis 0, so it cannot be a feature axis "
-                             f"(axis={self.axis!r})")
+            raise ValueError(
+                f"GhostBatchNorm splits axis 0, so it cannot be a feature axis (axis={self.axis!r})"
+            )
         self.virtual_batch_size = vbs
         self._record_args(virtual_batch_size=vbs)
 
@@ -216,17 +217,32 @@ class FrozenBatchNorm(NormLayer):
 
     @classmethod
     def from_statistics(
-        cls, running_mean, running_var, gamma=None, beta=None, *, axis=1, eps: float = 1e-5,
+        cls,
+        running_mean,
+        running_var,
+        gamma=None,
+        beta=None,
+        *,
+        axis=1,
+        eps: float = 1e-5,
         backend: str = "auto",
     ) -> FrozenBatchNorm:
         """A frozen layer from its statistics (and optional ``gamma``, ``beta``), float64."""
         rm = np.asarray(running_mean, dtype=np.float64)
         if (gamma is None) != (beta is None):
             raise ValueError("pass both gamma and beta, or neither")
-        frozen = cls(rm.shape if rm.ndim != 1 else rm.shape[0], axis=axis, eps=eps,
-                     affine=gamma is not None, backend=backend)
-        state = {"running_mean": rm, "running_var": np.asarray(running_var),
-                 "num_batches_tracked": 0}
+        frozen = cls(
+            rm.shape if rm.ndim != 1 else rm.shape[0],
+            axis=axis,
+            eps=eps,
+            affine=gamma is not None,
+            backend=backend,
+        )
+        state = {
+            "running_mean": rm,
+            "running_var": np.asarray(running_var),
+            "num_batches_tracked": 0,
+        }
         if gamma is not None:
             state.update(gamma=np.asarray(gamma), beta=np.asarray(beta))
         return frozen.load_state_dict(state)
