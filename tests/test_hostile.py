@@ -496,3 +496,23 @@ def test_inspect_refuses_bad_files_with_exit_code_2(rng, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "bn.npz"), "--batch", str(tmp_path / "two.npz")]) == 2
     err = capsys.readouterr().err
     assert "allow_pickle" not in err and "error" in err
+
+
+def test_reused_buffers_are_per_thread(rng):
+    """Found by the second probe: threads sharing a reuse_buffers layer overwrote each other."""
+    xs = [np.random.default_rng(i).standard_normal((16, 8, 8, 8)) for i in range(4)]
+    layer = bn.BatchNorm(8, reuse_buffers=True).eval()
+    want = [layer(x).copy() for x in xs]
+    wrong = []
+
+    def work(i):
+        for _ in range(20):
+            if not np.array_equal(layer(xs[i]), want[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []

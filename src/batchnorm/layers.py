@@ -649,7 +649,8 @@ class BatchNorm(NormLayer):
         array per role kept by the layer instead of a fresh one, so a training loop stops
         allocating (and page-faulting) a new array per call. The returned array is then
         **overwritten by the next call** (also by a call that raises): copy it if you need
-        it longer. A new input shape or dtype gets a new buffer.
+        it longer. A new input shape or dtype gets a new buffer. Each thread gets its own
+        buffers, so threads sharing a layer never overwrite each other's outputs.
     """
 
     def __init__(
@@ -661,17 +662,20 @@ class BatchNorm(NormLayer):
         self.reuse_buffers = bool(reuse_buffers)
         if self.reuse_buffers:  # recorded only when set, so default configs stay as they were
             self._record_args(reuse_buffers=True)
-        self._buffers: dict[str, np.ndarray] = {}
+        # one buffer per role and thread: threads sharing a layer never write into each
+        # other's outputs
+        self._buffers: dict[tuple[str, int], np.ndarray] = {}
 
     def _buffer(self, role: str, like: np.ndarray) -> np.ndarray | None:
         """The reusable output array for ``role`` ("y" or "dx"), or None when not reusing."""
         if not self.reuse_buffers:
             return None
-        buf = self._buffers.get(role)
+        key = (role, threading.get_ident())
+        buf = self._buffers.get(key)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = self._buffers[role] = np.empty(like.shape, like.dtype)
+            buf = self._buffers[key] = np.empty(like.shape, like.dtype)
         elif np.may_share_memory(buf, like):  # the caller fed a returned buffer back in
-            buf = self._buffers[role] = np.empty(like.shape, like.dtype)
+            buf = self._buffers[key] = np.empty(like.shape, like.dtype)
         return buf
 
     def _forward_batch(self, x, axes):
@@ -719,7 +723,7 @@ class BatchNorm(NormLayer):
         dy = as_float_array(dy, "dy")
         out = self._buffer("dx", cache.x)
         if np.may_share_memory(out, dy):
-            out = self._buffers["dx"] = np.empty_like(out)
+            out = self._buffers[("dx", threading.get_ident())] = np.empty_like(out)
         return batch_norm_backward(dy, cache, backend=self.backend, out=out)
 
 
