@@ -55,7 +55,13 @@ def averaging_window(layer: NormLayer) -> dict:
     """
     _need_running(layer)
     t = int(layer.num_batches_tracked)
-    if not layer.uses_batch_stats:
+    # a frozen layer, or momentum that never takes in a new value: the window never moves
+    w = (
+        new_value_weight(layer.momentum, layer.convention.momentum_weights, 1)
+        if (layer.uses_batch_stats and layer.momentum is not None)
+        else None
+    )
+    if not layer.uses_batch_stats or (w is not None and w <= 0.0):
         return {
             "kind": "frozen",
             "new_value_weight": 0.0,
@@ -71,16 +77,6 @@ def averaging_window(layer: NormLayer) -> dict:
             "effective_batches": float(t),
             "half_life_batches": None,
             "initial_value_weight": 0.0 if t else 1.0,
-            "batches_tracked": t,
-        }
-    w = new_value_weight(layer.momentum, layer.convention.momentum_weights, 1)
-    if w <= 0.0:
-        return {
-            "kind": "frozen",
-            "new_value_weight": 0.0,
-            "effective_batches": math.inf,
-            "half_life_batches": math.inf,
-            "initial_value_weight": 1.0,
             "batches_tracked": t,
         }
     half_life = math.log(2.0) / -math.log1p(-w) if w < 1.0 else 0.0

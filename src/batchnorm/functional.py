@@ -424,38 +424,18 @@ def batch_norm_backward(
 
     if cache.comm is not None:  # every rank checks dy (and out) before any rank reduces
         dy, out = _distributed().check_backward(cache.comm, checked)
-        return _backward_synchronized(dy, cache, backend, out)
-    dy, out = checked()
+    else:
+        dy, out = checked()
     return backward_checked(dy, cache, backend, out)
 
 
-def _backward_synchronized(dy, cache, backend, out=None):
-    """The backward pass of a synchronized forward: local gradient sums, their sums over
-    the ranks (in rank order, identical everywhere), then this rank's ``dx``."""
-    be = select(backend, cache.x.size, cache.axis, cache.x.shape)
-    inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
-    dyw = be.work_dy(dy, xw)
-    with _quiet():
-        k = inv_std if cache.gamma is None else inv_std * cache.gamma
-        var = cache.var if cache.batch_stats else np.zeros_like(cache.var)
-        h = overflow_scale(mean, var, cache.count, _work_dtype(xw.dtype))
-        sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
-        sum_dy, sum_dy_xc = _distributed().sum_over_ranks(cache.comm, sum_dy, sum_dy_xc)
-        if cache.batch_stats:
-            # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), means over all ranks' values
-            m = cache.count
-            p, q = -k * inv_std * (inv_std * sum_dy_xc) / m, -k * sum_dy / m
-        else:
-            p = q = np.zeros_like(k)
-        dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
-        sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
-    dgamma = None if cache.gamma is None else sum_dy_xhat
-    dbeta = sum_dy if cache.has_beta else None
-    return dx, dgamma, dbeta
-
-
 def backward_checked(dy, cache, backend, out=None):
-    """:func:`batch_norm_backward` on validated arguments (internal)."""
+    """:func:`batch_norm_backward` on validated arguments (internal).
+
+    Single process: one fused pass gives the two gradient sums and ``dx``. After a
+    synchronized forward (``cache.comm``) the local sums are first summed over the ranks (in
+    rank order, identical everywhere), then this rank's ``dx`` is formed from them.
+    """
     be = select(backend, cache.x.size, cache.axis, cache.x.shape)
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
@@ -463,9 +443,20 @@ def backward_checked(dy, cache, backend, out=None):
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
         var = cache.var if cache.batch_stats else np.zeros_like(cache.var)
         h = overflow_scale(mean, var, cache.count, _work_dtype(xw.dtype))
-        dx, sum_dy, sum_dy_xc = be.backward(
-            xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
-        )
+        if cache.comm is None:
+            dx, sum_dy, sum_dy_xc = be.backward(
+                xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
+            )
+        else:
+            sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
+            sum_dy, sum_dy_xc = _distributed().sum_over_ranks(cache.comm, sum_dy, sum_dy_xc)
+            if cache.batch_stats:
+                # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)), means over all ranks' values
+                m = cache.count
+                p, q = -k * inv_std * (inv_std * sum_dy_xc) / m, -k * sum_dy / m
+            else:
+                p = q = np.zeros_like(k)
+            dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
         sum_dy_xhat = inv_std * sum_dy_xc  # = dgamma
     dgamma = None if cache.gamma is None else sum_dy_xhat
     dbeta = sum_dy if cache.has_beta else None
