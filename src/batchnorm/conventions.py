@@ -266,6 +266,25 @@ def update_running(
     if smooth not in ("var", "std"):
         raise ValueError(f"smooth must be 'var' or 'std'; got {smooth!r}")
     eps = check_eps(eps)
+    if np.any(np.asarray(batch.var) < 0):
+        raise ValueError(f"batch variance must be >= 0; got min {np.min(batch.var)!r}")
+    return _update_running(
+        running, batch, momentum, momentum_weights, unbiased=unbiased, smooth=smooth, eps=eps
+    )
+
+
+def _update_running(
+    running: RunningStats,
+    batch: BatchStats,
+    momentum: float | None,
+    momentum_weights: str,
+    *,
+    unbiased: bool = False,
+    smooth: str = "var",
+    eps: float = 0.0,
+) -> RunningStats:
+    """:func:`update_running` on arguments that are already valid (the layers' own, checked
+    when they were set): the same maths, without re-validating them on every step."""
     mean, var = np.asarray(batch.mean, np.float64), np.asarray(batch.var, np.float64)
     if mean.shape != running.mean.shape or var.shape != running.var.shape:
         raise ValueError(
@@ -284,8 +303,6 @@ def update_running(
                     f"of {mean.size}; first mean={mean.ravel()[where[0]]!r}, "
                     f"var={var.ravel()[where[0]]!r})"
                 )
-        if np.any(var < 0):
-            raise ValueError(f"batch variance must be >= 0; got min {np.min(var)!r}")
         if unbiased:
             if batch.count < 2:
                 raise ValueError(

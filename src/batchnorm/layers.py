@@ -55,10 +55,10 @@ from .conventions import (
     BatchStats,
     NonFiniteStatisticsError,
     RunningStats,
+    _update_running,
     check_momentum,
     convention_config,
     get_convention,
-    update_running,
 )
 from .functional import (
     batch_norm_backward,
@@ -410,11 +410,12 @@ class NormLayer(Module):
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         """The layer's running update (raises NonFiniteStatisticsError or ValueError)."""
-        return update_running(
+        # the layer's arguments were validated when set: the unchecked entry of the same maths
+        return _update_running(
             running,
             stats,
-            momentum=self.momentum,
-            momentum_weights=self.convention.momentum_weights,
+            self.momentum,
+            self.convention.momentum_weights,
             unbiased=self.unbiased,
         )
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._dispatch import select
 from ._validation import as_feature_vector, check_count, check_real
-from .conventions import BatchStats, RunningStats, update_running
+from .conventions import BatchStats, RunningStats, _update_running
 from .functional import (
     BatchNormCache,
     _check_not_empty,
@@ -342,14 +342,7 @@ class BatchRenorm(NormLayer):
         return y, cache, BatchStats(cache.bn.count, cache.mean, cache.var)
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
-        return update_running(
-            running,
-            stats,
-            momentum=self.momentum,
-            momentum_weights="old",
-            smooth="std",
-            eps=self.eps,
-        )
+        return _update_running(running, stats, self.momentum, "old", smooth="std", eps=self.eps)
 
     def _arg_validators(self) -> dict:
         def positive_eps(value):

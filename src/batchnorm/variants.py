@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._validation import check_count
-from .conventions import BatchStats, RunningStats, update_running
+from .conventions import BatchStats, RunningStats, _update_running
 from .functional import batch_norm_backward, batch_norm_train
 from .layers import NormLayer
 from .renorm import (
@@ -146,11 +146,8 @@ class GhostBatchNorm(NormLayer):
             (p.count / total) * (p.var * (p.count / (p.count - 1)) if self.unbiased else p.var)
             for p in parts
         )
-        return update_running(
-            running,
-            BatchStats(total, mean, var),
-            momentum=self.momentum,
-            momentum_weights=self.convention.momentum_weights,
+        return _update_running(
+            running, BatchStats(total, mean, var), self.momentum, self.convention.momentum_weights
         )
 
     def _backward(self, dy, cache):
