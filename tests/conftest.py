@@ -84,7 +84,7 @@ def rng():
 @pytest.fixture(params=["numpy", "numba"])
 def backend(request, monkeypatch):
     """Run a test once per backend: "auto" resolves to the one under test."""
-    from batchnorm import _dispatch
+    from batchnorm import backends as _dispatch
 
     if request.param == "numpy":
         monkeypatch.setattr(_dispatch, "_load_kernels", lambda: None)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
-from batchnorm import _dispatch, functional
+from batchnorm import backends as _dispatch
+from batchnorm import functional
 
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
@@ -36,7 +37,7 @@ def test_import_compiles_nothing():
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("kernels", ["serial", "parallel"])
 def test_numba_matches_numpy(rng, shape, axis, dtype, kernels, monkeypatch):
-    from batchnorm import _numba_kernels as K
+    from batchnorm.backends.numba import kernels as K
 
     if kernels == "parallel":  # these small arrays would run the serial kernels
         monkeypatch.setattr(K, "SERIAL_MAX", 0)
@@ -107,11 +108,11 @@ def test_auto_dispatch_choice(rng, monkeypatch):
 def test_backends_share_one_contract():
     import inspect
 
-    from batchnorm._numpy_kernels import NumpyBackend
+    from batchnorm.backends.numpy import NumpyBackend
 
     if not _dispatch.numba_available():
         pytest.skip("numba not installed")
-    from batchnorm._numba_kernels import NumbaBackend
+    from batchnorm.backends.numba.kernels import NumbaBackend
 
     for method in (
         "supports",
@@ -132,7 +133,7 @@ def test_backends_share_one_contract():
 @numba_only
 def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
     """A non-contiguous input is copied once, in the forward pass; float16 never is."""
-    from batchnorm import _numba_kernels as K
+    from batchnorm.backends.numba import kernels as K
 
     copies = []
     real = K._contiguous
@@ -158,7 +159,7 @@ def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
 
 @numba_only
 def test_float16_conversions_match_numpy_bit_for_bit():
-    from batchnorm import _numba_kernels as K
+    from batchnorm.backends.numba import kernels as K
 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 2**32, size=1_000_000, dtype=np.uint64).astype(np.uint32)]

@@ -14,7 +14,7 @@ import pytest
 from conftest import ref_backward_train, ref_train
 
 import batchnorm as bn
-from batchnorm import _dispatch
+from batchnorm import backends as _dispatch
 
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 
@@ -160,7 +160,7 @@ def test_layer_reuse_buffers(rng):
 @numba_only
 def test_float16_read_in_place(rng, monkeypatch):
     """float16 data are read and written by the kernels as float16: nothing is converted."""
-    from batchnorm import _numba_kernels as K
+    from batchnorm.backends.numba import kernels as K
 
     def fail(*a):
         raise AssertionError("converted")

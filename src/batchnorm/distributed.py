@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._dispatch import select
+from .backends import select
 from ._validation import as_input, feature_shape, normalize_axes
 from .conventions import BatchStats, NonFiniteStatisticsError
 

@@ -23,8 +23,8 @@ where bars are means over the :math:`m` values of the feature.
 
 Numerics. Statistics are accumulated in float64 and the data are centred before squaring, so
 no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32: the NumPy path
-(:mod:`batchnorm._numpy_kernels`) centres on the float64 mean rounded to the working
-precision, the compiled path (:mod:`batchnorm._numba_kernels`) on one sample of each feature with
+(:mod:`batchnorm.backends.numpy`) centres on the float64 mean rounded to the working
+precision, the compiled path (:mod:`batchnorm.backends.numba.kernels`) on one sample of each feature with
 the differences formed in float64. Elementwise work runs in the working precision (float64
 for float64 input, float32 otherwise; float16 is computed in float32) in the rounding-safe
 form ``(x - s) * a + b``. Results come back in the input dtype. The kernels never write to
@@ -32,7 +32,7 @@ their inputs, and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
 sums, the input gradient) that both backends implement with one contract (see
-:mod:`batchnorm._dispatch`); the public functions below compose them, so the maths lives in
+:mod:`batchnorm.backends`); the public functions below compose them, so the maths lives in
 one place.
 """
 
@@ -43,8 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._dispatch import BACKENDS, numba_available, select
-from ._numpy_kernels import _work_dtype, overflow_scale
+from .backends import BACKENDS, numba_available, select
+from .backends.numpy import overflow_scale
+from .backends.numpy import work_dtype as _work_dtype
 from ._validation import (
     as_feature_vector,
     as_float_array,

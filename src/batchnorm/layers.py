@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from . import checkpoint, distributed
-from ._dispatch import check_backend
+from .backends import check_backend
 from ._validation import (
     SUPPORTED_DTYPES,
     as_float_array,

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ._dispatch import select
+from .backends import select
 from ._validation import as_feature_vector, check_count, check_real
 from .conventions import BatchStats, RunningStats, _update_running
 from .functional import (

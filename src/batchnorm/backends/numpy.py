@@ -1,7 +1,9 @@
 """The NumPy backend: the four primitives every batch-norm pass is made of.
 
 All per-feature arguments are float64 arrays in the broadcast shape of ``x``. See
-:mod:`batchnorm.functional` for the equations and the numerics.
+:mod:`batchnorm.functional` for the equations and the numerics; the coefficient formulas
+and the overflow rule are those of :mod:`batchnorm.core.coef` (shared with the compiled
+kernels and the array-API passes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import math
 
 import numpy as np
 
-from ._validation import reduce_axes
+from .._validation import reduce_axes
+from ..core import coef
 
 #: Power of two the statistics are summed on again when a float64 sum overflowed while the
 #: data are finite (|x| near 1e308): multiplying by it is exact, and (1e308 * 2^-600)^2
@@ -19,7 +22,7 @@ from ._validation import reduce_axes
 RESCALE = 2.0**-600
 
 
-def _work_dtype(dtype: np.dtype) -> np.dtype:
+def work_dtype(dtype: np.dtype) -> np.dtype:
     """Precision of the elementwise work: float64 stays, float16/float32 run in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
@@ -34,7 +37,8 @@ def overflow_scale(
     ``[3.4e38, -3.4e38]``). Since ``|x - mean| <= sqrt(count * var)``, ``h = 1/16`` is used
     when that bound (or ``|mean|``) reaches a quarter to half of the largest finite value;
     the passes then form ``x*h - s*h`` (exact: a power of two) and fold ``1/h`` into the
-    coefficient. The compiled kernels apply the same rule.
+    coefficient. The rule is :func:`batchnorm.core.coef.overflow_needed`, which the compiled
+    kernels compile; this wrapper adds a fast exit and returns None when no feature needs it.
     """
     big = _BIG[wt.itemsize]
     # fast exit: sums bound the maxima (NaN/inf fall through to the exact rule)
@@ -43,9 +47,8 @@ def overflow_scale(
         return None
     with np.errstate(all="ignore"):
         s = mean.astype(wt).astype(np.float64)
-        bound = np.sqrt(count * var) + np.abs(mean - s)
-        huge = (bound >= big) | (np.abs(mean) >= big / 2)
-    return np.where(huge, 1.0 / 16.0, 1.0) if huge.any() else None
+        huge = coef.overflow_needed(mean, var, s, count, big)
+    return np.where(huge, coef.OVERFLOW_H, 1.0) if huge.any() else None
 
 
 _BIG = {4: float(np.finfo(np.float32).max) / 2, 8: float(np.finfo(np.float64).max) / 2}
@@ -68,7 +71,7 @@ def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None) -> tuple[np.ndarray, np
     working precision without a float64 copy of ``x``. ``h`` (a power of two per feature,
     see :func:`overflow_scale`) is 1 unless ``x - s`` could overflow.
     """
-    wt = _work_dtype(x.dtype)
+    wt = work_dtype(x.dtype)
     shift = mean_b.astype(wt)
     if h_b is None or not (h_b != 1.0).any():
         d = np.subtract(x, shift, dtype=wt)
@@ -126,9 +129,10 @@ def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
 def _np_affine(x, axes, mean_b, scale_b, bias_b, h_b=None):
     """y = (x - mean) * scale + bias, all per-feature arrays in broadcast shape."""
     d, delta = _centre(x, mean_b, h_b)
-    wt = d.dtype
-    d *= (scale_b if h_b is None else scale_b / h_b).astype(wt)
-    d += (bias_b - delta * scale_b).astype(wt)
+    # output_coef with inv = scale and gamma = 1 (exact): a_h = scale / h, c = bias - delta*scale
+    a_h, c = coef.output_coef(delta, scale_b, 1.0, bias_b, 0.0, 1.0 if h_b is None else h_b)
+    d *= a_h.astype(d.dtype)
+    d += c.astype(d.dtype)
     return d
 
 
@@ -146,17 +150,16 @@ def _np_grad_sums(x, dy, axes, mean_b, h_b=None):
     else:
         d *= dy
     sum_dy_d = np.sum(d, axis=red, dtype=np.float64, keepdims=True)
-    if h_b is not None:
-        sum_dy_d = sum_dy_d / h_b
-    return sum_dy, sum_dy_d - delta * sum_dy
+    return sum_dy, coef.centred_grad_sum(sum_dy_d, sum_dy, delta, 0.0, 1.0 if h_b is None else h_b)
 
 
 def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b, h_b=None):
     """dx = k * dy + p * (x - mean) + q per feature."""
     d, delta = _centre(x, mean_b, h_b)
     wt = d.dtype
-    d *= (p_b if h_b is None else p_b / h_b).astype(wt)
-    d += (q_b - p_b * delta).astype(wt)
+    p_h, q_s = coef.input_grad_coef(p_b, q_b, delta, 0.0, 1.0 if h_b is None else h_b)
+    d *= p_h.astype(wt)
+    d += q_s.astype(wt)
     if dy.dtype.itemsize > d.dtype.itemsize:  # float64 dy: the product in float64
         d += np.multiply(dy, k_b)
     else:
@@ -230,22 +233,22 @@ class NumpyBackend:
         var = msq - mean_d * mean_d
         np.maximum(var, 0.0, out=var)
         mean, var = mean.reshape(fshape), var.reshape(fshape)
-        inv = 1.0 / np.sqrt(var + eps)
+        inv = coef.inv_std(var, eps)
         h = overflow_scale(mean, var, m, d.dtype)
         s = float(np.add.reduce(mean, axis=None)) + float(np.add.reduce(var, axis=None))
         if h is not None or not math.isfinite(s):
             # overflow (or non-finite data): the careful statistics and output passes
             mean, var = NumpyBackend.moments(xw, axes)
-            inv = 1.0 / np.sqrt(var + eps)
+            inv = coef.inv_std(var, eps)
             h = overflow_scale(mean, var, m, d.dtype)
             return NumpyBackend.affine(xw, axes, mean, inv * gamma, beta, dtype, out, h), mean, var
-        a = (inv * gamma).reshape(b)
         if d.dtype == np.float64:
             # y = (x - mean) * a + beta, exactly as the output pass `affine` forms it
             d = np.subtract(xw, mean.reshape(b), out=sq)
-            c = beta.reshape(b)
+            a, c = (inv * gamma).reshape(b), beta.reshape(b)
         else:  # d = x - s with s = the mean rounded to float32, as `affine` forms it
-            a, c = a.astype(d.dtype), (beta.reshape(b) - delta * a).astype(d.dtype)
+            a, c = coef.output_coef(delta, inv.reshape(b), gamma.reshape(b), beta.reshape(b), 0.0, 1.0)
+            a, c = a.astype(d.dtype), c.astype(d.dtype)
         if out is not None and out.dtype == d.dtype:
             np.multiply(d, a, out=out)
             out += c
@@ -288,19 +291,14 @@ class NumpyBackend:
         wide_dy = dyw.dtype.itemsize > wt.itemsize  # float64 dy with float32 x: in float64
         prod = np.multiply(d, dyw, dtype=dyw.dtype if wide_dy else wt)
         s2 = np.add.reduce(prod, axis=red, dtype=np.float64, keepdims=True)
-        if hb is not None:
-            s2 = s2 / hb
-        if delta is not None:
-            s2 -= delta * sum_dy
+        h1 = 1.0 if hb is None else hb
+        d0 = 0.0 if delta is None else delta
+        if delta is not None or hb is not None:  # (0 * inf would turn an inf sum into NaN)
+            s2 = coef.centred_grad_sum(s2, sum_dy, d0, 0.0, h1)
         kb = k.reshape(b)
         if batch_stats:
-            ib = inv.reshape(b)
-            p = -kb * ib * (ib * s2) / m
-            q = -kb * sum_dy / m
-            if delta is not None:
-                q = q - p * delta
-            if hb is not None:
-                p = p / hb
+            p, q = coef.backward_coef(sum_dy, s2, inv.reshape(b), kb, m)
+            p, q = coef.input_grad_coef(p, q, d0, 0.0, h1)
             if wt != np.float64:
                 p, q = p.astype(wt), q.astype(wt)
             d *= p

@@ -24,7 +24,8 @@ The elementwise passes use the same rounding-safe form as the NumPy path:
 ``y = (x*h - s*h) * (a/h) + b`` where ``s`` is the mean rounded to the working precision
 (so ``x - s`` is exact for data far from zero) and ``h`` is a per-feature power of two,
 1 unless ``x - s`` could overflow the working precision (see
-:func:`batchnorm._numpy_kernels.overflow_scale`, whose rule the kernels repeat).
+:func:`batchnorm.core.coef.overflow_needed`, which the kernels compile: see
+:mod:`batchnorm.backends.numba.coef`).
 Fast-math lets LLVM contract to FMA, but never assumes the absence of NaN or Inf, which
 therefore propagate.
 
@@ -54,7 +55,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from ._numpy_kernels import RESCALE, overflow_scale
+from ...core import coef as F
+from ..numpy import RESCALE, overflow_scale, work_dtype
+from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
 
 # Contract to FMA and ignore the sign of zero, but never assume "no NaN/Inf" (they must
 # propagate) and never reassociate: reassociation may rewrite sum(x - s) as sum(x) - n*s or
@@ -215,12 +218,7 @@ def _total(a):  # pragma: no cover - compiled
 @njit(cache=True, error_model="numpy")
 def _finish(shift, t1, t2, n, hs):  # pragma: no cover - compiled
     """(mean, biased var) from shifted sums of d = x*hs - shift over n values."""
-    d = t1 / n
-    mean = (shift + d) / hs
-    var = t2 / n - d * d
-    if var < 0.0:  # NaN stays NaN
-        var = 0.0
-    return mean, (var / hs) / hs
+    return F.moments_from_shifted_sums(shift, t1, t2, n, hs)
 
 
 @njit(cache=True, error_model="numpy")
@@ -231,17 +229,13 @@ def _train_coef(mean, var, eps, g, b, m, big, coef, c):  # pragma: no cover - co
     absorbs the rounding of s; h = 1/16 when |x - s| may overflow (bound sqrt(m var) on
     |x - mean|), the rule of ``overflow_scale``.
     """
-    inv = 1.0 / np.sqrt(var + eps)
-    a = inv * g
     coef[0, c] = mean
-    s = np.float64(coef[0, c])
-    delta = mean - s
-    h = 1.0
-    if np.sqrt(m * var) + abs(delta) >= big or abs(mean) >= big / 2:
-        h = 1.0 / 16.0
+    s = np.float64(coef[0, c])  # the mean rounded to the working precision
+    h = F.overflow_scale(mean, var, s, m, big)
+    a_h, bias = F.output_coef(mean, F.inv_std(var, eps), g, b, s, h)
     coef[0, c] = s * h
-    coef[1, c] = a / h
-    coef[2, c] = b - delta * a
+    coef[1, c] = a_h
+    coef[2, c] = bias
     coef[3, c] = h
 
 
@@ -255,14 +249,14 @@ def _grad_coef(s1, s2, mean, inv, k, h, m, batch_stats, coef, c):  # pragma: no 
     p = 0.0
     q = 0.0
     if batch_stats:
-        p = -k * inv * (inv * s2) / m
-        q = -k * s1 / m
+        p, q = F.backward_coef(s1, s2, inv, k, m)
     coef[0, c] = mean
-    s = np.float64(coef[0, c])
+    s = np.float64(coef[0, c])  # the mean rounded to the working precision
+    p_h, q_s = F.input_grad_coef(p, q, mean, s, h)
     coef[0, c] = s * h
     coef[1, c] = k
-    coef[2, c] = p / h
-    coef[3, c] = q + p * (s - mean)
+    coef[2, c] = p_h
+    coef[3, c] = q_s
 
 
 # --------------------------------------------------------------------------- statistics
@@ -747,10 +741,6 @@ def supported(axes: tuple[int, ...]) -> bool:
     return axes[-1] - axes[0] == len(axes) - 1
 
 
-def _work_dtype(dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
-
-
 def _plan(xw: np.ndarray, axes) -> Plan:
     return plan_for(xw.shape, axes, _threads(), xw.itemsize)
 
@@ -850,7 +840,7 @@ def _coef_array(plan: Plan, rows: list, wt) -> np.ndarray:
 def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarray:
     """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
     plan, ks, guard = _setup(xw, axes)
-    wt = _work_dtype(xw.dtype)
+    wt = work_dtype(xw.dtype)
     s = mean.astype(wt).astype(np.float64)
     b = bias - (mean - s) * scale
     rows = [s, scale, b, 1.0] if h is None else [s * h, scale / h, b, h]
@@ -867,11 +857,11 @@ def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarr
 def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
     """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors)."""
     plan, ks, guard = _setup(xw, axes)
-    wt = _work_dtype(xw.dtype)
+    wt = work_dtype(xw.dtype)
     if not plan.fused:
         mean, var = moments(xw, axes)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            inv = 1.0 / np.sqrt(var + eps)
+            inv = F.inv_std(var, eps)
             scale = inv * gamma
             h = overflow_scale(mean, var, plan.count, wt)
         return affine(xw, axes, mean, scale, beta, out_dtype, out, h), mean, var
@@ -906,10 +896,10 @@ def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean, h=None):
 def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype, out=None, h=None):
     """``dx = k * dy + p * (x - mean) + q`` per feature, rounding-safe."""
     plan, ks, guard = _setup(xw, axes)
-    wt = _work_dtype(xw.dtype)
+    wt = work_dtype(xw.dtype)
     s = mean.astype(wt).astype(np.float64)
-    q = q + p * (s - mean)  # fold the rounding of the shift into q
-    rows = [s, k, p, q, 1.0] if h is None else [s * h, k, p / h, q, h]
+    p_h, q = F.input_grad_coef(p, q, mean, s, 1.0 if h is None else h)  # rounding of s into q
+    rows = [s, k, p, q, 1.0] if h is None else [s * h, k, p_h, q, h]
     coef = _coef_array(plan, rows, wt)
     out = _output(out, xw, out_dtype)
     with guard:
@@ -923,7 +913,7 @@ def input_grad(xw, dyw, axes, mean, k, p, q, out_dtype, out=None, h=None):
 def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
     """Fused backward; returns ``(dx, sum_dy, sum_dy_xc)`` (flat float64 vectors)."""
     plan, ks, guard = _setup(xw, axes)
-    wt = _work_dtype(xw.dtype)
+    wt = work_dtype(xw.dtype)
     itemsize = xw.itemsize + dyw.itemsize
     fused = plan.fused and (plan.O * plan.I * itemsize <= 2 * FUSE_BYTES if plan.wide else True)
     if not fused:
@@ -931,7 +921,7 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
         m = plan.count
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             if batch_stats:
-                p, q = -k * inv * (inv * s2) / m, -k * s1 / m
+                p, q = F.backward_coef(s1, s2, inv, k, m)
             else:
                 p = q = np.zeros_like(k)
         return input_grad(xw, dyw, axes, mean, k, p, q, out_dtype, out, h), s1, s2
@@ -976,7 +966,7 @@ _NO_GUARD = contextlib.nullcontext()
 
 # --------------------------------------------------------------------------- the backend
 class NumbaBackend:
-    """The compiled backend; same contract as :class:`batchnorm._numpy_kernels.NumpyBackend`.
+    """The compiled backend; same contract as :class:`batchnorm.backends.numpy.NumpyBackend`.
 
     Per-feature arguments and results are float64 arrays of the per-feature shape. ``xw``
     is the array returned by :meth:`work` (a C-contiguous copy only when ``x`` is not

@@ -1,14 +1,14 @@
 """Choosing a backend: the NumPy reference or the compiled numba kernels.
 
-Both backends are classes with one contract (:class:`batchnorm._numpy_kernels.NumpyBackend`
-and :class:`batchnorm._numba_kernels.NumbaBackend`): ``work``, ``work_dy`` and the four
+Both backends are classes with one contract (:class:`batchnorm.backends.numpy.NumpyBackend`
+and :class:`batchnorm.backends.numba.kernels.NumbaBackend`): ``work``, ``work_dy`` and the four
 primitives ``moments``, ``affine``, ``grad_sums`` and ``input_grad``, with the same
 signatures. :func:`select` picks one for an array.
 """
 
 from __future__ import annotations
 
-from ._numpy_kernels import NumpyBackend
+from .numpy import NumpyBackend
 
 BACKENDS = ("auto", "numpy", "numba")
 # Below this many elements "auto" stays with NumPy: launching the compiled parallel kernels
@@ -28,7 +28,7 @@ def _load_kernels():
     global _kernels_module
     if _kernels_module is None:
         try:
-            from . import _numba_kernels
+            from .numba import kernels as _numba_kernels
         except ImportError:
             _kernels_module = False
         else:

@@ -1,0 +1,1 @@
+"""The compiled CPU kernels (numba), for NumPy arrays only: see :mod:`.kernels`."""
