@@ -30,7 +30,7 @@ from .renorm import (
 )
 from .variants import FrozenBatchNorm, GhostBatchNorm, GhostBatchStats
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CONVENTIONS",

@@ -7,8 +7,10 @@ Nothing here mutates its arguments.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -146,3 +148,53 @@ def check_eps(eps: object) -> float:
     if value < 0:
         raise ValueError(f"eps must be finite and >= 0; got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything about an input that depends only on its shape and the feature axes.
+
+    Attributes
+    ----------
+    shape : tuple of int
+    axes : tuple of int
+        Feature axes, non-negative and sorted.
+    red : tuple of int
+        The axes statistics reduce over.
+    bshape : tuple of int
+        Shape that broadcasts a per-feature array against the data.
+    fshape : tuple of int
+        Shape of one per-feature array (the sizes of the feature axes, in axis order).
+    count : int
+        Values per feature.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    red: tuple[int, ...]
+    bshape: tuple[int, ...]
+    fshape: tuple[int, ...]
+    count: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
+    axes = normalize_axes(axis, len(shape))
+    red = reduce_axes(len(shape), axes)
+    return Layout(
+        shape,
+        axes,
+        red,
+        broadcast_shape(len(shape), axes, shape),
+        feature_shape(shape, axes),
+        math.prod(shape[i] for i in red),
+    )
+
+
+def layout(shape: tuple[int, ...], axis: object) -> Layout:
+    """The :class:`Layout` of data of ``shape`` with feature ``axis`` (computed once per
+    distinct pair; the cache is thread-safe). Raises like :func:`normalize_axes`."""
+    if isinstance(axis, (tuple, list)) and not axis:
+        normalize_axes(axis, len(shape))  # raises: no feature axis
+    key = check_axis(axis)
+    return _layout(tuple(shape), tuple(key) if isinstance(key, list) else key)

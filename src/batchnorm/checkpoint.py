@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,10 @@ from ._statedict import check_state_dict  # the layer state-dict checks live bes
 __all__ = [
     "MAX_BYTES",
     "MAX_FEATURES",
+    "STATE_VERSION",
+    "check_version",
+    "migrate",
+    "state_version",
     "check_state_dict",
     "layer_config",
     "load_npz",
@@ -361,3 +365,43 @@ def layer_config(meta: dict | None, path: str | os.PathLike, state: Mapping | No
                     f"'batchnorm.num_features' declares {tuple(nf)}"
                 )
     return dict(cfg)
+
+
+
+# ----------------------------------------------------------------------------- versions
+#: The layer state-dict format this library writes. 0 is the format of batchnorm 0.1.0
+#: (no version recorded); 1 is identical in content and records its version.
+STATE_VERSION = 1
+
+#: ``MIGRATIONS[v]`` turns a state dict of version ``v`` into version ``v + 1`` (a future
+#: change of keys or meaning adds one here, so every checkpoint ever written keeps loading).
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: lambda state: dict(state)}
+
+
+def check_version(version: object) -> int:
+    """A state version this library can read (0 .. :data:`STATE_VERSION`)."""
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+        raise TypeError(f"state version must be an integer; got {version!r}")
+    if not 0 <= int(version) <= STATE_VERSION:
+        raise ValueError(
+            f"state version {int(version)} is not supported: this library reads versions 0 "
+            f"to {STATE_VERSION} (written by a newer batchnorm?)"
+        )
+    return int(version)
+
+
+def migrate(state: dict, version: int) -> dict:
+    """``state`` of ``version`` in the current format (the input is never modified)."""
+    v = check_version(version)
+    out = state
+    while v < STATE_VERSION:
+        out = MIGRATIONS[v](out)
+        v += 1
+    return out
+
+
+def state_version(meta: dict | None) -> int:
+    """The state version a checkpoint's metadata record (0 when none: batchnorm 0.1.0)."""
+    if not isinstance(meta, dict) or "state_version" not in meta:
+        return 0
+    return check_version(meta["state_version"])

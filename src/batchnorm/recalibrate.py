@@ -21,14 +21,20 @@ how far the previous running estimates were from the recalibrated ones.
 
 from __future__ import annotations
 
+import zlib
+
 from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._validation import check_count
+from ._compose import reducer_of
+from .core.reduce import KIND_RECAL, Call
+from .core.stats import merge
 from .layers import NormLayer
+from .walk import norm_layers
 
 __all__ = ["Moments", "find_batchnorms", "recalibrate"]
 
@@ -64,12 +70,11 @@ class Moments:
             return self
         if self.count == 0:
             return other
-        n = self.count + other.count
-        delta = other.mean - self.mean
+        n, mean, m2 = merge(self.count, self.mean, self.m2, other.count, other.mean, other.m2)
         return Moments(
             n,
-            self.mean + delta * (other.count / n),
-            self.m2 + other.m2 + delta * delta * (self.count * other.count / n),
+            mean,
+            m2,
             self.batches + other.batches,
             self.sum_batch_mean + other.sum_batch_mean,
             self.sum_batch_var + other.sum_batch_var,
@@ -100,20 +105,9 @@ class Moments:
 
 
 def find_batchnorms(model) -> list[NormLayer]:
-    """Every norm layer of ``model`` that normalizes with batch statistics in training.
-
-    ``model`` is a norm layer or a container with ``.modules`` (searched recursively);
-    :class:`batchnorm.FrozenBatchNorm` layers (no batch statistics) are skipped.
-    """
-    if isinstance(model, NormLayer):
-        return [model] if model.uses_batch_stats else []
-    modules = getattr(model, "modules", None)
-    if not isinstance(modules, (list, tuple)):
-        return []
-    found = []
-    for m in modules:
-        found.extend(find_batchnorms(m))
-    return found
+    """Every norm layer of ``model`` that normalizes with batch statistics in training
+    (see :func:`batchnorm.walk.norm_layers`)."""
+    return norm_layers(model)
 
 
 def _collect(layers, batches, run, max_batches) -> tuple[list[Moments], int]:
@@ -201,14 +195,13 @@ def recalibrate(
     if comm is None:
         acc, n_batches = _collect(layers, batches, run, max_batches)
     else:
-        from . import distributed
 
         def local():
-            with distributed.unsynchronized(model):  # this rank's shard, merged below
+            with _unsynchronized(layers):  # this rank's shard, merged below
                 return _collect(layers, batches, run, max_batches)
 
-        acc, n_batches = distributed.merge_moments(
-            comm, local, [layer.feature_shape for layer in layers]
+        acc, n_batches = merge_moments(
+            reducer_of(comm), local, [layer.feature_shape for layer in layers]
         )
     if n_batches == 0:
         raise ValueError("recalibrate() received no batches")
@@ -244,3 +237,65 @@ def recalibrate(
     for layer, state in zip(layers, states, strict=True):  # ...then change them
         layer.load_state_dict(state)
     return report
+
+
+@contextmanager
+def _unsynchronized(layers):
+    """The layers' reducers set to local inside the block (restored after)."""
+    saved = [layer.reducer for layer in layers]
+    for layer in layers:
+        layer.reducer = None
+    try:
+        yield
+    finally:
+        for layer, r in zip(layers, saved, strict=True):
+            layer.reducer = r
+
+
+def merge_moments(reducer, collect, shapes: list[tuple[int, ...]]):
+    """Run a recalibration pass on every participant's shard and merge the per-layer moments.
+
+    ``collect()`` returns ``(moments per layer, batches)`` for this participant's data;
+    ``shapes`` are the layers' feature shapes. Returns the merged moments (identical on
+    every participant, merged in order) and the total number of batches. An error in
+    ``collect`` on any participant raises on every participant.
+    """
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    acc, n_batches, error, vec = [], 0, None, None
+    try:
+        acc, n_batches = collect()
+        rows = []
+        for a, c in zip(acc, sizes, strict=True):
+            row = np.zeros(3 + 4 * c)
+            if a.count:
+                row[:3] = a.count, a.batches, min(a.batch_sizes)
+                for i, v in enumerate((a.mean, a.m2, a.sum_batch_mean, a.sum_batch_var)):
+                    row[3 + i * c : 3 + (i + 1) * c] = np.ravel(v)
+            rows.append(row)
+        vec = np.concatenate(rows)
+    except Exception as exc:  # noqa: BLE001 - every error must reach every participant
+        error = exc
+    fhash = zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF
+    counts, recv = reducer.gather(
+        Call("recalibrate", KIND_RECAL),
+        vec,
+        error,
+        count=n_batches,
+        nfeat=int(sum(sizes)),
+        fhash=fhash,
+        extra=len(shapes),
+    )
+    merged, pos = [], 0
+    for shape, c in zip(shapes, sizes, strict=True):
+        total = Moments()
+        for row in recv:
+            v = row[pos : pos + 3 + 4 * c]
+            if v[0] == 0:
+                continue
+            part = [v[3 + i * c : 3 + (i + 1) * c].reshape(shape) for i in range(4)]
+            total = total.merge(
+                Moments(float(v[0]), part[0], part[1], int(v[1]), part[2], part[3], {int(v[2])})
+            )
+        merged.append(total)
+        pos += 3 + 4 * c
+    return merged, int(sum(counts))

@@ -28,17 +28,12 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from .backends import select
-from ._validation import as_feature_vector, check_count, check_real
+from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
+from ._validation import check_count, check_real
 from .conventions import BatchStats, RunningStats, _update_running
-from .functional import (
-    BatchNormCache,
-    _check_not_empty,
-    _normalize_batch,
-    _prepare,
-    batch_norm_backward,
-    batch_norm_eval,
-)
+from .core.ops import sqrt, where
+from .core.reduce import KIND_TRAIN, Call
+from .functional import BatchNormCache, batch_norm_backward
 from .layers import NormLayer
 
 __all__ = [
@@ -91,11 +86,11 @@ def _check_limits(rmax: object, dmax: object) -> tuple[float, float]:
 
 
 def batch_renorm_train(
-    x: np.ndarray,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
-    running_mean: np.ndarray,
-    running_std: np.ndarray,
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_std,
     *,
     rmax: float,
     dmax: float,
@@ -103,70 +98,87 @@ def batch_renorm_train(
     eps: float = 1e-5,
     backend: str = "auto",
     comm: object = None,
-) -> tuple[np.ndarray, RenormCache]:
+    reducer: object = None,
+) -> tuple[object, RenormCache]:
     """Batch-renorm forward pass in training mode (see the module docstring).
 
     Parameters
     ----------
-    x : ndarray, shape (N, C, *spatial) or any layout
-    gamma, beta : ndarray, shape (*features), or None
-    running_mean, running_std : ndarray, shape (*features)
+    x : array, shape (N, C, *spatial) or any layout (NumPy or any Array API library)
+    gamma, beta : array, shape (*features), or None
+    running_mean, running_std : array, shape (*features)
         Current population estimates; ``running_std`` must be > 0.
     rmax, dmax : float
         Clipping limits, ``rmax >= 1``, ``dmax >= 0``.
     comm : mpi4py communicator, optional
         Batch statistics over the union of every rank's ``x`` (see
-        :mod:`batchnorm.distributed`); the cache remembers it for the backward pass.
+        :mod:`batchnorm.distributed`); the backward pass needs the same ``comm``.
+    reducer : Reducer, optional
+        Any reducer instead of ``comm``.
 
     Returns
     -------
-    y : ndarray, same shape and dtype as ``x``
+    y : array, same shape, dtype and library as ``x``
     cache : RenormCache
     """
+    red = reducer_of(comm, reducer)
+    args = error = None
+    try:
+        args = _renorm_inputs(x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps,
+                              backend, red.distributed)
+    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+        if not red.distributed:
+            raise
+        error = exc
+    y, cache, _ = renorm_pass(args, red, Call("batch_renorm_train", KIND_TRAIN), error)
+    return y, cache
 
-    def prepare():
-        lim = _check_limits(rmax, dmax)
-        xa, axes, fshape, g, b, e = _prepare(x, gamma, beta, axis, eps)
-        if comm is None:
-            _check_not_empty(xa, "normalize")
-        mu = as_feature_vector(running_mean, "running_mean", fshape, xa.shape)
-        sigma = as_feature_vector(running_std, "running_std", fshape, xa.shape)
-        if np.any(sigma <= 0):
-            raise ValueError(f"running_std must be > 0; got min {sigma.min()!r}")
-        be = select(backend, xa.size, axes)
-        return (xa, fshape, g, b, e, mu, sigma, lim), be, be.work(xa), axes, xa.dtype
 
-    if comm is not None:  # local statistics, merged across ranks
-        from .distributed import synchronized_batch
+def _renorm_inputs(x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend,
+                   empty_ok):
+    lim = _check_limits(rmax, dmax)
+    inp = inputs(x, gamma, beta, axis, eps, backend, empty_ok=empty_ok)
+    mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
+    sigma = inp.be.feature(running_std, "running_std", inp.lay, inp.x)
+    if inp.be.any_le_zero(sigma):
+        raise ValueError(f"running_std must be > 0; got {sigma!r}")
+    return inp, mu, sigma, lim
 
-        return synchronized_batch(
-            comm, "batch_renorm_train", prepare, lambda *a: _renorm_finish(*a, comm=comm)
+
+def _clip(v, lo, hi):
+    """``v`` clipped to [lo, hi]; NaN stays NaN."""
+    return where(v < lo, lo, where(v > hi, hi, v))
+
+
+def renorm_pass(args, reducer=LOCAL, call=None, error=None):
+    """Batch renorm on validated inputs: ``(y, cache, stats)``.
+
+    The batch statistics (merged by ``reducer`` when it is distributed) give
+    ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax,
+    dmax)``, and the output is the BN output pass with scale ``gamma r`` and shift
+    ``beta + gamma d``.
+    """
+    inp, mu, sigma, (rmax, dmax) = args if args is not None else (None, None, None, (1, 0))
+    mean_b, var_b, st = merged_stats(inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error)
+    be, lay = inp.be, inp.lay
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma_b = sqrt(var_b + inp.eps)
+        r = _clip(sigma_b / sigma, 1.0 / rmax, rmax)
+        d = _clip((mean_b - mu) / sigma, -dmax, dmax)
+        g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
+        b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
+        # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
+        y, bn_cache = normalize(
+            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed
         )
-    state, be, xw, axes, _ = prepare()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_b, var_b = be.moments(xw, axes)
-    return _renorm_finish(state, be, xw, axes, BatchStats(0, mean_b, var_b), comm=None)
+    return y, RenormCache(bn_cache, r, d, inp.gamma is not None, inp.beta is not None), st
 
 
-def _renorm_finish(state, be, xw, axes, stats, *, comm):
-    """r, d and the output pass, given the batch statistics (local or merged)."""
-    x, fshape, g, b, eps, mu, sigma, (rmax, dmax) = state
-    mean_b, var_b = stats.mean, stats.var
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sigma_b = np.sqrt(var_b + eps)
-        r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
-        d = np.clip((mean_b - mu) / sigma, -dmax, dmax)
-    g1 = np.ones(fshape) if g is None else g
-    b0 = np.zeros(fshape) if b is None else b
-    # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
-    y, bn_cache = _normalize_batch(be, x, xw, axes, mean_b, var_b, g1 * r, b0 + g1 * d, eps)
-    if comm is not None:
-        bn_cache = replace(bn_cache, count=stats.count, comm=comm)
-    return y, RenormCache(bn_cache, r, d, g is not None, b is not None)
-
-
-def batch_renorm_backward(dy: np.ndarray, cache: RenormCache, *, backend: str = "auto"):
-    """Gradients of :func:`batch_renorm_train` with r and d held constant.
+def batch_renorm_backward(
+    dy, cache: RenormCache, *, backend: str = "auto", comm: object = None, reducer: object = None
+):
+    """Gradients of :func:`batch_renorm_train` with r and d held constant (after a
+    synchronized forward: the same ``comm``/``reducer``).
 
     Returns
     -------
@@ -175,7 +187,14 @@ def batch_renorm_backward(dy: np.ndarray, cache: RenormCache, *, backend: str = 
     """
     if not isinstance(cache, RenormCache):
         raise TypeError(f"cache must be a RenormCache; got {type(cache).__name__}")
-    dx, dgamma_eff, dbeta_eff = batch_norm_backward(dy, cache.bn, backend=backend)
+    dx, dgamma_eff, dbeta_eff = batch_norm_backward(
+        dy, cache.bn, backend=backend, comm=comm, reducer=reducer
+    )
+    return _renorm_grads(cache, dx, dgamma_eff, dbeta_eff)
+
+
+def _renorm_grads(cache: RenormCache, dx, dgamma_eff, dbeta_eff):
+    """dgamma = r sum(dy x_hat) + d sum(dy): gamma enters through gamma r and gamma d."""
     dgamma = cache.r * dgamma_eff + cache.d * dbeta_eff if cache.has_gamma else None
     return dx, dgamma, (dbeta_eff if cache.has_beta else None)
 
@@ -195,10 +214,10 @@ def batch_renorm_eval(
     -------
     y : ndarray, same shape and dtype as ``x``
     """
-    std = np.asarray(running_std, dtype=np.float64)
-    return batch_norm_eval(
-        x, gamma, beta, running_mean, std * std, axis=axis, eps=0.0, backend=backend
-    )
+    inp = inputs(x, gamma, beta, axis, 0.0, backend, None, running_mean, running_std, empty_ok=True)
+    mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
+    std = inp.be.feature(running_std, "running_std", inp.lay, inp.x)
+    return eval_pass(inp, mu, std * std, return_cache=False)
 
 
 @dataclass(frozen=True)
@@ -286,6 +305,7 @@ class BatchRenorm(NormLayer):
         backend: str = "auto",
         comm: object = None,
         timeout: float | None = None,
+        reducer: object = None,
     ):
         schedule = _schedule_from_config(schedule)
         rmax, dmax = _check_limits(rmax, dmax)
@@ -303,6 +323,7 @@ class BatchRenorm(NormLayer):
             backend=backend,
             comm=comm,
             timeout=timeout,
+            reducer=reducer,
         )
         self.rmax, self.dmax, self.schedule = rmax, dmax, schedule
         self.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
@@ -313,9 +334,12 @@ class BatchRenorm(NormLayer):
         self._record_args(rmax=rmax, dmax=dmax, schedule=described)
 
     @property
-    def running_std(self) -> np.ndarray:
-        """The running standard deviation ``sqrt(running_var + eps)`` (float64)."""
-        return np.sqrt(self.running_var.astype(np.float64) + self.eps)
+    def running_std(self):
+        """The running standard deviation ``sqrt(running_var + eps)`` (float64 for NumPy)."""
+        v = self.running_var
+        if isinstance(v, np.ndarray):
+            return np.sqrt(v.astype(np.float64) + self.eps)
+        return sqrt(v + self.eps)
 
     def limits(self) -> tuple[float, float]:
         """The (rmax, dmax) in force at the current step."""
@@ -323,23 +347,16 @@ class BatchRenorm(NormLayer):
             return _check_limits(*self.schedule(self.num_batches_tracked))
         return self.rmax, self.dmax
 
-    def _forward_batch(self, x, axes):
-        self._values_per_feature(x, axes)
-        rmax, dmax = self.limits()
-        y, cache = batch_renorm_train(
-            x,
-            self.gamma,
-            self.beta,
-            self.running_mean,
-            self.running_std,
-            rmax=rmax,
-            dmax=dmax,
-            axis=axes,
-            eps=self.eps,
-            backend=self.backend,
-            comm=self.comm,
-        )
-        return y, cache, BatchStats(cache.bn.count, cache.mean, cache.var)
+    def _forward_batch(self, inp, reducer, call, error):
+        if not reducer.distributed:
+            self._check_count(inp)
+        args = None
+        if inp is not None:
+            rmax, dmax = self.limits()
+            be = inp.be
+            args = (inp, be.param(self.running_mean), be.param(self.running_std), (rmax, dmax))
+        y, cache, st = renorm_pass(args, reducer, call, error)
+        return y, cache, st
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         return _update_running(running, stats, self.momentum, "old", smooth="std", eps=self.eps)
@@ -359,5 +376,6 @@ class BatchRenorm(NormLayer):
 
     def _backward(self, dy, cache):
         if isinstance(cache, RenormCache):
-            return batch_renorm_backward(dy, cache, backend=self.backend)
-        return batch_norm_backward(dy, cache, backend=self.backend)
+            dx, dg, db = super()._backward(dy, cache.bn)
+            return _renorm_grads(cache, dx, dg, db)
+        return super()._backward(dy, cache)

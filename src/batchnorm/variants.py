@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_count
+from ._compose import Inputs, backward_pass, train_pass
+from ._validation import as_float_array, check_count, layout
+from .backends import select
 from .conventions import BatchStats, RunningStats, _update_running
-from .functional import batch_norm_backward, batch_norm_train
 from .layers import NormLayer
 from .renorm import (
     BatchRenorm,
@@ -108,31 +109,32 @@ class GhostBatchNorm(NormLayer):
             "virtual_batch_size": lambda v: check_count(v, "virtual_batch_size"),
         }
 
-    def _forward_batch(self, x, axes):
+    def _forward_batch(self, inp, reducer, call, error):
+        x, axes = inp.x, inp.lay.axes
         if 0 in axes:
             raise ValueError(f"GhostBatchNorm splits axis 0, which is a feature axis {axes}")
         if x.shape[0] == 0:
-            raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
-        per_sample = self._values_per_feature(x[:1], axes, minimum=1)
+            raise ValueError(f"cannot normalize an empty batch: x has shape {tuple(x.shape)}")
+        per_sample = inp.lay.count // x.shape[0]
         parts = ghost_slices(x.shape[0], self.virtual_batch_size, per_sample)
         if x.shape[0] * per_sample < 2 or (self.virtual_batch_size * per_sample < 2):
             raise ValueError(
                 f"GhostBatchNorm with virtual_batch_size={self.virtual_batch_size} on x of shape "
-                f"{x.shape} (feature axis {self.axis!r}) gives virtual batches with 1 value per "
-                "feature, which have no variance; use a larger virtual_batch_size"
+                f"{tuple(x.shape)} (feature axis {self.axis!r}) gives virtual batches with 1 "
+                "value per feature, which have no variance; use a larger virtual_batch_size"
             )
-        counts = [(sl.stop - sl.start) * per_sample for sl in parts]
         outs, caches, stats = [], [], []
-        for sl, m in zip(parts, counts, strict=True):
-            y, cache = batch_norm_train(
-                x[sl], self.gamma, self.beta, axis=axes, eps=self.eps, backend=self.backend
-            )
+        for sl in parts:  # the input was validated once: each slice only gets its layout
+            xs = x[sl]
+            lay = layout(tuple(xs.shape), axes)
+            part = Inputs(xs, lay, select(self.backend, xs, lay), inp.gamma, inp.beta, inp.eps)
+            y, cache, st = train_pass(part)
             outs.append(y)
             caches.append((sl, cache))
-            stats.append(BatchStats(m, cache.mean, cache.var))
+            stats.append(st)
         whole = BatchStats.combine(stats)
         record = GhostBatchStats(whole.count, whole.mean, whole.var, tuple(stats))
-        return np.concatenate(outs, axis=0), caches, record
+        return inp.be.concat(outs, 0), caches, record
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         # one update per real batch, towards the size-weighted average of the virtual
@@ -153,15 +155,27 @@ class GhostBatchNorm(NormLayer):
     def _backward(self, dy, cache):
         if not isinstance(cache, list):
             return super()._backward(dy, cache)
-        dy = np.asarray(dy)
+        first = cache[0][1]
         n = cache[-1][0].stop
-        if dy.shape[:1] != (n,):
-            raise ValueError(f"dy has shape {dy.shape}; the last forward had {n} samples")
-        results = [batch_norm_backward(dy[sl], c, backend=self.backend) for sl, c in cache]
-        dx = np.concatenate([r[0] for r in results], axis=0)
+        shape = (n, *first.x.shape[1:])
+        dy = as_float_array(dy, "dy")
+        if tuple(dy.shape[:1]) != (n,):
+            raise ValueError(f"dy has shape {tuple(dy.shape)}; the last forward had {n} samples")
+        if tuple(dy.shape) != shape:
+            raise ValueError(
+                f"dy has shape {tuple(dy.shape)} but the forward input x had shape {shape}"
+            )
+        results = [backward_pass(dy[sl], c, self.backend) for sl, c in cache]
+        be = select(self.backend, results[0][0], first_layout(first))
+        dx = be.concat([r[0] for r in results], 0)
         if not self.affine:
             return dx, None, None
         return dx, sum(r[1] for r in results), sum(r[2] for r in results)
+
+
+def first_layout(cache):
+    """The layout of a cached forward input."""
+    return layout(tuple(cache.x.shape), cache.axis)
 
 
 # ----------------------------------------------------------------------------- frozen
@@ -251,7 +265,7 @@ class FrozenBatchNorm(NormLayer):
     def backward(self, dy):
         """Input gradient of the fixed affine map (``dy * gamma / sqrt(running_var + eps)``)."""
         cache = self._need_cache(self._cache)
-        return batch_norm_backward(dy, cache, backend=self.backend)[0]
+        return self._backward(dy, cache)[0]
 
     def parameters(self) -> dict:
         """Nothing learns in a frozen layer."""

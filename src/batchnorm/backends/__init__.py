@@ -8,6 +8,8 @@ signatures. :func:`select` picks one for an array.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .numpy import NumpyBackend
 
 BACKENDS = ("auto", "numpy", "numba")
@@ -48,19 +50,32 @@ def check_backend(name: object) -> str:
     return name
 
 
-def select(name: str, size: int, axes: tuple[int, ...], shape: tuple[int, ...] | None = None):
-    """The backend object to run an array of ``size`` elements with feature ``axes``.
+def select(name: str, x: object, lay=None):
+    """The backend object to run the array ``x`` (of layout ``lay``) on.
 
-    ``"auto"`` picks numba when it is importable and either ``size >= AUTO_NUMBA_MIN_SIZE``
-    (parallel kernels) or, given the ``shape``, the array is small and its layout is one
-    the serial kernels do in a single pass (NCHW-like channel blocks, ``(N, D)`` and
-    channels-last: the demo's (60, 100) batches); feature axes that are not adjacent always
-    take the NumPy path, and so do empty arrays (a rank holding no rows of a synchronized
-    batch).
+    Arrays that are not NumPy arrays take the array-API passes of their own namespace
+    (:class:`batchnorm.backends.xp.XpBackend`; ``name`` is then ignored unless it is
+    "numba", which is refused). For NumPy arrays, ``"auto"`` picks numba when it is
+    importable and either the array has at least ``AUTO_NUMBA_MIN_SIZE`` elements
+    (parallel kernels) or it is small and its layout is one the serial kernels do in a
+    single pass (NCHW-like channel blocks, ``(N, D)`` and channels-last: the demo's
+    (60, 100) batches); feature axes that are not adjacent always take the NumPy path, and
+    so do empty arrays (a rank holding no rows of a synchronized batch).
     """
     check_backend(name)
+    if not isinstance(x, np.ndarray):
+        from .xp import xp_backend
+
+        if name == "numba":
+            raise ValueError(
+                f"backend='numba' runs NumPy arrays only; got a {type(x).__name__} (its own "
+                "library's arrays take the array-API path: use backend='auto')"
+            )
+        return xp_backend(x)
+    size, shape = x.size, x.shape
     if name == "numpy" or size == 0:
         return NUMPY
+    axes = lay.axes
     kern = _load_kernels()
     if kern is None:
         if name == "numba":
@@ -70,6 +85,6 @@ def select(name: str, size: int, axes: tuple[int, ...], shape: tuple[int, ...] |
     if not backend.supports(axes):
         return NUMPY
     if name == "auto" and size < AUTO_NUMBA_MIN_SIZE:
-        small_ok = shape is not None and SMALL_NUMBA and kern.small_fused(shape, axes)
+        small_ok = SMALL_NUMBA and kern.small_fused(shape, axes)
         return backend if small_ok else NUMPY
     return backend

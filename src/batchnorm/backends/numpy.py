@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .._validation import reduce_axes
+from .._validation import as_feature_vector, reduce_axes
 from ..core import coef
 
 #: Power of two the statistics are summed on again when a float64 sum overflowed while the
@@ -167,7 +167,67 @@ def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b, h_b=None):
     return d
 
 
-class NumpyBackend:
+class NumpyArrays:
+    """What both NumPy backends share beyond the primitives: per-feature arrays are
+    float64 NumPy arrays, and the overflow rule has a fast exit (None: no feature needs
+    scaling)."""
+
+    xp = None  # NumPy arrays take the NumPy backends, never the array-API passes
+
+    @staticmethod
+    def feature(v: object, name: str, lay, x: np.ndarray) -> np.ndarray:
+        """Check a per-feature array (gamma, beta, running stats); float64, never a copy of
+        a float64 array."""
+        return as_feature_vector(v, name, lay.fshape, x.shape)
+
+    @staticmethod
+    def param(v):
+        """A layer's per-feature array (already valid) as float64; the array itself when it
+        already is. None stays None."""
+        return None if v is None else v.astype(np.float64, copy=False)
+
+    @staticmethod
+    def concat(arrays: list, axis: int) -> np.ndarray:
+        """Arrays joined along ``axis``."""
+        return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def any_le_zero(v: np.ndarray) -> bool:
+        """Whether any entry is <= 0 (validation, eager)."""
+        return bool(np.any(v <= 0))
+
+    @staticmethod
+    def copy(v: np.ndarray) -> np.ndarray:
+        """A copy of a per-feature array."""
+        return v.copy()
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...]) -> np.ndarray:
+        """Per-feature zeros."""
+        return np.zeros(shape)
+
+    @staticmethod
+    def ones(shape: tuple[int, ...]) -> np.ndarray:
+        """Per-feature ones."""
+        return np.ones(shape)
+
+    @staticmethod
+    def from_host(v) -> np.ndarray:
+        """A merged (host, float64) per-feature array as this backend holds it."""
+        return np.asarray(v, np.float64)
+
+    @staticmethod
+    def overflow(mean, var, count: int, xw: np.ndarray):
+        """The per-feature overflow scale ``h`` for data ``xw``, or None when it is 1."""
+        return overflow_scale(mean, var, count, work_dtype(xw.dtype))
+
+    @staticmethod
+    def x_hat(x: np.ndarray, mean, inv_std, bshape) -> np.ndarray:
+        """The normalized input in float64 (for inspection)."""
+        return (x.astype(np.float64) - mean.reshape(bshape)) * inv_std.reshape(bshape)
+
+
+class NumpyBackend(NumpyArrays):
     """The readable reference backend; same contract as the compiled ``NumbaBackend``.
 
     Per-feature arguments and results are float64 arrays of the per-feature shape (the sizes

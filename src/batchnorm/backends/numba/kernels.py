@@ -56,7 +56,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from ...core import coef as F
-from ..numpy import RESCALE, overflow_scale, work_dtype
+from ..numpy import RESCALE, NumpyArrays, overflow_scale, work_dtype
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
 
 # Contract to FMA and ignore the sign of zero, but never assume "no NaN/Inf" (they must
@@ -965,7 +965,7 @@ _NO_GUARD = contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- the backend
-class NumbaBackend:
+class NumbaBackend(NumpyArrays):
     """The compiled backend; same contract as :class:`batchnorm.backends.numpy.NumpyBackend`.
 
     Per-feature arguments and results are float64 arrays of the per-feature shape. ``xw``

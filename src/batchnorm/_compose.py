@@ -1,0 +1,333 @@
+"""Composition of the backend primitives into the passes (internal, used by
+:mod:`batchnorm.functional` and the layers): validate once into :class:`Inputs`, then
+:func:`train_pass` / :func:`eval_pass` / :func:`backward_pass`, each with a reducer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._validation import Layout, as_float_array, as_input, check_eps, layout
+from .backends import check_backend, select
+from .core import coef
+from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
+from .core.stats import BatchStats
+
+# NaN/Inf are data here, not errors: they propagate through the arithmetic silently.
+def _quiet() -> np.errstate:
+    return np.errstate(invalid="ignore", divide="ignore", over="ignore")
+
+
+@dataclass(frozen=True, eq=False)
+class BatchNormCache:
+    """What the backward pass needs from a forward pass.
+
+    Attributes
+    ----------
+    x : array
+        The forward input (a reference, not a copy: do not modify it before the backward pass).
+    work : array
+        The array the backend read (``x`` itself, or its C-contiguous / float16-to-float32
+        conversion), kept so the backward pass does not convert ``x`` again.
+    gamma : array or None, shape (*features)
+        A float64 copy of the scale used (statistics dtype off NumPy), or None.
+    has_beta : bool
+        Whether a shift was used (then the backward pass returns ``dbeta``).
+    mean, var : array, shape (*features)
+        The statistics used to normalize: batch mean and biased batch variance when
+        ``batch_stats`` is True, the running statistics otherwise.
+    inv_std : array, shape (*features)
+        ``1 / sqrt(var + eps)``.
+    axis : tuple of int
+        The feature axes, non-negative and sorted.
+    eps : float
+    batch_stats : bool
+        True when ``mean``/``var`` were computed from ``x`` (training): their dependence on
+        ``x`` enters the gradient. False when they were given (evaluation): constants.
+    count : int
+        Number of values per feature the statistics reduce over (over all participants of
+        a synchronized forward).
+    synchronized : bool
+        The statistics were merged across processes: the backward pass must reduce its
+        gradient sums with the same reducer (``comm=``/``reducer=``).
+    """
+
+    x: object
+    work: object
+    gamma: object
+    has_beta: bool
+    mean: object
+    var: object
+    inv_std: object
+    axis: tuple[int, ...]
+    eps: float
+    batch_stats: bool
+    count: int
+    synchronized: bool = False
+
+    @property
+    def x_hat(self):
+        """The normalized input, recomputed in the statistics dtype (for inspection)."""
+        be = select("numpy", self.x)
+        bshape = tuple(n if i in self.axis else 1 for i, n in enumerate(self.x.shape))
+        return be.x_hat(self.x, self.mean, self.inv_std, bshape)
+
+
+def reducer_of(comm: object = None, reducer: object = None) -> Reducer:
+    """The reducer a call uses: ``reducer``, an MPI reducer over ``comm``, or local."""
+    if reducer is not None:
+        if comm is not None:
+            raise TypeError("pass comm= or reducer=, not both")
+        if not isinstance(reducer, Reducer):
+            raise TypeError(f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}")
+        return reducer
+    if comm is None:
+        return LOCAL
+    from ._sync.reducer import MpiReducer
+
+    return MpiReducer(comm)
+
+
+# --------------------------------------------------------------------------- validation
+@dataclass(eq=False)
+class Inputs:
+    """Validated arguments of one forward (internal): the data, its layout and backend,
+    per-feature parameters in the backend's statistics dtype (or None), eps, ``out``."""
+
+    x: object
+    lay: Layout
+    be: object
+    gamma: object
+    beta: object
+    eps: float
+    out: object = None
+
+
+def check_out(out: object, like, name: str, *inputs: object):
+    """Validate an ``out=`` array: None, or a writeable C-contiguous ndarray with the shape
+    and dtype of ``like`` that shares no memory with any of ``inputs``."""
+    if out is None:
+        return None
+    if not isinstance(like, np.ndarray):
+        raise TypeError(
+            f"{name}= is supported for NumPy arrays only; the input is a {type(like).__name__}"
+            " (its library allocates the result; arrays of some libraries, e.g. JAX, are "
+            "immutable)"
+        )
+    if type(out) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} (shape {out.shape}) must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} (shape {out.shape}) is read-only")
+    for a in inputs:
+        if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
+            raise ValueError(
+                f"{name} (shape {out.shape}) overlaps an input of shape {a.shape}; pass a "
+                "separate array (inputs are never modified)"
+            )
+    return out
+
+
+def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False) -> Inputs:
+    """Validate the arguments of a forward once (internal; the public kernels' first step)."""
+    check_backend(backend)
+    x = as_input(x)
+    lay = layout(x.shape, axis)
+    if x.size == 0 and not empty_ok:
+        raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
+    be = select(backend, x, lay)
+    g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
+    b = None if beta is None else be.feature(beta, "beta", lay, x)
+    out = check_out(out, x, "out", x, gamma, beta, *others)
+    return Inputs(x, lay, be, g, b, check_eps(eps), out)
+
+
+def _check_dy(dy: object, cache: BatchNormCache):
+    dy = as_float_array(dy, "dy")
+    if dy.shape != cache.x.shape:
+        raise ValueError(
+            f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
+        )
+    if type(dy) is not type(cache.x) and not (
+        isinstance(dy, np.ndarray) and isinstance(cache.x, np.ndarray)
+    ):
+        raise TypeError(
+            f"dy is a {type(dy).__name__} but the forward input was a {type(cache.x).__name__};"
+            " pass dy from the same array library"
+        )
+    return dy
+
+
+# --------------------------------------------------------------------------- passes
+_SAME = object()
+
+
+def _cache(inp: Inputs, xw, mean, var, inv, batch_stats, count, synchronized=False, g=_SAME, b=_SAME):
+    g = inp.gamma if g is _SAME else g
+    b = inp.beta if b is _SAME else b
+    return BatchNormCache(
+        x=inp.x,
+        work=xw,
+        gamma=None if g is None else inp.be.copy(g),
+        has_beta=b is not None,
+        mean=mean,
+        var=var,
+        inv_std=inv,
+        axis=inp.lay.axes,
+        eps=inp.eps,
+        batch_stats=batch_stats,
+        count=count,
+        synchronized=synchronized,
+    )
+
+
+def local_stats(inp: Inputs) -> BatchStats:
+    """This participant's (count, mean, var); an empty slice has count 0."""
+    lay, be = inp.lay, inp.be
+    if lay.count == 0 or inp.x.size == 0:
+        return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
+    with _quiet():
+        mean, var = be.moments(be.work(inp.x), lay.axes)
+    return BatchStats(lay.count, mean, var)
+
+
+def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchronized=False):
+    """The output pass and cache of a training forward, given the batch statistics (local or
+    merged); ``gamma``/``beta`` override the layer's (batch renorm folds r and d into them)."""
+    be, lay = inp.be, inp.lay
+    xw = be.work(inp.x)
+    g = inp.gamma if gamma is None else gamma
+    b = inp.beta if beta is None else beta
+    with _quiet():
+        inv = coef.inv_std(var, inp.eps)
+        scale = inv if g is None else inv * g
+        m = lay.count if count is None else count
+        h = be.overflow(mean, var, m, xw)
+        bias = be.zeros(lay.fshape) if b is None else b
+        y = be.affine(xw, lay.axes, mean, scale, bias, inp.x.dtype, inp.out, h)
+    return y, _cache(inp, xw, mean, var, inv, True, m, synchronized, g, b)
+
+
+def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
+    """This participant's statistics merged by ``reducer`` (``error`` raised everywhere):
+    ``(mean, var, stats)`` with mean/var in the backend's arrays."""
+    if not reducer.distributed:
+        if error is not None:
+            raise error
+        st = local_stats(inp)
+        return st.mean, st.var, st
+    local = None
+    if error is None:
+        try:
+            local = local_stats(inp)
+        except Exception as exc:  # noqa: BLE001 - every error must reach every participant
+            error = exc
+    st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
+    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
+
+
+def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None = None, error=None):
+    """Training forward on validated inputs: ``(y, cache, stats)``.
+
+    With a local reducer one fused pass forms the statistics and the output; otherwise the
+    local statistics are merged by ``reducer`` first (``error``: this participant's
+    validation error, raised on every participant).
+    """
+    if not reducer.distributed:
+        if error is not None:
+            raise error
+        be, lay = inp.be, inp.lay
+        xw = be.work(inp.x)
+        with _quiet():
+            g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
+            b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
+            y, mean, var = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
+            inv = coef.inv_std(var, inp.eps)
+        stats = BatchStats(lay.count, mean, var)
+        return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
+    call = call or Call("batch_norm_train", KIND_TRAIN)
+    mean, var, st = merged_stats(inp, reducer, call, error)
+    y, cache = normalize(inp, mean, var, count=st.count, synchronized=True)
+    return y, cache, st
+
+
+def eval_pass(inp: Inputs, mean, var, return_cache=True):
+    """Evaluation forward on validated inputs (``mean``/``var`` in the statistics dtype)."""
+    be, lay = inp.be, inp.lay
+    xw = be.work(inp.x)
+    with _quiet():
+        inv = coef.inv_std(var, inp.eps)
+        scale = inv if inp.gamma is None else inv * inp.gamma
+        h = be.overflow(mean, var, 0, xw)
+        bias = be.zeros(lay.fshape) if inp.beta is None else inp.beta
+        y = be.affine(xw, lay.axes, mean, scale, bias, inp.x.dtype, inp.out, h)
+    if not return_cache:
+        return y
+    return y, _cache(inp, xw, be.copy(mean), be.copy(var), inv, False, lay.count)
+
+
+def backward_pass(
+    dy, cache: BatchNormCache, backend="auto", out=None, reducer=LOCAL, call=None, error=None
+):
+    """Gradients on a validated ``dy`` (and ``out``): ``(dx, dgamma, dbeta)``.
+
+    Local: one fused pass gives the two gradient sums and ``dx``. Synchronized: the local
+    sums are summed over the participants (in order, identical everywhere), then this
+    participant's ``dx`` is formed from them; ``error`` (this participant's validation
+    error) is raised on every participant instead.
+    """
+    call = call or Call("batch_norm_backward", KIND_BACKWARD)
+    if error is not None:
+        reducer.sum(call, [], error)  # raises, on every participant
+        raise error
+    be = select(backend, cache.x, layout(cache.x.shape, cache.axis))
+    inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
+    dyw = be.work_dy(dy, xw)
+    with _quiet():
+        k = inv_std if cache.gamma is None else inv_std * cache.gamma
+        var = cache.var if cache.batch_stats else be.zeros(cache.var.shape)
+        h = be.overflow(mean, var, cache.count, xw)
+        if not reducer.distributed:
+            dx, sum_dy, sum_dy_xc = be.backward(
+                xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
+            )
+        else:
+            sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
+            sum_dy, sum_dy_xc = (be.from_host(a) for a in reducer.sum(call, [sum_dy, sum_dy_xc]))
+            if cache.batch_stats:
+                p, q = coef.backward_coef(sum_dy, sum_dy_xc, inv_std, k, cache.count)
+            else:
+                p = q = be.zeros(k.shape)
+            dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
+        dgamma = inv_std * sum_dy_xc
+    return dx, (None if cache.gamma is None else dgamma), (sum_dy if cache.has_beta else None)
+
+
+def check_backward(dy, cache, out=None):
+    """Validate the arguments of a backward pass: ``(dy, out)``."""
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
+    d = _check_dy(dy, cache)
+    return d, check_out(out, cache.x, "out", d, cache.x, cache.work)
+
+
+def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> None:
+    """A synchronized forward's backward must reduce too, and a local one must not."""
+    if cache.synchronized and not reducer.distributed:
+        raise ValueError(
+            f"{what}: this cache comes from a synchronized forward (statistics merged "
+            "across processes): pass the same comm= / reducer= to the backward pass"
+        )
+    if reducer.distributed and not cache.synchronized:
+        raise ValueError(
+            f"{what}: comm=/reducer= given, but the forward was not synchronized"
+        )
+
+

@@ -1,0 +1,260 @@
+"""The header protocol of the MPI reducer: every synchronized call agrees before data moves.
+
+Protocol of one synchronized call (a forward, a backward, a recalibration, a gradient sum):
+
+1. every rank does its local work, catching any error instead of raising it;
+2. the ranks exchange a fixed-size int64 header (status, kind of call, call number on the
+   reducer, local count, feature count and shape hash, dtype, training/update flags,
+   whether the local statistics are finite), point to point so that a waiting rank knows
+   which ranks have not arrived;
+3. if any rank failed or the ranks disagree (a rank in evaluation mode while others train,
+   different feature counts or dtypes, ranks out of step), the error texts are exchanged
+   and every rank raises the same :class:`DistributedError` (a ``ValueError``) naming the
+   ranks and the problems, before any state changes;
+4. otherwise the O(C) payload is exchanged with one ``Allgather`` and merged in rank order.
+
+A rank that never arrives is not a silent hang: every wait polls non-blocking requests, and
+after :data:`STALL_WARNING_SECONDS` (60 s) the waiting ranks print on stderr which ranks are
+missing and at which call, again every 60 s; with a timeout on the reducer they call
+``comm.Abort(1)`` after that many seconds with that message.
+
+Only the uppercase (buffer) methods of mpi4py are used, on NumPy arrays: nothing is pickled.
+The functions take the reducer (:class:`batchnorm._sync.reducer.MpiReducer`), which holds
+the communicator, the timeout, the call counter and the traffic counters.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from ..core.reduce import KIND_NAMES, Call
+
+
+class DistributedError(ValueError):
+    """A synchronized call failed; raised with the same message on every rank."""
+
+
+#: Seconds a rank waits for the others before it reports, on stderr, which ranks are missing
+#: (and again every time as long after). Tests lower it.
+STALL_WARNING_SECONDS = 60.0
+#: Seconds a waiting rank polls without giving up its core (MPI progresses non-blocking
+#: collectives only while the ranks poll), before it yields and then backs off.
+SPIN_SECONDS = 2e-4
+#: Message tag of the header messages (the payload goes through collectives).
+HEADER_TAG = 31871
+_MAGIC = 0x424E5359  # "BNSY": a header of this protocol
+
+# header layout (int64)
+_MAGIC_I, _STATUS, _KIND, _SEQ, _COUNT, _NFEAT, _FHASH, _DTYPE, _TRAIN, _UPDATE, _FINITE = range(11)
+_LABEL, _EXTRA = 11, 12
+_H = 13
+
+_MESSAGE_BYTES = 480
+
+#: Bytes this process has sent and received through every MPI reducer (headers and
+#: payloads), and the number of synchronized calls: a process-wide total for reports; each
+#: reducer also counts its own (``MpiReducer.traffic``).
+TOTAL_TRAFFIC = {"sent": 0, "received": 0, "calls": 0}
+
+
+
+def _hash(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _ranks(rs) -> str:
+    rs = list(rs)
+    return f"rank {rs[0]}" if len(rs) == 1 else f"ranks {rs}"
+
+
+def _stall_message(red, call: Call, seq: int, elapsed: float, missing) -> str:
+    who = (
+        f"{_ranks(missing)} {'has' if len(missing) == 1 else 'have'} not arrived"
+        if missing is not None
+        else "the data exchange has not completed"
+    )
+    return (
+        f"batchnorm.distributed: rank {red.rank} of {red.size} has waited "
+        f"{elapsed:.1f} s in {call.label} (synchronized call {seq} on this communicator); "
+        f"{who}"
+    )
+
+
+def poll(red, pending: dict, call: Call, seq: int, *, know_ranks: bool) -> None:
+    """Wait for non-blocking requests; report stalls, abort after the call's timeout."""
+    start = time.monotonic()
+    warn_at = start + STALL_WARNING_SECONDS
+    timeout = red.timeout
+    while True:
+        for r in [r for r, req in pending.items() if req.Test()]:
+            del pending[r]
+        if not pending:
+            return
+        now = time.monotonic()
+        elapsed = now - start
+        if timeout is not None and elapsed >= timeout:
+            msg = _stall_message(red, call, seq, elapsed, sorted(pending) if know_ranks else None)
+            print(
+                f"{msg}; timeout={timeout:g} s reached: aborting the job",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(0.5)  # let mpiexec forward the message before the job is torn down
+            red.comm.Abort(1)
+        if now >= warn_at:
+            msg = _stall_message(red, call, seq, elapsed, sorted(pending) if know_ranks else None)
+            print(f"{msg}; still waiting", file=sys.stderr, flush=True)
+            warn_at = now + STALL_WARNING_SECONDS
+        # poll for SPIN_SECONDS (a partner running on another core answers within
+        # microseconds), then yield the core (the ranks may share cores), then back off: at
+        # most 5% of the time waited, at most 5 ms
+        if elapsed > SPIN_SECONDS:
+            time.sleep(0 if elapsed < 5 * SPIN_SECONDS else min(0.005, elapsed / 20))
+
+
+def _exchange_headers(red, header: np.ndarray, call: Call, seq: int) -> np.ndarray:
+    """Every rank's header, shape (size, _H): point to point, so stalls name the missing ranks."""
+    comm, size, rank = red.comm, red.size, red.rank
+    table = np.zeros((size, _H), np.int64)
+    table[rank] = header
+    if size == 1:
+        return table
+    recvs = {r: comm.Irecv(table[r], source=r, tag=HEADER_TAG) for r in range(size) if r != rank}
+    sends = {r: comm.Isend(header, dest=r, tag=HEADER_TAG) for r in range(size) if r != rank}
+    poll(red, recvs, call, seq, know_ranks=True)
+    poll(red, sends, call, seq, know_ranks=True)
+    red.count_traffic(header.nbytes * (size - 1), header.nbytes * (size - 1))
+    return table
+
+
+def allgather(red, send: np.ndarray, call: Call, seq: int) -> np.ndarray:
+    """Every rank's ``send`` (same shape and dtype everywhere), shape (size, *send.shape)."""
+    size = red.size
+    recv = np.empty((size, *send.shape), send.dtype)
+    if size == 1:
+        recv[0] = send
+        return recv
+    req = red.comm.Iallgather(np.ascontiguousarray(send), recv)
+    poll(red, {-1: req}, call, seq, know_ranks=False)
+    red.count_traffic(send.nbytes, send.nbytes * (size - 1))
+    return recv
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _group(table: np.ndarray, col: int, fmt: Callable[[int], str]) -> str:
+    values: dict[int, list[int]] = {}
+    for r, v in enumerate(table[:, col]):
+        values.setdefault(int(v), []).append(r)
+    return "; ".join(f"{_ranks(rs)}: {fmt(v)}" for v, rs in values.items())
+
+
+def _problems(table: np.ndarray) -> list[str]:
+    """Disagreements between the ranks' headers (identical on every rank)."""
+    out = []
+    if np.any(table[:, _MAGIC_I] != _MAGIC):
+        bad = np.flatnonzero(table[:, _MAGIC_I] != _MAGIC).tolist()
+        return [
+            f"{_ranks(bad)} sent a message that is not a batchnorm header: the ranks are "
+            "out of step"
+        ]
+    if len(set(table[:, _KIND].tolist())) > 1:
+        out.append(
+            "the ranks are in different calls ("
+            + _group(table, _KIND, lambda k: KIND_NAMES.get(k, f"call kind {k}"))
+            + ")"
+        )
+    if len(set(table[:, _SEQ].tolist())) > 1:
+        out.append(
+            "the ranks are out of step ("
+            + _group(table, _SEQ, lambda s: f"synchronized call {s}")
+            + ")"
+        )
+    if len(set(table[:, _LABEL].tolist())) > 1:
+        out.append("the ranks are in different layers or functions")
+    if out:
+        return out
+    if len(set(table[:, _TRAIN].tolist())) > 1:
+        out.append(
+            "the ranks disagree on the mode ("
+            + _group(table, _TRAIN, lambda t: "training" if t else "evaluation")
+            + ")"
+        )
+    if len(set(table[:, _UPDATE].tolist())) > 1:
+        out.append(
+            "the ranks disagree on update_stats ("
+            + _group(table, _UPDATE, lambda u: f"update_stats={bool(u)}")
+            + ")"
+        )
+    if len(set(table[:, _NFEAT].tolist())) > 1 or len(set(table[:, _FHASH].tolist())) > 1:
+        out.append(
+            "the ranks have different numbers of features ("
+            + _group(table, _NFEAT, lambda n: f"{n} features")
+            + ")"
+        )
+    if len(set(table[:, _DTYPE].tolist())) > 1:
+        out.append(
+            "the ranks have different dtypes (" + _group(table, _DTYPE, lambda d: f"float{d}") + ")"
+        )
+    return out
+
+
+def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
+    """Steps 2-3 of the protocol: exchange headers, raise on every rank if anything is wrong.
+
+    Returns the header table (size, _H) when every rank is fine and they agree.
+    """
+    seq = red.next_seq()
+    h = np.zeros(_H, np.int64)
+    h[_MAGIC_I], h[_STATUS], h[_KIND], h[_SEQ] = _MAGIC, int(error is not None), call.kind, seq
+    h[_TRAIN], h[_UPDATE], h[_LABEL] = (
+        int(call.training),
+        int(call.update),
+        _hash(call.label.partition(" ")[0]) & 0x7FFFFFFF,
+    )
+    names = {
+        "count": _COUNT,
+        "nfeat": _NFEAT,
+        "fhash": _FHASH,
+        "dtype": _DTYPE,
+        "finite": _FINITE,
+        "extra": _EXTRA,
+    }
+    for k, v in fields.items():
+        h[names[k]] = v
+    table = _exchange_headers(red, h, call, seq)
+    # the same words on every rank: the full label only when every rank is in the same call
+    label = (
+        call.label if len(set(table[:, _KIND].tolist())) == 1 else (call.label.partition(" ")[0])
+    )
+    failed = np.flatnonzero(table[:, _STATUS] != 0).tolist()
+    if failed:
+        text = np.zeros(_MESSAGE_BYTES, np.uint8)
+        if error is not None:
+            raw = _error_text(error).encode("utf-8", "replace")[:_MESSAGE_BYTES]
+            text[: len(raw)] = np.frombuffer(raw, np.uint8)
+        texts = allgather(red, text, call, seq)
+        parts = [
+            f"rank {r}: " + bytes(texts[r]).rstrip(b"\0").decode("utf-8", "replace") for r in failed
+        ]
+        msg = (
+            f"{label} failed on {_ranks(failed)} (synchronized call {seq}; raised on "
+            f"every rank, nothing changed): " + "; ".join(parts)
+        )
+        raise DistributedError(msg) from error
+    problems = _problems(table)
+    if problems:
+        raise DistributedError(
+            f"{label}: {'; '.join(problems)} (synchronized call {seq}; raised on every "
+            "rank, nothing changed)"
+        )
+    return table
+
+

@@ -1,0 +1,204 @@
+"""The MPI reducer: statistics and sums over the ranks of an mpi4py communicator.
+
+Each rank computes its local ``(count, mean, var)``; the ranks agree (the header protocol
+of :mod:`.protocol`), exchange the O(C) statistics with one ``Allgather``, and every rank
+merges all of them in rank order with the one exact merge of the library
+(:meth:`batchnorm.BatchStats.combine`). Every rank runs the same float64 operations on the
+same numbers, so merged statistics and gradient sums are bit-identical on every rank; no
+result depends on the order in which an MPI reduction happens to add.
+
+Statistics of arrays of other namespaces (torch, JAX, ...) are O(C) and are staged through
+host memory (NumPy) for the exchange; the merged result is returned in NumPy float64 and
+the caller moves it back to its device.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+
+import numpy as np
+
+from ..core.reduce import Call, SyncBatchStats
+from ..core.stats import BatchStats
+from . import protocol as P
+
+
+def _hash(text: str) -> int:
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+def check_comm(comm: object) -> object:
+    """``comm`` must be a usable mpi4py intracommunicator (checked without importing it)."""
+    if comm is None:
+        return None
+    if not all(hasattr(comm, a) for a in ("Get_rank", "Get_size", "Iallgather", "Isend")):
+        raise TypeError(f"comm must be an mpi4py communicator or None; got {comm!r}")
+    try:
+        from mpi4py import MPI
+    except ImportError:  # a communicator-like object without mpi4py (tests)
+        return comm
+    if comm == MPI.COMM_NULL:
+        raise ValueError(
+            "comm is MPI.COMM_NULL (what Split(MPI.UNDEFINED) gives a rank outside every "
+            "group): this rank takes part in no communicator; pass None for a local layer"
+        )
+    return comm
+
+
+def check_timeout(value: object) -> float | None:
+    """A timeout in seconds (> 0, finite) or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"timeout must be a number of seconds or None; got {value!r}")
+    v = float(value)
+    if not (v > 0 and np.isfinite(v)):
+        raise ValueError(f"timeout must be > 0 seconds or None; got {value!r}")
+    return v
+
+
+def _to_host(a) -> np.ndarray:
+    """An O(C) per-feature array as NumPy float64 (explicitly staged off its device)."""
+    if isinstance(a, (np.ndarray, np.generic, float, int)):
+        return np.asarray(a, np.float64)
+    from .._xp import to_numpy
+
+    return np.asarray(to_numpy(a), np.float64)
+
+
+class MpiReducer:
+    """Reduce over the ranks of ``comm`` (see the module docstring).
+
+    Parameters
+    ----------
+    comm : mpi4py intracommunicator
+    timeout : float, optional
+        Seconds after which a rank waiting for missing ranks aborts the job (None: warn on
+        stderr every :data:`batchnorm.distributed.STALL_WARNING_SECONDS`, never abort).
+
+    Attributes
+    ----------
+    traffic : dict
+        Bytes sent and received and synchronized calls made through this reducer.
+    """
+
+    distributed = True
+
+    def __init__(self, comm: object, timeout: float | None = None) -> None:
+        comm = check_comm(comm)
+        if comm is None:
+            raise ValueError("MpiReducer needs a communicator")
+        self.comm = comm
+        self.timeout = check_timeout(timeout)
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.traffic = {"sent": 0, "received": 0, "calls": 0}
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MpiReducer(rank={self.rank}, size={self.size}, timeout={self.timeout})"
+
+    def __getstate__(self):
+        raise TypeError("an MpiReducer (a live communicator) cannot be copied or pickled")
+
+    # ------------------------------------------------------------------ bookkeeping
+    def next_seq(self) -> int:
+        """Number the next synchronized call (the ranks compare numbers: out of step)."""
+        with self._lock:
+            self._seq += 1
+            self.traffic["calls"] += 1
+            P.TOTAL_TRAFFIC["calls"] += 1
+            return self._seq
+
+    def count_traffic(self, sent: int, received: int) -> None:
+        """Add to this reducer's and the process-wide traffic counters."""
+        for t in (self.traffic, P.TOTAL_TRAFFIC):
+            t["sent"] += sent
+            t["received"] += received
+
+    # ------------------------------------------------------------------ the protocol
+    def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
+        """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
+        the ranks disagree. Returns the header table (one row per rank)."""
+        return P.agree(self, call, error, **fields)
+
+    def merge(
+        self, call: Call, local: BatchStats | None, error: BaseException | None, dtype: object
+    ) -> SyncBatchStats:
+        """Agree, gather every rank's (mean, var), merge in rank order.
+
+        ``local`` is None when this rank failed (``error``); ``dtype`` is the input dtype
+        (the ranks must agree on it). A merge in which no rank holds a value gives NaN
+        statistics with count 0.
+        """
+        fields = {}
+        if local is not None:
+            mean, var = _to_host(local.mean), _to_host(local.var)
+            fshape = mean.shape
+            finite = bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
+            fields = {
+                "count": int(local.count),
+                "nfeat": int(mean.size),
+                "fhash": _hash(repr(tuple(fshape))),
+                "dtype": 8 * np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize,
+                "finite": int(finite),
+            }
+        table = self.agree(call, error, **fields)
+        c = int(table[0, P._NFEAT])
+        send = np.empty(2 * c)
+        send[:c] = np.ravel(mean)
+        send[c:] = np.ravel(var)
+        recv = P.allgather(self, send, call, int(table[0, P._SEQ]))
+        counts = tuple(int(n) for n in table[:, P._COUNT])
+        parts = [
+            BatchStats(n, recv[r, :c].reshape(fshape), recv[r, c:].reshape(fshape))
+            for r, n in enumerate(counts)
+        ]
+        whole = BatchStats.combine(parts)
+        mean, var = whole.mean, whole.var
+        if whole.count == 0:  # no rank holds a value: the statistics of nothing are undefined
+            mean, var = np.full(fshape, np.nan), np.full(fshape, np.nan)
+        bad = tuple(int(r) for r in np.flatnonzero(table[:, P._FINITE] == 0))
+        return SyncBatchStats(whole.count, mean, var, counts, bad)
+
+    def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
+        """Agree, then per-feature float64 sums over ranks, added in rank order."""
+        fields = {}
+        flat = np.zeros(0)
+        if error is None:
+            host = [_to_host(a) for a in arrays]
+            flat = np.concatenate([np.ravel(a) for a in host]) if host else np.zeros(0)
+            fields = {"nfeat": int(flat.size), "fhash": _hash(repr([a.shape for a in host]))}
+        table = self.agree(call, error, **fields)
+        recv = P.allgather(self, flat, call, int(table[0, P._SEQ]))
+        total = recv[0].copy()
+        for r in range(1, recv.shape[0]):
+            total += recv[r]
+        out, pos = [], 0
+        for a in host:
+            out.append(total[pos : pos + a.size].reshape(a.shape))
+            pos += a.size
+        return out
+
+    def gather(
+        self, call: Call, vector: object, error: BaseException | None = None, **fields: int
+    ) -> tuple[list[int], list]:
+        """Agree (with ``fields``, e.g. ``count``), then every rank's float64 ``vector``
+        (the same length on every rank: put the length in ``nfeat``)."""
+        if error is None:
+            vector = np.ascontiguousarray(vector, np.float64)
+            fields.setdefault("nfeat", int(vector.size))
+        table = self.agree(call, error, **fields)
+        recv = P.allgather(self, vector, call, int(table[0, P._SEQ]))
+        return [int(n) for n in table[:, P._COUNT]], list(recv)
+
+    def bcast(self, call: Call, flat: np.ndarray, root: int, seq: int) -> None:
+        """Broadcast ``flat`` (float64, same size everywhere) from ``root``, in place."""
+        if self.size > 1:
+            req = self.comm.Ibcast(flat, root=root)
+            P.poll(self, {-1: req}, call, seq, know_ranks=False)
+            if self.rank == root:
+                self.count_traffic(flat.nbytes, 0)
+            else:
+                self.count_traffic(0, flat.nbytes)

@@ -1,0 +1,147 @@
+"""Reducers: how statistics and gradient sums of one call are combined across participants.
+
+A norm layer (or a functional call) never talks to other processes itself; it holds a
+reducer and hands it what it computed locally. The protocol, for every synchronized step:
+
+1. every participant does its local work, catching any error instead of raising it;
+2. :meth:`Reducer.agree` (or :meth:`Reducer.merge` / :meth:`Reducer.sum`, which agree
+   first): if any participant failed, or they disagree about the call, the same error is
+   raised on every participant before any data moves;
+3. otherwise the O(C) payload is combined in participant order, so every participant gets
+   bit-identical results.
+
+:class:`LocalReducer` is the single-process reducer (an error is simply raised). The MPI
+reducer lives in :mod:`batchnorm._sync`; framework reducers (torch.distributed, a JAX axis
+name) implement the same four methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from .stats import BatchStats
+
+__all__ = ["KIND_NAMES", "Call", "LocalReducer", "Reducer", "SyncBatchStats", "LOCAL"]
+
+KIND_TRAIN, KIND_EVAL, KIND_BACKWARD, KIND_MOMENTS, KIND_RECAL, KIND_GRADS = 1, 2, 3, 4, 5, 6
+KIND_METRICS, KIND_BCAST = 7, 8
+KIND_NAMES = {
+    KIND_TRAIN: "a training forward (batch statistics)",
+    KIND_EVAL: "an evaluation forward (running statistics)",
+    KIND_BACKWARD: "a backward pass",
+    KIND_MOMENTS: "moments()",
+    KIND_RECAL: "recalibrate()",
+    KIND_GRADS: "allreduce_gradients()",
+    KIND_METRICS: "gather_metrics()",
+    KIND_BCAST: "broadcast_parameters()",
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one synchronized call tells the other participants about itself.
+
+    Attributes
+    ----------
+    label : str
+        Names the call in error messages ("BatchNorm(3,) training forward"); participants
+        whose labels' first words differ are in different layers or functions.
+    kind : int
+        One of the ``KIND_*`` constants.
+    training, update : bool
+        The mode of a forward, and whether it updates the running statistics.
+    """
+
+    label: str
+    kind: int
+    training: bool = True
+    update: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class SyncBatchStats(BatchStats):
+    """Merged statistics of a batch split over participants (``count``, ``mean``, ``var``:
+    global).
+
+    Attributes
+    ----------
+    counts : tuple of int
+        Values per feature on each participant, in order.
+    nonfinite_ranks : tuple of int
+        Participants whose local statistics were not finite.
+    """
+
+    counts: tuple[int, ...] = ()
+    nonfinite_ranks: tuple[int, ...] = ()
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """The four operations a cross-process reducer provides (see the module docstring)."""
+
+    #: False for the single-process reducer (the layers may then fuse statistics and output
+    #: into one pass, since nothing has to be merged in between).
+    distributed: bool
+
+    def agree(self, call: Call, error: BaseException | None, **fields: int) -> object:
+        """Raise on every participant if any failed or the participants disagree."""
+
+    def merge(
+        self, call: Call, local: BatchStats | None, error: BaseException | None, dtype: object
+    ) -> SyncBatchStats:
+        """Agree, then the statistics of the union of every participant's batch."""
+
+    def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
+        """Agree, then the elementwise sums over participants of per-feature arrays."""
+
+    def gather(
+        self, call: Call, vector: object, error: BaseException | None = None, **fields: int
+    ) -> tuple[list[int], list]:
+        """Agree, then every participant's ``count`` field and 1-D float64 ``vector``."""
+
+
+class LocalReducer:
+    """The reducer of a single process: local results are already global.
+
+    An error is raised as it is (there is nobody to tell); :meth:`merge` returns the local
+    statistics, :meth:`sum` the arrays themselves.
+    """
+
+    distributed = False
+    comm = None
+    timeout = None
+
+    def agree(self, call: Call, error: BaseException | None, **fields: int) -> None:
+        """Raise ``error`` if there is one."""
+        if error is not None:
+            raise error
+
+    def merge(
+        self, call: Call, local: BatchStats | None, error: BaseException | None, dtype: object
+    ) -> SyncBatchStats:
+        """``local`` as merged statistics of one participant."""
+        if error is not None:
+            raise error
+        return SyncBatchStats(local.count, local.mean, local.var, (local.count,), ())
+
+    def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
+        """The arrays themselves."""
+        if error is not None:
+            raise error
+        return list(arrays)
+
+    def gather(
+        self, call: Call, vector: object, error: BaseException | None = None, **fields: int
+    ) -> tuple[list[int], list]:
+        """``([count], [vector])``."""
+        if error is not None:
+            raise error
+        return [int(fields.get("count", 0))], [vector]
+
+    def __repr__(self) -> str:
+        return "LocalReducer()"
+
+
+#: The shared single-process reducer (it holds no state).
+LOCAL = LocalReducer()

@@ -1,0 +1,102 @@
+""":class:`BatchNorm`: the batch-normalization layer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .._compose import Inputs, train_pass
+from .base import NormLayer
+from .args import check_flag
+
+
+class BatchNorm(NormLayer):
+    """Batch normalization layer with train/eval modes and running statistics.
+
+    Parameters
+    ----------
+    num_features : int or tuple of int
+        Size of the feature axis (a tuple when ``axis`` names several axes).
+    convention : {"seed", "torch", "keras", "flax"}
+        Preset for the defaults of ``axis``, ``momentum``, ``eps`` and ``unbiased``, and the
+        direction in which ``momentum`` is read (see :mod:`batchnorm.conventions`).
+    axis : int or tuple of int, optional
+        Feature axis; default from the preset.
+    momentum : float or None, optional
+        Default from the preset; None gives a cumulative average of all batch statistics.
+    eps : float, optional
+    unbiased : bool, optional
+        Feed the running variance the unbiased batch variance ``m/(m-1) * var``.
+    affine : bool
+        Learn ``gamma`` (init 1) and ``beta`` (init 0); False sets both to None.
+    track_running_stats : bool
+        Keep running statistics. False: batch statistics are used in evaluation mode too.
+    nonfinite : {"raise", "skip"}
+        What a training batch with non-finite statistics does: raise ValueError (default), or
+        return its (non-finite) output and skip the running-statistics update, counting it in
+        ``skipped_updates`` (for mixed-precision loops that skip overflowed steps).
+    dtype : float dtype
+        Dtype of the parameters and running statistics (float64 by default).
+    backend : {"auto", "numpy", "numba"}
+        Kernels to run for NumPy arrays (see :func:`batchnorm.batch_norm_train`).
+    comm : mpi4py communicator, optional
+        Synchronized batch norm over the ranks of ``comm`` (see :mod:`batchnorm.distributed`).
+    timeout : float, optional
+        With ``comm``: abort the job when ranks are missing for this many seconds.
+    reducer : Reducer, optional
+        Any cross-process reducer instead of ``comm``.
+    reuse_buffers : bool
+        NumPy only: write every output (``y`` of :meth:`forward`, ``dx`` of :meth:`backward`)
+        into one array per role kept by the layer instead of a fresh one, so a training loop
+        stops allocating (and page-faulting) a new array per call. The returned array is then
+        **overwritten by the next call** (also by a call that raises): copy it if you need
+        it longer. A new input shape or dtype gets a new buffer. Each thread gets its own
+        buffers, so threads sharing a layer never overwrite each other's outputs.
+    """
+
+    def __init__(
+        self, num_features: int | Sequence[int], *, reuse_buffers: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(num_features, **kwargs)
+        if not isinstance(reuse_buffers, (bool, np.bool_)):
+            raise TypeError(f"reuse_buffers must be True or False; got {reuse_buffers!r}")
+        self.reuse_buffers = check_flag(reuse_buffers, "reuse_buffers")
+        if self.reuse_buffers:  # recorded only when set, so default configs stay as they were
+            self._record_args(reuse_buffers=True)
+        # one buffer per role and thread: threads sharing a layer never write into each
+        # other's outputs
+        self._buffers: dict[tuple[str, int], np.ndarray] = {}
+
+    def _buffer(self, role: str, like, avoid=None) -> np.ndarray | None:
+        """The reusable output array for ``role`` ("y" or "dx"), or None when not reusing
+        (or for arrays other than NumPy's); never one that overlaps ``like`` or ``avoid``."""
+        if not self.reuse_buffers or not isinstance(like, np.ndarray):
+            return None
+        key = (role, threading.get_ident())
+        buf = self._buffers.get(key)
+        if (
+            buf is None
+            or buf.shape != like.shape
+            or buf.dtype != like.dtype
+            or np.may_share_memory(buf, like)  # the caller fed a returned buffer back in
+            or (isinstance(avoid, np.ndarray) and np.may_share_memory(buf, avoid))
+        ):
+            buf = self._buffers[key] = np.empty(like.shape, like.dtype)
+        return buf
+
+    def _forward_batch(self, inp: Inputs, reducer, call, error):
+        if not reducer.distributed:
+            self._check_count(inp)
+        if inp is not None:
+            inp.out = self._buffer("y", inp.x)
+        return train_pass(inp, reducer, call, error)
+
+    def _forward_running(self, inp: Inputs):
+        inp.out = self._buffer("y", inp.x)
+        return super()._forward_running(inp)
+
+    def _dx_buffer(self, cache, dy):
+        return self._buffer("dx", cache.x, dy)
