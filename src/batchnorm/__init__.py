@@ -30,6 +30,7 @@ from .renorm import (
 )
 from .variants import FrozenBatchNorm, GhostBatchNorm, GhostBatchStats
 
+from . import checkpoint, conventions, distributed, nn  # the public submodules
 from ._version import __version__
 
 __all__ = [

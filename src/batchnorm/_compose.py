@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._validation import Layout, as_float_array, as_input, check_eps, layout
-from .backends import check_backend, select
+from .backends import AUTO_NUMBA_MIN_SIZE, NUMPY, check_backend, select
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
 from .core.stats import BatchStats
@@ -193,6 +193,10 @@ def local_stats(inp: Inputs) -> BatchStats:
     lay, be = inp.lay, inp.be
     if lay.count == 0 or inp.x.size == 0:
         return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
+    if be.xp is None and inp.x.size < AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
+        # statistics alone of a small array: NumPy's centred two-pass (the serial compiled
+        # kernels pay off when they also write the output in the same pass)
+        be = NUMPY
     with _quiet():
         mean, var = be.moments(be.work(inp.x), lay.axes)
     return BatchStats(lay.count, mean, var)

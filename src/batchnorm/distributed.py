@@ -56,6 +56,7 @@ from .walk import modules, norm_layers
 
 __all__ = [
     "STALL_WARNING_SECONDS",
+    "HEADER_BYTES",
     "DistributedError",
     "MpiReducer",
     "SyncBatchStats",
@@ -73,6 +74,8 @@ __all__ = [
 #: Seconds a rank waits for the others before it reports, on stderr, which ranks are missing
 #: (and again every time as long after). Assigning it here sets it for every reducer.
 STALL_WARNING_SECONDS = P.STALL_WARNING_SECONDS
+#: Bytes of the header every synchronized call exchanges with each other rank.
+HEADER_BYTES = P._H * 8
 #: Bytes this process has sent and received through every MPI reducer (headers and
 #: payloads), and the number of synchronized calls; each reducer also counts its own.
 traffic = P.TOTAL_TRAFFIC

@@ -352,10 +352,15 @@ class BatchRenorm(NormLayer):
             self._check_count(inp)
         args = None
         if inp is not None:
-            rmax, dmax = self.limits()
-            be = inp.be
-            args = (inp, be.param(self.running_mean), be.param(self.running_std), (rmax, dmax))
-        y, cache, st = renorm_pass(args, reducer, call, error)
+            try:  # a schedule may fail (or give invalid limits) on one rank only
+                rmax, dmax = self.limits()
+                be = inp.be
+                args = (inp, be.param(self.running_mean), be.param(self.running_std), (rmax, dmax))
+            except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+                if not reducer.distributed:
+                    raise
+                error = exc
+        y, cache, st = renorm_pass(args if error is None else None, reducer, call, error)
         return y, cache, st
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:

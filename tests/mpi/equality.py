@@ -52,7 +52,7 @@ res["mean"], res["var"] = bn.moments(x[lo:hi], comm=comm)
 res["mean32"], res["var32"] = bn.moments(x32[lo:hi], comm=comm)
 y, cache = bn.batch_norm_train(x[lo:hi], gamma, beta, comm=comm)
 res["y"], res["cache_count"] = y, cache.count
-res["dx"], res["dgamma"], res["dbeta"] = bn.batch_norm_backward(dy[lo:hi], cache)
+res["dx"], res["dgamma"], res["dbeta"] = bn.batch_norm_backward(dy[lo:hi], cache, comm=comm)
 
 # layers over many steps: torch convention (unbiased running variance: uses the global count)
 layer = bn.BatchNorm(c, convention="torch", comm=comm)
