@@ -803,7 +803,7 @@ def write_report(results: dict, out: str | os.PathLike) -> dict:
     Parameters
     ----------
     results : dict
-        The output of :func:`batchnorm.experiments.runner.run`.
+        The output of :func:`batchnorm_demo.experiments.runner.run`.
     out : path
         Output folder (created if missing).
 

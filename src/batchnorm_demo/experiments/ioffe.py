@@ -38,10 +38,19 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from batchnorm import BatchNorm
+from batchnorm.nn import (
+    SGD,
+    Linear,
+    NoisyShift,
+    Sequential,
+    Sigmoid,
+    accuracy,
+    softmax_cross_entropy,
+)
+from batchnorm.variants import GhostBatchNorm
+
 from ..data import Dataset
-from ..layers import BatchNorm
-from ..nn import SGD, Linear, NoisyShift, Sequential, Sigmoid, accuracy, softmax_cross_entropy
-from ..variants import GhostBatchNorm
 
 __all__ = [
     "ARMS",

@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .functional import (
+from batchnorm import BatchNorm
+from batchnorm.functional import (
     batch_norm_backward,
     batch_norm_eval,
     batch_norm_train,
     numba_available,
 )
-from .layers import BatchNorm
 
 __all__ = ["CASES", "SMALL_CASES", "Case", "format_bench", "run_bench"]
 

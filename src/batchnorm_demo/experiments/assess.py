@@ -144,7 +144,7 @@ def usable_rates(sweep: dict, threshold: float) -> list[float]:
 
 
 def pm(values, scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± sd' over seeds: :func:`batchnorm.report.pm`, the one formatter.
+    """'mean ± sd' over seeds: :func:`batchnorm_demo.report.pm`, the one formatter.
 
     Parameters
     ----------
@@ -191,7 +191,7 @@ def summarize(results: dict) -> dict:
     Parameters
     ----------
     results : dict
-        The output of :func:`batchnorm.experiments.runner.run`.
+        The output of :func:`batchnorm_demo.experiments.runner.run`.
 
     Returns
     -------
