@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments.assess import LABELS, mean_sd, summarize
+from ._format import pm
+from .experiments.assess import LABELS, summarize
 from .experiments.ioffe import ARMS
 
 __all__ = ["format_table", "lr_sweep_table", "main_table", "pm", "render_text", "write_report"]
@@ -33,28 +34,6 @@ FIGURES = (
 )
 
 Table = tuple[list[str], list[list[str]]]
-
-
-def pm(values, scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± sd' over seeds (the one formatter of every table and text).
-
-    Parameters
-    ----------
-    values : sequence of float
-        One value per seed (non-finite values are left out).
-    scale : float
-        Multiplier (100 for accuracies in percent, 1 for plain numbers).
-    digits : int
-        Decimals.
-
-    Returns
-    -------
-    str
-    """
-    s = mean_sd(values)
-    if s["n"] == 0:
-        return "n/a"
-    return f"{scale * s['mean']:.{digits}f} ± {scale * s['sd']:.{digits}f}"
 
 
 # ----------------------------------------------------------------------------- tables

@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from .._format import mean_sd, pm
+
 __all__ = [
     "compare_accuracy",
     "compare_measure",
@@ -29,28 +31,6 @@ __all__ = [
 
 LABELS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
 USABLE_MARGIN = 0.05  # a rate is usable if every seed ends within 5 points of the best arm
-
-
-def mean_sd(values) -> dict:
-    """Mean, sample standard deviation (0 for one value) and count of finite values.
-
-    Parameters
-    ----------
-    values : sequence of float
-
-    Returns
-    -------
-    dict
-        ``mean``, ``sd``, ``n``.
-    """
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
-    if v.size == 0:
-        return {"mean": math.nan, "sd": math.nan, "n": 0}
-    return {
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "n": int(v.size),
-    }
 
 
 def _acc_uncertainty(values, n_test: int) -> float:
@@ -141,24 +121,6 @@ def usable_rates(sweep: dict, threshold: float) -> list[float]:
         for lr, v in sweep.items()
         if v["test_accuracy"] and min(v["test_accuracy"]) >= threshold
     )
-
-
-def pm(values, scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± sd' over seeds: :func:`batchnorm_demo.report.pm`, the one formatter.
-
-    Parameters
-    ----------
-    values : sequence of float
-    scale : float
-    digits : int
-
-    Returns
-    -------
-    str
-    """
-    from ..report import pm as report_pm  # report imports this module: import when used
-
-    return report_pm(values, scale, digits)
 
 
 def _pp(x: float) -> str:
