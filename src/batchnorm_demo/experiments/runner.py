@@ -9,6 +9,9 @@ still in the queue keep the workers busy meanwhile.
 
 Every run's generators are derived from its seed index only, so the results are identical
 whatever the number of workers and whatever order the runs finish in.
+
+The plan and the cost model are in :mod:`.plan`, the arrangement of the outputs in
+:mod:`.collect`.
 """
 
 from __future__ import annotations
@@ -23,176 +26,21 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 
 from ..data import Dataset, load_dataset, validation_split
+from .collect import collect
 from .ioffe import ARMS, IoffeConfig, RunSpec, train_arm
+from .plan import (
+    estimated_cost,
+    plan_phase1,
+    plan_phase2,
+    select_lr,
+    selected_rates,
+    weight_total,
+)
 
-# share of the step cap that a run stopping once fitted is expected to use (for the ETA only;
-# calibrated on the default run: MNIST-1D runs fit after 55-100% of the cap, ghost runs are
-# cheaper per step than the cost model says)
-EXPECTED_FIT_FRACTION = {"reg": 0.85, "main": 0.7}
 # share of the whole run spent starting the worker processes (measured: 4-6 s of ~250 s)
 STARTUP_SHARE = 0.02
 
 __all__ = ["collect", "estimated_cost", "plan_phase1", "plan_phase2", "run", "select_lr"]
-
-
-def estimated_cost(spec: RunSpec, n_in: int, config: IoffeConfig) -> float:
-    """Rough milliseconds one run takes on one core (for the progress bar's ETA only).
-
-    Parameters
-    ----------
-    spec : RunSpec
-    n_in : int
-        Input features of the run's dataset.
-    config : IoffeConfig
-
-    Returns
-    -------
-    float
-    """
-    widths = (n_in, *spec.hidden, 10)
-    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    per_step = 0.12 + 1.2e-5 * macs
-    if spec.arm != "no_bn":
-        groups = 1 if spec.ghost is None else -(-config.batch_size // spec.ghost)
-        per_step += len(spec.hidden) * (0.05 + 0.16 * groups)
-    if spec.arm == "noisy_bn":
-        per_step += 0.05 * len(spec.hidden)
-    if spec.measure:
-        per_step *= 1.15
-    fraction = EXPECTED_FIT_FRACTION[spec.dataset] if spec.stop_at_fit else 1.0
-    return per_step * spec.steps * 1.1 * fraction
-
-
-def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
-    """The learning-rate sweep (all arms, rates, seeds) and the deep networks' sweep.
-
-    Parameters
-    ----------
-    config : IoffeConfig
-    entropies : list of int
-        One seed entropy per seed.
-
-    Returns
-    -------
-    list of RunSpec
-    """
-    specs = [
-        RunSpec(
-            arm,
-            lr,
-            s,
-            e,
-            config.steps,
-            hidden=config.hidden,
-            init_std=config.init_std,
-            measure=True,
-        )
-        for s, e in enumerate(entropies)
-        for arm in ARMS
-        for lr in config.lrs
-    ]
-    specs += [
-        RunSpec(
-            arm, lr, s, e, config.deep_steps, hidden=config.deep_hidden, init_std=config.init_std
-        )
-        for s, e in enumerate(entropies)
-        for arm in ("no_bn", "bn")
-        for lr in config.deep_lrs
-    ]
-    return specs
-
-
-def plan_phase2(
-    config: IoffeConfig, entropies: list[int], selected: dict[str, float]
-) -> list[RunSpec]:
-    """Small initial scale, regularization and ghost batches, at the chosen rates.
-
-    Parameters
-    ----------
-    config : IoffeConfig
-    entropies : list of int
-        One seed entropy per seed.
-    selected : dict
-        Arm -> learning rate chosen on validation.
-
-    Returns
-    -------
-    list of RunSpec
-    """
-    specs = [
-        RunSpec(
-            arm,
-            selected[arm],
-            s,
-            e,
-            config.steps,
-            hidden=config.hidden,
-            init_std=config.small_init_std,
-        )
-        for s, e in enumerate(entropies)
-        for arm in ARMS
-    ]
-    specs += [
-        RunSpec(
-            arm,
-            selected[arm],
-            s,
-            e,
-            config.reg_steps,
-            dataset="reg",
-            hidden=config.hidden,
-            init_std=config.init_std,
-            stop_at_fit=True,
-        )
-        for s, e in enumerate(entropies)
-        for arm in ARMS
-    ]
-    specs += [
-        RunSpec(
-            "bn",
-            selected["bn"],
-            s,
-            e,
-            config.ghost_steps,
-            hidden=config.hidden,
-            init_std=config.init_std,
-            ghost=k,
-            stop_at_fit=True,
-        )
-        for s, e in enumerate(entropies)
-        for k in config.ghost_sizes
-    ]
-    return specs
-
-
-def select_lr(val_accuracy: dict[float, list[float]]) -> float:
-    """The rate with the highest mean validation accuracy (ties: the smaller rate).
-
-    Parameters
-    ----------
-    val_accuracy : dict
-        Learning rate -> final validation accuracy per seed.
-
-    Returns
-    -------
-    float
-    """
-    return max(sorted(val_accuracy), key=lambda lr: float(np.mean(val_accuracy[lr])))
-
-
-def _selected(config: IoffeConfig, specs: list[RunSpec], outputs: dict) -> dict[str, float]:
-    chosen = {}
-    for arm in ARMS:
-        val = {
-            lr: [
-                outputs[s]["final_val_accuracy"]
-                for s in specs
-                if s.arm == arm and s.lr == lr and s.measure
-            ]
-            for lr in config.lrs
-        }
-        chosen[arm] = select_lr(val)
-    return chosen
 
 
 # ----------------------------------------------------------------------------- workers
@@ -232,7 +80,7 @@ def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, p
 
     for spec in phase1:
         outputs[spec] = train_arm(spec, train, config, val=val, progress=tick(weight(spec)))
-    selected = _selected(config, phase1, outputs)
+    selected = selected_rates(config, phase1, outputs)
     phase2 = plan_phase2(config, entropies, selected)
     for spec in phase2:
         data = get_reg() if spec.dataset == "reg" else train
@@ -371,7 +219,9 @@ def run(
                     if f.done() and f.exception() is not None:
                         raise f.exception()
                 if phase2 is None and all(futures[s].done() for s in sweep):
-                    selected = _selected(config, sweep, {s: futures[s].result() for s in sweep})
+                    selected = selected_rates(
+                        config, sweep, {s: futures[s].result() for s in sweep}
+                    )
                     phase2 = plan_phase2(config, entropies, selected)
                     # longest first, so no worker idles at the end
                     for s in sorted(phase2, key=weight_total(weight), reverse=True):
@@ -387,226 +237,3 @@ def run(
     if progress:
         progress(total, total)
     return collect(config, phase1, phase2, outputs, train, get_reg() if phase2 else None)
-
-
-def weight_total(weight: Callable[[RunSpec], float]) -> Callable[[RunSpec], float]:
-    """Sort key: a run's estimated total cost.
-
-    Parameters
-    ----------
-    weight : callable(RunSpec) -> float
-        Estimated cost per step.
-
-    Returns
-    -------
-    callable(RunSpec) -> float
-    """
-    return lambda s: weight(s) * s.steps
-
-
-def _per_seed(outputs: dict, specs: list[RunSpec], key: str) -> list:
-    return [outputs[s][key] for s in sorted(specs, key=lambda s: s.seed)]
-
-
-def collect(
-    config: IoffeConfig,
-    phase1: list[RunSpec],
-    phase2: list[RunSpec],
-    outputs: dict,
-    train: Dataset,
-    reg: Dataset | None,
-) -> dict:
-    """Arrange the runs' outputs as the results dict (see the issue's key list).
-
-    Parameters
-    ----------
-    config : IoffeConfig
-    phase1, phase2 : list of RunSpec
-    outputs : dict
-        RunSpec -> output of :func:`train_arm`.
-    train : Dataset
-        The main dataset as trained on (validation split removed).
-    reg : Dataset or None
-        The regularization dataset.
-
-    Returns
-    -------
-    dict
-    """
-
-    def pick(specs, **kw):
-        return [s for s in specs if all(getattr(s, k) == v for k, v in kw.items())]
-
-    sweep_specs = [s for s in phase1 if s.measure]
-    lr_sweep: dict = {}
-    for arm in ARMS:
-        lr_sweep[arm] = {}
-        for lr in config.lrs:
-            runs = pick(sweep_specs, arm=arm, lr=lr)
-            lr_sweep[arm][repr(lr)] = {
-                "val_accuracy": _per_seed(outputs, runs, "final_val_accuracy"),
-                "test_accuracy": _per_seed(outputs, runs, "final_test_accuracy"),
-                "train_accuracy": _per_seed(outputs, runs, "final_train_accuracy"),
-                "train_loss": _per_seed(outputs, runs, "final_train_loss"),
-                "early_test_accuracy": _per_seed(outputs, runs, "early_test_accuracy"),
-                "diverged": _per_seed(outputs, runs, "diverged"),
-            }
-    selected = _selected(config, sweep_specs, outputs)
-
-    ioffe, dist, ics = {}, {}, {}
-    for arm in ARMS:
-        runs = sorted(pick(sweep_specs, arm=arm, lr=selected[arm]), key=lambda s: s.seed)
-        outs = [outputs[s] for s in runs]
-        steps = outs[0]["curves"]["steps"]
-        ioffe[arm] = {
-            "lr": selected[arm],
-            "final_test_accuracy": [o["final_test_accuracy"] for o in outs],
-            "final_train_accuracy": [o["final_train_accuracy"] for o in outs],
-            "final_val_accuracy": [o["final_val_accuracy"] for o in outs],
-            "final_train_loss": [o["final_train_loss"] for o in outs],
-            "early_step": outs[0]["early_step"],
-            "early_test_accuracy": [o["early_test_accuracy"] for o in outs],
-            "curves": {
-                "steps": steps,
-                **{
-                    k: [o["curves"][k] for o in outs]
-                    for k in ("test_accuracy", "val_accuracy", "train_accuracy", "train_loss")
-                },
-            },
-        }
-        d = {
-            "probe_steps": outs[0]["probe_steps"],
-            "early_window": outs[0]["early_window"],
-            "unit": config.unit,
-            "layer": "input to the sigmoids of the last hidden layer",
-        }
-        for key in ("seen", "before_noise"):
-            if key in outs[0]["distribution"]:
-                dd = [o["distribution"][key] for o in outs]
-                d[key] = {
-                    "early": [x["early"] for x in dd],
-                    "late": [x["late"] for x in dd],
-                    "curve": [x["curve"] for x in dd],
-                    "unit_percentiles_seed0": dd[0]["unit_percentiles"],
-                }
-        d["early"], d["late"] = d["seen"]["early"], d["seen"]["late"]
-        dist[arm] = d
-        by_lr = {}
-        for lr in config.lrs:
-            rr = [
-                outputs[s]["ics"]
-                for s in sorted(pick(sweep_specs, arm=arm, lr=lr), key=lambda s: s.seed)
-            ]
-            by_lr[repr(lr)] = {
-                "relative": [r["relative"] for r in rr],
-                "cosine": [r["cosine"] for r in rr],
-            }
-        ics[arm] = {
-            "lr": selected[arm],
-            **by_lr[repr(selected[arm])],
-            "by_lr": by_lr,
-            "layer": "last hidden Linear layer (weights)",
-            "measurements_per_run": outs[0]["ics"]["count"],
-        }
-
-    init: dict = {repr(config.init_std): {}, repr(config.small_init_std): {}}
-    for arm in ARMS:
-        init[repr(config.init_std)][arm] = {
-            "lr": selected[arm],
-            "final_test_accuracy": ioffe[arm]["final_test_accuracy"],
-            "final_train_accuracy": ioffe[arm]["final_train_accuracy"],
-            "early_test_accuracy": ioffe[arm]["early_test_accuracy"],
-        }
-        runs = pick(phase2, arm=arm, dataset="main", ghost=None)
-        init[repr(config.small_init_std)][arm] = {
-            "lr": selected[arm],
-            "final_test_accuracy": _per_seed(outputs, runs, "final_test_accuracy"),
-            "final_train_accuracy": _per_seed(outputs, runs, "final_train_accuracy"),
-            "early_test_accuracy": _per_seed(outputs, runs, "early_test_accuracy"),
-        }
-
-    deep_specs = [s for s in phase1 if not s.measure]
-    deep: dict = {}
-    for arm in ("no_bn", "bn"):
-        val = {
-            lr: _per_seed(outputs, pick(deep_specs, arm=arm, lr=lr), "final_val_accuracy")
-            for lr in config.deep_lrs
-        }
-        lr = select_lr(val)
-        runs = pick(deep_specs, arm=arm, lr=lr)
-        deep[arm] = {
-            "lr": lr,
-            "final_test_accuracy": _per_seed(outputs, runs, "final_test_accuracy"),
-            "final_train_accuracy": _per_seed(outputs, runs, "final_train_accuracy"),
-            "by_lr": {
-                repr(r): {
-                    "val_accuracy": val[r],
-                    "test_accuracy": _per_seed(
-                        outputs, pick(deep_specs, arm=arm, lr=r), "final_test_accuracy"
-                    ),
-                }
-                for r in config.deep_lrs
-            },
-        }
-
-    regularization: dict = {
-        "dataset": reg.summary() if reg is not None else None,
-        "steps": config.reg_steps,
-    }
-    for arm in ARMS:
-        runs = pick(phase2, arm=arm, dataset="reg", ghost=None)
-        regularization[arm] = {
-            "lr": selected[arm],
-            "final_test_accuracy": _per_seed(outputs, runs, "final_test_accuracy"),
-            "final_train_accuracy": _per_seed(outputs, runs, "final_train_accuracy"),
-            "steps_run": _per_seed(outputs, runs, "steps_run"),
-        }
-    ghost: dict = {}
-    for k in config.ghost_sizes:
-        runs = sorted(pick(phase2, ghost=k), key=lambda s: s.seed)
-        outs = [outputs[s] for s in runs]
-        ghost[str(k)] = {
-            "final_test_accuracy": [o["final_test_accuracy"] for o in outs],
-            "final_train_accuracy": [o["final_train_accuracy"] for o in outs],
-            "steps_run": [o["steps_run"] for o in outs],
-            "train_mode_test_accuracy": [
-                o.get("train_mode_test_accuracy", float("nan")) for o in outs
-            ],
-            "train_eval_gap": [
-                o.get("train_mode_test_accuracy", float("nan")) - o["final_test_accuracy"]
-                for o in outs
-            ],
-        }
-    ghost_meta = {
-        "lr": selected["bn"],
-        "steps": config.ghost_steps,
-        "batch_size": config.batch_size,
-        "dataset": train.name,
-    }
-    groups = {
-        "lr_sweep": sweep_specs,
-        "deep": deep_specs,
-        "small_init": pick(phase2, dataset="main", ghost=None),
-        "regularization": pick(phase2, dataset="reg"),
-        "ghost": [s for s in phase2 if s.ghost is not None],
-    }
-    cpu = {
-        k: {"runs": len(v), "cpu_seconds": round(sum(outputs[s]["cpu_seconds"] for s in v), 1)}
-        for k, v in groups.items()
-    }
-
-    return {
-        "config": config.to_json(),
-        "dataset": train.summary(),
-        "ioffe": ioffe,
-        "lr_sweep": lr_sweep,
-        "selected_lr": selected,
-        "init": init,
-        "deep": deep,
-        "distribution_change": dist,
-        "ics": ics,
-        "regularization": regularization,
-        "ghost": ghost,
-        "ghost_settings": ghost_meta,
-        "cpu_seconds": cpu,
-    }
