@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from batchnorm.bench import format_bench, run_bench
+from batchnorm_demo.bench import format_bench, run_bench
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import batchnorm
-from batchnorm import cli
-from batchnorm.cli import build_parser, main
+from batchnorm_demo import cli
+from batchnorm_demo.cli import build_parser, main
 
 
 def _refuse_work(*args, **kwargs):
@@ -28,11 +28,11 @@ def test_help_shows_defaults(command, default):
 
 
 def test_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    import batchnorm.data
-    import batchnorm.experiments.runner
+    import batchnorm_demo.data
+    import batchnorm_demo.experiments.runner
 
-    monkeypatch.setattr(batchnorm.data, "load_dataset", _refuse_work)
-    monkeypatch.setattr(batchnorm.experiments.runner, "run", _refuse_work)
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    monkeypatch.setattr(batchnorm_demo.experiments.runner, "run", _refuse_work)
     target = tmp_path / "README.md"
     target.write_text("not a folder")
     assert main(["demo", "--out", str(target)]) == 2
@@ -65,7 +65,7 @@ def test_non_positive_counts_are_refused_naming_the_flag(argv, flag, monkeypatch
 
 
 def test_bench_says_it_is_compiling_first(monkeypatch, capsys):
-    import batchnorm.bench
+    import batchnorm_demo.bench
 
     seen = []
 
@@ -73,7 +73,7 @@ def test_bench_says_it_is_compiling_first(monkeypatch, capsys):
         seen.append(capsys.readouterr().err)  # what was printed before the slow part started
         return {"rows": []}
 
-    monkeypatch.setattr(batchnorm.bench, "run_bench", fake_run_bench)
-    monkeypatch.setattr(batchnorm.bench, "format_bench", lambda result: "table")
+    monkeypatch.setattr(batchnorm_demo.bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(batchnorm_demo.bench, "format_bench", lambda result: "table")
     assert main(["bench", "--repeats", "1"]) == 0
     assert "compiling" in seen[0]

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from batchnorm import data as bd
+from batchnorm_demo import data as bd
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:

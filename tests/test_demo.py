@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from batchnorm.cli import main
-from batchnorm.data import Dataset, validation_split
-from batchnorm.experiments import assess, ioffe, runner
-from batchnorm.report import lr_sweep_table, pm
+from batchnorm_demo.cli import main
+from batchnorm_demo.data import Dataset, validation_split
+from batchnorm_demo.experiments import assess, ioffe, runner
+from batchnorm_demo.report import lr_sweep_table, pm
 
 
 def _toy_data(seed=0, n=300, d=12, k=3, name="toy"):
@@ -367,7 +367,7 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("mlxtend")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    import batchnorm.experiments.ioffe as mod
+    import batchnorm_demo.experiments.ioffe as mod
 
     monkeypatch.setattr(mod, "IoffeConfig", _tiny_config_factory(mod.IoffeConfig))
     out = tmp_path / "demo"

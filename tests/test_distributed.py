@@ -21,8 +21,8 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import distributed
-from batchnorm.experiments.sync import SyncConfig, build_model, train_step
 from batchnorm.nn import SGD, Linear, Sequential
+from batchnorm_demo.experiments.sync import SyncConfig, build_model, train_step
 
 HERE = Path(__file__).parent
 SCENARIOS = HERE / "mpi"

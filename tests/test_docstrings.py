@@ -1,4 +1,4 @@
-"""Every public function, class and method of the package has a docstring."""
+"""Every public function, class and method of the library and of the demo has a docstring."""
 
 from __future__ import annotations
 
@@ -7,10 +7,16 @@ import inspect
 import pkgutil
 
 import batchnorm
+import batchnorm_demo
 
 
 def _public_members():
-    for info in pkgutil.walk_packages(batchnorm.__path__, "batchnorm."):
+    infos = [
+        info
+        for package in (batchnorm, batchnorm_demo)
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    ]
+    for info in infos:
         if info.name.rsplit(".", 1)[-1].startswith("_"):
             continue
         module = importlib.import_module(info.name)

@@ -455,7 +455,7 @@ def test_from_config_of_another_class_says_so():
 def test_inspect_json_is_strict_json_for_every_layer(rng, tmp_path, capsys):
     import json
 
-    from batchnorm.cli import main
+    from batchnorm_demo.cli import main
 
     frozen = FrozenBatchNorm.from_batchnorm(_trained(ALL_LAYERS["BatchNorm"], rng))
     frozen.save(tmp_path / "f.npz")  # its averaging window is infinite
@@ -485,7 +485,7 @@ def test_inspect_json_is_strict_json_for_every_layer(rng, tmp_path, capsys):
 
 
 def test_inspect_refuses_bad_files_with_exit_code_2(rng, tmp_path, capsys):
-    from batchnorm.cli import main
+    from batchnorm_demo.cli import main
 
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     layer = _trained(ALL_LAYERS["BatchNorm"], rng)

@@ -210,7 +210,7 @@ def test_workqueue_layer_from_four_threads_does_not_abort():
 
 # ----------------------------------------------------------------------------- bench
 def test_bench_marks_ratios_outside_the_goals():
-    from batchnorm.bench import Case, format_bench, goal
+    from batchnorm_demo.bench import Case, format_bench, goal
 
     big = Case("NCHW 100MB", (128, 64, 56, 56), 1)
     assert goal(big, "train") == 1.2 and goal(big, "backward") == 1.6

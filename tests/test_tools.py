@@ -11,11 +11,11 @@ from conftest import snapshot
 
 import batchnorm as bn
 from batchnorm import checkpoint
-from batchnorm.cli import main
 from batchnorm.diagnostics import averaging_window, layer_from_checkpoint, train_eval_gap
 from batchnorm.nn import Linear, Sequential, Sigmoid
 from batchnorm.recalibrate import Moments
 from batchnorm.variants import GhostBatchNorm
+from batchnorm_demo.cli import main
 
 
 # ----------------------------------------------------------------------------- recalibration

@@ -1,7 +1,9 @@
-"""``python -m batchnorm`` runs the command line (see :mod:`batchnorm.cli`)."""
+"""``python -m batchnorm``: an entry point only (the library never imports it); it runs the
+demo's command line, :func:`batchnorm_demo.cli.main`."""
 
-import sys
+if __name__ == "__main__":
+    import sys
 
-from .cli import main
+    from batchnorm_demo.cli import main
 
-sys.exit(main())
+    sys.exit(main())

@@ -1,4 +1,4 @@
-r"""A tiny NumPy toolkit for the experiments: layers, a loss and SGD.
+r"""A tiny NumPy toolkit for small networks: layers, a loss and SGD.
 
 Every module has the one interface of :class:`batchnorm.module.Module` (forward/backward,
 ``parameters()``/``gradients()``, ``train()``/``eval()``), which the norm layers share:

@@ -16,8 +16,8 @@ import numpy as np
 from mpi4py import MPI
 
 from batchnorm import distributed
-from batchnorm.experiments.sync import SyncConfig, build_model, train_step
 from batchnorm.nn import SGD
+from batchnorm_demo.experiments.sync import SyncConfig, build_model, train_step
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()

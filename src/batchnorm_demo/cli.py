@@ -158,7 +158,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from .diagnostics import describe_checkpoint
+    from batchnorm.diagnostics import describe_checkpoint
 
     batch = None
     if args.batch:
@@ -171,7 +171,7 @@ def _inspect(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch {args.batch} must be a .npy file holding one array")
     info = describe_checkpoint(args.checkpoint, batch)
     if args.json:
-        from .diagnostics import json_safe
+        from batchnorm.diagnostics import json_safe
 
         print(json.dumps(json_safe(info), indent=1, allow_nan=False))
         return 0
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     -------
     argparse.ArgumentParser
     """
-    from . import __version__
+    from batchnorm import __version__
 
     fmt = _HelpFormatter
     parser = argparse.ArgumentParser(

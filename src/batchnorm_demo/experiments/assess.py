@@ -8,14 +8,16 @@ ICS) differ beyond the noise when the means differ by more than twice sqrt(sd_a^
 sd_b^2 / k_b). A claim about generalization is judged only for arms that fit their training
 data (training accuracy >= the fit threshold for every seed); otherwise, or when the
 difference is within the noise, the verdict is "inconclusive". Nothing here knows what the
-outcome should be: every word is chosen from the numbers.
+outcome should be: every word is chosen from the numbers. The comparisons themselves are in
+:mod:`.compare`.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from .._format import mean_sd, pm
+from .compare import compare_accuracy, compare_measure, fitted, usable_rates
 
 __all__ = [
     "compare_accuracy",
@@ -29,136 +31,6 @@ __all__ = [
 
 LABELS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
 USABLE_MARGIN = 0.05  # a rate is usable if every seed ends within 5 points of the best arm
-
-
-def mean_sd(values) -> dict:
-    """Mean, sample standard deviation (0 for one value) and count of finite values.
-
-    Parameters
-    ----------
-    values : sequence of float
-
-    Returns
-    -------
-    dict
-        ``mean``, ``sd``, ``n``.
-    """
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
-    if v.size == 0:
-        return {"mean": math.nan, "sd": math.nan, "n": 0}
-    return {
-        "mean": float(v.mean()),
-        "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-        "n": int(v.size),
-    }
-
-
-def _acc_uncertainty(values, n_test: int) -> float:
-    s = mean_sd(values)
-    p = min(max(s["mean"], 0.0), 1.0)
-    return math.sqrt(p * (1 - p) / n_test + s["sd"] ** 2 / max(1, s["n"]))
-
-
-def compare_accuracy(a, b, n_test: int) -> dict:
-    """Compare two arms' accuracies (per seed) measured on the same test set of ``n_test``.
-
-    Parameters
-    ----------
-    a, b : sequence of float
-        Accuracies per seed.
-    n_test : int
-        Test-set size.
-
-    Returns
-    -------
-    dict
-        ``diff`` (mean a - mean b), ``noise`` (twice the combined uncertainty) and ``outcome``:
-        ``"higher"``, ``"lower"`` (a vs b, beyond the noise) or ``"within noise"``.
-    """
-    sa, sb = mean_sd(a), mean_sd(b)
-    diff = sa["mean"] - sb["mean"]
-    noise = 2 * math.sqrt(_acc_uncertainty(a, n_test) ** 2 + _acc_uncertainty(b, n_test) ** 2)
-    outcome = "within noise"
-    if math.isfinite(diff) and abs(diff) > noise:
-        outcome = "higher" if diff > 0 else "lower"
-    return {"diff": diff, "noise": noise, "outcome": outcome}
-
-
-def compare_measure(a, b) -> dict:
-    """Compare a measure (per seed) between two arms using only the spread over seeds.
-
-    Parameters
-    ----------
-    a, b : sequence of float
-
-    Returns
-    -------
-    dict
-        ``diff``, ``noise`` and ``outcome`` as in :func:`compare_accuracy`; with fewer than
-        two seeds per arm the outcome is ``"within noise"`` (the spread is unknown).
-    """
-    sa, sb = mean_sd(a), mean_sd(b)
-    diff = sa["mean"] - sb["mean"]
-    if sa["n"] < 2 or sb["n"] < 2 or not math.isfinite(diff):
-        return {"diff": diff, "noise": math.inf, "outcome": "within noise"}
-    noise = 2 * math.sqrt(sa["sd"] ** 2 / sa["n"] + sb["sd"] ** 2 / sb["n"])
-    outcome = "within noise"
-    if abs(diff) > noise:
-        outcome = "higher" if diff > 0 else "lower"
-    return {"diff": diff, "noise": noise, "outcome": outcome}
-
-
-def fitted(train_accuracy, threshold: float) -> bool:
-    """Whether every seed reached ``threshold`` training accuracy.
-
-    Parameters
-    ----------
-    train_accuracy : sequence of float
-    threshold : float
-
-    Returns
-    -------
-    bool
-    """
-    return len(train_accuracy) > 0 and all(t >= threshold for t in train_accuracy)
-
-
-def usable_rates(sweep: dict, threshold: float) -> list[float]:
-    """Learning rates at which every seed's final test accuracy is >= ``threshold``.
-
-    Parameters
-    ----------
-    sweep : dict
-        lr (as a string) -> {"test_accuracy": per seed, ...} for one arm.
-    threshold : float
-
-    Returns
-    -------
-    list of float, ascending
-    """
-    return sorted(
-        float(lr)
-        for lr, v in sweep.items()
-        if v["test_accuracy"] and min(v["test_accuracy"]) >= threshold
-    )
-
-
-def pm(values, scale: float = 100.0, digits: int = 1) -> str:
-    """'mean ± sd' over seeds: :func:`batchnorm.report.pm`, the one formatter.
-
-    Parameters
-    ----------
-    values : sequence of float
-    scale : float
-    digits : int
-
-    Returns
-    -------
-    str
-    """
-    from ..report import pm as report_pm  # report imports this module: import when used
-
-    return report_pm(values, scale, digits)
 
 
 def _pp(x: float) -> str:
@@ -191,7 +63,7 @@ def summarize(results: dict) -> dict:
     Parameters
     ----------
     results : dict
-        The output of :func:`batchnorm.experiments.runner.run`.
+        The output of :func:`batchnorm_demo.experiments.runner.run`.
 
     Returns
     -------

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .. import distributed
+from batchnorm import BatchNorm, distributed
+from batchnorm.nn import SGD, Linear, Sequential, Sigmoid, accuracy, softmax_cross_entropy
+from batchnorm.variants import GhostBatchNorm
+
 from ..data import Dataset
-from ..layers import BatchNorm
-from ..nn import SGD, Linear, Sequential, Sigmoid, accuracy, softmax_cross_entropy
-from ..variants import GhostBatchNorm
 
 __all__ = ["SyncConfig", "build_model", "run", "train_step"]
 

@@ -1,0 +1,7 @@
+"""``python -m batchnorm_demo`` runs the command line (see :mod:`batchnorm_demo.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

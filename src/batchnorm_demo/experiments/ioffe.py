@@ -1,0 +1,297 @@
+"""Ioffe & Szegedy (2015) section 4.1, with Santurkar et al. (2018)'s noisy-BN control.
+
+A fully connected sigmoid network (by default 3 hidden layers of 100 units, 10-way softmax,
+small Gaussian initial weights, mini-batches of 60) is trained with plain SGD in three arms
+that are identical in everything else (initial weights, batch order, seeds):
+
+* ``no_bn``: Linear(+bias) -> Sigmoid;
+* ``bn``: Linear(no bias) -> BatchNorm -> Sigmoid (beta replaces the bias);
+* ``noisy_bn``: Linear(no bias) -> BatchNorm -> NoisyShift -> Sigmoid, where NoisyShift
+  injects random per-unit shifts and scales at every step (Santurkar et al.'s "noisy BN").
+
+One call of :func:`train_arm` trains one arm at one learning rate for one seed and records:
+
+* test, validation and training accuracy and the training loss over steps (evaluation mode);
+* the *distribution change* of the input to the last hidden layer's sigmoids: on a fixed probe
+  set, every ``probe_every`` steps, the 15th/50th/85th percentiles of each unit's input (in
+  training mode, as the layer sees it while learning, without updating running statistics);
+  per unit, the change of those percentiles from one probe to the next divided by the 15-85
+  width (:func:`percentile_change`), averaged over units, early and late separately. For noisy
+  BN also the same for the BatchNorm output *before* the noise;
+* Santurkar et al.'s internal covariate shift for the last hidden Linear layer
+  (:func:`ics_measure`): its weight gradient G on a batch, and G' on the same batch (same noise
+  draw) after only the layers before it took their SGD update.
+
+Probing and the ICS measure never touch the training random streams: the probe's noise comes
+from its own generator and the ICS measure works on copies of the network, so changing
+``eval_every`` or ``probe_every`` leaves the training run bit-identical.
+
+The settings are in :mod:`.ioffe_config`, the measures in :mod:`.measures`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+import numpy as np
+
+from batchnorm import BatchNorm
+from batchnorm.nn import (
+    SGD,
+    Linear,
+    NoisyShift,
+    Sequential,
+    Sigmoid,
+    accuracy,
+    softmax_cross_entropy,
+)
+from batchnorm.variants import GhostBatchNorm
+
+from ..data import Dataset
+from .ioffe_config import ARMS, IoffeConfig, RunSpec
+from .measures import ics_measure, percentile_change, probe_distribution, summarize_measures
+
+__all__ = [
+    "ARMS",
+    "IoffeConfig",
+    "RunSpec",
+    "build_network",
+    "ics_measure",
+    "percentile_change",
+    "train_arm",
+]
+
+
+def build_network(
+    arm: str,
+    n_in: int,
+    n_classes: int,
+    hidden: tuple[int, ...],
+    init_std: float,
+    config: IoffeConfig,
+    init_rng: np.random.Generator,
+    noise_rng: np.random.Generator,
+    ghost: int | None = None,
+) -> Sequential:
+    """The arm's network; the same ``init_rng`` state gives the same weights in every arm.
+
+    Parameters
+    ----------
+    arm : str
+        One of :data:`ARMS`.
+    n_in, n_classes : int
+        Input features and classes.
+    hidden : tuple of int
+        Hidden widths.
+    init_std : float
+        Standard deviation of the Gaussian initial weights.
+    config : IoffeConfig
+        Supplies BN momentum and the noise settings.
+    init_rng, noise_rng : numpy.random.Generator
+        Initial weights; noisy BN's training noise.
+    ghost : int, optional
+        Use ``GhostBatchNorm(virtual_batch_size=ghost)`` instead of BatchNorm.
+
+    Returns
+    -------
+    Sequential
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    modules = []
+    fan_in = n_in
+    for width in hidden:
+        modules.append(Linear(fan_in, width, rng=init_rng, std=init_std, bias=arm == "no_bn"))
+        if arm != "no_bn":
+            if ghost is None:
+                modules.append(BatchNorm(width, momentum=config.bn_momentum))
+            else:
+                modules.append(
+                    GhostBatchNorm(width, virtual_batch_size=ghost, momentum=config.bn_momentum)
+                )
+        if arm == "noisy_bn":
+            modules.append(NoisyShift(noise_rng, **config.noise))
+        modules.append(Sigmoid())
+        fan_in = width
+    modules.append(Linear(fan_in, n_classes, rng=init_rng, std=init_std))
+    return Sequential(*modules)
+
+
+def _linear_indices(net: Sequential) -> list[int]:
+    return [i for i, m in enumerate(net.modules) if isinstance(m, Linear)]
+
+
+def _eval_points(steps: int, every: int, extra: tuple[int, ...] = ()) -> list[int]:
+    pts = set(range(0, steps, every)) | {steps} | {e for e in extra if 0 <= e <= steps}
+    return sorted(pts)
+
+
+def train_arm(
+    spec: RunSpec,
+    data: Dataset,
+    config: IoffeConfig,
+    *,
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Train one arm at one learning rate for one seed; return its curves and numbers.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        What to train.
+    data : Dataset
+        Training and test data.
+    config : IoffeConfig
+        Shared settings (batch size, evaluation and probe schedules, noise).
+    val : (x_val, y_val), optional
+        Validation data (held out of training); recorded as ``val_accuracy``.
+    progress : callable(steps_done), optional
+        Called with the number of steps done since the last call.
+
+    Returns
+    -------
+    dict
+        JSON-ready: curves, final accuracies and loss, and (if ``spec.measure``) the
+        distribution change and ICS numbers.
+    """
+    start = time.process_time()
+    init_seed, order_seed, noise_seed, probe_seed = np.random.SeedSequence(spec.seed_entropy).spawn(
+        4
+    )
+    net = build_network(
+        spec.arm,
+        data.n_features,
+        data.n_classes,
+        spec.hidden,
+        spec.init_std,
+        config,
+        np.random.default_rng(init_seed),
+        np.random.default_rng(noise_seed),
+        ghost=spec.ghost,
+    )
+    order_rng = np.random.default_rng(order_seed)
+    probe_rng = np.random.default_rng(probe_seed)
+    opt = SGD(net, spec.lr)
+    probe = data.x_test[: config.probe_size]
+    x_tr_eval = data.x_train[: config.train_eval_size]
+    y_tr_eval = data.y_train[: config.train_eval_size]
+    ics_layer = _linear_indices(net)[-2]
+
+    eval_steps = set(_eval_points(spec.steps, config.eval_every, (config.early_step,)))
+    probe_steps = set(_eval_points(spec.steps, config.probe_every)) if spec.measure else set()
+    curves: dict[str, list] = {
+        "steps": [],
+        "test_accuracy": [],
+        "train_accuracy": [],
+        "train_loss": [],
+    }
+    if val is not None:
+        curves["val_accuracy"] = []
+    probes: dict[str, list] = {"steps": [], "seen": [], "before_noise": []}
+    ics: list[dict] = []
+    n, bs = data.x_train.shape[0], config.batch_size
+    perm, pos, losses, reported = order_rng.permutation(n), 0, [], 0
+    diverged = False
+    for step in range(spec.steps + 1):
+        if step in probe_steps and not diverged:
+            pr = probe_distribution(net, probe, probe_rng, spec.arm)
+            probes["steps"].append(step)
+            for k, v in pr.items():
+                probes[k].append(v)
+        if step in eval_steps:
+            curves["steps"].append(step)
+            if diverged:
+                for k in curves:
+                    if k not in ("steps", "train_loss"):
+                        curves[k].append(1.0 / data.n_classes)
+            else:
+                curves["test_accuracy"].append(
+                    accuracy(net.forward(data.x_test, training=False), data.y_test)
+                )
+                curves["train_accuracy"].append(
+                    accuracy(net.forward(x_tr_eval, training=False), y_tr_eval)
+                )
+                if val is not None:
+                    curves["val_accuracy"].append(
+                        accuracy(net.forward(val[0], training=False), val[1])
+                    )
+            curves["train_loss"].append(float(np.mean(losses)) if losses else math.nan)
+            losses = []
+            if progress is not None and step > reported:
+                progress(step - reported)
+                reported = step
+            if (
+                spec.stop_at_fit
+                and step > 0
+                and not diverged
+                and accuracy(net.forward(data.x_train, training=False), data.y_train)
+                >= config.fit_threshold
+            ):
+                break
+        if step == spec.steps:
+            break
+        if pos + bs > n:
+            perm, pos = order_rng.permutation(n), 0
+        idx = perm[pos : pos + bs]
+        pos += bs
+        if diverged:
+            continue
+        xb, yb = data.x_train[idx], data.y_train[idx]
+        if spec.measure and step > 0 and step % config.ics_every == 0:
+            ics.append({"step": step, **ics_measure(net, xb, yb, spec.lr, ics_layer)})
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = net.forward(xb, training=True)
+            loss, dlogits = softmax_cross_entropy(logits, yb)
+        if not math.isfinite(loss):
+            diverged = True  # recorded as chance accuracy from here on, not an error
+            losses.append(math.inf)
+            continue
+        losses.append(loss)
+        net.backward(dlogits)
+        opt.step()
+
+    final_train = (
+        1.0 / data.n_classes
+        if diverged
+        else accuracy(net.forward(data.x_train, training=False), data.y_train)
+    )
+    if progress is not None and spec.steps > reported:
+        progress(spec.steps - reported)  # stopped early: the rest of the budget counts as done
+    out = {
+        "spec": {**asdict(spec), "hidden": list(spec.hidden)},
+        "steps_run": curves["steps"][-1],
+        "curves": curves,
+        "diverged": diverged,
+        "final_test_accuracy": curves["test_accuracy"][-1],
+        "final_train_accuracy": final_train,
+        "final_train_loss": curves["train_loss"][-1],
+        "parameter_digest": hashlib.sha256(
+            b"".join(np.ascontiguousarray(v).tobytes() for v in net.parameters().values())
+        ).hexdigest(),
+    }
+    if val is not None:
+        out["final_val_accuracy"] = curves["val_accuracy"][-1]
+    i_early = int(np.searchsorted(curves["steps"], min(config.early_step, curves["steps"][-1])))
+    out["early_step"] = curves["steps"][i_early]
+    out["early_test_accuracy"] = curves["test_accuracy"][i_early]
+    if spec.ghost is not None and not diverged:
+        out["train_mode_test_accuracy"] = _train_mode_accuracy(net, data, bs)
+    if spec.measure:
+        out.update(summarize_measures(probes, ics, config, spec))
+    out["cpu_seconds"] = time.process_time() - start
+    return out
+
+
+def _train_mode_accuracy(net: Sequential, data: Dataset, batch: int) -> float:
+    """Test accuracy with batch statistics (batches of ``batch``), no running-stat updates."""
+    n = (data.x_test.shape[0] // batch) * batch
+    hits = 0
+    for i in range(0, n, batch):
+        logits = net.forward(data.x_test[i : i + batch], training=True, update_stats=False)
+        hits += int(np.sum(np.argmax(logits, axis=1) == data.y_test[i : i + batch]))
+    return hits / max(1, n)

@@ -1,0 +1,239 @@
+"""Plan, run (on a pool of spawned workers) and collect every run of the demo.
+
+Two phases. Phase 1: the learning-rate sweep (every arm x every rate x every seed on the main
+dataset, trained on the training part minus a validation split, with distribution probes and
+the ICS measure) and the deep networks (their own small sweep). Phase 2 starts once the sweep
+is done, because it uses each arm's rate chosen on validation: the small initial scale, the
+regularization runs on MNIST-1D and the ghost-batch sweep (on the main dataset). Phase-1 runs
+still in the queue keep the workers busy meanwhile.
+
+Every run's generators are derived from its seed index only, so the results are identical
+whatever the number of workers and whatever order the runs finish in.
+
+The plan and the cost model are in :mod:`.plan`, the arrangement of the outputs in
+:mod:`.collect`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue as queue_mod
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+
+from ..data import Dataset, load_dataset, validation_split
+from .collect import collect
+from .ioffe import ARMS, IoffeConfig, RunSpec, train_arm
+from .plan import (
+    estimated_cost,
+    plan_phase1,
+    plan_phase2,
+    select_lr,
+    selected_rates,
+    weight_total,
+)
+
+# share of the whole run spent starting the worker processes (measured: 4-6 s of ~250 s)
+STARTUP_SHARE = 0.02
+
+__all__ = ["collect", "estimated_cost", "plan_phase1", "plan_phase2", "run", "select_lr"]
+
+
+# ----------------------------------------------------------------------------- workers
+@contextlib.contextmanager
+def _one_numba_thread():
+    """Run numba's kernels on one thread inside the block, as the worker processes do.
+
+    One thread is faster for these small arrays, and the same thread count everywhere makes
+    the results bit-identical whatever the number of workers.
+    """
+    try:
+        import numba
+    except ImportError:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, progress, startup):
+    """Both phases in this process, in order; returns (outputs, phase-2 specs)."""
+    done = startup  # nothing to start here
+    outputs: dict[RunSpec, dict] = {}
+
+    def tick(w):
+        def f(k):
+            nonlocal done
+            done += k * w
+            if progress:
+                progress(min(done, total), total)
+
+        return f
+
+    for spec in phase1:
+        outputs[spec] = train_arm(spec, train, config, val=val, progress=tick(weight(spec)))
+    selected = selected_rates(config, phase1, outputs)
+    phase2 = plan_phase2(config, entropies, selected)
+    for spec in phase2:
+        data = get_reg() if spec.dataset == "reg" else train
+        outputs[spec] = train_arm(spec, data, config, val=None, progress=tick(weight(spec)))
+    return outputs, phase2
+
+
+_progress_queue = None
+_worker_data: dict | None = None
+
+
+def _worker_init(queue, data: dict) -> None:
+    global _progress_queue, _worker_data
+    _progress_queue, _worker_data = queue, data
+    try:  # one BLAS thread per worker process: the workers already use the cores
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    try:  # likewise one numba thread: two workers' thread pools contending for two cores
+        import numba  # made a 500-row BatchNorm call 15-80x slower (7-34 ms instead of 0.4)
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):
+        pass
+
+
+def _task(spec: RunSpec, config: IoffeConfig, weight: float, reg: Dataset | None):
+    def report(k: int) -> None:
+        if _progress_queue is not None:
+            _progress_queue.put(k * weight)
+
+    data, val = (
+        (_worker_data["main"], _worker_data["val"]) if spec.dataset == "main" else (reg, None)
+    )
+    return train_arm(spec, data, config, val=val, progress=report)
+
+
+def run(
+    config: IoffeConfig,
+    rng: np.random.Generator,
+    *,
+    data: Dataset,
+    reg_data: Dataset | Callable[[], Dataset] | None = None,
+    progress: Callable[[float, float], None] | None = None,
+) -> dict:
+    """Run every sub-experiment; return the results dict (JSON-ready).
+
+    Parameters
+    ----------
+    config : IoffeConfig
+    rng : numpy.random.Generator
+        Source of the per-seed entropy and of the validation split; the same generator state
+        gives identical results, whatever the number of worker processes.
+    data : Dataset
+        The main dataset; ``config.val_size`` of its training items become the validation
+        split.
+    reg_data : Dataset or callable returning one, optional
+        The regularization dataset (default: ``config.reg_dataset`` loaded offline). A
+        callable is called while phase 1 runs.
+    progress : callable(done, total), optional
+        Progress in estimated milliseconds of work.
+
+    Returns
+    -------
+    dict
+    """
+    entropies = [int(v) for v in rng.integers(0, 2**63 - 1, size=config.seeds)]
+    train, x_val, y_val = validation_split(data, config.val_size, rng)
+    phase1 = plan_phase1(config, entropies)
+    # phase 2's size is known before its rates are: cost it with the first rates for the ETA
+    dummy = plan_phase2(config, entropies, dict.fromkeys(ARMS, config.lrs[0]))
+    n_in_reg = 40 if not isinstance(reg_data, Dataset) else reg_data.n_features
+
+    def weight(spec):
+        n_in = train.n_features if spec.dataset == "main" else n_in_reg
+        return estimated_cost(spec, n_in, config) / spec.steps
+
+    total = sum(weight(s) * s.steps for s in phase1 + dummy)
+    # starting the worker processes (spawn, imports, data) counts as work too, so the ETA of
+    # the first seconds does not treat the start-up as the speed of training
+    startup = STARTUP_SHARE * total
+    total += startup
+    done = 0.0
+    outputs: dict[RunSpec, dict] = {}
+    reg: Dataset | None = reg_data if isinstance(reg_data, Dataset) else None
+
+    def get_reg() -> Dataset:
+        nonlocal reg
+        if reg is None:
+            reg = reg_data() if callable(reg_data) else load_dataset(config.reg_dataset)
+        return reg
+
+    workers = max(1, min(config.workers, os.cpu_count() or 1))
+    if workers == 1:
+        with _one_numba_thread():
+            outputs, phase2 = _run_serial(
+                config,
+                entropies,
+                phase1,
+                train,
+                (x_val, y_val),
+                get_reg,
+                weight,
+                total,
+                progress,
+                startup,
+            )
+    else:
+        # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(q, {"main": train, "val": (x_val, y_val)}),
+        ) as pool:
+            futures: dict[RunSpec, Future] = {
+                s: pool.submit(_task, s, config, weight(s), None) for s in phase1
+            }
+            sweep = [s for s in phase1 if s.measure]
+            phase2: list[RunSpec] | None = None
+            started = False
+            get_reg()  # load while phase 1 runs
+            while True:
+                try:
+                    got = q.get(timeout=0.2)
+                    if not started:  # the first worker is up and training
+                        started, done = True, done + startup
+                    done += got
+                except queue_mod.Empty:
+                    pass
+                for f in futures.values():
+                    if f.done() and f.exception() is not None:
+                        raise f.exception()
+                if phase2 is None and all(futures[s].done() for s in sweep):
+                    selected = selected_rates(
+                        config, sweep, {s: futures[s].result() for s in sweep}
+                    )
+                    phase2 = plan_phase2(config, entropies, selected)
+                    # longest first, so no worker idles at the end
+                    for s in sorted(phase2, key=weight_total(weight), reverse=True):
+                        futures[s] = pool.submit(
+                            _task, s, config, weight(s), reg if s.dataset == "reg" else None
+                        )
+                if progress:
+                    progress(min(done, total), total)
+                if phase2 is not None and all(f.done() for f in futures.values()):
+                    break
+            outputs = {s: f.result() for s, f in futures.items()}
+        phase2 = [s for s in outputs if s not in set(phase1)]
+    if progress:
+        progress(total, total)
+    return collect(config, phase1, phase2, outputs, train, get_reg() if phase2 else None)

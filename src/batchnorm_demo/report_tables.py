@@ -1,0 +1,366 @@
+"""The demo report's tables, each built once as ``(head, rows)`` of strings and rendered as
+plain text (the terminal), Markdown or HTML. Every number is formatted by
+:func:`batchnorm_demo._format.pm`; the learning-rate sweep by :func:`lr_sweep_table`.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from ._format import pm
+from .experiments.assess import LABELS
+from .experiments.ioffe import ARMS
+
+__all__ = [
+    "Table",
+    "cost_table",
+    "deep_table",
+    "distribution_table",
+    "format_table",
+    "ghost_table",
+    "ics_table",
+    "init_table",
+    "lr_sweep_table",
+    "main_table",
+    "regularization_table",
+    "render_html",
+    "render_md",
+    "render_text",
+]
+
+Table = tuple[list[str], list[list[str]]]
+
+
+# ----------------------------------------------------------------------------- tables
+def main_table(results: dict, summary: dict) -> Table:
+    """Each arm at its validation-chosen rate: accuracies, early accuracy, usable rates.
+
+    Parameters
+    ----------
+    results, summary : dict
+
+    Returns
+    -------
+    (head, rows)
+    """
+    step = results["ioffe"]["bn"]["early_step"]
+    head = [
+        "arm",
+        "chosen lr",
+        "val acc (%)",
+        "test acc (%)",
+        "train acc (%)",
+        f"test acc at step {step} (%)",
+        "usable rates",
+    ]
+    rows = []
+    for arm in ARMS:
+        r = results["ioffe"][arm]
+        usable = summary["usable"][arm]
+        rows.append(
+            [
+                LABELS[arm],
+                f"{r['lr']:g}",
+                pm(r["final_val_accuracy"]),
+                pm(r["final_test_accuracy"]),
+                pm(r["final_train_accuracy"]),
+                pm(r["early_test_accuracy"]),
+                ", ".join(f"{x:g}" for x in usable) or "none",
+            ]
+        )
+    return head, rows
+
+
+def lr_sweep_table(
+    results: dict, metric: str = "test_accuracy", scale: float = 100.0, digits: int = 1
+) -> Table:
+    """The learning-rate sweep: one row per arm, one column per rate, ``metric`` mean ± sd.
+
+    The chosen rate of each arm is marked with ``*``; a rate at which some seed diverged is
+    marked with ``†``.
+
+    Parameters
+    ----------
+    results : dict
+    metric : str
+        ``"test_accuracy"``, ``"val_accuracy"``, ``"train_accuracy"``, ``"train_loss"`` or
+        ``"early_test_accuracy"``.
+    scale, digits : float, int
+        As in :func:`pm`.
+
+    Returns
+    -------
+    (head, rows)
+    """
+    lrs = [float(x) for x in results["config"]["lrs"]]
+    head = ["arm"] + [f"lr {x:g}" for x in lrs]
+    rows = []
+    for arm in ARMS:
+        row = [LABELS[arm]]
+        for lr in lrs:
+            v = results["lr_sweep"][arm][repr(lr)]
+            mark = "*" if lr == results["selected_lr"][arm] else ""
+            mark += "†" if any(v.get("diverged", [])) else ""
+            row.append(pm(v[metric], scale, digits) + mark)
+        rows.append(row)
+    return head, rows
+
+
+def init_table(results: dict) -> Table:
+    """Test accuracy (final and early) at each initial scale, each arm at its chosen rate."""
+    stds = list(results["init"])
+    head = (
+        ["arm", "lr"]
+        + [f"init std {s}: test acc (%)" for s in stds]
+        + [
+            f"init std {s}: test acc at step {results['ioffe']['bn']['early_step']} (%)"
+            for s in stds
+        ]
+    )
+    rows = []
+    for arm in ARMS:
+        rows.append(
+            [LABELS[arm], f"{results['init'][stds[0]][arm]['lr']:g}"]
+            + [pm(results["init"][s][arm]["final_test_accuracy"]) for s in stds]
+            + [pm(results["init"][s][arm]["early_test_accuracy"]) for s in stds]
+        )
+    return head, rows
+
+
+def deep_table(results: dict) -> Table:
+    """The deep network: chosen rate, test and training accuracy, validation accuracy per rate."""
+    deep = results["deep"]
+    lrs = list(deep["bn"]["by_lr"])
+    head = ["arm", "chosen lr", "test acc (%)", "train acc (%)"] + [
+        f"val acc at lr {float(x):g} (%)" for x in lrs
+    ]
+    rows = [
+        [
+            LABELS[a],
+            f"{deep[a]['lr']:g}",
+            pm(deep[a]["final_test_accuracy"]),
+            pm(deep[a]["final_train_accuracy"]),
+        ]
+        + [pm(deep[a]["by_lr"][x]["val_accuracy"]) for x in lrs]
+        for a in deep
+    ]
+    return head, rows
+
+
+def distribution_table(results: dict) -> Table:
+    """Distribution change early and late, each arm (noisy BN also before its noise)."""
+    d = results["distribution_change"]
+    w = d["bn"]["early_window"]
+    head = ["arm", "lr", f"change, steps 0-{w}", f"change, after step {w}"]
+    rows = []
+    for arm in ARMS:
+        rows.append(
+            [
+                LABELS[arm],
+                f"{results['ioffe'][arm]['lr']:g}",
+                pm(d[arm]["seen"]["early"], 1, 3),
+                pm(d[arm]["seen"]["late"], 1, 3),
+            ]
+        )
+        if "before_noise" in d[arm]:
+            rows.append(
+                [
+                    LABELS[arm] + " (before the noise)",
+                    f"{results['ioffe'][arm]['lr']:g}",
+                    pm(d[arm]["before_noise"]["early"], 1, 3),
+                    pm(d[arm]["before_noise"]["late"], 1, 3),
+                ]
+            )
+    return head, rows
+
+
+def ics_table(results: dict) -> Table:
+    """Santurkar et al.'s ICS at the common rate and at each arm's chosen rate."""
+    ics = results["ics"]
+    common = repr(float(results["config"]["lrs"][0]))
+    head = [
+        "arm",
+        f"relative, lr {float(common):g}",
+        f"cosine, lr {float(common):g}",
+        "chosen lr",
+        "relative, chosen lr",
+        "cosine, chosen lr",
+    ]
+    rows = [
+        [
+            LABELS[a],
+            pm(ics[a]["by_lr"][common]["relative"], 1, 3),
+            pm(ics[a]["by_lr"][common]["cosine"], 1, 3),
+            f"{ics[a]['lr']:g}",
+            pm(ics[a]["relative"], 1, 3),
+            pm(ics[a]["cosine"], 1, 3),
+        ]
+        for a in ARMS
+    ]
+    return head, rows
+
+
+def regularization_table(results: dict) -> Table:
+    """The regularization runs: steps, training and test accuracy and their gap."""
+    reg = results["regularization"]
+    head = ["arm", "lr", "steps", "train acc (%)", "test acc (%)", "train − test (points)"]
+    rows = []
+    for a in ARMS:
+        r = reg[a]
+        gap = np.subtract(r["final_train_accuracy"], r["final_test_accuracy"])
+        steps = r.get("steps_run", [])
+        rows.append(
+            [
+                LABELS[a],
+                f"{r['lr']:g}",
+                "-".join(sorted({str(min(steps)), str(max(steps))})) if steps else "?",
+                pm(r["final_train_accuracy"]),
+                pm(r["final_test_accuracy"]),
+                pm(gap),
+            ]
+        )
+    return head, rows
+
+
+def ghost_table(results: dict) -> Table:
+    """The ghost-batch sweep: accuracies and the train-mode minus eval-mode gap per size."""
+    g = results["ghost"]
+    head = [
+        "virtual batch",
+        "steps",
+        "train acc (%)",
+        "test acc (%)",
+        "train-mode − eval-mode test acc (points)",
+    ]
+    rows = []
+    for k in sorted(g, key=int):
+        steps = g[k].get("steps_run", [])
+        rows.append(
+            [
+                k,
+                "-".join(sorted({str(min(steps)), str(max(steps))})) if steps else "?",
+                pm(g[k]["final_train_accuracy"]),
+                pm(g[k]["final_test_accuracy"]),
+                pm(g[k]["train_eval_gap"]),
+            ]
+        )
+    return head, rows
+
+
+def cost_table(results: dict) -> Table:
+    """Runs, steps and CPU seconds of each sub-experiment (and the wall clock)."""
+    cfg = results["config"]
+    cpu = results.get("cpu_seconds", {})
+    seeds = cfg["seeds"]
+    rows = [
+        (
+            "lr_sweep",
+            "learning-rate sweep (+ distribution probes, ICS)",
+            f"3 arms x {len(cfg['lrs'])} rates x {seeds} seeds",
+            f"{cfg['steps']}",
+        ),
+        (
+            "small_init",
+            f"initial std {cfg['small_init_std']}",
+            f"3 arms x {seeds} seeds",
+            f"{cfg['steps']}",
+        ),
+        (
+            "deep",
+            f"{len(cfg['deep_hidden'])} hidden layers",
+            f"2 arms x {len(cfg['deep_lrs'])} rates x {seeds} seeds",
+            f"{cfg['deep_steps']}",
+        ),
+        (
+            "regularization",
+            f"{cfg['reg_dataset']}, until fitted",
+            f"3 arms x {seeds} seeds",
+            f"at most {cfg['reg_steps']}",
+        ),
+        (
+            "ghost",
+            "ghost batches, until fitted",
+            f"{len(cfg['ghost_sizes'])} sizes x {seeds} seeds",
+            f"at most {cfg['ghost_steps']}",
+        ),
+    ]
+    head = ["sub-experiment", "runs", "steps per run", "CPU seconds (all runs)"]
+    out = []
+    for key, name, runs, steps in rows:
+        c = cpu.get(key, {}).get("cpu_seconds")
+        out.append([name, runs, steps, "n/a" if c is None else f"{c:.0f}"])
+    wall = results.get("wall_seconds")
+    if wall is not None:
+        out.append(
+            [
+                f"all of the above (wall clock, {cfg['workers']} workers)",
+                "",
+                "",
+                f"{wall:.0f} (wall)",
+            ]
+        )
+    return head, out
+
+
+def render_text(table: Table) -> str:
+    """A table as aligned plain text (for the terminal).
+
+    Parameters
+    ----------
+    table : (head, rows)
+
+    Returns
+    -------
+    str
+    """
+    head, rows = table
+    allrows = [head, *rows]
+    widths = [max(len(r[i]) for r in allrows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in allrows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_md(table: Table) -> str:
+    """A table as Markdown."""
+    head, rows = table
+    return "\n".join(
+        [
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+            *["| " + " | ".join(r) + " |" for r in rows],
+        ]
+    )
+
+
+def render_html(table: Table) -> str:
+    """A table as an HTML ``<table>`` (cells escaped)."""
+    head, rows = table
+    esc = html.escape
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
+
+
+def format_table(results: dict, summary: dict) -> str:
+    """The terminal summary: the main table and the test-accuracy sweep.
+
+    Parameters
+    ----------
+    results, summary : dict
+
+    Returns
+    -------
+    str
+    """
+    return (
+        render_text(main_table(results, summary))
+        + "\n\nTest accuracy (%) by learning rate (* = chosen on validation):\n"
+        + render_text(lr_sweep_table(results))
+    )
