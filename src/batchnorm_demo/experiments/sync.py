@@ -322,7 +322,7 @@ def _cost(config: SyncConfig, data: Dataset, comm, tick) -> dict:
     if rank == 0:
         c = sum(config.hidden)
         layers = len(config.hidden)
-        header = distributed._H * 8
+        header = distributed.HEADER_BYTES
         # per BN layer and step: forward header + 2C doubles, backward header + 2C doubles
         out["model_bn_bytes_per_rank"] = {
             "sent": 2 * layers * header * (size - 1) + 2 * 16 * c,
