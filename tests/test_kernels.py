@@ -10,7 +10,6 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import backends as _dispatch
-from batchnorm import functional
 
 numba_only = pytest.mark.skipif(not _dispatch.numba_available(), reason="numba not installed")
 

@@ -1,5 +1,7 @@
 """batchnorm: Batch Normalization implemented by hand in NumPy."""
 
+from . import checkpoint, conventions, distributed, nn  # noqa: F401  (public submodules)
+from ._version import __version__  # noqa: F401
 from .conventions import (
     CONVENTIONS,
     BatchStats,
@@ -29,9 +31,6 @@ from .renorm import (
     batch_renorm_train,
 )
 from .variants import FrozenBatchNorm, GhostBatchNorm, GhostBatchStats
-
-from . import checkpoint, conventions, distributed, nn  # the public submodules
-from ._version import __version__
 
 __all__ = [
     "CONVENTIONS",

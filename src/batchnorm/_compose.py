@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import backends
 from ._validation import Layout, as_float_array, as_input, check_eps, layout
-from .backends import AUTO_NUMBA_MIN_SIZE, NUMPY, check_backend, select
+from .backends import NUMPY, check_backend, select
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
 from .core.stats import BatchStats
+
 
 # NaN/Inf are data here, not errors: they propagate through the arithmetic silently.
 def _quiet() -> np.errstate:
@@ -81,7 +83,9 @@ def reducer_of(comm: object = None, reducer: object = None) -> Reducer:
         if comm is not None:
             raise TypeError("pass comm= or reducer=, not both")
         if not isinstance(reducer, Reducer):
-            raise TypeError(f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}")
+            raise TypeError(
+                f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}"
+            )
         return reducer
     if comm is None:
         return LOCAL
@@ -169,7 +173,9 @@ def _check_dy(dy: object, cache: BatchNormCache):
 _SAME = object()
 
 
-def _cache(inp: Inputs, xw, mean, var, inv, batch_stats, count, synchronized=False, g=_SAME, b=_SAME):
+def _cache(
+    inp: Inputs, xw, mean, var, inv, batch_stats, count, synchronized=False, g=_SAME, b=_SAME
+):
     g = inp.gamma if g is _SAME else g
     b = inp.beta if b is _SAME else b
     return BatchNormCache(
@@ -193,7 +199,7 @@ def local_stats(inp: Inputs) -> BatchStats:
     lay, be = inp.lay, inp.be
     if lay.count == 0 or inp.x.size == 0:
         return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
-    if be.xp is None and inp.x.size < AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
+    if be.xp is None and inp.x.size < backends.AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
         # statistics alone of a small array: NumPy's centred two-pass (the serial compiled
         # kernels pay off when they also write the output in the same pass)
         be = NUMPY
@@ -330,8 +336,4 @@ def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> No
             "across processes): pass the same comm= / reducer= to the backward pass"
         )
     if reducer.distributed and not cache.synchronized:
-        raise ValueError(
-            f"{what}: comm=/reducer= given, but the forward was not synchronized"
-        )
-
-
+        raise ValueError(f"{what}: comm=/reducer= given, but the forward was not synchronized")

@@ -367,7 +367,6 @@ def layer_config(meta: dict | None, path: str | os.PathLike, state: Mapping | No
     return dict(cfg)
 
 
-
 # ----------------------------------------------------------------------------- versions
 #: The layer state-dict format this library writes. 0 is the format of batchnorm 0.1.0
 #: (no version recorded); 1 is identical in content and records its version.

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from ._validation import check_eps, check_real
+from .core.stats import BatchStats, RunningStats
 
 __all__ = [
     "CONVENTIONS",
@@ -155,64 +156,6 @@ def new_value_weight(
             )
         return 1.0 / num_batches_tracked
     return momentum if momentum_weights == "new" else 1.0 - momentum
-
-
-@dataclass(frozen=True, eq=False)
-class BatchStats:
-    """Statistics of one training batch, per feature.
-
-    Attributes
-    ----------
-    count : int
-        Values per feature the statistics reduce over (over all ranks, when synchronized).
-    mean, var : ndarray, shape (*features), float64
-        Batch mean and *biased* batch variance.
-    """
-
-    count: int
-    mean: np.ndarray
-    var: np.ndarray
-
-    @classmethod
-    def combine(cls, parts: list[BatchStats]) -> BatchStats:
-        """The statistics of the union of disjoint batches, merged exactly in the given order.
-
-        Chan, Golub & LeVeque's pairwise update of (count, mean, M2) with M2 = count * var;
-        parts with count 0 are skipped (a merge of nothing has count 0, mean 0, var 0).
-        """
-        count, mean, m2 = 0, None, None
-        for p in parts:
-            if p.count == 0:
-                continue
-            pm = np.asarray(p.mean, np.float64)
-            pm2 = np.asarray(p.var, np.float64) * p.count
-            if mean is None:
-                count, mean, m2 = p.count, pm, pm2
-                continue
-            n = count + p.count
-            delta = pm - mean
-            mean = mean + delta * (p.count / n)
-            m2 = m2 + pm2 + delta * delta * (count * p.count / n)
-            count = n
-        if mean is None:
-            shape = np.shape(parts[0].mean) if parts else ()
-            return cls(0, np.zeros(shape), np.zeros(shape))
-        return cls(count, mean, m2 / count)
-
-
-@dataclass(frozen=True, eq=False)
-class RunningStats:
-    """A layer's running statistics: the state :func:`update_running` maps to a new one.
-
-    Attributes
-    ----------
-    mean, var : ndarray, shape (*features), in the layer's dtype
-    num_batches_tracked : int
-    """
-
-    mean: np.ndarray
-    var: np.ndarray
-    num_batches_tracked: int
 
 
 class NonFiniteStatisticsError(ValueError):

@@ -125,7 +125,6 @@ def convert_sync(model: object, comm: object, *, timeout: float | None = None) -
     return model
 
 
-
 @contextmanager
 def unsynchronized(model: object) -> Iterator[object]:
     """Make the norm layers of ``model`` local inside the block (e.g. to evaluate on one rank).
@@ -148,7 +147,6 @@ def unsynchronized(model: object) -> Iterator[object]:
     finally:
         for layer, r in zip(layers, saved, strict=True):
             layer.reducer = r
-
 
 
 def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -216,7 +214,6 @@ def local_weight(local_count: int, comm: object) -> float:
     return local_count / total
 
 
-
 def allreduce_gradients(model: object, comm: object) -> None:
     """Sum every rank's partial parameter gradients, in rank order, in place on every rank.
 
@@ -242,7 +239,6 @@ def allreduce_gradients(model: object, comm: object) -> None:
     sums = red.sum(Call("allreduce_gradients", KIND_GRADS), [g for _, g in grads], error)
     for (_, g), total in zip(grads, sums, strict=True):
         g[...] = total
-
 
 
 def broadcast_parameters(model: object, comm: object, root: int = 0) -> None:
@@ -272,7 +268,6 @@ def broadcast_parameters(model: object, comm: object, root: int = 0) -> None:
     for a in arrays:
         a[...] = flat[pos : pos + a.size].reshape(a.shape)
         pos += a.size
-
 
 
 def gather_metrics(

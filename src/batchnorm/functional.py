@@ -24,8 +24,9 @@ where bars are means over the :math:`m` values of the feature.
 Numerics. Statistics are accumulated in float64 and the data are centred before squaring, so
 no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32: the NumPy path
 (:mod:`batchnorm.backends.numpy`) centres on the float64 mean rounded to the working
-precision, the compiled path (:mod:`batchnorm.backends.numba.kernels`) on one sample of each feature with
-the differences formed in float64. Elementwise work runs in the working precision (float64
+precision, the compiled path (:mod:`batchnorm.backends.numba.kernels`) on one sample of
+each feature with the differences formed in float64. Elementwise work runs in the working
+precision (float64
 for float64 input, float32 otherwise; float16 is computed in float32) in the rounding-safe
 form ``(x - s) * a + b``. Results come back in the input dtype. The kernels never write to
 their inputs, and NaN/Inf propagate without raising.
@@ -42,10 +43,10 @@ the reducer merges them across processes, then the output (see
 synchronized (never the communicator): its backward needs the same ``comm``/``reducer``.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import numpy as np
 
 from ._compose import (
@@ -111,7 +112,9 @@ def moments(
     if not red.distributed:
         inp = inputs(x, None, None, axis, 0.0, backend)
         if inp.x.size == 0:
-            raise ValueError(f"cannot compute statistics of an empty batch: x has shape {inp.x.shape}")
+            raise ValueError(
+                f"cannot compute statistics of an empty batch: x has shape {inp.x.shape}"
+            )
         st = local_stats(inp)
         return st.mean, st.var
     inp = local = error = None

@@ -22,15 +22,14 @@ how far the previous running estimates were from the recalibrated ones.
 from __future__ import annotations
 
 import zlib
-
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import check_count
 from ._compose import reducer_of
+from ._validation import check_count
 from .core.reduce import KIND_RECAL, Call
 from .core.stats import merge
 from .layers import NormLayer

@@ -24,7 +24,7 @@ diagnostics, recalibration) treats it like :class:`batchnorm.BatchNorm`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -124,8 +124,19 @@ def batch_renorm_train(
     red = reducer_of(comm, reducer)
     args = error = None
     try:
-        args = _renorm_inputs(x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps,
-                              backend, red.distributed)
+        args = _renorm_inputs(
+            x,
+            gamma,
+            beta,
+            running_mean,
+            running_std,
+            rmax,
+            dmax,
+            axis,
+            eps,
+            backend,
+            red.distributed,
+        )
     except Exception as exc:  # noqa: BLE001 - every error must reach every rank
         if not red.distributed:
             raise
@@ -134,8 +145,9 @@ def batch_renorm_train(
     return y, cache
 
 
-def _renorm_inputs(x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend,
-                   empty_ok):
+def _renorm_inputs(
+    x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend, empty_ok
+):
     lim = _check_limits(rmax, dmax)
     inp = inputs(x, gamma, beta, axis, eps, backend, empty_ok=empty_ok)
     mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
@@ -159,7 +171,9 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
     ``beta + gamma d``.
     """
     inp, mu, sigma, (rmax, dmax) = args if args is not None else (None, None, None, (1, 0))
-    mean_b, var_b, st = merged_stats(inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error)
+    mean_b, var_b, st = merged_stats(
+        inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error
+    )
     be, lay = inp.be, inp.lay
     with np.errstate(invalid="ignore", divide="ignore"):
         sigma_b = sqrt(var_b + inp.eps)

@@ -62,7 +62,6 @@ _MESSAGE_BYTES = 480
 TOTAL_TRAFFIC = {"sent": 0, "received": 0, "calls": 0}
 
 
-
 def _hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
@@ -256,5 +255,3 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
             "rank, nothing changed)"
         )
     return table
-
-

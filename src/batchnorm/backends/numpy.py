@@ -307,7 +307,9 @@ class NumpyBackend(NumpyArrays):
             d = np.subtract(xw, mean.reshape(b), out=sq)
             a, c = (inv * gamma).reshape(b), beta.reshape(b)
         else:  # d = x - s with s = the mean rounded to float32, as `affine` forms it
-            a, c = coef.output_coef(delta, inv.reshape(b), gamma.reshape(b), beta.reshape(b), 0.0, 1.0)
+            a, c = coef.output_coef(
+                delta, inv.reshape(b), gamma.reshape(b), beta.reshape(b), 0.0, 1.0
+            )
             a, c = a.astype(d.dtype), c.astype(d.dtype)
         if out is not None and out.dtype == d.dtype:
             np.multiply(d, a, out=out)

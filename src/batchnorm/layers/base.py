@@ -403,7 +403,9 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
             self._commit(cache, stats, new, update)
         return y
 
-    def _forward_batch(self, inp: Inputs, reducer, call, error) -> tuple[object, object, BatchStats]:
+    def _forward_batch(
+        self, inp: Inputs, reducer, call, error
+    ) -> tuple[object, object, BatchStats]:
         """Training maths: ``(y, cache, stats)``; with a distributed ``reducer`` the local
         statistics go through ``reducer.merge(call, local, error, dtype)`` (which raises
         ``error`` on every participant)."""
@@ -444,7 +446,9 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
         if not self.track_running_stats:
             raise ValueError(f"{type(self).__name__} keeps no running statistics")
         return RunningStats(
-            self._host(self.running_mean), self._host(self.running_var), int(self.num_batches_tracked)
+            self._host(self.running_mean),
+            self._host(self.running_var),
+            int(self.num_batches_tracked),
         )
 
     def _new_running(self, stats: BatchStats, call: Call | None = None) -> RunningStats | None:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from .._compose import Inputs, train_pass
-from .base import NormLayer
 from .args import check_flag
+from .base import NormLayer
 
 
 class BatchNorm(NormLayer):

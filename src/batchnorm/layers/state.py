@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 import threading
 
-from .._version import __version__ as _library_version
 from .. import checkpoint
+from .._version import __version__ as _library_version
 from ..checkpoint import STATE_VERSION, check_state_dict, migrate
+
 
 class StateDict(dict):
     """A layer's state: a dict of arrays (and ``num_batches_tracked``) with a ``version``."""
