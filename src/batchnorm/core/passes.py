@@ -23,15 +23,12 @@ Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
 ``var = sum(d^2)/n - (sum(d)/n)^2`` with ``sum(d)/n`` tiny: never
 :math:`E[x^2]-E[x]^2` on the raw data. The sums:
 
-* ``sdt`` float64, float32 data, torch: float32 sums over blocks of about :data:`BLOCK`
-  values (torch's float32 sums are cascaded: measured error below ``8 u sum|v|``), whose
-  block sums are added in float64 (a float64 sum of the float32 tensor itself is ~35x
-  slower). Other namespaces sum with ``dtype=float64``.
-* ``sdt`` float32 (no float64 on the device): explicit pairwise sums, each reduced axis
-  halved in turn, so a value passes through at most ``K = sum_j ceil(log2 L_j)`` float32
-  additions (``L_j`` the reduced lengths; ``K <= ceil(log2 n) + len(red) - 1``) and
-  ``|fl(sum v) - sum v| <= K u sum|v|`` with ``u = 2^-24``. The variance then has relative
-  error below about ``(K + 3) u`` and the output
+* ``sdt`` float64: in float64 (on torch, float32 block sums added in float64; see
+  :func:`batchnorm.core.sums.accurate_sum`);
+* ``sdt`` float32 (no float64 on the device): pairwise sums,
+  ``|fl(sum v) - sum v| <= K u sum|v|`` with ``K = sum_j ceil(log2 L_j)`` over the
+  reduced lengths ``L_j`` and ``u = 2^-24`` (:func:`batchnorm.core.sums.pairwise_sum`).
+  The variance then has relative error below about ``(K + 3) u`` and the output
 
   .. math:: |\hat y - y| \le \bigl((K/2 + 5)\,u\,(|\hat x| + 1)\bigr)\,|\gamma| + u\,|\beta|
 
@@ -50,7 +47,7 @@ import functools
 import math
 from typing import NamedTuple
 
-from .._xp import device, is_torch, stats_dtype, work_dtype
+from .._xp import device, stats_dtype, work_dtype
 from .coef import (
     backward_coef,
     centred_grad_sum,
@@ -61,10 +58,9 @@ from .coef import (
 )
 from .coef import inv_std as _inv_std
 from .ops import rounded
+from .sums import accurate_sum as _sum
 
 __all__ = [
-    "BLOCK",
-    "SMALL",
     "Layout",
     "backward",
     "evaluate",
@@ -75,12 +71,6 @@ __all__ = [
     "normalize",
     "train",
 ]
-
-#: Values per float32 partial sum before the partial sums are added in float64 (torch).
-BLOCK = 1024
-
-#: Arrays up to this size are summed with ``dtype=float64`` directly on torch (as fast).
-SMALL = 8192
 
 
 class Layout(NamedTuple):
@@ -112,59 +102,6 @@ def layout(shape: tuple[int, ...], axes: int | tuple[int, ...]) -> Layout:
     bshape = tuple(n if i in feat else 1 for i, n in enumerate(shape))
     fshape = tuple(shape[a] for a in feat)
     return Layout(feat, red, bshape, fshape, math.prod(shape[i] for i in red))
-
-
-def _cut(v, ax: int, start: int, stop: int):
-    return v[(slice(None),) * ax + (slice(start, stop), ...)]
-
-
-def _tree_sum(xp, v, red: tuple[int, ...]):
-    """Pairwise sum over ``red`` (keepdims), in ``v``'s dtype: each axis halved in turn."""
-    for ax in red:
-        n = v.shape[ax]
-        while n > 1:
-            h = n // 2
-            s = _cut(v, ax, 0, h) + _cut(v, ax, h, 2 * h)
-            if n % 2:  # the odd one out joins the next level unchanged
-                s = xp.concat([s, _cut(v, ax, 2 * h, n)], axis=ax)
-            v, n = s, h + n % 2
-    return v
-
-
-def _blocked_sum(xp, v, red: tuple[int, ...], sdt):
-    """Sum over ``red`` (keepdims) in ``sdt``: float32 sums of about :data:`BLOCK` values
-    (all reduced axes but the first, or blocks of the first), added in ``sdt``."""
-    shape = tuple(v.shape)
-    if math.prod(shape) <= SMALL:  # a float64 sum costs no more than the blocks here
-        return xp.sum(v, axis=red, dtype=sdt, keepdims=True)
-    r0, inner = red[0], red[1:]
-    m_in = math.prod(shape[j] for j in inner)
-    if m_in * shape[r0] <= BLOCK:
-        return xp.astype(xp.sum(v, axis=red, keepdims=True), sdt)
-    if m_in >= BLOCK:
-        part = xp.sum(v, axis=inner, keepdims=True)
-        return xp.sum(xp.astype(part, sdt), axis=red, keepdims=True)
-    b = -(-BLOCK // m_in)  # split the first reduced axis into q blocks of b (and a rest)
-    q = shape[r0] // b
-    main = xp.reshape(_cut(v, r0, 0, q * b), shape[:r0] + (q, b) + shape[r0 + 1 :])
-    part = xp.sum(main, axis=(r0 + 1,) + tuple(j + 1 for j in inner), keepdims=True)
-    total = xp.sum(xp.astype(part, sdt), axis=(r0,) + tuple(j + 1 for j in red), keepdims=True)
-    total = xp.reshape(total, tuple(1 if i in red else n for i, n in enumerate(shape)))
-    if q * b < shape[r0]:
-        rest = xp.sum(_cut(v, r0, q * b, shape[r0]), axis=red, keepdims=True)
-        total = total + xp.astype(rest, sdt)
-    return total
-
-
-def _sum(xp, v, red: tuple[int, ...], sdt):
-    """Sum of ``v`` over ``red`` (keepdims) accumulated in ``sdt`` (see the module notes)."""
-    if sdt != xp.float64:
-        return _tree_sum(xp, v, red)
-    if v.dtype == sdt:
-        return xp.sum(v, axis=red, keepdims=True)
-    if is_torch(xp):
-        return _blocked_sum(xp, v, red, sdt)
-    return xp.sum(v, axis=red, dtype=sdt, keepdims=True)
 
 
 def _big(xp, wt) -> float:
