@@ -271,6 +271,31 @@ def test_inputs_are_never_modified(case, rng):
         np.testing.assert_array_equal(case.np(a), a0)
 
 
+def test_float64_dy_with_float32_x(ns, rng):
+    """The product dy * (x - mean) in float64, dx in the dtype of x."""
+    if ns.sdt != ns.xp.float64:
+        pytest.skip("no float64 on this device")
+    x, dy = ns.arr(rng.standard_normal((64, 5)) + 7), ns.arr(rng.standard_normal((64, 5)), ns.sdt)
+    _, mean, var, inv = passes.train(ns.xp, x, -1, None, None, 1e-5)
+    dx, _, db = passes.backward(ns.xp, x, dy, -1, mean, var, inv, None, True)
+    assert dx.dtype == ns.xp.float32
+    rdx, _, rdb = ref_backward_train(ns.np(x), None, ns.np(dy), -1, 1e-5)
+    ns.close(dx, rdx, what="dx")
+    ns.close(db, rdb, 1e-13, "dbeta")
+
+
+def test_eval_scales_data_that_would_overflow_the_working_precision(ns):
+    """x - mean overflows float32 (|x|, |mean| ~ 2e38): the overflow scale h = 1/16 keeps
+    y finite and exact."""
+    if ns.sdt != ns.xp.float64:
+        pytest.skip("a variance of 1e76 needs float64 statistics")
+    xn = np.array([[-2e38, 2e38, 1e38], [2e38, 2e38, 3e38]], np.float32).T
+    mean, var = ns.feat([2e38, 1e38]), ns.feat([1e76, 1e76])
+    y = passes.evaluate(ns.xp, ns.arr(xn), 1, None, None, mean, var, 1e-5)
+    ref = ref_eval(xn.astype(np.float64), None, None, ns.np(mean), ns.np(var), 1, 1e-5)
+    ns.close(y, ref, 1e-6, "y")
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_and_inf_propagate_feature_by_feature(case, rng):
     xn = rng.standard_normal((64, 5))
