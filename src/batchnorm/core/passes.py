@@ -273,8 +273,9 @@ def train(xp, x, axes, gamma=None, beta=None, eps=1e-5, sdt=None):
     ``y`` reuses the centred data ``d = x - s`` of the statistics pass and the offset
     ``delta = sum(d)/n = mean - s`` itself (not ``mean - s`` recomputed from the mean,
     which float32 statistics could not hold at a large offset): ``y = d a + (beta - delta
-    a)``. This is :func:`normalize` with ``h = 1``; the overflow scale is 1 whenever the
-    statistics are finite here, since a ``d`` that overflows makes them infinite.
+    a)``. This is :func:`normalize` without the overflow scale, which would change no bit:
+    ``x h - s h = h (x - s)`` exactly unless ``x - s`` overflows, and a ``d`` that
+    overflows has already made the statistics infinite.
 
     Parameters
     ----------
