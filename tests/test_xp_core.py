@@ -271,6 +271,32 @@ def test_inputs_are_never_modified(case, rng):
         np.testing.assert_array_equal(case.np(a), a0)
 
 
+def test_low_level_passes_compose_to_the_entry_points(ns, rng):
+    """moments + normalize = train; grad_sums + backward_coef + input_grad = backward (the
+    pieces a cross-process reducer composes)."""
+    from batchnorm.core.coef import backward_coef
+
+    xp, shape = ns.xp, (6, 3, 4, 5)
+    (x, dy, g, b), _ = _data(ns, shape, 1, rng)
+    lay = passes.layout(shape, 1)
+    y, mean, var, inv = passes.train(xp, x, 1, g, b, 1e-5)
+    m_b, v_b = passes.moments(xp, x, lay.red, ns.sdt)
+    ns.close(xp.reshape(m_b, (3,)), ns.np(mean), 1e-12, "moments mean")
+    ns.close(xp.reshape(v_b, (3,)), ns.np(var), 1e-12, "moments var")
+    g_b, b_b, inv_b = (xp.reshape(a, lay.bshape) for a in (g, b, inv))
+    y2 = passes.normalize(xp, x, m_b, v_b, inv_b, g_b, b_b, lay.count, ns.dtype)
+    ns.close(y2, ns.np(y), what="normalize")
+    dx, dg, db = passes.backward(xp, x, dy, 1, mean, var, inv, g, True)
+    h = xp.ones(lay.bshape, dtype=ns.sdt, device=ns.device)
+    sum_dy, sum_dy_xc = passes.grad_sums(xp, x, dy, m_b, lay.red, ns.sdt, h)
+    k = inv_b * g_b
+    p, q = backward_coef(sum_dy, sum_dy_xc, inv_b, k, lay.count)
+    dx2 = passes.input_grad(xp, x, dy, m_b, k, p, q, ns.dtype, h)
+    ns.close(dx2, ns.np(dx), 2e-6, "input_grad")
+    ns.close(xp.reshape(sum_dy, (3,)), ns.np(db), 1e-12, "sum_dy")
+    ns.close(xp.reshape(inv_b * sum_dy_xc, (3,)), ns.np(dg), 1e-6, "dgamma")
+
+
 def test_float64_dy_with_float32_x(ns, rng):
     """The product dy * (x - mean) in float64, dx in the dtype of x."""
     if ns.sdt != ns.xp.float64:
