@@ -304,6 +304,8 @@ def backward_pass(
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
         var = cache.var if cache.batch_stats else be.zeros(cache.var.shape)
         h = be.overflow(mean, var, cache.count, xw)
+        if not reducer.distributed and be.xp is not None:  # the composed array-API pass
+            return _xp_local_backward(be, xw, dyw, cache)
         if not reducer.distributed:
             dx, sum_dy, sum_dy_xc = be.backward(
                 xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
@@ -318,6 +320,26 @@ def backward_pass(
             dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
         dgamma = inv_std * sum_dy_xc
     return dx, (None if cache.gamma is None else dgamma), (sum_dy if cache.has_beta else None)
+
+
+def _xp_local_backward(be, xw, dyw, cache: BatchNormCache):
+    """The array-API backward of a local forward (one composed pass)."""
+    from .core.passes import backward
+
+    dx, dgamma, dbeta = backward(
+        be.xp,
+        xw,
+        dyw,
+        cache.axis,
+        cache.mean,
+        cache.var,
+        cache.inv_std,
+        cache.gamma,
+        cache.batch_stats,
+        cache.count,
+        be.sdt,
+    )
+    return dx, (None if cache.gamma is None else dgamma), (dbeta if cache.has_beta else None)
 
 
 def check_backward(dy, cache, out=None):

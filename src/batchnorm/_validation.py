@@ -23,6 +23,10 @@ def as_float_array(x: object, name: str) -> np.ndarray:
     Non-native byte order (e.g. ``'>f4'``) is converted to the native one (a copy); masked
     arrays are refused, since their mask would be silently ignored.
     """
+    if not isinstance(x, (np.ndarray, np.generic)) and _is_array(x):
+        from ._xp import check_float
+
+        return check_float(x, name)  # an array of another library: kept as it is
     if isinstance(x, np.ma.MaskedArray):
         raise TypeError(
             f"{name} is a masked array (shape {x.shape}); its mask would be ignored. Pass "
@@ -44,12 +48,24 @@ def as_float_array(x: object, name: str) -> np.ndarray:
     return arr
 
 
+def _is_array(x: object) -> bool:
+    """Whether ``x`` is an array of an Array API library other than NumPy (torch, JAX,
+    CuPy, array-api-strict, ...), recognised without importing any of them."""
+    mod = type(x).__module__.split(".")[0]
+    if mod in ("builtins", "numpy"):
+        return False
+    from ._xp import is_array
+
+    return is_array(x)
+
+
 def as_input(x: object, name: str = "x") -> np.ndarray:
     """Validate a data array: supported float dtype and at least two dimensions."""
     arr = as_float_array(x, name)
     if arr.ndim < 2:
         raise ValueError(
-            f"{name} must have at least 2 dimensions (batch and features); got shape {arr.shape}"
+            f"{name} must have at least 2 dimensions (batch and features); got shape "
+            f"{tuple(arr.shape)}"
         )
     return arr
 

@@ -209,8 +209,9 @@ def update_running(
     if smooth not in ("var", "std"):
         raise ValueError(f"smooth must be 'var' or 'std'; got {smooth!r}")
     eps = check_eps(eps)
-    if np.any(np.asarray(batch.var) < 0):
-        raise ValueError(f"batch variance must be >= 0; got min {np.min(batch.var)!r}")
+    host_var = _host(batch.var)
+    if np.any(host_var < 0):
+        raise ValueError(f"batch variance must be >= 0; got min {np.min(host_var)!r}")
     return _update_running(
         running, batch, momentum, momentum_weights, unbiased=unbiased, smooth=smooth, eps=eps
     )
@@ -228,6 +229,10 @@ def _update_running(
 ) -> RunningStats:
     """:func:`update_running` on arguments that are already valid (the layers' own, checked
     when they were set): the same maths, without re-validating them on every step."""
+    if not isinstance(running.mean, np.ndarray):  # O(C) state of another library: via host
+        return _staged(
+            running, batch, momentum, momentum_weights, unbiased=unbiased, smooth=smooth, eps=eps
+        )
     mean, var = np.asarray(batch.mean, np.float64), np.asarray(batch.var, np.float64)
     if mean.shape != running.mean.shape or var.shape != running.var.shape:
         raise ValueError(
@@ -274,3 +279,31 @@ def _update_running(
                 f"(max |batch mean| {np.max(np.abs(mean))!r}, max batch var {np.max(var)!r})"
             )
     return RunningStats(out_mean, out_var, t)
+
+
+def _host(v) -> np.ndarray:
+    """A per-feature array as NumPy (an explicit, O(C) copy off its device when needed)."""
+    if isinstance(v, (np.ndarray, np.generic, int, float)):
+        return np.asarray(v)
+    from ._xp import to_numpy
+
+    return to_numpy(v)
+
+
+def _staged(running: RunningStats, batch: BatchStats, *args, **kwargs) -> RunningStats:
+    """The running update of state held by another array library (torch, JAX, ...): the
+    O(C) statistics are staged through host memory, updated with the NumPy maths, and
+    returned in the state's library, device and dtype."""
+    from ._xp import device, from_numpy, namespace
+
+    xp, dev, dtype = namespace(running.mean), device(running.mean), running.mean.dtype
+    host = RunningStats(
+        np.array(_host(running.mean)), np.array(_host(running.var)), running.num_batches_tracked
+    )
+    b = BatchStats(batch.count, np.asarray(_host(batch.mean), np.float64), _host(batch.var))
+    new = _update_running(host, b, *args, **kwargs)
+    return RunningStats(
+        from_numpy(xp, new.mean, dev, dtype),
+        from_numpy(xp, new.var, dev, dtype),
+        new.num_batches_tracked,
+    )

@@ -11,5 +11,6 @@ Nothing here does I/O, talks to other processes or imports an array library beyo
   coefficients, the overflow rule, shifted sums to moments);
 * :mod:`.stats`: :class:`BatchStats`, :class:`RunningStats` and the one exact merge;
 * :mod:`.passes`: the array-API passes (moments, normalize, gradient sums, input gradient);
+* :mod:`.sums`: the accurate per-feature sums those passes accumulate statistics with;
 * :mod:`.reduce`: the reducer protocol and :class:`LocalReducer`.
 """

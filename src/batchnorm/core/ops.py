@@ -41,8 +41,12 @@ def where(cond, a, b):
     xp = _xp(cond)
     ref = a if not isinstance(a, (int, float)) else b
     if isinstance(ref, (int, float)):
-        raise TypeError("where() needs an array for a or b with a non-NumPy condition")
-    dt, dev = ref.dtype, _device(ref)
+        # both numbers (e.g. the overflow scale): the namespace's default float dtype on
+        # the condition's device, which every device supports
+        dev = _device(cond)
+        dt = xp.__array_namespace_info__().default_dtypes(device=dev)["real floating"]
+    else:
+        dt, dev = ref.dtype, _device(ref)
     a = xp.asarray(a, dtype=dt, device=dev) if isinstance(a, (int, float)) else a
     b = xp.asarray(b, dtype=dt, device=dev) if isinstance(b, (int, float)) else b
     return xp.where(cond, a, b)

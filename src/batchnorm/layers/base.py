@@ -282,7 +282,8 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
         if self._xp is None:
             getattr(self, key)[...] = value
         else:
-            object.__setattr__(self, key, _xp.from_numpy(self._xp, value, self._device))
+            target = self._target_dtype(self._xp, self._device)
+            object.__setattr__(self, key, _xp.from_numpy(self._xp, value, self._device, target))
 
     def to(self, like: object, device: object = None) -> NormLayer:
         """Move the state to the namespace (and device) of the array ``like``, or to a
@@ -293,18 +294,27 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
             xp, dev = _xp.namespace_of_module(like), device
         with self._lock:
             names = ["gamma", "beta", *self.running_stat_names, "dgamma", "dbeta"]
+            target = None if _xp.is_numpy(xp) else self._target_dtype(xp, dev)
             for key in names:
                 v = getattr(self, key, None)
                 if v is not None:
                     host = self._host(v).astype(self.dtype, copy=False)
                     object.__setattr__(
-                        self, key, host if _xp.is_numpy(xp) else _xp.from_numpy(xp, host, dev)
+                        self,
+                        key,
+                        host if target is None else _xp.from_numpy(xp, host, dev, target),
                     )
             self._xp = None if _xp.is_numpy(xp) else xp
             self._device = None if _xp.is_numpy(xp) else dev
             self._placed = True
             self._cache = None
         return self
+
+    def _target_dtype(self, xp, dev):
+        """The layer's dtype in ``xp`` (float32 where the device has no float64)."""
+        if self.dtype == np.float64 and _xp.stats_dtype(xp, dev) != xp.float64:
+            return xp.float32
+        return getattr(xp, self.dtype.name)
 
     def _check_namespace(self, x) -> None:
         """``x`` must live in the layer's namespace and on its device (a fresh layer moves)."""
