@@ -17,6 +17,12 @@ from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
 from .core.stats import BatchStats
 
 
+def _xp_is_jax(xp) -> bool:
+    from ._xp import is_jax
+
+    return is_jax(xp)
+
+
 # NaN/Inf are data here, not errors: they propagate through the arithmetic silently.
 def _quiet() -> np.errstate:
     return np.errstate(invalid="ignore", divide="ignore", over="ignore")
@@ -75,6 +81,31 @@ class BatchNormCache:
         be = select("numpy", self.x)
         bshape = tuple(n if i in self.axis else 1 for i, n in enumerate(self.x.shape))
         return be.x_hat(self.x, self.mean, self.inv_std, bshape)
+
+
+_PYTREE_DONE = []
+
+
+def register_pytree() -> None:
+    """Register :class:`BatchNormCache` as a JAX pytree (once, when JAX arrays first come
+    through), so a cache can leave ``jax.jit``: the arrays are leaves, the layout is static."""
+    if _PYTREE_DONE:
+        return
+    import jax
+
+    arrays = ("x", "work", "gamma", "mean", "var", "inv_std")
+    static = ("has_beta", "axis", "eps", "batch_stats", "count", "synchronized")
+
+    def flatten(c):
+        return tuple(getattr(c, k) for k in arrays), tuple(getattr(c, k) for k in static)
+
+    def unflatten(aux, leaves):
+        return BatchNormCache(
+            **dict(zip(arrays, leaves, strict=True)), **dict(zip(static, aux, strict=True))
+        )
+
+    jax.tree_util.register_pytree_node(BatchNormCache, flatten, unflatten)
+    _PYTREE_DONE.append(True)
 
 
 def reducer_of(comm: object = None, reducer: object = None) -> Reducer:
@@ -147,6 +178,8 @@ def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False
     if x.size == 0 and not empty_ok:
         raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
     be = select(backend, x, lay)
+    if be.xp is not None and not _PYTREE_DONE and _xp_is_jax(be.xp):
+        register_pytree()
     g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
     b = None if beta is None else be.feature(beta, "beta", lay, x)
     out = check_out(out, x, "out", x, gamma, beta, *others)

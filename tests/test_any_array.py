@@ -1,0 +1,156 @@
+"""The public kernels and the layers with arrays of every namespace: results in the input's
+library, device and dtype, agreeing with NumPy; state kept in the layer's namespace; clear
+refusals (mixed libraries, integer or grad-requiring tensors, out=) that change nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from namespaces import Case, _namespace
+
+import batchnorm as bn
+from batchnorm import _xp
+
+CASES = ["strict", "strict-device1", "torch", "jax", "jax-x64"]
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    with _namespace(request.param) as (xp, device):
+        dt = "float64" if _xp.stats_dtype(xp, device) == xp.float64 else "float32"
+        yield Case(request.param, xp, device, dt)
+
+
+def _same_kind(case: Case, a) -> None:
+    assert _xp.namespace(a).__name__ == case.xp.__name__
+    assert _xp.same_device_obj(_xp.device(a), case.device)
+
+
+def _data(shape=(32, 4, 3), offset=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(offset, 2.0, shape), rng.normal(size=shape[1]), rng.normal(size=shape[1])
+
+
+def test_kernels_agree_with_numpy_and_keep_the_array_kind(case):
+    x, g, b = _data()
+    xa, ga, ba = case.arr(x), case.arr(g), case.arr(b)
+    x_before = case.np(xa).copy()
+    y, cache = bn.batch_norm_train(xa, ga, ba, axis=1)
+    _same_kind(case, y)
+    assert y.dtype == xa.dtype and tuple(y.shape) == x.shape
+    y_ref, c_ref = bn.batch_norm_train(case.np(xa), case.np(ga), case.np(ba), axis=1)
+    case.close(y, y_ref, what="train y")
+    dy = np.random.default_rng(1).normal(size=x.shape)
+    dx, dg, db = bn.batch_norm_backward(case.arr(dy), cache)
+    dx_ref, dg_ref, db_ref = bn.batch_norm_backward(case.np(case.arr(dy)), c_ref)
+    _same_kind(case, dx)
+    case.close(dx, dx_ref, what="dx")
+    case.close(dg, dg_ref, tol=1e-4 if case.dtype_name == "float32" else None, what="dgamma")
+    case.close(db, db_ref, tol=1e-4 if case.dtype_name == "float32" else None, what="dbeta")
+    ye = bn.batch_norm_eval(xa, ga, ba, cache.mean, cache.var, axis=1)
+    case.close(
+        ye,
+        bn.batch_norm_eval(case.np(xa), case.np(ga), case.np(ba), c_ref.mean, c_ref.var, axis=1),
+        what="eval y",
+    )
+    mean, var = bn.moments(xa, axis=1)
+    _same_kind(case, mean)
+    case.close(mean, c_ref.mean, what="mean")
+    np.testing.assert_array_equal(case.np(xa), x_before)  # never modified
+
+
+def test_large_offset_in_every_namespace(case):
+    rng = np.random.default_rng(3)
+    x = (1e6 + rng.normal(size=(4096, 64))).astype(np.float32)
+    xa = case.arr(x, case.xp.float32)
+    y, _ = bn.batch_norm_train(xa, None, None, axis=1)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    assert np.max(np.abs(case.np(y) - ref)) < 2e-6
+
+
+def test_layer_runs_in_the_namespace_of_its_first_batch(case):
+    x, _, _ = _data((16, 3))
+    layer, ref = (
+        bn.BatchNorm(3, dtype=np.float32 if case.dtype_name == "float32" else "float64"),
+        None,
+    )
+    ref = bn.BatchNorm(3, dtype=layer.dtype)
+    dy = np.random.default_rng(2).normal(size=x.shape)
+    for step in range(3):
+        xa = case.arr(x + step)
+        y = layer.forward(xa)
+        _same_kind(case, y)
+        case.close(y, ref.forward(case.np(xa)), what="layer y")
+        dx = layer.backward(case.arr(dy))
+        case.close(dx, ref.backward(case.np(case.arr(dy))), what="layer dx")
+    _same_kind(case, layer.running_mean)
+    case.close(layer.running_mean, ref.running_mean, what="running mean")
+    case.close(layer.running_var, ref.running_var, what="running var")
+    assert layer.num_batches_tracked == 3
+    layer.eval()
+    case.close(layer.forward(case.arr(x)), ref.eval().forward(case.np(case.arr(x))), what="eval")
+    # state goes out as NumPy and back into the layer's namespace
+    sd = layer.state_dict()
+    assert all(isinstance(v, np.ndarray) for k, v in sd.items() if k != "num_batches_tracked")
+    other = bn.BatchNorm(3, dtype=layer.dtype).to(case.arr(x)).load_state_dict(sd)
+    _same_kind(case, other.running_var)
+    np.testing.assert_array_equal(case.np(other.running_var), case.np(layer.running_var))
+
+
+def test_layer_refuses_another_library_and_changes_nothing(case):
+    layer = bn.BatchNorm(3)
+    layer.forward(case.arr(_data((8, 3))[0]))
+    before = layer.state_dict()
+    with pytest.raises(TypeError, match="keeps its state in"):
+        layer.forward(np.zeros((8, 3)))
+    after = layer.state_dict()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
+
+
+def test_mixed_libraries_integer_data_and_out_are_refused(case):
+    x, g, b = _data((8, 3))
+    xa = case.arr(x)
+    with pytest.raises(TypeError, match="same library"):
+        bn.batch_norm_train(xa, g, b)  # NumPy gamma with a non-NumPy x
+    with pytest.raises(TypeError, match="floating dtype"):
+        bn.batch_norm_train(
+            case.xp.asarray(np.ones((8, 3), np.int32), device=case.device), None, None
+        )
+    with pytest.raises(TypeError, match="NumPy arrays only"):
+        bn.batch_norm_train(xa, None, None, out=np.empty((8, 3)))
+    with pytest.raises(ValueError, match="numba"):
+        bn.batch_norm_train(xa, None, None, backend="numba")
+
+
+def test_devices_must_match():
+    s = pytest.importorskip("array_api_strict")
+    x = s.asarray(np.ones((4, 2)), device=s.Device("device1"))
+    g = s.asarray(np.ones(2), device=s.Device("CPU_DEVICE"))
+    with pytest.raises(ValueError, match="device"):
+        bn.batch_norm_train(x, g, None)
+
+
+def test_jax_jit_and_grad_through_the_public_kernel():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    with jax.enable_x64(True):
+        x, g, b = (jnp.asarray(a) for a in _data((16, 3)))
+        w = jnp.asarray(np.random.default_rng(5).normal(size=(16, 3)))
+
+        def loss(x, g, b):
+            y, _ = bn.batch_norm_train(x, g, b, axis=1)
+            return jnp.sum(y * w)
+
+        y_eager, cache = bn.batch_norm_train(x, g, b)
+        y_jit, cache_jit = jax.jit(lambda x, g, b: bn.batch_norm_train(x, g, b))(x, g, b)
+        np.testing.assert_allclose(np.asarray(y_jit), np.asarray(y_eager), rtol=0, atol=1e-13)
+        assert isinstance(cache_jit, bn.BatchNormCache)
+        gx, gg, gb = jax.grad(loss, argnums=(0, 1, 2))(x, g, b)
+        dx, dg, db = bn.batch_norm_backward(w, cache)
+        np.testing.assert_allclose(np.asarray(gx), np.asarray(dx), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(gg), np.asarray(dg), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(gb), np.asarray(db), rtol=1e-12, atol=1e-12)
+        # a wrong upstream gradient does not agree (negative control)
+        assert np.max(np.abs(np.asarray(bn.batch_norm_backward(w * 1.01, cache)[0] - gx))) > 1e-6
