@@ -32,8 +32,7 @@ library or device is refused with an error naming both.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -44,9 +43,6 @@ from .._validation import SUPPORTED_DTYPES, as_input, check_axis, check_eps, lay
 from ..backends import check_backend, select
 from ..conventions import (
     BatchStats,
-    NonFiniteStatisticsError,
-    RunningStats,
-    _update_running,
     check_momentum,
     convention_config,
     get_convention,
@@ -54,13 +50,18 @@ from ..conventions import (
 from ..core.reduce import KIND_BACKWARD, KIND_EVAL, KIND_TRAIN, LOCAL, Call
 from ..module import Module
 from .args import ArgumentRecord, as_feature_shape, check_dtype, check_flag, check_nonfinite
+from .arrays import ArrayPlacement
+from .running import RunningStatistics
 from .state import StateMixin
+from .sync import Synchronized
 
 _DEFAULT: Any = object()
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
-class NormLayer(ArgumentRecord, StateMixin, Module):
+class NormLayer(
+    ArgumentRecord, StateMixin, Synchronized, ArrayPlacement, RunningStatistics, Module
+):
     """Base of the stateful norm layers (see the module docstring).
 
     Subclasses implement :meth:`_forward_batch` (the training maths: it returns the
@@ -194,58 +195,6 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
             "backend": check_backend,
         }
 
-    # ------------------------------------------------------------------ synchronization
-    @property
-    def reducer(self):
-        """The reducer batch statistics and gradient sums go through."""
-        return self._reducer
-
-    @reducer.setter
-    def reducer(self, value) -> None:
-        from ..core.reduce import Reducer
-
-        if value is None:
-            value = LOCAL
-        if not isinstance(value, Reducer):
-            raise TypeError(f"reducer must implement batchnorm.core.reduce.Reducer; got {value!r}")
-        if value.distributed and not self.synchronizable:
-            raise ValueError(f"{type(self).__name__} cannot synchronize its statistics")
-        self._reducer = value
-
-    @property
-    def comm(self) -> object:
-        """The communicator of the layer's MPI reducer (None: local)."""
-        return getattr(self._reducer, "comm", None)
-
-    @comm.setter
-    def comm(self, value: object) -> None:
-        if value is None:
-            if self._reducer.distributed and getattr(self._reducer, "comm", None) is None:
-                return  # a non-MPI reducer stays
-            self._reducer = LOCAL
-            return
-        if not self.synchronizable:
-            raise ValueError(f"{type(self).__name__} cannot synchronize its statistics (comm=)")
-        from .._sync.reducer import MpiReducer
-
-        self._reducer = MpiReducer(value, self._timeout)
-
-    @property
-    def timeout(self) -> float | None:
-        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
-        return self._timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        from .._sync.reducer import check_timeout
-
-        self._timeout = check_timeout(value)
-        if hasattr(self._reducer, "timeout") and self._reducer is not LOCAL:
-            self._reducer.timeout = self._timeout
-
-    def _label(self) -> str:
-        return f"{type(self).__name__}{self.feature_shape}"
-
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -262,80 +211,6 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
         self.__dict__.update(state)
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_reducer", LOCAL)
-
-    # ------------------------------------------------------------------ arrays
-    def _host(self, a):
-        """A NumPy copy of one of the layer's arrays (explicit, for state and files)."""
-        return a.copy() if isinstance(a, np.ndarray) else np.array(_xp.to_numpy(a))
-
-    @staticmethod
-    def _host_any(v):
-        """A state value as NumPy when it is an array of another library (explicit)."""
-        if v is None or isinstance(v, (np.ndarray, np.generic, int, float, bool)):
-            return v
-        if _xp.is_array(v):
-            return np.asarray(_xp.to_numpy(v))
-        return v
-
-    def _store(self, key: str, value: np.ndarray) -> None:
-        """Store a checked NumPy value (the layer's dtype) as the layer's array ``key``."""
-        if self._xp is None:
-            getattr(self, key)[...] = value
-        else:
-            target = self._target_dtype(self._xp, self._device)
-            object.__setattr__(self, key, _xp.from_numpy(self._xp, value, self._device, target))
-
-    def to(self, like: object, device: object = None) -> NormLayer:
-        """Move the state to the namespace (and device) of the array ``like``, or to a
-        namespace module with ``device``; returns self."""
-        if _xp.is_array(like):
-            xp, dev = _xp.namespace(like), _xp.device(like)
-        else:
-            xp, dev = _xp.namespace_of_module(like), device
-        with self._lock:
-            names = ["gamma", "beta", *self.running_stat_names, "dgamma", "dbeta"]
-            target = None if _xp.is_numpy(xp) else self._target_dtype(xp, dev)
-            for key in names:
-                v = getattr(self, key, None)
-                if v is not None:
-                    host = self._host(v).astype(self.dtype, copy=False)
-                    object.__setattr__(
-                        self,
-                        key,
-                        host if target is None else _xp.from_numpy(xp, host, dev, target),
-                    )
-            self._xp = None if _xp.is_numpy(xp) else xp
-            self._device = None if _xp.is_numpy(xp) else dev
-            self._placed = True
-            self._cache = None
-        return self
-
-    def _target_dtype(self, xp, dev):
-        """The layer's dtype in ``xp`` (float32 where the device has no float64)."""
-        if self.dtype == np.float64 and _xp.stats_dtype(xp, dev) != xp.float64:
-            return xp.float32
-        return getattr(xp, self.dtype.name)
-
-    def _check_namespace(self, x) -> None:
-        """``x`` must live in the layer's namespace and on its device (a fresh layer moves)."""
-        if isinstance(x, np.ndarray):
-            if self._xp is None:
-                return
-            raise TypeError(
-                f"{type(self).__name__} keeps its state in {_xp.describe(self._xp, self._device)}"
-                f" but x is a NumPy array of shape {x.shape}; convert x, or call layer.to(x)"
-            )
-        xp, dev = _xp.namespace(x), _xp.device(x)
-        if self._xp is None and not self._placed:
-            self.to(x)  # a layer that has not run takes the first batch's namespace and device
-            return
-        if self._xp is None or xp is not self._xp or not _xp.same_device_obj(dev, self._device):
-            where = "NumPy" if self._xp is None else _xp.describe(self._xp, self._device)
-            raise TypeError(
-                f"{type(self).__name__} keeps its state in {where} but x is in "
-                f"{_xp.describe(xp, dev)} (shape {tuple(x.shape)}); move x there, or move the "
-                "layer with layer.to(x)"
-            )
 
     # ------------------------------------------------------------------ input checks
     def _inputs(self, x: object) -> Inputs:
@@ -438,96 +313,6 @@ class NormLayer(ArgumentRecord, StateMixin, Module):
                 f"all ranks; the ranks hold {counts} (total {stats.count}); "
                 "raised on every rank, nothing changed"
             )
-
-    # ------------------------------------------------------------------ running statistics
-    def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
-        """The layer's running update (raises NonFiniteStatisticsError or ValueError)."""
-        # the layer's arguments were validated when set: the unchecked entry of the same maths
-        return _update_running(
-            running,
-            stats,
-            self.momentum,
-            self.convention.momentum_weights,
-            unbiased=self.unbiased,
-        )
-
-    def running_stats(self) -> RunningStats:
-        """Copies of the running statistics and the batch count."""
-        if not self.track_running_stats:
-            raise ValueError(f"{type(self).__name__} keeps no running statistics")
-        return RunningStats(
-            self._host(self.running_mean),
-            self._host(self.running_var),
-            int(self.num_batches_tracked),
-        )
-
-    def _new_running(self, stats: BatchStats, call: Call | None = None) -> RunningStats | None:
-        """The running statistics after ``stats``, or None to skip; raises before any change."""
-        running = RunningStats(self.running_mean, self.running_var, self.num_batches_tracked)
-        try:
-            return self._running_update(running, stats)
-        except NonFiniteStatisticsError as exc:
-            if self.nonfinite == "skip":
-                return None
-            if call is not None:  # the merged statistics are identical on every rank
-                bad = getattr(stats, "nonfinite_ranks", ())
-                where = (
-                    f"non-finite local statistics on {'rank' if len(bad) == 1 else 'ranks'} "
-                    f"{bad[0] if len(bad) == 1 else list(bad)}"
-                    if bad
-                    else "the merged statistics overflowed"
-                )
-                raise NonFiniteStatisticsError(
-                    f"{call.label}: {where} (raised on every rank): {exc}"
-                ) from None
-            raise NonFiniteStatisticsError(
-                f"{exc}; running statistics left unchanged. Pass nonfinite='skip' to skip such "
-                "updates instead."
-            ) from None
-
-    def _commit(
-        self, cache: object, stats: BatchStats | None, new: RunningStats | None, update: bool
-    ) -> None:
-        """Every check has passed: store the results of one forward."""
-        rec = self._recorders.get(threading.get_ident()) if self._recorders else None
-        if update:
-            if new is None:
-                self.skipped_updates += 1
-            elif self._xp is None:
-                self.running_mean[...] = new.mean
-                self.running_var[...] = new.var
-                self.num_batches_tracked = new.num_batches_tracked
-            else:
-                object.__setattr__(self, "running_mean", new.mean)
-                object.__setattr__(self, "running_var", new.var)
-                self.num_batches_tracked = new.num_batches_tracked
-        if rec is not None:  # inside recording(): collect, leave cache and record alone
-            if stats is not None:
-                rec.append(stats)
-            return
-        if stats is not None:
-            self.last_batch_stats = stats
-        self._cache = cache
-
-    @contextmanager
-    def recording(self) -> Iterator[list[BatchStats]]:
-        """Collect the batch statistics of this thread's forwards inside the block.
-
-        Inside the block, forwards run by the calling thread leave the layer's backward
-        cache and ``last_batch_stats`` alone (running statistics still follow
-        ``update_stats``), and each one that used batch statistics appends its
-        :class:`BatchStats` to the yielded list. Other threads' forwards are not recorded
-        and behave as usual. Used by :func:`batchnorm.recalibrate`.
-        """
-        key = threading.get_ident()
-        if key in self._recorders:
-            raise ValueError(f"{type(self).__name__}.recording() is already open in this thread")
-        rec: list[BatchStats] = []
-        self._recorders[key] = rec
-        try:
-            yield rec
-        finally:
-            del self._recorders[key]
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy):
