@@ -360,3 +360,29 @@ def test_without_comm_nothing_changes(rng):
     layer = bn.BatchNorm(3)
     assert layer.comm is None and layer.timeout is None
     np.testing.assert_array_equal(layer.forward(x), y)
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_synchronized_torch_tensors_equal_one_process(tmp_path, n):
+    torch = pytest.importorskip("torch")
+    _ok(mpirun(n, str(SCENARIOS / "torch_sync.py"), str(tmp_path)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (11, 4, 3))
+    dy = rng.normal(size=x.shape)
+    y, cache = bn.batch_norm_train(x, None, None)
+    dx, _, _ = bn.batch_norm_backward(dy, cache)
+    ref = bn.BatchNorm(4)
+    for _ in range(2):
+        ref.forward(x)
+        ref.backward(dy)
+    assert torch is not None
+    for r in range(n):
+        got = np.load(tmp_path / f"rank{r}.npz")
+        lo, hi = int(got["lo"]), int(got["hi"])
+        np.testing.assert_allclose(got["y"], y[lo:hi], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(got["dx"], dx[lo:hi], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(got["layer_dx"], dx[lo:hi], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(got["running_mean"], ref.running_mean, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(got["running_var"], ref.running_var, rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(got["dgamma"], ref.dgamma, rtol=1e-12, atol=1e-12)
