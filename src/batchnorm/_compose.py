@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends
-from ._validation import Layout, as_float_array, as_input, check_eps, layout
+from ._validation import Layout, _layout, as_float_array, as_input, check_eps, layout
 from .backends import NUMPY, check_backend, select
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
@@ -330,7 +330,7 @@ def backward_pass(
     if error is not None:
         reducer.sum(call, [], error)  # raises, on every participant
         raise error
-    be = select(backend, cache.x, layout(cache.x.shape, cache.axis))
+    be = select(backend, cache.x, _layout(tuple(cache.x.shape), cache.axis))
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():

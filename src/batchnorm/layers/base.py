@@ -333,10 +333,11 @@ class NormLayer(
         cache = self._need_cache(self._cache)
         dx, dgamma, dbeta = self._backward(dy, cache)
         bn = getattr(cache, "bn", cache)
-        self.gradients_reduced = bool(getattr(bn, "synchronized", False))
+        d = self.__dict__  # results, not constructor arguments: no validation hook
+        d["gradients_reduced"] = bool(getattr(bn, "synchronized", False))
         if self.affine:
-            self.dgamma = self._param_dtype(dgamma)
-            self.dbeta = self._param_dtype(dbeta)
+            d["dgamma"] = self._param_dtype(dgamma)
+            d["dbeta"] = self._param_dtype(dbeta)
         return dx
 
     def _param_dtype(self, v):

@@ -64,24 +64,25 @@ class RunningStatistics:
     ) -> None:
         """Every check has passed: store the results of one forward."""
         rec = self._recorders.get(threading.get_ident()) if self._recorders else None
+        d = self.__dict__  # results, not constructor arguments: no validation hook
         if update:
             if new is None:
                 self.skipped_updates += 1
             elif self._xp is None:
                 self.running_mean[...] = new.mean
                 self.running_var[...] = new.var
-                self.num_batches_tracked = new.num_batches_tracked
+                d["num_batches_tracked"] = new.num_batches_tracked
             else:
                 object.__setattr__(self, "running_mean", new.mean)
                 object.__setattr__(self, "running_var", new.var)
-                self.num_batches_tracked = new.num_batches_tracked
+                d["num_batches_tracked"] = new.num_batches_tracked
         if rec is not None:  # inside recording(): collect, leave cache and record alone
             if stats is not None:
                 rec.append(stats)
             return
         if stats is not None:
-            self.last_batch_stats = stats
-        self._cache = cache
+            d["last_batch_stats"] = stats
+        d["_cache"] = cache
 
     @contextmanager
     def recording(self) -> Iterator[list[BatchStats]]:
