@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,7 +176,7 @@ def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False
     check_backend(backend)
     x = as_input(x)
     lay = layout(x.shape, axis)
-    if x.size == 0 and not empty_ok:
+    if math.prod(x.shape) == 0 and not empty_ok:
         raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
     be = select(backend, x, lay)
     if be.xp is not None and not _PYTREE_DONE and _xp_is_jax(be.xp):
@@ -199,6 +200,10 @@ def _check_dy(dy: object, cache: BatchNormCache):
             f"dy is a {type(dy).__name__} but the forward input was a {type(cache.x).__name__};"
             " pass dy from the same array library"
         )
+    if not isinstance(dy, np.ndarray):
+        from ._xp import check_same_device
+
+        check_same_device("the forward input x", cache.x, "dy", dy)
     return dy
 
 
@@ -230,7 +235,7 @@ def _cache(
 def local_stats(inp: Inputs) -> BatchStats:
     """This participant's (count, mean, var); an empty slice has count 0."""
     lay, be = inp.lay, inp.be
-    if lay.count == 0 or inp.x.size == 0:
+    if lay.count == 0 or math.prod(inp.x.shape) == 0:
         return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
     if be.xp is None and inp.x.size < backends.AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
         # statistics alone of a small array: NumPy's centred two-pass (the serial compiled

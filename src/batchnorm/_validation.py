@@ -124,7 +124,13 @@ def reduce_axes(ndim: int, axes: tuple[int, ...]) -> tuple[int, ...]:
 def as_feature_vector(
     v: object, name: str, fshape: tuple[int, ...], x_shape: tuple[int, ...]
 ) -> np.ndarray:
-    """Check a per-feature array (gamma, beta, running stats) and return it as float64."""
+    """Check a per-feature array (gamma, beta, running stats) of NumPy data and return it as
+    float64 (an array of another library is refused: one call, one library)."""
+    if not isinstance(v, (np.ndarray, np.generic)) and _is_array(v):
+        raise TypeError(
+            f"{name} is a {type(v).__module__}.{type(v).__name__} but x is a NumPy array "
+            f"(shape {x_shape}); pass arrays of one library"
+        )
     arr = as_float_array(v, name)
     if arr.shape != fshape:
         raise ValueError(

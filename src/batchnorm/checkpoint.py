@@ -399,8 +399,18 @@ def migrate(state: dict, version: int) -> dict:
     return out
 
 
-def state_version(meta: dict | None) -> int:
-    """The state version a checkpoint's metadata record (0 when none: batchnorm 0.1.0)."""
+def state_version(meta: dict | None, path: str | os.PathLike | None = None) -> int:
+    """The state version a checkpoint's metadata record (0 when none: batchnorm 0.1.0).
+
+    Raises
+    ------
+    ValueError
+        Naming ``path`` when the recorded version is not one this library can read.
+    """
     if not isinstance(meta, dict) or "state_version" not in meta:
         return 0
-    return check_version(meta["state_version"])
+    try:
+        return check_version(meta["state_version"])
+    except (TypeError, ValueError) as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}unusable state_version in the metadata: {exc}") from None

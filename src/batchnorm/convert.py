@@ -140,12 +140,12 @@ def export_state(
         raise ValueError(f"{type(layer).__name__} keeps no running statistics to export")
     eps_dst = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
     flat = {
-        keys["mean"]: layer.running_mean.astype(np.float64).copy(),
-        keys["var"]: _absorb_eps(layer.running_var, layer.eps, eps_dst),
+        keys["mean"]: layer.host("running_mean").astype(np.float64).copy(),
+        keys["var"]: _absorb_eps(layer.host("running_var"), layer.eps, eps_dst),
     }
     if layer.affine:
-        flat[keys["gamma"]] = layer.gamma.astype(np.float64).copy()
-        flat[keys["beta"]] = layer.beta.astype(np.float64).copy()
+        flat[keys["gamma"]] = layer.host("gamma").astype(np.float64).copy()
+        flat[keys["beta"]] = layer.host("beta").astype(np.float64).copy()
     if "count" in keys:
         flat[keys["count"]] = int(layer.num_batches_tracked)
     config = {

@@ -108,8 +108,9 @@ def train_eval_gap(layer: NormLayer, x: np.ndarray | None = None) -> dict:
     else:
         x, axes = layer.check_input(x)
         mean_b, var_b = moments(x, axis=axes, backend=layer.backend)
-    rm = layer.running_mean.astype(np.float64)
-    rv = layer.running_var.astype(np.float64)
+    mean_b, var_b = _numpy(mean_b), _numpy(var_b)
+    rm = layer.host("running_mean").astype(np.float64)
+    rv = layer.host("running_var").astype(np.float64)
     shift = (mean_b - rm) / np.sqrt(rv + layer.eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = var_b / rv
@@ -120,6 +121,15 @@ def train_eval_gap(layer: NormLayer, x: np.ndarray | None = None) -> dict:
         "max_abs_mean_shift_in_std": float(np.max(np.abs(shift))),
         "max_log_var_ratio": float(np.max(log_ratio)),
     }
+
+
+def _numpy(v) -> np.ndarray:
+    """Statistics as NumPy float64 (an explicit copy off another library's device)."""
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float64, copy=False)
+    from ._xp import to_numpy
+
+    return np.asarray(to_numpy(v), np.float64)
 
 
 def layer_from_checkpoint(path: str | os.PathLike) -> NormLayer:
@@ -133,7 +143,7 @@ def layer_from_checkpoint(path: str | os.PathLike) -> NormLayer:
     cfg = checkpoint.layer_config(meta, path, state)
     try:
         layer = NormLayer.from_config(cfg)
-        return layer.load_state_dict(state)
+        return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: the layer configuration or state is not usable: {exc}") from None
 
@@ -156,7 +166,7 @@ def describe_checkpoint(path: str | os.PathLike, batch: np.ndarray | None = None
     layer = layer_from_checkpoint(path)
     out = {"config": layer.config(), "num_batches_tracked": layer.num_batches_tracked}
     if layer.track_running_stats:
-        rm, rv = layer.running_mean, layer.running_var
+        rm, rv = layer.host("running_mean"), layer.host("running_var")
         out["running_mean"] = {"min": float(rm.min()), "max": float(rm.max())}
         out["running_var"] = {"min": float(rv.min()), "max": float(rv.max())}
         out["averaging_window"] = averaging_window(layer)

@@ -119,9 +119,10 @@ def convert_sync(model: object, comm: object, *, timeout: float | None = None) -
             f"convert_sync: {type(bad[0]).__name__} cannot synchronize its statistics; "
             "nothing was changed"
         )
-    for layer in layers:  # one reducer for the whole model: its calls are numbered together
+    for i, layer in enumerate(layers):  # one reducer per model: calls numbered together
         layer.reducer = reducer
-        layer._timeout = None if reducer is None else reducer.timeout
+        layer.sync_position = i  # the rank-independent name of the layer in its calls
+        layer.timeout = None if reducer is None else reducer.timeout
     return model
 
 

@@ -33,12 +33,12 @@ def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
         )
     if len(layer.feature_shape) != 1:
         raise ValueError(f"folding needs one feature axis; the layer has {layer.feature_shape}")
-    scale = 1.0 / np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+    scale = 1.0 / np.sqrt(layer.host("running_var").astype(np.float64) + layer.eps)
     if layer.gamma is not None:
-        scale = scale * layer.gamma
-    shift = -layer.running_mean.astype(np.float64) * scale
+        scale = scale * layer.host("gamma")
+    shift = -layer.host("running_mean").astype(np.float64) * scale
     if layer.beta is not None:
-        shift = shift + layer.beta
+        shift = shift + layer.host("beta")
     return scale, shift
 
 

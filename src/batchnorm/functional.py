@@ -45,6 +45,7 @@ synchronized (never the communicator): its backward needs the same ``comm``/``re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,7 +112,7 @@ def moments(
     red = reducer_of(comm, reducer)
     if not red.distributed:
         inp = inputs(x, None, None, axis, 0.0, backend)
-        if inp.x.size == 0:
+        if math.prod(inp.x.shape) == 0:
             raise ValueError(
                 f"cannot compute statistics of an empty batch: x has shape {inp.x.shape}"
             )

@@ -243,8 +243,16 @@ class SGD:
         self._velocity: dict[str, np.ndarray] = {}
 
     def step(self) -> None:
-        """Update every parameter of the module from its gradient."""
+        """Update every parameter of the module from its gradient (NumPy parameters, in
+        place; layers placed on another array library are refused: use that library's
+        optimizer)."""
         params, grads = self.module.parameters(), self.module.gradients()
+        for name, p in params.items():
+            if not isinstance(p, np.ndarray):
+                raise TypeError(
+                    f"SGD updates NumPy parameters in place; parameter {name!r} is a "
+                    f"{type(p).__module__}.{type(p).__name__}: use that library's optimizer"
+                )
         for name, p in params.items():
             g = grads[name]
             if g is None:

@@ -216,8 +216,8 @@ def recalibrate(
             )
     report = []
     for layer, a, (mean, var) in zip(layers, acc, new, strict=True):
-        old_mean = layer.running_mean.astype(np.float64)
-        old_var = layer.running_var.astype(np.float64)
+        old_mean = layer.host("running_mean").astype(np.float64)
+        old_var = layer.host("running_var").astype(np.float64)
         std = np.sqrt(var + layer.eps)
         report.append(
             {

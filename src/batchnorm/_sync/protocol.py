@@ -202,6 +202,11 @@ def _problems(table: np.ndarray) -> list[str]:
         out.append(
             "the ranks have different dtypes (" + _group(table, _DTYPE, lambda d: f"float{d}") + ")"
         )
+    if len(set(table[:, _EXTRA].tolist())) > 1:
+        out.append(
+            "the ranks call with different arguments (e.g. a layer's eps, momentum or "
+            "convention differ between ranks)"
+        )
     return out
 
 
@@ -213,6 +218,7 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
     seq = red.next_seq()
     h = np.zeros(_H, np.int64)
     h[_MAGIC_I], h[_STATUS], h[_KIND], h[_SEQ] = _MAGIC, int(error is not None), call.kind, seq
+    h[_EXTRA] = call.args
     h[_TRAIN], h[_UPDATE], h[_LABEL] = (
         int(call.training),
         int(call.update),

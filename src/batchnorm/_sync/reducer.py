@@ -14,6 +14,7 @@ the caller moves it back to its device.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import zlib
 
@@ -26,6 +27,18 @@ from . import protocol as P
 
 def _hash(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+_LAYER_TAGS = itertools.count()
+
+
+def next_layer_tag() -> int:
+    """The next position among the layers synchronized with ``comm=`` in this process.
+
+    Ranks run the same program, so they number their layers alike; a rank whose forward
+    reaches a different layer than the others is then reported, never merged silently.
+    """
+    return next(_LAYER_TAGS)
 
 
 def check_comm(comm: object) -> object:

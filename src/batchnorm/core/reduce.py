@@ -51,12 +51,16 @@ class Call:
         One of the ``KIND_*`` constants.
     training, update : bool
         The mode of a forward, and whether it updates the running statistics.
+    args : int
+        A hash of the arguments every participant must share (a layer's eps, momentum,
+        convention, ...); 0 when the call has none.
     """
 
     label: str
     kind: int
     training: bool = True
     update: bool = False
+    args: int = 0
 
 
 @dataclass(frozen=True, eq=False)

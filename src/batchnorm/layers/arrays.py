@@ -16,6 +16,12 @@ from .. import _xp
 class ArrayPlacement:
     """Mixin: the namespace (``_xp``, None for NumPy) and device of a layer's arrays."""
 
+    def host(self, name: str) -> np.ndarray | None:
+        """A NumPy copy of the layer's array ``name`` ("gamma", "running_mean", ...), in the
+        layer's dtype, wherever the layer keeps it (None for an absent array)."""
+        v = getattr(self, name)
+        return None if v is None else self._host(v)
+
     def _host(self, a):
         """A NumPy copy of one of the layer's arrays (explicit, for state and files)."""
         return a.copy() if isinstance(a, np.ndarray) else np.array(_xp.to_numpy(a))
@@ -62,6 +68,27 @@ class ArrayPlacement:
             self._cache = None
         return self
 
+    def _fresh(self) -> bool:
+        """Whether the layer has never run nor been loaded (then its state may still move
+        to the library of its first batch)."""
+        return (
+            self._cache is None
+            and self.num_batches_tracked == 0
+            and self.last_batch_stats is None
+            and self.dgamma is None
+        )
+
+    def _settle_placement(self, ok: bool) -> None:
+        """After a forward: keep the placement it made (``ok``) or undo it exactly."""
+        d = self.__dict__
+        undo = d.pop("_placing", None)
+        if ok and undo is not None:
+            d["_placed"] = True  # a layer that moved stays where it is
+        elif undo is not None:
+            d.update(undo)
+            d["_xp"] = d["_device"] = None
+            d["_placed"] = False
+
     def _target_dtype(self, xp, dev):
         """The layer's dtype in ``xp`` (float32 where the device has no float64)."""
         if self.dtype == np.float64 and _xp.stats_dtype(xp, dev) != xp.float64:
@@ -78,8 +105,12 @@ class ArrayPlacement:
                 f" but x is a NumPy array of shape {x.shape}; convert x, or call layer.to(x)"
             )
         xp, dev = _xp.namespace(x), _xp.device(x)
-        if self._xp is None and not self._placed:
-            self.to(x)  # a layer that has not run takes the first batch's namespace and device
+        if self._xp is None and not self._placed and self._fresh():
+            # a layer that has not run takes the first batch's namespace and device; if this
+            # call is then refused, the forward moves it back (see _undo_placement)
+            keys = ("gamma", "beta", *self.running_stat_names, "dgamma", "dbeta", "_cache")
+            self.__dict__["_placing"] = {k: self.__dict__.get(k) for k in keys}
+            self.to(x)
             return
         if self._xp is None or xp is not self._xp or not _xp.same_device_obj(dev, self._device):
             where = "NumPy" if self._xp is None else _xp.describe(self._xp, self._device)

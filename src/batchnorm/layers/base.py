@@ -182,6 +182,7 @@ class NormLayer(
                 raise TypeError("pass comm= or reducer=, not both")
             self.reducer = reducer
         self._timeout = None
+        self._sync_tag = 0
         self.comm = comm
         self.timeout = timeout
         self._built = True  # from here on, reassigned arguments are validated
@@ -200,6 +201,8 @@ class NormLayer(
         state = self.__dict__.copy()
         del state["_lock"]
         state["_recorders"] = {}  # a copy does not inherit an open recording() block
+        if state["_xp"] is not None:  # modules and device handles are not copied
+            state["_xp"], state["_device"] = "placed", None
         if state["_reducer"] is not LOCAL:
             raise TypeError(
                 f"a synchronized {type(self).__name__} (reducer {state['_reducer']!r}) cannot "
@@ -211,6 +214,14 @@ class NormLayer(
         self.__dict__.update(state)
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_reducer", LOCAL)
+        if state.get("_xp") == "placed":  # namespace and device are read off the arrays
+            arr = next(
+                getattr(self, k)
+                for k in ("gamma", *self.running_stat_names)
+                if getattr(self, k) is not None
+            )
+            self.__dict__["_xp"] = _xp.namespace(arr)
+            self.__dict__["_device"] = _xp.device(arr)
 
     # ------------------------------------------------------------------ input checks
     def _inputs(self, x: object) -> Inputs:
@@ -260,6 +271,16 @@ class NormLayer(
         """
         training = self._mode(training)
         update_stats = check_flag(update_stats, "update_stats")
+        try:
+            y = self._forward(x, training, update_stats)
+        except BaseException:
+            self._settle_placement(False)
+            raise
+        self._settle_placement(True)
+        return y
+
+    def _forward(self, x, training: bool, update_stats: bool):
+        """The template (see :meth:`forward`)."""
         batch = self.uses_batch_stats and (training or not self.track_running_stats)
         update = bool(batch and training and update_stats and self.track_running_stats)
         red = self._reducer
@@ -267,7 +288,7 @@ class NormLayer(
         if red.distributed:  # every participant checks, agrees and merges together
             what = "training forward" if batch else "evaluation forward"
             kind = KIND_TRAIN if batch else KIND_EVAL
-            call = Call(f"{self._label()} {what}", kind, training, update)
+            call = Call(f"{self._label()} {what}", kind, training, update, self._args_hash())
             try:
                 inp = self._inputs(x)
             except Exception as exc:  # noqa: BLE001 - every error must reach every rank

@@ -27,6 +27,10 @@ class StateDict(dict):
         super().__init__(*args, **kwargs)
         self.version = version
 
+    def copy(self) -> StateDict:
+        """A shallow copy that keeps the version."""
+        return StateDict(self, version=self.version)
+
     def __reduce__(self):  # copies keep the version
         return (type(self), (dict(self),), {"version": self.version})
 
@@ -86,6 +90,7 @@ class StateMixin:
         layer is unchanged. Arrays are stored into the layer's own namespace and device.
         """
         new = self.check_state(state, version=version)
+        self.__dict__["_placed"] = True  # loaded state stays in the layer's library
         with self._lock:
             for key, value in new.items():
                 if key == "num_batches_tracked":
@@ -111,4 +116,4 @@ class StateMixin:
         """Load state written by :meth:`save` (any version); validated like
         :meth:`load_state_dict`."""
         state, meta = checkpoint.load_state(path)
-        return self.load_state_dict(state, version=checkpoint.state_version(meta))
+        return self.load_state_dict(state, version=checkpoint.state_version(meta, path))
