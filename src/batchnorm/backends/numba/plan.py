@@ -1,0 +1,151 @@
+"""How an array maps onto the kernels, and when they may run: plans and the thread guard.
+
+Every layout is viewed as ``(O, C, I)``: O = the axes before the feature axis (or adjacent
+feature axes, merged), C = the features, I = the axes after. A :class:`Plan` holds that
+view for one shape, how the work is chunked over the threads, and whether the fused
+("one trip to memory") kernels apply; below :data:`SERIAL_MAX` elements the serial kernels
+run in the calling thread.
+
+Threads: under numba's ``workqueue`` threading layer (the fallback without TBB or OpenMP)
+parallel kernels must not be entered from two Python threads at once (numba aborts the
+process), so calls are then serialized with a lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numba
+import numpy as np
+
+# Below this many elements the kernels run serially in the calling thread: a parallel
+# launch costs tens of microseconds, more than a small array's whole pass.
+SERIAL_MAX = 1 << 15
+WIDE_INNER = 32
+# Bytes of one array a fused task keeps in cache (a channel block or a strip of columns).
+# L2 is 1-2 MB per core; the fused kernels re-read the block right after summing it, so a
+# block that spills to the (shared) L3 still avoids DRAM. Measured on 2 cores with a 32 MB
+# L3: 4 MB blocks keep the fused passes at DRAM speed.
+FUSE_BYTES = 4 << 20
+# Most rows a fused strip of columns may span (see Plan).
+ROWS_FUSE_MAX = 2048
+
+
+# --------------------------------------------------------------------------- threads
+_LOCK = threading.RLock()
+_serialize: bool | None = None  # None until the threading layer is known
+
+
+class _Guard:
+    """Serializes kernel calls when numba's threading layer is not thread-safe.
+
+    The layer is only known after the first parallel call, so calls are serialized until
+    then; afterwards only the ``workqueue`` layer (which aborts the process when entered
+    concurrently) takes the lock.
+    """
+
+    __slots__ = ("held",)
+
+    def __enter__(self):
+        self.held = _serialize is not False
+        if self.held:
+            _LOCK.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        global _serialize
+        if self.held:
+            if _serialize is None:
+                try:
+                    _serialize = numba.threading_layer() == "workqueue"
+                except ValueError:  # no parallel kernel has run yet
+                    pass
+            _LOCK.release()
+        return False
+
+
+def _guard() -> _Guard:
+    return _Guard()
+
+
+# --------------------------------------------------------------------------- plans
+@functools.lru_cache(maxsize=1)
+def _threads() -> int:
+    """Threads to plan work for (numba.get_num_threads costs ~9 us a call, so it is read
+    once; a later numba.set_num_threads only changes how work is chunked, never results)."""
+    return numba.get_num_threads()
+
+
+@functools.lru_cache(maxsize=256)
+def plan_for(shape: tuple[int, ...], axes: tuple[int, ...], threads: int, itemsize: int) -> Plan:
+    """The (cached) plan for one shape, feature axes, thread count and item size."""
+    return Plan(shape, axes, threads, itemsize)
+
+
+class Plan:
+    """How an array of a given shape and feature axes maps onto the kernels' views.
+
+    ``fused`` says whether one feature's data (wide layouts: a channel block; ``I == 1``
+    rows: a strip of ``width`` columns) fit in :data:`FUSE_BYTES` with work for every
+    thread, so that the one-trip kernels apply.
+    """
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[int, ...], threads: int, itemsize: int):
+        first, last = axes[0], axes[-1]
+        self.shape = shape
+        self.O = math.prod(shape[:first])
+        self.C = math.prod(shape[first : last + 1])
+        self.I = math.prod(shape[last + 1 :])
+        self.wide = self.I >= WIDE_INNER
+        self.count = self.O * self.I
+        self.width = 0
+        if self.wide:  # tasks are (chunk of O, feature): split O only if too few features
+            self.nchunks = max(1, min(self.O, -(-4 * threads // self.C)))
+            block = self.O * self.I * itemsize
+            self.fused = self.C >= threads and block <= FUSE_BYTES
+        else:  # tasks are chunks of rows, one per thread (measured best)
+            self.nchunks = max(1, min(self.O, threads))
+            self.fused = False
+            if self.I == 1:
+                per_col = self.O * itemsize
+                # strips of whole cache lines (16 float32), one per thread at least
+                most = max(1, FUSE_BYTES // per_col)
+                share = -(-self.C // threads)
+                width = min(most, share)
+                if width < self.C:
+                    width = max(16, width - width % 16) if width >= 16 else width
+                self.width = max(1, min(width, self.C))
+                # Only the serial kernels (small arrays) fuse strips: in parallel, strided
+                # strips measured slower than the two passes (1.5-2x at (256, 1024) and
+                # (1024, 4096) float32; 3x at (8192, 4096), where they thrash the TLB).
+                self.fused = (
+                    threads == 1
+                    and self.O <= ROWS_FUSE_MAX
+                    and per_col * min(16, self.C) <= FUSE_BYTES
+                )
+        self.kshape = (self.O, self.C, self.I) if self.wide else (self.O, self.C * self.I)
+
+    def view(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (C-contiguous) in the kernels' 3-D or 2-D view; float16 as its bits."""
+        if arr.dtype == np.float16:
+            arr = arr.view(np.uint16)
+        return arr.reshape(self.kshape)
+
+    def per_column(self, v: np.ndarray) -> np.ndarray:
+        """Expand per-feature values (last axis) to the kernel's columns."""
+        if self.wide or self.I == 1:
+            return np.ascontiguousarray(v)
+        return np.ascontiguousarray(np.repeat(v, self.I, axis=-1))
+
+
+def supported(axes: tuple[int, ...]) -> bool:
+    """The compiled kernels need the feature axes to be adjacent (one block in memory)."""
+    return axes[-1] - axes[0] == len(axes) - 1
+
+
+def small_fused(shape: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    """Whether the serial kernels do a small array of this layout in one pass (channel
+    blocks, or columns with one feature each); other small layouts are left to NumPy."""
+    return plan_for(shape, axes, 1, 8).fused
