@@ -154,3 +154,99 @@ def test_jax_jit_and_grad_through_the_public_kernel():
         np.testing.assert_allclose(np.asarray(gb), np.asarray(db), rtol=1e-12, atol=1e-12)
         # a wrong upstream gradient does not agree (negative control)
         assert np.max(np.abs(np.asarray(bn.batch_norm_backward(w * 1.01, cache)[0] - gx))) > 1e-6
+
+
+# --------------------------------------------------------------------------- regressions
+torch = pytest.importorskip("torch")
+
+
+def _state(layer):
+    return {k: np.asarray(v).copy() for k, v in layer.state_dict().items()}
+
+
+def _same_state(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_layer_that_ran_on_numpy_refuses_torch_and_changes_nothing():
+    layer = bn.BatchNorm(3)
+    layer.forward(np.random.default_rng(0).normal(size=(8, 3)))
+    before = _state(layer)
+    with pytest.raises(TypeError, match="keeps its state in NumPy"):
+        layer.forward(torch.randn(8, 3))
+    assert _same_state(before, _state(layer)) and isinstance(layer.gamma, np.ndarray)
+
+
+@pytest.mark.parametrize("bad", [(8, 4), (1, 3), (0, 3)])
+def test_a_refused_first_batch_leaves_the_layer_where_it_was(bad):
+    layer = bn.BatchNorm(3)
+    with pytest.raises(ValueError):
+        layer.forward(torch.randn(*bad))
+    assert isinstance(layer.running_mean, np.ndarray)
+    layer.forward(np.random.default_rng(0).normal(size=(8, 3)))  # still a NumPy layer
+
+
+def test_tools_work_on_a_torch_layer():
+    layer = bn.BatchNorm(3)
+    for _ in range(3):
+        layer.forward(torch.randn(16, 3, dtype=torch.float64) + 2)
+    ref = bn.BatchNorm(3).load_state_dict(layer.state_dict())
+    w, b = bn.fold_linear(np.ones((2, 3)), None, layer)
+    w_ref, b_ref = bn.fold_linear(np.ones((2, 3)), None, ref)
+    np.testing.assert_array_equal(w, w_ref)
+    np.testing.assert_array_equal(b, b_ref)
+    exp, _ = bn.export_state(layer, "torch")
+    assert all(isinstance(v, np.ndarray) for k, v in exp.items() if k != "num_batches_tracked")
+    from batchnorm.diagnostics import train_eval_gap
+
+    gap = train_eval_gap(layer, torch.randn(16, 3, dtype=torch.float64))
+    assert np.isfinite(gap["max_abs_mean_shift_in_std"])
+    import copy
+
+    twin = copy.deepcopy(layer)
+    assert isinstance(twin.running_mean, torch.Tensor)
+    twin.forward(torch.randn(16, 3, dtype=torch.float64))
+    assert int(layer.num_batches_tracked) == 3  # the original is untouched
+
+
+def test_mixed_libraries_with_a_numpy_x_are_refused():
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    with pytest.raises(TypeError, match="one library"):
+        bn.batch_norm_train(x, torch.ones(3), None)
+    with pytest.raises(TypeError, match="one library"):
+        bn.batch_norm_eval(x, None, None, torch.zeros(3), np.ones(3))
+
+
+def test_empty_torch_batches_are_refused_like_numpy():
+    with pytest.raises(ValueError, match="empty batch"):
+        bn.moments(torch.randn(0, 3))
+    with pytest.raises(ValueError, match="empty batch"):
+        bn.batch_norm_train(torch.randn(0, 3), None, None)
+
+
+def test_sgd_refuses_parameters_it_cannot_update_in_place():
+    from batchnorm.nn import SGD
+
+    layer = bn.BatchNorm(3)
+    layer.forward(torch.randn(8, 3))
+    layer.backward(torch.randn(8, 3))
+    with pytest.raises(TypeError, match="NumPy parameters"):
+        SGD(layer, 0.1).step()
+
+
+def test_checkpoint_versions_are_checked_everywhere(tmp_path):
+    from batchnorm import checkpoint
+    from batchnorm.diagnostics import layer_from_checkpoint
+
+    layer = bn.BatchNorm(3)
+    for bad in (2, -1, "1", 1.0, None, [1]):
+        path = tmp_path / "bad.npz"
+        checkpoint.save_npz(
+            path, dict(layer.state_dict()), meta={"batchnorm": layer.config(), "state_version": bad}
+        )
+        with pytest.raises(ValueError, match="bad.npz"):
+            layer_from_checkpoint(path)
+        with pytest.raises(ValueError, match="bad.npz"):
+            bn.BatchNorm(3).load(path)
+    sd = layer.state_dict()
+    assert sd.copy().version == sd.version

@@ -386,3 +386,17 @@ def test_synchronized_torch_tensors_equal_one_process(tmp_path, n):
         np.testing.assert_allclose(got["running_mean"], ref.running_mean, rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(got["running_var"], ref.running_var, rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(got["dgamma"], ref.dgamma, rtol=1e-12, atol=1e-12)
+
+
+@needs_mpi
+def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_path):
+    _ok(mpirun(2, str(SCENARIOS / "split_brain.py"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["order"]["error"] == "DistributedError", r["order"]
+        assert "different layers" in r["order"]["message"]
+        for case in ("momentum", "eps"):
+            assert r[case]["error"] == "DistributedError", r[case]
+            assert "different arguments" in r[case]["message"]
+            assert r[case]["unchanged"]
+        assert r["agreeing"]["error"] is None  # the ranks are still in step afterwards
