@@ -35,10 +35,11 @@ Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
   to first order; the returned mean is the float32 rounding of the mean (its error up to
   ``u |mean|`` is inherent to float32 and is kept out of ``y``, see :func:`train`).
 
-Range: the squares are formed in ``wt``, so the statistics are finite only for data with
-``|x - mean| < 1.8e19`` (float32 work; ``1.3e154`` for float64); beyond that ``var`` is
-inf and ``y`` NaN (the NumPy backend rescales eagerly; here that would need a data-dependent
-branch). NaN and Inf propagate, feature by feature, and never raise.
+Range: the squares are formed in ``wt``; where ``max|x - mean|`` exceeds what their squares
+allow (``2^60`` in float32 work, ``2^500`` in float64) the centred data are scaled by an
+exact power of two first, so the statistics stay finite wherever ``sdt`` can hold them
+(under JAX always, branch-free; for eager libraries only after a check of the O(C) sums
+found an overflow). NaN and Inf propagate, feature by feature, and never raise.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import math
 
 from .._validation import Layout
 from .._validation import layout as _layout
-from .._xp import device, stats_dtype, work_dtype
+from .._xp import device, is_jax, stats_dtype, work_dtype
 from .coef import (
     backward_coef,
     centred_grad_sum,
@@ -57,7 +58,7 @@ from .coef import (
     overflow_scale,
 )
 from .coef import inv_std as _inv_std
-from .ops import rounded
+from .ops import rounded, where
 from .sums import accurate_sum as _sum
 
 __all__ = [
@@ -96,7 +97,40 @@ def _shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
     m1 = xp.astype(sample, sdt) + _sum(xp, xw - sample, red, sdt) / n
     shift = xp.astype(m1, xw.dtype)  # the first mean as the data can hold it
     d = xw - shift  # pass 2: exact near the mean (Sterbenz)
-    return xp.astype(shift, sdt), d, _sum(xp, d, red, sdt), _sum(xp, d * d, red, sdt)
+    if is_jax(xp):  # traceable: the scale is always applied (arithmetic, no branch)
+        h = _square_scale(xp, d, red, sdt)
+        t2 = _sum(xp, _squares(xp, d, h), red, sdt) / (h * h)
+    else:  # eager libraries: scale only when a square overflowed (an O(C) check)
+        t2 = _sum(xp, d * d, red, sdt)
+        if not bool(xp.all(xp.isfinite(t2))):
+            h = _square_scale(xp, d, red, sdt)
+            t2 = _sum(xp, _squares(xp, d, h), red, sdt) / (h * h)
+    return xp.astype(shift, sdt), d, _sum(xp, d, red, sdt), t2
+
+
+#: Largest |d| (a power of two) whose square the working dtype still holds with room to sum.
+_SQUARE_LIMIT = {4: 2.0**60, 8: 2.0**500}
+
+
+def _square_scale(xp, d, red: tuple[int, ...], sdt):
+    """Per feature, the power of two ``h`` (in ``sdt``) that keeps ``(h d)^2`` finite in the
+    working dtype: 1 unless ``max|d|`` exceeds :data:`_SQUARE_LIMIT` (data spanning more
+    than ~1e18 in float32), then the exact power of two that brings it below. No branch:
+    the scale is arithmetic, so the pass still traces under ``jax.jit``."""
+    limit = _SQUARE_LIMIT[8 if d.dtype == xp.float64 else 4]
+    top = xp.maximum(xp.max(d, axis=red, keepdims=True), -xp.min(d, axis=red, keepdims=True))
+    top = xp.astype(top, sdt)
+    over = top > limit
+    safe = where(over, top, 1.0)  # log2 of the features that need a scale only
+    e = xp.ceil(xp.log2(safe)) - math.log2(limit)
+    return where(over, 2.0 ** (-e), 1.0)
+
+
+def _squares(xp, d, h):
+    """``(h d)^2`` in the working dtype (``h`` exactly a power of two, or 1)."""
+    hd = d * xp.astype(h, d.dtype)
+    hd *= hd
+    return hd
 
 
 def moments(xp, x, red: tuple[int, ...], sdt):
