@@ -604,3 +604,24 @@ def test_layer_checkpoint_still_round_trips(rng, tmp_path):
     state, meta = checkpoint.load_state(tmp_path / "bn.npz")
     cfg = checkpoint.layer_config(meta, tmp_path / "bn.npz", state)
     assert cfg == layer.config() and state["num_batches_tracked"] == 1
+
+
+def test_loading_a_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "layer.npz"
+    os.mkfifo(fifo)
+    code = (
+        "import sys, batchnorm as bn\n"
+        "try:\n    bn.BatchNorm(3).load(sys.argv[1])\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+    )
+    for path in (fifo, fifo.with_suffix(".safetensors")):
+        if not path.exists():
+            os.mkfifo(path)
+        res = subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert "refused:" in res.stdout and "not a regular file" in res.stdout, res.stderr

@@ -400,3 +400,17 @@ def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_p
             assert "different arguments" in r[case]["message"]
             assert r[case]["unchanged"]
         assert r["agreeing"]["error"] is None  # the ranks are still in step afterwards
+
+
+@needs_mpi
+def test_helpers_refuse_a_bad_argument_on_one_rank_on_every_rank(tmp_path):
+    _ok(mpirun(2, str(SCENARIOS / "helpers.py"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    cases = [k for k in ranks[0] if k != "in_step"]
+    for r in ranks:
+        for case in cases:
+            assert r[case]["error"] == "DistributedError", (case, r[case])
+        assert r["in_step"]["error"] is None
+    assert "not a rank" in ranks[0]["metrics_root"]["message"]
+    assert "local_count must be >= 0" in ranks[0]["weight_negative"]["message"]
+    assert "method must be" in ranks[0]["recal_method"]["message"]

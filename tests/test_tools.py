@@ -320,3 +320,25 @@ def test_import_refuses_a_fractional_batch_count():
     }
     with pytest.raises(ValueError, match="non-negative integer"):
         bn.import_state(state, "torch", layer=bn.BatchNorm(2, affine=False))
+
+
+def test_recalibrate_leaves_a_pending_backward_of_the_whole_model_intact(rng):
+    model = Sequential(Linear(4, 3, rng=np.random.default_rng(0)), bn.BatchNorm(3), Sigmoid())
+    x = rng.normal(size=(16, 4))
+    dy = rng.normal(size=(16, 3))
+    model.forward(x)
+    twin_state = [m.save_forward_state() for m in model.modules]
+    expected = model.backward(dy)
+    dW = model.modules[0].gradients()["W"].copy()
+    for m, st in zip(model.modules, twin_state, strict=True):
+        m.restore_forward_state(st)
+    bad = rng.normal(size=(16, 4))
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError):
+        bn.recalibrate(model, [bad])  # refused: nothing in the model changes
+    np.testing.assert_array_equal(model.backward(dy), expected)
+    np.testing.assert_array_equal(model.modules[0].gradients()["W"], dW)
+    for m, st in zip(model.modules, twin_state, strict=True):
+        m.restore_forward_state(st)
+    bn.recalibrate(model, [rng.normal(size=(16, 4)) for _ in range(3)])  # succeeds
+    np.testing.assert_array_equal(model.backward(dy), expected)  # the earlier forward's

@@ -236,13 +236,29 @@ def _npy_header(fp: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f".npy format version {version} is not read (1.0 or 2.0 needed)")
 
 
+def open_regular(path: Path):
+    """Open ``path`` for reading only if it is a regular file (a FIFO or a device would block
+    or never end): checked before opening (``stat``) and again on the open file."""
+    st = os.stat(path)  # FileNotFoundError names the path
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot load {path}: it is a folder", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"cannot load {path}: it is not a regular file (a FIFO, a device?)")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced between stat and open
+        fh.close()
+        raise ValueError(f"cannot load {path}: it is not a regular file")
+    return fh
+
+
 def read_npz(path: Path, max_bytes: int, meta_key: str) -> dict[str, np.ndarray]:
     """Read every array of an npz archive after checking what it declares.
 
     Each member must be a ``.npy`` file holding a numeric array (``meta_key``: a 0-d unicode
     string), and the members' uncompressed sizes together at most ``max_bytes``.
     """
-    with open(path, "rb") as fh:  # FileNotFoundError / IsADirectoryError name the path
+    with open_regular(path) as fh:  # FileNotFoundError names the path
         size = os.fstat(fh.fileno()).st_size
         magic = fh.read(4)
         if magic not in (b"PK\x03\x04", b"PK\x05\x06"):
@@ -376,7 +392,7 @@ def read_safetensors_checked(path: Path, max_bytes: int) -> tuple[bytes, dict]:
     The header must be a JSON object whose entries (besides ``__metadata__``, a str -> str
     object) describe tensors that exactly tile the data section, at most ``max_bytes`` long.
     """
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(8)
         if len(head) < 8:

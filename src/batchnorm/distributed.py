@@ -51,6 +51,7 @@ import numpy as np
 from ._sync import protocol as P
 from ._sync.protocol import DistributedError
 from ._sync.reducer import MpiReducer, _hash
+from ._validation import check_count
 from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats
 from .walk import modules, norm_layers
 
@@ -81,9 +82,12 @@ HEADER_BYTES = P._H * 8
 traffic = P.TOTAL_TRAFFIC
 
 
-def _reducer(comm: object) -> MpiReducer:
-    """A reducer for one helper call over ``comm``."""
-    return MpiReducer(comm)
+def _reducer(comm: object, timeout: float | None = None) -> MpiReducer:
+    """A reducer for one helper call over ``comm`` (refused clearly when not a usable
+    communicator, before any exchange)."""
+    if comm is None:
+        raise TypeError("comm must be an mpi4py communicator; got None")
+    return MpiReducer(comm, timeout)
 
 
 def _partial_gradients(model) -> list[tuple[str, np.ndarray | None]]:
@@ -191,7 +195,7 @@ def shard(x: np.ndarray, comm: object) -> np.ndarray:
     return x[lo:hi]
 
 
-def local_weight(local_count: int, comm: object) -> float:
+def local_weight(local_count: int, comm: object, *, timeout: float | None = None) -> float:
     """``n_r / N``: this rank's share of the global batch (one small exchange).
 
     Multiply the gradient of the *local* mean loss by it before the backward pass; then the
@@ -201,21 +205,37 @@ def local_weight(local_count: int, comm: object) -> float:
     Parameters
     ----------
     local_count : int
-        Samples in this rank's slice.
+        Samples in this rank's slice (an integer >= 0; checked on every rank together).
     comm : mpi4py communicator
+    timeout : float, optional
+        Seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
     float
     """
-    table = _reducer(comm).agree(Call("local_weight", KIND_METRICS), None, count=int(local_count))
+    red = _reducer(comm, timeout)
+    count, error = 0, None
+    try:
+        count = check_count(local_count, "local_count", minimum=0)
+    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+        error = exc
+    table = red.agree(Call("local_weight", KIND_METRICS), error, count=count)
     total = int(table[:, P._COUNT].sum())
     if total == 0:
-        raise DistributedError("local_weight: no rank holds any sample")
-    return local_count / total
+        raise DistributedError("local_weight: no rank holds any sample (raised on every rank)")
+    return count / total
 
 
-def allreduce_gradients(model: object, comm: object) -> None:
+def _check_root(root: object, size: int) -> int:
+    if isinstance(root, bool) or not isinstance(root, (int, np.integer)):
+        raise TypeError(f"root must be an integer rank; got {root!r}")
+    if not 0 <= int(root) < size:
+        raise ValueError(f"root={root!r} is not a rank of this communicator (size {size})")
+    return int(root)
+
+
+def allreduce_gradients(model: object, comm: object, *, timeout: float | None = None) -> None:
     """Sum every rank's partial parameter gradients, in rank order, in place on every rank.
 
     Each rank must have run its backward pass from its share of the global mean loss (the
@@ -227,8 +247,10 @@ def allreduce_gradients(model: object, comm: object) -> None:
     ----------
     model : module or container with ``.modules``
     comm : mpi4py communicator
+    timeout : float, optional
+        Seconds after which a rank waiting for missing ranks aborts the job.
     """
-    red = _reducer(comm)
+    red = _reducer(comm, timeout)
     grads, error = [], None
     try:
         grads = _partial_gradients(model)
@@ -242,23 +264,42 @@ def allreduce_gradients(model: object, comm: object) -> None:
         g[...] = total
 
 
-def broadcast_parameters(model: object, comm: object, root: int = 0) -> None:
+def broadcast_parameters(
+    model: object, comm: object, root: int = 0, *, timeout: float | None = None
+) -> None:
     """Copy rank ``root``'s parameters (and norm layers' running statistics) to every rank.
+
+    Every rank checks its model and ``root`` first; any problem raises on every rank before
+    data moves.
 
     Parameters
     ----------
     model : module or container with ``.modules``
     comm : mpi4py communicator
     root : int
+    timeout : float, optional
+        Seconds after which a rank waiting for missing ranks aborts the job.
     """
-    arrays = [p for m in modules(model) for p in m.parameters().values()]
-    for layer in norm_layers(model):
-        if layer.track_running_stats:
-            arrays += [getattr(layer, k) for k in layer.running_stat_names]
-    names = repr([(a.shape, a.dtype.str) for a in arrays])
-    red = _reducer(comm)
+    red = _reducer(comm, timeout)
     call = Call("broadcast_parameters", KIND_BCAST)
-    table = red.agree(call, None, nfeat=int(sum(a.size for a in arrays)), fhash=_hash(names))
+    arrays, error, fields = [], None, {}
+    try:
+        root = _check_root(root, red.size)
+        for m in modules(model):
+            if not callable(getattr(m, "parameters", None)):
+                raise TypeError(f"{type(m).__name__} has no parameters() to broadcast")
+            arrays += list(m.parameters().values())
+        for layer in norm_layers(model):
+            if layer.track_running_stats:
+                arrays += [getattr(layer, k) for k in layer.running_stat_names]
+        bad = [type(a).__name__ for a in arrays if not isinstance(a, np.ndarray)]
+        if bad:
+            raise TypeError(f"broadcast_parameters moves NumPy arrays; got {bad[:3]}")
+        names = repr([(a.shape, a.dtype.str) for a in arrays])
+        fields = {"nfeat": int(sum(a.size for a in arrays)), "fhash": _hash(names), "extra": root}
+    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+        error = exc
+    table = red.agree(call, error, **fields)
     flat = (
         np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
         if arrays
@@ -272,9 +313,12 @@ def broadcast_parameters(model: object, comm: object, root: int = 0) -> None:
 
 
 def gather_metrics(
-    metrics: dict[str, float], comm: object, root: int = 0
+    metrics: dict[str, float], comm: object, root: int = 0, *, timeout: float | None = None
 ) -> list[dict[str, float]] | None:
     """Every rank's metrics on rank ``root`` (a list in rank order); None on the other ranks.
+
+    Every rank checks its metrics (a dict of str to real numbers, the same keys everywhere)
+    and ``root`` first; any problem raises on every rank before data moves.
 
     Parameters
     ----------
@@ -282,19 +326,41 @@ def gather_metrics(
         The same keys on every rank.
     comm : mpi4py communicator
     root : int
+    timeout : float, optional
+        Seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
     list of dict or None
         On ``root``: one dict per rank, in rank order; elsewhere None.
     """
-    keys = sorted(metrics)
-    red = _reducer(comm)
-    vals = np.array([float(metrics[k]) for k in keys], np.float64)
-    _, recv = red.gather(Call("gather_metrics", KIND_METRICS), vals, None, fhash=_hash(repr(keys)))
-    if comm.Get_rank() != root:
+    red = _reducer(comm, timeout)
+    keys, vals, error, fields = [], None, None, {}
+    try:
+        root = _check_root(root, red.size)
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict of str to float; got {type(metrics).__name__}")
+        if not all(isinstance(k, str) for k in metrics):
+            raise TypeError(f"metrics keys must be strings; got {sorted(map(repr, metrics))[:4]}")
+        keys = sorted(metrics)
+        vals = np.array([check_real_or_nonfinite(metrics[k], k) for k in keys], np.float64)
+        fields = {"nfeat": len(keys), "fhash": _hash(repr(keys)), "extra": root}
+    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+        error = exc
+    _, recv = red.gather(Call("gather_metrics", KIND_METRICS), vals, error, **fields)
+    if red.rank != root:
         return None
     return [dict(zip(keys, map(float, row), strict=True)) for row in recv]
+
+
+def check_real_or_nonfinite(value: object, name: str) -> float:
+    """A metric value: a real number (NaN and inf allowed: a diverged run reports them)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        if not (isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "fi"):
+            raise TypeError(f"metric {name!r} must be a real number; got {value!r}")
+    return float(value)
 
 
 class _Facade(types.ModuleType):

@@ -30,10 +30,29 @@ class NoForwardError(ValueError, RuntimeError):
     """
 
 
+_MISSING = object()
+
+
 class Module:
     """Base class of every module: parameter-free, stateless defaults."""
 
     training: bool = True
+    #: The attributes in which a forward leaves what its backward needs. Tools that run
+    #: forwards of their own (:func:`batchnorm.recalibrate`) save and restore them, so the
+    #: caller's pending backward is unaffected.
+    forward_state: tuple[str, ...] = ()
+
+    def save_forward_state(self) -> dict:
+        """What the last forward left for :meth:`backward` (see :attr:`forward_state`)."""
+        return {k: self.__dict__.get(k, _MISSING) for k in self.forward_state}
+
+    def restore_forward_state(self, saved: dict) -> None:
+        """Put back what :meth:`save_forward_state` returned."""
+        for k, v in saved.items():
+            if v is _MISSING:
+                self.__dict__.pop(k, None)
+            else:
+                self.__dict__[k] = v
 
     def forward(self, x: np.ndarray, *, training: bool | None = None, update_stats: bool = True):
         """Compute the output for ``x`` (subclasses implement this)."""

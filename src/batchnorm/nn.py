@@ -53,6 +53,8 @@ class Linear(Module):
         False drops ``b`` (as when a BatchNorm's beta follows).
     """
 
+    forward_state = ("_x",)
+
     def __init__(
         self,
         in_features: int,
@@ -97,6 +99,8 @@ class Linear(Module):
 class Sigmoid(Module):
     """The logistic function, elementwise."""
 
+    forward_state = ("_y",)
+
     def forward(self, x, *, training=None, update_stats=True):
         """``1 / (1 + exp(-x))``, computed without overflow on either tail."""
         # numerically stable on both tails: exp of a non-positive number only
@@ -112,6 +116,8 @@ class Sigmoid(Module):
 
 class ReLU(Module):
     """``max(x, 0)``, elementwise."""
+
+    forward_state = ("_mask",)
 
     def forward(self, x, *, training=None, update_stats=True):
         """``max(x, 0)``."""
@@ -132,6 +138,8 @@ class NoisyShift(Module):
     treated as a constant in the backward pass (``dx = s * dy``). Placed right after a BatchNorm,
     it makes the distribution of the next layer's input deliberately unstable.
     """
+
+    forward_state = ("_s",)
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ from ._validation import check_count
 from .core.reduce import KIND_RECAL, Call
 from .core.stats import merge
 from .layers import NormLayer
-from .walk import norm_layers
+from .walk import modules, norm_layers
 
 __all__ = ["Moments", "find_batchnorms", "recalibrate"]
 
@@ -109,6 +109,21 @@ def find_batchnorms(model) -> list[NormLayer]:
     return norm_layers(model)
 
 
+def _checked_layers(model, method: object) -> list[NormLayer]:
+    """The model's norm layers, after checking they can be recalibrated with ``method``."""
+    layers = find_batchnorms(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} contains no norm layer that uses batch statistics"
+        )
+    for layer in layers:
+        if not layer.track_running_stats:
+            raise ValueError(f"{layer!r} keeps no running statistics to recalibrate")
+    if method not in ("population", "ioffe"):
+        raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
+    return layers
+
+
 def _collect(layers, batches, run, max_batches) -> tuple[list[Moments], int]:
     """Stream ``batches`` through ``run``; every layer's merged batch moments, and the count."""
     acc = [Moments() for _ in layers]
@@ -178,32 +193,44 @@ def recalibrate(
         statistics were from the new ones (max |Δmean| in units of the new std, and the
         max relative change of the variance).
     """
-    layers = find_batchnorms(model)
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} contains no norm layer that uses batch statistics"
-        )
-    for layer in layers:
-        if not layer.track_running_stats:
-            raise ValueError(f"{layer!r} keeps no running statistics to recalibrate")
-    if method not in ("population", "ioffe"):
-        raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
-    if max_batches is not None:
-        max_batches = check_count(max_batches, "max_batches", minimum=0)
+    layers, error = [], None
+    try:  # with comm, a refusal on any rank is raised on every rank (agreed below)
+        layers = _checked_layers(model, method)
+        if max_batches is not None:
+            max_batches = check_count(max_batches, "max_batches", minimum=0)
+    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+        if comm is None:
+            raise
+        error = exc
     run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
-    if comm is None:
-        acc, n_batches = _collect(layers, batches, run, max_batches)
-    else:
-
-        def local():
-            with _unsynchronized(layers):  # this rank's shard, merged below
-                return _collect(layers, batches, run, max_batches)
-
-        acc, n_batches = merge_moments(
-            reducer_of(comm), local, [layer.feature_shape for layer in layers]
-        )
+    mods = [m for m in modules(model) if callable(getattr(m, "save_forward_state", None))]
+    saved = [m.save_forward_state() for m in mods]  # the caller's pending backward survives
+    try:
+        acc, n_batches = _gather(layers, batches, run, max_batches, comm, error)
+    finally:
+        for m, rec in zip(mods, saved, strict=True):
+            m.restore_forward_state(rec)
     if n_batches == 0:
         raise ValueError("recalibrate() received no batches")
+    return _apply(layers, acc, n_batches, method)
+
+
+def _gather(layers, batches, run, max_batches, comm, error):
+    """Every layer's moments over the batches (merged over the ranks of ``comm``)."""
+    if comm is None:
+        return _collect(layers, batches, run, max_batches)
+
+    def local():
+        if error is not None:
+            raise error
+        with _unsynchronized(layers):  # this rank's shard, merged below
+            return _collect(layers, batches, run, max_batches)
+
+    return merge_moments(reducer_of(comm), local, [layer.feature_shape for layer in layers])
+
+
+def _apply(layers, acc, n_batches, method):
+    """Check every layer's new statistics, then set them all (all-or-nothing)."""
     new = [a.estimate(method) for a in acc]
     for i, ((mean, var), layer) in enumerate(zip(new, layers, strict=True)):
         with np.errstate(over="ignore", invalid="ignore"):

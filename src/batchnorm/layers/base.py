@@ -100,6 +100,7 @@ class NormLayer(
     """
 
     _abstract = True
+    forward_state = ("_cache", "last_batch_stats")
     #: The running statistics every layer keeps (a mean and a variance per feature).
     running_stat_names: ClassVar[tuple[str, ...]] = ("running_mean", "running_var")
     #: Whether the layer ever uses batch statistics (FrozenBatchNorm does not).
