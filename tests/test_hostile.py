@@ -516,3 +516,23 @@ def test_reused_buffers_are_per_thread(rng):
     for t in threads:
         t.join()
     assert wrong == []
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_tiny_float32_data_keep_their_variance(backend):
+    x = (np.random.default_rng(0).standard_normal((64, 3)) * 1e-25).astype(np.float32)
+    ref = x.astype(np.float64).var(0)
+    _, var = bn.moments(x, backend=backend)
+    np.testing.assert_allclose(var, ref, rtol=1e-6)
+    y, _ = bn.batch_norm_train(x, None, None, eps=0.0, backend=backend)
+    x64 = x.astype(np.float64)
+    y_ref = (x64 - x64.mean(0)) / np.sqrt(ref)
+    assert np.all(np.isfinite(y)) and np.max(np.abs(y - y_ref)) < 1e-5
+
+
+def test_ghost_backward_refuses_a_masked_dy():
+    layer = bn.GhostBatchNorm(3, virtual_batch_size=4)
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    layer.forward(x)
+    with pytest.raises(TypeError, match="masked"):
+        layer.backward(np.ma.masked_array(np.ones((8, 3)), mask=np.zeros((8, 3), bool)))

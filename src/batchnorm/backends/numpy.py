@@ -21,6 +21,10 @@ from ..core import coef
 #: times any realistic count stays far below the float64 limit.
 RESCALE = 2.0**-600
 
+#: Variance below which float16/32 statistics are recomputed from float64 squares (their
+#: float32 squares would have lost precision to underflow).
+TINY_VAR = 2.0**-90
+
 
 def work_dtype(dtype: np.dtype) -> np.dtype:
     """Precision of the elementwise work: float64 stays, float16/float32 run in float32."""
@@ -93,10 +97,16 @@ def _np_moments(x, axes, bshape):
     Overflow: if a feature's statistics come out non-finite they are computed again on a
     float64 copy (squares of float32 data cannot overflow there), for float64 data scaled
     by :data:`RESCALE`; a feature whose data are not finite stays non-finite.
+
+    Underflow: float16/32 data are squared in float32, which loses deviations below ~1e-19
+    (squares below the smallest float32); features whose variance comes out below
+    :data:`TINY_VAR` are computed again on a float64 copy, as the compiled kernels do.
     """
     mean, var = _np_moments_once(x, axes)
     with np.errstate(all="ignore"):
         bad = ~(np.isfinite(mean) & np.isfinite(var))
+        if x.dtype != np.float64:
+            bad |= var < TINY_VAR
         if bad.any():
             h = RESCALE if x.dtype == np.float64 else 1.0
             m2, v2 = _np_moments_once(x.astype(np.float64) * h, axes)
@@ -296,7 +306,8 @@ class NumpyBackend(NumpyArrays):
         inv = coef.inv_std(var, eps)
         h = overflow_scale(mean, var, m, d.dtype)
         s = float(np.add.reduce(mean, axis=None)) + float(np.add.reduce(var, axis=None))
-        if h is not None or not math.isfinite(s):
+        tiny = d.dtype != np.float64 and float(np.min(var)) < TINY_VAR
+        if h is not None or not math.isfinite(s) or tiny:
             # overflow (or non-finite data): the careful statistics and output passes
             mean, var = NumpyBackend.moments(xw, axes)
             inv = coef.inv_std(var, eps)
