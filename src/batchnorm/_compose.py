@@ -109,8 +109,9 @@ def register_pytree() -> None:
     _PYTREE_DONE.append(True)
 
 
-def reducer_of(comm: object = None, reducer: object = None) -> Reducer:
-    """The reducer a call uses: ``reducer``, an MPI reducer over ``comm``, or local."""
+def reducer_of(comm: object = None, reducer: object = None, timeout=None) -> Reducer:
+    """The reducer a call uses: ``reducer``, an MPI reducer over ``comm`` (waiting at most
+    ``timeout`` seconds for missing ranks), or local."""
     if reducer is not None:
         if comm is not None:
             raise TypeError("pass comm= or reducer=, not both")
@@ -120,10 +121,12 @@ def reducer_of(comm: object = None, reducer: object = None) -> Reducer:
             )
         return reducer
     if comm is None:
+        if timeout is not None:
+            raise TypeError("timeout= needs comm=")
         return LOCAL
     from ._sync.reducer import MpiReducer
 
-    return MpiReducer(comm)
+    return MpiReducer(comm, timeout)
 
 
 # --------------------------------------------------------------------------- validation

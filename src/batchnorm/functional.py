@@ -85,6 +85,7 @@ def moments(
     backend: str = "auto",
     comm: object = None,
     reducer: Reducer | None = None,
+    timeout: float | None = None,
 ):
     """Per-feature mean and biased variance of ``x``, accumulated in float64.
 
@@ -103,13 +104,15 @@ def moments(
         none holds any), bit-identical on every rank; see :mod:`batchnorm.distributed`.
     reducer : Reducer, optional
         Any reducer instead of ``comm``.
+    timeout : float, optional
+        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
     mean, var : array, shape (*features)
         float64 for NumPy input; the statistics dtype of the input's namespace otherwise.
     """
-    red = reducer_of(comm, reducer)
+    red = reducer_of(comm, reducer, timeout)
     if not red.distributed:
         inp = inputs(x, None, None, axis, 0.0, backend)
         if math.prod(inp.x.shape) == 0:
@@ -139,6 +142,7 @@ def batch_norm_train(
     out: np.ndarray | None = None,
     comm: object = None,
     reducer: Reducer | None = None,
+    timeout: float | None = None,
 ) -> tuple[object, BatchNormCache]:
     """Batch-norm forward pass with batch statistics (training mode).
 
@@ -164,6 +168,8 @@ def batch_norm_train(
         ``x`` (see :mod:`batchnorm.distributed`); the backward pass needs the same ``comm``.
     reducer : Reducer, optional
         Any reducer instead of ``comm``.
+    timeout : float, optional
+        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
@@ -171,7 +177,7 @@ def batch_norm_train(
     cache : BatchNormCache
         ``cache.mean`` and ``cache.var`` are the batch mean and biased batch variance.
     """
-    red = reducer_of(comm, reducer)
+    red = reducer_of(comm, reducer, timeout)
     if not red.distributed:
         y, cache, _ = train_pass(inputs(x, gamma, beta, axis, eps, backend, out))
         return y, cache
@@ -234,6 +240,7 @@ def batch_norm_backward(
     out: np.ndarray | None = None,
     comm: object = None,
     reducer: Reducer | None = None,
+    timeout: float | None = None,
 ):
     """Gradients of a batch-norm forward pass.
 
@@ -250,6 +257,8 @@ def batch_norm_backward(
     comm, reducer : optional
         Required after a synchronized forward (the same ones): the two gradient sums are
         summed over every participant before ``dx`` is formed.
+    timeout : float, optional
+        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
@@ -258,7 +267,7 @@ def batch_norm_backward(
         After a synchronized forward: the sums over every participant, identical everywhere.
     """
     check_backend(backend)
-    red = reducer_of(comm, reducer)
+    red = reducer_of(comm, reducer, timeout)
     if not red.distributed:
         dy, out = check_backward(dy, cache, out)
         check_synchronized(cache, red, "batch_norm_backward")

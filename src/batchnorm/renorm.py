@@ -99,6 +99,7 @@ def batch_renorm_train(
     backend: str = "auto",
     comm: object = None,
     reducer: object = None,
+    timeout: float | None = None,
 ) -> tuple[object, RenormCache]:
     """Batch-renorm forward pass in training mode (see the module docstring).
 
@@ -115,13 +116,15 @@ def batch_renorm_train(
         :mod:`batchnorm.distributed`); the backward pass needs the same ``comm``.
     reducer : Reducer, optional
         Any reducer instead of ``comm``.
+    timeout : float, optional
+        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
 
     Returns
     -------
     y : array, same shape, dtype and library as ``x``
     cache : RenormCache
     """
-    red = reducer_of(comm, reducer)
+    red = reducer_of(comm, reducer, timeout)
     args = error = None
     try:
         args = _renorm_inputs(
@@ -189,7 +192,13 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
 
 
 def batch_renorm_backward(
-    dy, cache: RenormCache, *, backend: str = "auto", comm: object = None, reducer: object = None
+    dy,
+    cache: RenormCache,
+    *,
+    backend: str = "auto",
+    comm: object = None,
+    reducer: object = None,
+    timeout: float | None = None,
 ):
     """Gradients of :func:`batch_renorm_train` with r and d held constant (after a
     synchronized forward: the same ``comm``/``reducer``).
@@ -202,7 +211,7 @@ def batch_renorm_backward(
     if not isinstance(cache, RenormCache):
         raise TypeError(f"cache must be a RenormCache; got {type(cache).__name__}")
     dx, dgamma_eff, dbeta_eff = batch_norm_backward(
-        dy, cache.bn, backend=backend, comm=comm, reducer=reducer
+        dy, cache.bn, backend=backend, comm=comm, reducer=reducer, timeout=timeout
     )
     return _renorm_grads(cache, dx, dgamma_eff, dbeta_eff)
 
