@@ -536,3 +536,97 @@ def test_ghost_backward_refuses_a_masked_dy():
     layer.forward(x)
     with pytest.raises(TypeError, match="masked"):
         layer.backward(np.ma.masked_array(np.ones((8, 3)), mask=np.zeros((8, 3), bool)))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("gamma", np.ones(2), ValueError),  # the numba kernels once read past its end
+        ("beta", np.zeros(7), ValueError),
+        ("gamma", np.ones(5, complex), TypeError),
+        ("gamma", [1, 2, 3, 4, 5], TypeError),
+        ("running_var", -np.ones(5), ValueError),
+        ("running_mean", np.full(5, np.nan), ValueError),
+        ("num_batches_tracked", 2.5, TypeError),
+        ("num_batches_tracked", -3, ValueError),
+        ("skipped_updates", "x", TypeError),
+        ("feature_shape", (4,), AttributeError),
+        ("training", "False", TypeError),
+    ],
+)
+def test_reassigned_state_attributes_are_checked_and_change_nothing(name, value, error):
+    layer = bn.BatchNorm(5)
+    x = np.random.default_rng(0).normal(size=(8, 5))
+    layer.forward(x)
+    before = {k: np.asarray(v).copy() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=name):
+        setattr(layer, name, value)
+    after = layer.state_dict()
+    assert all(np.array_equal(before[k], np.asarray(after[k])) for k in before)
+    assert layer.training is True
+    layer.gamma = np.full(5, 2.0, np.float32)  # a valid one is stored in the layer's dtype
+    assert layer.gamma.dtype == np.float64 and np.all(layer.gamma == 2.0)
+
+
+def test_train_mode_flags_must_be_bools():
+    from batchnorm.nn import Linear, Sequential
+
+    for module in (bn.BatchNorm(3), Sequential(Linear(3, 3, rng=np.random.default_rng(0)))):
+        with pytest.raises(TypeError, match="True or False"):
+            module.train("no")
+        assert module.training is True
+
+
+def test_accuracy_refuses_labels_that_would_broadcast():
+    from batchnorm.nn import accuracy
+
+    assert accuracy(np.eye(4), np.arange(4)) == 1.0
+    for labels in (np.arange(4).reshape(4, 1), np.array([0])):
+        with pytest.raises(ValueError, match="labels of shape"):
+            accuracy(np.eye(4), labels)
+
+
+def test_sgd_and_linear_backward_change_nothing_when_they_refuse():
+    from batchnorm.nn import SGD, Linear
+
+    lin = Linear(3, 2, rng=np.random.default_rng(0))
+    lin.forward(np.ones((4, 3)))
+    dw0 = lin.dW.copy()
+    with pytest.raises(ValueError, match="dy has shape"):
+        lin.backward(np.ones((4, 5)))
+    np.testing.assert_array_equal(lin.dW, dw0)
+    lin.backward(np.ones((4, 2)))
+    lin.dW = np.ones((5, 5))  # a broken gradient: refused before W changes
+    w = lin.W.copy()
+    with pytest.raises(ValueError, match="gradient of 'W'"):
+        SGD(lin, 0.1).step()
+    np.testing.assert_array_equal(lin.W, w)
+
+
+def test_renorm_eval_and_update_running_check_their_statistics():
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    with pytest.raises(ValueError, match="running_std must be > 0"):
+        bn.batch_renorm_eval(x, None, None, np.zeros(3), -np.ones(3))
+    batch = bn.BatchStats(4, np.zeros(3), np.ones(3))
+    for running, match in (
+        (bn.RunningStats(np.zeros(3), -np.ones(3), 0), "running.var must be >= 0"),
+        (bn.RunningStats(np.zeros(3, int), np.ones(3, int), 0), "floating"),
+        (bn.RunningStats(np.zeros(3), np.ones(3), 2.5), "num_batches_tracked"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=match):
+            bn.update_running(running, batch, momentum=0.1, momentum_weights="new")
+
+
+def test_a_checkpoint_of_another_layer_class_is_refused(tmp_path):
+    bn.BatchNorm(3).save(tmp_path / "a.npz")
+    with pytest.raises(ValueError, match="holds a 'BatchNorm' layer"):
+        bn.BatchRenorm(3).load(tmp_path / "a.npz")
+
+
+def test_shard_helpers_check_their_arguments():
+    from batchnorm import distributed
+
+    with pytest.raises(TypeError):
+        distributed.shard_bounds(10.0, 2, 0)
+    with pytest.raises(TypeError, match="communicator"):
+        distributed.shard(np.ones((4, 2)), None)

@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from ._validation import check_eps, check_real
+from ._validation import check_count, check_eps, check_real
 from .core.stats import BatchStats, RunningStats
 
 __all__ = [
@@ -209,6 +209,20 @@ def update_running(
     if smooth not in ("var", "std"):
         raise ValueError(f"smooth must be 'var' or 'std'; got {smooth!r}")
     eps = check_eps(eps)
+    if not isinstance(unbiased, (bool, np.bool_)):
+        raise TypeError(f"unbiased must be True or False; got {unbiased!r}")
+    check_count(running.num_batches_tracked, "running.num_batches_tracked", minimum=0)
+    check_count(batch.count, "batch.count", minimum=0)
+    for name, v in (("running.mean", running.mean), ("running.var", running.var)):
+        h = _host(v)
+        if h.dtype.kind != "f":
+            raise TypeError(f"{name} must be a floating array; got dtype {h.dtype}")
+    run_var = _host(running.var)
+    if np.any(run_var < 0):
+        raise ValueError(f"running.var must be >= 0; got min {np.min(run_var)!r}")
+    for name, v in (("batch.mean", batch.mean), ("batch.var", batch.var)):
+        if _host(v).dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real array; got dtype {_host(v).dtype}")
     host_var = _host(batch.var)
     if np.any(host_var < 0):
         raise ValueError(f"batch variance must be >= 0; got min {np.min(host_var)!r}")

@@ -170,7 +170,10 @@ def shard_bounds(n: int, size: int, rank: int) -> tuple[int, int]:
     -------
     lo, hi : int
     """
-    if size < 1 or not 0 <= rank < size or n < 0:
+    n = check_count(n, "n", minimum=0)
+    size = check_count(size, "size", minimum=1)
+    rank = check_count(rank, "rank", minimum=0)
+    if rank >= size:
         raise ValueError(f"cannot split {n} rows over {size} ranks for rank {rank}")
     base, extra = divmod(n, size)
     lo = rank * base + min(rank, extra)
@@ -191,7 +194,8 @@ def shard(x: np.ndarray, comm: object) -> np.ndarray:
     ndarray, shape (n_r, ...)
         A view; ``n_r`` is ``N // R`` or one more.
     """
-    lo, hi = shard_bounds(len(x), comm.Get_size(), comm.Get_rank())
+    red = _reducer(comm)  # a clear error for anything that is not a communicator
+    lo, hi = shard_bounds(len(x), red.size, red.rank)
     return x[lo:hi]
 
 

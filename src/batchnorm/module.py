@@ -75,6 +75,8 @@ class Module:
 
     def train(self, mode: bool = True) -> Module:
         """Switch to training mode (evaluation mode with ``mode=False``); return self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be True or False; got {mode!r}")
         self.training = bool(mode)
         return self
 

@@ -82,10 +82,18 @@ class Linear(Module):
     def backward(self, dy):
         """Set ``dW = x^T dy`` and ``db = sum(dy)``; return ``dx = dy W^T``."""
         x = self._need_cache(self._x)
-        self.dW = x.T @ dy
+        dy = np.asarray(dy)
+        if dy.shape != (x.shape[0], self.W.shape[1]):
+            raise ValueError(
+                f"dy has shape {dy.shape}; the last forward's output had shape "
+                f"{(x.shape[0], self.W.shape[1])}"
+            )
+        dx = dy @ self.W.T  # every result before any is stored
+        dW = x.T @ dy
+        self.dW = dW
         if self.b is not None:
             self.db = dy.sum(axis=0)
-        return dy @ self.W.T
+        return dx
 
     def parameters(self):
         """``W`` (and ``b`` when there is a bias)."""
@@ -199,6 +207,8 @@ class Sequential(Module):
 
     def train(self, mode: bool = True):
         """Set the mode of this container and of every module in it."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be True or False; got {mode!r}")
         self.training = bool(mode)
         for m in self.modules:
             m.train(mode)
@@ -235,7 +245,16 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose largest logit is at the label."""
+    """Fraction of rows whose largest logit is at the label.
+
+    ``logits`` has shape (N, K) and ``labels`` shape (N,) (integers): other shapes are
+    refused (a broadcast would silently compare the wrong pairs)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"accuracy needs logits of shape (N, K) and labels of shape (N,); got "
+            f"{logits.shape} and {labels.shape}"
+        )
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
@@ -261,10 +280,16 @@ class SGD:
                     f"SGD updates NumPy parameters in place; parameter {name!r} is a "
                     f"{type(p).__module__}.{type(p).__name__}: use that library's optimizer"
                 )
-        for name, p in params.items():
-            g = grads[name]
+        for name, p in params.items():  # check everything before anything changes
+            g = grads.get(name)
             if g is None:
                 raise NoForwardError(f"parameter {name!r} has no gradient; call backward() first")
+            if np.shape(g) != p.shape:
+                raise ValueError(
+                    f"gradient of {name!r} has shape {np.shape(g)} but the parameter {p.shape}"
+                )
+        for name, p in params.items():
+            g = grads[name]
             if self.momentum:
                 v = self._velocity.setdefault(name, np.zeros_like(p))
                 v *= self.momentum

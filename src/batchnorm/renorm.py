@@ -240,6 +240,8 @@ def batch_renorm_eval(
     inp = inputs(x, gamma, beta, axis, 0.0, backend, None, running_mean, running_std, empty_ok=True)
     mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
     std = inp.be.feature(running_std, "running_std", inp.lay, inp.x)
+    if inp.be.any_le_zero(std):
+        raise ValueError(f"running_std must be > 0; got {std!r}")
     return eval_pass(inp, mu, std * std, return_cache=False)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import checkpoint
 from .._validation import SUPPORTED_DTYPES, check_count
+from ..checkpoint import check_state_dict
 
 _LAYER_CLASSES: dict[str, type] = {}
 
@@ -92,7 +93,25 @@ class ArgumentRecord:
         """
         return {}
 
+    #: State attributes checked when reassigned (see :meth:`_check_state_attr`).
+    _STATE_ATTRS = frozenset(
+        {
+            "gamma",
+            "beta",
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+            "skipped_updates",
+            "feature_shape",
+            "training",
+        }
+    )
+
     def __setattr__(self, name: str, value: object) -> None:
+        if name in self._STATE_ATTRS and self.__dict__.get("_built", False):
+            value = self._check_state_attr(name, value)
+            object.__setattr__(self, name, value)
+            return
         args = self.__dict__.get("_args")
         if args is not None and name in args and self.__dict__.get("_built", False):
             validate = self._arg_validators().get(name)
@@ -104,6 +123,48 @@ class ArgumentRecord:
             value = validate(value)
             args[name] = value
         object.__setattr__(self, name, value)
+
+    def _check_state_attr(self, name: str, value: object) -> object:
+        """Validate a reassigned state attribute (the layer is unchanged when it raises).
+
+        Parameters and running statistics must be arrays of the layer's library with its
+        per-feature shape, floating and finite (the running variance >= 0); they are stored
+        in the layer's dtype. Counters are integers >= 0; ``training`` a bool;
+        ``feature_shape`` is fixed.
+        """
+        if name == "feature_shape":
+            raise AttributeError(
+                f"{type(self).__name__}.feature_shape is fixed at construction; build a new layer"
+            )
+        if name == "training":
+            return check_flag(value, "training")
+        if name in ("num_batches_tracked", "skipped_updates"):
+            return check_count(value, name, minimum=0)
+        current = self.__dict__.get(name)
+        if current is None:
+            if value is None:
+                return None
+            raise AttributeError(
+                f"{type(self).__name__} was built without {name} (affine=False or "
+                "track_running_stats=False); build a new layer to have one"
+            )
+        if value is None:
+            raise TypeError(f"{name} cannot be set to None on this {type(self).__name__}")
+        try:
+            checked = check_state_dict(
+                {name: self._host_any(value)},
+                [name],
+                self.feature_shape,
+                self.dtype,
+                nonnegative=("running_var",),
+            )[name]
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(self).__name__}.{name}: {exc}") from None
+        if isinstance(current, np.ndarray):
+            return checked
+        from .. import _xp
+
+        return _xp.from_numpy(self._xp, checked, self._device, current.dtype)
 
     def _record_args(self, **extra: object) -> None:
         """Add subclass constructor arguments to the record behind config() and repr()."""

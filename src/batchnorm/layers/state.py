@@ -116,4 +116,12 @@ class StateMixin:
         """Load state written by :meth:`save` (any version); validated like
         :meth:`load_state_dict`."""
         state, meta = checkpoint.load_state(path)
+        saved = meta.get("batchnorm", {}).get("class") if isinstance(meta, dict) else None
+        if isinstance(meta.get("batchnorm") if isinstance(meta, dict) else None, dict) and (
+            saved != type(self).__name__
+        ):
+            raise ValueError(
+                f"{path}: the file holds a {saved!r} layer, not a {type(self).__name__}; "
+                "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
+            )
         return self.load_state_dict(state, version=checkpoint.state_version(meta, path))
