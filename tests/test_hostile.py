@@ -630,3 +630,36 @@ def test_shard_helpers_check_their_arguments():
         distributed.shard_bounds(10.0, 2, 0)
     with pytest.raises(TypeError, match="communicator"):
         distributed.shard(np.ones((4, 2)), None)
+
+
+def test_masks_non_finite_and_complex_values_are_refused_by_the_tools():
+    layer = bn.BatchNorm(3)
+    masked = np.ma.masked_array(np.ones(3), mask=[False, True, False])
+    sd = layer.state_dict()
+    sd["gamma"] = masked
+    with pytest.raises(TypeError, match="masked"):
+        layer.load_state_dict(sd)
+    with pytest.raises(TypeError, match="masked"):
+        bn.fold_linear(np.ma.masked_array(np.ones((2, 3))), None, layer)
+    with pytest.raises(TypeError, match="bias"):
+        bn.fold_linear(np.ones((2, 3)), np.ones(3, complex), layer)
+    with pytest.raises(ValueError, match="non-finite"):
+        bn.fold_linear(np.full((2, 3), np.nan), None, layer)
+
+
+def test_presets_cannot_be_changed_and_axes_cannot_repeat():
+    with pytest.raises(TypeError):
+        bn.CONVENTIONS["junk"] = 5
+    with pytest.raises(ValueError, match="twice"):
+        bn.BatchNorm((3, 4), axis=(1, 1))
+
+
+def test_gradcheck_checks_its_step_and_inputs():
+    from batchnorm.gradcheck import numerical_gradient
+
+    f = lambda v: v * 2  # noqa: E731
+    for h in (0, -1e-5, float("nan")):
+        with pytest.raises(ValueError):
+            numerical_gradient(f, np.ones(3), np.ones(3), h)
+    with pytest.raises(TypeError, match="real"):
+        numerical_gradient(f, np.ones(3, complex), np.ones(3))

@@ -46,6 +46,8 @@ def check_state_dict(
     for key in keys:
         if key == "num_batches_tracked":
             continue
+        if isinstance(state[key], np.ma.MaskedArray):
+            raise TypeError(f"state[{key!r}] is a masked array; its mask would be ignored")
         arr = np.asarray(state[key])
         if arr.dtype.kind != "f":
             raise TypeError(f"state[{key!r}] must be a floating array; got dtype {arr.dtype}")

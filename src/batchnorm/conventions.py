@@ -21,7 +21,9 @@ and evaluation always adds eps to the running variance.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import numpy as np
@@ -94,12 +96,15 @@ class Convention:
             raise TypeError(f"a convention's axis must be an int; got {self.axis!r}")
 
 
-CONVENTIONS: dict[str, Convention] = {
-    "seed": Convention("seed", "old", 0.9, 1e-5, False, 1),
-    "torch": Convention("torch", "new", 0.1, 1e-5, True, 1),
-    "keras": Convention("keras", "old", 0.99, 1e-3, False, -1),
-    "flax": Convention("flax", "old", 0.99, 1e-5, False, -1),
-}
+#: The presets, read-only (a ``Mapping``: assigning to it raises).
+CONVENTIONS: Mapping[str, Convention] = MappingProxyType(
+    {
+        "seed": Convention("seed", "old", 0.9, 1e-5, False, 1),
+        "torch": Convention("torch", "new", 0.1, 1e-5, True, 1),
+        "keras": Convention("keras", "old", 0.99, 1e-3, False, -1),
+        "flax": Convention("flax", "old", 0.99, 1e-5, False, -1),
+    }
+)
 
 
 def get_convention(name: str | Convention | dict) -> Convention:

@@ -42,9 +42,21 @@ def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
     return scale, shift
 
 
+def _real(v, name: str) -> np.ndarray:
+    """A finite real NumPy array (masked, complex, object, string and non-finite refused)."""
+    if isinstance(v, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; its mask would be ignored")
+    arr = np.asarray(v)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} has non-finite values")
+    return arr
+
+
 def _fold(weight, bias, layer, out_axis, ndim_ok, expected):
     scale, shift = bn_affine(layer)  # refuses what is not a norm layer with running stats
-    raw = np.asarray(weight)
+    raw = _real(weight, "weight")
     if raw.dtype.kind not in "fiu":
         raise TypeError(
             f"weight must be a real numeric array; got {type(weight).__name__} "
@@ -59,7 +71,7 @@ def _fold(weight, bias, layer, out_axis, ndim_ok, expected):
             f"the BatchNorm has {layer.feature_shape} features but the weight "
             f"{weight.shape} has {n_out} outputs along axis {out_axis}"
         )
-    b = np.zeros(n_out) if bias is None else np.asarray(bias, dtype=np.float64)
+    b = np.zeros(n_out) if bias is None else _real(bias, "bias").astype(np.float64)
     if b.shape != (n_out,):
         raise ValueError(f"bias has shape {b.shape}; expected ({n_out},)")
     shape = [1] * weight.ndim

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ._validation import check_real
+
 __all__ = ["numerical_gradient", "relative_error"]
 
 
@@ -33,6 +35,12 @@ def numerical_gradient(
     -------
     ndarray, shape of ``x``, float64
     """
+    h = check_real(h, "h")
+    if h <= 0:
+        raise ValueError(f"h must be > 0; got {h!r}")
+    for name, a in (("x", x), ("dy", dy)):
+        if np.iscomplexobj(a) or np.asarray(a).dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real array; got dtype {np.asarray(a).dtype}")
     x = np.array(x, dtype=np.float64)  # a private copy we may perturb
     dy = np.asarray(dy, dtype=np.float64)
     grad = np.empty_like(x)

@@ -129,6 +129,8 @@ class NormLayer(
         conv = get_convention(convention)
         fshape = as_feature_shape(num_features)
         axis = conv.axis if axis is None else check_axis(axis)
+        if not isinstance(axis, int) and len(set(axis)) != len(axis):
+            raise ValueError(f"axis={axis!r} names the same axis twice")
         n_axes = 1 if isinstance(axis, int) else len(axis)
         if n_axes != len(fshape):
             raise ValueError(
