@@ -663,3 +663,15 @@ def test_gradcheck_checks_its_step_and_inputs():
             numerical_gradient(f, np.ones(3), np.ones(3), h)
     with pytest.raises(TypeError, match="real"):
         numerical_gradient(f, np.ones(3, complex), np.ones(3))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_eps_zero_with_underflowing_variance_is_refused_not_inf(backend):
+    rng = np.random.default_rng(0)
+    for x in (rng.normal(size=(8, 3)) * 1e-170, (rng.normal(size=(8, 3)) * 1e-40).astype("f4")):
+        with pytest.raises(ValueError, match="eps"):
+            bn.batch_norm_train(x, None, None, eps=0.0, backend=backend)
+    x = rng.normal(size=(8, 3))
+    x[0, 1] = np.nan  # NaN data still propagate silently
+    y, _ = bn.batch_norm_train(x, None, None, eps=0.0, backend=backend)
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()

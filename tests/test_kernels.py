@@ -208,3 +208,16 @@ def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
     layer.eval()(x)
     layer.backward(x)
     assert seen == ["numpy"] * 4
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (64, 5), (4096, 3)])
+def test_a_nan_feature_leaves_the_other_features_statistics_alone(shape):
+    # the fused column-strip kernel once rescaled every column of a strip when one column's
+    # sum was non-finite (NaN), and the others' variances underflowed to 0
+    x = np.random.default_rng(0).normal(size=shape)
+    x[0, 1] = np.nan
+    for backend in ("numpy", "numba"):
+        _, cache = bn.batch_norm_train(x, None, None, backend=backend)
+        ref = np.delete(x, 1, axis=1)
+        np.testing.assert_allclose(np.delete(cache.var, 1), ref.var(0), rtol=1e-12)
+        assert np.isnan(cache.var[1])

@@ -235,6 +235,37 @@ def _cache(
     )
 
 
+#: Below this eps a variance can be small enough that ``1/sqrt(var + eps)`` leaves the range
+#: of the working precision; only then is the output's scale checked.
+_TINY_EPS = 1e-30
+
+
+def check_scale(inp: Inputs, inv, gamma) -> None:
+    """With ``eps`` (almost) 0, refuse statistics whose ``gamma / sqrt(var + eps)`` is not
+    finite in the working precision although the feature's data are not all equal (a
+    variance lost to underflow, e.g. float64 data of scale 1e-170): the output would be
+    inf/NaN from finite, varying data. Constant features keep their 0/0 = NaN. An O(C)
+    check, made only for ``eps < 1e-30`` and NumPy arrays."""
+    if inp.eps >= _TINY_EPS or inp.be.xp is not None:
+        return
+    a = np.abs(inv if gamma is None else inv * gamma)
+    big = float(np.finfo(np.float64 if inp.x.dtype == np.float64 else np.float32).max)
+    bad = a > big  # (NaN data give NaN statistics: they propagate, never refused)
+    if bad.any():
+        # a feature whose values are all equal has variance 0 exactly: 0/0 is its NaN, as the
+        # maths says (kept); only a variance lost to underflow is refused
+        red = inp.lay.red
+        const = (np.max(inp.x, axis=red) == np.min(inp.x, axis=red)).reshape(bad.shape)
+        bad &= ~const
+    if bad.any():
+        where = np.flatnonzero(bad)
+        raise ValueError(
+            f"eps={inp.eps!r}: features {where[:8].tolist()} have a variance so small (or zero) "
+            f"that 1/sqrt(var + eps) is not finite in {np.dtype(inp.x.dtype).name}; the output "
+            "would be inf/NaN from finite data. Use eps > 0 (e.g. 1e-5) or rescale the data"
+        )
+
+
 def local_stats(inp: Inputs) -> BatchStats:
     """This participant's (count, mean, var); an empty slice has count 0."""
     lay, be = inp.lay, inp.be
@@ -258,6 +289,7 @@ def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchro
     b = inp.beta if beta is None else beta
     with _quiet():
         inv = coef.inv_std(var, inp.eps)
+        check_scale(inp, inv, g)
         scale = inv if g is None else inv * g
         m = lay.count if count is None else count
         h = be.overflow(mean, var, m, xw)
@@ -301,6 +333,7 @@ def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None =
             b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
             y, mean, var = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
             inv = coef.inv_std(var, inp.eps)
+        check_scale(inp, inv, inp.gamma)
         stats = BatchStats(lay.count, mean, var)
         return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
     call = call or Call("batch_norm_train", KIND_TRAIN)
@@ -315,6 +348,7 @@ def eval_pass(inp: Inputs, mean, var, return_cache=True):
     xw = be.work(inp.x)
     with _quiet():
         inv = coef.inv_std(var, inp.eps)
+        check_scale(inp, inv, inp.gamma)
         scale = inv if inp.gamma is None else inv * inp.gamma
         h = be.overflow(mean, var, 0, xw)
         bias = be.zeros(lay.fshape) if inp.beta is None else inp.beta

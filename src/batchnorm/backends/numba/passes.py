@@ -21,7 +21,7 @@ from numba import njit, prange
 from ...core import coef as F
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
 from .half import _ld, _st
-from .options import _OPTS
+from .options import _OPTS, _SERIAL_OPTS
 from .reductions import _finish, _total
 
 
@@ -167,6 +167,32 @@ def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no
                 out[o, c, i] = _st((_ld(x[o, c, i]) * hc - sc) * ac + bc, out)
 
 
+@njit(**_SERIAL_OPTS, inline="always")
+def _strip_sums(x, k0, w, hs, sh, a1, a2):  # pragma: no cover - compiled
+    """Shifted sums of the columns ``k0 .. k0 + w`` of ``x`` (O, K), scaled by ``hs``: the
+    shift (one sample per column), sum(d) and sum(d*d) into ``sh``, ``a1``, ``a2``."""
+    O = x.shape[0]
+    for j in range(w):
+        sh[j] = np.float64(_ld(x[0, k0 + j])) * hs
+    o = 0
+    while o + 4 <= O:
+        for j in range(w):
+            sj = sh[j]
+            d0 = np.float64(_ld(x[o, k0 + j])) * hs - sj
+            d1 = np.float64(_ld(x[o + 1, k0 + j])) * hs - sj
+            d2 = np.float64(_ld(x[o + 2, k0 + j])) * hs - sj
+            d3 = np.float64(_ld(x[o + 3, k0 + j])) * hs - sj
+            a1[j] += (d0 + d1) + (d2 + d3)
+            a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        o += 4
+    while o < O:
+        for j in range(w):
+            d = np.float64(_ld(x[o, k0 + j])) * hs - sh[j]
+            a1[j] += d
+            a2[j] += d * d
+        o += 1
+
+
 @njit(**_OPTS)
 def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pragma: no cover
     """Fused training forward of (O, K) (features = columns) in strips of columns.
@@ -181,38 +207,22 @@ def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pra
         sh = np.empty(w, np.float64)
         a1 = np.zeros(w, np.float64)
         a2 = np.zeros(w, np.float64)
-        hs = 1.0
-        while True:
-            for j in range(w):
-                sh[j] = np.float64(_ld(x[0, k0 + j])) * hs
-            a1[:] = 0.0
-            a2[:] = 0.0
-            o = 0
-            while o + 4 <= O:
-                for j in range(w):
-                    sj = sh[j]
-                    d0 = np.float64(_ld(x[o, k0 + j])) * hs - sj
-                    d1 = np.float64(_ld(x[o + 1, k0 + j])) * hs - sj
-                    d2 = np.float64(_ld(x[o + 2, k0 + j])) * hs - sj
-                    d3 = np.float64(_ld(x[o + 3, k0 + j])) * hs - sj
-                    a1[j] += (d0 + d1) + (d2 + d3)
-                    a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                o += 4
-            while o < O:
-                for j in range(w):
-                    d = np.float64(_ld(x[o, k0 + j])) * hs - sh[j]
-                    a1[j] += d
-                    a2[j] += d * d
-                o += 1
-            finite = True
+        hsj = np.ones(w, np.float64)  # per column: 1, or the rescale of an overflowed sum
+        _strip_sums(x, k0, w, 1.0, sh, a1, a2)
+        redo = False
+        for j in range(w):
+            if not (np.isfinite(a1[j]) and np.isfinite(a2[j])):
+                redo = True
+        if redo and rescale != 1.0:  # only the columns whose sums overflowed take the rescale
+            sh2 = np.empty(w, np.float64)
+            b1 = np.zeros(w, np.float64)
+            b2 = np.zeros(w, np.float64)
+            _strip_sums(x, k0, w, rescale, sh2, b1, b2)
             for j in range(w):
                 if not (np.isfinite(a1[j]) and np.isfinite(a2[j])):
-                    finite = False
-            if hs != 1.0 or rescale == 1.0 or finite:
-                break
-            hs = rescale
+                    sh[j], a1[j], a2[j], hsj[j] = sh2[j], b1[j], b2[j], rescale
         for j in range(w):
-            mu, v = _finish(sh[j], a1[j], a2[j], O, hs)
+            mu, v = _finish(sh[j], a1[j], a2[j], O, hsj[j])
             mean[k0 + j] = mu
             var[k0 + j] = v
             _train_coef(mu, v, eps, g[k0 + j], b[k0 + j], O, big, coef, k0 + j)
