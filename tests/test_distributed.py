@@ -414,3 +414,20 @@ def test_helpers_refuse_a_bad_argument_on_one_rank_on_every_rank(tmp_path):
     assert "not a rank" in ranks[0]["metrics_root"]["message"]
     assert "local_count must be >= 0" in ranks[0]["weight_negative"]["message"]
     assert "method must be" in ranks[0]["recal_method"]["message"]
+
+
+def test_comm_null_and_bad_timeouts_are_refused_and_convert_sync_is_all_or_nothing():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    with pytest.raises(ValueError, match="COMM_NULL"):
+        bn.BatchNorm(3, comm=MPI.COMM_NULL)
+    with pytest.raises(ValueError, match="COMM_NULL"):
+        bn.moments(np.ones((4, 3)), comm=MPI.COMM_NULL)
+    model = Sequential(bn.BatchNorm(3), bn.GhostBatchNorm(3, virtual_batch_size=2))
+    with pytest.raises(ValueError, match="nothing was changed"):
+        distributed.convert_sync(model, MPI.COMM_WORLD)
+    assert all(m.comm is None for m in model.modules)
+    model = Sequential(bn.BatchNorm(3), bn.BatchNorm(3))
+    for bad in (-1, 0, float("nan"), float("inf"), "5", True):
+        with pytest.raises((TypeError, ValueError)):
+            distributed.convert_sync(model, MPI.COMM_WORLD, timeout=bad)
+        assert all(m.comm is None for m in model.modules)
