@@ -149,6 +149,17 @@ class NoisyShift(Module):
 
     forward_state = ("_s",)
 
+    def save_forward_state(self) -> dict:
+        """The last forward's noise and the generator's state (a tool's own forwards then
+        leave the random stream where the caller had it)."""
+        return {**super().save_forward_state(), "rng": self.rng.bit_generator.state}
+
+    def restore_forward_state(self, saved: dict) -> None:
+        """Put back what :meth:`save_forward_state` returned."""
+        saved = dict(saved)
+        self.rng.bit_generator.state = saved.pop("rng")
+        super().restore_forward_state(saved)
+
     def __init__(
         self,
         rng: np.random.Generator,
