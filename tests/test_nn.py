@@ -147,3 +147,27 @@ def test_backward_before_forward_is_an_error(rng):
         Linear(2, 2, rng=rng).backward(np.ones((1, 2)))
     with pytest.raises(ValueError, match=r"\(N, 2\).*\(3, 5\)"):
         Linear(2, 2, rng=rng).forward(np.ones((3, 5)))
+
+
+def test_nn_building_blocks_check_their_arguments():
+    from batchnorm.nn import Linear, Sequential, softmax_cross_entropy
+
+    rng = np.random.default_rng(0)
+    for kwargs, error in (
+        ({"in_features": 0, "out_features": 3}, ValueError),
+        ({"in_features": 3.5, "out_features": 2}, TypeError),
+        ({"in_features": True, "out_features": 2}, TypeError),
+        ({"in_features": 3, "out_features": 2, "std": -1.0}, ValueError),
+        ({"in_features": 3, "out_features": 2, "std": float("nan")}, ValueError),
+        ({"in_features": 3, "out_features": 2, "bias": "no"}, TypeError),
+    ):
+        with pytest.raises(error):
+            Linear(rng=rng, **kwargs)
+    with pytest.raises(TypeError, match="Generator"):
+        Linear(3, 2, rng=None)
+    with pytest.raises(TypeError, match="modules"):
+        Sequential("x")
+    with pytest.raises(TypeError, match="integers"):
+        softmax_cross_entropy(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="empty"):
+        softmax_cross_entropy(np.zeros((0, 3)), np.zeros(0, int))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_count, check_real
 from .module import Module, NoForwardError
 
 __all__ = [
@@ -35,7 +36,16 @@ __all__ = [
 
 def gaussian_init(rng: np.random.Generator, fan_in: int, fan_out: int, std: float | str):
     """Weights ``(fan_in, fan_out)`` from N(0, std²); ``std="xavier"`` uses 1/sqrt(fan_in)."""
-    scale = 1.0 / np.sqrt(fan_in) if std == "xavier" else float(std)
+    fan_in = check_count(fan_in, "in_features")
+    fan_out = check_count(fan_out, "out_features")
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    if std == "xavier":
+        scale = 1.0 / np.sqrt(fan_in)
+    else:
+        scale = check_real(std, "std")
+        if scale < 0:
+            raise ValueError(f"std must be >= 0 or 'xavier'; got {std!r}")
     return rng.normal(0.0, scale, size=(fan_in, fan_out))
 
 
@@ -64,6 +74,8 @@ class Linear(Module):
         std: float | str = "xavier",
         bias: bool = True,
     ):
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError(f"bias must be True or False; got {bias!r}")
         self.W = gaussian_init(rng, in_features, out_features, std)
         self.b = np.zeros(out_features) if bias else None
         self.dW = np.zeros_like(self.W)
@@ -194,6 +206,9 @@ class Sequential(Module):
     """Modules applied in order; backward runs them in reverse."""
 
     def __init__(self, *modules: Module):
+        bad = [type(m).__name__ for m in modules if not isinstance(m, Module)]
+        if bad:
+            raise TypeError(f"Sequential takes modules; got {bad}")
         self.modules = list(modules)
 
     def forward(self, x, *, training=None, update_stats=True):
@@ -238,10 +253,16 @@ class Sequential(Module):
 
 def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of softmax(logits) against integer labels, and d loss / d logits."""
+    if np.iscomplexobj(logits):
+        raise TypeError("logits must be real; got a complex array")
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels)
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not match")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers; got dtype {labels.dtype}")
+    if logits.shape[0] == 0:
+        raise ValueError("softmax_cross_entropy needs at least one sample; got an empty batch")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(
             f"labels must lie in [0, {logits.shape[1]}); got [{labels.min()}, {labels.max()}]"
