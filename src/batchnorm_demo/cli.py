@@ -1,9 +1,16 @@
-"""Command line: ``batchnorm demo`` (the main job) and friends."""
+"""Command line: ``batchnorm demo`` (the main job) and friends.
+
+Ctrl-C (SIGINT) and SIGTERM stop a command within seconds, worker processes included, with
+one line on stderr and the exit status 130 or 143; outputs are written only at the end,
+atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -76,6 +83,41 @@ def _positive_int(flag: str):
     return parse
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler that :func:`main` installs.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the
+    way swallows it; the clean-up code on the way (worker processes, partial outputs) runs.
+
+    Parameters
+    ----------
+    signum : int
+        The signal received.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` inside the block (main thread only)."""
+    try:
+        before = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _check_out(out: str) -> Path:
     """Refuse an output folder that cannot be one (before any work is done)."""
     path = Path(out)
@@ -117,12 +159,12 @@ def _demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     start = time.monotonic()
-    results = run(
-        config,
-        np.random.default_rng(args.seed),
-        data=data,
-        progress=None if args.quiet else Progress("demo", unit="work"),
-    )
+    progress = None if args.quiet else Progress("demo", unit="work")
+    try:
+        results = run(config, np.random.default_rng(args.seed), data=data, progress=progress)
+    finally:
+        if progress is not None:
+            progress.bar.close()  # an interrupted bar ends its line before the message
     results["wall_seconds"] = round(time.monotonic() - start, 1)
     summary = write_report(results, out)
     print(format_table(results, summary))
@@ -232,12 +274,12 @@ def _sync_demo(args: argparse.Namespace) -> int:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
         )
-    results = run(
-        config,
-        data,
-        comm=comm,
-        progress=None if args.quiet or not rank0 else Progress("sync-demo", unit="step"),
-    )
+    progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
+    try:
+        results = run(config, data, comm=comm, progress=progress)
+    finally:
+        if progress is not None:
+            progress.bar.close()
     if rank0:
         s = write_sync_report(results, args.out)
         print(
@@ -401,10 +443,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
+    except KeyboardInterrupt:
+        return _stopped(args.command, "SIGINT", 130)
+    except Terminated as exc:
+        return _stopped(args.command, signal.Signals(exc.signum).name, 128 + exc.signum)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
         print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stopped(command: str, name: str, status: int) -> int:
+    """The one line printed when a signal stopped the command; returns its exit status."""
+    print(
+        f"batchnorm {command}: stopped by {name}; worker processes ended, no partial output "
+        "written",
+        file=sys.stderr,
+        flush=True,
+    )
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover
