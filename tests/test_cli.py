@@ -161,3 +161,35 @@ def test_every_option_that_takes_a_value_checks_it(command, action):
         for bad in ("-1", "nan", "inf", "1e3", ""):
             with pytest.raises(argparse.ArgumentTypeError):
                 action.type(bad)
+
+
+@pytest.mark.parametrize(
+    "make, head",
+    [
+        (lambda: batchnorm.BatchNorm(64), "BatchNorm(64, convention='seed', axis=1, "),
+        (
+            lambda: batchnorm.BatchNorm((4, 5), axis=(1, 2)),
+            "BatchNorm((4, 5), convention='seed', axis=(1, 2), ",
+        ),
+        (
+            lambda: batchnorm.GhostBatchNorm(64, virtual_batch_size=4),
+            "GhostBatchNorm(64, convention='seed', axis=1, ",
+        ),
+    ],
+    ids=["BatchNorm(64)", "two feature axes", "GhostBatchNorm"],
+)
+def test_inspect_names_the_layer_as_its_constructor_call(make, head, tmp_path, capsys):
+    """``BatchNorm(64)``, not ``BatchNorm(64,)``: the layer's repr, arguments as given."""
+    import numpy as np
+
+    layer = make()
+    shape = (8, 4, 5) if head.startswith("BatchNorm((4") else (8, 64)
+    layer(np.random.default_rng(0).standard_normal(shape))
+    path = tmp_path / "bn.npz"
+    layer.save(path)
+    assert main(["inspect", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{path}: {head}"), first
+    assert ",)" not in first and "[" not in first
+    assert first.endswith("; 1 batch tracked")
+    assert repr(layer).startswith(first.split(": ", 1)[1].split(")")[0])

@@ -237,6 +237,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_head(config: dict) -> str:
+    """A saved layer's configuration written as its constructor call, like its repr."""
+
+    def plain(v):
+        return tuple(plain(u) for u in v) if isinstance(v, (list, tuple)) else v
+
+    cfg = dict(config)
+    name = cfg.pop("class", "layer")
+    args = []
+    if "num_features" in cfg:
+        nf = plain(cfg.pop("num_features"))
+        args.append(repr(nf[0] if isinstance(nf, tuple) and len(nf) == 1 else nf))
+    args += [f"{k}={plain(v)!r}" for k, v in cfg.items()]
+    return f"{name}({', '.join(args)})"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -257,10 +273,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
         print(json.dumps(json_safe(info), indent=1, allow_nan=False))
         return 0
-    cfg = dict(info["config"])
-    head = f"{cfg.pop('class')}{tuple(cfg.pop('num_features'))}"
-    shown = ", ".join(f"{k} {v!r}" for k, v in cfg.items())
-    print(f"{args.checkpoint}: {head}, {shown}; {info['num_batches_tracked']} batches tracked")
+    tracked = info["num_batches_tracked"]
+    print(
+        f"{args.checkpoint}: {_layer_head(info['config'])}; {tracked} "
+        f"batch{'' if tracked == 1 else 'es'} tracked"
+    )
     if "running_mean" in info:
         rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
         print(
