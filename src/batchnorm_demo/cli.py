@@ -145,6 +145,24 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, before)
 
 
+def _notice_once(prefix: str):
+    """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
+    from tqdm import tqdm
+
+    from .warmup import COMPILE_NOTICE
+
+    said = []
+
+    def say() -> None:
+        if not said:
+            said.append(True)
+            # tqdm.write keeps an active progress bar intact
+            tqdm.write(f"{prefix}: {COMPILE_NOTICE}", file=sys.stderr)
+            sys.stderr.flush()
+
+    return say
+
+
 def _check_out(out: str) -> Path:
     """Refuse an output folder that cannot be one (before any work is done)."""
     path = Path(out)
@@ -178,6 +196,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, write_report
+    from .warmup import watch_compiles
 
     _check_dataset_flags(args)
     out = _check_out(args.out)
@@ -192,6 +211,7 @@ def _demo(args: argparse.Namespace) -> int:
         config = replace(config, workers=args.workers)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
+    notice = _notice_once("demo")
     print(
         f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
         f"steps, then the small init, the deep network, {config.reg_dataset} and the "
@@ -201,7 +221,15 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     progress = None if args.quiet else Progress("demo", unit="work")
     try:
-        results = run(config, np.random.default_rng(args.seed), data=data, progress=progress)
+        # the kernels compile here with one worker, in the workers (which report it) else
+        with watch_compiles(notice):
+            results = run(
+                config,
+                np.random.default_rng(args.seed),
+                data=data,
+                progress=progress,
+                on_compile=notice,
+            )
     finally:
         if progress is not None:
             progress.bar.close()  # an interrupted bar ends its line before the message
@@ -234,6 +262,34 @@ def _bench(args: argparse.Namespace) -> int:
         progress=None if args.json else Progress("bench", unit="case"),
     )
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
+    return 0
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
+
+    from .warmup import DTYPES, warmup, warmup_cases, watch_compiles
+
+    cases = warmup_cases()
+    what = (
+        f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
+        f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
+    )
+    with watch_compiles(_notice_once("warmup")):
+        result = warmup(
+            DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
+        )
+    if result["compiled"]:
+        print(
+            f"warmup: compiled the numba kernels in {result['seconds']:.1f} s "
+            f"({result['compiled']} compilations, {result['calls']} kernel calls: {what}); "
+            "cached on disk, later runs load them from there"
+        )
+    else:
+        print(
+            f"warmup: every kernel was already cached ({result['calls']} kernel calls: {what}"
+            f"; {result['seconds']:.1f} s)"
+        )
     return 0
 
 
@@ -307,6 +363,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
     from .sync_report import write_sync_report
+    from .warmup import watch_compiles
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
@@ -331,9 +388,11 @@ def _sync_demo(args: argparse.Namespace) -> int:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
         )
+    watch = watch_compiles(_notice_once("sync-demo")) if rank0 else contextlib.nullcontext()
     progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
     try:
-        results = run(config, data, comm=comm, progress=progress)
+        with watch:
+            results = run(config, data, comm=comm, progress=progress)
     finally:
         if progress is not None:
             progress.bar.close()
@@ -362,7 +421,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``batchnorm`` argument parser (subcommands demo, bench, inspect and sync-demo).
+    """The ``batchnorm`` argument parser (subcommands demo, bench, warmup, inspect, sync-demo).
 
     Returns
     -------
@@ -459,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeats per timing (min taken)",
     )
     bench.set_defaults(func=_bench)
+
+    warm = sub.add_parser(
+        "warmup",
+        formatter_class=fmt,
+        help="compile the numba kernels once (they are cached on disk afterwards)",
+        description="Compile every numba kernel for float16, float32 and float64 in the "
+        "NCHW, (N, D), (N, C, L) and channels-last layouts, for small arrays (serial kernels) "
+        "and large ones (parallel kernels), and say how long it took. Later runs load the "
+        "kernels from numba's on-disk cache in well under a second.",
+    )
+    warm.add_argument("--quiet", action="store_true", help="no progress bar")
+    warm.set_defaults(func=_warmup)
 
     inspect = sub.add_parser(
         "inspect",

@@ -51,6 +51,8 @@ from .plan import (
 
 # share of the whole run spent starting the worker processes (measured: 4-6 s of ~250 s)
 STARTUP_SHARE = 0.02
+# what a worker puts on the progress queue when it starts compiling numba kernels
+_COMPILING = "compiling"
 # seconds between a worker's checks that its parent is still alive
 _PARENT_POLL_S = 0.5
 
@@ -179,6 +181,10 @@ def _worker_init(queue, data_path: str, parent: int) -> None:
     _progress_queue, _worker_data = queue, _load_shared(data_path)
     shared = os.path.dirname(data_path)
     threading.Thread(target=_exit_when_orphaned, args=(parent, shared), daemon=True).start()
+    from ..warmup import announce_compiles
+
+    # tell the main process once when this worker starts compiling (it prints the notice)
+    announce_compiles(lambda: queue.put(_COMPILING))
     try:  # one BLAS thread per worker process: the workers already use the cores
         from threadpoolctl import threadpool_limits
 
@@ -225,6 +231,7 @@ def run(
     data: Dataset,
     reg_data: Dataset | Callable[[], Dataset] | None = None,
     progress: Callable[[float, float], None] | None = None,
+    on_compile: Callable[[], None] | None = None,
 ) -> dict:
     """Run every sub-experiment; return the results dict (JSON-ready).
 
@@ -242,6 +249,10 @@ def run(
         callable is called while phase 1 runs.
     progress : callable(done, total), optional
         Progress in estimated milliseconds of work.
+    on_compile : callable(), optional
+        Called (in this process) whenever a worker process starts compiling numba kernels
+        (an empty cache). In the serial case the kernels compile in this process: watch
+        them there (:func:`batchnorm_demo.warmup.watch_compiles`).
 
     Returns
     -------
@@ -325,6 +336,10 @@ def run(
             while True:
                 try:
                     got = q.get(timeout=0.2)
+                    if got == _COMPILING:
+                        if on_compile is not None:
+                            on_compile()
+                        got = 0.0
                     if not started:  # the first worker is up and training
                         started, done = True, done + startup
                     done += got
