@@ -144,16 +144,19 @@ def _stop_test(tmp_path: Path, signum: int, to_group: bool, status: int, delay: 
         _clean_up(proc, workers, group=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 2.0], ids=["starting", "training"])
 def test_ctrl_c_stops_the_demo_and_its_workers(tmp_path, delay):
     _stop_test(tmp_path, signal.SIGINT, to_group=True, status=130, delay=delay)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 2.0], ids=["starting", "training"])
 def test_sigterm_to_the_main_process_stops_its_workers_too(tmp_path, delay):
     _stop_test(tmp_path, signal.SIGTERM, to_group=False, status=143, delay=delay)
 
 
+@pytest.mark.slow
 def test_workers_leave_when_the_main_process_is_killed(tmp_path):
     """SIGKILL cannot be handled: the orphaned workers notice and exit by themselves."""
     proc, _ = _start_demo(tmp_path)

@@ -37,6 +37,7 @@ def test_watch_compiles_calls_back_once_at_the_first_compilation():
     assert seen == [1]
 
 
+@pytest.mark.slow
 def test_a_load_from_numba_s_disk_cache_is_not_announced(tmp_path):
     """The notice means compiling: a kernel loaded from the on-disk cache says nothing."""
     (tmp_path / "cached_kernel.py").write_text(
