@@ -26,6 +26,17 @@ LAYOUTS = [
 ]
 
 
+def marks_for(name: str) -> tuple:
+    """pytest marks of a namespace case: JAX's are slow (a jit compilation per shape and dtype,
+    seconds each), so the quick subset (``-m "not slow"``) leaves them out."""
+    return (pytest.mark.slow,) if name.startswith("jax") else ()
+
+
+def namespace_param(name: str):
+    """A namespace name as a pytest parameter, with :func:`marks_for`'s marks."""
+    return pytest.param(name, marks=marks_for(name), id=name)
+
+
 @contextlib.contextmanager
 def _namespace(name):
     """``(xp, device)`` of a namespace case, with JAX's x64 flag set for its duration."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from namespaces import Case, _namespace
+from namespaces import Case, _namespace, namespace_param
 
 import batchnorm as bn
 from batchnorm import _xp
@@ -14,7 +14,7 @@ from batchnorm import _xp
 CASES = ["strict", "strict-device1", "torch", "jax", "jax-x64"]
 
 
-@pytest.fixture(params=CASES)
+@pytest.fixture(params=[namespace_param(n) for n in CASES])
 def case(request):
     with _namespace(request.param) as (xp, device):
         dt = "float64" if _xp.stats_dtype(xp, device) == xp.float64 else "float32"
@@ -132,6 +132,7 @@ def test_devices_must_match():
         bn.batch_norm_train(x, g, None)
 
 
+@pytest.mark.slow
 def test_jax_jit_and_grad_through_the_public_kernel():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy

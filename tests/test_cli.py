@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import batchnorm
@@ -77,3 +79,117 @@ def test_bench_says_it_is_compiling_first(monkeypatch, capsys):
     monkeypatch.setattr(batchnorm_demo.bench, "format_bench", lambda result: "table")
     assert main(["bench", "--repeats", "1"]) == 0
     assert "compiling" in seen[0]
+
+
+def _subparsers():
+    parser = build_parser()
+    return parser._subparsers._group_actions[0].choices
+
+
+def _valued_options():
+    """(subcommand, option) for every option of every subcommand that takes a value."""
+    for name, sub in _subparsers().items():
+        for action in sub._actions:
+            if action.option_strings and action.nargs is None and action.const is None:
+                if action.dest != "help":
+                    yield name, action
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["demo", "--seed", "-1"], "--seed"),
+        (["demo", "--seed", "1.5"], "--seed"),
+        (["demo", "--seed", str(2**32)], "--seed"),
+        (["demo", "--workers", "-1"], "--workers"),
+        (["demo", "--out", ""], "--out"),
+        (["demo", "--data", " "], "--data"),
+        (["inspect", "x.npz", "--batch", ""], "--batch"),
+        (["sync-demo", "--steps", "0"], "--steps"),
+        (["sync-demo", "--seeds", "-2"], "--seeds"),
+        (["sync-demo", "--out", ""], "--out"),
+        (["bench", "--repeats", "-3"], "--repeats"),
+        (["bench", "--repeats", "nan"], "--repeats"),
+    ],
+)
+def test_bad_values_are_refused_by_the_parser_before_any_work(
+    argv, flag, tmp_path, monkeypatch, capsys
+):
+    """Exit status 2 and a message naming the flag and the value; nothing is created."""
+    import batchnorm_demo.data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    for command in ("_demo", "_bench", "_inspect", "_sync_demo"):
+        monkeypatch.setattr(cli, command, _refuse_work)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must" in err, err
+    assert repr(argv[-1]) in err or argv[-1] in err  # the value refused
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "--download"], "--download"),
+        (["demo", "--dataset", "mnist1d", "--data", "x.npz"], "--data"),
+        (["demo", "--dataset", "mnist"], "needs --data"),
+    ],
+)
+def test_dataset_flags_that_cannot_work_are_refused_before_the_output_folder(
+    argv, words, tmp_path, monkeypatch, capsys
+):
+    import batchnorm_demo.data
+
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    out = tmp_path / "never"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command, action", list(_valued_options()), ids=[f"{c} {a.dest}" for c, a in _valued_options()]
+)
+def test_every_option_that_takes_a_value_checks_it(command, action):
+    """No option takes its value unchecked: a choice list or a checking type."""
+    assert action.choices is not None or action.type is not None, (command, action.dest)
+    if action.type is not None and action.type.__name__ == "integer":
+        for bad in ("-1", "nan", "inf", "1e3", ""):
+            with pytest.raises(argparse.ArgumentTypeError):
+                action.type(bad)
+
+
+@pytest.mark.parametrize(
+    "make, head",
+    [
+        (lambda: batchnorm.BatchNorm(64), "BatchNorm(64, convention='seed', axis=1, "),
+        (
+            lambda: batchnorm.BatchNorm((4, 5), axis=(1, 2)),
+            "BatchNorm((4, 5), convention='seed', axis=(1, 2), ",
+        ),
+        (
+            lambda: batchnorm.GhostBatchNorm(64, virtual_batch_size=4),
+            "GhostBatchNorm(64, convention='seed', axis=1, ",
+        ),
+    ],
+    ids=["BatchNorm(64)", "two feature axes", "GhostBatchNorm"],
+)
+def test_inspect_names_the_layer_as_its_constructor_call(make, head, tmp_path, capsys):
+    """``BatchNorm(64)``, not ``BatchNorm(64,)``: the layer's repr, arguments as given."""
+    import numpy as np
+
+    layer = make()
+    shape = (8, 4, 5) if head.startswith("BatchNorm((4") else (8, 64)
+    layer(np.random.default_rng(0).standard_normal(shape))
+    path = tmp_path / "bn.npz"
+    layer.save(path)
+    assert main(["inspect", str(path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"{path}: {head}"), first
+    assert ",)" not in first and "[" not in first
+    assert first.endswith("; 1 batch tracked")
+    assert repr(layer).startswith(first.split(": ", 1)[1].split(")")[0])

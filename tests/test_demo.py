@@ -363,6 +363,7 @@ def test_one_formatter_and_one_sweep_table(tiny_results):
 
 
 # ----------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")
     pytest.importorskip("mlxtend")

@@ -84,6 +84,7 @@ def _ulps(a, b) -> float:
 
 
 @needs_mpi
+@pytest.mark.mpi
 @pytest.mark.parametrize(("n", "sizes"), SPLITS, ids=[s for _, s in SPLITS])
 def test_synchronized_equals_single_process(tmp_path, n, sizes):
     _ok(mpirun(n, str(SCENARIOS / "equality.py"), str(tmp_path), sizes))
@@ -168,6 +169,7 @@ def test_synchronized_equals_single_process(tmp_path, n, sizes):
 
 # --------------------------------------------------------------------------- errors
 @needs_mpi
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 4])
 def test_errors_raise_on_every_rank_and_change_nothing(tmp_path, n):
     _ok(mpirun(n, str(SCENARIOS / "errors.py"), str(tmp_path)))
@@ -212,6 +214,7 @@ def test_errors_raise_on_every_rank_and_change_nothing(tmp_path, n):
 
 
 @needs_mpi
+@pytest.mark.mpi
 def test_a_missing_rank_is_reported_and_the_job_aborted():
     start = time.monotonic()
     res = mpirun(3, str(SCENARIOS / "stall.py"), timeout=60)
@@ -228,6 +231,7 @@ def test_a_missing_rank_is_reported_and_the_job_aborted():
 
 # --------------------------------------------------------------------------- training
 @needs_mpi
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [3, 4])
 def test_data_parallel_training_follows_one_process(tmp_path, n):
     steps = 200
@@ -266,6 +270,7 @@ def test_data_parallel_training_follows_one_process(tmp_path, n):
 
 
 @needs_mpi
+@pytest.mark.mpi
 def test_sync_demo_under_mpiexec(tmp_path):
     res = mpirun(
         2,
@@ -363,6 +368,7 @@ def test_without_comm_nothing_changes(rng):
 
 
 @needs_mpi
+@pytest.mark.mpi
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_synchronized_torch_tensors_equal_one_process(tmp_path, n):
     torch = pytest.importorskip("torch")
@@ -389,6 +395,7 @@ def test_synchronized_torch_tensors_equal_one_process(tmp_path, n):
 
 
 @needs_mpi
+@pytest.mark.mpi
 def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_path):
     _ok(mpirun(2, str(SCENARIOS / "split_brain.py"), str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -403,6 +410,7 @@ def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_p
 
 
 @needs_mpi
+@pytest.mark.mpi
 def test_helpers_refuse_a_bad_argument_on_one_rank_on_every_rank(tmp_path):
     _ok(mpirun(2, str(SCENARIOS / "helpers.py"), str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -302,7 +302,7 @@ def test_cli_inspect(rng, tmp_path, capsys):
     assert layer_from_checkpoint(tmp_path / "bn.npz").num_batches_tracked == 4
     assert main(["inspect", str(tmp_path / "bn.npz"), "--batch", str(tmp_path / "batch.npy")]) == 0
     out = capsys.readouterr().out
-    assert "convention 'torch'" in out and "cumulative over 4 batches" in out
+    assert "convention='torch'" in out and "cumulative over 4 batches" in out
     assert "train/eval gap" in out
     assert main(["inspect", str(tmp_path / "bn.npz"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -17,7 +17,18 @@ import array_api_compat
 import numpy as np
 import pytest
 from conftest import bshape, reduce_axes, ref_backward_train, ref_eval, ref_train
-from namespaces import HAS_BF16, LAYOUTS, NAMESPACES, NO_FLOAT64, TOL, U32, Case, _namespace  # noqa: F401
+from namespaces import (  # noqa: F401
+    HAS_BF16,
+    LAYOUTS,
+    NAMESPACES,
+    NO_FLOAT64,
+    TOL,
+    U32,
+    Case,
+    _namespace,
+    marks_for,
+    namespace_param,
+)
 
 from batchnorm import _xp
 from batchnorm.core import passes, sums
@@ -32,7 +43,7 @@ def _combos():
                 or (dt == "float16" and name.startswith("strict"))  # not in the standard
             ):
                 continue
-            yield pytest.param((name, dt), id=f"{name}-{dt}")
+            yield pytest.param((name, dt), id=f"{name}-{dt}", marks=marks_for(name))
 
 
 @pytest.fixture(params=list(_combos()))
@@ -44,7 +55,9 @@ def case(request):
 
 @pytest.fixture(
     params=[
-        pytest.param((*c.values[0], shape, axis), id=f"{c.id}-{len(shape)}d-axis{axis}")
+        pytest.param(
+            (*c.values[0], shape, axis), id=f"{c.id}-{len(shape)}d-axis{axis}", marks=c.marks
+        )
         for c in _combos()
         for shape, axis in LAYOUTS
         if c.values[0][1] in ("float32", "float64") or (shape, axis) in LAYOUTS[1::3]
@@ -57,7 +70,7 @@ def case_layout(request):
         yield Case(name, xp, device, dt), shape, axis
 
 
-@pytest.fixture(params=NAMESPACES)
+@pytest.fixture(params=[namespace_param(n) for n in NAMESPACES])
 def ns(request):
     with _namespace(request.param) as (xp, device):
         yield Case(request.param, xp, device, "float32")
@@ -272,6 +285,7 @@ def test_nan_and_inf_propagate_feature_by_feature(case, rng):
         assert np.isnan(a[:, :2]).all() and np.isfinite(a[:, 2:]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x64", [False, True])
 def test_jax_jit_matches_eager_and_jax_grad_matches_backward(x64, rng):
     jax = pytest.importorskip("jax")

