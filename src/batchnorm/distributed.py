@@ -11,24 +11,12 @@ depends on the order in which an MPI reduction happens to add.
 
 How: a synchronized layer holds an MPI reducer (:class:`batchnorm._sync.reducer.MpiReducer`,
 installed by ``comm=`` or :func:`convert_sync`); the layer's one forward template computes
-local statistics and hands them to ``reducer.merge``. Protocol of one synchronized call (a
-forward, a backward, a recalibration, a gradient sum):
-
-1. every rank does its local work, catching any error instead of raising it;
-2. the ranks exchange a fixed-size int64 header (status, kind of call, call number on the
-   communicator, local count, feature count and shape hash, dtype, training/update flags,
-   whether the local statistics are finite), point to point so that a waiting rank knows
-   which ranks have not arrived;
-3. if any rank failed or the ranks disagree (a rank in evaluation mode while others train,
-   different feature counts or dtypes, ranks out of step), the error texts are exchanged
-   and every rank raises the same :class:`DistributedError` (a ``ValueError``) naming the
-   ranks and the problems, before any state changes;
-4. otherwise the O(C) payload is exchanged with one ``Allgather`` and merged in rank order.
-
-A rank that never arrives is not a silent hang: every wait polls non-blocking requests, and
-after :data:`STALL_WARNING_SECONDS` (60 s) the waiting ranks print on stderr which ranks are
-missing and at which call, again every 60 s; with ``timeout=T`` on the layer they call
-``comm.Abort(1)`` after T seconds with that message.
+local statistics and hands them to ``reducer.merge``. Every synchronized call follows the
+header protocol of :mod:`batchnorm._sync.protocol`: each rank does its local work, the ranks
+agree (any failure or disagreement raises the same :class:`DistributedError` on every rank
+before any state changes), and only then does the O(C) payload move. A rank that never
+arrives is reported on stderr every :data:`STALL_WARNING_SECONDS` (60 s); with ``timeout=T``
+the waiting ranks abort the job after T seconds with that message.
 
 Only the uppercase (buffer) methods of mpi4py are used, on NumPy arrays: nothing is pickled.
 Only :mod:`batchnorm._sync` imports :mod:`mpi4py`, and only when a communicator is used.
