@@ -37,6 +37,9 @@ LEVELS = {
     "nn": 6,
     "gradcheck": 6,
     "distributed": 7,
+    "adapters": 7,  # framework wrappers (torch, jax) over functional + reducers
+    "torch": 8,  # public batchnorm.torch / batchnorm.jax: re-exports of adapters
+    "jax": 8,
 }
 ENTRY = {"__init__", "__main__"}  # re-exports and the command-line shim: above everything
 FORBIDDEN_LOW = ("mpi4py", "torch", "jax")  # never imported by core/ or backends/
