@@ -54,6 +54,7 @@ from batchnorm.variants import GhostBatchNorm
 from ..data import Dataset
 from .ioffe_config import ARMS, IoffeConfig, RunSpec
 from .measures import ics_measure, percentile_change, probe_distribution, summarize_measures
+from .smoothness import smoothness_measure, summarize_smoothness
 
 __all__ = [
     "ARMS",
@@ -107,12 +108,12 @@ def build_network(
     for width in hidden:
         modules.append(Linear(fan_in, width, rng=init_rng, std=init_std, bias=arm == "no_bn"))
         if arm != "no_bn":
+            # a non-finite batch ends the run as diverged (the loss is not finite either)
+            kw = {"momentum": config.bn_momentum, "nonfinite": "skip"}
             if ghost is None:
-                modules.append(BatchNorm(width, momentum=config.bn_momentum))
+                modules.append(BatchNorm(width, **kw))
             else:
-                modules.append(
-                    GhostBatchNorm(width, virtual_batch_size=ghost, momentum=config.bn_momentum)
-                )
+                modules.append(GhostBatchNorm(width, virtual_batch_size=ghost, **kw))
         if arm == "noisy_bn":
             modules.append(NoisyShift(noise_rng, **config.noise))
         modules.append(Sigmoid())
@@ -137,8 +138,12 @@ def train_arm(
     *,
     val: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
+    keep_parameters: bool = False,
 ) -> dict:
     """Train one arm at one learning rate for one seed; return its curves and numbers.
+
+    This is the reference: the demo trains runs in groups (:func:`.lockstep.train_group`),
+    which gives the same numbers to float rounding.
 
     Parameters
     ----------
@@ -152,6 +157,8 @@ def train_arm(
         Validation data (held out of training); recorded as ``val_accuracy``.
     progress : callable(steps_done), optional
         Called with the number of steps done since the last call.
+    keep_parameters : bool
+        Also return the final parameters under ``"parameters"`` (arrays; for tests).
 
     Returns
     -------
@@ -194,6 +201,7 @@ def train_arm(
         curves["val_accuracy"] = []
     probes: dict[str, list] = {"steps": [], "seen": [], "before_noise": []}
     ics: list[dict] = []
+    smooth: list[dict] = []
     n, bs = data.x_train.shape[0], config.batch_size
     perm, pos, losses, reported = order_rng.permutation(n), 0, [], 0
     diverged = False
@@ -244,6 +252,9 @@ def train_arm(
         xb, yb = data.x_train[idx], data.y_train[idx]
         if spec.measure and step > 0 and step % config.ics_every == 0:
             ics.append({"step": step, **ics_measure(net, xb, yb, spec.lr, ics_layer)})
+        if spec.measure and step % config.smooth_every == 0:
+            m = smoothness_measure(net, xb, yb, spec.lr, config.smooth_multipliers)
+            smooth.append({"step": step, **m})
         with np.errstate(over="ignore", invalid="ignore"):
             logits = net.forward(xb, training=True)
             loss, dlogits = softmax_cross_entropy(logits, yb)
@@ -283,7 +294,10 @@ def train_arm(
         out["train_mode_test_accuracy"] = _train_mode_accuracy(net, data, bs)
     if spec.measure:
         out.update(summarize_measures(probes, ics, config, spec))
+        out["smoothness"] = summarize_smoothness(smooth)
     out["cpu_seconds"] = time.process_time() - start
+    if keep_parameters:
+        out["parameters"] = [np.array(v) for v in net.parameters().values()]
     return out
 
 

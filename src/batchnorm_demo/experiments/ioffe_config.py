@@ -45,6 +45,12 @@ class IoffeConfig:
         The unit of the last hidden layer whose percentiles are drawn in the figure.
     ics_every : int
         Steps between measurements of Santurkar et al.'s ICS.
+    smooth_every : int
+        Steps between measurements of the loss landscape's smoothness along the gradient
+        (Santurkar et al. 2018, section 3; :mod:`.smoothness`), from step 0.
+    smooth_multipliers : tuple of float
+        Distances moved along the negative gradient, in multiples of the run's learning rate
+        (1 is the step SGD takes).
     train_eval_size : int
         Training items evaluated for the training-accuracy curve (the final value uses all).
     deep_hidden, deep_lrs, deep_steps :
@@ -53,7 +59,8 @@ class IoffeConfig:
         Dataset and length of the regularization runs (each arm at its chosen rate).
     ghost_sizes, ghost_steps :
         Virtual batch sizes of the ghost-batch sweep (inside batches of ``batch_size``), run on
-        the main dataset at BN's chosen rate until fitted (at most ``ghost_steps``).
+        the main dataset at BN's chosen rate until fitted (at most ``ghost_steps``). Each
+        size must divide ``batch_size`` (equal virtual batches).
     fit_threshold : float
         Training accuracy an arm must reach before its generalization is judged.
     workers : int
@@ -78,13 +85,15 @@ class IoffeConfig:
     early_window: int = 1000
     unit: int = 0
     ics_every: int = 100
+    smooth_every: int = 100
+    smooth_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     train_eval_size: int = 1000
     deep_hidden: tuple[int, ...] = (100,) * 8
     deep_lrs: tuple[float, ...] = (0.5, 2.0)
     deep_steps: int = 1000
     reg_dataset: str = "mnist1d"
     reg_steps: int = 15000
-    ghost_sizes: tuple[int, ...] = (2, 4, 8, 16, 60)
+    ghost_sizes: tuple[int, ...] = (2, 4, 10, 20, 60)
     ghost_steps: int = 800
     fit_threshold: float = 0.99
     workers: int = 2
@@ -100,6 +109,7 @@ class IoffeConfig:
             "eval_every",
             "probe_every",
             "ics_every",
+            "smooth_every",
             "deep_steps",
             "reg_steps",
             "ghost_steps",
@@ -116,8 +126,17 @@ class IoffeConfig:
             problems.append(f"unit {self.unit} must index the last hidden layer {self.hidden}")
         if any(r <= 0 for r in (*self.lrs, *self.deep_lrs)) or not self.lrs or not self.deep_lrs:
             problems.append("learning rates must be positive (and at least one given)")
-        if any(k < 2 or k > self.batch_size for k in self.ghost_sizes):
-            problems.append(f"ghost sizes must lie in [2, batch_size]; got {self.ghost_sizes}")
+        if any(k < 2 or k > self.batch_size or self.batch_size % k for k in self.ghost_sizes):
+            problems.append(
+                f"ghost sizes must divide batch_size {self.batch_size} and be >= 2; got "
+                f"{self.ghost_sizes}"
+            )
+        if not self.smooth_multipliers or any(
+            not (c > 0 and c < float("inf")) for c in self.smooth_multipliers
+        ):
+            problems.append(
+                f"smooth_multipliers must be positive and finite; got {self.smooth_multipliers}"
+            )
         if problems:
             raise ValueError("invalid IoffeConfig: " + "; ".join(problems))
 
@@ -136,6 +155,7 @@ class IoffeConfig:
             eval_every=1000,
             probe_every=100,
             ics_every=500,
+            smooth_every=500,
             early_step=1000,
             deep_steps=20_000,
             reg_steps=60_000,
@@ -167,6 +187,7 @@ class IoffeConfig:
             early_window=s(self.early_window),
             probe_every=min(self.probe_every, max(1, steps // 10)),
             ics_every=min(self.ics_every, max(1, steps // 10)),
+            smooth_every=min(self.smooth_every, max(1, steps // 10)),
         )
 
     def to_json(self) -> dict:
