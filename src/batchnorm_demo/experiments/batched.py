@@ -27,15 +27,11 @@ from batchnorm import batch_norm_backward, batch_norm_eval, batch_norm_train
 from batchnorm.conventions import new_value_weight
 from batchnorm.nn import gaussian_init
 
-__all__ = ["BatchedNet", "Tape", "sigmoid", "softmax_cross_entropy_batched"]
+from ._fused import sigmoid, sigmoid_backward
+
+__all__ = ["BatchedNet", "Tape", "softmax_cross_entropy_batched"]
 
 EPS = 1e-5  # BatchNorm's default eps, as in the one-by-one runs
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function, computed as :class:`batchnorm.nn.Sigmoid` does."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def softmax_cross_entropy_batched(logits: np.ndarray, labels: np.ndarray):
@@ -267,10 +263,7 @@ class BatchedNet:
         grads[f"b{out}"] = dlogits.sum(axis=1)
         da = np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2))
         for i in reversed(range(out)):
-            y = tape.sig[i]
-            dz = da * y * (1.0 - y)
-            if self.arm == "noisy_bn":
-                dz = dz * tape.scales[i]
+            dz = sigmoid_backward(da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None)
             if self.bn:
                 dz, grads[f"gamma{i}"], grads[f"beta{i}"] = self._bn_backward(dz, tape.caches[i])
             else:
@@ -286,8 +279,9 @@ class BatchedNet:
     def step(self, grads: dict) -> None:
         """SGD on every run with its own learning rate (in place)."""
         for k, v in self.params.items():
-            lr = self.lr.reshape((-1,) + (1,) * (v.ndim - 1))
-            v -= lr * grads[k]
+            g = grads[k]
+            np.multiply(g, self.lr.reshape((-1,) + (1,) * (v.ndim - 1)), out=g)
+            v -= g  # the gradients are spent: scaled in place
 
     def update_running(self, tape: Tape) -> None:
         """One running-statistics update per layer from a training forward's batch statistics

@@ -15,7 +15,9 @@ from .ioffe_config import ARMS, IoffeConfig, RunSpec
 EXPECTED_FIT_FRACTION = {"reg": 0.85, "main": 0.7}
 
 __all__ = [
+    "MAX_GROUP_RUNS",
     "estimated_cost",
+    "make_groups",
     "plan_phase1",
     "plan_phase2",
     "select_lr",
@@ -24,32 +26,73 @@ __all__ = [
 ]
 
 
-def estimated_cost(spec: RunSpec, n_in: int, config: IoffeConfig) -> float:
-    """Rough milliseconds one run takes on one core (for the progress bar's ETA only).
+def estimated_cost(group, n_in: int, config: IoffeConfig) -> float:
+    """Rough milliseconds a group of runs takes on one core (for the progress bar's ETA only).
 
     Parameters
     ----------
-    spec : RunSpec
+    group : RunSpec or tuple of RunSpec
+        One run, or runs trained together (:func:`make_groups`).
     n_in : int
-        Input features of the run's dataset.
+        Input features of the runs' dataset.
     config : IoffeConfig
 
     Returns
     -------
     float
     """
+    group = (group,) if isinstance(group, RunSpec) else tuple(group)
+    spec = group[0]
     widths = (n_in, *spec.hidden, 10)
     macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    per_step = 0.12 + 1.2e-5 * macs
+    per_run = 1.0e-5 * macs * config.batch_size / 60  # three products per layer and step
+    per_step = 0.15 + 0.06 * len(spec.hidden)  # Python and call overhead, once per group
     if spec.arm != "no_bn":
-        groups = 1 if spec.ghost is None else -(-config.batch_size // spec.ghost)
-        per_step += len(spec.hidden) * (0.05 + 0.16 * groups)
+        kinds = len({s.ghost for s in group})
+        per_step += len(spec.hidden) * 0.08 * kinds
+        per_run += len(spec.hidden) * 0.01
     if spec.arm == "noisy_bn":
-        per_step += 0.05 * len(spec.hidden)
+        per_run += 0.02 * len(spec.hidden)  # the noise draws (shared by a seed's runs)
+    per_step += per_run * len(group)
     if spec.measure:
-        per_step *= 1.15
+        per_step *= 1.2
     fraction = EXPECTED_FIT_FRACTION[spec.dataset] if spec.stop_at_fit else 1.0
     return per_step * spec.steps * 1.1 * fraction
+
+
+# runs per batched group: large enough that one Python call serves many runs, small enough
+# that a phase's groups spread over the workers (ghost and MNIST-1D groups are smaller)
+MAX_GROUP_RUNS = 13
+
+
+def make_groups(specs: list[RunSpec], max_runs: int = MAX_GROUP_RUNS) -> list[tuple[RunSpec, ...]]:
+    """Split ``specs`` into groups trained as one batched model (:func:`.lockstep.train_group`).
+
+    Runs that share :func:`.lockstep.group_key` (arm, network shape, schedule) go together,
+    ordered by seed, in chunks of at most ``max_runs``; the grouping depends on the plan only,
+    never on the number of workers, so the results do not either.
+
+    Parameters
+    ----------
+    specs : list of RunSpec
+    max_runs : int
+
+    Returns
+    -------
+    list of tuple of RunSpec
+    """
+    from .lockstep import group_key
+
+    by_key: dict[tuple, list[RunSpec]] = {}
+    for s in specs:
+        by_key.setdefault(group_key(s), []).append(s)
+    groups = []
+    for members in by_key.values():
+        members = sorted(members, key=lambda s: (s.seed, specs.index(s)))
+        n = -(-len(members) // max_runs)  # equal chunks
+        size = -(-len(members) // n)
+        groups += [tuple(members[i : i + size]) for i in range(0, len(members), size)]
+    return groups
 
 
 def plan_phase1(config: IoffeConfig, entropies: list[int]) -> list[RunSpec]:
@@ -191,11 +234,11 @@ def weight_total(weight: Callable[[RunSpec], float]) -> Callable[[RunSpec], floa
 
     Parameters
     ----------
-    weight : callable(RunSpec) -> float
-        Estimated cost per step.
+    weight : callable(group) -> float
+        Estimated cost per step of a run or a group of runs.
 
     Returns
     -------
-    callable(RunSpec) -> float
+    callable(group) -> float
     """
-    return lambda s: weight(s) * s.steps
+    return lambda s: weight(s) * (s[0] if isinstance(s, tuple) else s).steps

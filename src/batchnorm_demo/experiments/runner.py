@@ -39,9 +39,11 @@ import numpy as np
 
 from ..data import Dataset, load_dataset, validation_split
 from .collect import collect
-from .ioffe import ARMS, IoffeConfig, RunSpec, train_arm
+from .ioffe import ARMS, IoffeConfig, RunSpec
+from .lockstep import train_group
 from .plan import (
     estimated_cost,
+    make_groups,
     plan_phase1,
     plan_phase2,
     select_lr,
@@ -94,13 +96,15 @@ def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, p
 
         return f
 
-    for spec in phase1:
-        outputs[spec] = train_arm(spec, train, config, val=val, progress=tick(weight(spec)))
+    for group in make_groups(phase1):
+        outs = train_group(list(group), train, config, val=val, progress=tick(weight(group)))
+        outputs.update(zip(group, outs, strict=True))
     selected = selected_rates(config, phase1, outputs)
     phase2 = plan_phase2(config, entropies, selected)
-    for spec in phase2:
-        data = get_reg() if spec.dataset == "reg" else train
-        outputs[spec] = train_arm(spec, data, config, val=None, progress=tick(weight(spec)))
+    for group in make_groups(phase2):
+        data = get_reg() if group[0].dataset == "reg" else train
+        outs = train_group(list(group), data, config, val=None, progress=tick(weight(group)))
+        outputs.update(zip(group, outs, strict=True))
     return outputs, phase2
 
 
@@ -213,15 +217,15 @@ def _stop_workers(pool: ProcessPoolExecutor, workers: list) -> None:
             p.join(timeout=1)
 
 
-def _task(spec: RunSpec, config: IoffeConfig, weight: float, reg: Dataset | None):
+def _task(group: tuple, config: IoffeConfig, weight: float, reg: Dataset | None) -> list:
     def report(k: int) -> None:
         if _progress_queue is not None:
             _progress_queue.put(k * weight)
 
     data, val = (
-        (_worker_data["main"], _worker_data["val"]) if spec.dataset == "main" else (reg, None)
+        (_worker_data["main"], _worker_data["val"]) if group[0].dataset == "main" else (reg, None)
     )
-    return train_arm(spec, data, config, val=val, progress=report)
+    return train_group(list(group), data, config, val=val, progress=report)
 
 
 def run(
@@ -270,11 +274,11 @@ def run(
     dummy = plan_phase2(config, entropies, dict.fromkeys(ARMS, config.lrs[0]))
     n_in_reg = 40 if not isinstance(reg_data, Dataset) else reg_data.n_features
 
-    def weight(spec):
-        n_in = train.n_features if spec.dataset == "main" else n_in_reg
-        return estimated_cost(spec, n_in, config) / spec.steps
+    def weight(group):  # estimated cost of one step of the group
+        n_in = train.n_features if group[0].dataset == "main" else n_in_reg
+        return estimated_cost(group, n_in, config) / group[0].steps
 
-    total = sum(weight(s) * s.steps for s in phase1 + dummy)
+    total = sum(weight(g) * g[0].steps for g in make_groups(phase1) + make_groups(dummy))
     # starting the worker processes (spawn, imports, data) counts as work too, so the ETA of
     # the first seconds does not treat the start-up as the speed of training
     startup = STARTUP_SHARE * total
@@ -321,15 +325,16 @@ def run(
                     initializer=_worker_init,
                     initargs=(q, data_path, os.getpid()),
                 )
-                futures: dict[RunSpec, Future] = {
-                    s: pool.submit(_task, s, config, weight(s), None) for s in phase1
+                groups1 = sorted(make_groups(phase1), key=weight_total(weight), reverse=True)
+                futures: dict[tuple, Future] = {
+                    g: pool.submit(_task, g, config, weight(g), None) for g in groups1
                 }
         except BaseException:
             shutil.rmtree(shared, ignore_errors=True)
             raise
         procs = [p for p in mp.active_children() if p not in before]
         try:
-            sweep = [s for s in phase1 if s.measure]
+            sweep = [g for g in futures if g[0].measure]
             phase2: list[RunSpec] | None = None
             started = False
             get_reg()  # load while phase 1 runs
@@ -349,21 +354,24 @@ def run(
                     if f.done() and f.exception() is not None:
                         raise f.exception()
                 if phase2 is None and all(futures[s].done() for s in sweep):
-                    selected = selected_rates(
-                        config, sweep, {s: futures[s].result() for s in sweep}
-                    )
+                    done_sweep = {
+                        s: o for g in sweep for s, o in zip(g, futures[g].result(), strict=True)
+                    }
+                    selected = selected_rates(config, list(done_sweep), done_sweep)
                     phase2 = plan_phase2(config, entropies, selected)
                     # longest first, so no worker idles at the end
                     with _stop_signals_blocked():
-                        for s in sorted(phase2, key=weight_total(weight), reverse=True):
-                            futures[s] = pool.submit(
-                                _task, s, config, weight(s), reg if s.dataset == "reg" else None
+                        for g in sorted(make_groups(phase2), key=weight_total(weight), reverse=True):
+                            futures[g] = pool.submit(
+                                _task, g, config, weight(g), reg if g[0].dataset == "reg" else None
                             )
                 if progress:
                     progress(min(done, total), total)
                 if phase2 is not None and all(f.done() for f in futures.values()):
                     break
-            outputs = {s: f.result() for s, f in futures.items()}
+            outputs = {
+                s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)
+            }
         except BaseException:
             # Ctrl-C, SIGTERM (the CLI raises) or a failed run: do not wait for the queue
             late = [p for p in mp.active_children() if p not in before and p not in procs]
