@@ -404,10 +404,16 @@ def _sync_demo(args: argparse.Namespace) -> int:
             f"; local BN vs GhostBatchNorm: {s['local_vs_ghost_max_param_diff']:.3g}"
         )
         for row in s["small_batches"]:
+            renorm = (
+                f", BatchRenorm {100 * row['renorm_mean']:.1f}%" if "renorm_mean" in row else ""
+            )
             print(
                 f"per-rank batch {row['per_rank_batch']:>3}: local BN "
                 f"{100 * row['local_bn_mean']:.1f}%, SyncBN {100 * row['sync_bn_mean']:.1f}%"
+                + renorm
             )
+        if "renorm_fixes_tiny_local_batches" in s:
+            print(f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}")
         print(
             f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
             f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "
