@@ -360,6 +360,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sync_demo(args: argparse.Namespace) -> int:
+    from ._ranks import collectively
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
     from .sync_report import write_sync_report
@@ -367,23 +368,15 @@ def _sync_demo(args: argparse.Namespace) -> int:
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
-    # rank 0 checks --out before any work; every rank learns the outcome (no rank is left
-    # waiting in a collective while another has given up)
-    verdict, problem = np.ones(1, np.int64), ""
-    if rank0:
-        try:
-            _check_out(args.out)
-        except ValueError as exc:
-            verdict[0], problem = 0, str(exc)
-    comm.Bcast(verdict, root=0)
-    if not verdict[0]:
-        raise ValueError(problem or f"--out {args.out} was refused on rank 0")
+    # rank 0 checks --out before any work, every rank loads the data; a failure anywhere is
+    # the same error on every rank (no rank is left waiting in a collective), printed once
+    collectively(comm, lambda: _check_out(args.out) if rank0 else None, "checking --out")
     config = SyncConfig()
     if args.steps is not None:
         config = replace(config, small_batch_steps=args.steps)
     if args.seeds is not None:
         config = replace(config, seeds=args.seeds)
-    data = load_dataset("mnist-subset")
+    data = collectively(comm, lambda: load_dataset("mnist-subset"), "loading the data")
     if rank0:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
@@ -599,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:
         return _stopped(args.command, signal.Signals(exc.signum).name, 128 + exc.signum)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
-        print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
+        from ._ranks import print_fatal
+
+        print_fatal(args.command, exc)  # once across MPI ranks, one line
         return 2
 
 
