@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sync-demo",
         help="synchronized BN over MPI: mpiexec -n R batchnorm sync-demo",
         description="SyncBN over the ranks of an MPI job against one process, local BN "
-        "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.",
+        "against ghost BN, the small-batch effect (local BN, SyncBN and local BatchRenorm at "
+        "per-rank batches down to 2) and the cost; rank 0 writes the report.",
     )
     sync.add_argument(
         "--out",
