@@ -323,7 +323,7 @@ def test_sync_demo_under_mpiexec(tmp_path):
     assert results["summary"]["renorm_fixes_tiny_local_batches"] == verdict["verdict"]
     md = (tmp_path / "report.md").read_text()
     assert f"without communication? {verdict['verdict']}." in md
-    assert "| 8 | 8 (7 × 8 + 1 × 4) |" in md and "7.5" not in md
+    assert "| 8 | 8 (7 × 8 + 1 × 4) |" in md and "| 7.5 |" not in md
     assert "±" in md
     assert "BatchRenorm" in res.stdout
 

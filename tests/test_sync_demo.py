@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -144,6 +145,8 @@ def test_renorm_verdict_follows_the_noise_rule():
 
 
 def test_print_fatal_once_across_ranks(monkeypatch):
+    # the launcher's environment decides (another test may have initialized MPI in-process)
+    monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)
     for rank, err, printed in [
         ("0", DistributedError("same everywhere"), True),
         ("1", DistributedError("same everywhere"), False),
