@@ -308,6 +308,24 @@ def test_sync_demo_under_mpiexec(tmp_path):
     assert cost["sync"]["bytes_per_step_per_rank"][0] > 0
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     assert "SyncBN" in res.stdout
+    # the local BatchRenorm arm: its emulation equals real per-rank renorm, its results, the
+    # verdict, the real rank split and the spread over seeds in the report
+    assert eq["renorm"]["final_max_param_diff"] < 1e-10
+    assert eq["renorm"]["max_running_diff_per_rank"] < 1e-10
+    assert eq["renorm"]["max_running_spread_between_ranks"] > 1e-6  # the ranks' own statistics
+    rows = {r["per_rank_batch"]: r for r in results["small_batches"]["rows"]}
+    assert [b for b, r in rows.items() if "renorm_test_accuracy" in r] == [2, 4, 8]
+    assert all(0 <= a <= 1 for b in (2, 4, 8) for a in rows[b]["renorm_test_accuracy"])
+    assert rows[8]["rank_batches"] == [8] * 7 + [4] and rows[8]["ranks_emulated"] == 8
+    verdict = results["small_batches"]["renorm_verdict"]
+    assert verdict["verdict"] in ("supported", "not supported", "inconclusive")
+    assert [p["per_rank_batch"] for p in verdict["per_batch"]] == [2, 4, 8]
+    assert results["summary"]["renorm_fixes_tiny_local_batches"] == verdict["verdict"]
+    md = (tmp_path / "report.md").read_text()
+    assert f"without communication? {verdict['verdict']}." in md
+    assert "| 8 | 8 (7 × 8 + 1 × 4) |" in md and "| 7.5 |" not in md
+    assert "±" in md
+    assert "BatchRenorm" in res.stdout
 
 
 # --------------------------------------------------------------------------- no MPI needed

@@ -360,6 +360,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sync_demo(args: argparse.Namespace) -> int:
+    from ._ranks import collectively
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
     from .sync_report import write_sync_report
@@ -367,23 +368,15 @@ def _sync_demo(args: argparse.Namespace) -> int:
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
-    # rank 0 checks --out before any work; every rank learns the outcome (no rank is left
-    # waiting in a collective while another has given up)
-    verdict, problem = np.ones(1, np.int64), ""
-    if rank0:
-        try:
-            _check_out(args.out)
-        except ValueError as exc:
-            verdict[0], problem = 0, str(exc)
-    comm.Bcast(verdict, root=0)
-    if not verdict[0]:
-        raise ValueError(problem or f"--out {args.out} was refused on rank 0")
+    # rank 0 checks --out before any work, every rank loads the data; a failure anywhere is
+    # the same error on every rank (no rank is left waiting in a collective), printed once
+    collectively(comm, lambda: _check_out(args.out) if rank0 else None, "checking --out")
     config = SyncConfig()
     if args.steps is not None:
         config = replace(config, small_batch_steps=args.steps)
     if args.seeds is not None:
         config = replace(config, seeds=args.seeds)
-    data = load_dataset("mnist-subset")
+    data = collectively(comm, lambda: load_dataset("mnist-subset"), "loading the data")
     if rank0:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
@@ -404,10 +397,16 @@ def _sync_demo(args: argparse.Namespace) -> int:
             f"; local BN vs GhostBatchNorm: {s['local_vs_ghost_max_param_diff']:.3g}"
         )
         for row in s["small_batches"]:
+            renorm = (
+                f", BatchRenorm {100 * row['renorm_mean']:.1f}%" if "renorm_mean" in row else ""
+            )
             print(
                 f"per-rank batch {row['per_rank_batch']:>3}: local BN "
                 f"{100 * row['local_bn_mean']:.1f}%, SyncBN {100 * row['sync_bn_mean']:.1f}%"
+                + renorm
             )
+        if "renorm_fixes_tiny_local_batches" in s:
+            print(f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}")
         print(
             f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
             f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "
@@ -549,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sync-demo",
         help="synchronized BN over MPI: mpiexec -n R batchnorm sync-demo",
         description="SyncBN over the ranks of an MPI job against one process, local BN "
-        "against ghost BN, the small-batch effect and the cost; rank 0 writes the report.",
+        "against ghost BN, the small-batch effect (local BN, SyncBN and local BatchRenorm at "
+        "per-rank batches down to 2) and the cost; rank 0 writes the report.",
     )
     sync.add_argument(
         "--out",
@@ -593,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated as exc:
         return _stopped(args.command, signal.Signals(exc.signum).name, 128 + exc.signum)
     except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
-        print(f"batchnorm {args.command}: error: {exc}", file=sys.stderr)
+        from ._ranks import print_fatal
+
+        print_fatal(args.command, exc)  # once across MPI ranks, one line
         return 2
 
 

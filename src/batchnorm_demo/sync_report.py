@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import staged_folder
+from ._format import mean_sd, pm
 
 __all__ = ["summarize", "write_sync_report"]
 
@@ -51,15 +52,26 @@ def _equivalence_figure(results: dict, path: Path) -> None:
 def _small_batch_figure(results: dict, path: Path) -> None:
     plt = _plt()
     sb = results["small_batches"]
-    b = np.array([row["per_rank_batch"] for row in sb["rows"]])
+    rows = sb["rows"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label, color in (
-        ("local_bn_test_accuracy", "local BN (per-rank statistics)", "tab:orange"),
-        ("sync_bn_test_accuracy", "SyncBN (global statistics)", "tab:blue"),
+    for key, label, color, marker in (
+        ("local_bn_test_accuracy", "local BN (per-rank statistics)", "tab:orange", "o-"),
+        ("sync_bn_test_accuracy", "SyncBN (global statistics)", "tab:blue", "s-"),
+        (
+            "renorm_test_accuracy",
+            "local BatchRenorm (per-rank, no communication)",
+            "tab:green",
+            "^--",
+        ),
     ):
-        v = 100 * np.array([row[key] for row in sb["rows"]])
-        ax.plot(b, v.mean(1), "o-", color=color, label=label)
+        have = [row for row in rows if key in row]
+        if not have:
+            continue
+        b = np.array([row["per_rank_batch"] for row in have])
+        v = 100 * np.array([row[key] for row in have])
+        ax.plot(b, v.mean(1), marker, color=color, label=label)
         ax.fill_between(b, v.min(1), v.max(1), color=color, alpha=0.2, lw=0)
+    b = np.array([row["per_rank_batch"] for row in rows])
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(b, [str(x) for x in b])
@@ -67,23 +79,32 @@ def _small_batch_figure(results: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Small per-rank batches: mean over {sb['seeds']} seeds, band = min..max")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+_ARMS = (
+    ("local_bn", "local_bn_test_accuracy"),
+    ("sync_bn", "sync_bn_test_accuracy"),
+    ("renorm", "renorm_test_accuracy"),
+)
+
+
+def _summary_row(r: dict) -> dict:
+    out = {"per_rank_batch": r["per_rank_batch"]}
+    for name, key in _ARMS:
+        if key in r:
+            s = mean_sd(r[key])
+            out[f"{name}_mean"], out[f"{name}_sd"] = s["mean"], s["sd"]
+    return out
+
+
 def summarize(results: dict) -> dict:
     """The headline numbers of a sync-demo run (JSON-ready)."""
     eq, sb, cost = results["equivalence"], results["small_batches"], results["cost"]
-    rows = [
-        {
-            "per_rank_batch": r["per_rank_batch"],
-            "local_bn_mean": float(np.mean(r["local_bn_test_accuracy"])),
-            "sync_bn_mean": float(np.mean(r["sync_bn_test_accuracy"])),
-        }
-        for r in sb["rows"]
-    ]
+    rows = [_summary_row(r) for r in sb["rows"]]
     out = {
         "ranks": results["ranks"],
         "wall_seconds": results["wall_seconds"],
@@ -92,20 +113,19 @@ def summarize(results: dict) -> dict:
         "local_vs_ghost_max_param_diff": eq["local"]["final_max_param_diff"],
         "small_batches": rows,
     }
+    if "renorm" in eq:
+        out["local_renorm_vs_emulation_max_param_diff"] = eq["renorm"]["final_max_param_diff"]
+    if "renorm_verdict" in sb:
+        out["renorm_fixes_tiny_local_batches"] = sb["renorm_verdict"]["verdict"]
     for arm in ("local", "sync"):
         out[f"{arm}_median_step_ms"] = float(np.max(cost[arm]["median_step_ms_per_rank"]))
         out[f"{arm}_bytes_per_step"] = float(np.max(cost[arm]["bytes_per_step_per_rank"]))
     return out
 
 
-def _markdown(results: dict, s: dict) -> str:
-    eq, cost, r = results["equivalence"], results["cost"], results["ranks"]
+def _equivalence_md(results: dict) -> list[str]:
+    eq, r = results["equivalence"], results["ranks"]
     lines = [
-        "# Synchronized batch norm over MPI: sync-demo",
-        "",
-        f"{r} rank(s); dataset: {results['dataset'].get('description', '')}; wall time "
-        f"{s['wall_seconds']:.1f} s.",
-        "",
         "## Equivalence",
         "",
         f"Global batch {eq['global_batch']} ({eq['per_rank_batch']} per rank), "
@@ -122,32 +142,124 @@ def _markdown(results: dict, s: dict) -> str:
         f"the ranks' running statistics differ (spread "
         f"{eq['local']['max_running_spread_between_ranks']:.3g}); their average is the ghost "
         f"layer's to {eq['local']['max_running_diff_mean_over_ranks']:.3g} |",
+    ]
+    if "renorm" in eq:
+        ren = eq["renorm"]
+        lines.append(
+            f"| local BatchRenorm over {r} rank(s) (no communication) vs its emulation "
+            f"LocalRenorm(per-rank batch {eq['per_rank_batch']}) in one process | "
+            f"{ren['final_max_param_diff']:.3g} | each rank's running statistics (spread "
+            f"{ren['max_running_spread_between_ranks']:.3g} between ranks) equal the "
+            f"emulation's for that rank to {ren['max_running_diff_per_rank']:.3g} |"
+        )
+    return lines + [
         "",
-        "Both pairs are the same computation: the differences are float64 rounding. So "
-        "GhostBatchNorm in one process stands in for local BN over many ranks below.",
+        "Each pair is the same computation: the differences are float64 rounding. So the "
+        "one-process stand-ins (GhostBatchNorm for local BN, LocalRenorm for local "
+        "BatchRenorm) replace many ranks below.",
         "",
         "![equivalence](equivalence.png)",
         "",
+    ]
+
+
+def _ranks(row: dict, global_batch: int) -> str:
+    """How many ranks a per-rank batch makes of the global batch, and the split if uneven."""
+    split = row.get("rank_batches")
+    if split is None:  # results written before the split was recorded
+        return str(-(-global_batch // row["per_rank_batch"]))
+    if len(set(split)) == 1:
+        return str(len(split))
+    full, last = split[:-1], split[-1]
+    return f"{len(split)} ({len(full)} × {full[0]} + 1 × {last})"
+
+
+def _schedule_text(cfg: dict) -> str:
+    steps = cfg["small_batch_steps"]
+    warm = round(cfg["renorm_warmup"] * steps)
+    return (
+        f"BatchRenorm trains as plain BN (rmax 1, dmax 0) for the first {warm} step(s), "
+        "then dmax grows linearly to "
+        f"{cfg['renorm_dmax']:g} at step {round(cfg['renorm_dmax_at'] * steps)} and rmax to "
+        f"{cfg['renorm_rmax']:g} at step {round(cfg['renorm_rmax_at'] * steps)} (Ioffe 2017's "
+        "5k / 25k / 40k-step schedule, scaled to the run); its moving averages use momentum "
+        f"{cfg['renorm_momentum']:g}, and the test uses the ranks' average running mean and "
+        "std. Same seeds (initial weights, global batches) as the other arms."
+    )
+
+
+def _verdict_md(sb: dict) -> list[str]:
+    v = sb.get("renorm_verdict")
+    if v is None:
+        return []
+    by_b = {row["per_rank_batch"]: row for row in sb["rows"]}
+    lines = [
+        f"**Does BatchRenorm fix tiny local batches without communication? {v['verdict']}.** "
+        "Two accuracies differ only when their means are further apart than twice the "
+        f"combined uncertainty (binomial error on {sb['n_test']} test items plus the spread "
+        "over seeds: the noise below). A batch is fixed when renorm beats local BN beyond the "
+        "noise and is not below SyncBN beyond it; supported when every batch where local BN "
+        "falls below SyncBN is fixed.",
+        "",
+    ]
+    for p in v["per_batch"]:
+        row = by_b[p["per_rank_batch"]]
+        lv, gv, dv = p["local_vs_sync"], p["renorm_vs_local"], p["renorm_vs_sync"]
+        lines.append(
+            f"- {p['per_rank_batch']} per rank: **{p['status']}**. BatchRenorm "
+            f"{pm(row['renorm_test_accuracy'])}% vs local BN {pm(row['local_bn_test_accuracy'])}% "
+            f"({100 * gv['diff']:+.1f} points, noise {100 * gv['noise']:.1f}) and vs SyncBN "
+            f"{pm(row['sync_bn_test_accuracy'])}% ({100 * dv['diff']:+.1f}, noise "
+            f"{100 * dv['noise']:.1f}); local BN vs SyncBN {100 * lv['diff']:+.1f} (noise "
+            f"{100 * lv['noise']:.1f})."
+        )
+    return lines + [""]
+
+
+def _small_md(results: dict) -> list[str]:
+    sb = results["small_batches"]
+    g = sb["global_batch"]
+    renorm = any("renorm_test_accuracy" in row for row in sb["rows"])
+    head = "| per-rank batch | ranks | local BN | SyncBN |" + (
+        " local BatchRenorm |" if renorm else ""
+    )
+    lines = [
         "## Small per-rank batches",
         "",
-        f"Test accuracy after {results['small_batches']['steps']} steps at a global batch of "
-        f"{results['small_batches']['global_batch']}, mean over "
-        f"{results['small_batches']['seeds']} seeds.",
+        f"Test accuracy after {sb['steps']} steps at a global batch of {g}, mean ± standard "
+        f"deviation over {sb['seeds']} seeds.",
         "",
-        "| per-rank batch | ranks | local BN | SyncBN |",
-        "|---|---|---|---|",
     ]
-    g = results["small_batches"]["global_batch"]
-    for row in s["small_batches"]:
-        lines.append(
-            f"| {row['per_rank_batch']} | {g / row['per_rank_batch']:.3g} | "
-            f"{100 * row['local_bn_mean']:.1f}% | {100 * row['sync_bn_mean']:.1f}% |"
-        )
+    if renorm:
+        lines += [_schedule_text(results["config"]), ""]
+    lines += [head, "|---" * (5 if renorm else 4) + "|"]
+    for row in sb["rows"]:
+        cells = [
+            str(row["per_rank_batch"]),
+            _ranks(row, g),
+            f"{pm(row['local_bn_test_accuracy'])}%",
+            f"{pm(row['sync_bn_test_accuracy'])}%",
+        ]
+        if renorm:
+            acc = row.get("renorm_test_accuracy")
+            cells.append(f"{pm(acc)}%" if acc is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", *_verdict_md(sb), "![small batches](small_batches.png)", ""]
+
+
+def _markdown(results: dict, s: dict) -> str:
+    cost, r = results["cost"], results["ranks"]
+    lines = [
+        "# Synchronized batch norm over MPI: sync-demo",
+        "",
+        f"{r} rank(s); dataset: {results['dataset'].get('description', '')}; wall time "
+        f"{s['wall_seconds']:.1f} s.",
+        "",
+        *_equivalence_md(results),
+        *_small_md(results),
+    ]
     m = cost["model_bn_bytes_per_rank"]
     lines += [
-        "",
-        "![small batches](small_batches.png)",
-        "",
         "## Cost",
         "",
         f"Per training step and rank, measured over {cost['steps']} steps at {r} rank(s) "
