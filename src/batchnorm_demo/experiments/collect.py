@@ -13,6 +13,27 @@ def _per_seed(outputs: dict, specs: list[RunSpec], key: str) -> list:
     return [outputs[s][key] for s in sorted(specs, key=lambda s: s.seed)]
 
 
+def _smoothness(outputs: dict, specs: list[RunSpec], config: IoffeConfig, chosen: float) -> dict:
+    """One arm's smoothness measures (:mod:`.smoothness`) per rate: per seed the means over
+    the run, and the curves over training."""
+    by_lr = {}
+    for lr in config.lrs:
+        rr = [outputs[s]["smoothness"] for s in sorted(specs, key=lambda s: s.seed) if s.lr == lr]
+        by_lr[repr(lr)] = {
+            **{k: [r[k] for r in rr] for k in ("mean_loss_range", "mean_grad_change_max",
+                                               "mean_beta")},
+            "curves": {k: [r[k] for r in rr] for k in ("loss_min", "loss_max", "loss_range",
+                       "grad_change_min", "grad_change_max", "beta")},
+        }  # fmt: skip
+    steps = outputs[specs[0]]["smoothness"]["steps"] if specs else []
+    return {
+        "lr": chosen,
+        "steps": steps,
+        "multipliers": list(config.smooth_multipliers),
+        "by_lr": by_lr,
+    }
+
+
 def collect(
     config: IoffeConfig,
     phase1: list[RunSpec],
@@ -114,6 +135,9 @@ def collect(
             "measurements_per_run": outs[0]["ics"]["count"],
         }
 
+    smooth = {arm: _smoothness(outputs, pick(sweep_specs, arm=arm), config, selected[arm])
+              for arm in ARMS}  # fmt: skip
+
     init: dict = {repr(config.init_std): {}, repr(config.small_init_std): {}}
     for arm in ARMS:
         init[repr(config.init_std)][arm] = {
@@ -210,6 +234,7 @@ def collect(
         "deep": deep,
         "distribution_change": dist,
         "ics": ics,
+        "smoothness": smooth,
         "regularization": regularization,
         "ghost": ghost,
         "ghost_settings": ghost_meta,
