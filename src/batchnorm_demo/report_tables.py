@@ -5,11 +5,10 @@ plain text (the terminal), Markdown or HTML. Every number is formatted by
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 
 from ._format import pm
+from ._table_render import Table, render_html, render_md, render_text
 from .experiments.assess import LABELS
 from .experiments.ioffe import ARMS
 from .report_marks import failed_seeds, steps_cell
@@ -30,8 +29,6 @@ __all__ = [
     "render_md",
     "render_text",
 ]
-
-Table = tuple[list[str], list[list[str]]]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -346,50 +343,6 @@ def cost_table(results: dict) -> Table:
             ]
         )
     return head, out
-
-
-def render_text(table: Table) -> str:
-    """A table as aligned plain text (for the terminal).
-
-    Parameters
-    ----------
-    table : (head, rows)
-
-    Returns
-    -------
-    str
-    """
-    head, rows = table
-    allrows = [head, *rows]
-    widths = [max(len(r[i]) for r in allrows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in allrows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def render_md(table: Table) -> str:
-    """A table as Markdown."""
-    head, rows = table
-    return "\n".join(
-        [
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-            *["| " + " | ".join(r) + " |" for r in rows],
-        ]
-    )
-
-
-def render_html(table: Table) -> str:
-    """A table as an HTML ``<table>`` (cells escaped)."""
-    head, rows = table
-    esc = html.escape
-    return (
-        "<table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in head)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-        + "</table>"
-    )
 
 
 def format_table(results: dict, summary: dict) -> str:
