@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and large ones (parallel kernels), and say how long it took. Later runs load the "
         "kernels from numba's on-disk cache in well under a second.",
     )
-    warm.add_argument("--quiet", action="store_true", help="no progress bar")
+    warm.add_argument("--quiet", action="store_true", help="no progress output")
     warm.set_defaults(func=_warmup)
 
     inspect = sub.add_parser(
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (default 3)"
     )
-    sync.add_argument("--quiet", action="store_true", help="no progress bar")
+    sync.add_argument("--quiet", action="store_true", help="no progress output")
     sync.set_defaults(func=_sync_demo)
     return parser
 
