@@ -193,3 +193,67 @@ def test_inspect_names_the_layer_as_its_constructor_call(make, head, tmp_path, c
     assert ",)" not in first and "[" not in first
     assert first.endswith("; 1 batch tracked")
     assert repr(layer).startswith(first.split(": ", 1)[1].split(")")[0])
+
+
+def test_a_bad_value_names_its_flag_once(monkeypatch, capsys):
+    """``--steps abc`` used to print 'argument --steps: --steps must be an integer'."""
+    monkeypatch.setattr(cli, "_demo", _refuse_work)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--steps", "abc"])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "batchnorm demo: error: --steps must be an integer; got 'abc'"
+    assert last.count("--steps") == 1
+
+
+def test_other_parser_errors_keep_their_argument_prefix(capsys):
+    """Only a message that already names its flag loses argparse's prefix."""
+    with pytest.raises(SystemExit):
+        main(["demo", "--dataset", "cifar"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --dataset: invalid choice: 'cifar'" in last
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--steps", "100", "--eval-every", "1000"], ("--eval-every 1000", "--steps 100")),
+        (["--eval-every", "2001"], ("--eval-every 2001", "--steps (2000, the default)")),
+        (["--steps", "7", "--eval-every", "8"], ("--eval-every 8", "--steps 7")),
+    ],
+)
+def test_an_evaluation_interval_longer_than_the_run_is_refused(
+    argv, words, tmp_path, monkeypatch, capsys
+):
+    """``--steps 100 --eval-every 1000`` used to run and judge claims from two points."""
+    import batchnorm_demo.data
+
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    out = tmp_path / "never"
+    assert main(["demo", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv", [["--steps", "100", "--eval-every", "100"], ["--eval-every", "2000"]]
+)
+def test_an_evaluation_interval_up_to_the_run_length_is_accepted(argv, tmp_path, monkeypatch):
+    """The negative control: the check refuses only intervals longer than the run."""
+    import batchnorm_demo.data
+
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    with pytest.raises(AssertionError, match="started working"):
+        main(["demo", *argv, "--out", str(tmp_path / "out")])
+
+
+def test_download_without_full_mnist_names_both_flags(tmp_path, monkeypatch, capsys):
+    import batchnorm_demo.data
+
+    monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
+    assert main(["demo", "--download", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "--download" in err and "--dataset mnist " in err and "mnist-subset" in err
+    assert not (tmp_path / "never").exists()

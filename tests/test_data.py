@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import struct
+import urllib.error
 
 import numpy as np
 import pytest
@@ -131,7 +132,52 @@ def test_download_verifies_checksums(tmp_path, rng, monkeypatch):
 
     with pytest.raises(ValueError, match="checksum mismatch"):
         bd.download_mnist(tmp_path / "bad", base_url="http://test.invalid/", opener=corrupt_opener)
-    assert list((tmp_path / "bad").iterdir()) == []  # nothing half-written left behind
+    assert not (tmp_path / "bad").exists()  # nothing half-written left, not even the folder
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        urllib.error.URLError(OSError(-3, "Temporary failure in name resolution")),
+        urllib.error.HTTPError("http://test.invalid/x", 404, "Not Found", {}, None),
+        TimeoutError("timed out"),
+    ],
+    ids=["offline", "http-404", "timeout"],
+)
+def test_failed_download_names_the_url_the_file_and_the_way_out(tmp_path, failure):
+    """Offline, --download used to fail with only '<urlopen error ...>'."""
+    requested = []
+
+    def opener(url):
+        requested.append(url)
+        raise failure
+
+    folder = tmp_path / "mnist"
+    with pytest.raises(OSError) as exc:
+        bd.download_mnist(folder, base_url="http://test.invalid/m/", opener=opener)
+    msg = str(exc.value)
+    first = bd.MNIST_FILES["train_images"][0] + ".gz"
+    assert requested == [f"http://test.invalid/m/{first}"]  # stops at the first failure
+    assert requested[0] in msg  # the URL
+    assert str(folder / first) in msg  # the file it was meant for
+    assert "supply the files yourself" in msg and "--data" in msg  # the way out
+    for stem, _ in bd.MNIST_FILES.values():
+        assert stem in msg  # every file the user must supply
+    assert not folder.exists()  # the folder this call created is gone again
+
+
+def test_failed_download_keeps_a_folder_that_was_there(tmp_path):
+    """Only a folder the call created is removed; files already present stay."""
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+
+    def opener(url):
+        raise urllib.error.URLError("no network")
+
+    with pytest.raises(OSError, match="could not download"):
+        bd.download_mnist(folder, base_url="http://test.invalid/", opener=opener)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # no .part left behind
 
 
 def test_stratified_split(rng):

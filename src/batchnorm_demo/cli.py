@@ -19,44 +19,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ._progress import Progress
+
 __all__ = ["main"]
 
 
-class Progress:
-    """A tqdm progress bar on stderr driven by ``(done, total)`` calls.
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose error messages name the flag once.
 
-    Parameters
-    ----------
-    label : str
-        Shown before the bar.
-    unit : str
-        What ``done`` and ``total`` count.
+    argparse puts ``argument --steps: `` before a type's message; the types here name the
+    flag themselves (``--steps must be an integer; got 'abc'``), so the prefix is dropped.
     """
 
-    def __init__(self, label: str, unit: str = "it"):
-        from tqdm import tqdm
-
-        # smoothing=0: the rate (and so the ETA) is the average since the start, which is
-        # steady from the first seconds instead of following every burst
-        self.bar = tqdm(
-            total=1.0,
-            desc=label,
-            unit=unit,
-            smoothing=0.0,
-            file=sys.stderr,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}",
-        )
-        self.done = 0.0
-
-    def __call__(self, done: float, total: float) -> None:
-        """Move the bar to ``done`` out of ``total``."""
-        if total and self.bar.total != total:
-            self.bar.total = total
-        if done > self.done:
-            self.bar.update(done - self.done)
-            self.done = done
-        if total and done >= total:
-            self.bar.close()
+    def error(self, message: str):
+        """Exit with status 2 and ``message`` (without a repeated flag) on stderr."""
+        head, sep, rest = message.partition(": ")
+        if sep and head.startswith("argument "):
+            names = head[len("argument ") :].split("/")
+            if any(rest.startswith(f"{name} ") for name in names):
+                message = rest
+        super().error(message)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -184,11 +166,28 @@ def _check_dataset_flags(args: argparse.Namespace) -> None:
     if args.dataset == "mnist" and args.data is None:
         raise ValueError("--dataset mnist needs --data PATH (a folder of IDX files or an .npz)")
     if args.download and args.dataset != "mnist":
+        default = " (the default)" if args.dataset == "mnist-subset" else ""
         raise ValueError(
-            f"--download fetches full MNIST: it needs --dataset mnist, not {args.dataset}"
+            "--download fetches full MNIST: it needs --dataset mnist --data FOLDER; got "
+            f"--dataset {args.dataset}{default}, which needs no download"
         )
     if args.data is not None and args.dataset == "mnist1d":
         raise ValueError("--data does not apply to --dataset mnist1d (it is generated offline)")
+
+
+def _check_schedule(args: argparse.Namespace, steps: int) -> None:
+    """Refuse an evaluation interval longer than the sweep runs, naming both values (no
+    evaluation would fall inside a run: the claims would be judged from its two ends)."""
+    if args.eval_every is None or args.eval_every <= steps:
+        return
+    if args.steps is not None:
+        given = f"--steps {steps}"
+    else:
+        given = f"--steps ({steps}, the default{' of --full' if args.full else ''})"
+    raise ValueError(
+        f"--eval-every {args.eval_every} is larger than {given}: no evaluation would fall "
+        f"inside a run; give --eval-every {steps} or less"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -199,16 +198,17 @@ def _demo(args: argparse.Namespace) -> int:
     from .warmup import watch_compiles
 
     _check_dataset_flags(args)
-    out = _check_out(args.out)
     config = IoffeConfig.full() if args.full else IoffeConfig()
     if args.steps is not None:
         config = config.scaled(args.steps)
+    _check_schedule(args, config.steps)
     if args.eval_every is not None:
         config = replace(config, eval_every=args.eval_every)
     if args.seeds is not None:
         config = replace(config, seeds=args.seeds)
     if args.workers is not None:
         config = replace(config, workers=args.workers)
+    out = _check_out(args.out)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
     notice = _notice_once("demo")
@@ -232,7 +232,7 @@ def _demo(args: argparse.Namespace) -> int:
             )
     finally:
         if progress is not None:
-            progress.bar.close()  # an interrupted bar ends its line before the message
+            progress.close()  # an interrupted bar ends its line before the message
     results["wall_seconds"] = round(time.monotonic() - start, 1)
     summary = write_report(results, out)
     print(format_table(results, summary))
@@ -388,7 +388,7 @@ def _sync_demo(args: argparse.Namespace) -> int:
             results = run(config, data, comm=comm, progress=progress)
     finally:
         if progress is not None:
-            progress.bar.close()
+            progress.close()
     if rank0:
         s = write_sync_report(results, args.out)
         print(
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     from batchnorm import __version__
 
     fmt = _HelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="batchnorm",
         formatter_class=fmt,
         description="Batch Normalization by hand in NumPy: run the demo, benchmark the kernels, "
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and large ones (parallel kernels), and say how long it took. Later runs load the "
         "kernels from numba's on-disk cache in well under a second.",
     )
-    warm.add_argument("--quiet", action="store_true", help="no progress bar")
+    warm.add_argument("--quiet", action="store_true", help="no progress output")
     warm.set_defaults(func=_warmup)
 
     inspect = sub.add_parser(
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (default 3)"
     )
-    sync.add_argument("--quiet", action="store_true", help="no progress bar")
+    sync.add_argument("--quiet", action="store_true", help="no progress output")
     sync.set_defaults(func=_sync_demo)
     return parser
 

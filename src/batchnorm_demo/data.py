@@ -317,32 +317,91 @@ def load_mnist_files(path: str | os.PathLike, *, download: bool = False) -> Data
     )
 
 
-def download_mnist(
-    folder: str | os.PathLike, *, base_url: str = MNIST_MIRROR, opener=urllib.request.urlopen
-) -> Path:
+DOWNLOAD_TIMEOUT = 60.0  # seconds without an answer before a download counts as failed
+
+
+def _urlopen(url: str):
+    return urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+
+
+def _supply_yourself(folder: Path) -> str:
+    """How to give the demo full MNIST without the network (for the download errors)."""
+    names = ", ".join(stem + ".gz" for stem, _ in MNIST_FILES.values())
+    return (
+        f"to supply the files yourself, copy the four MNIST IDX files ({names}; gzipped or "
+        f"not) into {folder} and run again without --download, or pass --data FILE.npz "
+        "with the arrays x_train, y_train, x_test, y_test"
+    )
+
+
+def download_mnist(folder: str | os.PathLike, *, base_url: str = MNIST_MIRROR, opener=None) -> Path:
     """Fetch the four gzipped MNIST files into ``folder``, verifying each MD5 sum.
 
     Files already present are kept. A download whose checksum does not match is deleted and
-    raises ValueError; nothing half-written is left under the final name.
+    raises ValueError; nothing half-written is left under the final name. A download that
+    fails (no network, a refused or missing URL) raises OSError naming the URL, the file it
+    was meant for and how to supply the files instead; ``folder``, if this call created it
+    and nothing arrived, is removed again.
+
+    Parameters
+    ----------
+    folder : path
+        Where the files go (created if missing).
+    base_url : str
+        The mirror; each file's URL is ``base_url`` + its name.
+    opener : callable, optional
+        ``opener(url)`` returns a readable binary response (a context manager); by default
+        :func:`urllib.request.urlopen` with a timeout of :data:`DOWNLOAD_TIMEOUT` seconds
+        (a fake one in tests).
+
+    Returns
+    -------
+    Path
+        ``folder``.
     """
+    if opener is None:
+        opener = _urlopen
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    for stem, md5 in MNIST_FILES.values():
-        if _find(folder, stem) is not None:
-            continue
-        target = folder / (stem + ".gz")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".part")
-        try:
-            with opener(base_url + target.name) as response, os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(response, out)
-            digest = hashlib.md5(Path(tmp).read_bytes()).hexdigest()
-            if digest != md5:
-                raise ValueError(f"{target.name}: checksum mismatch (md5 {digest}, expected {md5})")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        for stem, md5 in MNIST_FILES.values():
+            if _find(folder, stem) is None:
+                _fetch_one(folder / (stem + ".gz"), base_url, md5, opener)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
     return folder
+
+
+def _fetch_one(target: Path, base_url: str, md5: str, opener) -> None:
+    """Download ``base_url + target.name`` to ``target`` through a temporary file."""
+    url = base_url + target.name
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        try:
+            with opener(url) as response, os.fdopen(fd, "wb") as out:
+                fd = None
+                shutil.copyfileobj(response, out)
+        except OSError as exc:  # URLError, HTTPError, timeouts, resets are all OSErrors
+            reason = getattr(exc, "reason", None) or exc
+            raise OSError(
+                f"could not download {url} into {target} ({reason}); "
+                + _supply_yourself(target.parent)
+            ) from exc
+        digest = hashlib.md5(Path(tmp).read_bytes()).hexdigest()
+        if digest != md5:
+            raise ValueError(
+                f"{target.name} downloaded from {url}: checksum mismatch (md5 {digest}, "
+                f"expected {md5}); nothing was kept. " + _supply_yourself(target.parent)
+            )
+        os.replace(tmp, target)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_dataset(

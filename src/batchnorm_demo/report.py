@@ -20,7 +20,9 @@ from pathlib import Path
 from ._atomic import staged_folder
 from ._format import pm
 from .experiments.assess import summarize
+from .experiments.ioffe import ARMS
 from .report_figures import write_figures
+from .report_marks import failure_note, unfit_note
 from .report_tables import (
     cost_table,
     deep_table,
@@ -44,6 +46,11 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
     cfg, ds = results["config"], results["dataset"]
     reg = results["regularization"]
     claims = summary["claims"]
+    fit = cfg["fit_threshold"]
+
+    def sweep(*args):
+        return lr_sweep_table(*args, summary=summary)
+
     arch = f"{ds['n_features']}-" + "-".join(str(h) for h in cfg["hidden"]) + f"-{ds['n_classes']}"
     b: list[tuple] = [
         ("h1", "Does batch normalization do what the articles say?"),
@@ -76,16 +83,20 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ("h2", "Learning-rate sweep"),
         (
             "p",
-            "Final test accuracy (%); * marks the rate chosen on validation, † a rate where "
-            "some seed diverged (counted as chance).",
+            "Final test accuracy (%); * marks the rate chosen on validation; † marks a rate "
+            "at which some seed diverged (its training loss became non-finite; it counts as "
+            f"chance, {100 / ds['n_classes']:.0f}%, from then on) or ended below the usable "
+            f"threshold of {100 * summary['usable_threshold']:.1f}% test accuracy. The rates "
+            "without † are each arm's usable rates; the same marks, judged on final test "
+            "accuracy, appear in the sweep tables below. " + failure_note(results, summary),
         ),
-        ("table", lr_sweep_table(results)),
+        ("table", sweep(results)),
         ("p", "Validation accuracy (%), which chose the rates:"),
-        ("table", lr_sweep_table(results, "val_accuracy")),
+        ("table", sweep(results, "val_accuracy")),
         ("p", f"Test accuracy (%) at step {results['ioffe']['bn']['early_step']} (how fast):"),
-        ("table", lr_sweep_table(results, "early_test_accuracy")),
+        ("table", sweep(results, "early_test_accuracy")),
         ("p", "Final training loss (mean over the last evaluation interval):"),
-        ("table", lr_sweep_table(results, "train_loss", 1.0, 4)),
+        ("table", sweep(results, "train_loss", 1.0, 4)),
         ("img", "learning_rates.png", "test accuracy and training loss against learning rate"),
         ("img", "accuracy.png", "test accuracy over training at the chosen rates"),
         ("h2", "Initial scale and depth"),
@@ -129,12 +140,13 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         (
             "p",
             f"On {reg['dataset']['description'] if reg.get('dataset') else '?'}: each arm at "
-            f"its chosen rate, trained until it reaches {100 * cfg['fit_threshold']:.0f}% "
-            f"training accuracy (checked every {cfg['eval_every']} steps, at most "
-            f"{cfg['reg_steps']} steps), so that test accuracy compares generalization, not "
-            "under-fitting.",
+            f"its chosen rate, trained until it reaches {100 * fit:.0f}% training accuracy "
+            f"(checked every {cfg['eval_every']} steps) or for at most {cfg['reg_steps']} "
+            "steps, so that test accuracy compares generalization, not under-fitting; ‡ "
+            "marks an arm where some seed stopped at that cap without fitting.",
         ),
         ("table", regularization_table(results)),
+        ("p", unfit_note({a: reg[a] for a in ARMS}, fit, reg.get("steps", cfg["reg_steps"]))),
         (
             "p",
             f"Ghost batch norm (GhostBatchNorm) on {ds['name']}: the BN arm at its chosen "
@@ -142,15 +154,38 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
             f"{cfg['batch_size']}, trained until fitted (at most {cfg['ghost_steps']} steps). "
             "The gap is test accuracy in training mode (statistics of each batch of "
             f"{cfg['batch_size']} test items, split the same "
-            "way) minus evaluation mode (running statistics).",
+            "way) minus evaluation mode (running statistics); ‡ as above.",
         ),
         ("table", ghost_table(results)),
+        (
+            "p",
+            unfit_note(
+                results["ghost"], fit, results["ghost_settings"].get("steps", cfg["ghost_steps"])
+            ),
+        ),
         ("img", "regularization.png", "regularization"),
         ("h2", "Settings and cost of each sub-experiment"),
         ("table", cost_table(results)),
+        ("p", _cost_note(results)),
         ("p", "All numbers come from this run; results.json holds every number and curve."),
     ]
-    return b
+    return [blk for blk in b if blk[0] != "p" or blk[1].strip()]  # notes with nothing to say
+
+
+def _cost_note(results: dict) -> str:
+    groups = results.get("cpu_seconds", {}).values()
+    per_group = any(isinstance(g, dict) and "wall_seconds" in g for g in groups)
+    return (
+        "CPU seconds: the processor time of every run of a sub-experiment, summed over its "
+        "runs (in the worker processes); with several workers it exceeds the wall time. "
+        "Wall seconds: elapsed time from start to end"
+        + (
+            "."
+            if per_group
+            else " of the whole training (the sub-experiments' runs share the worker "
+            "processes, so they have no wall time of their own)."
+        )
+    )
 
 
 def _markdown(blocks: list[tuple]) -> str:

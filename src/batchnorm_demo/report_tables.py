@@ -5,13 +5,13 @@ plain text (the terminal), Markdown or HTML. Every number is formatted by
 
 from __future__ import annotations
 
-import html
-
 import numpy as np
 
 from ._format import pm
+from ._table_render import Table, render_html, render_md, render_text
 from .experiments.assess import LABELS
 from .experiments.ioffe import ARMS
+from .report_marks import failed_seeds, steps_cell
 
 __all__ = [
     "Table",
@@ -29,8 +29,6 @@ __all__ = [
     "render_md",
     "render_text",
 ]
-
-Table = tuple[list[str], list[list[str]]]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -74,12 +72,17 @@ def main_table(results: dict, summary: dict) -> Table:
 
 
 def lr_sweep_table(
-    results: dict, metric: str = "test_accuracy", scale: float = 100.0, digits: int = 1
+    results: dict,
+    metric: str = "test_accuracy",
+    scale: float = 100.0,
+    digits: int = 1,
+    summary: dict | None = None,
 ) -> Table:
     """The learning-rate sweep: one row per arm, one column per rate, ``metric`` mean ± sd.
 
-    The chosen rate of each arm is marked with ``*``; a rate at which some seed diverged is
-    marked with ``†``.
+    The chosen rate of each arm is marked with ``*``; a rate at which some seed diverged, or
+    (given ``summary``) ended below the usable threshold, with ``†`` (see
+    :func:`failed_seeds`), whatever ``metric`` is shown.
 
     Parameters
     ----------
@@ -89,12 +92,15 @@ def lr_sweep_table(
         ``"early_test_accuracy"``.
     scale, digits : float, int
         As in :func:`pm`.
+    summary : dict, optional
+        The summary, for its ``usable_threshold``.
 
     Returns
     -------
     (head, rows)
     """
     lrs = [float(x) for x in results["config"]["lrs"]]
+    threshold = None if summary is None else summary.get("usable_threshold")
     head = ["arm"] + [f"lr {x:g}" for x in lrs]
     rows = []
     for arm in ARMS:
@@ -102,7 +108,7 @@ def lr_sweep_table(
         for lr in lrs:
             v = results["lr_sweep"][arm][repr(lr)]
             mark = "*" if lr == results["selected_lr"][arm] else ""
-            mark += "†" if any(v.get("diverged", [])) else ""
+            mark += "†" if failed_seeds(v, threshold) else ""
             row.append(pm(v[metric], scale, digits) + mark)
         rows.append(row)
     return head, rows
@@ -203,19 +209,20 @@ def ics_table(results: dict) -> Table:
 
 
 def regularization_table(results: dict) -> Table:
-    """The regularization runs: steps, training and test accuracy and their gap."""
-    reg = results["regularization"]
+    """The regularization runs: steps (``‡``: some seed hit the cap unfitted), training and
+    test accuracy and their gap."""
+    reg, fit = results["regularization"], results["config"]["fit_threshold"]
+    cap = reg.get("steps", results["config"].get("reg_steps"))
     head = ["arm", "lr", "steps", "train acc (%)", "test acc (%)", "train − test (points)"]
     rows = []
     for a in ARMS:
         r = reg[a]
         gap = np.subtract(r["final_train_accuracy"], r["final_test_accuracy"])
-        steps = r.get("steps_run", [])
         rows.append(
             [
                 LABELS[a],
                 f"{r['lr']:g}",
-                "-".join(sorted({str(min(steps)), str(max(steps))})) if steps else "?",
+                steps_cell(r, fit, cap),
                 pm(r["final_train_accuracy"]),
                 pm(r["final_test_accuracy"]),
                 pm(gap),
@@ -225,8 +232,10 @@ def regularization_table(results: dict) -> Table:
 
 
 def ghost_table(results: dict) -> Table:
-    """The ghost-batch sweep: accuracies and the train-mode minus eval-mode gap per size."""
-    g = results["ghost"]
+    """The ghost-batch sweep: steps (``‡`` as in :func:`regularization_table`), accuracies and
+    the train-mode minus eval-mode gap per virtual batch size."""
+    g, fit = results["ghost"], results["config"]["fit_threshold"]
+    cap = results.get("ghost_settings", {}).get("steps", results["config"].get("ghost_steps"))
     head = [
         "virtual batch",
         "steps",
@@ -234,27 +243,23 @@ def ghost_table(results: dict) -> Table:
         "test acc (%)",
         "train-mode − eval-mode test acc (points)",
     ]
-    rows = []
-    for k in sorted(g, key=int):
-        steps = g[k].get("steps_run", [])
-        rows.append(
-            [
-                k,
-                "-".join(sorted({str(min(steps)), str(max(steps))})) if steps else "?",
-                pm(g[k]["final_train_accuracy"]),
-                pm(g[k]["final_test_accuracy"]),
-                pm(g[k]["train_eval_gap"]),
-            ]
-        )
+    rows = [
+        [
+            k,
+            steps_cell(g[k], fit, cap),
+            pm(g[k]["final_train_accuracy"]),
+            pm(g[k]["final_test_accuracy"]),
+            pm(g[k]["train_eval_gap"]),
+        ]
+        for k in sorted(g, key=int)
+    ]
     return head, rows
 
 
-def cost_table(results: dict) -> Table:
-    """Runs, steps and CPU seconds of each sub-experiment (and the wall clock)."""
-    cfg = results["config"]
-    cpu = results.get("cpu_seconds", {})
+def _cost_rows(cfg: dict) -> list[tuple[str, str, str, str]]:
+    """(key in cpu_seconds, what, runs, steps per run) of each known sub-experiment."""
     seeds = cfg["seeds"]
-    rows = [
+    return [
         (
             "lr_sweep",
             "learning-rate sweep (+ distribution probes, ICS)",
@@ -286,66 +291,58 @@ def cost_table(results: dict) -> Table:
             f"at most {cfg['ghost_steps']}",
         ),
     ]
-    head = ["sub-experiment", "runs", "steps per run", "CPU seconds (all runs)"]
+
+
+def cost_table(results: dict) -> Table:
+    """Runs, steps, CPU seconds and wall seconds of each sub-experiment, and in all.
+
+    Sub-experiments in ``results["cpu_seconds"]`` beyond the known ones get a row of their
+    own (named by their key); a wall time per sub-experiment is shown where results have one.
+    """
+    cfg = results["config"]
+    cpu = results.get("cpu_seconds", {})
+    rows = _cost_rows(cfg)
+    known = {key for key, *_ in rows}
+    rows += [
+        (k, k.replace("_", " "), f"{v.get('runs', '?')} runs", "")
+        for k, v in cpu.items()
+        if k not in known and isinstance(v, dict)
+    ]
+
+    def seconds(value) -> str:
+        return "" if value is None else f"{value:.0f}"
+
+    head = ["sub-experiment", "runs", "steps per run", "CPU seconds (all runs)", "wall seconds"]
     out = []
     for key, name, runs, steps in rows:
-        c = cpu.get(key, {}).get("cpu_seconds")
-        out.append([name, runs, steps, "n/a" if c is None else f"{c:.0f}"])
-    wall = results.get("wall_seconds")
-    if wall is not None:
+        c = cpu.get(key, {})
         out.append(
             [
-                f"all of the above (wall clock, {cfg['workers']} workers)",
+                name,
+                runs,
+                steps,
+                seconds(c.get("cpu_seconds")) or "n/a",
+                seconds(c.get("wall_seconds")),
+            ]
+        )
+    known_cpu = [
+        c["cpu_seconds"]
+        for c in cpu.values()
+        if isinstance(c, dict) and c.get("cpu_seconds") is not None
+    ]
+    wall = results.get("wall_seconds")
+    if wall is not None or known_cpu:
+        out.append(
+            [
+                f"all of the above ({cfg['workers']} worker process"
+                + ("es)" if cfg["workers"] != 1 else ")"),
                 "",
                 "",
-                f"{wall:.0f} (wall)",
+                seconds(sum(known_cpu)) if known_cpu else "n/a",
+                seconds(wall) or "n/a",
             ]
         )
     return head, out
-
-
-def render_text(table: Table) -> str:
-    """A table as aligned plain text (for the terminal).
-
-    Parameters
-    ----------
-    table : (head, rows)
-
-    Returns
-    -------
-    str
-    """
-    head, rows = table
-    allrows = [head, *rows]
-    widths = [max(len(r[i]) for r in allrows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in allrows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def render_md(table: Table) -> str:
-    """A table as Markdown."""
-    head, rows = table
-    return "\n".join(
-        [
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-            *["| " + " | ".join(r) + " |" for r in rows],
-        ]
-    )
-
-
-def render_html(table: Table) -> str:
-    """A table as an HTML ``<table>`` (cells escaped)."""
-    head, rows = table
-    esc = html.escape
-    return (
-        "<table><tr>"
-        + "".join(f"<th>{esc(h)}</th>" for h in head)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-        + "</table>"
-    )
 
 
 def format_table(results: dict, summary: dict) -> str:
@@ -361,6 +358,7 @@ def format_table(results: dict, summary: dict) -> str:
     """
     return (
         render_text(main_table(results, summary))
-        + "\n\nTest accuracy (%) by learning rate (* = chosen on validation):\n"
-        + render_text(lr_sweep_table(results))
+        + "\n\nTest accuracy (%) by learning rate (* = chosen on validation, † = some seed "
+        f"diverged or ended below {100 * summary['usable_threshold']:.1f}%):\n"
+        + render_text(lr_sweep_table(results, summary=summary))
     )
