@@ -21,6 +21,7 @@ from ._atomic import staged_folder
 from ._format import pm
 from .experiments.assess import summarize
 from .experiments.ioffe import ARMS
+from .report_smoothness import smoothness_table, smoothness_text
 from .report_figures import write_figures
 from .report_marks import failure_note, unfit_note
 from .report_tables import (
@@ -136,6 +137,12 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
             "size, so it is given at the common rate and at each arm's chosen rate.",
         ),
         ("table", ics_table(results)),
+        *(
+            [("h2", "Smoothness of the loss landscape"), ("p", smoothness_text(results)),
+             ("table", smoothness_table(results)),
+             ("img", "smoothness.png", "smoothness along the gradient")]
+            if "smoothness" in results else []
+        ),  # fmt: skip
         ("h2", "Regularization"),
         (
             "p",

@@ -21,6 +21,7 @@ FIGURES = (
     "distribution.png",
     "robustness.png",
     "regularization.png",
+    "smoothness.png",
 )
 
 
@@ -348,3 +349,7 @@ def write_figures(results: dict, summary: dict, out: Path) -> None:
     _distribution_figure(results, out / "distribution.png")
     _robustness_figure(results, out / "robustness.png")
     _regularization_figure(results, out / "regularization.png")
+    if "smoothness" in results:
+        from .report_smoothness import smoothness_figure
+
+        smoothness_figure(results, out / "smoothness.png", _plt())

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._format import mean_sd, pm
 from .compare import compare_accuracy, compare_measure, fitted, usable_rates
+from .verdicts import mark_borderline, smoothness_claim
 
 __all__ = [
     "compare_accuracy",
@@ -124,6 +125,7 @@ def summarize(results: dict) -> dict:
         f"{pm(sweep['no_bn'][common]['early_test_accuracy'])}% "
         f"({ce['outcome']})",
         "rests_on": noise_rule,
+        "comparisons": [c],
     }
 
     # --- final accuracy, each arm at its chosen rate
@@ -145,6 +147,7 @@ def summarize(results: dict) -> dict:
         "verdict": "inconclusive" if note else _verdict(c["outcome"]),
         "evidence": txt + (f"; {note}" if note else ""),
         "rests_on": noise_rule,
+        "comparisons": [] if note else [c],
     }
 
     # --- initial scale
@@ -170,6 +173,7 @@ def summarize(results: dict) -> dict:
         + f" (each arm at its chosen rate; BN - no BN at std {small} = "
         f"{_pp(c['diff'])} points, noise {_pp(c['noise'])})",
         "rests_on": noise_rule,
+        "comparisons": [c],
     }
 
     # --- depth
@@ -190,6 +194,7 @@ def summarize(results: dict) -> dict:
         f"{pm(deep['bn']['final_train_accuracy'])}%, no BN "
         f"{pm(deep['no_bn']['final_train_accuracy'])}%",
         "rests_on": noise_rule,
+        "comparisons": [c],
     }
 
     # --- distribution change (Ioffe's ICS as stated) and the noisy-BN control
@@ -219,6 +224,7 @@ def summarize(results: dict) -> dict:
         f"units), first {w} steps vs later: no BN {dtxt('no_bn')}; BN {dtxt('bn')}"
         f" (BN vs no BN: early {cmp_e['outcome']}, late {cmp_l['outcome']})",
         "rests_on": "the spread over seeds (twice the standard error of the difference)",
+        "comparisons": [cmp_e, cmp_l],
     }
     nz_seen = compare_measure(
         np.add(dist["noisy_bn"]["seen"]["early"], dist["noisy_bn"]["seen"]["late"]),
@@ -253,6 +259,7 @@ def summarize(results: dict) -> dict:
         f"and no BN {pm(arms['no_bn']['final_test_accuracy'])}% "
         f"({nz_vs_nobn['outcome']})",
         "rests_on": noise_rule + "; distribution change by the seed spread",
+        "comparisons": [nz_seen, nz_acc],
     }
 
     # --- Santurkar's gradient-based ICS
@@ -270,10 +277,18 @@ def summarize(results: dict) -> dict:
         f"update, mean over the run, at the common rate {common}: "
         + "; ".join(f"{LABELS[a]} {itxt(common_ics[a])}" for a in ics)
         + ". At each arm's chosen rate: "
-        + "; ".join(f"{LABELS[a]} (lr {ics[a]['lr']:g}) {itxt(ics[a])}" for a in ics),
+        + "; ".join(f"{LABELS[a]} (lr {ics[a]['lr']:g}) {itxt(ics[a])}" for a in ics)
+        + f". BN's ||G - G'||/||G|| at the common rate is "
+        + {"higher": "higher than no BN's beyond the noise (more shift with BN)",
+           "lower": "lower than no BN's beyond the noise (less shift with BN)",
+           "within noise": "within the noise of no BN's"}[c["outcome"]]  # fmt: skip
+        + f" (difference {c['diff']:+.3f}, noise {c['noise']:.3f})",
         "rests_on": "the spread over seeds; compared at a common rate because the measure grows "
         "with the step size",
+        "comparisons": [c],
     }
+    if "smoothness" in results:
+        claims["smoothness"] = smoothness_claim(results["smoothness"], common, LABELS)
 
     # --- regularization on the second dataset
     reg = results["regularization"]
@@ -299,13 +314,14 @@ def summarize(results: dict) -> dict:
         "rests_on": f"training until {100 * fit:.0f}% training accuracy (at most "
         f"{reg['steps']} steps); differences beyond twice the combined uncertainty "
         f"({reg_n} test items, seeds)",
+        "comparisons": [] if note else [c],
     }
 
     # --- ghost batches
     ghost = results["ghost"]
     sizes = sorted(ghost, key=int)
     full = sizes[-1]
-    better, worse, unfit = [], [], []
+    better, worse, unfit, ghost_cmp = [], [], [], []
     for k in sizes[:-1]:
         if not (
             fitted(ghost[k]["final_train_accuracy"], fit)
@@ -313,9 +329,11 @@ def summarize(results: dict) -> dict:
         ):
             unfit.append(k)
             continue
-        o = compare_accuracy(
+        gc = compare_accuracy(
             ghost[k]["final_test_accuracy"], ghost[full]["final_test_accuracy"], n_test
-        )["outcome"]
+        )
+        ghost_cmp.append(gc)
+        o = gc["outcome"]
         (better if o == "higher" else worse if o == "lower" else []).append(k)
     if better and not worse:
         v = "supported"
@@ -352,10 +370,16 @@ def summarize(results: dict) -> dict:
         f"until fitted (at most {cfg['ghost_steps']} steps); "
         "the gap is test accuracy with batch statistics (train mode) minus with "
         "running statistics (eval mode)",
+        "comparisons": ghost_cmp,
     }
     # a run too short for BN itself to fit its training data decides nothing about these
+    bn_fit = {"BN": arms["bn"]["final_train_accuracy"]}
     guards = {
-        "learning_rates": {"BN": arms["bn"]["final_train_accuracy"]},
+        "learning_rates": bn_fit,
+        "faster_training": bn_fit,
+        "stable_distributions": bn_fit,
+        "ics_gradient": bn_fit,
+        "smoothness": bn_fit,
         "small_init": {f"BN at std {small}": init[small]["bn"].get("final_train_accuracy", [])},
         "depth": {"the deep BN network": deep["bn"]["final_train_accuracy"]},
         "santurkar_control": {
@@ -365,9 +389,11 @@ def summarize(results: dict) -> dict:
     }
     for key, needs in guards.items():
         note = _fit_note(needs, fit)
-        if note:
+        if note and key in claims:
             claims[key]["verdict"] = "inconclusive"
             claims[key]["evidence"] += f"; {note}"
+            claims[key]["comparisons"] = []
+    mark_borderline(claims)
     for c in claims.values():  # sentences start with a capital
         c["evidence"] = c["evidence"][:1].upper() + c["evidence"][1:]
         c["rests_on"] = c["rests_on"][:1].upper() + c["rests_on"][1:]
