@@ -113,14 +113,16 @@ def batch_norm(
         training,
         gamma=gamma,
         beta=beta,
-        rm=running_mean,
-        rv=running_var,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     if not training:
-        y = evaluate(spec, x, *_share(x, f["gamma"], f["beta"], f["rm"], f["rv"]))
-        return y, (f["rm"], f["rv"])
+        y = evaluate(
+            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
+        )
+        return y, (f["running_mean"], f["running_var"])
     y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None)
-    return y, (_moving(f["rm"], mean, momentum), _moving(f["rv"], var, momentum))
+    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
 
 
 def batch_renorm(
@@ -180,16 +182,24 @@ def batch_renorm(
         training,
         gamma=gamma,
         beta=beta,
-        rm=running_mean,
-        rs=running_std,
+        running_mean=running_mean,
+        running_std=running_std,
     )
     if not training:
-        g, b, m, s = _share(x, f["gamma"], f["beta"], f["rm"], f["rs"])
-        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), (f["rm"], f["rs"])
+        g, b, m, s = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
+        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), (
+            f["running_mean"],
+            f["running_std"],
+        )
     rspec = Spec(spec.axes, spec.eps, spec.axis_name, lim)
-    y, mean, var = train(rspec, x, *_share(x, f["gamma"], f["beta"], f["rm"], f["rs"]))
+    y, mean, var = train(
+        rspec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
+    )
     sigma_b = jnp.sqrt(var + spec.eps)
-    return y, (_moving(f["rm"], mean, momentum), _moving(f["rs"], sigma_b, momentum))
+    return y, (
+        _moving(f["running_mean"], mean, momentum),
+        _moving(f["running_std"], sigma_b, momentum),
+    )
 
 
 def ghost_batch_norm(
@@ -235,11 +245,21 @@ def ghost_batch_norm(
     _args.required("running_var", running_var)
     momentum = _args.momentum(momentum)
     training, x, lay, spec, f = _prepare(
-        x, axis, eps, None, training, gamma=gamma, beta=beta, rm=running_mean, rv=running_var
+        x,
+        axis,
+        eps,
+        None,
+        training,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     if not training:
-        y = evaluate(spec, x, *_share(x, f["gamma"], f["beta"], f["rm"], f["rv"]))
-        return y, (f["rm"], f["rv"])
+        y = evaluate(
+            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
+        )
+        return y, (f["running_mean"], f["running_var"])
     vbs = _args.virtual_batch(virtual_batch_size, lay)
     g, b = _share(x, f["gamma"], f["beta"])
     parts = ghost_slices(x.shape[0], vbs, lay.count // x.shape[0])
@@ -250,4 +270,4 @@ def ghost_batch_norm(
         outs.append(y)
         mean, var = mean + w * m, var + w * v
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-    return y, (_moving(f["rm"], mean, momentum), _moving(f["rv"], var, momentum))
+    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
