@@ -26,6 +26,26 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
 
 
+def _section(title):
+    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _jax_blocks():
+    return re.findall(r"```python\n(.*?)```", _section("Use it from JAX"), flags=re.S)
+
+
+def _absent_framework(block: str) -> str | None:
+    """The optional framework (jax) a README block imports when it is not installed: the
+    block is then skipped, as the README says it needs that extra."""
+    from importlib.util import find_spec
+
+    for name in ("jax",):
+        if re.search(rf"^(import|from) {name}\b", block, flags=re.M) or block in _jax_blocks():
+            if find_spec(name) is None:
+                return name
+    return None
+
+
 def test_every_readme_python_block_runs_in_order(tmp_path, monkeypatch):
     """Every ```python block, run in order in one namespace, as a reader would paste them."""
     pytest.importorskip("safetensors")
@@ -35,6 +55,8 @@ def test_every_readme_python_block_runs_in_order(tmp_path, monkeypatch):
     assert len(blocks) >= 3
     namespace: dict = {}
     for i, block in enumerate(blocks):
+        if _absent_framework(block):
+            continue
         exec(compile(block, f"README python block {i}", "exec"), namespace)  # noqa: S102
         if i == 1:  # the pure kernels
             assert namespace["dx"].shape == namespace["x"].shape
@@ -43,6 +65,46 @@ def test_every_readme_python_block_runs_in_order(tmp_path, monkeypatch):
     assert not layer.training and (tmp_path / "bn.npz").exists()
     metrics = namespace["metrics"]  # the data-parallel loop, here on a single rank
     assert len(metrics) == 1 and np.isfinite(metrics[0]["loss"])
+
+
+def test_readme_jax_section_runs_and_gives_what_it_says():
+    """The "Use it from JAX" blocks on their own: the results against the library's own
+    single-device call (skipped without jax)."""
+    jax = pytest.importorskip("jax")
+    blocks = _jax_blocks()
+    assert len(blocks) == 2 and all(_absent_framework(b) is None for b in blocks)
+    ns: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README JAX block {i}", "exec"), ns)  # noqa: S102
+    jnp, bnj = jax.numpy, ns["bnj"]
+    assert ns["yj"].shape == ns["yr"].shape == ns["yg"].shape == (256, 16)
+    mean = np.asarray(ns["xj"], np.float64).mean(0)
+    np.testing.assert_allclose(np.asarray(ns["stats"][0]), 0.01 * mean, rtol=1e-6)
+    # d/dgamma_c of mean(y^2 c) = 2 c gamma var/(var + eps) / 16 = c/8 (unit variance data)
+    np.testing.assert_allclose(np.asarray(ns["grads"][0]), np.arange(16) / 8, rtol=2e-3)
+    stats = ns["stats"]
+
+    def single(g, b):
+        y, _ = bnj.batch_norm(ns["xs"], g, b, *stats, training=True)
+        return jnp.sum(y * ns["xs"])
+
+    for a, e in zip(
+        (ns["dg"], ns["db"]), jax.grad(single, argnums=(0, 1))(ns["gj"], ns["bj"]), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-3)
+
+
+def test_readme_blocks_needing_an_absent_framework_are_skipped(monkeypatch):
+    """Negative control for the skip: a block that imports jax is skipped only when jax is
+    missing, and a NumPy block never."""
+    import importlib.util
+
+    jax_block, numpy_block = _jax_blocks()[0], _blocks("python")[0]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert _absent_framework(jax_block) == "jax"
+    assert _absent_framework(numpy_block) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert _absent_framework(jax_block) is None
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):

@@ -1,0 +1,273 @@
+r"""Pure batch-norm functions for JAX, in Flax's conventions.
+
+``batch_norm(x, gamma, beta, running_mean, running_var, *, training, axis=-1,
+momentum=0.99, eps=1e-5, axis_name=None) -> (y, (new_running_mean, new_running_var))``
+
+Training mode normalizes with the batch statistics (biased variance) and moves the running
+statistics towards them,
+
+.. math:: m \leftarrow \text{momentum}\cdot m + (1-\text{momentum})\,\mu_B, \qquad
+          v \leftarrow \text{momentum}\cdot v + (1-\text{momentum})\,\sigma^2_B,
+
+Flax's direction (``momentum`` weighs the old value; the variance is the biased one, as
+Flax's ``BatchNorm`` uses). Evaluation mode normalizes with the running statistics and
+returns them unchanged. ``jax.grad`` goes through the library's hand-written backward pass
+(a ``jax.custom_vjp``); the new running statistics carry no gradient (like Flax's
+``batch_stats``). With ``axis_name`` (inside ``pmap``, ``shard_map`` or a named ``vmap``)
+the statistics and the backward pass's gradient sums are merged over that axis exactly and
+in participant order, so every participant gets bit-identical statistics.
+
+Everything static (``training``, ``axis``, ``momentum``, ``eps``, ``axis_name``, renorm's
+limits, the ghost batch size) is a Python value: under ``jax.jit`` mark such arguments
+static. A feature whose batch statistics are not finite keeps its running statistics (a
+traced function cannot raise on data); its outputs show the NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..._xp import stats_dtype
+from ...variants import ghost_slices
+from . import _args
+from . import _collective as coll
+from ._kernel import Spec, evaluate, train
+
+__all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm"]
+
+
+def _moving(old, batch, momentum: float):
+    """``momentum * old + (1 - momentum) * batch`` in the statistics dtype, returned in
+    ``old``'s dtype; features whose batch value is not finite keep ``old``."""
+    sdt = stats_dtype(jnp, None)
+    o, b = jnp.astype(old, sdt), jnp.astype(jax.lax.stop_gradient(batch), sdt)
+    new = momentum * o + (1.0 - momentum) * b
+    return jnp.astype(jnp.where(jnp.isfinite(b), new, o), old.dtype)
+
+
+def _prepare(x, axis, eps, axis_name, training, **arrays):
+    """Checked ``(training, x, layout, spec, per-feature arrays)``."""
+    training = _args.mode(training)
+    x = _args.as_x(x)
+    lay = _args.data_layout(x, axis)
+    eps = _args.static_eps(eps)
+    if training:
+        _args.check_axis_name(axis_name)
+    feats = _args.features(lay, axis, **arrays)
+    spec = Spec(lay.axes, eps, axis_name if training else None)
+    return training, x, lay, spec, feats
+
+
+def _share(x, *arrays):
+    """Per-feature arrays typed as varying wherever ``x`` is (``shard_map``), so that their
+    gradients inside the kernels are this participant's share."""
+    return [coll.varying_like(v, x) for v in arrays]
+
+
+def batch_norm(
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    *,
+    training: bool,
+    axis=-1,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    axis_name=None,
+):
+    """Batch normalization as a pure function (see the module docstring).
+
+    Parameters
+    ----------
+    x : jax.Array, any shape, float16/bfloat16/float32/float64
+    gamma, beta : jax.Array of the per-feature shape, or None (1 and 0)
+    running_mean, running_var : jax.Array of the per-feature shape
+    training : bool
+        Batch statistics (True) or the running statistics (False).
+    axis : int or tuple of int
+        Feature axes (default -1, Flax's).
+    momentum : float
+        Weight of the old running value (default 0.99, Flax's).
+    eps : float
+        Added to the variance (default 1e-5, Flax's).
+    axis_name : hashable, optional
+        Merge the batch statistics over this named axis (training only).
+
+    Returns
+    -------
+    y : jax.Array, shape and dtype of ``x``
+    (new_running_mean, new_running_var) : jax.Array, shapes and dtypes of the inputs
+        Unchanged in evaluation mode.
+    """
+    _args.required("running_mean", running_mean)
+    _args.required("running_var", running_var)
+    momentum = _args.momentum(momentum)
+    training, x, _, spec, f = _prepare(
+        x,
+        axis,
+        eps,
+        axis_name,
+        training,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    if not training:
+        y = evaluate(
+            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
+        )
+        return y, (f["running_mean"], f["running_var"])
+    y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None)
+    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
+
+
+def batch_renorm(
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_std,
+    *,
+    training: bool,
+    rmax: float,
+    dmax: float,
+    axis=-1,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+    axis_name=None,
+):
+    r"""Batch renormalization (Ioffe 2017) as a pure function, as :mod:`batchnorm.renorm`.
+
+    Training: :math:`r = \mathrm{clip}(\sigma_B/\sigma, 1/r_{max}, r_{max})`,
+    :math:`d = \mathrm{clip}((\mu_B - \mu)/\sigma, -d_{max}, d_{max})` with
+    :math:`\sigma_B = \sqrt{\sigma_B^2 + \epsilon}`, both constants of the backward pass,
+    and :math:`y = \gamma\,(\hat x\,r + d) + \beta`; the running mean and the running
+    *standard deviation* move towards :math:`\mu_B` and :math:`\sigma_B` (``momentum``
+    weighs the old value, as Keras 2's ``renorm_momentum``). Evaluation:
+    :math:`y = \gamma (x - \mu)/\sigma + \beta`. With ``rmax=1, dmax=0`` it is batch norm.
+
+    Parameters
+    ----------
+    x : jax.Array, any shape, floating
+    gamma, beta : jax.Array of the per-feature shape, or None (1 and 0)
+    running_mean, running_std : jax.Array of the per-feature shape
+        ``running_std`` must be > 0 (not checked: values are not inspected under ``jit``).
+    training : bool
+    rmax, dmax : float
+        Clipping limits, ``rmax >= 1``, ``dmax >= 0``.
+    axis : int or tuple of int
+    momentum : float
+    eps : float
+    axis_name : hashable, optional
+        Merge the batch statistics over this named axis (training only).
+
+    Returns
+    -------
+    y : jax.Array, shape and dtype of ``x``
+    (new_running_mean, new_running_std) : jax.Array, shapes and dtypes of the inputs
+    """
+    _args.required("running_mean", running_mean)
+    _args.required("running_std", running_std)
+    momentum = _args.momentum(momentum)
+    lim = _args.limits(rmax, dmax)
+    training, x, _, spec, f = _prepare(
+        x,
+        axis,
+        eps,
+        axis_name,
+        training,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_std=running_std,
+    )
+    if not training:
+        g, b, m, s = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
+        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), (
+            f["running_mean"],
+            f["running_std"],
+        )
+    rspec = Spec(spec.axes, spec.eps, spec.axis_name, lim)
+    y, mean, var = train(
+        rspec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
+    )
+    sigma_b = jnp.sqrt(var + spec.eps)
+    return y, (
+        _moving(f["running_mean"], mean, momentum),
+        _moving(f["running_std"], sigma_b, momentum),
+    )
+
+
+def ghost_batch_norm(
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    *,
+    training: bool,
+    virtual_batch_size: int,
+    axis=-1,
+    momentum: float = 0.99,
+    eps: float = 1e-5,
+):
+    """Ghost batch norm (Hoffer et al. 2017) as a pure function, as
+    :class:`batchnorm.GhostBatchNorm`: each virtual batch of ``virtual_batch_size``
+    consecutive samples along axis 0 is normalized with its own statistics (a last virtual
+    batch of one value per feature joins the one before, see
+    :func:`batchnorm.variants.ghost_slices`); the running statistics move once, towards the
+    size-weighted average of the virtual batches' mean and biased variance. Evaluation is
+    :func:`batch_norm`'s. Under ``pmap``/``shard_map`` the virtual batches are per device
+    (there is no ``axis_name``).
+
+    Parameters
+    ----------
+    x : jax.Array, shape (N, ...), floating; axis 0 must not be a feature axis
+    gamma, beta : jax.Array of the per-feature shape, or None (1 and 0)
+    running_mean, running_var : jax.Array of the per-feature shape
+    training : bool
+    virtual_batch_size : int
+        Samples per virtual batch (a static Python int).
+    axis : int or tuple of int
+    momentum : float
+    eps : float
+
+    Returns
+    -------
+    y : jax.Array, shape and dtype of ``x``
+    (new_running_mean, new_running_var) : jax.Array, shapes and dtypes of the inputs
+    """
+    _args.required("running_mean", running_mean)
+    _args.required("running_var", running_var)
+    momentum = _args.momentum(momentum)
+    training, x, lay, spec, f = _prepare(
+        x,
+        axis,
+        eps,
+        None,
+        training,
+        gamma=gamma,
+        beta=beta,
+        running_mean=running_mean,
+        running_var=running_var,
+    )
+    if not training:
+        y = evaluate(
+            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
+        )
+        return y, (f["running_mean"], f["running_var"])
+    vbs = _args.virtual_batch(virtual_batch_size, lay)
+    g, b = _share(x, f["gamma"], f["beta"])
+    parts = ghost_slices(x.shape[0], vbs, lay.count // x.shape[0])
+    outs, mean, var = [], 0.0, 0.0
+    for sl in parts:
+        y, m, v = train(spec, x[sl], g, b, None, None)
+        w = (sl.stop - sl.start) / x.shape[0]  # each part's share of the values
+        outs.append(y)
+        mean, var = mean + w * m, var + w * v
+    y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
