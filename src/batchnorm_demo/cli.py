@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_positive_int("--seeds"),
         default=None,
-        help="seeds per setting (2; 3 with --full)",
+        help="seeds per setting (3; 5 with --full)",
     )
     demo.add_argument(
         "--workers", type=_positive_int("--workers"), default=2, help="worker processes"

@@ -357,6 +357,13 @@ def summarize(results: dict) -> dict:
             f"not judged (an arm did not reach {100 * fit:.0f}% training accuracy): "
             f"{', '.join(unfit)}"
         )
+        if "2" in unfit:  # a property of the maths, stated only where it applies
+            extra.append(
+                "a virtual batch of 2 maps each unit to about +-1 whatever its input (x_hat = "
+                "d / sqrt(d^2 + eps) for the half-difference d), so almost no gradient reaches "
+                "the weights below a BN layer: only the output layer and the BN scales and "
+                "shifts learn, and such a network cannot fit"
+            )
     if not (better or worse or unfit):
         extra.append("every size within noise of the full batch")
     claims["ghost"] = {

@@ -76,7 +76,7 @@ class IoffeConfig:
     small_init_std: float = 0.01
     lrs: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
     bn_momentum: float = 0.9
-    seeds: int = 2
+    seeds: int = 3
     val_size: int = 1000
     eval_every: int = 250
     early_step: int = 500
@@ -94,7 +94,7 @@ class IoffeConfig:
     reg_dataset: str = "mnist1d"
     reg_steps: int = 15000
     ghost_sizes: tuple[int, ...] = (2, 4, 10, 20, 60)
-    ghost_steps: int = 800
+    ghost_steps: int = 3000
     fit_threshold: float = 0.99
     workers: int = 2
     noise: dict = field(
@@ -142,7 +142,7 @@ class IoffeConfig:
 
     @classmethod
     def full(cls, **overrides) -> IoffeConfig:
-        """The long schedule of ``--full``: the paper's 50,000 steps, 3 seeds.
+        """The long schedule of ``--full``: the paper's 50,000 steps, 5 seeds.
 
         Parameters
         ----------
@@ -151,7 +151,7 @@ class IoffeConfig:
         """
         base = dict(
             steps=50_000,
-            seeds=3,
+            seeds=5,
             eval_every=1000,
             probe_every=100,
             ics_every=500,
