@@ -41,6 +41,7 @@ def _compare(group, alone, *, rtol=1e-9):
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["no_bn", "bn", "noisy_bn"])
 def test_measured_sweep_runs_equal_one_by_one(main_data, arm):
     tr, val = main_data
@@ -64,6 +65,7 @@ def test_measured_sweep_runs_equal_one_by_one(main_data, arm):
     assert len({g["parameter_digest"] for g in group}) == len(group)
 
 
+@pytest.mark.slow
 def test_ghost_runs_stop_at_fit_like_one_by_one(main_data):
     tr, _ = main_data
     cfg = IoffeConfig(steps=40, eval_every=10, early_step=20, fit_threshold=0.3)
@@ -96,6 +98,7 @@ def test_divergence_leaves_the_batch_like_one_by_one(main_data, arm):
     assert len(first_inf) >= 1
 
 
+@pytest.mark.slow
 def test_regularization_runs_on_mnist1d_equal_one_by_one():
     data = load_dataset("mnist1d")
     cfg = IoffeConfig(steps=60, eval_every=10, early_step=20)

@@ -190,6 +190,31 @@ def _check_schedule(args: argparse.Namespace, steps: int) -> None:
     )
 
 
+def _machine() -> dict:
+    """Where the demo ran (the report's reproducibility note): CPU, cores, library builds."""
+    import platform
+
+    import numba
+
+    import batchnorm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "batchnorm": batchnorm.__version__,
+    }
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.ioffe import IoffeConfig
@@ -234,6 +259,8 @@ def _demo(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()  # an interrupted bar ends its line before the message
     results["wall_seconds"] = round(time.monotonic() - start, 1)
+    results["seed"] = args.seed
+    results["machine"] = _machine()
     summary = write_report(results, out)
     print(format_table(results, summary))
     print()

@@ -43,6 +43,24 @@ from .report_tables import (
 __all__ = ["format_table", "lr_sweep_table", "main_table", "pm", "render_text", "write_report"]
 
 
+def _reproducibility(results: dict, claims: dict) -> str:
+    """What a rerun gives: bit-identical here, rounding-level divergence elsewhere."""
+    m = results.get("machine", {})
+    where = ", ".join(f"{k} {v}" for k, v in m.items()) if m else "this machine"
+    border = [c["title"] for c in claims.values() if c["verdict"].startswith("borderline")]
+    return (
+        f"Reproducibility: every random stream derives from --seed {results.get('seed', 0)}; "
+        "runs are trained in groups fixed by the plan, each worker on one thread, so a rerun "
+        "on the same machine and library build gives bit-identical numbers with any number "
+        f"of workers (this run: {where}). On another machine (other CPU vector width, BLAS or "
+        "math library) the last bits of the arithmetic differ and training, which is chaotic, "
+        "amplifies them: expect each accuracy to move by about its spread over seeds, and "
+        "verdicts to change only where they are marked borderline ("
+        + (", ".join(border) if border else "none in this run")
+        + ")."
+    )
+
+
 def _blocks(results: dict, summary: dict) -> list[tuple]:
     cfg, ds = results["config"], results["dataset"]
     reg = results["regularization"]
@@ -67,6 +85,7 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
             "the highest mean validation accuracy (never test data, never training loss), "
             "and the comparison uses those runs' test accuracy.",
         ),
+        ("p", _reproducibility(results, claims)),
         ("h2", "Verdicts"),
     ]
     for c in claims.values():
