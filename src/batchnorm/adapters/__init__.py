@@ -1,0 +1,6 @@
+"""Framework adapters: this library's kernels as PyTorch modules (:mod:`batchnorm.torch`)
+and JAX functions (:mod:`batchnorm.jax`).
+
+Importing this package imports no framework; each subpackage imports its framework only
+when it is imported itself.
+"""
