@@ -61,6 +61,8 @@ class NormBase(torch.nn.Module):
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -74,7 +76,10 @@ class NormBase(torch.nn.Module):
         self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
         if self.affine:
             self.weight = torch.nn.Parameter(torch.empty(num_features, **kw))
-            self.bias = torch.nn.Parameter(torch.empty(num_features, **kw))
+            if bias:
+                self.bias = torch.nn.Parameter(torch.empty(num_features, **kw))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -103,13 +108,15 @@ class NormBase(torch.nn.Module):
         self.reset_running_stats()
         if self.affine:
             torch.nn.init.ones_(self.weight)
-            torch.nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         """The constructor arguments, as torch prints them."""
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None or not self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def __prepare_scriptable__(self):
@@ -131,7 +138,9 @@ class NormBase(torch.nn.Module):
         dims = self.input_dims
         if dims is not None and x.dim() not in dims:
             want = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(f"expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})")
+            raise ValueError(
+                f"expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})"
+            )
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
         if x.shape[1] != self.num_features:
@@ -219,6 +228,8 @@ class BatchNorm1d(NormBase):
         Keep running statistics (else batch statistics in evaluation too).
     device, dtype : optional
         Of the parameters and buffers.
+    bias : bool
+        With ``affine``: whether there is a learnable ``bias`` (keyword only, as torch).
     """
 
     input_dims = (2, 3)
@@ -229,7 +240,7 @@ class BatchNorm2d(NormBase):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, device, dtype
+    num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
         As :class:`BatchNorm1d`.
     """
 
@@ -241,7 +252,7 @@ class BatchNorm3d(NormBase):
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, device, dtype
+    num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
         As :class:`BatchNorm1d`.
     """
 
