@@ -98,7 +98,8 @@ def test_arguments_match_torch(kw):
         _close(ya, yb, torch.float64)
         for a, b in zip(ga, gb, strict=True):
             _close(a, b, torch.float64)
-        for (ka, a), (kb, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        pairs = zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True)
+        for (ka, a), (kb, b) in pairs:
             assert ka == kb
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
