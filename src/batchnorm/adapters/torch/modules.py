@@ -18,6 +18,8 @@ message; under ``torch.compile`` the layers run eagerly (a graph break around ea
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ...conventions import RunningStats, update_running
@@ -37,6 +39,26 @@ def check_jit(module: torch.nn.Module) -> None:
     """Refuse ``torch.jit.trace`` with a clear message (scripting is refused earlier)."""
     if torch.jit.is_tracing():
         raise RuntimeError(_NO_SCRIPT.format(cls=type(module).__name__, verb="trace"))
+
+
+class eager:  # noqa: N801 - used as a decorator
+    """A ``forward`` that ``torch.compile`` runs eagerly (a graph break around the layer).
+
+    The method is wrapped in ``torch.compiler.disable`` only once ``torch._dynamo`` has been
+    imported (by ``torch.compile``), so importing this module does not import the compiler.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn, self.disabled = fn, None
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, cls=None):
+        fn = self.fn
+        if "torch._dynamo" in sys.modules:
+            if self.disabled is None:
+                self.disabled = torch.compiler.disable(self.fn)
+            fn = self.disabled
+        return fn if obj is None else fn.__get__(obj, cls)
 
 
 def _host(t: torch.Tensor):
@@ -188,6 +210,7 @@ class NormBase(torch.nn.Module):
         """The reducer of a training forward (None: this process only)."""
         return None
 
+    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` (see the module docstring); updates the running statistics
         in training mode."""
@@ -206,8 +229,6 @@ class NormBase(torch.nn.Module):
         if self.training and self.track_running_stats:
             self.update_running(op.stats)
         return y
-
-    forward = torch.compiler.disable(forward)
 
 
 class BatchNorm1d(NormBase):

@@ -12,13 +12,16 @@ seconds (the process group is then unusable; the launcher tears the job down).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 
 from ..._sync.reducer import MpiReducer
 from ...core.reduce import KIND_TRAIN, Call
+from . import _bridge as B
 from .function import BatchNormOp, apply
-from .modules import NormBase, check_jit
+from .modules import NormBase, check_jit, eager
 
 __all__ = ["SyncBatchNorm", "SyncTimeoutError", "TorchDistReducer"]
 
@@ -40,6 +43,32 @@ class _Request:
         if not self.work.is_completed():
             return False
         self.work.wait()
+        return True
+
+
+class _WaitedRequest:
+    """A point-to-point ``Work``, waited for by a helper thread: gloo's send and receive
+    works only complete inside ``wait()``, so ``Test()`` reads what that thread saw."""
+
+    def __init__(self, work) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.work = work
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            self.work.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the polling thread
+            self.error = exc
+        self.done.set()
+
+    def Test(self) -> bool:  # noqa: N802 - mpi4py's name
+        """Whether the operation completed (its error raised here)."""
+        if not self.done.is_set():
+            return False
+        if self.error is not None:
+            raise self.error
         return True
 
 
@@ -83,12 +112,12 @@ class GlooComm:
     def Isend(self, buf, dest: int, tag: int) -> _Request:  # noqa: N802
         """Non-blocking send of a NumPy buffer."""
         t = torch.from_numpy(buf)
-        return _Request(dist.isend(t, self._global(dest), group=self.group, tag=tag))
+        return _WaitedRequest(dist.isend(t, self._global(dest), group=self.group, tag=tag))
 
     def Irecv(self, buf, source: int, tag: int) -> _Request:  # noqa: N802
         """Non-blocking receive into a NumPy buffer."""
         t = torch.from_numpy(buf)
-        return _Request(dist.irecv(t, self._global(source), group=self.group, tag=tag))
+        return _WaitedRequest(dist.irecv(t, self._global(source), group=self.group, tag=tag))
 
     def Iallgather(self, send, recv) -> _Request:  # noqa: N802
         """Every rank's ``send`` into the rows of ``recv``."""
@@ -125,6 +154,29 @@ class TorchDistReducer(MpiReducer):
 
     def __repr__(self) -> str:
         return f"TorchDistReducer(rank={self.rank}, size={self.size}, timeout={self.timeout})"
+
+
+class SyncOp(BatchNormOp):
+    """Batch norm over a group, with torch's ``SyncBatchNorm`` gradients: ``dx`` from the
+    group's gradient sums, ``dweight`` and ``dbias`` this rank's own sums (so that
+    ``DistributedDataParallel``'s averaging treats them like every other parameter)."""
+
+    def backward(self, dy, state):
+        """``(dx, dgamma, dbeta)``, the last two over this rank's batch only."""
+        dx, _, _ = super().backward(dy, state)
+        cache = state.cache
+        dyn = B.array(B.arrange(dy, state.view), state.view)
+        ax = state.view.axis % dyn.ndim
+        red = tuple(i for i in range(dyn.ndim) if i != ax)
+        dyd = torch.as_tensor(dyn).double()
+        xd = torch.as_tensor(cache.x).double()
+        shape = [1] * dyn.ndim
+        shape[ax] = -1
+        mean = B.tensor(cache.mean, dyd, torch.float64).view(shape)
+        inv = B.tensor(cache.inv_std, dyd, torch.float64)
+        db = dyd.sum(red)
+        dg = (dyd * (xd - mean)).sum(red) * inv
+        return dx, dg, db
 
 
 _REDUCERS: dict = {}
@@ -188,6 +240,7 @@ class SyncBatchNorm(NormBase):
             return None
         return reducer_for(self.process_group, self.timeout)
 
+    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training with the statistics of the whole group."""
         check_jit(self)
@@ -200,7 +253,7 @@ class SyncBatchNorm(NormBase):
                 raise ValueError(f"input is on {input.device}; this SyncBatchNorm runs on CPU")
         except Exception as exc:  # noqa: BLE001
             red.agree(Call("batch_norm_train", KIND_TRAIN), exc)
-        op = BatchNormOp(self.eps, None, None, red)
+        op = SyncOp(self.eps, None, None, red)
         y = apply(op, input, self.weight, self.bias)
         if self.training and self.track_running_stats:
             if op.stats.count < 2:
@@ -210,8 +263,6 @@ class SyncBatchNorm(NormBase):
                 )
             self.update_running(op.stats)
         return y
-
-    forward = torch.compiler.disable(forward)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):

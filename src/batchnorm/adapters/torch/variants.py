@@ -27,7 +27,7 @@ import torch
 from ...core.stats import BatchStats
 from ...renorm import _check_limits
 from .function import BatchNormOp, GhostOp, RenormOp, apply
-from .modules import NormBase, check_jit
+from .modules import NormBase, check_jit, eager
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm2d", "GhostBatchNorm"]
 
@@ -78,6 +78,7 @@ class BatchRenorm(NormBase):
             f"affine={self.affine}, rmax={self.rmax}, dmax={self.dmax}"
         )
 
+    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Renormalize ``input`` in training (updating the running mean and std); batch norm
         with the running statistics in evaluation."""
@@ -94,8 +95,6 @@ class BatchRenorm(NormBase):
         y = apply(op, input, self.weight, self.bias)
         self.update_running(op.stats, unbiased=False, smooth="std")
         return y
-
-    forward = torch.compiler.disable(forward)
 
 
 class GhostBatchNorm(NormBase):
@@ -136,6 +135,7 @@ class GhostBatchNorm(NormBase):
         """The constructor arguments."""
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
+    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize each virtual batch with its own statistics in training; with the
         running statistics in evaluation."""
@@ -156,8 +156,6 @@ class GhostBatchNorm(NormBase):
         if self.training and self.track_running_stats:
             self.update_running(_weighted(op.parts), unbiased=False)
         return y
-
-    forward = torch.compiler.disable(forward)
 
 
 def _weighted(parts: list[BatchStats]) -> BatchStats:
@@ -217,6 +215,7 @@ class FrozenBatchNorm2d(torch.nn.Module):
         """Refuse ``torch.jit.script`` with a clear message."""
         NormBase.__prepare_scriptable__(self)
 
+    @eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
         check_jit(self)
@@ -227,8 +226,6 @@ class FrozenBatchNorm2d(torch.nn.Module):
             )
         op = BatchNormOp(self.eps, self.running_mean, self.running_var)
         return apply(op, x, self.weight, self.bias)
-
-    forward = torch.compiler.disable(forward)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps})"
