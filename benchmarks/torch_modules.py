@@ -5,7 +5,9 @@ the same weights, run ``y = bn(x); y.backward(dy)``; the two alternate inside ev
 and the minimum over the repeats is reported, with the ratio torch / ours (> 1: ours is
 faster) and the accuracy of both outputs against a float64 reference of the same input.
 The load average of the machine is printed before and after (the numbers are only as good
-as the machine is quiet).
+as the machine is quiet), and so is ``OMP_WAIT_POLICY``: torch and numba each run an OpenMP
+thread pool, and on few cores the threads one pool leaves spinning slow the other down
+(run it with ``OMP_WAIT_POLICY=PASSIVE`` as well).
 
 Usage: ``python benchmarks/torch_modules.py [--repeats 15] [--threads N] [--quick]``.
 """
