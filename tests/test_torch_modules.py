@@ -320,3 +320,35 @@ def test_fifty_training_steps_match_torch():
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-9, atol=1e-10)
     first = _Net().double().state_dict()["conv.weight"]
     assert not torch.allclose(first, sa["conv.weight"])  # the models did train
+
+
+@pytest.mark.slow
+def test_compile_with_the_default_backend_runs_the_layer_eagerly():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), bt.BatchNorm2d(4), torch.nn.ReLU())
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = torch.compile(model)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, ref(x))
+    assert model[1].weight.grad is not None and int(model[1].num_batches_tracked) == 1
+
+
+def test_import_batchnorm_does_not_import_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = (
+        "import sys; import batchnorm, batchnorm.adapters, batchnorm.functional; "
+        "print('torch' in sys.modules); import batchnorm.torch; print('torch' in sys.modules, "
+        "'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out == ["False", "True", "False"]  # the control: batchnorm.torch does import it
