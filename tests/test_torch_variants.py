@@ -223,3 +223,38 @@ def test_recalibrate_gives_the_exact_statistics_and_keeps_modes():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="no batches"):
         bt.recalibrate(model, [])
+
+
+@pytest.mark.parametrize("kind", ["bn", "eval", "renorm", "ghost"])
+def test_the_device_path_on_cpu_tensors(kind, monkeypatch):
+    """The path CUDA/MPS tensors take (tensors handed to the array-API kernels, no NumPy
+    views), forced on CPU tensors: the same results as the CPU path."""
+    import dataclasses
+
+    from batchnorm.adapters.torch import _bridge
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(7, 3, 4, generator=gen, dtype=torch.float64) + 2
+    dy = torch.randn(7, 3, 4, generator=gen, dtype=torch.float64)
+    w = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    b = torch.randn(3, generator=gen, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    ops = {
+        "bn": lambda: bt.BatchNormOp(1e-5),
+        "eval": lambda: bt.BatchNormOp(1e-5, rm, rv),
+        "renorm": lambda: bt.RenormOp(1e-5, 1.2, 0.3, rm, rv.sqrt()),
+        "ghost": lambda: bt.GhostOp(1e-5, 3),
+    }
+
+    def run():
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = bt.NormFunction.apply(xs, ws, bs, ops[kind]())
+        return (y, *torch.autograd.grad(y, (xs, ws, bs), dy))
+
+    host = run()
+    plan = _bridge.plan
+    monkeypatch.setattr(_bridge, "plan", lambda t: dataclasses.replace(plan(t), cpu=False))
+    device = run()
+    for a, e in zip(device, host, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    assert _bridge.plan(x).cpu is False  # the control: the path really changed
