@@ -1,5 +1,7 @@
-"""Thin framework adapters over the library's pure kernels and reducers (level 7).
+"""Thin framework adapters over the library's pure kernels and reducers (level 7): this
+library's kernels as PyTorch modules (:mod:`batchnorm.torch`) and JAX functions
+(:mod:`batchnorm.jax`).
 
-Each subpackage imports its framework; nothing here is imported by ``import batchnorm``.
-The public entry points are :mod:`batchnorm.torch` and :mod:`batchnorm.jax`.
+Importing this package imports no framework; each subpackage imports its framework only when
+it is imported itself, and ``import batchnorm`` imports neither.
 """

@@ -1,0 +1,231 @@
+"""Batch renorm, ghost batch norm and frozen batch norm as torch modules.
+
+* :class:`BatchRenorm` (Ioffe 2017; :mod:`batchnorm.renorm`): in training
+  ``y = gamma ((x - mu_B) / sigma_B * r + d) + beta`` with
+  ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``
+  held constant in the backward pass, where ``sigma_B = sqrt(var_B + eps)`` (biased batch
+  variance, as Keras 2) and ``sigma = sqrt(running_var + eps)``; the running mean and the
+  running *standard deviation* are moving averages (``momentum``: weight of the new value, as
+  torch), the latter stored as ``running_var = sigma**2 - eps``. Inference is plain batch
+  norm, so its ``state_dict`` loads into ``BatchNorm2d`` and back.
+* :class:`GhostBatchNorm` (Hoffer et al. 2017): batch statistics per virtual batch of
+  ``virtual_batch_size`` samples (dim 0); one running update per real batch, towards the
+  size-weighted average of the virtual batches' statistics (each variance made unbiased).
+* :class:`FrozenBatchNorm2d`: torchvision's (``weight``, ``bias``, ``running_mean``,
+  ``running_var`` all buffers; ``y = (x - running_mean) / sqrt(running_var + eps) * weight +
+  bias`` in training and evaluation), with the gradient of ``x`` from the hand-written
+  backward.
+
+Both :class:`BatchRenorm` and :class:`GhostBatchNorm` take any ``(N, C, *)`` input, like
+torch's ``SyncBatchNorm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.stats import BatchStats
+from ...renorm import _check_limits
+from .function import BatchNormOp, GhostOp, RenormOp, apply
+from .modules import NormBase, check_jit, eager
+
+__all__ = ["BatchRenorm", "FrozenBatchNorm2d", "GhostBatchNorm"]
+
+
+class BatchRenorm(NormBase):
+    """Batch renormalization over any ``(N, C, *)`` input (see the module docstring).
+
+    Parameters
+    ----------
+    num_features : int
+    eps : float
+        > 0 (the running std is ``sqrt(running_var + eps)``); default 1e-5.
+    momentum : float or None
+        Weight of the new batch value in the moving averages (default 0.1); None: cumulative.
+    affine : bool
+    rmax, dmax : float
+        Clipping limits, ``rmax >= 1``, ``dmax >= 0`` (attributes: a schedule may change them
+        between steps). ``rmax=1, dmax=0`` is batch norm with biased running variance.
+    device, dtype : optional
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"BatchRenorm needs eps > 0 (its running std stays > 0); got {eps!r}")
+        self.rmax, self.dmax = _check_limits(rmax, dmax)
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0 and running std 1 (``running_var = 1 - eps``)."""
+        self.running_mean.zero_()
+        self.running_var.fill_(max(1.0 - self.eps, 0.0))
+        self.num_batches_tracked.zero_()
+
+    def extra_repr(self) -> str:
+        """The constructor arguments."""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, rmax={self.rmax}, dmax={self.dmax}"
+        )
+
+    @eager
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Renormalize ``input`` in training (updating the running mean and std); batch norm
+        with the running statistics in evaluation."""
+        check_jit(self)
+        self.check_input(input)
+        rmax, dmax = _check_limits(self.rmax, self.dmax)
+        if not self.training:
+            op = BatchNormOp(self.eps, self.running_mean, self.running_var)
+            return apply(op, input, self.weight, self.bias)
+        self.check_batch(input)
+        with torch.no_grad():
+            std = (self.running_var.double() + self.eps).sqrt()
+        op = RenormOp(self.eps, rmax, dmax, self.running_mean, std, self._reducer())
+        y = apply(op, input, self.weight, self.bias)
+        self.update_running(op.stats, unbiased=False, smooth="std")
+        return y
+
+
+class GhostBatchNorm(NormBase):
+    """Ghost batch norm over any ``(N, C, *)`` input (see the module docstring).
+
+    Parameters
+    ----------
+    num_features : int
+    virtual_batch_size : int
+        Samples per virtual batch (a last virtual batch with one value per channel joins the
+        one before).
+    eps, momentum, affine, track_running_stats, device, dtype, bias
+        As :class:`batchnorm.torch.BatchNorm2d`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        vbs = virtual_batch_size
+        if isinstance(vbs, bool) or not isinstance(vbs, int) or vbs < 1:
+            raise ValueError(f"virtual_batch_size must be a positive int; got {vbs!r}")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.virtual_batch_size = vbs
+
+    def extra_repr(self) -> str:
+        """The constructor arguments."""
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    @eager
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalize each virtual batch with its own statistics in training; with the
+        running statistics in evaluation."""
+        check_jit(self)
+        self.check_input(input)
+        if not self.uses_batch_stats:
+            op = BatchNormOp(self.eps, self.running_mean, self.running_var)
+            return apply(op, input, self.weight, self.bias)
+        per_sample = input.numel() // max(input.shape[0] * input.shape[1], 1)
+        if input.shape[0] * per_sample < 2 or self.virtual_batch_size * per_sample < 2:
+            raise ValueError(
+                f"GhostBatchNorm with virtual_batch_size={self.virtual_batch_size} on input of "
+                f"shape {tuple(input.shape)} gives virtual batches with 1 value per channel, "
+                "which have no variance; use a larger virtual_batch_size"
+            )
+        op = GhostOp(self.eps, self.virtual_batch_size)
+        y = apply(op, input, self.weight, self.bias)
+        if self.training and self.track_running_stats:
+            self.update_running(_weighted(op.parts), unbiased=False)
+        return y
+
+
+def _weighted(parts: list[BatchStats]) -> BatchStats:
+    """Size-weighted average of the virtual batches' means and unbiased variances."""
+    if min(p.count for p in parts) < 2:
+        raise ValueError("the unbiased variance needs at least 2 values per virtual batch")
+    total = sum(p.count for p in parts)
+    mean = sum((p.count / total) * p.mean for p in parts)
+    var = sum((p.count / total) * p.var * (p.count / (p.count - 1)) for p in parts)
+    return BatchStats(total, mean, var)
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision's ``FrozenBatchNorm2d``: fixed statistics and affine parameters.
+
+    Parameters
+    ----------
+    num_features : int
+    eps : float
+        Added to ``running_var`` (default 1e-5).
+
+    Attributes
+    ----------
+    weight, bias, running_mean, running_var : torch.Tensor
+        Buffers (not parameters), initialized to 1, 0, 0, 1.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int; got {num_features!r}")
+        self.eps = float(eps)
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    @classmethod
+    def from_batchnorm(cls, module: torch.nn.Module) -> FrozenBatchNorm2d:
+        """A frozen copy of a (torch or this library's) batch-norm module's state."""
+        n = module.num_features
+        out = cls(n, module.eps)
+        with torch.no_grad():
+            if getattr(module, "weight", None) is not None:
+                out.weight.copy_(module.weight)
+                out.bias.copy_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                out.running_mean.copy_(module.running_mean)
+                out.running_var.copy_(module.running_var)
+        return out.to(module.running_mean.device if module.running_mean is not None else "cpu")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # as torchvision
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+
+    def __prepare_scriptable__(self):
+        """Refuse ``torch.jit.script`` with a clear message."""
+        NormBase.__prepare_scriptable__(self)
+
+    @eager
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
+        check_jit(self)
+        if x.dim() != 4 or x.shape[1] != self.weight.shape[0]:
+            raise ValueError(
+                f"FrozenBatchNorm2d({self.weight.shape[0]}) expects (N, "
+                f"{self.weight.shape[0]}, H, W) input; got shape {tuple(x.shape)}"
+            )
+        op = BatchNormOp(self.eps, self.running_mean, self.running_var)
+        return apply(op, x, self.weight, self.bias)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps})"
