@@ -45,7 +45,7 @@ def _compare(group, alone, *, rtol=1e-9):
 @pytest.mark.parametrize("arm", ["no_bn", "bn", "noisy_bn"])
 def test_measured_sweep_runs_equal_one_by_one(main_data, arm):
     tr, val = main_data
-    cfg = IoffeConfig(steps=30, eval_every=10, probe_every=10, ics_every=10, smooth_every=10,
+    cfg = IoffeConfig(dtype="float64", steps=30, eval_every=10, probe_every=10, ics_every=10, smooth_every=10,
                       early_step=20, early_window=20)  # fmt: skip
     specs = [RunSpec(arm, lr, s, e, 30, measure=True) for s, e in enumerate(ENTROPIES)
              for lr in (0.5, 10.0)]  # fmt: skip
@@ -68,7 +68,7 @@ def test_measured_sweep_runs_equal_one_by_one(main_data, arm):
 @pytest.mark.slow
 def test_ghost_runs_stop_at_fit_like_one_by_one(main_data):
     tr, _ = main_data
-    cfg = IoffeConfig(steps=40, eval_every=10, early_step=20, fit_threshold=0.3)
+    cfg = IoffeConfig(dtype="float64", steps=40, eval_every=10, early_step=20, fit_threshold=0.3)
     # virtual batches of 2 are left out: they normalize every unit to about +-1, so the
     # gradient reaching the layers below is rounding noise and the runs part ways at once
     specs = [RunSpec("bn", 10.0, s, e, 40, ghost=k, stop_at_fit=True)
@@ -87,7 +87,7 @@ def test_divergence_leaves_the_batch_like_one_by_one(main_data, arm):
     x = tr.x_train.copy()
     x[[5, 900, 1700, 2500]] = np.nan  # a batch holding one of these rows makes the loss NaN
     bad = Dataset("nan rows", x, tr.y_train, tr.x_test, tr.y_test, "test data")
-    cfg = IoffeConfig(steps=40, eval_every=10, early_step=20)
+    cfg = IoffeConfig(dtype="float64", steps=40, eval_every=10, early_step=20)
     specs = [RunSpec(arm, lr, s, e, 40) for s, e in enumerate((1, 2, 3)) for lr in (1.0, 2.0)]
     group = train_group(specs, bad, cfg, keep_parameters=True)
     alone = [train_arm(s, bad, cfg, keep_parameters=True) for s in specs]
@@ -101,7 +101,7 @@ def test_divergence_leaves_the_batch_like_one_by_one(main_data, arm):
 @pytest.mark.slow
 def test_regularization_runs_on_mnist1d_equal_one_by_one():
     data = load_dataset("mnist1d")
-    cfg = IoffeConfig(steps=60, eval_every=10, early_step=20)
+    cfg = IoffeConfig(dtype="float64", steps=60, eval_every=10, early_step=20)
     for arm in ("no_bn", "noisy_bn"):
         specs = [RunSpec(arm, 2.0, s, e, 60, dataset="reg", stop_at_fit=True)
                  for s, e in enumerate(ENTROPIES)]  # fmt: skip
@@ -112,7 +112,7 @@ def test_regularization_runs_on_mnist1d_equal_one_by_one():
 
 def test_group_order_does_not_matter(main_data):
     tr, val = main_data
-    cfg = IoffeConfig(steps=20, eval_every=10, early_step=10)
+    cfg = IoffeConfig(dtype="float64", steps=20, eval_every=10, early_step=10)
     specs = [RunSpec("bn", lr, s, e, 20) for s, e in enumerate(ENTROPIES) for lr in (0.5, 2.0)]
     a = train_group(specs, tr, cfg, val=val)
     b = train_group(specs[::-1], tr, cfg, val=val)[::-1]
@@ -121,8 +121,32 @@ def test_group_order_does_not_matter(main_data):
 
 def test_mixed_groups_are_refused(main_data):
     tr, _ = main_data
-    cfg = IoffeConfig(steps=20, eval_every=10, early_step=10)
+    cfg = IoffeConfig(dtype="float64", steps=20, eval_every=10, early_step=10)
     specs = [RunSpec("bn", 1.0, 0, 1, 20), RunSpec("no_bn", 1.0, 0, 1, 20)]
     assert group_key(specs[0]) != group_key(specs[1])
     with pytest.raises(ValueError, match="share arm"):
         train_group(specs, tr, cfg)
+
+
+def test_float32_training_follows_float64(main_data):
+    """The demo's default precision: float32 runs track the float64 ones to float32 rounding
+    over a short horizon (and are not bit-identical to them: the negative control)."""
+    tr, val = main_data
+    specs = [RunSpec(a, 1.0, 0, 5, 20) for a in ("no_bn", "bn", "noisy_bn")]
+    out = {}
+    for dt in ("float32", "float64"):
+        cfg = IoffeConfig(dtype=dt, steps=20, eval_every=10, early_step=10)
+        out[dt] = [train_group([s], tr, cfg, val=val, keep_parameters=True)[0] for s in specs]
+    for a, b in zip(out["float32"], out["float64"], strict=True):
+        assert a["parameters"][0].dtype == np.float32
+        assert a["parameter_digest"] != b["parameter_digest"]
+        for p32, p64 in zip(a["parameters"], b["parameters"], strict=True):
+            scale = np.max(np.abs(p64))
+            assert np.max(np.abs(p32 - p64)) <= 1e-4 * scale
+        assert abs(a["final_train_loss"] - b["final_train_loss"]) < 1e-3
+
+
+def test_reference_refuses_float32(main_data):
+    tr, _ = main_data
+    with pytest.raises(ValueError, match="float64"):
+        train_arm(RunSpec("bn", 1.0, 0, 5, 5), tr, IoffeConfig(steps=5, eval_every=5, early_step=5))

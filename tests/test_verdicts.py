@@ -34,7 +34,7 @@ def test_borderline_marks_only_verdicts_near_their_threshold():
     }
     mark_borderline(claims)
     assert claims["near"]["verdict"] == "borderline (supported)"
-    assert "0.50 standard errors" in claims["near"]["evidence"]
+    assert "clears its threshold by only 0.50 standard errors" in claims["near"]["evidence"]
     assert claims["clear"]["verdict"] == "supported" and claims["clear"]["evidence"] == "e"
     assert claims["short"]["verdict"] == "inconclusive"
     assert "close to the threshold" in claims["short"]["evidence"]

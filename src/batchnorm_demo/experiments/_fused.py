@@ -37,22 +37,23 @@ def _sigmoid_backward_scaled(dy, y, s, out):
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function of a float64 array (a new array of the same shape)."""
-    x = np.ascontiguousarray(x, dtype=np.float64)
+    """The logistic function of a float32 or float64 array (a new array, same shape and
+    dtype)."""
+    x = np.ascontiguousarray(x)
     out = np.empty_like(x)
     _sigmoid(x.reshape(-1), out.reshape(-1))
     return out
 
 
 def sigmoid_backward(dy: np.ndarray, y: np.ndarray, s: np.ndarray | None = None) -> np.ndarray:
-    """``dy * y * (1 - y)`` (times ``s`` when given: noisy BN's scales), for float64 arrays
-    of one shape."""
-    dy = np.ascontiguousarray(dy, dtype=np.float64)
+    """``dy * y * (1 - y)`` (times ``s`` when given: noisy BN's scales), for arrays of one
+    shape, in the dtype of ``y``."""
+    y = np.ascontiguousarray(y)
+    dy = np.ascontiguousarray(dy, dtype=y.dtype)
     out = np.empty_like(dy)
-    y = np.ascontiguousarray(y, dtype=np.float64)
     if s is None:
         _sigmoid_backward(dy.reshape(-1), y.reshape(-1), out.reshape(-1))
     else:
-        s = np.ascontiguousarray(s, dtype=np.float64)
+        s = np.ascontiguousarray(s, dtype=y.dtype)
         _sigmoid_backward_scaled(dy.reshape(-1), y.reshape(-1), s.reshape(-1), out.reshape(-1))
     return out

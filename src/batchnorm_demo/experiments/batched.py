@@ -88,11 +88,17 @@ class BatchedNet:
         Per run, the virtual batch size (None: plain batch norm).
     momentum : float
         BatchNorm's momentum (weight of the old running value).
+    dtype : {"float64", "float32"}
+        Precision of the parameters and activations (the initial weights are drawn in
+        float64 and rounded; BN statistics and running averages are float64 either way).
     """
 
     def __init__(self, arm, n_in, n_classes, hidden, init_seeds, init_stds, seed_of, lrs, ghost,
-                 momentum):  # fmt: skip
+                 momentum, dtype="float64"):  # fmt: skip
         self.arm, self.hidden, self.momentum = arm, tuple(hidden), float(momentum)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64; got {dtype!r}")
         self.bn = arm != "no_bn"
         self.seed_of = np.asarray(seed_of, dtype=np.intp)
         if np.any(np.diff(self.seed_of) < 0):
@@ -107,13 +113,13 @@ class BatchedNet:
         self.params: dict[str, np.ndarray] = {}
         r = len(per_run)
         for i in range(len(widths) - 1):
-            self.params[f"W{i}"] = np.stack([ws[i] for ws in per_run])
+            self.params[f"W{i}"] = np.stack([ws[i] for ws in per_run]).astype(self.dtype)
             last = i == len(widths) - 2
             if last or not self.bn:
-                self.params[f"b{i}"] = np.zeros((r, widths[i + 1]))
+                self.params[f"b{i}"] = np.zeros((r, widths[i + 1]), self.dtype)
             if not last and self.bn:
-                self.params[f"gamma{i}"] = np.ones((r, widths[i + 1]))
-                self.params[f"beta{i}"] = np.zeros((r, widths[i + 1]))
+                self.params[f"gamma{i}"] = np.ones((r, widths[i + 1]), self.dtype)
+                self.params[f"beta{i}"] = np.zeros((r, widths[i + 1]), self.dtype)
         self.running = {}
         if self.bn:
             for i, w in enumerate(self.hidden):
@@ -162,13 +168,13 @@ class BatchedNet:
         """``x W`` for the first layer: ``x`` (M, in) shared by every run, or (S, N, in) per seed."""
         if x.ndim == 2:
             return np.matmul(x, w)
-        out = np.empty((w.shape[0], x.shape[1], w.shape[2]))
+        out = np.empty((w.shape[0], x.shape[1], w.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
             np.matmul(x[s], w[sl], out=out[sl])
         return out
 
     def _first_grad(self, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        out = np.empty((dz.shape[0], x.shape[-1], dz.shape[2]))
+        out = np.empty((dz.shape[0], x.shape[-1], dz.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
             np.matmul(x[s].T, dz[sl], out=out[sl])
         return out
@@ -300,5 +306,5 @@ class BatchedNet:
         out = {}
         for k, v in self.params.items():
             c = scale.reshape((-1,) + (1,) * (v.ndim - 1))
-            out[k] = v - c * grads[k]
+            out[k] = (v - c * grads[k]).astype(self.dtype, copy=False)
         return out

@@ -166,6 +166,10 @@ def train_arm(
         JSON-ready: curves, final accuracies and loss, and (if ``spec.measure``) the
         distribution change and ICS numbers.
     """
+    if config.dtype != "float64":
+        raise ValueError(
+            f"the one-by-one reference trains in float64; got config.dtype={config.dtype!r}"
+        )
     start = time.process_time()
     init_seed, order_seed, noise_seed, probe_seed = np.random.SeedSequence(spec.seed_entropy).spawn(
         4

@@ -67,7 +67,7 @@ class _Streams:
         return idx
 
     @staticmethod
-    def draw(rngs, n: int, widths, noise: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    def draw(rngs, n: int, widths, noise: dict, dtype=np.float64) -> list[tuple]:
         """NoisyShift's draws for every hidden layer, per seed, in the layers' order."""
         per_seed = []
         a, s_range, jit = noise["mean_range"], noise["scale_range"], noise["jitter"]
@@ -76,14 +76,26 @@ class _Streams:
             for d in widths:
                 mu_t = rng.uniform(-a, a, size=d)
                 sigma_t = rng.uniform(1.0, 1.0 + s_range, size=d)
-                m = rng.uniform(mu_t - jit, mu_t + jit, size=(n, d))
-                s = rng.normal(sigma_t, jit, size=(n, d))
+                # uniform(low, high) is low + (high - low) * random(), normal(loc, scale) is
+                # loc + scale * standard_normal(): the same numbers as NoisyShift's calls (the
+                # equivalence tests check it), without the slow array-parameter paths
+                low = mu_t - jit
+                m = low + ((mu_t + jit) - low) * rng.random((n, d))
+                s = sigma_t + jit * rng.standard_normal((n, d))
                 layers.append((m, s))
             per_seed.append(layers)
         return [
-            (np.stack([p[i][0] for p in per_seed]), np.stack([p[i][1] for p in per_seed]))
+            (np.stack([p[i][0] for p in per_seed]).astype(dtype, copy=False),
+             np.stack([p[i][1] for p in per_seed]).astype(dtype, copy=False))
             for i in range(len(widths))
-        ]
+        ]  # fmt: skip
+
+
+def _as_dtype(data: Dataset, dtype: np.dtype) -> Dataset:
+    if data.x_train.dtype == dtype and data.x_test.dtype == dtype:
+        return data
+    return Dataset(data.name, data.x_train.astype(dtype), data.y_train, data.x_test.astype(dtype),
+                   data.y_test, data.description)  # fmt: skip
 
 
 class _Record:
@@ -116,12 +128,12 @@ def _ics(net, tape, grads, xs, ys, noise, layer: int) -> tuple[np.ndarray, np.nd
     for k in net.params:
         if int(k.lstrip("Wbgammaet")) < layer:  # keys W0, b0, gamma0, beta0, W1, ...
             lr = net.lr.reshape((-1,) + (1,) * (net.params[k].ndim - 1))
-            moved[k] = net.params[k] - lr * grads[k]
+            moved[k] = (net.params[k] - lr * grads[k]).astype(net.dtype, copy=False)
     t2 = Tape()
     logits = net.forward(xs, training=True, noise=noise, params=moved, tape=t2)
     _, d2 = softmax_cross_entropy_batched(logits, ys)
     g2 = net.backward(d2, t2, params=moved)[f"W{layer}"]
-    g = grads[f"W{layer}"]
+    g, g2 = grads[f"W{layer}"].astype(np.float64), g2.astype(np.float64)
     norm = np.sqrt(np.sum(g * g, axis=(1, 2)))
     norm2 = np.sqrt(np.sum(g2 * g2, axis=(1, 2)))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -172,8 +184,11 @@ def train_group(
         spec0.arm, data.n_features, data.n_classes, spec0.hidden,
         [streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
         [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
-        config.bn_momentum,
+        config.bn_momentum, config.dtype,
     )  # fmt: skip
+    data = _as_dtype(data, net.dtype)
+    if val is not None:
+        val = (np.asarray(val[0], net.dtype), val[1])
     recs = [_Record(s, val is not None) for s in runs]
     active = list(range(len(runs)))  # record index of each row of the net
     finished: list[int] = []
@@ -229,7 +244,10 @@ def train_group(
         xs = np.stack([data.x_train[i] for i in idx])
         ys_seed = np.stack([data.y_train[i] for i in idx])
         ys = ys_seed[net.seed_of]
-        noise = _Streams.draw(streams.noise, config.batch_size, spec0.hidden, config.noise) if noisy else None
+        noise = None
+        if noisy:
+            noise = _Streams.draw(streams.noise, config.batch_size, spec0.hidden, config.noise,
+                                  net.dtype)  # fmt: skip
         tape = Tape()
         with np.errstate(over="ignore", invalid="ignore"):
             logits = net.forward(xs, training=True, noise=noise, tape=tape)
@@ -274,7 +292,7 @@ def train_group(
 def _probe(net, probe, streams, recs, active, step, noisy, config) -> None:
     noise = None
     if noisy:
-        noise = _Streams.draw(streams.probe, probe.shape[0], net.hidden, config.noise)
+        noise = _Streams.draw(streams.probe, probe.shape[0], net.hidden, config.noise, net.dtype)
     tape = Tape()
     net.forward(probe, training=True, noise=noise, tape=tape)
     last = len(net.hidden) - 1

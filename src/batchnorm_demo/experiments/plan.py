@@ -63,7 +63,7 @@ def estimated_cost(group, n_in: int, config: IoffeConfig) -> float:
 # runs per batched group: large enough that one Python call serves many runs, small enough
 # that a phase's groups spread over the workers (ghost and MNIST-1D groups are smaller)
 MAX_GROUP_RUNS = 13
-REG_GROUP_RUNS = 2
+REG_GROUP_RUNS = 3
 
 
 def make_groups(specs: list[RunSpec], max_runs: int = MAX_GROUP_RUNS) -> list[tuple[RunSpec, ...]]:

@@ -113,9 +113,13 @@ def mark_borderline(claims: dict) -> None:
         if abs(near) >= BORDERLINE_SIGMA:
             continue
         if c["verdict"] in ("supported", "not supported", "partly supported"):
+            if near >= 0:
+                why = f"a deciding difference clears its threshold by only {near:.2f}"
+            else:
+                why = f"a difference is only {-near:.2f} short of its threshold"
             c["evidence"] += (
-                f"; borderline: a deciding difference clears its threshold by only {near:.2f} "
-                "standard errors, so another machine or seed set could flip it"
+                f"; borderline: {why} standard errors, so another machine or seed set could "
+                "change the verdict"
             )
             c["verdict"] = f"borderline ({c['verdict']})"
         elif near < 0:
