@@ -150,3 +150,18 @@ def test_reference_refuses_float32(main_data):
     tr, _ = main_data
     with pytest.raises(ValueError, match="float64"):
         train_arm(RunSpec("bn", 1.0, 0, 5, 5), tr, IoffeConfig(steps=5, eval_every=5, early_step=5))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(np.float32, 1e-7), (np.float64, 3e-16)])
+def test_sigmoid_matches_the_stable_formula(dtype, tol):
+    from batchnorm.nn import Sigmoid
+    from batchnorm_demo.experiments._fused import sigmoid, sigmoid_backward
+
+    x = np.concatenate([np.linspace(-40, 40, 4001), [-745.0, 710.0, 0.0]]).astype(dtype)
+    ref = Sigmoid().forward(x.astype(np.float64))
+    y = sigmoid(x)
+    assert y.dtype == dtype and np.max(np.abs(y - ref)) <= tol
+    dy = np.linspace(-1, 1, x.size).astype(dtype)
+    g = sigmoid_backward(dy, y)
+    assert g.dtype == dtype
+    np.testing.assert_allclose(g, dy * y * (1 - y), rtol=1e-6, atol=tol)
