@@ -130,19 +130,25 @@ def _spec(arm, **kw):
 
 
 @pytest.mark.parametrize("arm", ["bn", "noisy_bn"])
-def test_probing_and_evaluation_do_not_change_training(arm):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_probing_and_evaluation_do_not_change_training(arm, dtype):
+    # the one-by-one reference (float64) and the batched path the demo uses (both dtypes)
+    from batchnorm_demo.experiments.lockstep import train_group
+
     data = _toy_data()
-    cfg = ioffe.IoffeConfig(**TINY)
-    a = ioffe.train_arm(_spec(arm), data, cfg)
-    b = ioffe.train_arm(
-        _spec(arm),
-        data,
-        ioffe.IoffeConfig(**{**TINY, "eval_every": 7, "probe_every": 3, "ics_every": 4}),
-    )
-    c = ioffe.train_arm(_spec(arm, measure=False), data, cfg)
-    assert a["parameter_digest"] == b["parameter_digest"] == c["parameter_digest"]
-    d = ioffe.train_arm(_spec(arm, seed_entropy=124), data, cfg)
-    assert d["parameter_digest"] != a["parameter_digest"]
+    other = {"eval_every": 7, "probe_every": 3, "ics_every": 4, "smooth_every": 5}
+    cfg = ioffe.IoffeConfig(**TINY, dtype=dtype)
+    cfg2 = ioffe.IoffeConfig(**{**TINY, **other}, dtype=dtype)
+    if dtype == "float64":
+        ref = ioffe.train_arm(_spec(arm), data, cfg)
+        assert ref["parameter_digest"] == ioffe.train_arm(_spec(arm), data, cfg2)["parameter_digest"]
+
+    def train(spec, c):
+        return train_group([spec], data, c)[0]["parameter_digest"]
+
+    a = train(_spec(arm), cfg)
+    assert a == train(_spec(arm), cfg2) == train(_spec(arm, measure=False), cfg)
+    assert train(_spec(arm, seed_entropy=124), cfg) != a
 
 
 def test_percentile_change():
@@ -156,7 +162,7 @@ def test_percentile_change():
 
 def test_ics_measure_leaves_the_network_alone():
     data = _toy_data()
-    cfg = ioffe.IoffeConfig(**TINY)
+    cfg = ioffe.IoffeConfig(**TINY, dtype="float64")
     rngs = [np.random.default_rng(i) for i in (1, 2)]
     net = ioffe.build_network("noisy_bn", 12, 3, (8, 8), 0.1, cfg, *rngs)
     before = {k: v.copy() for k, v in net.parameters().items()}
@@ -385,6 +391,7 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
         "distribution.png",
         "robustness.png",
         "regularization.png",
+        "smoothness.png",
     ):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
@@ -395,7 +402,8 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
         assert claim["verdict"] in md and claim["evidence"] in md
     page = (out / "report.html").read_text()
     srcs = re.findall(r"<img[^>]*src=['\"]([^'\"]*)", page)
-    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "smoothness" in res and res["summary"]["claims"]["smoothness"]["verdict"]
     assert not re.search(r"(href|src)=['\"](?!data:)", page)
     printed = capsys.readouterr().out
     assert "noisy BN" in printed and "regularization:" in printed
