@@ -137,6 +137,7 @@ def setup(app):
     app.connect("autodoc-process-docstring", _escape_plain_text, priority=100)
     app.connect("source-read", _torch_adapter_toc)
 
+
 # -- sphinx-gallery ------------------------------------------------------------------------
 sphinx_gallery_conf = {
     "examples_dirs": ["tutorial_src", "gallery_src"],
@@ -172,4 +173,3 @@ html_theme_options = {
     "footer_end": [],
 }
 html_context = {"default_mode": "light"}
-

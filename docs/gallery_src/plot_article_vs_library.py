@@ -59,8 +59,12 @@ finite = np.where(np.isfinite(diff), diff, np.nan)
 ax2.bar(np.arange(1, D), finite[1:], color="C0")
 ax2.bar([0], [finite[1:].max()], color="C3")
 ax2.text(0, finite[1:].max(), " NaN", color="C3", va="bottom", ha="center")
-ax2.set(yscale="log", xlabel="feature", ylabel="max |article - library|",
-        title="evaluation: the missing eps")
+ax2.set(
+    yscale="log",
+    xlabel="feature",
+    ylabel="max |article - library|",
+    title="evaluation: the missing eps",
+)
 plt.show()
 
 # %%

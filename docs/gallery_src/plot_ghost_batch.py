@@ -30,8 +30,12 @@ for v in sizes:
 
 fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
 ax.plot(sizes, gaps, "o-")
-ax.set(xscale="log", yscale="log", xlabel="virtual batch size (batch of 60)",
-       ylabel="rms train - eval output")
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="virtual batch size (batch of 60)",
+    ylabel="rms train - eval output",
+)
 ax.set_xticks(sizes, [str(s) for s in sizes])
 plt.show()
 

@@ -32,8 +32,10 @@ for _ in range(steps):
 
 for name, layer in layers.items():
     window = diagnostics.averaging_window(layer)["effective_batches"]
-    print(f"{name:<22} mean |running mean - 3| at the end: {errors[name][-1]:.3f}, "
-          f"effective window {window:.0f} batches")
+    print(
+        f"{name:<22} mean |running mean - 3| at the end: {errors[name][-1]:.3f}, "
+        f"effective window {window:.0f} batches"
+    )
 
 fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
 for name, err in errors.items():

@@ -32,8 +32,10 @@ for m in sizes:
         rms.append(np.sqrt(np.mean((y_train - y_eval) ** 2)))
     gaps.append(np.mean(rms))
     shifts.append(diagnostics.train_eval_gap(layer, x)["max_abs_mean_shift_in_std"])
-    print(f"batch of {m:>3}: rms |y_train - y_eval| = {gaps[-1]:.3f}, "
-          f"max mean shift of the last batch {shifts[-1]:.2f} std")
+    print(
+        f"batch of {m:>3}: rms |y_train - y_eval| = {gaps[-1]:.3f}, "
+        f"max mean shift of the last batch {shifts[-1]:.2f} std"
+    )
 
 fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
 ax.plot(sizes, gaps, "o-", label="measured")
