@@ -151,6 +151,7 @@ sphinx_gallery_conf = {
     "reset_modules": ("matplotlib",),
     "capture_repr": ("_repr_html_", "__repr__"),
     "min_reported_time": 1e9,  # no timing boxes: the page shows the maths, not the machine
+    "write_computation_times": False,  # its page loads DataTables from a CDN
     "default_thumb_file": None,
 }
 
@@ -166,10 +167,15 @@ html_show_sourcelink = False
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
-    "header_links_before_dropdown": 8,
+    "header_links_before_dropdown": 6,
     "icon_links": [],
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],
     "footer_end": [],
 }
 html_context = {"default_mode": "light"}
+# pages without siblings get the whole width (their tables and code need it)
+html_sidebars = {
+    name: []
+    for name in ("index", "getting_started", "evidence", "changelog", "contributing", "tutorial/**")
+}

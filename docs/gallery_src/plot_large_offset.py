@@ -44,15 +44,16 @@ for mu in offsets:
         yt = torch.nn.functional.batch_norm(xt, None, None, training=True, eps=eps)
         curves["torch batch_norm, float32"].append(np.max(np.abs(yt.numpy() - y_ref)))
 
-print("offset  " + "  ".join(f"{name:>26}" for name in curves))
+short = ["naive f32", "naive f64", "batchnorm", "torch"][: len(curves)]
+print("offset " + "".join(f"{name:>12}" for name in short))
 for i, mu in enumerate(offsets):
-    print(f"{mu:6.0e}  " + "  ".join(f"{curves[n][i]:26.2e}" for n in curves))
+    print(f"{mu:6.0e} " + "".join(f"{curves[n][i]:12.2e}" for n in curves))
 
-fig, ax = plt.subplots(figsize=(7, 4.2), layout="constrained")
+fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
 for name, err in curves.items():
-    ax.plot(offsets, np.maximum(err, 1e-9), "o-", label=name)
+    ax.plot(offsets, np.maximum(err, 1e-16), "o-", label=name)
 ax.set(xscale="log", yscale="log", xlabel="offset (mean of the data)", ylabel="max |y - y_ref|")
-ax.legend(fontsize=8)
+fig.legend(loc="outside lower center", ncols=2, fontsize=8)
 plt.show()
 
 # %%

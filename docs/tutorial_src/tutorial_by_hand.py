@@ -84,11 +84,11 @@ print("cache holds mean and var  :", np.allclose(cache.mean, x.mean(0)), cache.v
 # batch variance :math:`\frac{m}{m-1}\sigma^2`. The library states this once, in
 # :mod:`batchnorm.conventions`:
 
+print("preset  momentum  weighs  eps     unbiased  axis")
 for name in ("seed", "torch", "keras", "flax"):
     c = bn.get_convention(name)
     print(
-        f"{name:>5}: momentum={c.momentum:<5} read as the weight of the {c.momentum_weights} "
-        f"value, eps={c.eps:g}, unbiased running var: {c.unbiased}, axis={c.axis}"
+        f"{name:<7} {c.momentum:<9} {c.momentum_weights:<7} {c.eps:<7g} {c.unbiased!s:<9} {c.axis}"
     )
 
 # %%
