@@ -57,6 +57,18 @@ if not HAS_TORCH_ADAPTER:  # its page (and the generated one) only once the modu
     exclude_patterns += ["api/torch_adapter.rst", "api/generated/batchnorm.torch*"]
 templates_path = ["_templates"]
 
+# a reference to a public name that has no page fails the build; references into private
+# modules (the docstrings' pointers for contributors) and to other projects (no intersphinx
+# inventories are fetched) stay plain text
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(batchnorm\.)?(_\w*|core|backends|layers|adapters)(\..*)?"),
+    # helpers the docstrings name that are not in their module's __all__
+    (r"py:.*", r"(StateDict|convention_config|new_value_weight|DistributedError)"),
+    (r"py:.*", r"_.*"),
+    (r"py:.*", r"(mpi4py|numpy|os|jax|torch)(\..*)?"),
+]
+
 # -- MyST --------------------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
@@ -72,21 +84,26 @@ numpydoc_xref_param_type = False
 numpydoc_validation_checks: set[str] = set()
 
 
-def _reexported_elsewhere() -> dict[str, list[str]]:
-    """Per public submodule, the names of its ``__all__`` that are defined in another module
-    and documented on their own top-level page (``batchnorm.BatchStats``): the submodule's
-    page leaves them out, so no object is described twice."""
+def _reexported_elsewhere() -> dict[str, list[tuple[str, str]]]:
+    """Per public submodule, the names of its ``__all__`` defined in another module that has
+    its own page (``batchnorm.BatchStats`` on the top-level list, ``RenormCache`` on
+    ``batchnorm.renorm``'s), with that page's target: the submodule's page links there
+    instead of describing the object twice."""
     import importlib
 
     top = set(batchnorm.__all__)
     out = {}
     for name in SUBMODULES:
         module = importlib.import_module(name)
-        out[name] = [
-            member
-            for member in getattr(module, "__all__", [])
-            if member in top and getattr(getattr(module, member), "__module__", name) != name
-        ]
+        out[name] = []
+        for member in getattr(module, "__all__", []):
+            home = getattr(getattr(module, member), "__module__", name)
+            if home == name:
+                continue
+            if member in top:
+                out[name].append((member, f"batchnorm.{member}"))
+            elif home in SUBMODULES:
+                out[name].append((member, f"{home}.{member}"))
     return out
 
 
