@@ -101,6 +101,19 @@ def batch_norm(
     y : jax.Array, shape and dtype of ``x``
     (new_running_mean, new_running_var) : jax.Array, shapes and dtypes of the inputs
         Unchanged in evaluation mode.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import batchnorm.jax as bnj
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, (mean, var) = bnj.batch_norm(x, jnp.ones(2), jnp.zeros(2), jnp.zeros(2),
+    ...                                 jnp.ones(2), training=True, eps=0.0)
+    >>> y
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> [round(float(v), 4) for v in (*mean, *var)]  # 0.99 * old + 0.01 * batch
+    [0.02, 0.2, 1.0, 1.99]
     """
     _args.required("running_mean", running_mean)
     _args.required("running_var", running_var)
