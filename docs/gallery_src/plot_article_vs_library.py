@@ -57,8 +57,8 @@ ax1.plot(y_library[:, 1:].ravel(), y_article[:, 1:].ravel(), ".", ms=2)
 ax1.set(xlabel="library, eval mode", ylabel="article, test mode", title="features 1-7")
 finite = np.where(np.isfinite(diff), diff, np.nan)
 ax2.bar(np.arange(1, D), finite[1:], color="C0")
-ax2.bar([0], [finite[1:].max()], color="C3")
-ax2.text(0, finite[1:].max(), " NaN", color="C3", va="bottom", ha="center")
+ax2.bar([0], [finite[1:].max()], color="white", edgecolor="C3", hatch="//")
+ax2.text(0, finite[1:].max(), "NaN", color="C3", va="bottom", ha="center", fontsize=11)
 ax2.set(
     yscale="log",
     xlabel="feature",

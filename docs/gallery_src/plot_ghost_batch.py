@@ -11,6 +11,7 @@ ones: the noise that is said to regularize.
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import NullFormatter
 
 import batchnorm as bn
 
@@ -37,6 +38,7 @@ ax.set(
     ylabel="rms train - eval output",
 )
 ax.set_xticks(sizes, [str(s) for s in sizes])
+ax.xaxis.set_minor_formatter(NullFormatter())
 plt.show()
 
 # %%
