@@ -143,6 +143,20 @@ def _escape_plain_text(app, what, name, obj, options, lines):
         lines[i] = "".join(parts)
 
 
+def _adapter_conventions(app, what, name, obj, options, lines):
+    """``batchnorm.jax``'s docstring points to its implementation module for the conventions;
+    that module has no page of its own (it is private), so its text joins the public one."""
+    if what == "module" and name == "batchnorm.jax":
+        import inspect
+
+        from batchnorm.adapters.jax import functions
+
+        text = re.sub(
+            r"\s*See\s+:mod:`batchnorm\.adapters\.jax\.functions`[^.]*\.", "", "\n".join(lines)
+        )
+        lines[:] = (text + "\n\n" + inspect.cleandoc(functions.__doc__)).splitlines() + [""]
+
+
 def _torch_adapter_toc(app, docname, source):
     """List the PyTorch adapter's API page once ``batchnorm.torch`` exists."""
     if docname == "api/index" and HAS_TORCH_ADAPTER:
@@ -152,6 +166,8 @@ def _torch_adapter_toc(app, docname, source):
 def setup(app):
     """Connect the docstring escape (before numpydoc's own handler) and the adapter page."""
     app.connect("autodoc-process-docstring", _escape_plain_text, priority=100)
+    if HAS_JAX:
+        app.connect("autodoc-process-docstring", _adapter_conventions, priority=90)
     app.connect("source-read", _torch_adapter_toc)
 
 

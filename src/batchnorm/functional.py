@@ -6,7 +6,8 @@ For each feature :math:`c` (the entries along ``axis``), with the statistics tak
 .. math::
 
     \mu_c = \frac{1}{m}\sum_i x_{ic}, \qquad
-    \sigma^2_c = \frac{1}{m}\sum_i (x_{ic}-\mu_c)^2, \qquad
+    \sigma^2_c = \frac{1}{m}\sum_i (x_{ic}-\mu_c)^2,
+
     \hat x_{ic} = \frac{x_{ic}-\mu_c}{\sqrt{\sigma^2_c+\epsilon}}, \qquad
     y_{ic} = \gamma_c \hat x_{ic} + \beta_c .
 
@@ -17,7 +18,8 @@ constants for the backward pass. With batch statistics the backward pass is
 
     \frac{\partial L}{\partial x_{ic}} = \frac{\gamma_c}{\sqrt{\sigma^2_c+\epsilon}}
     \Bigl(dy_{ic} - \overline{dy}_c - \hat x_{ic}\,\overline{dy\,\hat x}_c\Bigr),
-    \qquad d\gamma_c = \sum_i dy_{ic}\hat x_{ic}, \qquad d\beta_c = \sum_i dy_{ic},
+
+    d\gamma_c = \sum_i dy_{ic}\hat x_{ic}, \qquad d\beta_c = \sum_i dy_{ic},
 
 where bars are means over the :math:`m` values of the feature.
 

@@ -6,8 +6,11 @@ momentum=0.99, eps=1e-5, axis_name=None) -> (y, (new_running_mean, new_running_v
 Training mode normalizes with the batch statistics (biased variance) and moves the running
 statistics towards them,
 
-.. math:: m \leftarrow \text{momentum}\cdot m + (1-\text{momentum})\,\mu_B, \qquad
-          v \leftarrow \text{momentum}\cdot v + (1-\text{momentum})\,\sigma^2_B,
+.. math::
+
+    m \leftarrow \text{momentum}\cdot m + (1-\text{momentum})\,\mu_B,
+
+    v \leftarrow \text{momentum}\cdot v + (1-\text{momentum})\,\sigma^2_B,
 
 Flax's direction (``momentum`` weighs the old value; the variance is the biased one, as
 Flax's ``BatchNorm`` uses). Evaluation mode normalizes with the running statistics and
