@@ -78,6 +78,7 @@ autosummary_generate = True
 autosummary_imported_members = False
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "none"  # numpydoc's Parameters sections say the types
+autodoc_preserve_defaults = True  # `dtype=np.float64`, not `<class ...>`
 numpydoc_show_class_members = False  # the class template lists members itself
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
@@ -157,6 +158,34 @@ def _adapter_conventions(app, what, name, obj, options, lines):
         lines[:] = (text + "\n\n" + inspect.cleandoc(functions.__doc__)).splitlines() + [""]
 
 
+# private modules whose docstring a public object refers to, and the page that shows it
+_MODULE_PAGES = {"batchnorm.adapters.jax.functions": "batchnorm.jax"}
+# private modules whose docstring is brought into the page of the public class they define
+_INLINE_MODULES = {"batchnorm.layers.base"}
+
+
+def _module_docstring_pointer(app, what, name, obj, options, lines):
+    """ "(see the module docstring)" in an object shown away from its module: link to the
+    module's page, or, for a private module without one, bring its text in after the
+    summary."""
+    marker = "(see the module docstring)"
+    home = getattr(obj, "__module__", None)
+    if what not in ("class", "function") or not lines or marker not in lines[0] or not home:
+        return
+    page = _MODULE_PAGES.get(home, home)
+    if page in SUBMODULES:
+        lines[0] = lines[0].replace(marker, f"(see :mod:`{page}`)")
+        return
+    import inspect
+
+    lines[0] = lines[0].replace(" " + marker, "").replace(marker, "")
+    if home not in _INLINE_MODULES:
+        return
+    end = lines.index("") if "" in lines else len(lines)  # the end of the summary paragraph
+    text = inspect.cleandoc(sys.modules[home].__doc__ or "").splitlines()
+    lines[end:end] = [""] + text
+
+
 def _torch_adapter_toc(app, docname, source):
     """List the PyTorch adapter's API page once ``batchnorm.torch`` exists."""
     if docname == "api/index" and HAS_TORCH_ADAPTER:
@@ -166,6 +195,7 @@ def _torch_adapter_toc(app, docname, source):
 def setup(app):
     """Connect the docstring escape (before numpydoc's own handler) and the adapter page."""
     app.connect("autodoc-process-docstring", _escape_plain_text, priority=100)
+    app.connect("autodoc-process-docstring", _module_docstring_pointer, priority=80)
     if HAS_JAX:
         app.connect("autodoc-process-docstring", _adapter_conventions, priority=90)
     app.connect("source-read", _torch_adapter_toc)
