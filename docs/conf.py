@@ -127,10 +127,17 @@ _BAR = re.compile(r"(?<![\\\w|])\|(?=[^\s|][^|\n]*?[^\s|]?\|)")
 def _escape_plain_text(app, what, name, obj, options, lines):
     """Docstrings are written for ``help()`` as well: a shape such as ``(*features)`` or an
     absolute value such as ``|mean|`` in plain text would start reST emphasis or a
-    substitution. Escape those (outside literals, roles and math blocks) before numpydoc."""
-    in_math = False
+    substitution. Escape those (outside literals, roles, math blocks and examples) before
+    numpydoc."""
+    in_math = in_doctest = False
     for i, line in enumerate(lines):
         stripped = line.strip()
+        if stripped.startswith(">>>"):
+            in_doctest = True  # an example and its output run as written, to a blank line
+        elif not stripped:
+            in_doctest = False
+        if in_doctest:
+            continue
         if stripped.startswith(".. math::"):
             in_math = True
             continue

@@ -237,3 +237,23 @@ def test_the_site_builds_without_warnings_and_works_offline(tmp_path):
     for name in ("plot_momentum", "plot_large_offset", "plot_fold_linear"):
         assert (out / "_images" / f"sphx_glr_{name}_001.png").is_file(), name
     assert "$$" not in (out / "guide" / "conventions.html").read_text()  # math was parsed
+
+
+@pytest.mark.slow
+def test_the_examples_run_as_the_site_renders_them(tmp_path):
+    """``sphinx -b doctest``: the docstring examples after the docs' own processing (the
+    escapes of conf.py once broke one), every one run and passing."""
+    pytest.importorskip("sphinx")
+    pytest.importorskip("numpydoc")
+    src = tmp_path / "docs"
+    shutil.copytree(
+        DOCS, src, ignore=shutil.ignore_patterns("_build", "generated", "gallery", "tutorial")
+    )
+    shutil.copy(ROOT / "CHANGELOG.md", tmp_path / "CHANGELOG.md")
+    out = tmp_path / "doctest"
+    cmd = [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "doctest", str(src), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    report = (out / "output.txt").read_text() if (out / "output.txt").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tests = int(re.findall(r"(\d+) tests", report)[-1])  # the summary at the end
+    assert tests >= 40 and "0 failures in tests" in report, report[-2000:]
