@@ -109,7 +109,15 @@ CONVENTIONS: Mapping[str, Convention] = MappingProxyType(
 
 def get_convention(name: str | Convention | dict) -> Convention:
     """Look up a preset by name; a :class:`Convention` passes through, and a dict of its
-    fields (as :func:`convention_config` writes for custom conventions) builds one."""
+    fields (as :func:`convention_config` writes for custom conventions) builds one.
+
+    Examples
+    --------
+    >>> import batchnorm as bn
+    >>> c = bn.get_convention("torch")
+    >>> c.momentum, c.momentum_weights, c.unbiased
+    (0.1, 'new', True)
+    """
     if isinstance(name, Convention):
         return name
     if isinstance(name, dict):
@@ -202,6 +210,16 @@ def update_running(
         When the batch statistics or the new state (in its dtype) are not finite.
     ValueError
         When ``unbiased`` and the batch has fewer than 2 values per feature.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> running = bn.RunningStats(np.zeros(2), np.ones(2), num_batches_tracked=0)
+    >>> batch = bn.BatchStats(4, np.array([1.0, 2.0]), np.array([3.0, 3.0]))
+    >>> new = bn.update_running(running, batch, momentum=0.1, momentum_weights="new")
+    >>> new.mean, new.var, new.num_batches_tracked
+    (array([0.1, 0.2]), array([1.2, 1.2]), 1)
     """
     if not isinstance(running, RunningStats) or not isinstance(batch, BatchStats):
         raise TypeError(

@@ -46,7 +46,16 @@ _NOT_GIVEN: Any = object()
 def translate_momentum(
     momentum: float | None, src: str | Convention, dst: str | Convention
 ) -> float | None:
-    """The same smoothing expressed in ``dst``'s momentum direction (None stays None)."""
+    """The same smoothing expressed in ``dst``'s momentum direction (None stays None).
+
+    Examples
+    --------
+    >>> import batchnorm as bn
+    >>> round(bn.translate_momentum(0.1, "torch", "keras"), 12)
+    0.9
+    >>> print(bn.translate_momentum(None, "torch", "seed"))
+    None
+    """
     momentum = check_momentum(momentum)
     src, dst = get_convention(src), get_convention(dst)
     if momentum is None:

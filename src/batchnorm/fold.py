@@ -94,6 +94,19 @@ def fold_linear(weight, bias, layer: NormLayer, *, layout: str = "in_out"):
     Returns
     -------
     weight, bias : the folded parameters (float64), in the same layout.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> rng = np.random.default_rng(0)
+    >>> W, b = rng.standard_normal((5, 3)), np.zeros(3)
+    >>> layer = bn.BatchNorm(3)
+    >>> _ = layer(rng.standard_normal((8, 5)) @ W)
+    >>> W2, b2 = bn.fold_linear(W, b, layer.eval())
+    >>> x = rng.standard_normal((4, 5))
+    >>> bool(np.allclose(x @ W2 + b2, layer(x @ W + b)))
+    True
     """
     if layout not in ("in_out", "out_in"):
         raise ValueError(f"layout must be 'in_out' or 'out_in'; got {layout!r}")

@@ -6,7 +6,8 @@ For each feature :math:`c` (the entries along ``axis``), with the statistics tak
 .. math::
 
     \mu_c = \frac{1}{m}\sum_i x_{ic}, \qquad
-    \sigma^2_c = \frac{1}{m}\sum_i (x_{ic}-\mu_c)^2, \qquad
+    \sigma^2_c = \frac{1}{m}\sum_i (x_{ic}-\mu_c)^2,
+
     \hat x_{ic} = \frac{x_{ic}-\mu_c}{\sqrt{\sigma^2_c+\epsilon}}, \qquad
     y_{ic} = \gamma_c \hat x_{ic} + \beta_c .
 
@@ -17,7 +18,8 @@ constants for the backward pass. With batch statistics the backward pass is
 
     \frac{\partial L}{\partial x_{ic}} = \frac{\gamma_c}{\sqrt{\sigma^2_c+\epsilon}}
     \Bigl(dy_{ic} - \overline{dy}_c - \hat x_{ic}\,\overline{dy\,\hat x}_c\Bigr),
-    \qquad d\gamma_c = \sum_i dy_{ic}\hat x_{ic}, \qquad d\beta_c = \sum_i dy_{ic},
+
+    d\gamma_c = \sum_i dy_{ic}\hat x_{ic}, \qquad d\beta_c = \sum_i dy_{ic},
 
 where bars are means over the :math:`m` values of the feature.
 
@@ -111,6 +113,15 @@ def moments(
     -------
     mean, var : array, shape (*features)
         float64 for NumPy input; the statistics dtype of the input's namespace otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> mean, var = bn.moments(x, axis=1)
+    >>> mean, var
+    (array([ 2., 20.]), array([  1., 100.]))
     """
     red = reducer_of(comm, reducer, timeout)
     if not red.distributed:
@@ -176,6 +187,19 @@ def batch_norm_train(
     y : array, same shape, dtype, library and device as ``x`` (``out`` when given)
     cache : BatchNormCache
         ``cache.mean`` and ``cache.var`` are the batch mean and biased batch variance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    >>> y, cache = bn.batch_norm_train(x, None, None, axis=1, eps=0.0)
+    >>> y.round(6)
+    array([[-1.224745, -1.224745],
+           [ 0.      ,  0.      ],
+           [ 1.224745,  1.224745]])
+    >>> cache.mean, cache.var.round(4)
+    (array([ 3., 30.]), array([  2.6667, 266.6667]))
     """
     red = reducer_of(comm, reducer, timeout)
     if not red.distributed:
@@ -225,6 +249,16 @@ def batch_norm_eval(
     -------
     y : array, same shape, dtype, library and device as ``x`` (``out`` when given)
     cache : BatchNormCache, only when ``return_cache`` is True
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> x = np.array([[2.0], [4.0]])
+    >>> bn.batch_norm_eval(x, np.array([2.0]), np.array([1.0]), np.array([3.0]),
+    ...                    np.array([4.0]), eps=0.0)
+    array([[0.],
+           [2.]])
     """
     inp = inputs(x, gamma, beta, axis, eps, backend, out, running_mean, running_var, empty_ok=True)
     rm = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
@@ -265,6 +299,19 @@ def batch_norm_backward(
     dx : array, same shape, dtype, library and device as ``cache.x`` (``out`` when given)
     dgamma, dbeta : array, shape (*features), or None when gamma / beta was None
         After a synchronized forward: the sums over every participant, identical everywhere.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> rng = np.random.default_rng(0)
+    >>> x, dy = rng.standard_normal((16, 3)), rng.standard_normal((16, 3))
+    >>> y, cache = bn.batch_norm_train(x, np.ones(3), np.zeros(3))
+    >>> dx, dgamma, dbeta = bn.batch_norm_backward(dy, cache)
+    >>> dx.shape, bool(np.allclose(dbeta, dy.sum(axis=0)))
+    ((16, 3), True)
+    >>> bool(np.allclose(dx.sum(axis=0), 0.0))  # the mean is subtracted: dx sums to zero
+    True
     """
     check_backend(backend)
     red = reducer_of(comm, reducer, timeout)

@@ -34,6 +34,14 @@ def numerical_gradient(
     Returns
     -------
     ndarray, shape of ``x``, float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from batchnorm.gradcheck import numerical_gradient
+    >>> x, dy = np.array([1.0, 2.0]), np.array([1.0, 1.0])
+    >>> numerical_gradient(lambda v: v ** 2, x, dy).round(6)
+    array([2., 4.])
     """
     h = check_real(h, "h")
     if h <= 0:

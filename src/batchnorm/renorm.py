@@ -4,7 +4,8 @@ r"""Batch renormalization (Ioffe 2017). With batch statistics :math:`\mu_B, \sig
 .. math::
 
     r = \mathrm{clip}(\sigma_B / \sigma, 1/r_{max}, r_{max}), \quad
-    d = \mathrm{clip}((\mu_B - \mu)/\sigma, -d_{max}, d_{max}), \quad
+    d = \mathrm{clip}((\mu_B - \mu)/\sigma, -d_{max}, d_{max}),
+
     \hat x = \frac{x - \mu_B}{\sigma_B} r + d, \quad y = \gamma \hat x + \beta,
 
 with :math:`r, d` constants in the backward pass. Since
@@ -16,7 +17,7 @@ Running mean and running *standard deviation* are moving averages of :math:`\mu_
 :math:`r_{max} = 1, d_{max} = 0` it is batch norm exactly.
 
 The layer stores :math:`\sigma` like every other norm layer, as a running variance
-:math:`\sigma^2 - \epsilon` (so :math:`\sigma = \sqrt{\text{running\_var} + \epsilon}`), so
+:math:`\sigma^2 - \epsilon` (so :math:`\sigma = \sqrt{\mathtt{running\_var} + \epsilon}`), so
 inference is the plain batch-norm evaluation and every tool (freezing, folding, export,
 diagnostics, recalibration) treats it like :class:`batchnorm.BatchNorm`.
 """

@@ -55,6 +55,19 @@ class BatchNorm(NormLayer):
         **overwritten by the next call** (also by a call that raises): copy it if you need
         it longer. A new input shape or dtype gets a new buffer. Each thread gets its own
         buffers, so threads sharing a layer never overwrite each other's outputs.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import batchnorm as bn
+    >>> layer = bn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3)) + 5
+    >>> y = layer(x)
+    >>> bool(np.allclose(y.mean(axis=0), 0.0)), layer.num_batches_tracked
+    (True, 1)
+    >>> layer.running_mean.round(2)  # 0.9 * 0 + 0.1 * batch mean
+    array([0.49, 0.49, 0.49])
+    >>> y_eval = layer.eval()(x)  # the running statistics; no state changes
     """
 
     def __init__(

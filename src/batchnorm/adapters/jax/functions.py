@@ -6,8 +6,11 @@ momentum=0.99, eps=1e-5, axis_name=None) -> (y, (new_running_mean, new_running_v
 Training mode normalizes with the batch statistics (biased variance) and moves the running
 statistics towards them,
 
-.. math:: m \leftarrow \text{momentum}\cdot m + (1-\text{momentum})\,\mu_B, \qquad
-          v \leftarrow \text{momentum}\cdot v + (1-\text{momentum})\,\sigma^2_B,
+.. math::
+
+    m \leftarrow \text{momentum}\cdot m + (1-\text{momentum})\,\mu_B,
+
+    v \leftarrow \text{momentum}\cdot v + (1-\text{momentum})\,\sigma^2_B,
 
 Flax's direction (``momentum`` weighs the old value; the variance is the biased one, as
 Flax's ``BatchNorm`` uses). Evaluation mode normalizes with the running statistics and
@@ -101,6 +104,19 @@ def batch_norm(
     y : jax.Array, shape and dtype of ``x``
     (new_running_mean, new_running_var) : jax.Array, shapes and dtypes of the inputs
         Unchanged in evaluation mode.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import batchnorm.jax as bnj
+    >>> x = jnp.array([[1.0, 10.0], [3.0, 30.0]])
+    >>> y, (mean, var) = bnj.batch_norm(x, jnp.ones(2), jnp.zeros(2), jnp.zeros(2),
+    ...                                 jnp.ones(2), training=True, eps=0.0)
+    >>> y
+    Array([[-1., -1.],
+           [ 1.,  1.]], dtype=float32)
+    >>> [round(float(v), 4) for v in (*mean, *var)]  # 0.99 * old + 0.01 * batch
+    [0.02, 0.2, 1.0, 1.99]
     """
     _args.required("running_mean", running_mean)
     _args.required("running_var", running_var)
