@@ -45,8 +45,8 @@ def _compare(group, alone, *, rtol=1e-9):
 @pytest.mark.parametrize("arm", ["no_bn", "bn", "noisy_bn"])
 def test_measured_sweep_runs_equal_one_by_one(main_data, arm):
     tr, val = main_data
-    cfg = IoffeConfig(dtype="float64", steps=30, eval_every=10, probe_every=10, ics_every=10, smooth_every=10,
-                      early_step=20, early_window=20)  # fmt: skip
+    cfg = IoffeConfig(dtype="float64", steps=30, eval_every=10, probe_every=10, ics_every=10,
+                      smooth_every=10, early_step=20, early_window=20)  # fmt: skip
     specs = [RunSpec(arm, lr, s, e, 30, measure=True) for s, e in enumerate(ENTROPIES)
              for lr in (0.5, 10.0)]  # fmt: skip
     group = train_group(specs, tr, cfg, val=val, keep_parameters=True)

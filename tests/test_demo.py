@@ -141,7 +141,9 @@ def test_probing_and_evaluation_do_not_change_training(arm, dtype):
     cfg2 = ioffe.IoffeConfig(**{**TINY, **other}, dtype=dtype)
     if dtype == "float64":
         ref = ioffe.train_arm(_spec(arm), data, cfg)
-        assert ref["parameter_digest"] == ioffe.train_arm(_spec(arm), data, cfg2)["parameter_digest"]
+        assert (
+            ref["parameter_digest"] == ioffe.train_arm(_spec(arm), data, cfg2)["parameter_digest"]
+        )
 
     def train(spec, c):
         return train_group([spec], data, c)[0]["parameter_digest"]

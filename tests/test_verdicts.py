@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_demo import _fake  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from batchnorm_demo.experiments import assess
-from batchnorm_demo.experiments.verdicts import mark_borderline, margin, smoothness_claim
-
-from test_demo import _fake  # noqa: E402  (tests/ is on sys.path under pytest)
+from batchnorm_demo.experiments.verdicts import margin, mark_borderline, smoothness_claim
 
 LABELS = {"no_bn": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
 

@@ -120,9 +120,8 @@ def test_warmup_compiles_every_kernel_so_that_a_new_process_compiles_nothing():
 @pytest.mark.slow
 def _compile_in_child(queue):
     """A worker-like process: announce compilations on ``queue``, then compile a kernel."""
-    from batchnorm_demo.warmup import announce_compiles
-
     import batchnorm as bn
+    from batchnorm_demo.warmup import announce_compiles
 
     announce_compiles(lambda: queue.put("compiling"))
     x = np.random.default_rng(0).standard_normal((64, 3, 5, 5)).astype(np.float32)

@@ -21,9 +21,9 @@ from ._atomic import staged_folder
 from ._format import pm
 from .experiments.assess import summarize
 from .experiments.ioffe import ARMS
-from .report_smoothness import smoothness_table, smoothness_text
 from .report_figures import write_figures
 from .report_marks import failure_note, unfit_note
+from .report_smoothness import smoothness_table, smoothness_text
 from .report_tables import (
     cost_table,
     deep_table,
@@ -157,10 +157,14 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ),
         ("table", ics_table(results)),
         *(
-            [("h2", "Smoothness of the loss landscape"), ("p", smoothness_text(results)),
-             ("table", smoothness_table(results)),
-             ("img", "smoothness.png", "smoothness along the gradient")]
-            if "smoothness" in results else []
+            [
+                ("h2", "Smoothness of the loss landscape"),
+                ("p", smoothness_text(results)),
+                ("table", smoothness_table(results)),
+                ("img", "smoothness.png", "smoothness along the gradient"),
+            ]
+            if "smoothness" in results
+            else []
         ),  # fmt: skip
         ("h2", "Regularization"),
         (

@@ -51,8 +51,10 @@ def smoothness_table(results: dict):
             tag = " (common)" if lr == common else " (chosen)"
             if lr == common and float(lr) == float(sm[a]["lr"]):
                 tag = " (common, chosen)"
-            rows.append([LABELS[a], f"{float(lr):g}{tag}", pm(d["mean_loss_range"], 1, 3),
-                         pm(d["mean_grad_change_max"], 1, 3), pm(d["mean_beta"], 1, 3)])  # fmt: skip
+            rows.append(
+                [LABELS[a], f"{float(lr):g}{tag}", pm(d["mean_loss_range"], 1, 3),
+                 pm(d["mean_grad_change_max"], 1, 3), pm(d["mean_beta"], 1, 3)]
+            )  # fmt: skip
     return head, rows
 
 

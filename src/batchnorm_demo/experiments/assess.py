@@ -278,10 +278,12 @@ def summarize(results: dict) -> dict:
         + "; ".join(f"{LABELS[a]} {itxt(common_ics[a])}" for a in ics)
         + ". At each arm's chosen rate: "
         + "; ".join(f"{LABELS[a]} (lr {ics[a]['lr']:g}) {itxt(ics[a])}" for a in ics)
-        + f". BN's ||G - G'||/||G|| at the common rate is "
-        + {"higher": "higher than no BN's beyond the noise (more shift with BN)",
-           "lower": "lower than no BN's beyond the noise (less shift with BN)",
-           "within noise": "within the noise of no BN's"}[c["outcome"]]  # fmt: skip
+        + ". BN's ||G - G'||/||G|| at the common rate is "
+        + {
+            "higher": "higher than no BN's beyond the noise (more shift with BN)",
+            "lower": "lower than no BN's beyond the noise (less shift with BN)",
+            "within noise": "within the noise of no BN's",
+        }[c["outcome"]]  # fmt: skip
         + f" (difference {c['diff']:+.3f}, noise {c['noise']:.3f})",
         "rests_on": "the spread over seeds; compared at a common rate because the measure grows "
         "with the step size",

@@ -109,7 +109,9 @@ class BatchedNet:
         per_run = []
         for seed, std in zip(init_seeds, init_stds, strict=True):
             rng = np.random.default_rng(seed)  # drawn in the one-by-one network's order
-            per_run.append([gaussian_init(rng, a, b, std) for a, b in zip(widths, widths[1:])])
+            per_run.append(
+                [gaussian_init(rng, a, b, std) for a, b in zip(widths, widths[1:], strict=False)]
+            )
         self.params: dict[str, np.ndarray] = {}
         r = len(per_run)
         for i in range(len(widths) - 1):
@@ -137,10 +139,14 @@ class BatchedNet:
     def _slices(self) -> None:
         seeds, starts = np.unique(self.seed_of, return_index=True)
         ends = [*starts[1:], self.runs]
-        self.seed_slices = [(int(s), slice(int(a), int(b))) for s, a, b in zip(seeds, starts, ends)]
+        self.seed_slices = [
+            (int(s), slice(int(a), int(b))) for s, a, b in zip(seeds, starts, ends, strict=True)
+        ]
         self.ghost_groups = None
         if self.ghost is not None:
-            self.ghost_groups = [(int(k), np.flatnonzero(self.ghost == k)) for k in np.unique(self.ghost)]
+            self.ghost_groups = [
+                (int(k), np.flatnonzero(self.ghost == k)) for k in np.unique(self.ghost)
+            ]
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep only the runs ``rows`` (the others finished or diverged)."""
@@ -165,7 +171,7 @@ class BatchedNet:
 
     # ------------------------------------------------------------------ pieces
     def _first(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``x W`` for the first layer: ``x`` (M, in) shared by every run, or (S, N, in) per seed."""
+        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed."""
         if x.ndim == 2:
             return np.matmul(x, w)
         out = np.empty((w.shape[0], x.shape[1], w.shape[2]), self.dtype)
@@ -269,7 +275,9 @@ class BatchedNet:
         grads[f"b{out}"] = dlogits.sum(axis=1)
         da = np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2))
         for i in reversed(range(out)):
-            dz = sigmoid_backward(da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None)
+            dz = sigmoid_backward(
+                da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None
+            )
             if self.bn:
                 dz, grads[f"gamma{i}"], grads[f"beta{i}"] = self._bn_backward(dz, tape.caches[i])
             else:

@@ -126,7 +126,7 @@ def _ics(net, tape, grads, xs, ys, noise, layer: int) -> tuple[np.ndarray, np.nd
     layers' SGD step, same batch and noise."""
     moved = dict(net.params)
     for k in net.params:
-        if int(k.lstrip("Wbgammaet")) < layer:  # keys W0, b0, gamma0, beta0, W1, ...
+        if int("".join(ch for ch in k if ch.isdigit())) < layer:  # W0, b0, gamma0, beta0, ...
             lr = net.lr.reshape((-1,) + (1,) * (net.params[k].ndim - 1))
             moved[k] = (net.params[k] - lr * grads[k]).astype(net.dtype, copy=False)
     t2 = Tape()
@@ -194,7 +194,10 @@ def train_group(
     finished: list[int] = []
     chance = 1.0 / data.n_classes
     probe = data.x_test[: config.probe_size]
-    x_tr_eval, y_tr_eval = data.x_train[: config.train_eval_size], data.y_train[: config.train_eval_size]
+    x_tr_eval, y_tr_eval = (
+        data.x_train[: config.train_eval_size],
+        data.y_train[: config.train_eval_size],
+    )
     steps = spec0.steps
     eval_steps = set(_eval_points(steps, config.eval_every, (config.early_step,)))
     probe_steps = set(_eval_points(steps, config.probe_every)) if spec0.measure else set()
@@ -235,7 +238,9 @@ def train_group(
                 reported = step
             if spec0.stop_at_fit and step > 0 and active:
                 acc = _accuracy(net.forward(data.x_train, training=False), data.y_train)
-                finish([r for r in range(len(active)) if acc[r] >= config.fit_threshold], reason="fit")
+                finish(
+                    [r for r in range(len(active)) if acc[r] >= config.fit_threshold], reason="fit"
+                )
         if step == steps or (not active and not any(r.diverged for r in recs)):
             break  # (diverged runs record chance at every evaluation up to the cap)
         idx = streams.next_batch()
@@ -269,7 +274,9 @@ def train_group(
         if spec0.measure and step > 0 and step % config.ics_every == 0:
             rel, cos = _ics(net, tape, grads, xs, ys, noise, ics_layer)
             for r, i in enumerate(active):
-                recs[i].ics.append({"step": step, "relative": float(rel[r]), "cosine": float(cos[r])})
+                recs[i].ics.append(
+                    {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
+                )
         if spec0.measure and step % config.smooth_every == 0:
             pts = smoothness_points(net, xs, ys, noise, loss, grads, multipliers)
             for r, i in enumerate(active):

@@ -361,7 +361,9 @@ def run(
                     phase2 = plan_phase2(config, entropies, selected)
                     # longest first, so no worker idles at the end
                     with _stop_signals_blocked():
-                        for g in sorted(make_groups(phase2), key=weight_total(weight), reverse=True):
+                        for g in sorted(
+                            make_groups(phase2), key=weight_total(weight), reverse=True
+                        ):
                             futures[g] = pool.submit(
                                 _task, g, config, weight(g), reg if g[0].dataset == "reg" else None
                             )
@@ -369,9 +371,7 @@ def run(
                     progress(min(done, total), total)
                 if phase2 is not None and all(f.done() for f in futures.values()):
                     break
-            outputs = {
-                s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)
-            }
+            outputs = {s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)}
         except BaseException:
             # Ctrl-C, SIGTERM (the CLI raises) or a failed run: do not wait for the queue
             late = [p for p in mp.active_children() if p not in before and p not in procs]

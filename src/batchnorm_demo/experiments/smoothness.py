@@ -103,7 +103,9 @@ def smoothness_measure(net: Sequential, x, y, lr: float, multipliers) -> dict:
         for name, p in moved.parameters().items():
             p -= c * lr * g[name]
         with np.errstate(over="ignore", invalid="ignore"):
-            loss_c, d = softmax_cross_entropy(moved.forward(x, training=True, update_stats=False), y)
+            loss_c, d = softmax_cross_entropy(
+                moved.forward(x, training=True, update_stats=False), y
+            )
             moved.backward(d)
         g_c = moved.gradients()
         losses.append(loss_c)

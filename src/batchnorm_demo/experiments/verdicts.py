@@ -92,7 +92,8 @@ def smoothness_claim(smooth: dict, common: str, labels: dict) -> dict:
         "title": "BN smooths the loss landscape (Santurkar et al. 2018, section 3)",
         "verdict": v,
         "evidence": f"along the gradient, moving {mult} times the learning rate, mean over "
-        f"the run at the common rate {common}: " + "; ".join(parts)
+        f"the run at the common rate {common}: "
+        + "; ".join(parts)
         + f". At each arm's chosen rate: {chosen}",
         "rests_on": "the spread over seeds of the logarithm of each measure (twice the "
         "standard error of the difference); lower is smoother",
@@ -127,4 +128,3 @@ def mark_borderline(claims: dict) -> None:
                 f"; close to the threshold: a deciding difference is {abs(near):.2f} standard "
                 "errors short of it"
             )
-
