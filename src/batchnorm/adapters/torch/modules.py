@@ -71,7 +71,7 @@ class NormBase(torch.nn.Module):
     docstring for the arguments)."""
 
     _version = 2
-    #: valid numbers of input dimensions; None: any (N, C, *) input
+    #: valid numbers of input dimensions; None: any ``(N, C, *)`` input
     input_dims: tuple[int, ...] | None = None
 
     def __init__(
