@@ -118,7 +118,7 @@ def test_backends_share_one_contract():
 
     if not _dispatch.numba_available():
         pytest.skip("numba not installed")
-    from batchnorm.backends.numba.kernels import NumbaBackend
+    from batchnorm.backends.numba.backend import NumbaBackend
 
     for method in (
         "supports",
@@ -137,30 +137,42 @@ def test_backends_share_one_contract():
 
 
 @numba_only
-def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
-    """A non-contiguous input is copied once, in the forward pass; float16 never is."""
-    from batchnorm.backends.numba import kernels as K
+def test_inputs_are_read_in_place_or_copied_once(rng, monkeypatch):
+    """A transpose of a C-contiguous input is read in place (in its memory order), and so is
+    a dy laid out like it; any other non-contiguous input is copied once, in the forward
+    pass; float16 is never converted."""
+    from batchnorm.backends.numba import plan as P
 
     copies = []
-    real = K._contiguous
+    real = P.contiguous
 
     def counting(a):
         out = real(a)
-        if out is not a:
-            copies.append(a.shape)
+        if not np.shares_memory(out, a):
+            copies.append(a.size)
         return out
 
-    monkeypatch.setattr(K, "_contiguous", counting)
-    x = rng.standard_normal((64, 70, 8)).astype(np.float32).transpose(0, 2, 1)
+    monkeypatch.setattr(P, "contiguous", counting)
+    base = rng.standard_normal((64, 70, 8)).astype(np.float32)
+    x = base.transpose(0, 2, 1)  # (64, 8, 70), feature axis 1 innermost in memory
     y, cache = bn.batch_norm_train(x, None, None, backend="numba")
-    assert copies == [x.shape] and cache.work.flags.c_contiguous
-    dy = rng.standard_normal(x.shape).astype(np.float32)  # contiguous dy: no copy
+    assert copies == [] and cache.work is x
+    assert y.strides == x.strides  # the result is laid out like the input
+    dy = rng.standard_normal(base.shape).astype(np.float32).transpose(0, 2, 1)
     bn.batch_norm_backward(dy, cache, backend="numba")
-    assert copies == [x.shape]
+    assert copies == []
+    bn.batch_norm_backward(np.ascontiguousarray(dy), cache, backend="numba")
+    assert copies == [x.size]  # a dy laid out unlike x: copied into x's layout, once
+    copies.clear()
+    xs = rng.standard_normal((64, 16, 70)).astype(np.float32)[:, ::2]  # no transpose
+    y, cache = bn.batch_norm_train(xs, None, None, backend="numba")
+    assert copies == [xs.size] and cache.work.flags.c_contiguous
+    bn.batch_norm_backward(np.ones(xs.shape, np.float32), cache, backend="numba")
+    assert copies == [xs.size]
     h = rng.standard_normal((64, 8, 70)).astype(np.float16)
     _, cache = bn.batch_norm_train(h, None, None, backend="numba")
     bn.batch_norm_backward(h, cache, backend="numba")
-    assert copies == [x.shape] and cache.work is h
+    assert copies == [xs.size] and cache.work is h
 
 
 @numba_only
