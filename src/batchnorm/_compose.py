@@ -145,8 +145,9 @@ class Inputs:
 
 
 def check_out(out: object, like, name: str, *inputs: object):
-    """Validate an ``out=`` array: None, or a writeable C-contiguous ndarray with the shape
-    and dtype of ``like`` that shares no memory with any of ``inputs``."""
+    """Validate an ``out=`` array: None, or a writeable ndarray with the shape and dtype of
+    ``like``, C-contiguous or with the strides of ``like`` (e.g. a channels-last view of NCHW
+    memory, written in that memory order), that shares no memory with any of ``inputs``."""
     if out is None:
         return None
     if not isinstance(like, np.ndarray):
@@ -161,8 +162,11 @@ def check_out(out: object, like, name: str, *inputs: object):
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
     if out.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} (shape {out.shape}) must be C-contiguous")
+    if not (out.flags.c_contiguous or out.strides == like.strides):
+        raise ValueError(
+            f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
+            f"out like the input (strides {like.strides})"
+        )
     if not out.flags.writeable:
         raise ValueError(f"{name} (shape {out.shape}) is read-only")
     for a in inputs:

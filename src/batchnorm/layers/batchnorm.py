@@ -84,7 +84,10 @@ class BatchNorm(NormLayer):
             or np.may_share_memory(buf, like)  # the caller fed a returned buffer back in
             or (isinstance(avoid, np.ndarray) and np.may_share_memory(buf, avoid))
         ):
-            buf = self._buffers[key] = np.empty(like.shape, like.dtype)
+            buf = np.empty_like(like)  # laid out like the input (a channels-last view too)
+            if not (buf.flags.c_contiguous or buf.strides == like.strides):
+                buf = np.empty(like.shape, like.dtype)  # (a strided slice: C order)
+            self._buffers[key] = buf
         return buf
 
     def _forward_batch(self, inp: Inputs, reducer, call, error):
