@@ -59,8 +59,9 @@ def select(name: str, x: object, lay=None):
     importable and either the array has at least ``AUTO_NUMBA_MIN_SIZE`` elements
     (parallel kernels) or it is small and its layout is one the serial kernels do in a
     single pass (NCHW-like channel blocks, ``(N, D)`` and channels-last: the demo's
-    (60, 100) batches); feature axes that are not adjacent always take the NumPy path, and
-    so do empty arrays (a rank holding no rows of a synchronized batch).
+    (60, 100) batches), judged in the array's memory order (a channels-last view of NCHW
+    memory counts as NCHW); feature axes that are not adjacent always take the NumPy path,
+    and so do empty arrays (a rank holding no rows of a synchronized batch).
     """
     check_backend(name)
     if not isinstance(x, np.ndarray):
