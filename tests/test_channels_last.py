@@ -197,3 +197,24 @@ def test_reused_buffers_follow_the_input_layout(rng):
     xs = rng.standard_normal((64, 32, 12, 12)).astype(np.float32)[:, ::2]  # a strided slice
     ys = bn.BatchNorm(16, reuse_buffers=True, backend="numba")(xs)
     assert ys.flags.c_contiguous
+
+
+def test_size_one_axes_do_not_change_the_layout(rng):
+    """A size-1 axis may carry any stride: an ``out`` or buffer laid out like x apart from it
+    is still accepted, and a layer keeps reusing one buffer."""
+    x = rng.standard_normal((6, 8, 1, 5)).astype(np.float32).transpose(0, 2, 3, 1)  # (6, 1, 5, 8)
+    odd = np.empty((6, 8, 1, 5), np.float32).transpose(0, 2, 3, 1)
+    odd = np.lib.stride_tricks.as_strided(
+        odd, strides=(odd.strides[0], 12345 * 4, *odd.strides[2:])
+    )
+    assert odd.strides != x.strides and not odd.flags.c_contiguous
+    y, _ = bn.batch_norm_train(x, None, None, axis=-1, backend="numba", out=odd)
+    assert y is odd
+    fresh, _ = bn.batch_norm_train(x, None, None, axis=-1, backend="numba")
+    np.testing.assert_array_equal(odd, fresh)
+    layer = bn.BatchNorm(8, axis=-1, reuse_buffers=True, backend="numba")
+    y1 = layer(x)
+    assert layer(x) is y1
+    reversed_w = np.empty((6, 1, 5, 8), np.float32)[:, :, ::-1]  # negative strides
+    with pytest.raises(ValueError, match="laid out like the input"):
+        bn.batch_norm_train(x, None, None, axis=-1, out=reversed_w)

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends
-from ._validation import Layout, _layout, as_float_array, as_input, check_eps, layout
+from ._validation import (
+    Layout,
+    _layout,
+    as_float_array,
+    as_input,
+    check_eps,
+    layout,
+    same_layout,
+)
 from .backends import NUMPY, check_backend, select
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
@@ -162,7 +170,7 @@ def check_out(out: object, like, name: str, *inputs: object):
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
     if out.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
-    if not (out.flags.c_contiguous or out.strides == like.strides):
+    if not (out.flags.c_contiguous or same_layout(out, like)):
         raise ValueError(
             f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
             f"out like the input (strides {like.strides})"
