@@ -46,8 +46,10 @@ class BatchNormCache:
     x : array
         The forward input (a reference, not a copy: do not modify it before the backward pass).
     work : array
-        The array the backend read (``x`` itself, or its C-contiguous / float16-to-float32
-        conversion), kept so the backward pass does not convert ``x`` again.
+        The array the backend read (``x`` itself, also when it is a transpose of a
+        C-contiguous array, which the compiled kernels read in its memory order; or its
+        C-contiguous / float16-to-float32 conversion), kept so the backward pass does not
+        convert ``x`` again.
     gamma : array or None, shape (*features)
         A float64 copy of the scale used (statistics dtype off NumPy), or None.
     has_beta : bool
