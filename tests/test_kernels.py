@@ -104,6 +104,9 @@ def test_auto_dispatch_choice(rng, monkeypatch):
     # (8, 3, 2) with feature axis 1 is small and of a layout the serial kernels do not fuse
     small = rng.standard_normal((8, 3, 2))
     assert sel("auto", small, 1) == "numpy"
+    # ... judged in memory order: the same logical shape over (8, 2, 3) memory has its
+    # features innermost, a layout the serial kernels do in one pass
+    assert sel("auto", rng.standard_normal((8, 2, 3)).transpose(0, 2, 1), 1) == "numba"
     assert sel("auto", big, 1) == "numba"
     assert sel("numba", small, 1) == "numba"
     # non-adjacent feature axes take the general NumPy path
