@@ -236,3 +236,57 @@ def test_a_nan_feature_leaves_the_other_features_statistics_alone(shape):
         ref = np.delete(x, 1, axis=1)
         np.testing.assert_allclose(np.delete(cache.var, 1), ref.var(0), rtol=1e-12)
         assert np.isnan(cache.var[1])
+
+
+_NP_FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange"}
+
+
+def _fills_outside_prange(fn) -> list[str]:
+    """``np.zeros``-like calls of a kernel's source that lie outside its ``prange`` loops:
+    in a ``parallel=True`` function numba makes each of them a parallel region of its own
+    (one more thread launch and barrier per call)."""
+    import ast
+    import inspect
+    import textwrap
+
+    func = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    found = []
+
+    def is_prange(node):
+        it = node.iter
+        return isinstance(it, ast.Call) and getattr(it.func, "id", None) == "prange"
+
+    def visit(stmts):
+        for st in stmts:
+            if isinstance(st, ast.For) and is_prange(st):
+                continue
+            nested = [s for k in ("body", "orelse") for s in getattr(st, k, [])]
+            head = [n for n in ast.iter_child_nodes(st) if n not in nested]
+            for part in head:
+                for sub in ast.walk(part):
+                    f = getattr(sub, "func", None)
+                    if isinstance(f, ast.Attribute) and f.attr in _NP_FILLS:
+                        found.append(f"{fn.__name__}: np.{f.attr} (line {sub.lineno})")
+            visit(nested)
+
+    visit(func.body)
+    return found
+
+
+def test_parallel_kernels_launch_one_parallel_region():
+    """No parallel kernel allocates with np.zeros (or alike) outside its prange loop, which
+    would cost an extra parallel region per call (3 instead of 2 per channels-last pass;
+    under contention each region waits for a busy core)."""
+    from batchnorm.backends.numba import passes, reductions
+
+    def bad(x, n):  # negative control: the pattern the check exists to catch
+        s = np.zeros((n, 4))
+        for t in prange(n):  # noqa: F821
+            s[t] = 1.0
+        return s
+
+    assert _fills_outside_prange(bad) == ["bad: np.zeros (line 2)"]
+    found = [
+        f for k in (*reductions.KERNELS, *passes.KERNELS) for f in _fills_outside_prange(k.py_func)
+    ]
+    assert found == []
