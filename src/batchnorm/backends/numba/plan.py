@@ -177,6 +177,8 @@ def to_memory(axes: tuple[int, ...], x: np.ndarray, *others: np.ndarray):
     view axis; ``others`` of another layout are copied into it); otherwise ``perm`` is None
     and the arrays are C-contiguous (copies only where they were not).
     """
+    if x.flags.c_contiguous:  # the common case, first (small arrays pay for every call)
+        return None, axes, [x, *map(contiguous, others)]
     perm = memory_perm(x)
     maxes = memory_axes(perm, axes)
     if maxes is None:
@@ -192,6 +194,8 @@ def from_memory(perm, arr: np.ndarray) -> np.ndarray:
 
 def memory_shape(x: np.ndarray, axes: tuple[int, ...]):
     """``(shape, axes)`` of the layout the kernels will see for ``x`` (see :func:`to_memory`)."""
+    if x.flags.c_contiguous:
+        return x.shape, axes
     perm = memory_perm(x)
     maxes = memory_axes(perm, axes)
     if maxes is None:
