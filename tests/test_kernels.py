@@ -104,6 +104,9 @@ def test_auto_dispatch_choice(rng, monkeypatch):
     # (8, 3, 2) with feature axis 1 is small and of a layout the serial kernels do not fuse
     small = rng.standard_normal((8, 3, 2))
     assert sel("auto", small, 1) == "numpy"
+    # ... judged in memory order: the same logical shape over (8, 2, 3) memory has its
+    # features innermost, a layout the serial kernels do in one pass
+    assert sel("auto", rng.standard_normal((8, 2, 3)).transpose(0, 2, 1), 1) == "numba"
     assert sel("auto", big, 1) == "numba"
     assert sel("numba", small, 1) == "numba"
     # non-adjacent feature axes take the general NumPy path
@@ -118,7 +121,7 @@ def test_backends_share_one_contract():
 
     if not _dispatch.numba_available():
         pytest.skip("numba not installed")
-    from batchnorm.backends.numba.kernels import NumbaBackend
+    from batchnorm.backends.numba.backend import NumbaBackend
 
     for method in (
         "supports",
@@ -137,30 +140,42 @@ def test_backends_share_one_contract():
 
 
 @numba_only
-def test_forward_work_array_is_kept_for_backward(rng, monkeypatch):
-    """A non-contiguous input is copied once, in the forward pass; float16 never is."""
-    from batchnorm.backends.numba import kernels as K
+def test_inputs_are_read_in_place_or_copied_once(rng, monkeypatch):
+    """A transpose of a C-contiguous input is read in place (in its memory order), and so is
+    a dy laid out like it; any other non-contiguous input is copied once, in the forward
+    pass; float16 is never converted."""
+    from batchnorm.backends.numba import plan as P
 
     copies = []
-    real = K._contiguous
+    real = P.contiguous
 
     def counting(a):
         out = real(a)
-        if out is not a:
-            copies.append(a.shape)
+        if not np.shares_memory(out, a):
+            copies.append(a.size)
         return out
 
-    monkeypatch.setattr(K, "_contiguous", counting)
-    x = rng.standard_normal((64, 70, 8)).astype(np.float32).transpose(0, 2, 1)
+    monkeypatch.setattr(P, "contiguous", counting)
+    base = rng.standard_normal((64, 70, 8)).astype(np.float32)
+    x = base.transpose(0, 2, 1)  # (64, 8, 70), feature axis 1 innermost in memory
     y, cache = bn.batch_norm_train(x, None, None, backend="numba")
-    assert copies == [x.shape] and cache.work.flags.c_contiguous
-    dy = rng.standard_normal(x.shape).astype(np.float32)  # contiguous dy: no copy
+    assert copies == [] and cache.work is x
+    assert y.strides == x.strides  # the result is laid out like the input
+    dy = rng.standard_normal(base.shape).astype(np.float32).transpose(0, 2, 1)
     bn.batch_norm_backward(dy, cache, backend="numba")
-    assert copies == [x.shape]
+    assert copies == []
+    bn.batch_norm_backward(np.ascontiguousarray(dy), cache, backend="numba")
+    assert copies == [x.size]  # a dy laid out unlike x: copied into x's layout, once
+    copies.clear()
+    xs = rng.standard_normal((64, 16, 70)).astype(np.float32)[:, ::2]  # no transpose
+    y, cache = bn.batch_norm_train(xs, None, None, backend="numba")
+    assert copies == [xs.size] and cache.work.flags.c_contiguous
+    bn.batch_norm_backward(np.ones(xs.shape, np.float32), cache, backend="numba")
+    assert copies == [xs.size]
     h = rng.standard_normal((64, 8, 70)).astype(np.float16)
     _, cache = bn.batch_norm_train(h, None, None, backend="numba")
     bn.batch_norm_backward(h, cache, backend="numba")
-    assert copies == [x.shape] and cache.work is h
+    assert copies == [xs.size] and cache.work is h
 
 
 @numba_only
@@ -221,3 +236,57 @@ def test_a_nan_feature_leaves_the_other_features_statistics_alone(shape):
         ref = np.delete(x, 1, axis=1)
         np.testing.assert_allclose(np.delete(cache.var, 1), ref.var(0), rtol=1e-12)
         assert np.isnan(cache.var[1])
+
+
+_NP_FILLS = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "arange"}
+
+
+def _fills_outside_prange(fn) -> list[str]:
+    """``np.zeros``-like calls of a kernel's source that lie outside its ``prange`` loops:
+    in a ``parallel=True`` function numba makes each of them a parallel region of its own
+    (one more thread launch and barrier per call)."""
+    import ast
+    import inspect
+    import textwrap
+
+    func = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    found = []
+
+    def is_prange(node):
+        it = node.iter
+        return isinstance(it, ast.Call) and getattr(it.func, "id", None) == "prange"
+
+    def visit(stmts):
+        for st in stmts:
+            if isinstance(st, ast.For) and is_prange(st):
+                continue
+            nested = [s for k in ("body", "orelse") for s in getattr(st, k, [])]
+            head = [n for n in ast.iter_child_nodes(st) if n not in nested]
+            for part in head:
+                for sub in ast.walk(part):
+                    f = getattr(sub, "func", None)
+                    if isinstance(f, ast.Attribute) and f.attr in _NP_FILLS:
+                        found.append(f"{fn.__name__}: np.{f.attr} (line {sub.lineno})")
+            visit(nested)
+
+    visit(func.body)
+    return found
+
+
+def test_parallel_kernels_launch_one_parallel_region():
+    """No parallel kernel allocates with np.zeros (or alike) outside its prange loop, which
+    would cost an extra parallel region per call (3 instead of 2 per channels-last pass;
+    under contention each region waits for a busy core)."""
+    from batchnorm.backends.numba import passes, reductions
+
+    def bad(x, n):  # negative control: the pattern the check exists to catch
+        s = np.zeros((n, 4))
+        for t in prange(n):  # noqa: F821
+            s[t] = 1.0
+        return s
+
+    assert _fills_outside_prange(bad) == ["bad: np.zeros (line 2)"]
+    found = [
+        f for k in (*reductions.KERNELS, *passes.KERNELS) for f in _fills_outside_prange(k.py_func)
+    ]
+    assert found == []

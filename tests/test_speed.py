@@ -248,3 +248,33 @@ def test_bench_marks_ratios_outside_the_goals():
     assert "<= 1.05: met" in next(line for line in lines if "| eval |" in line)
     small_line = next(line for line in lines if line.startswith("| (60, 100)"))
     assert "<= naive: met" in small_line and "<= torch: MISSED" in small_line
+
+
+def test_bench_channels_last_cases_and_twin_ratios():
+    """A case's memory order is honoured, and a channels-last case's numba time is reported
+    over its NCHW twin's (same pass) in its own column."""
+    from batchnorm_demo.bench import CASES, Case, format_bench
+    from batchnorm_demo.bench_timing import twin_ratios
+
+    view = Case("v", (2, 3, 4, 5), -1, memory=(0, 3, 1, 2), twin="t")
+    a = np.arange(120.0).reshape(view.shape)
+    x = view.arrange(a)
+    np.testing.assert_array_equal(x, a)
+    assert not x.flags.c_contiguous and x.transpose(view.memory).flags.c_contiguous
+    assert Case("c", (2, 3), 1).arrange(a[0, 0, :2, :3]).flags.c_contiguous
+    names = {c.name for c in CASES["quick"]}
+    assert {"NHWC", "NHWC view of NCHW"} <= names
+    assert all(c.twin in names for c in CASES["quick"] if c.twin)
+    row = {"copy_s": 1e-3, "dtype": "float32", "numba_vs_copy": 1.0, "goal": None}
+    rows = [
+        {**row, "case": "t", "pass": "train", "numba_s": 2.0, "numba_median_s": 2.0},
+        {**row, "case": "v", "pass": "train", "twin": "t", "numba_s": 3.0, "numba_median_s": 5.0},
+        {**row, "case": "v", "pass": "eval", "twin": "t", "numba_s": 3.0, "numba_median_s": 5.0},
+    ]
+    twin_ratios(rows)
+    assert "numba_vs_twin" not in rows[0] and "numba_vs_twin" not in rows[2]  # no twin row
+    assert rows[1]["numba_vs_twin"] == 1.5 and rows[1]["numba_vs_twin_median"] == 2.5
+    result = {"rows": rows, "repeats": 1, "machine": {"cpus": 2, "threads": 2, "platform": "t"}}
+    lines = format_bench(result).splitlines()
+    assert "numba / NCHW twin" in lines[2]
+    assert "| 1.50 |" in next(line for line in lines if line.startswith("| v | float32 | train"))

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backends
-from ._validation import Layout, _layout, as_float_array, as_input, check_eps, layout
+from ._validation import (
+    Layout,
+    _layout,
+    as_float_array,
+    as_input,
+    check_eps,
+    layout,
+    same_layout,
+)
 from .backends import NUMPY, check_backend, select
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
@@ -38,8 +46,10 @@ class BatchNormCache:
     x : array
         The forward input (a reference, not a copy: do not modify it before the backward pass).
     work : array
-        The array the backend read (``x`` itself, or its C-contiguous / float16-to-float32
-        conversion), kept so the backward pass does not convert ``x`` again.
+        The array the backend read (``x`` itself, also when it is a transpose of a
+        C-contiguous array, which the compiled kernels read in its memory order; or its
+        C-contiguous / float16-to-float32 conversion), kept so the backward pass does not
+        convert ``x`` again.
     gamma : array or None, shape (*features)
         A float64 copy of the scale used (statistics dtype off NumPy), or None.
     has_beta : bool
@@ -145,8 +155,9 @@ class Inputs:
 
 
 def check_out(out: object, like, name: str, *inputs: object):
-    """Validate an ``out=`` array: None, or a writeable C-contiguous ndarray with the shape
-    and dtype of ``like`` that shares no memory with any of ``inputs``."""
+    """Validate an ``out=`` array: None, or a writeable ndarray with the shape and dtype of
+    ``like``, C-contiguous or with the strides of ``like`` (e.g. a channels-last view of NCHW
+    memory, written in that memory order), that shares no memory with any of ``inputs``."""
     if out is None:
         return None
     if not isinstance(like, np.ndarray):
@@ -161,8 +172,11 @@ def check_out(out: object, like, name: str, *inputs: object):
         raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
     if out.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} (shape {out.shape}) must be C-contiguous")
+    if not (out.flags.c_contiguous or same_layout(out, like)):
+        raise ValueError(
+            f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
+            f"out like the input (strides {like.strides})"
+        )
     if not out.flags.writeable:
         raise ValueError(f"{name} (shape {out.shape}) is read-only")
     for a in inputs:

@@ -140,6 +140,21 @@ def as_feature_vector(
     return arr.astype(np.float64, copy=False)
 
 
+def same_layout(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays of one shape lie in memory alike: equal strides on every axis of
+    more than one element (a size-1 axis may carry any stride)."""
+    return all(p == q for p, q, n in zip(a.strides, b.strides, a.shape, strict=True) if n > 1)
+
+
+def dense(a: np.ndarray) -> bool:
+    """Whether ``a`` fills its memory in some axis order (C order or a transpose of it), so
+    that ``np.empty_like(a)`` is laid out like it."""
+    if a.flags.c_contiguous:
+        return True
+    order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    return a.transpose(order).flags.c_contiguous
+
+
 def check_real(value: object, name: str) -> float:
     """A finite real number as a Python float (bools, strings, overflow and NaN refused)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(

@@ -172,8 +172,9 @@ def batch_norm_train(
         ``x`` has at least ``AUTO_NUMBA_MIN_SIZE`` (32768) elements; feature axes that are
         not adjacent always take the NumPy path. Other arrays take the array-API path.
     out : ndarray, optional
-        NumPy only: where to write ``y``: same shape and dtype as ``x``, C-contiguous,
-        writeable, sharing no memory with ``x``, ``gamma`` or ``beta``.
+        NumPy only: where to write ``y``: same shape and dtype as ``x``, C-contiguous or
+        with the strides of ``x``, writeable, sharing no memory with ``x``, ``gamma`` or
+        ``beta``.
     comm : mpi4py communicator, optional
         Synchronized batch norm: the statistics are those of the union of every rank's
         ``x`` (see :mod:`batchnorm.distributed`); the backward pass needs the same ``comm``.
@@ -242,8 +243,8 @@ def batch_norm_eval(
         constants.
     backend : {"auto", "numpy", "numba"}
     out : ndarray, optional
-        NumPy only: where to write ``y``: same shape and dtype as ``x``, C-contiguous,
-        writeable, sharing no memory with any input.
+        NumPy only: where to write ``y``: same shape and dtype as ``x``, C-contiguous or
+        with the strides of ``x``, writeable, sharing no memory with any input.
 
     Returns
     -------
@@ -287,7 +288,8 @@ def batch_norm_backward(
     backend : {"auto", "numpy", "numba"}
     out : ndarray, optional
         NumPy only: where to write ``dx``: same shape and dtype as ``cache.x``,
-        C-contiguous, writeable, sharing no memory with ``dy`` or the forward input.
+        C-contiguous or with the strides of ``cache.x``, writeable, sharing no memory with
+        ``dy`` or the forward input.
     comm, reducer : optional
         Required after a synchronized forward (the same ones): the two gradient sums are
         summed over every participant before ``dx`` is formed.

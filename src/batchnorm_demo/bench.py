@@ -7,11 +7,14 @@ neighbour slows all of them alike, with a short untimed busy pause
 threads slow the next one; the minimum and the median over the repeats are reported, each as
 a ratio to ``np.copyto`` of the same array into a preallocated one.
 
-* Large-array table: every case (shape, layout, dtype) and pass (train forward, eval
+* Large-array table: every case (shape, layout in memory, dtype) and pass (train forward, eval
   forward, backward) for the NumPy backend, the numba backend (writing into a preallocated
   ``out=``, as a layer with ``reuse_buffers=True`` does; the ratio with a fresh output array
   is reported too) and PyTorch's CPU batch-norm kernel (``torch.ops.aten.native_batch_norm``
-  / ``native_batch_norm_backward``, same number of threads) when torch is installed.
+  / ``native_batch_norm_backward``, same number of threads, on a tensor sharing the
+  array's memory: channels-last data are a ``channels_last`` tensor) when torch is
+  installed. Channels-last cases (C-contiguous NHWC, or an NHWC view of NCHW memory) also
+  report their numba time over that of the NCHW case of the same bytes ("twin").
 * Small-array table: forward + backward of the :class:`~batchnorm.BatchNorm` layer (training
   mode, running update included), of the pure kernels and of the article's naive NumPy
   code, interleaved, and of PyTorch's ``BatchNorm1d``/``BatchNorm2d`` with autograd in its
@@ -40,7 +43,7 @@ from batchnorm.functional import numba_available
 
 from .bench_cases import CASES, SMALL_CASES, Case, goal
 from .bench_format import format_bench
-from .bench_timing import large_rows, small_row, thread_count
+from .bench_timing import large_rows, small_row, thread_count, twin_ratios
 
 __all__ = ["CASES", "SMALL_CASES", "Case", "compile_times", "format_bench", "goal", "run_bench"]
 
@@ -111,6 +114,7 @@ def run_bench(suite: str = "quick", repeats: int = 10, progress=None) -> dict:
     for case in cases:
         rows.extend(large_rows(case, repeats, threads))
         tick()
+    twin_ratios(rows)
     small_rows = []
     for name, shape in small:
         small_rows.append(small_row(name, shape, 30 * repeats, threads))

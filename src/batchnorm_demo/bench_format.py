@@ -23,6 +23,7 @@ def format_bench(result: dict) -> str:
         "torch / copy",
         "numba / torch min",
         "numba / torch median",
+        "numba / NCHW twin",
         "goal",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -46,6 +47,7 @@ def format_bench(result: dict) -> str:
                     _f(r.get("torch_vs_copy")),
                     _f(r.get("numba_vs_torch")),
                     _f(r.get("numba_vs_torch_median")),
+                    _f(r.get("numba_vs_twin")),
                     mark,
                 ]
             )

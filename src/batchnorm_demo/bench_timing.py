@@ -21,7 +21,7 @@ from batchnorm.functional import (
 
 from .bench_cases import PASSES, Case, goal
 
-__all__ = ["PAUSE_S", "large_rows", "small_row", "thread_count"]
+__all__ = ["PAUSE_S", "large_rows", "small_row", "thread_count", "twin_ratios"]
 
 
 #: Untimed busy pause before each timed call: OpenMP thread pools (PyTorch's, numba's) spin
@@ -79,7 +79,9 @@ def _torch_fns(case: Case, x: np.ndarray, dy: np.ndarray, threads: int):
         return None
     torch.set_num_threads(threads)
     ax = case.axis % x.ndim
-    if ax == x.ndim - 1 and x.ndim == 4:  # channels-last: logical NCHW, NHWC memory
+    # the same memory, as a tensor with its features on axis 1 (NCHW logical order): an NHWC
+    # array becomes a channels_last tensor, an NHWC view of NCHW memory a contiguous one
+    if ax == x.ndim - 1 and x.ndim == 4:
         xt = torch.from_numpy(x).permute(0, 3, 1, 2)
         dyt = torch.from_numpy(dy).permute(0, 3, 1, 2)
     else:
@@ -119,9 +121,9 @@ def large_rows(case: Case, repeats: int, threads: int) -> list[dict]:
     """One row per pass of a large-array case: min and median seconds and their ratios to
     ``np.copyto`` (and to PyTorch), every implementation interleaved within each repeat."""
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 3).astype(case.dtype)
-    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype)
-    copy_out, out = np.empty_like(x), np.empty_like(x)
+    x = case.arrange((rng.standard_normal(case.shape, dtype=np.float32) * 2 + 3).astype(case.dtype))
+    dy = case.arrange(rng.standard_normal(case.shape, dtype=np.float32).astype(case.dtype))
+    copy_out, out = np.empty_like(x), np.empty_like(x)  # laid out like x
     reps = max(3, repeats if case.nbytes < 50e6 else repeats // 2)
     impls = {"numpy": _our_fns(case, x, dy, "numpy", None)}
     if numba_available():
@@ -143,6 +145,8 @@ def large_rows(case: Case, repeats: int, threads: int) -> list[dict]:
             "case": case.name,
             "shape": list(case.shape),
             "axis": case.axis,
+            "memory": None if case.memory is None else list(case.memory),
+            "twin": case.twin,
             "dtype": case.dtype,
             "pass": p,
             "repeats": reps,
@@ -163,6 +167,17 @@ def large_rows(case: Case, repeats: int, threads: int) -> list[dict]:
                     row[f"{name}_vs_torch_median"] = row[f"{name}_median_s"] / row["torch_median_s"]
         rows.append(row)
     return rows
+
+
+def twin_ratios(rows: list[dict]) -> None:
+    """Add ``numba_vs_twin`` (min and median) to each row of a case with a ``twin``: its
+    numba time over the twin case's (the same bytes in NCHW order), same pass."""
+    by = {(r["case"], r["pass"]): r for r in rows}
+    for r in rows:
+        t = by.get((r.get("twin"), r["pass"]))
+        if t is not None and "numba_s" in r and "numba_s" in t:
+            r["numba_vs_twin"] = r["numba_s"] / t["numba_s"]
+            r["numba_vs_twin_median"] = r["numba_median_s"] / t["numba_median_s"]
 
 
 def _naive(x, gamma, beta, dy, eps=1e-5):

@@ -1,7 +1,7 @@
 """Choosing a backend: the NumPy reference or the compiled numba kernels.
 
 Both backends are classes with one contract (:class:`batchnorm.backends.numpy.NumpyBackend`
-and :class:`batchnorm.backends.numba.kernels.NumbaBackend`): ``work``, ``work_dy`` and the four
+and :class:`batchnorm.backends.numba.backend.NumbaBackend`): ``work``, ``work_dy`` and the four
 primitives ``moments``, ``affine``, ``grad_sums`` and ``input_grad``, with the same
 signatures. :func:`select` picks one for an array.
 """
@@ -30,7 +30,7 @@ def _load_kernels():
     global _kernels_module
     if _kernels_module is None:
         try:
-            from .numba import kernels as _numba_kernels
+            from .numba import backend as _numba_kernels
         except ImportError:
             _kernels_module = False
         else:
@@ -59,8 +59,9 @@ def select(name: str, x: object, lay=None):
     importable and either the array has at least ``AUTO_NUMBA_MIN_SIZE`` elements
     (parallel kernels) or it is small and its layout is one the serial kernels do in a
     single pass (NCHW-like channel blocks, ``(N, D)`` and channels-last: the demo's
-    (60, 100) batches); feature axes that are not adjacent always take the NumPy path, and
-    so do empty arrays (a rank holding no rows of a synchronized batch).
+    (60, 100) batches), judged in the array's memory order (a channels-last view of NCHW
+    memory counts as NCHW); feature axes that are not adjacent always take the NumPy path,
+    and so do empty arrays (a rank holding no rows of a synchronized batch).
     """
     check_backend(name)
     if not isinstance(x, np.ndarray):
@@ -72,7 +73,7 @@ def select(name: str, x: object, lay=None):
                 "library's arrays take the array-API path: use backend='auto')"
             )
         return xp_backend(x)
-    size, shape = x.size, x.shape
+    size = x.size
     if name == "numpy" or size == 0:
         return NUMPY
     axes = lay.axes
@@ -85,6 +86,6 @@ def select(name: str, x: object, lay=None):
     if not backend.supports(axes):
         return NUMPY
     if name == "auto" and size < AUTO_NUMBA_MIN_SIZE:
-        small_ok = SMALL_NUMBA and kern.small_fused(shape, axes)
+        small_ok = SMALL_NUMBA and kern.small_fused(*kern.memory_shape(x, axes))
         return backend if small_ok else NUMPY
     return backend

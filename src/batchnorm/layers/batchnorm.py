@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._compose import Inputs, train_pass
+from .._validation import dense, same_layout
 from .args import check_flag
 from .base import NormLayer
 
@@ -94,10 +95,14 @@ class BatchNorm(NormLayer):
             buf is None
             or buf.shape != like.shape
             or buf.dtype != like.dtype
+            or (dense(like) and not same_layout(buf, like))  # laid out unlike the input
             or np.may_share_memory(buf, like)  # the caller fed a returned buffer back in
             or (isinstance(avoid, np.ndarray) and np.may_share_memory(buf, avoid))
         ):
-            buf = self._buffers[key] = np.empty(like.shape, like.dtype)
+            # laid out in memory like the input (a channels-last view of NCHW memory too:
+            # the kernels then write it in place); C order for a strided slice
+            buf = np.empty_like(like) if dense(like) else np.empty(like.shape, like.dtype)
+            self._buffers[key] = buf
         return buf
 
     def _forward_batch(self, inp: Inputs, reducer, call, error):

@@ -15,11 +15,13 @@ axis (or adjacent feature axes, merged), C = the features, I = the axes after.
   Parallel strips of columns of large ``(N, D)`` arrays measured slower than two passes
   (strided rows defeat the prefetchers and thrash the TLB).
 
-This module holds the Python drivers, which pick the kernels, and :class:`NumbaBackend`.
-The rest of the package, by role:
+This module holds the Python drivers, which pick the kernels; they take C-contiguous arrays
+(an input's memory-order view). The rest of the package, by role:
 
+* :mod:`~batchnorm.backends.numba.backend`: :class:`NumbaBackend`, the backend contract
+  over these drivers, which reads every array in its memory order;
 * :mod:`~batchnorm.backends.numba.plan`: the ``(O, C, I)`` view, chunking and fusing
-  (:class:`Plan`), and the thread guard;
+  (:class:`Plan`), memory order, and the thread guard;
 * :mod:`~batchnorm.backends.numba.reductions`: statistics and gradient sums (shifted,
   float64, rescaled on overflow);
 * :mod:`~batchnorm.backends.numba.passes`: the elementwise and fused passes, in a
@@ -43,7 +45,7 @@ import numpy as np
 from numba import njit
 
 from ...core import coef as F
-from ..numpy import RESCALE, NumpyArrays, overflow_scale, work_dtype
+from ..numpy import RESCALE, overflow_scale, work_dtype
 from . import passes, reductions
 from .half import float_to_half, half_to_float
 from .options import _SERIAL_OPTS
@@ -65,7 +67,6 @@ __all__ = [
     "ROWS_FUSE_MAX",
     "SERIAL_MAX",
     "WIDE_INNER",
-    "NumbaBackend",
     "Plan",
     "affine",
     "backward",
@@ -273,108 +274,8 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
     return out, s1, s2
 
 
-def _contiguous(x: np.ndarray) -> np.ndarray:
-    """C-contiguous, native array (float16 stays float16: the kernels read its bits)."""
-    return np.ascontiguousarray(x)
-
-
 # name -> dispatcher of every kernel the drivers call (a kernel set holds one of each)
 _KERNELS = {k.py_func.__name__: k for k in (*reductions.KERNELS, *passes.KERNELS)}
 _PAR = _Kernels(serial=False)
 _SER = _Kernels(serial=True)
 _NO_GUARD = contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------- the backend
-class NumbaBackend(NumpyArrays):
-    """The compiled backend; same contract as :class:`batchnorm.backends.numpy.NumpyBackend`.
-
-    Per-feature arguments and results are float64 arrays of the per-feature shape. ``xw``
-    is the array returned by :meth:`work` (a C-contiguous copy only when ``x`` is not
-    C-contiguous; float16 is read as float16, so nothing is converted).
-    """
-
-    name = "numba"
-
-    @staticmethod
-    def supports(axes: tuple[int, ...]) -> bool:
-        """Whether this backend handles these feature axes (they must be adjacent)."""
-        return supported(axes)
-
-    @staticmethod
-    def work(x: np.ndarray) -> np.ndarray:
-        """The array the kernels read: ``x`` itself when C-contiguous, else a copy."""
-        return _contiguous(x)
-
-    @staticmethod
-    def work_dy(dy: np.ndarray, xw: np.ndarray) -> np.ndarray:
-        """``dy`` as the kernels read it: C-contiguous, in its own dtype (a float64 ``dy``
-        is used in float64 with float32 data, exactly as the NumPy backend does)."""
-        return _contiguous(dy)
-
-    @staticmethod
-    def moments(xw: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature float64 mean and biased variance."""
-        fshape = tuple(xw.shape[a] for a in axes)
-        mean, var = moments(_contiguous(xw), axes)
-        return mean.reshape(fshape), var.reshape(fshape)
-
-    @staticmethod
-    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None) -> np.ndarray:
-        """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype`` (into
-        ``out`` when given); ``h`` the per-feature overflow scale (default 1)."""
-        h = None if h is None else h.ravel()
-        return affine(
-            _contiguous(xw), axes, mean.ravel(), scale.ravel(), bias.ravel(), dtype, out, h
-        )
-
-    @staticmethod
-    def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``; statistics and output in one trip when the
-        blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
-        fshape = tuple(xw.shape[a] for a in axes)
-        y, mean, var = train(_contiguous(xw), axes, gamma.ravel(), beta.ravel(), eps, dtype, out)
-        return y, mean.reshape(fshape), var.reshape(fshape)
-
-    @staticmethod
-    def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-        fshape = mean.shape
-        h = None if h is None else h.ravel()
-        s1, s2 = grad_sums(_contiguous(xw), _contiguous(dyw), axes, mean.ravel(), h)
-        return s1.reshape(fshape), s2.reshape(fshape)
-
-    @staticmethod
-    def input_grad(xw, dyw, axes, mean, k, p, q, dtype, out=None, h=None) -> np.ndarray:
-        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
-        h = None if h is None else h.ravel()
-        return input_grad(
-            _contiguous(xw),
-            _contiguous(dyw),
-            axes,
-            mean.ravel(),
-            k.ravel(),
-            p.ravel(),
-            q.ravel(),
-            dtype,
-            out,
-            h,
-        )
-
-    @staticmethod
-    def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):
-        """Backward: ``(dx, sum_dy, sum_dy_xc)``, in one trip when the blocks fit in cache."""
-        fshape = mean.shape
-        dx, s1, s2 = backward(
-            _contiguous(xw),
-            _contiguous(dyw),
-            axes,
-            mean.ravel(),
-            inv.ravel(),
-            k.ravel(),
-            np.ones(mean.size) if h is None else h.ravel(),
-            batch_stats,
-            dtype,
-            out,
-        )
-        return dx, s1.reshape(fshape), s2.reshape(fshape)

@@ -1,7 +1,10 @@
 """How an array maps onto the kernels, and when they may run: plans and the thread guard.
 
 Every layout is viewed as ``(O, C, I)``: O = the axes before the feature axis (or adjacent
-feature axes, merged), C = the features, I = the axes after. A :class:`Plan` holds that
+feature axes, merged), C = the features, I = the axes after, in *memory* order: an array
+that is a transpose of a C-contiguous one (a channels-last view of NCHW memory, or the
+NCHW view of a channels-last tensor) is read in place through its memory-order view
+(:func:`to_memory`), never gathered into a C-contiguous copy. A :class:`Plan` holds that
 view for one shape, how the work is chunked over the threads, and whether the fused
 ("one trip to memory") kernels apply; below :data:`SERIAL_MAX` elements the serial kernels
 run in the calling thread.
@@ -138,6 +141,66 @@ class Plan:
         if self.wide or self.I == 1:
             return np.ascontiguousarray(v)
         return np.ascontiguousarray(np.repeat(v, self.I, axis=-1))
+
+
+# --------------------------------------------------------------------------- memory order
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` itself when C-contiguous, else a C-contiguous copy (float16 stays float16:
+    the kernels read its bits). Every copy the backend makes of an input goes through here."""
+    return np.ascontiguousarray(a)
+
+
+def memory_perm(a: np.ndarray) -> tuple[int, ...] | None:
+    """The axes of ``a`` outermost first in memory when ``a`` is a transpose of a
+    C-contiguous array (``a.transpose(perm)`` is then C-contiguous); None when ``a`` is
+    C-contiguous itself or is no such transpose (strided slices, negative strides)."""
+    if a.flags.c_contiguous:
+        return None
+    perm = tuple(sorted(range(a.ndim), key=lambda i: (-a.strides[i], i)))
+    return perm if a.transpose(perm).flags.c_contiguous else None
+
+
+def memory_axes(perm, axes: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The feature axes in the memory-order view of ``perm``, when they stay adjacent and in
+    order there (so the flat per-feature vectors keep their order); None otherwise."""
+    if perm is None:
+        return None
+    m = tuple(perm.index(a) for a in axes)
+    return m if m == tuple(range(m[0], m[0] + len(m))) else None
+
+
+def to_memory(axes: tuple[int, ...], x: np.ndarray, *others: np.ndarray):
+    """``(perm, axes, arrays)``: ``x`` and ``others`` (same shape) as the kernels read them.
+
+    Where ``x`` is a transpose of a C-contiguous array with the feature axes adjacent in
+    memory, the arrays are its memory-order views (``perm``: the logical axis of each
+    view axis; ``others`` of another layout are copied into it); otherwise ``perm`` is None
+    and the arrays are C-contiguous (copies only where they were not).
+    """
+    if x.flags.c_contiguous:  # the common case, first (small arrays pay for every call)
+        return None, axes, [x, *map(contiguous, others)]
+    perm = memory_perm(x)
+    maxes = memory_axes(perm, axes)
+    if maxes is None:
+        return None, axes, [contiguous(a) for a in (x, *others)]
+    return perm, maxes, [contiguous(a.transpose(perm)) for a in (x, *others)]
+
+
+def from_memory(perm, arr: np.ndarray) -> np.ndarray:
+    """A result in the kernels' memory-order view, back in the logical axis order (a view
+    laid out in memory like the input)."""
+    return arr if perm is None else arr.transpose(np.argsort(perm))
+
+
+def memory_shape(x: np.ndarray, axes: tuple[int, ...]):
+    """``(shape, axes)`` of the layout the kernels will see for ``x`` (see :func:`to_memory`)."""
+    if x.flags.c_contiguous:
+        return x.shape, axes
+    perm = memory_perm(x)
+    maxes = memory_axes(perm, axes)
+    if maxes is None:
+        return x.shape, axes
+    return tuple(x.shape[i] for i in perm), maxes
 
 
 def supported(axes: tuple[int, ...]) -> bool:

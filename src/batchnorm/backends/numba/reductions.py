@@ -6,7 +6,11 @@ overflows while the data are finite (|x| near 1e308), the feature is summed agai
 ``x * 2**-600`` (a power of two: exact) and the result scaled back.
 
 The parallel kernels return chunked partial sums (one row per chunk of ``O``), which the
-drivers in :mod:`batchnorm.backends.numba.kernels` merge.
+drivers in :mod:`batchnorm.backends.numba.kernels` merge. Their result arrays are allocated
+with ``np.empty`` and filled entirely by the tasks: in a ``parallel=True`` function numba
+turns ``np.zeros`` outside the ``prange`` into a parallel region of its own, i.e. one more
+thread launch and barrier per call, which on shared cores costs a scheduler time slice
+whenever a worker thread has to wait for a busy core.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def _shifted_sums_rows(x, nchunks, hs):  # pragma: no cover - compiled
     shift = np.empty(K, np.float64)
     for k in range(K):
         shift[k] = np.float64(_ld(x[0, k])) * hs
-    s1 = np.zeros((nchunks, K), np.float64)
-    s2 = np.zeros((nchunks, K), np.float64)
+    s1 = np.empty((nchunks, K), np.float64)  # every entry written by its task
+    s2 = np.empty((nchunks, K), np.float64)
     for t in prange(nchunks):
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
@@ -95,8 +99,8 @@ def _shifted_sums_wide(x, nchunks, hs):  # pragma: no cover - compiled
     shift = np.empty(C, np.float64)
     for c in range(C):
         shift[c] = np.float64(_ld(x[0, c, 0])) * hs
-    s1 = np.zeros((nchunks, C), np.float64)
-    s2 = np.zeros((nchunks, C), np.float64)
+    s1 = np.empty((nchunks, C), np.float64)  # every entry written by its task
+    s2 = np.empty((nchunks, C), np.float64)
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
@@ -135,8 +139,8 @@ def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
     Four rows per sweep over the per-column accumulators, as in _shifted_sums_rows.
     """
     O, K = x.shape
-    s1 = np.zeros((nchunks, K), np.float64)
-    s2 = np.zeros((nchunks, K), np.float64)
+    s1 = np.empty((nchunks, K), np.float64)  # every entry written by its task
+    s2 = np.empty((nchunks, K), np.float64)
     for t in prange(nchunks):
         o0 = t * O // nchunks
         o1 = (t + 1) * O // nchunks
@@ -174,8 +178,8 @@ def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
 def _grad_sums_wide(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
     """Chunked sums of dy and dy * (x*h - shift) per feature of (O, C, I) arrays."""
     O, C, I = x.shape
-    s1 = np.zeros((nchunks, C), np.float64)
-    s2 = np.zeros((nchunks, C), np.float64)
+    s1 = np.empty((nchunks, C), np.float64)  # every entry written by its task
+    s2 = np.empty((nchunks, C), np.float64)
     for task in prange(nchunks * C):
         t = task // C
         c = task % C
