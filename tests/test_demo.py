@@ -396,7 +396,11 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
         "smoothness.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    res = json.loads((out / "results.json").read_text())
+
+    def no_constants(c):  # NaN / Infinity are not JSON
+        raise AssertionError(f"results.json holds {c}")
+
+    res = json.loads((out / "results.json").read_text(), parse_constant=no_constants)
     assert res["dataset"]["name"] == "mnist-subset"
     assert len(res["ioffe"]["bn"]["final_test_accuracy"]) == 2
     md = (out / "report.md").read_text()

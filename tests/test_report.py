@@ -241,3 +241,20 @@ def test_the_ghost_panels_have_one_y_axis_each(drawn):
     assert len(positions) == len(fig.axes) == 3  # a twin axis shares its panel's position
     assert all(ax.get_ylabel() for ax in fig.axes)
     assert "points" in fig.axes[2].get_ylabel() and "%" in fig.axes[1].get_ylabel()
+
+
+def test_results_json_is_standard_json(tmp_path):
+    """NaN and infinities (a loss before the first step, a spread of one seed) are written as
+    null: the file parses with a strict parser."""
+    import json
+    import math
+
+    from batchnorm_demo._format import strict_json
+
+    doc = {"a": [1.0, math.nan, math.inf, -math.inf, (2.0, math.nan)], "b": {"c": math.nan}}
+    out = strict_json(doc)
+    assert out == {"a": [1.0, None, None, None, [2.0, None]], "b": {"c": None}}
+    assert doc["a"][1] != doc["a"][1]  # the input is untouched
+    with pytest.raises(ValueError):
+        json.dumps(doc, allow_nan=False)  # the negative control
+    json.loads(json.dumps(out, allow_nan=False), parse_constant=lambda c: pytest.fail(c))

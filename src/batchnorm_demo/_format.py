@@ -55,3 +55,26 @@ def pm(values, scale: float = 100.0, digits: int = 1) -> str:
     if s["n"] == 0:
         return "n/a"
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['sd']:.{digits}f}"
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, so that
+    ``json.dumps(..., allow_nan=False)`` writes standard JSON (NaN is not JSON; browsers' and
+    most languages' parsers refuse it). A missing value (a loss before the first step, a
+    measure without a spread) then reads as ``null``.
+
+    Parameters
+    ----------
+    obj : dict, list, tuple, float or other JSON-ready value
+
+    Returns
+    -------
+    The same structure, tuples as lists.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ._atomic import staged_folder
-from ._format import pm
+from ._format import pm, strict_json
 from .experiments.assess import summarize
 from .experiments.ioffe import ARMS
 from .report_figures import write_figures
@@ -299,7 +299,8 @@ def write_report(results: dict, out: str | os.PathLike) -> dict:
     # every file is written to a scratch folder first and moved into place at the end, so an
     # interrupted run never leaves a half-written report (nor mixes it with an older one)
     with staged_folder(out) as stage:
-        (stage / "results.json").write_text(json.dumps({**results, "summary": summary}, indent=1))
+        doc = strict_json({**results, "summary": summary})  # NaN -> null: standard JSON
+        (stage / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
         write_figures(results, summary, stage)
         blocks = _blocks(results, summary)
         (stage / "report.md").write_text(_markdown(blocks))

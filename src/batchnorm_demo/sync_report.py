@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._atomic import staged_folder
-from ._format import mean_sd, pm
+from ._format import mean_sd, pm, strict_json
 
 __all__ = ["summarize", "write_sync_report"]
 
@@ -329,7 +329,7 @@ def write_sync_report(results: dict, out: str | os.PathLike) -> dict:
         _equivalence_figure(results, stage / "equivalence.png")
         _small_batch_figure(results, stage / "small_batches.png")
         with open(stage / "results.json", "w") as f:
-            json.dump({**results, "summary": summary}, f, indent=1)
+            json.dump(strict_json({**results, "summary": summary}), f, indent=1, allow_nan=False)
         md = _markdown(results, summary)
         (stage / "report.md").write_text(md)
         (stage / "report.html").write_text(_html(md, stage))
