@@ -68,6 +68,25 @@ def _share(x, *arrays):
     return [coll.varying_like(v, x) for v in arrays]
 
 
+def _start(x, gamma, beta, running_mean, running_var, axis, eps, axis_name, training, momentum):
+    """The checks shared by the functions that keep a running mean and variance; in evaluation
+    mode also their result (``done``: y and the unchanged running statistics), else None."""
+    _args.required("running_mean", running_mean)
+    _args.required("running_var", running_var)
+    momentum = _args.momentum(momentum)
+    training, x, lay, spec, f = _prepare(
+        x, axis, eps, axis_name, training, gamma=gamma, beta=beta,
+        running_mean=running_mean, running_var=running_var,
+    )  # fmt: skip
+    done = None
+    if not training:
+        y = evaluate(
+            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
+        )
+        done = (y, (f["running_mean"], f["running_var"]))
+    return momentum, x, lay, spec, f, done
+
+
 def batch_norm(
     x,
     gamma,
@@ -118,25 +137,11 @@ def batch_norm(
     >>> [round(float(v), 4) for v in (*mean, *var)]  # 0.99 * old + 0.01 * batch
     [0.02, 0.2, 1.0, 1.99]
     """
-    _args.required("running_mean", running_mean)
-    _args.required("running_var", running_var)
-    momentum = _args.momentum(momentum)
-    training, x, _, spec, f = _prepare(
-        x,
-        axis,
-        eps,
-        axis_name,
-        training,
-        gamma=gamma,
-        beta=beta,
-        running_mean=running_mean,
-        running_var=running_var,
+    momentum, x, _, spec, f, done = _start(
+        x, gamma, beta, running_mean, running_var, axis, eps, axis_name, training, momentum
     )
-    if not training:
-        y = evaluate(
-            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
-        )
-        return y, (f["running_mean"], f["running_var"])
+    if done is not None:
+        return done
     y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None)
     return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
 
@@ -257,25 +262,11 @@ def ghost_batch_norm(
     y : jax.Array, shape and dtype of ``x``
     (new_running_mean, new_running_var) : jax.Array, shapes and dtypes of the inputs
     """
-    _args.required("running_mean", running_mean)
-    _args.required("running_var", running_var)
-    momentum = _args.momentum(momentum)
-    training, x, lay, spec, f = _prepare(
-        x,
-        axis,
-        eps,
-        None,
-        training,
-        gamma=gamma,
-        beta=beta,
-        running_mean=running_mean,
-        running_var=running_var,
+    momentum, x, lay, spec, f, done = _start(
+        x, gamma, beta, running_mean, running_var, axis, eps, None, training, momentum
     )
-    if not training:
-        y = evaluate(
-            spec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_var"])
-        )
-        return y, (f["running_mean"], f["running_var"])
+    if done is not None:
+        return done
     vbs = _args.virtual_batch(virtual_batch_size, lay)
     g, b = _share(x, f["gamma"], f["beta"])
     parts = ghost_slices(x.shape[0], vbs, lay.count // x.shape[0])
