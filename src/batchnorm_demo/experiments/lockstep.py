@@ -191,7 +191,6 @@ def train_group(
         val = (np.asarray(val[0], net.dtype), val[1])
     recs = [_Record(s, val is not None) for s in runs]
     active = list(range(len(runs)))  # record index of each row of the net
-    finished: list[int] = []
     chance = 1.0 / data.n_classes
     probe = data.x_test[: config.probe_size]
     x_tr_eval, y_tr_eval = (
@@ -206,24 +205,27 @@ def train_group(
     noisy = spec0.arm == "noisy_bn"
     reported = 0
 
-    def finish(rows: list[int], *, reason: str) -> None:
-        nonlocal net, active
+    def finish(rows: list[int], *, diverged: bool = False, train_acc=None) -> None:
+        """Record the final numbers of the runs at ``rows`` and drop them from the batch
+        (``train_acc``: their accuracy on the whole training set, when already computed)."""
+        nonlocal active
         if not rows:
             return
         sub = copy.copy(net)
         sub.keep(rows)
-        train_acc = None
-        if reason != "diverged":
-            train_acc = _accuracy(sub.forward(data.x_train, training=False), data.y_train)
-        tm = _train_mode_accuracy(sub, data, config.batch_size) if spec0.ghost is not None else None
+        tm = None
+        if not diverged:
+            if train_acc is None:
+                train_acc = _accuracy(sub.forward(data.x_train, training=False), data.y_train)
+            if spec0.ghost is not None:
+                tm = _train_mode_accuracy(sub, data, config.batch_size)
         for j, row in enumerate(rows):
             rec = recs[active[row]]
-            rec.final["train"] = chance if train_acc is None else float(train_acc[j])
-            if tm is not None and reason != "diverged":
+            rec.final["train"] = chance if diverged else float(train_acc[j])
+            if tm is not None:
                 rec.final["train_mode"] = float(tm[j])
             rec.final["params"] = [np.array(p) for p in sub.parameter_list(j)]
         keep = [r for r in range(len(active)) if r not in set(rows)]
-        finished.extend(active[r] for r in rows)
         active = [active[r] for r in keep]
         if keep:
             net.keep(keep)
@@ -238,9 +240,8 @@ def train_group(
                 reported = step
             if spec0.stop_at_fit and step > 0 and active:
                 acc = _accuracy(net.forward(data.x_train, training=False), data.y_train)
-                finish(
-                    [r for r in range(len(active)) if acc[r] >= config.fit_threshold], reason="fit"
-                )
+                fit = [r for r in range(len(active)) if acc[r] >= config.fit_threshold]
+                finish(fit, train_acc=acc[fit])
         if step == steps or (not active and not any(r.diverged for r in recs)):
             break  # (diverged runs record chance at every evaluation up to the cap)
         idx = streams.next_batch()
@@ -263,7 +264,7 @@ def train_group(
         if bad:  # these runs stop here (recorded as chance from now on, not an error)
             for r in bad:
                 recs[active[r]].diverged = True
-            finish(bad, reason="diverged")
+            finish(bad, diverged=True)
             if not active:
                 continue
             tape = Tape()  # the runs that go on: the same batch and noise, without the others
@@ -285,7 +286,7 @@ def train_group(
         net.update_running(tape)
 
     if active:
-        finish(list(range(len(active))), reason="end")
+        finish(list(range(len(active))))
     if progress is not None and steps > reported:
         progress(steps - reported)
     cpu = time.process_time() - start
