@@ -5,27 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from ._stop import deferred
+
 __all__ = ["staged_folder"]
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the end of the block (main thread, POSIX; else no-op)."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        mask(signal.SIG_SETMASK, before)
 
 
 @contextlib.contextmanager
@@ -53,7 +39,7 @@ def staged_folder(out: str | os.PathLike) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         yield stage
-        with _signals_deferred():
+        with deferred():
             for f in sorted(stage.iterdir()):
                 os.replace(f, out / f.name)
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ._progress import Progress
+from ._stop import Stopped, stop_received, stop_signals_raise
 
 __all__ = ["main"]
 
@@ -90,41 +91,6 @@ def _path(flag: str, what: str = "a folder"):
 
 # seeds feed numpy's generators and mnist1d's global one (np.random.seed: < 2**32)
 SEED_MAX = 2**32 - 1
-
-
-class Terminated(BaseException):
-    """Raised in the main thread by the SIGTERM handler that :func:`main` installs.
-
-    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the
-    way swallows it; the clean-up code on the way (worker processes, partial outputs) runs.
-
-    Parameters
-    ----------
-    signum : int
-        The signal received.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """Turn SIGTERM into :class:`Terminated` inside the block (main thread only)."""
-    try:
-        before = signal.signal(signal.SIGTERM, _raise_terminated)
-    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 def _notice_once(prefix: str):
@@ -612,18 +578,26 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        with _sigterm_raises():
+    # SIGINT and SIGTERM raise Stopped (see _stop); the handlers stay while the stop is
+    # reported, so a second Ctrl-C cannot cut the report short
+    with stop_signals_raise():
+        try:
             return args.func(args)
-    except KeyboardInterrupt:
-        return _stopped(args.command, "SIGINT", 130)
-    except Terminated as exc:
-        return _stopped(args.command, signal.Signals(exc.signum).name, 128 + exc.signum)
-    except (ValueError, TypeError, OSError, ModuleNotFoundError) as exc:
-        from ._ranks import print_fatal
+        except KeyboardInterrupt:  # main() called outside the main thread: Python's handler
+            return _stopped(args.command, "SIGINT", 128 + signal.SIGINT)
+        except Stopped as exc:
+            return _stopped(args.command, exc.name, 128 + exc.signum)
+        except Exception as exc:
+            signum = stop_received()
+            if signum is not None:  # a library turned the stop into an error of its own (an
+                # import interrupted half-way fails with ImportError): report the stop
+                return _stopped(args.command, signal.Signals(signum).name, 128 + signum)
+            if not isinstance(exc, (ValueError, TypeError, OSError, ModuleNotFoundError)):
+                raise
+            from ._ranks import print_fatal
 
-        print_fatal(args.command, exc)  # once across MPI ranks, one line
-        return 2
+            print_fatal(args.command, exc)  # once across MPI ranks, one line
+            return 2
 
 
 def _stopped(command: str, name: str, status: int) -> int:

@@ -12,8 +12,8 @@ whatever the number of workers and whatever order the runs finish in.
 
 Stopping: the workers ignore SIGINT (a Ctrl-C reaches the whole process group, and a worker
 must not turn it into a failed run and go on to the next one); the main process decides. On
-any exception in the main process (KeyboardInterrupt, the CLI's SIGTERM exception, a failed
-run) the queued runs are cancelled and the workers are terminated at once, instead of
+any exception in the main process (``Stopped``, raised for SIGINT and SIGTERM by ``_stop``, or a
+failed run) the queued runs are cancelled and the workers are terminated at once, instead of
 waiting for every queued run. A worker whose parent has gone (the main process was killed)
 exits by itself within a second.
 
@@ -37,6 +37,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
 
+from .._stop import STOP_SIGNALS, check, deferred
 from ..data import Dataset, load_dataset, validation_split
 from .collect import collect
 from .ioffe import ARMS, IoffeConfig, RunSpec
@@ -91,6 +92,7 @@ def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, p
         def f(k):
             nonlocal done
             done += k * w
+            check()  # a stop whose first raise something swallowed
             if progress:
                 progress(min(done, total), total)
 
@@ -110,31 +112,6 @@ def _run_serial(config, entropies, phase1, train, val, get_reg, weight, total, p
 
 _progress_queue = None
 _worker_data: dict | None = None
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-@contextlib.contextmanager
-def _stop_signals_blocked():
-    """Block SIGINT and SIGTERM in this thread inside the block (pending ones arrive at its end).
-
-    The workers are spawned inside it: no signal handler can then interrupt the main
-    process half-way through handing a new process its start-up data (which leaves the
-    child with a traceback), and the children start with both signals blocked, so a Ctrl-C
-    that reaches the process group during their start-up cannot kill them half-started;
-    :func:`_worker_init` then ignores SIGINT and unblocks both. The block only spawns
-    processes and queues work (milliseconds: the data travel through a file).
-    """
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = mask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        mask(signal.SIG_SETMASK, before)
 
 
 def _save_shared(folder: str, train: Dataset, x_val: np.ndarray, y_val: np.ndarray) -> str:
@@ -177,11 +154,11 @@ def _exit_when_orphaned(parent: int, shared: str) -> None:
 def _worker_init(queue, data_path: str, parent: int) -> None:
     global _progress_queue, _worker_data
     # the main process decides what a Ctrl-C means (it terminates the workers); SIGINT was
-    # blocked since the spawn (see _stop_signals_blocked), so a pending one is dropped here,
+    # blocked since the spawn (see _stop.deferred), so a pending one is dropped here,
     # and a pending SIGTERM (the main process stopping us already) ends this process now
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _progress_queue, _worker_data = queue, _load_shared(data_path)
     shared = os.path.dirname(data_path)
     threading.Thread(target=_exit_when_orphaned, args=(parent, shared), daemon=True).start()
@@ -314,11 +291,15 @@ def run(
         q = ctx.Queue()
         shared = tempfile.mkdtemp(prefix="batchnorm-demo-")
         before = set(mp.active_children())
+        pool: ProcessPoolExecutor | None = None
         try:
             # the data travel through a file: handing 20 MB to each new process through its
             # start-up pipe would hold the main process (and the signals) for seconds
             data_path = _save_shared(shared, train, x_val, y_val)
-            with _stop_signals_blocked():  # the workers are spawned by the first submits
+            # the workers are spawned by the first submits, with the stop signals held back
+            # (see _stop.deferred): a Ctrl-C cannot interrupt a spawn half-way, and the
+            # children begin with both signals blocked until _worker_init ignores SIGINT
+            with deferred():
                 pool = ProcessPoolExecutor(
                     workers,
                     mp_context=ctx,
@@ -329,16 +310,12 @@ def run(
                 futures: dict[tuple, Future] = {
                     g: pool.submit(_task, g, config, weight(g), None) for g in groups1
                 }
-        except BaseException:
-            shutil.rmtree(shared, ignore_errors=True)
-            raise
-        procs = [p for p in mp.active_children() if p not in before]
-        try:
             sweep = [g for g in futures if g[0].measure]
             phase2: list[RunSpec] | None = None
             started = False
             get_reg()  # load while phase 1 runs
             while True:
+                check()  # a stop whose first raise something swallowed
                 try:
                     got = q.get(timeout=0.2)
                     if got == _COMPILING:
@@ -360,7 +337,7 @@ def run(
                     selected = selected_rates(config, list(done_sweep), done_sweep)
                     phase2 = plan_phase2(config, entropies, selected)
                     # longest first, so no worker idles at the end
-                    with _stop_signals_blocked():
+                    with deferred():
                         for g in sorted(
                             make_groups(phase2), key=weight_total(weight), reverse=True
                         ):
@@ -373,9 +350,9 @@ def run(
                     break
             outputs = {s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)}
         except BaseException:
-            # Ctrl-C, SIGTERM (the CLI raises) or a failed run: do not wait for the queue
-            late = [p for p in mp.active_children() if p not in before and p not in procs]
-            _stop_workers(pool, procs + late)
+            # Ctrl-C, SIGTERM (Stopped) or a failed run: do not wait for the queue
+            if pool is not None:
+                _stop_workers(pool, [p for p in mp.active_children() if p not in before])
             raise
         finally:
             shutil.rmtree(shared, ignore_errors=True)
