@@ -3,7 +3,7 @@
 Usage: .venv/bin/python benchmarks/run_full.py [--repeats N] [--out DIR]
 
 The results go to ``bench-out/`` in the current folder by default (listed in .gitignore), so
-a run never rewrites the tracked ``benchmarks/results.*`` that the README quotes; pass
+a run never rewrites the tracked ``benchmarks/results.*`` that the evidence page quotes; pass
 ``--out benchmarks`` to refresh those on purpose.
 
 Each ratio is a minimum over repeats measured side by side in one run (these machines are

@@ -1,6 +1,6 @@
-"""The import rules of the library (README "Architecture"): every module sits on a level and
-imports only downward or sideways, there are no cycles, and the maths and kernels never see
-mpi4py, torch or jax."""
+"""The import rules of the library (docs/contributing.md, "Import rules"): every module sits
+on a level and imports only downward or sideways, there are no cycles, and the maths and
+kernels never see mpi4py, torch or jax."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The README's commands and example stay true."""
+"""The README's commands, example and links stay true (the pages it links to are tested by
+tests/test_docs.py and tests/test_docs_claims.py)."""
 
 from __future__ import annotations
 
@@ -26,115 +27,55 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert test_cmd[0] in (ROOT / ".ci" / "run").read_text()
 
 
-def _section(title):
-    return README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def _jax_blocks():
-    return re.findall(r"```python\n(.*?)```", _section("Use it from JAX"), flags=re.S)
-
-
-def _absent_framework(block: str) -> str | None:
-    """The optional framework (jax) a README block imports when it is not installed: the
-    block is then skipped, as the README says it needs that extra."""
-    from importlib.util import find_spec
-
-    for name in ("jax",):
-        if re.search(rf"^(import|from) {name}\b", block, flags=re.M) or block in _jax_blocks():
-            if find_spec(name) is None:
-                return name
-    return None
-
-
-def test_every_readme_python_block_runs_in_order(tmp_path, monkeypatch):
-    """Every ```python block, run in order in one namespace, as a reader would paste them."""
-    pytest.importorskip("safetensors")
-    pytest.importorskip("mpi4py")
+def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
+    """The front page's ```python block(s), run in order in one namespace, as a reader would
+    paste them."""
     monkeypatch.chdir(tmp_path)
     blocks = _blocks("python")
-    assert len(blocks) >= 3
+    assert len(blocks) >= 1
     namespace: dict = {}
     for i, block in enumerate(blocks):
-        if _absent_framework(block):
-            continue
         exec(compile(block, f"README python block {i}", "exec"), namespace)  # noqa: S102
-        if i == 1:  # the pure kernels
-            assert namespace["dx"].shape == namespace["x"].shape
-            assert namespace["dgamma"].shape == (64,)
-    layer = namespace["layer"]
-    assert not layer.training and (tmp_path / "bn.npz").exists()
-    metrics = namespace["metrics"]  # the data-parallel loop, here on a single rank
-    assert len(metrics) == 1 and np.isfinite(metrics[0]["loss"])
-
-
-def test_readme_jax_section_runs_and_gives_what_it_says():
-    """The "Use it from JAX" blocks on their own: the results against the library's own
-    single-device call (skipped without jax)."""
-    jax = pytest.importorskip("jax")
-    blocks = _jax_blocks()
-    assert len(blocks) == 2 and all(_absent_framework(b) is None for b in blocks)
-    ns: dict = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"README JAX block {i}", "exec"), ns)  # noqa: S102
-    jnp, bnj = jax.numpy, ns["bnj"]
-    assert ns["yj"].shape == ns["yr"].shape == ns["yg"].shape == (256, 16)
-    mean = np.asarray(ns["xj"], np.float64).mean(0)
-    np.testing.assert_allclose(np.asarray(ns["stats"][0]), 0.01 * mean, rtol=1e-6)
-    # d/dgamma_c of mean(y^2 c) = 2 c gamma var/(var + eps) / 16 = c/8 (unit variance data)
-    np.testing.assert_allclose(np.asarray(ns["grads"][0]), np.arange(16) / 8, rtol=2e-3)
-    stats = ns["stats"]
-
-    def single(g, b):
-        y, _ = bnj.batch_norm(ns["xs"], g, b, *stats, training=True)
-        return jnp.sum(y * ns["xs"])
-
-    for a, e in zip(
-        (ns["dg"], ns["db"]), jax.grad(single, argnums=(0, 1))(ns["gj"], ns["bj"]), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-3)
-
-
-def test_readme_blocks_needing_an_absent_framework_are_skipped(monkeypatch):
-    """Negative control for the skip: a block that imports jax is skipped only when jax is
-    missing, and a NumPy block never."""
-    import importlib.util
-
-    jax_block, numpy_block = _jax_blocks()[0], _blocks("python")[0]
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert _absent_framework(jax_block) == "jax"
-    assert _absent_framework(numpy_block) is None
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
-    assert _absent_framework(jax_block) is None
-
-
-def test_readme_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    example = _blocks("python")[0]
-    namespace: dict = {}
-    exec(compile(example, "README example", "exec"), namespace)  # noqa: S102
-    layer = namespace["layer"]
+    layer, x = namespace["layer"], namespace["x"]
     assert layer.num_batches_tracked == 1 and not layer.training
+    assert namespace["dx"].shape == x.shape and layer.dgamma.shape == (64,)
     assert (tmp_path / "bn.npz").exists()
+    import batchnorm as bn
+
+    saved = bn.BatchNorm(64).load(tmp_path / "bn.npz")
+    np.testing.assert_array_equal(saved.running_mean, layer.running_mean)
 
 
-def test_readme_variants_example_runs(tmp_path, monkeypatch):
-    pytest.importorskip("safetensors")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for block in _blocks("python")[:3]:
-        exec(compile(block, "README examples", "exec"), namespace)  # noqa: S102
-    x, model = namespace["x"], namespace["model"]
-    assert namespace["y"].shape == x.shape
-    assert namespace["report"][0]["batches"] == 10
-    z = np.random.default_rng(1).standard_normal((4, 20))
-    expected = model.modules[1].eval()(z @ model.modules[0].W)
-    np.testing.assert_allclose(
-        z @ namespace["W_folded"] + namespace["b_folded"], expected, rtol=1e-12, atol=1e-12
-    )
-    np.testing.assert_allclose(
-        namespace["same"].running_var, namespace["layer"].running_var, rtol=1e-12
-    )
-    assert (tmp_path / "bn.safetensors").exists()
+# ------------------------------------------------------------------------ the front page
+def _links() -> list[str]:
+    """The README's relative link targets (not web addresses or anchors)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", README)
+    return [t for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_every_relative_link_of_the_readme_exists():
+    links = _links()
+    assert len(links) >= 10
+    missing = [t for t in links if not (ROOT / t.split("#", 1)[0]).exists()]
+    assert missing == []
+
+
+def test_the_link_check_would_catch_a_broken_link(monkeypatch):
+    """Negative control: a link to a file that is not in the tree is found."""
+    monkeypatch.setattr(sys.modules[__name__], "README", README + "\n[gone](docs/nosuch.md)\n")
+    assert "docs/nosuch.md" in _links()
+    assert not (ROOT / "docs/nosuch.md").exists()
+
+
+def test_the_readme_is_a_front_page():
+    """About 150 lines: what it is, the two commands, one example, the headline findings and
+    speed, links into the documentation (which holds the rest)."""
+    lines = README.splitlines()
+    assert len(lines) <= 170, len(lines)
+    headings = [line for line in lines if line.startswith("## ")]
+    for needed in ("## Set up", "## A first example", "## What the demo found"):
+        assert needed in headings, headings
+    assert "docs/evidence.md" in README and "docs/guide/index.md" in README
 
 
 # ----------------------------------------------------------------------------- bash blocks

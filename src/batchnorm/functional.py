@@ -94,8 +94,8 @@ def moments(
     Parameters
     ----------
     x : array, shape (N, C, *spatial) or any layout, float16/32/64
-        A NumPy array or an array of any Array API library (see "Any array library" in
-        the README); never modified.
+        A NumPy array or an array of any Array API library (see "Any array
+        library and devices" in the user guide); never modified.
     axis : int or tuple of int
         Feature axis (or axes); statistics reduce over all the others.
     backend : {"auto", "numpy", "numba"}

@@ -1,4 +1,4 @@
-"""This library's batch norm as PyTorch modules (README "Use it from PyTorch").
+"""This library's batch norm as PyTorch modules (the user guide's "PyTorch" page).
 
 Imports torch (the ``[torch]`` extra); ``import batchnorm`` alone never does. Everything here
 is re-exported from :mod:`batchnorm.adapters.torch`.
