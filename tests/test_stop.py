@@ -21,16 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signals")
 
 
-def _send(signum=signal.SIGINT):
-    os.kill(os.getpid(), signum)
+def _deliver(signum=signal.SIGINT):
+    """What the interpreter does when the signal arrives: call the installed handler.
+
+    In-process tests call it directly: a real ``os.kill`` inside a long test session can be
+    delivered late (the session's other threads, started by earlier tests, take part in
+    delivery), which would make these tests depend on the session. Real signals are sent in
+    fresh interpreters below and in tests/test_signals.py."""
+    handler = signal.getsignal(signum)
+    assert handler is _stop._handler, "stop_signals_raise() is not active"
+    handler(signum, None)
 
 
 def test_a_signal_raises_stopped_with_its_name():
     with _stop.stop_signals_raise():
         with pytest.raises(Stopped) as info:
-            _send(signal.SIGTERM)
-            for _ in range(1000):  # the handler runs at the next bytecode boundary
-                pass
+            _deliver(signal.SIGTERM)
         assert info.value.signum == signal.SIGTERM and info.value.name == "SIGTERM"
         assert _stop.stop_received() == signal.SIGTERM
 
@@ -44,9 +50,7 @@ def test_a_swallowed_stop_is_raised_again_by_check():
         pass
 
     def callback(_):
-        _send(signal.SIGINT)
-        for _ in range(1000):
-            pass
+        _deliver(signal.SIGINT)
 
     with _stop.stop_signals_raise():
         t = Thing()
@@ -68,13 +72,9 @@ def test_a_second_signal_does_not_interrupt_the_clean_up_of_the_first():
     with _stop.stop_signals_raise():
         with pytest.raises(Stopped):
             try:
-                _send()
-                for _ in range(1000):
-                    pass
+                _deliver()
             finally:
-                _send()  # a second Ctrl-C while cleaning up
-                for _ in range(1000):
-                    pass
+                _deliver()  # a second Ctrl-C while cleaning up: recorded, not raised
                 cleaned = True
     assert cleaned
 
@@ -84,19 +84,78 @@ def test_deferred_holds_the_stop_until_the_block_ends():
     with _stop.stop_signals_raise():
         with pytest.raises(Stopped):
             with _stop.deferred():
-                _send()
-                for _ in range(1000):
-                    pass
+                _deliver()
                 reached_end = True  # the signal did not interrupt the block
+        assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked
     assert reached_end
 
 
 def test_the_handlers_are_restored_after_the_block():
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with _stop.stop_signals_raise():
-        assert signal.getsignal(signal.SIGINT) is not before[0]
+        assert signal.getsignal(signal.SIGINT) is _stop._handler
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert _stop.stop_received() is None
+
+
+def _run_fresh(tmp_path, code: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(code))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_real_signals_in_a_fresh_interpreter(tmp_path):
+    """os.kill to this process: raised at once outside deferred(), held inside it until the
+    block ends, and a swallowed one raised again by check()."""
+    proc = _run_fresh(
+        tmp_path,
+        """
+        import os, signal
+        from batchnorm_demo import _stop
+
+        def spin():
+            for _ in range(100000):
+                pass
+
+        with _stop.stop_signals_raise():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                spin()
+                print("not raised")
+            except _stop.Stopped as e:
+                print("raised", e.name)
+        with _stop.stop_signals_raise():
+            try:
+                with _stop.deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    spin()
+                    print("held")
+            except _stop.Stopped as e:
+                print("raised at the end", e.name)
+        with _stop.stop_signals_raise():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                spin()
+            except BaseException:
+                pass  # a careless library
+            try:
+                _stop.check()
+                print("lost")
+            except _stop.Stopped:
+                print("raised again")
+        """,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:5] == [
+        "raised SIGTERM",
+        "held",
+        "raised at the end SIGINT",
+        "raised again",
+        "",
+    ], proc.stdout
 
 
 def test_an_error_caused_by_the_stop_is_reported_as_the_stop(monkeypatch, capsys):
@@ -106,9 +165,7 @@ def test_an_error_caused_by_the_stop_is_reported_as_the_stop(monkeypatch, capsys
 
     def run(args):
         try:
-            _send(signal.SIGTERM)
-            for _ in range(1000):
-                pass
+            _deliver(signal.SIGTERM)
         except BaseException:  # noqa: BLE001 - what a careless library does
             pass
         raise ModuleNotFoundError("No module named 'half_imported'")
@@ -132,33 +189,27 @@ def test_a_stopped_command_exits_with_130_in_a_fresh_interpreter(tmp_path):
     """End to end in a fresh interpreter: main() stopped by SIGINT exits with 130, one line, no
     traceback. (The status -2 that Python's own handler sometimes gave, a few runs in a
     hundred, is checked by the Ctrl-C tests of test_signals.py only as often as they run.)"""
-    script = tmp_path / "run.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import os, signal, sys
-            from batchnorm_demo import cli
+    proc = _run_fresh(
+        tmp_path,
+        """
+        import os, signal, sys
+        from batchnorm_demo import cli
 
-            def run(args):
-                os.kill(os.getpid(), signal.SIGINT)
-                while True:
-                    pass
+        def run(args):
+            os.kill(os.getpid(), signal.SIGINT)
+            while True:
+                pass
 
-            parser = cli.build_parser()
-            real = parser.parse_args
-            def parse(argv):
-                ns = real(argv)
-                ns.func = run
-                return ns
-            parser.parse_args = parse
-            cli.build_parser = lambda: parser
-            sys.exit(cli.main(["demo", "--steps", "1"]))
-            """
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+        parser = cli.build_parser()
+        real = parser.parse_args
+        def parse(argv):
+            ns = real(argv)
+            ns.func = run
+            return ns
+        parser.parse_args = parse
+        cli.build_parser = lambda: parser
+        sys.exit(cli.main(["demo", "--steps", "1"]))
+        """,
     )
     assert proc.returncode == 130, proc.stderr
     assert "batchnorm demo: stopped by SIGINT" in proc.stderr
