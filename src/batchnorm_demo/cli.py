@@ -9,407 +9,14 @@ and the exit status 130 or 143; outputs are written only at the end, atomically.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import sys
-import time
-from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
-
-from ._progress import Progress
+from ._cli_types import SEED_MAX, HelpFormatter, Parser, integer, path, positive_int
+from ._commands import run_bench, run_demo, run_inspect, run_sync_demo, run_warmup
 from ._stop import Stopped, stop_received, stop_signals_raise
 
 __all__ = ["main"]
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose error messages name the flag once.
-
-    argparse puts ``argument --steps: `` before a type's message; the types here name the
-    flag themselves (``--steps must be an integer; got 'abc'``), so the prefix is dropped.
-    """
-
-    def error(self, message: str):
-        """Exit with status 2 and ``message`` (without a repeated flag) on stderr."""
-        head, sep, rest = message.partition(": ")
-        if sep and head.startswith("argument "):
-            names = head[len("argument ") :].split("/")
-            if any(rest.startswith(f"{name} ") for name in names):
-                message = rest
-        super().error(message)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none (None) or it is a flag."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _integer(flag: str, low: int, high: int | None = None):
-    """An argparse type: an integer in ``[low, high]``, with an error naming ``flag``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer; got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{flag} must be >= {low}; got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{flag} must be <= {high}; got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def _positive_int(flag: str):
-    """An argparse type: an integer >= 1, with an error naming ``flag``."""
-    return _integer(flag, 1)
-
-
-def _path(flag: str, what: str = "a folder"):
-    """An argparse type: a non-empty path without NUL (what it names is checked later,
-    before any work)."""
-
-    def parse(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"{flag} must name {what}; got {text!r}")
-        if "\x00" in text:
-            raise argparse.ArgumentTypeError(f"{flag} must not contain a NUL character")
-        return text
-
-    parse.__name__ = "path"
-    return parse
-
-
-# seeds feed numpy's generators and mnist1d's global one (np.random.seed: < 2**32)
-SEED_MAX = 2**32 - 1
-
-
-def _notice_once(prefix: str):
-    """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
-    from tqdm import tqdm
-
-    from .warmup import COMPILE_NOTICE
-
-    said = []
-
-    def say() -> None:
-        if not said:
-            said.append(True)
-            # tqdm.write keeps an active progress bar intact
-            tqdm.write(f"{prefix}: {COMPILE_NOTICE}", file=sys.stderr)
-            sys.stderr.flush()
-
-    return say
-
-
-def _check_out(out: str) -> Path:
-    """Refuse an output folder that cannot be one (before any work is done)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(
-            f"--out {out} exists and is not a folder; name a folder (it is created if missing)"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {out}: cannot create the folder ({exc.strerror})") from exc
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
-    return path
-
-
-def _check_dataset_flags(args: argparse.Namespace) -> None:
-    """Refuse dataset flags that cannot work together, before any folder or data is touched."""
-    if args.dataset == "mnist" and args.data is None:
-        raise ValueError("--dataset mnist needs --data PATH (a folder of IDX files or an .npz)")
-    if args.download and args.dataset != "mnist":
-        default = " (the default)" if args.dataset == "mnist-subset" else ""
-        raise ValueError(
-            "--download fetches full MNIST: it needs --dataset mnist --data FOLDER; got "
-            f"--dataset {args.dataset}{default}, which needs no download"
-        )
-    if args.data is not None and args.dataset == "mnist1d":
-        raise ValueError("--data does not apply to --dataset mnist1d (it is generated offline)")
-
-
-def _check_schedule(args: argparse.Namespace, steps: int) -> None:
-    """Refuse an evaluation interval longer than the sweep runs, naming both values (no
-    evaluation would fall inside a run: the claims would be judged from its two ends)."""
-    if args.eval_every is None or args.eval_every <= steps:
-        return
-    if args.steps is not None:
-        given = f"--steps {steps}"
-    else:
-        given = f"--steps ({steps}, the default{' of --full' if args.full else ''})"
-    raise ValueError(
-        f"--eval-every {args.eval_every} is larger than {given}: no evaluation would fall "
-        f"inside a run; give --eval-every {steps} or less"
-    )
-
-
-def _machine() -> dict:
-    """Where the demo ran (the report's reproducibility note): CPU, cores, library builds."""
-    import platform
-
-    import numba
-
-    import batchnorm
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "batchnorm": batchnorm.__version__,
-    }
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .experiments.ioffe import IoffeConfig
-    from .experiments.runner import run
-    from .report import format_table, write_report
-    from .warmup import watch_compiles
-
-    _check_dataset_flags(args)
-    config = IoffeConfig.full() if args.full else IoffeConfig()
-    if args.steps is not None:
-        config = config.scaled(args.steps)
-    _check_schedule(args, config.steps)
-    if args.eval_every is not None:
-        config = replace(config, eval_every=args.eval_every)
-    if args.seeds is not None:
-        config = replace(config, seeds=args.seeds)
-    if args.workers is not None:
-        config = replace(config, workers=args.workers)
-    out = _check_out(args.out)
-    data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
-    print(f"dataset: {data.description}", file=sys.stderr)
-    notice = _notice_once("demo")
-    print(
-        f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
-        f"steps, then the small init, the deep network, {config.reg_dataset} and the "
-        f"ghost-batch sweep, on {config.workers} worker(s)",
-        file=sys.stderr,
-    )
-    start = time.monotonic()
-    progress = None if args.quiet else Progress("demo", unit="work")
-    try:
-        # the kernels compile here with one worker, in the workers (which report it) else
-        with watch_compiles(notice):
-            results = run(
-                config,
-                np.random.default_rng(args.seed),
-                data=data,
-                progress=progress,
-                on_compile=notice,
-            )
-    finally:
-        if progress is not None:
-            progress.close()  # an interrupted bar ends its line before the message
-    results["wall_seconds"] = round(time.monotonic() - start, 1)
-    results["seed"] = args.seed
-    results["machine"] = _machine()
-    summary = write_report(results, out)
-    print(format_table(results, summary))
-    print()
-    for key, claim in summary["claims"].items():
-        print(f"{key}: {claim['verdict']} - {claim['evidence']}")
-    print(
-        f"\nwrote {out}/results.json, report.md, report.html and figures "
-        f"(training took {results['wall_seconds']:.0f} s)"
-    )
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    import json
-
-    from .bench import format_bench, run_bench
-
-    print(
-        "bench: compiling the numba kernels first (a few seconds on the first run)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    result = run_bench(
-        "full" if args.full else "quick",
-        repeats=args.repeats,
-        progress=None if args.json else Progress("bench", unit="case"),
-    )
-    print(json.dumps(result, indent=1) if args.json else format_bench(result))
-    return 0
-
-
-def _warmup(args: argparse.Namespace) -> int:
-    from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
-
-    from .warmup import DTYPES, warmup, warmup_cases, watch_compiles
-
-    cases = warmup_cases()
-    what = (
-        f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
-        f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
-    )
-    with watch_compiles(_notice_once("warmup")):
-        result = warmup(
-            DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
-        )
-    if result["compiled"]:
-        print(
-            f"warmup: compiled the numba kernels in {result['seconds']:.1f} s "
-            f"({result['compiled']} compilations, {result['calls']} kernel calls: {what}); "
-            "cached on disk, later runs load them from there"
-        )
-    else:
-        print(
-            f"warmup: every kernel was already cached ({result['calls']} kernel calls: {what}"
-            f"; {result['seconds']:.1f} s)"
-        )
-    return 0
-
-
-def _layer_head(config: dict) -> str:
-    """A saved layer's configuration written as its constructor call, like its repr."""
-
-    def plain(v):
-        return tuple(plain(u) for u in v) if isinstance(v, (list, tuple)) else v
-
-    cfg = dict(config)
-    name = cfg.pop("class", "layer")
-    args = []
-    if "num_features" in cfg:
-        nf = plain(cfg.pop("num_features"))
-        args.append(repr(nf[0] if isinstance(nf, tuple) and len(nf) == 1 else nf))
-    args += [f"{k}={plain(v)!r}" for k, v in cfg.items()]
-    return f"{name}({', '.join(args)})"
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    import json
-
-    from batchnorm.diagnostics import describe_checkpoint
-
-    batch = None
-    if args.batch:
-        try:
-            batch = np.load(args.batch, allow_pickle=False)
-        except Exception as exc:
-            raise ValueError(f"cannot read --batch {args.batch}: {exc}") from exc
-        if not isinstance(batch, np.ndarray):  # an .npz archive, not one array
-            batch.close()
-            raise ValueError(f"--batch {args.batch} must be a .npy file holding one array")
-    info = describe_checkpoint(args.checkpoint, batch)
-    if args.json:
-        from batchnorm.diagnostics import json_safe
-
-        print(json.dumps(json_safe(info), indent=1, allow_nan=False))
-        return 0
-    tracked = info["num_batches_tracked"]
-    print(
-        f"{args.checkpoint}: {_layer_head(info['config'])}; {tracked} "
-        f"batch{'' if tracked == 1 else 'es'} tracked"
-    )
-    if "running_mean" in info:
-        rm, rv, win = info["running_mean"], info["running_var"], info["averaging_window"]
-        print(
-            f"running mean in [{rm['min']:.4g}, {rm['max']:.4g}], running var in "
-            f"[{rv['min']:.4g}, {rv['max']:.4g}]"
-        )
-        if win["kind"] == "exponential":
-            print(
-                f"averaging window: new-value weight {win['new_value_weight']:.4g}, "
-                f"effective {win['effective_batches']:.1f} batches, half-life "
-                f"{win['half_life_batches']:.1f} batches; the initial value still weighs "
-                f"{win['initial_value_weight']:.3g}"
-            )
-        else:
-            print(f"averaging window: {win['kind']} over {win['batches_tracked']} batches")
-    if "train_eval_gap" in info:
-        gap = info["train_eval_gap"]
-        print(
-            f"train/eval gap on {args.batch}: max |mean shift| "
-            f"{gap['max_abs_mean_shift_in_std']:.3g} running std, max |log var ratio| "
-            f"{gap['max_log_var_ratio']:.3g}"
-        )
-    return 0
-
-
-def _sync_demo(args: argparse.Namespace) -> int:
-    from ._ranks import collectively
-    from .data import load_dataset
-    from .experiments.sync import SyncConfig, _world, run
-    from .sync_report import write_sync_report
-    from .warmup import watch_compiles
-
-    comm = _world()
-    rank0 = comm.Get_rank() == 0
-    # rank 0 checks --out before any work, every rank loads the data; a failure anywhere is
-    # the same error on every rank (no rank is left waiting in a collective), printed once
-    collectively(comm, lambda: _check_out(args.out) if rank0 else None, "checking --out")
-    config = SyncConfig()
-    if args.steps is not None:
-        config = replace(config, small_batch_steps=args.steps)
-    if args.seeds is not None:
-        config = replace(config, seeds=args.seeds)
-    data = collectively(comm, lambda: load_dataset("mnist-subset"), "loading the data")
-    if rank0:
-        print(
-            f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
-        )
-    watch = watch_compiles(_notice_once("sync-demo")) if rank0 else contextlib.nullcontext()
-    progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
-    try:
-        with watch:
-            results = run(config, data, comm=comm, progress=progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    if rank0:
-        s = write_sync_report(results, args.out)
-        print(
-            f"SyncBN vs one process: max parameter difference after "
-            f"{config.equivalence_steps} steps {s['sync_vs_single_process_max_param_diff']:.3g}"
-            f"; local BN vs GhostBatchNorm: {s['local_vs_ghost_max_param_diff']:.3g}"
-        )
-        for row in s["small_batches"]:
-            renorm = (
-                f", BatchRenorm {100 * row['renorm_mean']:.1f}%" if "renorm_mean" in row else ""
-            )
-            print(
-                f"per-rank batch {row['per_rank_batch']:>3}: local BN "
-                f"{100 * row['local_bn_mean']:.1f}%, SyncBN {100 * row['sync_bn_mean']:.1f}%"
-                + renorm
-            )
-        if "renorm_fixes_tiny_local_batches" in s:
-            print(f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}")
-        print(
-            f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
-            f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "
-            f"{s['local_bytes_per_step']:,.0f}, sync {s['sync_bytes_per_step']:,.0f}"
-        )
-        print(
-            f"wall time {s['wall_seconds']:.1f} s; wrote {args.out}/results.json, report.md, "
-            "report.html and figures"
-        )
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from batchnorm import __version__
 
-    fmt = _HelpFormatter
-    parser = _Parser(
+    fmt = HelpFormatter
+    parser = Parser(
         prog="batchnorm",
         formatter_class=fmt,
         description="Batch Normalization by hand in NumPy: run the demo, benchmark the kernels, "
@@ -438,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Santurkar et al. 2018) on real data, each at its own validation-chosen learning rate, "
         "and report which claims hold.",
     )
-    demo.add_argument("--out", type=_path("--out"), default="bn-demo", help="output folder")
+    demo.add_argument("--out", type=path("--out"), default="bn-demo", help="output folder")
     demo.add_argument(
         "--dataset",
         default="mnist-subset",
@@ -447,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--data",
-        type=_path("--data", "a folder or an .npz file"),
+        type=path("--data", "a folder or an .npz file"),
         default=None,
         help="for --dataset mnist: folder of IDX files or an .npz file",
     )
@@ -458,28 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--steps",
-        type=_positive_int("--steps"),
+        type=positive_int("--steps"),
         default=None,
         help="steps of each sweep run (2000; the other sub-experiments scale with it)",
     )
     demo.add_argument(
         "--eval-every",
-        type=_positive_int("--eval-every"),
+        type=positive_int("--eval-every"),
         default=None,
         help="steps between accuracy evaluations (250)",
     )
     demo.add_argument(
         "--seeds",
-        type=_positive_int("--seeds"),
+        type=positive_int("--seeds"),
         default=None,
         help="seeds per setting (3; 5 with --full)",
     )
     demo.add_argument(
-        "--workers", type=_positive_int("--workers"), default=2, help="worker processes"
+        "--workers", type=positive_int("--workers"), default=2, help="worker processes"
     )
     demo.add_argument(
         "--seed",
-        type=_integer("--seed", 0, SEED_MAX),
+        type=integer("--seed", 0, SEED_MAX),
         default=0,
         help=f"master seed, 0 to {SEED_MAX}",
     )
@@ -489,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress output")
-    demo.set_defaults(func=_demo)
+    demo.set_defaults(func=run_demo)
 
     bench = sub.add_parser(
         "bench",
@@ -505,11 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--repeats",
-        type=_positive_int("--repeats"),
+        type=positive_int("--repeats"),
         default=10,
         help="repeats per timing (min taken)",
     )
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=run_bench)
 
     warm = sub.add_parser(
         "warmup",
@@ -521,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels from numba's on-disk cache in well under a second.",
     )
     warm.add_argument("--quiet", action="store_true", help="no progress output")
-    warm.set_defaults(func=_warmup)
+    warm.set_defaults(func=run_warmup)
 
     inspect = sub.add_parser(
         "inspect",
@@ -532,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("checkpoint", help="the .npz or .safetensors file")
     inspect.add_argument(
-        "--batch", type=_path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
+        "--batch", type=path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(func=_inspect)
+    inspect.set_defaults(func=run_inspect)
 
     sync = sub.add_parser(
         "sync-demo",
@@ -546,21 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument(
         "--out",
-        type=_path("--out"),
+        type=path("--out"),
         default="sync-demo",
         help="output folder (default: sync-demo)",
     )
     sync.add_argument(
         "--steps",
-        type=_positive_int("--steps"),
+        type=positive_int("--steps"),
         default=None,
         help="steps per small-batch run (default 1000)",
     )
     sync.add_argument(
-        "--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (default 3)"
+        "--seeds", type=positive_int("--seeds"), default=None, help="number of seeds (default 3)"
     )
     sync.add_argument("--quiet", action="store_true", help="no progress output")
-    sync.set_defaults(func=_sync_demo)
+    sync.set_defaults(func=run_sync_demo)
     return parser
 
 
