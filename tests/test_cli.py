@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 import batchnorm
-from batchnorm_demo import cli
+from batchnorm_demo import _commands
 from batchnorm_demo.cli import build_parser, main
 
 
@@ -56,8 +56,8 @@ def test_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatc
     ],
 )
 def test_non_positive_counts_are_refused_naming_the_flag(argv, flag, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "run_demo", _refuse_work)
-    monkeypatch.setattr(cli, "run_bench", _refuse_work)
+    monkeypatch.setattr(_commands, "run_demo", _refuse_work)
+    monkeypatch.setattr(_commands, "run_bench", _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -121,7 +121,7 @@ def test_bad_values_are_refused_by_the_parser_before_any_work(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
     for command in ("run_demo", "run_bench", "run_inspect", "run_sync_demo"):
-        monkeypatch.setattr(cli, command, _refuse_work)
+        monkeypatch.setattr(_commands, command, _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -197,7 +197,7 @@ def test_inspect_names_the_layer_as_its_constructor_call(make, head, tmp_path, c
 
 def test_a_bad_value_names_its_flag_once(monkeypatch, capsys):
     """``--steps abc`` used to print 'argument --steps: --steps must be an integer'."""
-    monkeypatch.setattr(cli, "run_demo", _refuse_work)
+    monkeypatch.setattr(_commands, "run_demo", _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--steps", "abc"])
     assert exc.value.code == 2

@@ -214,3 +214,111 @@ def test_a_stopped_command_exits_with_130_in_a_fresh_interpreter(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert "batchnorm demo: stopped by SIGINT" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _fake_command_script(body: str) -> str:
+    """A script running the console-script entry with a `demo` whose work is ``body``."""
+    return (
+        """
+        import os, signal, sys, time
+        from batchnorm_demo import _commands
+        from batchnorm_demo.cli import entry
+
+        def run(args):
+        """
+        + textwrap.indent(textwrap.dedent(body), " " * 12)
+        + """
+        _commands.run_demo = run
+        sys.argv = ["batchnorm", "demo", "--steps", "1"]
+        sys.exit(entry())
+        """
+    )
+
+
+def test_a_second_signal_after_the_stop_keeps_the_stops_status(tmp_path):
+    """Ctrl-C, then SIGTERM while the interpreter shuts down (Python's handlers would give
+    -15 or a traceback from an atexit function): status 130, one line, no traceback."""
+    proc = _run_fresh(
+        tmp_path,
+        _fake_command_script(
+            """
+            import atexit
+            # the second signal arrives during the shut-down, in an atexit function
+            atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+            os.kill(os.getpid(), signal.SIGINT)
+            while True:
+                pass
+            """
+        ),
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("stopped by") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_a_signal_after_the_command_finished_leaves_its_status(tmp_path):
+    """The command returned 0 and the process is shutting down when Ctrl-C arrives: it still
+    exits 0, with its output and without a traceback (Python's handler: -2 or a traceback)."""
+    proc = _run_fresh(
+        tmp_path,
+        _fake_command_script(
+            """
+            import atexit
+            atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))
+            print("done", flush=True)
+            return 0
+            """
+        ),
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout == "done\n"
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_main_restores_the_callers_handlers_and_entry_does_not(tmp_path):
+    """main() is for in-process callers (their handlers come back); entry() is for a process
+    that exits right after (a late signal ends it)."""
+    proc = _run_fresh(
+        tmp_path,
+        """
+        import signal
+        from batchnorm_demo import _commands, cli
+
+        _commands.run_demo = lambda args: 0
+        before = signal.getsignal(signal.SIGINT)
+        cli.main(["demo", "--steps", "1"])
+        print(signal.getsignal(signal.SIGINT) is before)
+        import sys
+        sys.argv = ["batchnorm", "demo", "--steps", "1"]
+        cli.entry()
+        print(signal.getsignal(signal.SIGINT) is before)
+        """,
+    )
+    assert proc.stdout.split() == ["True", "False"], proc.stderr
+
+
+def test_ctrl_c_during_the_first_imports_gives_the_stop_line(tmp_path):
+    """The console script installs its handlers before NumPy and the library load: a Ctrl-C
+    right at the start gives the stop line and 130, not a KeyboardInterrupt traceback."""
+    code = """
+        import os, signal, sys, threading
+        # the signal arrives while `batchnorm.cli` imports NumPy and the library
+        import builtins
+        real_import = builtins.__import__
+        fired = []
+
+        def importing(name, *args, **kwargs):
+            if name == "numpy" and not fired and "batchnorm_demo._stop" in sys.modules:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+
+        builtins.__import__ = importing
+        from batchnorm_demo.cli import entry
+        sys.argv = ["batchnorm", "demo", "--steps", "1"]
+        sys.exit(entry())
+        """
+    proc = _run_fresh(tmp_path, code)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert "batchnorm demo: stopped by SIGINT" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,9 +1,9 @@
 """``python -m batchnorm``: an entry point only (the library never imports it); it runs the
-demo's command line, :func:`batchnorm_demo.cli.main`."""
+demo's command line, :func:`batchnorm_demo.cli.entry`."""
 
 if __name__ == "__main__":
     import sys
 
-    from batchnorm_demo.cli import main
+    from batchnorm_demo.cli import entry
 
-    sys.exit(main())
+    sys.exit(entry())

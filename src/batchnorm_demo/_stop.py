@@ -18,6 +18,8 @@ the first signal and raises :class:`Stopped` (a ``BaseException`` that is not
 is raised again by the next :func:`check` (the demo's main loops call it at least every 0.2 s).
 Later signals are recorded only, so a second Ctrl-C cannot interrupt the clean-up of the first.
 Inside :func:`deferred` the handler only records; the stop is raised when the block ends.
+For the console script, a signal during the interpreter's shut-down is ignored (see
+``then_ignore``): the exit status stays the command's, never Python's -2 or a traceback.
 """
 
 from __future__ import annotations
@@ -70,9 +72,20 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
+def stop_signals_raise(*, then_ignore: bool = False) -> Iterator[None]:
     """Inside the block, SIGINT and SIGTERM raise :class:`Stopped` (main thread only; elsewhere
-    the block changes nothing)."""
+    the block changes nothing).
+
+    Parameters
+    ----------
+    then_ignore : bool
+        For a process that ends right after the block (the console script): leave both
+        signals ignored instead of restoring the previous handlers. The command has then
+        finished or stopped, and only the interpreter's shut-down is left, where Python's
+        handlers would turn a late signal (a second Ctrl-C after the first was reported) into
+        a traceback from an ``atexit`` function or a death by the signal (status -2 or -15);
+        ignored, it leaves the command's own exit status.
+    """
     if not _main_thread():
         yield
         return
@@ -87,7 +100,7 @@ def stop_signals_raise() -> Iterator[None]:
         yield
     finally:
         for s, h in before.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if then_ignore else h)
         _received.clear()
 
 

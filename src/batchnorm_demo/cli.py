@@ -3,7 +3,9 @@
 Every numeric flag is checked by the argument parser (exit status 2, a message naming the flag
 and the value) before any data are loaded or any folder is created. Ctrl-C (SIGINT) and
 SIGTERM stop a command within seconds, worker processes included, with one line on stderr
-and the exit status 130 or 143; outputs are written only at the end, atomically.
+(on rank 0 only, under MPI) and the exit status 130 or 143; outputs are written only at the
+end, atomically. The handlers are installed before the heavy imports (NumPy, the library),
+so that only the interpreter's own start-up (tens of milliseconds) precedes them.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import argparse
 import signal
 import sys
 
+# only light modules at import time: the stop handlers go in before NumPy and the library load
 from ._cli_types import SEED_MAX, HelpFormatter, Parser, integer, path, positive_int
-from ._commands import run_bench, run_demo, run_inspect, run_sync_demo, run_warmup
 from ._stop import Stopped, stop_received, stop_signals_raise
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
+
+COMMANDS = ("demo", "bench", "warmup", "inspect", "sync-demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
     """
     from batchnorm import __version__
+
+    from . import _commands as run  # the subcommands (imports NumPy)
 
     fmt = HelpFormatter
     parser = Parser(
@@ -96,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress output")
-    demo.set_defaults(func=run_demo)
+    demo.set_defaults(func=run.run_demo)
 
     bench = sub.add_parser(
         "bench",
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="repeats per timing (min taken)",
     )
-    bench.set_defaults(func=run_bench)
+    bench.set_defaults(func=run.run_bench)
 
     warm = sub.add_parser(
         "warmup",
@@ -128,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels from numba's on-disk cache in well under a second.",
     )
     warm.add_argument("--quiet", action="store_true", help="no progress output")
-    warm.set_defaults(func=run_warmup)
+    warm.set_defaults(func=run.run_warmup)
 
     inspect = sub.add_parser(
         "inspect",
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
     )
     inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(func=run_inspect)
+    inspect.set_defaults(func=run.run_inspect)
 
     sync = sub.add_parser(
         "sync-demo",
@@ -167,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds", type=positive_int("--seeds"), default=None, help="number of seeds (default 3)"
     )
     sync.add_argument("--quiet", action="store_true", help="no progress output")
-    sync.set_defaults(func=run_sync_demo)
+    sync.set_defaults(func=run.run_sync_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status (2 for a refused input).
+    """Run the command line; return the exit status (2 for a refused input, 130 or 143 when
+    SIGINT or SIGTERM stopped it). The signal handlers it installs are restored on return.
 
     Parameters
     ----------
@@ -183,40 +190,76 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # SIGINT and SIGTERM raise Stopped (see _stop); the handlers stay while the stop is
-    # reported, so a second Ctrl-C cannot cut the report short
-    with stop_signals_raise():
+    return _run(argv, exiting=False)
+
+
+def entry() -> int:
+    """The ``batchnorm`` console script and ``python -m batchnorm``: :func:`main` on
+    ``sys.argv``, for a process that exits right after.
+
+    A signal that arrives once the command has returned (the interpreter shutting down, a
+    second Ctrl-C after the first was reported) is ignored: the exit status stays the
+    command's (Python's own handlers would give -2 or -15, or a traceback). A shut-down that
+    hung would then need SIGKILL; the commands leave no worker process or thread behind that
+    it could wait for.
+
+    Returns
+    -------
+    int
+    """
+    return _run(None, exiting=True)
+
+
+def _run(argv: list[str] | None, exiting: bool) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    command = next((a for a in given if a in COMMANDS), None)  # named in the stop line
+    # SIGINT and SIGTERM raise Stopped (see _stop) from here on, through the imports and the
+    # parsing; the handlers stay while the stop is reported, so a second Ctrl-C cannot cut
+    # the report short
+    with stop_signals_raise(then_ignore=exiting):
         try:
+            args = build_parser().parse_args(argv)
+            command = args.command
             return args.func(args)
         except KeyboardInterrupt:  # main() called outside the main thread: Python's handler
-            return _stopped(args.command, "SIGINT", 128 + signal.SIGINT)
+            return _stopped(command, "SIGINT", 128 + signal.SIGINT)
         except Stopped as exc:
-            return _stopped(args.command, exc.name, 128 + exc.signum)
+            return _stopped(command, exc.name, 128 + exc.signum)
         except Exception as exc:
             signum = stop_received()
             if signum is not None:  # a library turned the stop into an error of its own (an
                 # import interrupted half-way fails with ImportError): report the stop
-                return _stopped(args.command, signal.Signals(signum).name, 128 + signum)
+                return _stopped(command, signal.Signals(signum).name, 128 + signum)
             if not isinstance(exc, (ValueError, TypeError, OSError, ModuleNotFoundError)):
                 raise
             from ._ranks import print_fatal
 
-            print_fatal(args.command, exc)  # once across MPI ranks, one line
+            print_fatal(command, exc)  # once across MPI ranks, one line
             return 2
 
 
-def _stopped(command: str, name: str, status: int) -> int:
-    """The one line printed when a signal stopped the command; returns its exit status."""
-    print(
-        f"batchnorm {command}: stopped by {name}; worker processes ended, no partial output "
-        "written",
-        file=sys.stderr,
-        flush=True,
-    )
+def _prefix(command: str | None) -> str:
+    return "batchnorm" if command is None else f"batchnorm {command}"
+
+
+def _stopped(command: str | None, name: str, status: int) -> int:
+    """The one line printed when a signal stopped the command (on rank 0 only under MPI:
+    mpiexec forwards the signal to every rank); returns its exit status."""
+    try:
+        from ._ranks import rank_and_size
+
+        rank = rank_and_size()[0]
+    except Exception:  # noqa: BLE001 - the stop came during the first imports: no MPI yet
+        rank = 0
+    if rank == 0:
+        print(
+            f"{_prefix(command)}: stopped by {name}; worker processes ended, no partial output "
+            "written",
+            file=sys.stderr,
+            flush=True,
+        )
     return status
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())
