@@ -58,6 +58,14 @@ def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if _state(p) not in (None, "Z")]
 
 
+def _default_signals() -> None:
+    """In the child before it starts: SIGINT and SIGTERM at their defaults, as in a terminal
+    (a job that a script put in the background inherits SIGINT ignored, and the demo keeps
+    an ignored signal ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _start_demo(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
@@ -83,6 +91,7 @@ def _start_demo(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a shell gives a job
+        preexec_fn=_default_signals,  # a test session started in the background ignores SIGINT
     )
     return proc, out
 

@@ -15,7 +15,10 @@ hundred, when the signal arrived while the demo was starting its workers):
 :func:`stop_signals_raise` therefore installs its own handler for both signals. It records
 the first signal and raises :class:`Stopped` (a ``BaseException`` that is not
 ``KeyboardInterrupt``, so the process-wide flag is never set); a raise that something swallowed
-is raised again by the next :func:`check` (the demo's main loops call it at least every 0.2 s).
+is raised again by the next :func:`check` (the demo's main loops call it at least every 0.2 s)
+and, when Python dropped it in a weakref callback or a ``__del__`` (where it would print
+"Exception ignored" and a traceback), by the signal sent again 50 ms later, without the
+traceback.
 Later signals are recorded only, so a second Ctrl-C cannot interrupt the clean-up of the first.
 Inside :func:`deferred` the handler only records; the stop is raised when the block ends.
 For the console script, a signal during the interpreter's shut-down is ignored (see
@@ -25,7 +28,10 @@ For the console script, a signal during the interpreter's shut-down is ignored (
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -59,12 +65,38 @@ class Stopped(BaseException):
         return signal.Signals(self.signum).name
 
 
+_state = {"swallowed": False, "block": 0}  # a raise Python dropped; which block is active
+RETRY_S = 0.05  # how soon a dropped raise is tried again
+
+
 def _handler(signum, frame):
-    if _received:  # already stopping: a second Ctrl-C must not break the clean-up
-        return
-    _received.append(signum)
+    if _received and not _state["swallowed"]:
+        return  # already stopping: a second Ctrl-C must not break the clean-up
+    if not _received:
+        _received.append(signum)
+    _state["swallowed"] = False
     if _depth == 0:
-        raise Stopped(signum)
+        raise Stopped(_received[0])
+
+
+def _retry(block: int, signum: int) -> None:
+    """Send the stop signal again, if the raise is still dropped and the block still open."""
+    if _state["swallowed"] and _state["block"] == block:
+        os.kill(os.getpid(), signum)
+
+
+def _unraisable(hook, args) -> None:
+    """``sys.unraisablehook`` inside the block: a :class:`Stopped` raised where Python cannot
+    raise (a weakref callback, a ``__del__``; importlib has one) is not printed as "Exception
+    ignored" with a traceback; the signal is sent again in :data:`RETRY_S` seconds, to be
+    raised where the main thread then is. Anything else goes to the previous hook."""
+    if isinstance(args.exc_value, Stopped):
+        _state["swallowed"] = True
+        timer = threading.Timer(RETRY_S, _retry, (_state["block"], args.exc_value.signum))
+        timer.daemon = True
+        timer.start()
+        return
+    hook(args)
 
 
 def _main_thread() -> bool:
@@ -74,7 +106,8 @@ def _main_thread() -> bool:
 @contextlib.contextmanager
 def stop_signals_raise(*, then_ignore: bool = False) -> Iterator[None]:
     """Inside the block, SIGINT and SIGTERM raise :class:`Stopped` (main thread only; elsewhere
-    the block changes nothing).
+    the block changes nothing). A signal ignored on entry (``SIG_IGN``) stays ignored, as
+    Python itself leaves an ignored SIGINT alone.
 
     Parameters
     ----------
@@ -92,16 +125,24 @@ def stop_signals_raise(*, then_ignore: bool = False) -> Iterator[None]:
     before = {}
     try:
         for s in STOP_SIGNALS:
-            before[s] = signal.signal(s, _handler)
+            # a signal ignored on entry stays ignored (a shell starts a job put in the
+            # background with `&` from a script that way, so that Ctrl-C leaves it running)
+            if signal.getsignal(s) != signal.SIG_IGN:
+                before[s] = signal.signal(s, _handler)
     except (ValueError, OSError):  # pragma: no cover - no such signal here
         pass
     _received.clear()
+    _state.update(swallowed=False, block=_state["block"] + 1)
+    hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unraisable, hook)
     try:
         yield
     finally:
         for s, h in before.items():
             signal.signal(s, signal.SIG_IGN if then_ignore else h)
+        sys.unraisablehook = hook
         _received.clear()
+        _state.update(swallowed=False, block=_state["block"] + 1)
 
 
 def stop_received() -> int | None:
