@@ -187,6 +187,16 @@ def check_eps(eps: object) -> float:
     return value
 
 
+def check_renorm_limits(rmax: object, dmax: object) -> tuple[float, float]:
+    """Batch renorm's clipping limits as floats: finite, ``rmax >= 1``, ``dmax >= 0``."""
+    r, d = check_real(rmax, "rmax"), check_real(dmax, "dmax")
+    if r < 1.0:
+        raise ValueError(f"rmax must be finite and >= 1; got {r!r}")
+    if d < 0.0:
+        raise ValueError(f"dmax must be finite and >= 0; got {d!r}")
+    return r, d
+
+
 @dataclass(frozen=True)
 class Layout:
     """Everything about an input that depends only on its shape and the feature axes.

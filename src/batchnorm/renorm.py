@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
-from ._validation import check_count, check_real
+from ._validation import check_count, check_real, check_renorm_limits
 from .conventions import BatchStats, RunningStats, _update_running
 from .core.ops import sqrt, where
 from .core.reduce import KIND_TRAIN, Call
@@ -75,15 +75,6 @@ class RenormCache:
     def var(self) -> np.ndarray:
         """Biased batch variance."""
         return self.bn.var
-
-
-def _check_limits(rmax: object, dmax: object) -> tuple[float, float]:
-    rmax, dmax = check_real(rmax, "rmax"), check_real(dmax, "dmax")
-    if rmax < 1.0:
-        raise ValueError(f"rmax must be finite and >= 1; got {rmax!r}")
-    if dmax < 0.0:
-        raise ValueError(f"dmax must be finite and >= 0; got {dmax!r}")
-    return rmax, dmax
 
 
 def batch_renorm_train(
@@ -152,7 +143,7 @@ def batch_renorm_train(
 def _renorm_inputs(
     x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend, empty_ok
 ):
-    lim = _check_limits(rmax, dmax)
+    lim = check_renorm_limits(rmax, dmax)
     inp = inputs(x, gamma, beta, axis, eps, backend, empty_ok=empty_ok)
     mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
     sigma = inp.be.feature(running_std, "running_std", inp.lay, inp.x)
@@ -264,7 +255,7 @@ class RenormSchedule:
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "rmax_steps", "dmax_steps"):
             check_count(getattr(self, name), f"RenormSchedule.{name}", minimum=0)
-        _check_limits(self.rmax, self.dmax)
+        check_renorm_limits(self.rmax, self.dmax)
 
     def __call__(self, step: int) -> tuple[float, float]:
         def ramp(final: float, start: float, end_step: int) -> float:
@@ -334,7 +325,7 @@ class BatchRenorm(NormLayer):
         reducer: object = None,
     ):
         schedule = _schedule_from_config(schedule)
-        rmax, dmax = _check_limits(rmax, dmax)
+        rmax, dmax = check_renorm_limits(rmax, dmax)
         if check_real(eps, "eps") <= 0:
             raise ValueError(f"BatchRenorm needs eps > 0 (its running std stays > 0); got {eps!r}")
         super().__init__(
@@ -370,7 +361,7 @@ class BatchRenorm(NormLayer):
     def limits(self) -> tuple[float, float]:
         """The (rmax, dmax) in force at the current step."""
         if self.schedule is not None:
-            return _check_limits(*self.schedule(self.num_batches_tracked))
+            return check_renorm_limits(*self.schedule(self.num_batches_tracked))
         return self.rmax, self.dmax
 
     def _forward_batch(self, inp, reducer, call, error):
@@ -401,8 +392,8 @@ class BatchRenorm(NormLayer):
         return {
             **super()._arg_validators(),
             "eps": positive_eps,
-            "rmax": lambda v: _check_limits(v, self.dmax)[0],
-            "dmax": lambda v: _check_limits(self.rmax, v)[1],
+            "rmax": lambda v: check_renorm_limits(v, self.dmax)[0],
+            "dmax": lambda v: check_renorm_limits(self.rmax, v)[1],
         }
 
     def _backward(self, dy, cache):

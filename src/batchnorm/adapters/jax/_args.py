@@ -14,7 +14,6 @@ __all__ = [
     "check_axis_name",
     "data_layout",
     "features",
-    "limits",
     "mode",
     "momentum",
     "required",
@@ -107,16 +106,6 @@ def momentum(value: object) -> float:
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1]; got {m!r}")
     return m
-
-
-def limits(rmax: object, dmax: object) -> tuple[float, float]:
-    """Renorm's clipping limits: ``rmax >= 1``, ``dmax >= 0``."""
-    r, d = check_real(rmax, "rmax"), check_real(dmax, "dmax")
-    if r < 1.0:
-        raise ValueError(f"rmax must be finite and >= 1; got {r!r}")
-    if d < 0.0:
-        raise ValueError(f"dmax must be finite and >= 0; got {d!r}")
-    return r, d
 
 
 def virtual_batch(size: object, lay: Layout) -> int:

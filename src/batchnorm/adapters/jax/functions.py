@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..._validation import check_renorm_limits
 from ..._xp import stats_dtype
 from ...variants import ghost_slices
 from . import _args
@@ -194,7 +195,7 @@ def batch_renorm(
     _args.required("running_mean", running_mean)
     _args.required("running_std", running_std)
     momentum = _args.momentum(momentum)
-    lim = _args.limits(rmax, dmax)
+    lim = check_renorm_limits(rmax, dmax)
     training, x, _, spec, f = _prepare(
         x,
         axis,

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..._validation import check_renorm_limits
 from ...core.stats import BatchStats
-from ...renorm import _check_limits
 from .function import BatchNormOp, GhostOp, RenormOp, apply
 from .modules import NormBase, check_jit, eager
 
@@ -62,7 +62,7 @@ class BatchRenorm(NormBase):
     ) -> None:
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ValueError(f"BatchRenorm needs eps > 0 (its running std stays > 0); got {eps!r}")
-        self.rmax, self.dmax = _check_limits(rmax, dmax)
+        self.rmax, self.dmax = check_renorm_limits(rmax, dmax)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
 
     def reset_running_stats(self) -> None:
@@ -84,7 +84,7 @@ class BatchRenorm(NormBase):
         with the running statistics in evaluation."""
         check_jit(self)
         self.check_input(input)
-        rmax, dmax = _check_limits(self.rmax, self.dmax)
+        rmax, dmax = check_renorm_limits(self.rmax, self.dmax)
         if not self.training:
             op = BatchNormOp(self.eps, self.running_mean, self.running_var)
             return apply(op, input, self.weight, self.bias)
