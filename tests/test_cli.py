@@ -257,3 +257,12 @@ def test_download_without_full_mnist_names_both_flags(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "--download" in err and "--dataset mnist " in err and "mnist-subset" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_the_command_names_known_before_parsing_are_the_parsers():
+    """cli.COMMANDS names the command in a stop line that comes before the parser exists; it
+    must list exactly the parser's subcommands."""
+    from batchnorm_demo import cli
+
+    subs = build_parser()._subparsers._group_actions[0].choices
+    assert tuple(subs) == cli.COMMANDS

@@ -39,8 +39,18 @@ __all__ = ["STOP_SIGNALS", "Stopped", "check", "deferred", "stop_received", "sto
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
-_received: list[int] = []  # the first stop signal since stop_signals_raise began
-_depth = 0  # how many deferred() blocks the main thread is in
+
+class _State:
+    """What the handler knows (main thread only): one instance, :data:`_state`."""
+
+    received: int | None = None  # the first stop signal since stop_signals_raise began
+    depth = 0  # how many deferred() blocks the main thread is in
+    swallowed = False  # Python dropped the last raise (see _unraisable)
+    block = 0  # counts the blocks, so that a late retry of an ended one does nothing
+
+
+_state = _State()
+RETRY_S = 0.05  # how soon a dropped raise is tried again
 
 
 class Stopped(BaseException):
@@ -65,23 +75,19 @@ class Stopped(BaseException):
         return signal.Signals(self.signum).name
 
 
-_state = {"swallowed": False, "block": 0}  # a raise Python dropped; which block is active
-RETRY_S = 0.05  # how soon a dropped raise is tried again
-
-
 def _handler(signum, frame):
-    if _received and not _state["swallowed"]:
+    if _state.received is not None and not _state.swallowed:
         return  # already stopping: a second Ctrl-C must not break the clean-up
-    if not _received:
-        _received.append(signum)
-    _state["swallowed"] = False
-    if _depth == 0:
-        raise Stopped(_received[0])
+    if _state.received is None:
+        _state.received = signum
+    _state.swallowed = False
+    if _state.depth == 0:
+        raise Stopped(_state.received)
 
 
 def _retry(block: int, signum: int) -> None:
     """Send the stop signal again, if the raise is still dropped and the block still open."""
-    if _state["swallowed"] and _state["block"] == block:
+    if _state.swallowed and _state.block == block:
         os.kill(os.getpid(), signum)
 
 
@@ -91,8 +97,8 @@ def _unraisable(hook, args) -> None:
     ignored" with a traceback; the signal is sent again in :data:`RETRY_S` seconds, to be
     raised where the main thread then is. Anything else goes to the previous hook."""
     if isinstance(args.exc_value, Stopped):
-        _state["swallowed"] = True
-        timer = threading.Timer(RETRY_S, _retry, (_state["block"], args.exc_value.signum))
+        _state.swallowed = True
+        timer = threading.Timer(RETRY_S, _retry, (_state.block, args.exc_value.signum))
         timer.daemon = True
         timer.start()
         return
@@ -131,8 +137,7 @@ def stop_signals_raise(*, then_ignore: bool = False) -> Iterator[None]:
                 before[s] = signal.signal(s, _handler)
     except (ValueError, OSError):  # pragma: no cover - no such signal here
         pass
-    _received.clear()
-    _state.update(swallowed=False, block=_state["block"] + 1)
+    _state.received, _state.swallowed, _state.block = None, False, _state.block + 1
     hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_unraisable, hook)
     try:
@@ -141,19 +146,18 @@ def stop_signals_raise(*, then_ignore: bool = False) -> Iterator[None]:
         for s, h in before.items():
             signal.signal(s, signal.SIG_IGN if then_ignore else h)
         sys.unraisablehook = hook
-        _received.clear()
-        _state.update(swallowed=False, block=_state["block"] + 1)
+        _state.received, _state.swallowed, _state.block = None, False, _state.block + 1
 
 
 def stop_received() -> int | None:
     """The first stop signal received inside :func:`stop_signals_raise`, or None."""
-    return _received[0] if _received else None
+    return _state.received
 
 
 def check() -> None:
     """Raise :class:`Stopped` if a stop signal arrived (its first raise may have been lost)."""
-    if _received and _depth == 0:
-        raise Stopped(_received[0])
+    if _state.received is not None and _state.depth == 0:
+        raise Stopped(_state.received)
 
 
 @contextlib.contextmanager
@@ -165,17 +169,16 @@ def deferred() -> Iterator[None]:
     inside the block begin with them blocked. Elsewhere (other threads, no
     ``pthread_sigmask``) the block changes nothing.
     """
-    global _depth
     mask = getattr(signal, "pthread_sigmask", None)
     if not _main_thread():
         yield
         return
     before = mask(signal.SIG_BLOCK, STOP_SIGNALS) if mask is not None else None
-    _depth += 1
+    _state.depth += 1
     try:
         yield
     finally:
-        _depth -= 1
+        _state.depth -= 1
         if mask is not None:
             mask(signal.SIG_SETMASK, before)  # a pending signal arrives here
     check()
