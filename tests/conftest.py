@@ -64,15 +64,24 @@ def tol_for(dtype):
 
 
 def snapshot(layer):
-    """Bit-exact picture of every piece of a layer's state."""
+    """Bit-exact picture of every piece of a layer's state, its records included (the
+    argument, state, placement and synchronization records the layer owns)."""
     out = {}
-    for k, v in vars(layer).items():
-        if isinstance(v, np.ndarray):
-            out[k] = (v.dtype.str, v.shape, v.tobytes())
-        elif k == "_cache":
-            out[k] = id(v)
-        else:
-            out[k] = repr(v)
+
+    def walk(prefix, obj):
+        for k, v in vars(obj).items():
+            if isinstance(v, np.ndarray):
+                out[prefix + k] = (v.dtype.str, v.shape, v.tobytes())
+            elif k in ("_cache", "cache"):
+                out["_cache"] = id(v)
+            elif type(v).__module__.startswith("batchnorm.layers.") and hasattr(v, "__dict__"):
+                walk("" if k == "_state" else f"{prefix}{k}.", v)
+            elif isinstance(v, dict) and k in ("_values", "_shown"):
+                out[prefix + k] = repr({a: repr(b) for a, b in v.items()})
+            else:
+                out[prefix + k] = repr(v)
+
+    walk("", layer)
     return out
 
 

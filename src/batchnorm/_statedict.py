@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ._validation import check_state_array
+
 __all__ = ["check_state_dict"]
 
 
@@ -27,7 +29,9 @@ def check_state_dict(
     Raises
     ------
     TypeError
-        ``state`` is not a dict, or an entry is not a floating array.
+        ``state`` is not a dict, or an entry is not a real floating array (masked, complex,
+        object, string and bool arrays are refused by the one shared check,
+        :func:`batchnorm._validation.check_state_array`).
     ValueError
         Missing or unexpected keys, a wrong shape, a value that is not finite (also after
         conversion to ``dtype``), a negative value in a ``nonnegative`` entry, or a
@@ -46,11 +50,7 @@ def check_state_dict(
     for key in keys:
         if key == "num_batches_tracked":
             continue
-        if isinstance(state[key], np.ma.MaskedArray):
-            raise TypeError(f"state[{key!r}] is a masked array; its mask would be ignored")
-        arr = np.asarray(state[key])
-        if arr.dtype.kind != "f":
-            raise TypeError(f"state[{key!r}] must be a floating array; got dtype {arr.dtype}")
+        arr = check_state_array(state[key], f"state[{key!r}]")
         if arr.shape != feature_shape:
             raise ValueError(
                 f"state[{key!r}] has shape {arr.shape}; the layer expects {feature_shape}"
@@ -69,7 +69,10 @@ def check_state_dict(
             raise ValueError(f"state[{key!r}] has negative values (min {new[key].min()!r})")
     if "num_batches_tracked" in expected:
         nbt = state["num_batches_tracked"]
-        nbt_arr = np.asarray(nbt)
+        try:
+            nbt_arr = check_state_array(nbt, "state['num_batches_tracked']", kinds="iu")
+        except TypeError:
+            nbt_arr = np.asarray(0.5)  # refused below, with the usual message
         if nbt_arr.shape != () or nbt_arr.dtype.kind not in "iu" or not 0 <= int(nbt_arr) < 2**63:
             raise ValueError(
                 f"state['num_batches_tracked'] must be a non-negative integer below 2**63; got "

@@ -245,3 +245,59 @@ def layout(shape: tuple[int, ...], axis: object) -> Layout:
         normalize_axes(axis, len(shape))  # raises: no feature axis
     key = check_axis(axis)
     return _layout(tuple(shape), tuple(key) if isinstance(key, list) else key)
+
+
+# ----------------------------------------------------------------------------- state arrays
+#: What :func:`check_state_array` accepts by default: real floating arrays.
+STATE_KINDS = "f"
+
+
+def check_state_array(
+    value: object, name: str, *, kinds: str = STATE_KINDS, finite: bool = True
+) -> np.ndarray:
+    """The one check of an array that enters as state (a state dict, a checkpoint, another
+    framework's state, fold weights, given statistics): every door calls it first.
+
+    Refused, the same way at every door: masked arrays (the mask would be dropped), and any
+    dtype whose kind is not in ``kinds`` (real floats by default; ``"fiu"`` also takes
+    integers): complex, object, string, bytes, bool, datetime, structured. With ``finite``
+    (the default) NaN and infinities are refused, naming the first offending entries.
+
+    Parameters
+    ----------
+    value : array_like
+        A NumPy array or anything ``np.asarray`` reads without guessing (another library's
+        array must be converted to NumPy by the caller, explicitly).
+    name : str
+        How the error messages name the value, e.g. ``"state['running_var']"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``value`` as a NumPy array (not copied when it already is one).
+
+    Raises
+    ------
+    TypeError
+        A masked array, or a dtype of a refused kind.
+    ValueError
+        Non-finite values (with ``finite``).
+    """
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; its mask would be ignored")
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a real array; got the string {value!r:.40}")
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} is not an array: {exc}") from None
+    if arr.dtype.kind not in kinds or arr.dtype.fields is not None:
+        want = "a real floating" if kinds == "f" else "a real numeric"
+        raise TypeError(f"{name} must be {want} array; got dtype {arr.dtype} ({arr.shape})")
+    if finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ValueError(
+            f"{name} has non-finite values: entries {bad[:8].tolist()} of {arr.size}, first "
+            f"{arr.ravel()[bad[0]]!r}"
+        )
+    return arr

@@ -46,6 +46,7 @@ import numpy as np
 
 from . import _checkpoint_io as _io
 from ._statedict import check_state_dict  # the layer state-dict checks live beside these
+from ._validation import check_state_array  # the one check of arrays entering as state
 
 __all__ = [
     "MAX_BYTES",
@@ -54,6 +55,7 @@ __all__ = [
     "check_version",
     "migrate",
     "state_version",
+    "check_state_array",
     "check_state_dict",
     "layer_config",
     "load_npz",

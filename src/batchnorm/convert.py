@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import check_eps
+from ._validation import check_eps, check_state_array
+from ._xp import is_array, to_numpy
 from .conventions import (
     CONVENTIONS,
     Convention,
@@ -64,10 +65,13 @@ def translate_momentum(
     return w_new if dst.momentum_weights == "new" else 1.0 - w_new
 
 
-def _to_numpy(v) -> np.ndarray:
-    if hasattr(v, "detach"):  # a torch tensor
+def _to_numpy(v, name: str) -> np.ndarray:
+    """An incoming state entry as NumPy, through the one shared state check."""
+    if hasattr(v, "detach") and not isinstance(v, np.ndarray):  # a torch tensor
         v = v.detach().cpu().numpy()
-    return np.asarray(v)
+    elif not isinstance(v, np.ndarray) and is_array(v):  # JAX or another Array API library
+        v = to_numpy(v)
+    return check_state_array(v, name)
 
 
 def _absorb_eps(var: np.ndarray, eps_src: float, eps_dst: float) -> np.ndarray:
@@ -221,7 +225,12 @@ def import_state(
     missing = required - set(flat)
     if missing:
         raise ValueError(f"missing {framework} batch-norm keys {sorted(missing)}")
-    mean = _to_numpy(flat[keys["mean"]])
+    arrays = {
+        k: _to_numpy(v, f"{framework} state[{k!r}]")
+        for k, v in flat.items()
+        if k != keys.get("count")
+    }  # every entry checked before any arithmetic
+    mean = arrays[keys["mean"]]
     if layer is None:
         layer = BatchNorm(
             mean.shape if mean.ndim != 1 else mean.shape[0], convention=framework, affine=has_affine
@@ -234,13 +243,16 @@ def import_state(
     eps_src = CONVENTIONS[framework].eps if eps is None else check_eps(eps)
     ours = {
         "running_mean": mean,
-        "running_var": _absorb_eps(_to_numpy(flat[keys["var"]]), eps_src, layer.eps),
+        "running_var": _absorb_eps(arrays[keys["var"]], eps_src, layer.eps),
     }
     if has_affine:
-        ours["gamma"] = _to_numpy(flat[keys["gamma"]])
-        ours["beta"] = _to_numpy(flat[keys["beta"]])
+        ours["gamma"] = arrays[keys["gamma"]]
+        ours["beta"] = arrays[keys["beta"]]
     # passed through as is: load_state_dict refuses anything but a non-negative integer
-    ours["num_batches_tracked"] = _to_numpy(flat.get(keys.get("count"), 0))
+    count = flat.get(keys.get("count"), 0)
+    if hasattr(count, "detach") and not isinstance(count, np.ndarray):  # a torch tensor
+        count = count.detach().cpu().numpy()
+    ours["num_batches_tracked"] = count  # load_state_dict takes a non-negative integer only
     new_momentum = (
         layer.momentum
         if momentum is _NOT_GIVEN

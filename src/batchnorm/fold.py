@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_state_array
 from .layers import NormLayer
 
 __all__ = ["bn_affine", "fold_conv", "fold_linear"]
@@ -43,15 +44,9 @@ def bn_affine(layer: NormLayer) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _real(v, name: str) -> np.ndarray:
-    """A finite real NumPy array (masked, complex, object, string and non-finite refused)."""
-    if isinstance(v, np.ma.MaskedArray):
-        raise TypeError(f"{name} is a masked array; its mask would be ignored")
-    arr = np.asarray(v)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real numeric array; got dtype {arr.dtype}")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} has non-finite values")
-    return arr
+    """A finite real NumPy array, through the one shared state check (masked, complex,
+    object, string, bool and non-finite refused)."""
+    return check_state_array(v, name, kinds="fiu")
 
 
 def _fold(weight, bias, layer, out_axis, ndim_ok, expected):

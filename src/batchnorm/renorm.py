@@ -30,12 +30,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
-from ._validation import check_count, check_real, check_renorm_limits
-from .conventions import BatchStats, RunningStats, _update_running
+from ._validation import check_count, check_renorm_limits
+from .conventions import BatchStats, RunningStats, _update_running, get_convention
 from .core.ops import sqrt, where
 from .core.reduce import KIND_TRAIN, Call
 from .functional import BatchNormCache, batch_norm_backward
-from .layers import NormLayer
+from .layers import BatchStatsLayer
+from .layers.args import Argument, library_layer
+from .layers.checks import check_positive_eps
 
 __all__ = [
     "BatchRenorm",
@@ -283,7 +285,24 @@ def _schedule_from_config(schedule: object) -> Callable[[int], tuple[float, floa
     return schedule
 
 
-class BatchRenorm(NormLayer):
+def _eps(layer: BatchRenorm, value: object) -> float:
+    return check_positive_eps(value)
+
+
+def _rmax(layer: BatchRenorm, value: object) -> float:
+    return check_renorm_limits(value, layer.dmax)[0]
+
+
+def _dmax(layer: BatchRenorm, value: object) -> float:
+    return check_renorm_limits(layer.rmax, value)[1]
+
+
+#: Batch renorm reads momentum as the weight of the old value (the "seed" direction).
+SEED = get_convention("seed")
+
+
+@library_layer
+class BatchRenorm(BatchStatsLayer):
     """Batch renormalization layer (Ioffe 2017).
 
     Parameters
@@ -296,15 +315,22 @@ class BatchRenorm(NormLayer):
         E.g. :class:`RenormSchedule`; ``step`` is ``num_batches_tracked``.
     momentum : float or None
         Weight of the old value in the moving averages of mean and std (default 0.99).
-    axis, eps, affine, nonfinite, dtype, backend, comm, timeout
-        As :class:`batchnorm.BatchNorm` (the "seed" momentum direction).
+    axis, eps, affine, nonfinite, dtype, backend, comm, timeout, reducer
+        As :class:`batchnorm.BatchNorm` (``eps > 0``).
 
     Attributes
     ----------
     running_mean, running_var : ndarray
         The running std is ``sqrt(running_var + eps)``; they start at 0 and
         ``max(1 - eps, 0)`` (a running std of 1, or ``sqrt(eps)`` when eps > 1).
+    convention : Convention
+        Read-only: the "seed" convention, whose momentum weighs the old value.
     """
+
+    eps = Argument(_eps, doc="Added to the variance; > 0.")
+    rmax = Argument(_rmax, doc="Fixed limit of r (>= 1).")
+    dmax = Argument(_dmax, doc="Fixed limit of d (>= 0).")
+    schedule = Argument(doc="The schedule of (rmax, dmax) (fixed).")
 
     def __init__(
         self,
@@ -326,15 +352,13 @@ class BatchRenorm(NormLayer):
     ):
         schedule = _schedule_from_config(schedule)
         rmax, dmax = check_renorm_limits(rmax, dmax)
-        if check_real(eps, "eps") <= 0:
-            raise ValueError(f"BatchRenorm needs eps > 0 (its running std stays > 0); got {eps!r}")
         super().__init__(
             num_features,
-            convention="seed",
             axis=axis,
             momentum=momentum,
-            eps=eps,
+            eps=check_positive_eps(eps),
             affine=affine,
+            track_running_stats=True,
             nonfinite=nonfinite,
             dtype=dtype,
             backend=backend,
@@ -342,18 +366,24 @@ class BatchRenorm(NormLayer):
             timeout=timeout,
             reducer=reducer,
         )
-        self.rmax, self.dmax, self.schedule = rmax, dmax, schedule
-        self.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
-        self._forget_args("convention", "unbiased", "track_running_stats")
+        self._state.running_var[...] = max(1.0 - self.eps, 0.0)  # the running std starts at 1
         described = asdict(schedule) if isinstance(schedule, RenormSchedule) else None
         if schedule is not None and described is None:
             described = repr(schedule)  # a custom callable: shown, but not rebuildable
-        self._record_args(rmax=rmax, dmax=dmax, schedule=described)
+        self._args.order(("num_features", "axis", "momentum", "eps", "affine", "nonfinite"))
+        self._args.add("rmax", rmax)
+        self._args.add("dmax", dmax)
+        self._args.add("schedule", schedule, shown=described)
+
+    @property
+    def convention(self):
+        """The "seed" convention: ``momentum`` weighs the old value (read-only)."""
+        return SEED
 
     @property
     def running_std(self):
         """The running standard deviation ``sqrt(running_var + eps)`` (float64 for NumPy)."""
-        v = self.running_var
+        v = self._state.running_var
         if isinstance(v, np.ndarray):
             return np.sqrt(v.astype(np.float64) + self.eps)
         return sqrt(v + self.eps)
@@ -372,7 +402,8 @@ class BatchRenorm(NormLayer):
             try:  # a schedule may fail (or give invalid limits) on one rank only
                 rmax, dmax = self.limits()
                 be = inp.be
-                args = (inp, be.param(self.running_mean), be.param(self.running_std), (rmax, dmax))
+                mu, std = be.param(self._state.running_mean), be.param(self.running_std)
+                args = (inp, mu, std, (rmax, dmax))
             except Exception as exc:  # noqa: BLE001 - every error must reach every rank
                 if not reducer.distributed:
                     raise
@@ -382,19 +413,6 @@ class BatchRenorm(NormLayer):
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         return _update_running(running, stats, self.momentum, "old", smooth="std", eps=self.eps)
-
-    def _arg_validators(self) -> dict:
-        def positive_eps(value):
-            if check_real(value, "eps") <= 0:
-                raise ValueError(f"BatchRenorm needs eps > 0; got {value!r}")
-            return float(value)
-
-        return {
-            **super()._arg_validators(),
-            "eps": positive_eps,
-            "rmax": lambda v: check_renorm_limits(v, self.dmax)[0],
-            "dmax": lambda v: check_renorm_limits(self.rmax, v)[1],
-        }
 
     def _backward(self, dy, cache):
         if isinstance(cache, RenormCache):

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._compose import Inputs, backward_pass, train_pass
-from ._validation import as_float_array, check_count, layout
+from ._validation import as_float_array, check_count, check_state_array, layout
 from .backends import select
 from .conventions import BatchStats, RunningStats, _update_running
-from .layers import NormLayer
+from .layers import ConventionLayer, NormLayer
+from .layers.args import Argument, library_layer
+from .layers.arrays import Placement
 from .renorm import (
     BatchRenorm,
     RenormCache,
@@ -75,7 +77,12 @@ class GhostBatchStats(BatchStats):
     parts: tuple[BatchStats, ...] = ()
 
 
-class GhostBatchNorm(NormLayer):
+def _vbs(layer: GhostBatchNorm, value: object) -> int:
+    return check_count(value, "virtual_batch_size")
+
+
+@library_layer
+class GhostBatchNorm(ConventionLayer):
     """Ghost batch norm (Hoffer et al. 2017): statistics per virtual batch along axis 0.
 
     Parameters
@@ -92,6 +99,7 @@ class GhostBatchNorm(NormLayer):
     """
 
     synchronizable = False
+    virtual_batch_size = Argument(_vbs, doc="Samples per virtual batch.")
 
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
         vbs = check_count(virtual_batch_size, "virtual_batch_size")
@@ -100,14 +108,7 @@ class GhostBatchNorm(NormLayer):
             raise ValueError(
                 f"GhostBatchNorm splits axis 0, so it cannot be a feature axis (axis={self.axis!r})"
             )
-        self.virtual_batch_size = vbs
-        self._record_args(virtual_batch_size=vbs)
-
-    def _arg_validators(self) -> dict:
-        return {
-            **super()._arg_validators(),
-            "virtual_batch_size": lambda v: check_count(v, "virtual_batch_size"),
-        }
+        self._args.add("virtual_batch_size", vbs)
 
     def _forward_batch(self, inp, reducer, call, error):
         x, axes = inp.x, inp.lay.axes
@@ -179,16 +180,19 @@ def first_layout(cache):
 
 
 # ----------------------------------------------------------------------------- frozen
+@library_layer
 class FrozenBatchNorm(NormLayer):
     """Batch norm with fixed statistics and parameters: an affine map in every mode.
 
-    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``; :meth:`backward`
-    returns ``dx`` only (nothing here learns, and ``train()`` does not unfreeze it). Build one
-    with :meth:`from_batchnorm` (any norm layer with running statistics) or
-    :meth:`from_statistics`.
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``. A sibling of the
+    layers that train (not one of them with parts removed): it takes only the arguments every
+    norm layer has, keeps ``gamma``/``beta`` (when ``affine``) and the running statistics as
+    fixed state, has no learnable ``parameters()`` (like torchvision's
+    ``FrozenBatchNorm2d``, whose weight and bias are buffers), and ``backward()`` returns
+    ``dx`` only. ``train()``/``eval()`` set ``training`` as for every module; the output is the
+    same in both modes. Build one with :meth:`from_batchnorm` (any norm layer with running
+    statistics) or :meth:`from_statistics`.
     """
-
-    uses_batch_stats = False
 
     def __init__(
         self,
@@ -201,10 +205,15 @@ class FrozenBatchNorm(NormLayer):
         backend: str = "auto",
     ):
         super().__init__(
-            num_features, axis=axis, eps=eps, affine=affine, dtype=dtype, backend=backend
+            num_features,
+            axis=axis,
+            eps=eps,
+            affine=affine,
+            dtype=dtype,
+            backend=backend,
+            track_running_stats=True,
         )
-        self._forget_args("convention", "momentum", "unbiased", "track_running_stats", "nonfinite")
-        self.training = False
+        self.training = False  # built to evaluate; the mode does not change the output
 
     @classmethod
     def from_batchnorm(cls, layer: NormLayer) -> FrozenBatchNorm:
@@ -238,10 +247,20 @@ class FrozenBatchNorm(NormLayer):
         eps: float = 1e-5,
         backend: str = "auto",
     ) -> FrozenBatchNorm:
-        """A frozen layer from its statistics (and optional ``gamma``, ``beta``), float64."""
-        rm = np.asarray(running_mean, dtype=np.float64)
+        """A frozen layer from its statistics (and optional ``gamma``, ``beta``), float64.
+
+        Every array goes through the one state check first (masked, complex, object,
+        string, bool and non-finite arrays are refused), then :meth:`load_state_dict`.
+        """
+        given = {"running_mean": running_mean, "running_var": running_var}
         if (gamma is None) != (beta is None):
             raise ValueError("pass both gamma and beta, or neither")
+        if gamma is not None:
+            given.update(gamma=gamma, beta=beta)
+        arrays = {k: check_state_array(Placement.host_any(v), k) for k, v in given.items()}
+        rm = arrays["running_mean"]
+        if rm.ndim == 0:
+            raise ValueError(f"running_mean must have at least one feature axis; got {rm!r}")
         frozen = cls(
             rm.shape if rm.ndim != 1 else rm.shape[0],
             axis=axis,
@@ -249,28 +268,5 @@ class FrozenBatchNorm(NormLayer):
             affine=gamma is not None,
             backend=backend,
         )
-        state = {
-            "running_mean": rm,
-            "running_var": np.asarray(running_var),
-            "num_batches_tracked": 0,
-        }
-        if gamma is not None:
-            state.update(gamma=np.asarray(gamma), beta=np.asarray(beta))
+        state = {**arrays, "num_batches_tracked": 0}
         return frozen.load_state_dict(state)
-
-    def train(self, mode: bool = True) -> FrozenBatchNorm:
-        """Frozen: stays in evaluation mode whatever ``mode`` is."""
-        return self
-
-    def backward(self, dy):
-        """Input gradient of the fixed affine map (``dy * gamma / sqrt(running_var + eps)``)."""
-        cache = self._need_cache(self._cache)
-        return self._backward(dy, cache)[0]
-
-    def parameters(self) -> dict:
-        """Nothing learns in a frozen layer."""
-        return {}
-
-    def gradients(self) -> dict:
-        """Nothing learns in a frozen layer."""
-        return {}

@@ -1,213 +1,185 @@
-"""The argument record of the norm layers: constructor arguments validated once, kept in
-one record behind ``config()``, ``from_config()``, ``repr()`` and ``save()``.
+"""The argument record of the norm layers and the registry of layer classes.
 
-Reassigning a recorded argument validates it and updates the record (so a rebuilt layer
-behaves like this one); arguments that shape the state (features, axis, dtype, affine,
-...) are fixed at construction.
+A layer's constructor arguments live in one :class:`Arguments` record the layer owns; it is
+what ``config()``, ``from_config()``, ``repr()`` and ``save()`` are built from. Each argument
+is also an attribute of the layer, an :class:`Argument` descriptor: reading it reads the
+record; assigning it runs the same check as the constructor and updates the record (so a
+layer rebuilt from ``config()`` behaves like this one), or, for the arguments that shape the
+state (features, axis, dtype, affine, ...), raises ``AttributeError``.
+
+Registry: the classes ``from_config`` may build, keyed by module-qualified name
+(``batchnorm.layers.batchnorm.BatchNorm``). The library's own classes are registered under
+their short names as well, which is what their configs record; a class nobody registered
+never builds from a config, whatever it is called.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .. import checkpoint
-from .._validation import SUPPORTED_DTYPES, check_count
-from ..checkpoint import check_state_dict
+__all__ = [
+    "Argument",
+    "Arguments",
+    "layer_class",
+    "library_layer",
+    "qualified_name",
+    "register_layer",
+]
 
-_LAYER_CLASSES: dict[str, type] = {}
+_REGISTRY: dict[str, type] = {}  # module-qualified name -> class
+_LIBRARY: dict[str, str] = {}  # short name of a library class -> its qualified name
 
 
-def as_feature_shape(num_features: object) -> tuple[int, ...]:
-    """``num_features`` (a positive int or a non-empty sequence of them) as a shape tuple.
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class: the key of the registry."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    At most ``checkpoint.MAX_FEATURES`` features in all (a larger layer is refused before
-    anything is allocated).
+
+def register_layer(cls: type) -> type:
+    """Let :meth:`NormLayer.from_config` build ``cls`` from a config naming its qualified name.
+
+    Usable as a class decorator for your own norm layers; their configs record the
+    qualified name, so they never collide with the library's classes.
     """
-    if isinstance(num_features, (list, tuple)):
-        if not num_features:
-            raise ValueError("num_features must name at least one feature size; got ()")
-        shape = tuple(check_count(n, "num_features") for n in num_features)
-    else:
-        shape = (check_count(num_features, "num_features"),)
-    if math.prod(shape) > checkpoint.MAX_FEATURES:
-        raise ValueError(
-            f"num_features={num_features!r} gives {math.prod(shape)} features; at most "
-            f"{checkpoint.MAX_FEATURES} are supported"
-        )
-    return shape
+    if not isinstance(cls, type):
+        raise TypeError(f"register_layer needs a class; got {cls!r}")
+    _REGISTRY[qualified_name(cls)] = cls
+    return cls
 
 
-def check_dtype(dtype: object) -> np.dtype:
-    """A parameter dtype: float16, float32 or float64 (any byte order, stored native)."""
+def library_layer(cls: type) -> type:
+    """Register one of the library's own layer classes (also under its short name)."""
+    if not cls.__module__.startswith("batchnorm."):
+        raise ValueError(f"{qualified_name(cls)} is not a class of the batchnorm library")
+    _LIBRARY[cls.__name__] = qualified_name(cls)
+    return register_layer(cls)
+
+
+def config_name(cls: type) -> str:
+    """The name a config of ``cls`` records: the short name for the library's classes."""
+    if _LIBRARY.get(cls.__name__) == qualified_name(cls):
+        return cls.__name__
+    return qualified_name(cls)
+
+
+def layer_class(name: object) -> type:
+    """The registered class a config's ``"class"`` names (ValueError when none is)."""
+    if isinstance(name, str):
+        target = _REGISTRY.get(_LIBRARY.get(name, name))
+        if target is not None:
+            return target
+    raise ValueError(
+        f"unknown layer class {name!r}; expected one of {sorted(_LIBRARY)} or the qualified "
+        "name of a class registered with batchnorm.layers.register_layer"
+    )
+
+
+def build(cls: type, config: object) -> Any:
+    """A layer of the registered class ``config["class"]`` names (a subclass of ``cls``),
+    built from the other entries."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict; got {type(config).__name__}")
+    args = dict(config)
+    name = args.pop("class", config_name(cls))
+    target = layer_class(name)
+    if not issubclass(target, cls):
+        raise ValueError(f"the config describes a {name}, which is not a {cls.__name__}")
+    for key in ("num_features", "axis"):
+        if isinstance(args.get(key), list):
+            args[key] = tuple(args[key])
     try:
-        dt = np.dtype(dtype)
+        return target(**args)
     except TypeError as exc:
-        raise TypeError(f"dtype must be float16, float32 or float64; got {dtype!r}") from exc
-    if dt.kind == "f" and not dt.isnative:
-        dt = dt.newbyteorder("=")
-    if dt not in SUPPORTED_DTYPES:
-        raise TypeError(f"dtype must be float16, float32 or float64; got {dt} ({dtype!r})")
-    return dt
+        raise ValueError(f"config does not fit {name}: {exc}") from None
 
 
-def check_flag(value: object, name: str) -> bool:
-    """A bool (Python or NumPy); strings such as "False" and numbers are refused."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
-    return bool(value)
-
-
-def check_nonfinite(value: object) -> str:
-    """``nonfinite``: "raise" or "skip"."""
-    if value not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip'; got {value!r}")
-    return str(value)
-
-
-def _json_value(v: object) -> object:
+def json_value(v: object) -> object:
+    """A recorded argument as a JSON-friendly value (tuples as lists, dtypes by name)."""
     if isinstance(v, tuple):
-        return [_json_value(i) for i in v]
+        return [json_value(i) for i in v]
     if isinstance(v, np.dtype):
         return v.name
     return v
 
 
-class ArgumentRecord:
-    """Mixin: the record of constructor arguments (``_args``) and what is built from it."""
+_NEVER: Any = object()
 
-    _args: dict[str, object]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if not cls.__dict__.get("_abstract", False):  # the base class is not a layer to build
-            _LAYER_CLASSES[cls.__name__] = cls
+class Arguments:
+    """The record of one layer's constructor arguments: values in constructor order, and
+    what ``config()`` shows for each (a JSON-friendly form)."""
 
-    def _arg_validators(self) -> dict[str, Any]:
-        """Constructor arguments that may be reassigned later, with their validators.
+    def __init__(self) -> None:
+        self._values: dict[str, object] = {}
+        self._shown: dict[str, object] = {}
+        self._omit: dict[str, object] = {}
 
-        Every other recorded argument is fixed at construction. Subclasses add their own
-        (e.g. ``virtual_batch_size``).
-        """
-        return {}
+    def add(self, name: str, value: object, shown: object = _NEVER, omit_if: object = _NEVER):
+        """Record ``name``; ``shown`` replaces the value in ``config()``; a value equal to
+        ``omit_if`` is left out of ``config()`` (so older configs stay as they were)."""
+        self._values[name] = value
+        self._shown[name] = value if shown is _NEVER else shown
+        if omit_if is not _NEVER:
+            self._omit[name] = omit_if
 
-    #: State attributes checked when reassigned (see :meth:`_check_state_attr`).
-    _STATE_ATTRS = frozenset(
-        {
-            "gamma",
-            "beta",
-            "running_mean",
-            "running_var",
-            "num_batches_tracked",
-            "skipped_updates",
-            "feature_shape",
-            "training",
-        }
-    )
+    def order(self, names: tuple[str, ...]) -> None:
+        """Put the named arguments first, in this order (the constructor's)."""
+        rest = [k for k in self._values if k not in names]
+        self._values = {k: self._values[k] for k in (*names, *rest)}
+        self._shown = {k: self._shown[k] for k in (*names, *rest)}
 
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in self._STATE_ATTRS and self.__dict__.get("_built", False):
-            value = self._check_state_attr(name, value)
-            object.__setattr__(self, name, value)
-            return
-        args = self.__dict__.get("_args")
-        if args is not None and name in args and self.__dict__.get("_built", False):
-            validate = self._arg_validators().get(name)
-            if validate is None:
-                raise AttributeError(
-                    f"{type(self).__name__}.{name} is fixed at construction; build a new layer "
-                    f"(e.g. from a modified config())"
-                )
-            value = validate(value)
-            args[name] = value
-        object.__setattr__(self, name, value)
+    def __getitem__(self, name: str) -> object:
+        return self._values[name]
 
-    def _check_state_attr(self, name: str, value: object) -> object:
-        """Validate a reassigned state attribute (the layer is unchanged when it raises).
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
 
-        Parameters and running statistics must be arrays of the layer's library with its
-        per-feature shape, floating and finite (the running variance >= 0); they are stored
-        in the layer's dtype. Counters are integers >= 0; ``training`` a bool;
-        ``feature_shape`` is fixed.
-        """
-        if name == "feature_shape":
+    def set(self, name: str, value: object) -> None:
+        """Store an already validated value of a recorded argument."""
+        self._values[name] = value
+        self._shown[name] = value
+
+    def config(self) -> dict[str, object]:
+        """The JSON-friendly arguments, in constructor order."""
+        return {k: json_value(v) for k, v in self.items()}
+
+    def items(self) -> list[tuple[str, object]]:
+        """``(name, shown value)`` pairs, omitted defaults left out (what ``repr`` shows)."""
+        return [
+            (k, v)
+            for k, v in self._shown.items()
+            if not (k in self._omit and self._values[k] == self._omit[k])
+        ]
+
+
+class Argument:
+    """A constructor argument as a layer attribute (see the module docstring).
+
+    Parameters
+    ----------
+    check : callable(layer, value) -> value, optional
+        Validates a new value (the constructor's check); None: fixed at construction.
+    """
+
+    def __init__(self, check: Callable[[Any, object], object] | None = None, doc: str = ""):
+        self.check = check
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return obj._args[self.name]
+
+    def __set__(self, obj: Any, value: object) -> None:
+        if self.check is None:
             raise AttributeError(
-                f"{type(self).__name__}.feature_shape is fixed at construction; build a new layer"
+                f"{type(obj).__name__}.{self.name} is fixed at construction; build a new layer "
+                "(e.g. from a modified config())"
             )
-        if name == "training":
-            return check_flag(value, "training")
-        if name in ("num_batches_tracked", "skipped_updates"):
-            return check_count(value, name, minimum=0)
-        current = self.__dict__.get(name)
-        if current is None:
-            if value is None:
-                return None
-            raise AttributeError(
-                f"{type(self).__name__} was built without {name} (affine=False or "
-                "track_running_stats=False); build a new layer to have one"
-            )
-        if value is None:
-            raise TypeError(f"{name} cannot be set to None on this {type(self).__name__}")
-        try:
-            checked = check_state_dict(
-                {name: self._host_any(value)},
-                [name],
-                self.feature_shape,
-                self.dtype,
-                nonnegative=("running_var",),
-            )[name]
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{type(self).__name__}.{name}: {exc}") from None
-        if isinstance(current, np.ndarray):
-            return checked
-        from .. import _xp
-
-        return _xp.from_numpy(self._xp, checked, self._device, current.dtype)
-
-    def _record_args(self, **extra: object) -> None:
-        """Add subclass constructor arguments to the record behind config() and repr()."""
-        self._args.update(extra)
-
-    def _forget_args(self, *names: str) -> None:
-        """Drop base arguments a subclass does not take (they stay as fixed attributes)."""
-        for name in names:
-            del self._args[name]
-
-    def config(self) -> dict:
-        """The constructor arguments (and the class name), as JSON-friendly values."""
-        return {"class": type(self).__name__, **{k: _json_value(v) for k, v in self._args.items()}}
-
-    @classmethod
-    def from_config(cls, config: dict):
-        """Build a layer from :meth:`config` (the class is looked up by its name)."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict; got {type(config).__name__}")
-        args = dict(config)
-        name = args.pop("class", cls.__name__)
-        target = _LAYER_CLASSES.get(name) if isinstance(name, str) else None
-        if target is None:
-            raise ValueError(
-                f"unknown layer class {name!r}; expected one of {sorted(_LAYER_CLASSES)}"
-            )
-        if not issubclass(target, cls):
-            raise ValueError(f"the config describes a {name}, which is not a {cls.__name__}")
-        for key in ("num_features", "axis"):
-            if isinstance(args.get(key), list):
-                args[key] = tuple(args[key])
-        try:
-            return target(**args)
-        except TypeError as exc:
-            raise ValueError(f"config does not fit {name}: {exc}") from None
-
-    def __repr__(self) -> str:
-        parts = []
-        for key, value in self._args.items():
-            if key == "num_features":
-                parts.append(repr(value[0] if len(value) == 1 else value))
-            elif isinstance(value, float):
-                parts.append(f"{key}={value:g}")
-            else:
-                parts.append(f"{key}={value!r}")
-        return f"{type(self).__name__}({', '.join(parts)}, training={self.training})"
+        obj._args.set(self.name, self.check(obj, value))

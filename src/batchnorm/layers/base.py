@@ -1,230 +1,249 @@
-r"""The base of the stateful norm layers: modes, parameters, one forward and one backward
-template, the atomic commit of the running statistics.
+r"""The small base every norm layer shares: arguments, state and placement as records the
+layer owns, the evaluation forward, the input gradient, state dicts and files.
 
-In training mode a layer normalizes with batch statistics and updates its running
-statistics by exponential smoothing,
+Every layer normalizes per feature with a mean and a variance,
 
 .. math::
 
-    \text{running} \leftarrow (1-w)\,\text{running} + w\,\text{batch},
+    y = \gamma\,\frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta;
 
-with the weight ``w`` of the new value read from ``momentum`` in the direction of the chosen
-convention (:func:`batchnorm.conventions.update_running`, the one place this happens). In
-evaluation mode it normalizes with the running statistics and changes no state.
+in evaluation mode :math:`\mu, \sigma^2` are the running statistics (constants). The layers
+that differ in how they get their statistics are siblings: ``BatchStatsLayer``
+(``batchnorm.layers.training``) adds training with batch statistics, the running update, learnable
+parameters and synchronization, for :class:`~batchnorm.BatchNorm`,
+:class:`~batchnorm.GhostBatchNorm` and :class:`~batchnorm.BatchRenorm`;
+:class:`~batchnorm.FrozenBatchNorm` uses only what this base promises.
 
-The forward template (:meth:`NormLayer.forward`): check the input once, the subclass's
-batch maths (local statistics, ``reducer.merge``, the output), then the running update and
-the commit under the lock. A rejected call leaves the layer exactly as it was, on every
-participant; no non-finite value ever reaches the running statistics. Synchronization is a
-reducer object the layer holds (:attr:`NormLayer.reducer`): the single-process
-:class:`~batchnorm.core.reduce.LocalReducer`, or the MPI one (``comm=``).
+What a layer owns:
 
-Threads: the update of the running statistics (read, smooth, write, count) is atomic, so
-training forwards from several threads never lose an update. The backward pass uses the
-last forward's cache, so a forward/backward pair belongs to one thread.
+* ``_args``: an ``Arguments`` record of its constructor arguments; each is an
+  attribute validated like the constructor argument when assigned, or fixed (read-only);
+* ``_state``: a ``LayerState`` record (parameters, running statistics,
+  counters, mode, the last forward's cache); its public attributes validate what is assigned
+  (``layer.running_var = -1`` is refused) or are read-only results;
+* ``place``: a ``Placement`` record of the namespace and device of its arrays.
 
-Arrays: a layer keeps its state in one array namespace and on one device: NumPy by
-default; a layer that has not run yet moves its state to the namespace and device of its
-first batch (or explicitly with :meth:`NormLayer.to`); afterwards an input of another
-library or device is refused with an error naming both.
+A rejected call leaves the layer exactly as it was.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .. import _xp
-from .._compose import Inputs
-from .._validation import SUPPORTED_DTYPES, as_input, check_axis, check_eps, layout
+from .._compose import Inputs, eval_pass
+from .._validation import SUPPORTED_DTYPES, as_input, check_eps, layout
 from ..backends import check_backend, select
-from ..conventions import (
-    BatchStats,
-    check_momentum,
-    convention_config,
-    get_convention,
-)
-from ..core.reduce import KIND_BACKWARD, KIND_EVAL, KIND_TRAIN, LOCAL, Call
+from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
-from .args import ArgumentRecord, as_feature_shape, check_dtype, check_flag, check_nonfinite
-from .arrays import ArrayPlacement
-from .running import RunningStatistics
-from .state import StateMixin
-from .sync import Synchronized
+from . import state as state_io
+from .args import Argument, Arguments, build, config_name
+from .arrays import Placement
+from .checks import as_feature_shape, check_dtype, check_flag, feature_axis
+from .state import LayerState, ReadOnly, StateArray, StateCount, StateFlag
+from .sync import Sync, args_hash
 
-_DEFAULT: Any = object()
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
-class NormLayer(
-    ArgumentRecord, StateMixin, Synchronized, ArrayPlacement, RunningStatistics, Module
-):
-    """Base of the stateful norm layers (see the module docstring).
+def _eps(layer: Any, value: object) -> float:
+    return check_eps(value)
 
-    Subclasses implement :meth:`_forward_batch` (the training maths: it returns the
-    output, a backward cache and the batch statistics) and may override
-    :meth:`_forward_running`, :meth:`_backward` and :meth:`_running_update`.
+
+def _backend(layer: Any, value: object) -> str:
+    return check_backend(value)
+
+
+class NormLayer(Module):
+    """Base of the norm layers (see the module docstring); not built directly.
 
     Attributes
     ----------
     feature_shape : tuple of int
+        Read-only.
     axis : int or tuple of int
+        Read-only.
     eps : float
+    dtype : numpy.dtype
+        Read-only: the dtype of the parameters and running statistics.
+    affine, track_running_stats : bool
+        Read-only.
+    backend : {"auto", "numpy", "numba"}
     gamma, beta : array, shape (*features), or None
-        Learnable scale and shift (None when ``affine=False``).
     running_mean, running_var : array, shape (*features), or None
-        Running statistics (None when ``track_running_stats=False``).
     num_batches_tracked : int
-        Training forwards that updated the running statistics.
-    skipped_updates : int
-        Training forwards whose update was skipped (``nonfinite="skip"``).
-    last_batch_stats : BatchStats or None
-        Count, mean and biased variance of the last batch normalized with batch statistics.
-    dgamma, dbeta : array or None
-        Gradients from the last :meth:`backward`.
-    gradients_reduced : bool
-        Whether ``dgamma``/``dbeta`` of the last backward are already sums over every
-        participant (after a synchronized training forward); the gradient all-reduce of
-        :mod:`batchnorm.distributed` leaves them alone.
     training : bool
-    reducer : Reducer
-        How batch statistics and gradient sums are combined across processes
-        (:class:`~batchnorm.core.reduce.LocalReducer` by default).
-    comm : mpi4py communicator or None
-        Shorthand: setting it installs an MPI reducer over ``comm`` (None: local).
-    timeout : float or None
-        With ``comm``: seconds after which a rank waiting for missing ranks aborts the job.
+    place : Placement
+        The namespace and device of the layer's arrays.
     """
 
-    _abstract = True
     forward_state = ("_cache", "last_batch_stats")
     #: The running statistics every layer keeps (a mean and a variance per feature).
     running_stat_names: ClassVar[tuple[str, ...]] = ("running_mean", "running_var")
     #: Whether the layer ever uses batch statistics (FrozenBatchNorm does not).
-    uses_batch_stats: ClassVar[bool] = True
+    uses_batch_stats: ClassVar[bool] = False
     #: Whether the layer can merge its batch statistics across processes (a reducer).
-    synchronizable: ClassVar[bool] = True
+    synchronizable: ClassVar[bool] = False
+
+    axis = Argument(doc="Feature axis (fixed).")
+    eps = Argument(_eps, doc="Added to the variance.")
+    affine = Argument(doc="Whether the layer has gamma and beta (fixed).")
+    dtype = Argument(doc="Dtype of the parameters and running statistics (fixed).")
+    backend = Argument(_backend, doc="Kernels for NumPy arrays.")
+    gamma = StateArray()
+    beta = StateArray()
+    running_mean = StateArray()
+    running_var = StateArray()
+    num_batches_tracked = StateCount()
+    training = StateFlag()
+    last_batch_stats = ReadOnly()
 
     def __init__(
         self,
         num_features: int | Sequence[int],
         *,
-        convention: str = "seed",
-        axis: int | Sequence[int] | None = None,
-        momentum: float | None = _DEFAULT,
-        eps: float | None = None,
-        unbiased: bool | None = None,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        nonfinite: Literal["raise", "skip"] = "raise",
-        dtype: np.dtype | type | str = np.float64,
-        backend: str = "auto",
-        comm: object = None,
-        timeout: float | None = None,
-        reducer: object = None,
+        axis: int | Sequence[int],
+        eps: float,
+        affine: bool,
+        dtype: object,
+        backend: str,
+        track_running_stats: bool,
     ) -> None:
-        conv = get_convention(convention)
         fshape = as_feature_shape(num_features)
-        axis = conv.axis if axis is None else check_axis(axis)
-        if not isinstance(axis, int) and len(set(axis)) != len(axis):
-            raise ValueError(f"axis={axis!r} names the same axis twice")
-        n_axes = 1 if isinstance(axis, int) else len(axis)
-        if n_axes != len(fshape):
-            raise ValueError(
-                f"axis={axis!r} names {n_axes} feature axes but num_features="
-                f"{num_features!r} gives {len(fshape)}"
-            )
-        check_nonfinite(nonfinite)
-        self.feature_shape = fshape
-        self.convention = conv
-        self.axis = axis
-        self.momentum = conv.momentum if momentum is _DEFAULT else check_momentum(momentum)
-        self.eps = conv.eps if eps is None else check_eps(eps)
-        self.unbiased = conv.unbiased if unbiased is None else check_flag(unbiased, "unbiased")
-        self.affine = check_flag(affine, "affine")
-        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
-        self.nonfinite = nonfinite
-        self.dtype = check_dtype(dtype)
-        self.backend = check_backend(backend)
-        self._args: dict[str, object] = {
-            "num_features": fshape,
-            "convention": convention_config(conv),
-            "axis": axis,
-            "momentum": self.momentum,
-            "eps": self.eps,
-            "unbiased": self.unbiased,
-            "affine": self.affine,
-            "track_running_stats": self.track_running_stats,
-            "nonfinite": nonfinite,
-            "dtype": self.dtype.name,
-            "backend": self.backend,
-        }
-        self.gamma = np.ones(fshape, self.dtype) if self.affine else None
-        self.beta = np.zeros(fshape, self.dtype) if self.affine else None
-        self.running_mean = np.zeros(fshape, self.dtype) if self.track_running_stats else None
-        self.running_var = np.ones(fshape, self.dtype) if self.track_running_stats else None
-        self.num_batches_tracked = 0
-        self.skipped_updates = 0
-        self.last_batch_stats: BatchStats | None = None
-        self.dgamma = None
-        self.dbeta = None
-        self.gradients_reduced = False
-        self.training = True
-        self._cache: object = None
-        self._recorders: dict[int, list[BatchStats]] = {}
+        axis = feature_axis(axis, fshape, num_features)
+        eps, dtype = check_eps(eps), check_dtype(dtype)
+        affine = check_flag(affine, "affine")
+        tracking = check_flag(track_running_stats, "track_running_stats")
+        self._args = Arguments()
+        self._args.add("num_features", fshape)
+        self._args.add("axis", axis)
+        self._args.add("eps", eps)
+        self._args.add("affine", affine)
+        self._args.add("dtype", dtype)
+        self._args.add("backend", check_backend(backend))
+        self._tracking = tracking
+        self._state = LayerState(
+            gamma=np.ones(fshape, dtype) if affine else None,
+            beta=np.zeros(fshape, dtype) if affine else None,
+            running_mean=np.zeros(fshape, dtype) if tracking else None,
+            running_var=np.ones(fshape, dtype) if tracking else None,
+        )
+        self.place = Placement()
+        self._sync = Sync(type(self).__name__, self.synchronizable)
         self._lock = threading.Lock()
-        self._xp = None  # the state's namespace: None is NumPy
-        self._device = None
-        self._placed = False  # True once the state's namespace/device is settled
-        self._reducer = LOCAL
-        if reducer is not None:
-            if comm is not None:
-                raise TypeError("pass comm= or reducer=, not both")
-            self.reducer = reducer
-        self._timeout = None
-        self._sync_tag = 0
-        self.comm = comm
-        self.timeout = timeout
-        self._built = True  # from here on, reassigned arguments are validated
+        self._recorders: dict[int, list] = {}
 
-    def _arg_validators(self) -> dict[str, Any]:
-        return {
-            "momentum": check_momentum,
-            "eps": check_eps,
-            "unbiased": lambda v: check_flag(v, "unbiased"),
-            "nonfinite": check_nonfinite,
-            "backend": check_backend,
-        }
+    # ------------------------------------------------------------------ read-only facts
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The per-feature shape (fixed at construction)."""
+        return self._args["num_features"]
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Whether the layer keeps running statistics (fixed at construction)."""
+        return self._tracking
+
+    @property
+    def _cache(self) -> object:
+        """What the last forward left for :meth:`backward`."""
+        return self._state.cache
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_lock"]
-        state["_recorders"] = {}  # a copy does not inherit an open recording() block
-        if state["_xp"] is not None:  # modules and device handles are not copied
-            state["_xp"], state["_device"] = "placed", None
-        if state["_reducer"] is not LOCAL:
-            raise TypeError(
-                f"a synchronized {type(self).__name__} (reducer {state['_reducer']!r}) cannot "
-                "be copied; copy it with comm=None and set comm on the copy"
-            )
-        return state
+        out = self.__dict__.copy()
+        del out["_lock"]
+        out["_recorders"] = {}  # a copy does not inherit an open recording() block
+        return out
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "_reducer", LOCAL)
-        if state.get("_xp") == "placed":  # namespace and device are read off the arrays
-            arr = next(
-                getattr(self, k)
-                for k in ("gamma", *self.running_stat_names)
-                if getattr(self, k) is not None
-            )
-            self.__dict__["_xp"] = _xp.namespace(arr)
-            self.__dict__["_device"] = _xp.device(arr)
+    def __setstate__(self, saved: dict) -> None:
+        self.__dict__.update(saved)
+        self._lock = threading.Lock()
+        if getattr(self.place, "moved", False):  # namespace and device read off the arrays
+            arrays = self._state.arrays().values()
+            self.place.adopt(next(a for a in arrays if a is not None))
+
+    def save_forward_state(self) -> dict:
+        """What the last forward left for :meth:`backward`."""
+        return {"_cache": self._state.cache, "last_batch_stats": self._state.last_batch_stats}
+
+    def restore_forward_state(self, saved: dict) -> None:
+        """Put back what :meth:`save_forward_state` returned."""
+        self._state.cache = saved.get("_cache")
+        self._state.last_batch_stats = saved.get("last_batch_stats")
+
+    # ------------------------------------------------------------------ config
+    def config(self) -> dict:
+        """The constructor arguments (and the class name), as JSON-friendly values."""
+        return {"class": config_name(type(self)), **self._args.config()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> NormLayer:
+        """Build a layer from :meth:`config`: only a class the library (or
+        :func:`~batchnorm.layers.register_layer`) registered, and a subclass of ``cls``."""
+        return build(cls, config)
+
+    def __repr__(self) -> str:
+        parts = []
+        for key, value in self._args.items():
+            if key == "num_features":
+                parts.append(repr(value[0] if len(value) == 1 else value))
+            elif isinstance(value, float):
+                parts.append(f"{key}={value:g}")
+            elif isinstance(value, np.dtype):
+                parts.append(f"{key}={value.name!r}")
+            else:
+                parts.append(f"{key}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)}, training={self.training})"
+
+    # ------------------------------------------------------------------ arrays
+    def host(self, name: str) -> np.ndarray | None:
+        """A NumPy copy of the layer's array ``name`` ("gamma", "running_mean", ...), in the
+        layer's dtype, wherever the layer keeps it (None for an absent array)."""
+        if name not in self._state.arrays():
+            raise AttributeError(f"{type(self).__name__} has no array {name!r}")
+        v = getattr(self._state, name)
+        return None if v is None else self.place.host(v)
+
+    def to(self, like: object, device: object = None) -> NormLayer:
+        """Move the state to the namespace (and device) of the array ``like``, or to a
+        namespace module with ``device``; returns self."""
+        with self._lock:
+            moved = self.place.move(self._state.arrays(), like, device, self.dtype)
+            for key, value in moved.items():
+                setattr(self._state, key, value)
+            self._state.cache = None
+        return self
+
+    def _fresh(self) -> bool:
+        """Whether the layer has never run nor been loaded (it may still move)."""
+        st = self._state
+        return (
+            st.cache is None
+            and st.num_batches_tracked == 0
+            and st.last_batch_stats is None
+            and st.dgamma is None
+        )
+
+    def _check_namespace(self, x: object) -> None:
+        """``x`` must be in the layer's namespace and device (a fresh layer moves to it)."""
+        if not self.place.check(x, type(self).__name__, self._fresh()):
+            self.place.undo = {**self._state.arrays(), "cache": self._state.cache}
+            self.to(x)
+
+    def _settle_placement(self, ok: bool) -> None:
+        """After a forward: keep the placement it made (``ok``) or undo it exactly."""
+        undo, self.place.undo = self.place.undo, None
+        if undo is None or ok:
+            return
+        for key, value in undo.items():
+            setattr(self._state, key, value)
+        self.place.xp = self.place.device = None
+        self.place.placed = False
 
     # ------------------------------------------------------------------ input checks
     def _inputs(self, x: object) -> Inputs:
@@ -239,25 +258,17 @@ class NormLayer(
                 f"{self.axis!r}, but the layer was built for num_features={self.feature_shape}"
             )
         be = select(self.backend, x, lay)
-        return Inputs(x, lay, be, be.param(self.gamma), be.param(self.beta), self.eps)
+        st = self._state
+        return Inputs(x, lay, be, be.param(st.gamma), be.param(st.beta), self.eps)
 
     def check_input(self, x: object) -> tuple[object, tuple[int, ...]]:
         """Validate ``x`` for this layer; return it as an array and its feature axes."""
         inp = self._inputs(x)
         return inp.x, inp.lay.axes
 
-    def _check_count(self, inp: Inputs, minimum: int = 2) -> None:
-        """Batch statistics need at least ``minimum`` values per feature (local check)."""
-        if inp.lay.count < minimum:
-            raise ValueError(
-                f"expected more than 1 value per feature when using batch statistics; x has "
-                f"shape {tuple(inp.x.shape)} and feature axis {self.axis!r}, giving "
-                f"{inp.lay.count} value(s) per feature"
-            )
-
     # ------------------------------------------------------------------ forward
     def forward(self, x, *, training: bool | None = None, update_stats: bool = True):
-        """Normalize ``x``; in training mode also update the running statistics.
+        """Normalize ``x``.
 
         Parameters
         ----------
@@ -265,8 +276,7 @@ class NormLayer(
         training : bool, optional
             Overrides the layer's mode for this call only.
         update_stats : bool
-            False: a training-mode forward (batch statistics) that leaves the running
-            statistics and ``num_batches_tracked`` alone, e.g. to probe activations.
+            False: a training-mode forward that leaves the running statistics alone.
 
         Returns
         -------
@@ -283,68 +293,51 @@ class NormLayer(
         return y
 
     def _forward(self, x, training: bool, update_stats: bool):
-        """The template (see :meth:`forward`)."""
-        batch = self.uses_batch_stats and (training or not self.track_running_stats)
-        update = bool(batch and training and update_stats and self.track_running_stats)
-        red = self._reducer
-        call = inp = error = None
-        if red.distributed:  # every participant checks, agrees and merges together
-            what = "training forward" if batch else "evaluation forward"
-            kind = KIND_TRAIN if batch else KIND_EVAL
-            call = Call(f"{self._label()} {what}", kind, training, update, self._args_hash())
+        """Evaluation with the running statistics (every participant agrees first)."""
+        red = self._sync.reducer
+        if not red.distributed:
+            y, cache = self._forward_running(self._inputs(x))
+        else:
+            call = Call(
+                f"{self._label()} evaluation forward",
+                KIND_EVAL,
+                training,
+                False,
+                args_hash(self.config()),
+            )
+            inp = error = None
             try:
                 inp = self._inputs(x)
             except Exception as exc:  # noqa: BLE001 - every error must reach every rank
                 error = exc
-        else:
-            inp = self._inputs(x)
-        if batch:
-            y, cache, stats = self._forward_batch(inp, red, call, error)
-            if red.distributed:
-                self._check_merged_count(stats, call)
-        else:
-            if red.distributed:
-                red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
+            red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
             y, cache = self._forward_running(inp)
-            stats = None
-        with self._lock:  # read-smooth-write of the running statistics is atomic
-            new = self._new_running(stats, call) if update else None
-            self._commit(cache, stats, new, update)
+        self._commit_forward(cache, None)
         return y
-
-    def _forward_batch(
-        self, inp: Inputs, reducer, call, error
-    ) -> tuple[object, object, BatchStats]:
-        """Training maths: ``(y, cache, stats)``; with a distributed ``reducer`` the local
-        statistics go through ``reducer.merge(call, local, error, dtype)`` (which raises
-        ``error`` on every participant)."""
-        raise NotImplementedError
 
     def _forward_running(self, inp: Inputs) -> tuple[object, object]:
         """Evaluation mode: normalize with the running statistics (constants)."""
-        from .._compose import eval_pass
+        be, st = inp.be, self._state
+        return eval_pass(inp, be.param(st.running_mean), be.param(st.running_var))
 
-        be = inp.be
-        return eval_pass(inp, be.param(self.running_mean), be.param(self.running_var))
+    def _commit_forward(self, cache: object, stats: object) -> None:
+        """Keep what the backward pass needs (not inside this thread's ``recording()``)."""
+        rec = self._recorders.get(threading.get_ident()) if self._recorders else None
+        if rec is not None:
+            if stats is not None:
+                rec.append(stats)
+            return
+        if stats is not None:
+            self._state.last_batch_stats = stats
+        self._state.cache = cache
 
-    def _check_merged_count(self, stats: BatchStats, call: Call) -> None:
-        if stats.count < 2 and not (stats.count == 0 and self.nonfinite == "skip"):
-            from .._sync.protocol import DistributedError
-
-            counts = list(getattr(stats, "counts", ()))
-            raise DistributedError(
-                f"{call.label}: batch statistics need at least 2 values per feature over "
-                f"all ranks; the ranks hold {counts} (total {stats.count}); "
-                "raised on every rank, nothing changed"
-            )
+    def _label(self) -> str:
+        """The layer's name in synchronized calls: class, features and position."""
+        return f"{type(self).__name__}{self.feature_shape}#{self._sync.tag}"
 
     # ------------------------------------------------------------------ backward
     def backward(self, dy):
-        """Gradient with respect to the last forward input; sets ``dgamma`` and ``dbeta``.
-
-        In evaluation mode (running statistics) the statistics are constants. After a
-        synchronized training forward the gradient sums are reduced over every participant
-        (all of them must call backward).
+        """Gradient with respect to the last forward input.
 
         Parameters
         ----------
@@ -354,48 +347,54 @@ class NormLayer(
         -------
         dx : array, same shape and dtype as the last forward input
         """
-        cache = self._need_cache(self._cache)
-        dx, dgamma, dbeta = self._backward(dy, cache)
-        bn = getattr(cache, "bn", cache)
-        d = self.__dict__  # results, not constructor arguments: no validation hook
-        d["gradients_reduced"] = bool(getattr(bn, "synchronized", False))
-        if self.affine:
-            d["dgamma"] = self._param_dtype(dgamma)
-            d["dbeta"] = self._param_dtype(dbeta)
-        return dx
-
-    def _param_dtype(self, v):
-        if isinstance(v, np.ndarray):
-            return v.astype(self.dtype, copy=False)
-        return _xp.astype_like(v, self.gamma)
+        cache = self._need_cache(self._state.cache)
+        return self._backward(dy, cache)[0]
 
     def _backward(self, dy, cache) -> tuple:
-        """``(dx, dgamma, dbeta)``: check ``dy`` once, gradient sums, ``reducer.sum`` (after
-        a synchronized forward), input gradient."""
+        """``(dx, dgamma, dbeta)`` of the last forward."""
         from .._compose import backward_pass, check_backward
 
-        red = self._reducer if getattr(cache, "synchronized", False) else LOCAL
-        if not red.distributed:
-            dy, out = check_backward(dy, cache, None)
-            return backward_pass(dy, cache, self.backend, self._dx_buffer(cache, dy))
-        call = Call(f"{self._label()} backward", KIND_BACKWARD)
-        error = out = None
-        try:
-            dy, out = check_backward(dy, cache, None)
-            out = self._dx_buffer(cache, dy)
-        except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-            error = exc
-        return backward_pass(dy, cache, self.backend, out, red, call, error)
+        dy, _ = check_backward(dy, cache, None)
+        return backward_pass(dy, cache, self.backend, None)
 
-    def _dx_buffer(self, cache, dy):
-        """Where ``dx`` goes (None: a fresh array); :class:`BatchNorm` reuses buffers."""
-        return None
+    # ------------------------------------------------------------------ state
+    def state_keys(self) -> list[str]:
+        """The keys of :meth:`state_dict`, in order."""
+        return state_io.state_keys(self)
 
-    # ------------------------------------------------------------------ parameters
-    def parameters(self) -> dict:
-        """Learnable parameters by name (the arrays themselves, for in-place updates)."""
-        return {"gamma": self.gamma, "beta": self.beta} if self.affine else {}
+    def state_dict(self) -> state_io.StateDict:
+        """Copies of the parameters and running statistics (NumPy arrays), with the format
+        version in ``.version``."""
+        return state_io.collect(self)
 
-    def gradients(self) -> dict:
-        """Gradients of :meth:`parameters` from the last backward pass."""
-        return {"gamma": self.dgamma, "beta": self.dbeta} if self.affine else {}
+    def check_state(self, state: dict, *, version: int | None = None) -> dict:
+        """Validate ``state`` for :meth:`load_state_dict` without changing anything; return
+        the values it would store (in the layer's dtype)."""
+        return state_io.checked(self, state, version)
+
+    def load_state_dict(self, state: dict, *, version: int | None = None) -> NormLayer:
+        """Replace parameters and running statistics; all-or-nothing.
+
+        The keys must be exactly those of :meth:`state_dict`; arrays must have the layer's
+        per-feature shape, a real floating dtype, finite values (also in the layer's dtype)
+        and a running variance >= 0; ``num_batches_tracked`` a non-negative integer.
+        ``version`` (default: ``state.version`` for a :class:`StateDict`, else the current
+        one) selects the migration. Arrays are stored in the layer's namespace and device.
+        """
+        new = self.check_state(state, version=version)
+        with self._lock:
+            state_io.store(self, new)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the state and configuration atomically: ``.safetensors`` by suffix, else npz.
+
+        The metadata record the class and constructor arguments, the state version and the
+        library version; what cannot be rebuilt from a file is refused before writing.
+        """
+        state_io.save(self, path)
+
+    def load(self, path: str | os.PathLike) -> NormLayer:
+        """Load state written by :meth:`save` (any version); validated like
+        :meth:`load_state_dict`."""
+        return state_io.load(self, path)

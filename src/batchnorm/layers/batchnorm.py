@@ -1,20 +1,109 @@
-""":class:`BatchNorm`: the batch-normalization layer."""
+""":class:`BatchNorm`, and :class:`ConventionLayer`, the part it shares with
+:class:`batchnorm.GhostBatchNorm`: a framework convention's defaults and momentum direction."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .._compose import Inputs, train_pass
 from .._validation import dense, same_layout
-from .args import check_flag
-from .base import NormLayer
+from ..conventions import (
+    BatchStats,
+    RunningStats,
+    _update_running,
+    check_momentum,
+    convention_config,
+    get_convention,
+)
+from ..core.reduce import Reducer
+from .args import Argument, library_layer
+from .checks import check_flag
+from .training import BatchStatsLayer
+
+__all__ = ["BatchNorm", "ConventionLayer"]
+
+_DEFAULT: Any = object()
+#: The constructor order of a convention layer's arguments (config and repr follow it).
+ORDER = (
+    "num_features", "convention", "axis", "momentum", "eps", "unbiased", "affine",
+    "track_running_stats", "nonfinite", "dtype", "backend",
+)  # fmt: skip
 
 
-class BatchNorm(NormLayer):
+def _flag(layer: Any, value: object) -> bool:
+    return check_flag(value, "unbiased")
+
+
+class ConventionLayer(BatchStatsLayer):
+    """A batch-statistics layer configured by a convention (``"seed"``, ``"torch"``,
+    ``"keras"``, ``"flax"`` or a :class:`~batchnorm.conventions.Convention`): its defaults
+    of ``axis``, ``momentum``, ``eps`` and ``unbiased``, and the direction of ``momentum``.
+    See :class:`BatchNorm` for the arguments."""
+
+    convention = Argument(doc="The convention (fixed).")
+    unbiased = Argument(_flag, doc="Feed the running variance the unbiased batch variance.")
+    track_running_stats = Argument(doc="Whether running statistics are kept (fixed).")
+
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        convention: str = "seed",
+        axis: int | Sequence[int] | None = None,
+        momentum: float | None = _DEFAULT,
+        eps: float | None = None,
+        unbiased: bool | None = None,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        dtype: np.dtype | type | str = np.float64,
+        backend: str = "auto",
+        comm: object = None,
+        timeout: float | None = None,
+        reducer: Reducer | None = None,
+    ) -> None:
+        conv = get_convention(convention)
+        unbiased = conv.unbiased if unbiased is None else check_flag(unbiased, "unbiased")
+        super().__init__(
+            num_features,
+            axis=conv.axis if axis is None else axis,
+            momentum=conv.momentum if momentum is _DEFAULT else check_momentum(momentum),
+            eps=conv.eps if eps is None else eps,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            nonfinite=nonfinite,
+            dtype=dtype,
+            backend=backend,
+            comm=comm,
+            timeout=timeout,
+            reducer=reducer,
+        )
+        self._args.add("convention", conv, shown=convention_config(conv))
+        self._args.add("unbiased", unbiased)
+        self._args.add("track_running_stats", self._tracking)
+        self._args.order(ORDER)
+
+    def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
+        # the layer's arguments were validated when set: the unchecked entry of the same maths
+        return _update_running(
+            running,
+            stats,
+            self.momentum,
+            self.convention.momentum_weights,
+            unbiased=self.unbiased,
+        )
+
+
+def _reuse(layer: Any, value: object) -> bool:
+    return check_flag(value, "reuse_buffers")
+
+
+@library_layer
+class BatchNorm(ConventionLayer):
     """Batch normalization layer with train/eval modes and running statistics.
 
     Parameters
@@ -71,15 +160,15 @@ class BatchNorm(NormLayer):
     >>> y_eval = layer.eval()(x)  # the running statistics; no state changes
     """
 
+    reuse_buffers = Argument(_reuse, doc="Write outputs into buffers the layer keeps.")
+
     def __init__(
         self, num_features: int | Sequence[int], *, reuse_buffers: bool = False, **kwargs: Any
     ) -> None:
+        reuse_buffers = check_flag(reuse_buffers, "reuse_buffers")
         super().__init__(num_features, **kwargs)
-        if not isinstance(reuse_buffers, (bool, np.bool_)):
-            raise TypeError(f"reuse_buffers must be True or False; got {reuse_buffers!r}")
-        self.reuse_buffers = check_flag(reuse_buffers, "reuse_buffers")
-        if self.reuse_buffers:  # recorded only when set, so default configs stay as they were
-            self._record_args(reuse_buffers=True)
+        # recorded in config() only when True, so default configs stay as they were
+        self._args.add("reuse_buffers", reuse_buffers, omit_if=False)
         # one buffer per role and thread: threads sharing a layer never write into each
         # other's outputs
         self._buffers: dict[tuple[str, int], np.ndarray] = {}

@@ -1,23 +1,67 @@
-"""Versioned state of the norm layers: ``state_dict``/``load_state_dict``/``save``/``load``.
+"""A layer's state: one :class:`LayerState` record the layer owns, the attributes that expose
+it (validated when assigned, or read-only), and versioned state dicts.
 
 A state dict is a plain mapping of the parameter and running-statistic arrays (and
 ``num_batches_tracked``), returned as a :class:`StateDict`, a ``dict`` that also carries
 the format ``version``; checkpoints record it in their metadata. Loading migrates older
-versions first (:data:`MIGRATIONS`); a dict without a version (e.g. built by hand or by
-another framework's converter) is read as the current format.
-
-The versions and their migrations live in :mod:`batchnorm.checkpoint`
-(``STATE_VERSION``, ``MIGRATIONS``).
+versions first (``batchnorm.checkpoint.MIGRATIONS``); a dict without a version (e.g. built by
+hand or by another framework's converter) is read as the current format.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from .. import checkpoint
-from .._version import __version__ as _library_version
+from .._validation import check_count
+from .._version import __version__ as library_version
 from ..checkpoint import STATE_VERSION, check_state_dict, migrate
+from .args import config_name
+from .checks import check_flag
+
+__all__ = ["LayerState", "ReadOnly", "StateArray", "StateCount", "StateDict"]
+
+#: The per-feature arrays a layer may keep, in state-dict order.
+ARRAYS = ("gamma", "beta", "running_mean", "running_var")
+
+
+@dataclass(eq=False)
+class LayerState:
+    """Everything a layer changes after construction (plain attributes; the layer's lock
+    guards the running statistics and counters).
+
+    Attributes
+    ----------
+    gamma, beta, running_mean, running_var : array, shape (*features), or None
+    num_batches_tracked, skipped_updates : int
+    training : bool
+    last_batch_stats : BatchStats or None
+    dgamma, dbeta : array or None
+    gradients_reduced : bool
+    cache : object
+        What the last forward left for the backward pass.
+    """
+
+    gamma: Any = None
+    beta: Any = None
+    running_mean: Any = None
+    running_var: Any = None
+    num_batches_tracked: int = 0
+    skipped_updates: int = 0
+    training: bool = True
+    last_batch_stats: Any = None
+    dgamma: Any = None
+    dbeta: Any = None
+    gradients_reduced: bool = False
+    cache: Any = None
+
+    def arrays(self) -> dict[str, Any]:
+        """The per-feature arrays and gradients by name (absent ones included as None)."""
+        return {k: getattr(self, k) for k in (*ARRAYS, "dgamma", "dbeta")}
 
 
 class StateDict(dict):
@@ -35,93 +79,129 @@ class StateDict(dict):
         return (type(self), (dict(self),), {"version": self.version})
 
 
-class StateMixin:
-    """Mixin: the state of a norm layer (see the module docstring)."""
+class ReadOnly:
+    """A state attribute the layer sets itself (results of forward/backward): read-only."""
 
-    _lock: threading.Lock
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-    def state_keys(self) -> list[str]:
-        """The keys of :meth:`state_dict`, in order."""
-        keys = ["gamma", "beta"] if self.affine else []
-        if self.track_running_stats:
-            keys += [*self.running_stat_names, "num_batches_tracked"]
-        return keys
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._state, self.name)
 
-    def state_dict(self) -> StateDict:
-        """Copies of the parameters and running statistics (NumPy arrays), with the format
-        version in ``.version``."""
-        out = StateDict()
-        for key in self.state_keys():
-            if key == "num_batches_tracked":
-                out[key] = int(self.num_batches_tracked)
-            else:
-                out[key] = self._host(getattr(self, key))
-        return out
-
-    def _check_state(self, new: dict) -> None:
-        """Layer-specific checks of a validated state (override to add some)."""
-
-    def check_state(self, state: dict, *, version: int | None = None) -> dict:
-        """Validate ``state`` for :meth:`load_state_dict` without changing anything.
-
-        Returns
-        -------
-        dict
-            The values :meth:`load_state_dict` would store (converted to the layer's dtype).
-        """
-        if version is None:
-            version = getattr(state, "version", STATE_VERSION)
-        if isinstance(state, dict):
-            state = migrate({k: self._host_any(v) for k, v in state.items()}, version)
-        new = check_state_dict(
-            state, self.state_keys(), self.feature_shape, self.dtype, nonnegative=("running_var",)
+    def __set__(self, obj: Any, value: object) -> None:
+        raise AttributeError(
+            f"{type(obj).__name__}.{self.name} is a result the layer computes; it is read-only"
         )
-        self._check_state(new)
-        return new
 
-    def load_state_dict(self, state: dict, *, version: int | None = None):
-        """Replace parameters and running statistics; all-or-nothing.
 
-        Checks that the keys are exactly those of :meth:`state_dict`, that arrays have the
-        layer's per-feature shape and a floating dtype and are finite (also in the layer's
-        dtype), that the running variance is >= 0 and that ``num_batches_tracked`` is a
-        non-negative integer. ``version`` (default: ``state.version`` for a
-        :class:`StateDict`, else the current one) selects the migration. On any failure the
-        layer is unchanged. Arrays are stored into the layer's own namespace and device.
-        """
-        new = self.check_state(state, version=version)
-        self.__dict__["_placed"] = True  # loaded state stays in the layer's library
-        with self._lock:
-            for key, value in new.items():
-                if key == "num_batches_tracked":
-                    self.num_batches_tracked = value
-                else:
-                    self._store(key, value)
-        return self
+class StateCount(ReadOnly):
+    """A counter (``num_batches_tracked``, ``skipped_updates``): an integer >= 0."""
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the state and configuration atomically: ``.safetensors`` by suffix, else npz.
+    def __set__(self, obj: Any, value: object) -> None:
+        checked = check_count(value, self.name, minimum=0)
+        with obj._lock:
+            setattr(obj._state, self.name, checked)
 
-        The metadata record the class and constructor arguments, the state version and the
-        library version.
-        """
-        meta = {
-            "batchnorm": self.config(),
-            "state_version": STATE_VERSION,
-            "library_version": _library_version,
-        }
-        checkpoint.save_state(path, self.state_dict(), meta=meta)
 
-    def load(self, path: str | os.PathLike):
-        """Load state written by :meth:`save` (any version); validated like
-        :meth:`load_state_dict`."""
-        state, meta = checkpoint.load_state(path)
-        saved = meta.get("batchnorm", {}).get("class") if isinstance(meta, dict) else None
-        if isinstance(meta.get("batchnorm") if isinstance(meta, dict) else None, dict) and (
-            saved != type(self).__name__
-        ):
-            raise ValueError(
-                f"{path}: the file holds a {saved!r} layer, not a {type(self).__name__}; "
-                "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
+class StateFlag(ReadOnly):
+    """``training``: True or False."""
+
+    def __set__(self, obj: Any, value: object) -> None:
+        setattr(obj._state, self.name, check_flag(value, self.name))
+
+
+class StateArray(ReadOnly):
+    """A parameter or running statistic: validated like a loaded state entry (the layer's
+    per-feature shape, floating, finite, ``running_var >= 0``), stored in the layer's dtype,
+    library and device; the layer is unchanged when the check fails."""
+
+    def __set__(self, obj: Any, value: object) -> None:
+        current = getattr(obj._state, self.name)
+        if current is None:
+            if value is None:
+                return
+            raise AttributeError(
+                f"{type(obj).__name__} was built without {self.name} (affine=False or "
+                "track_running_stats=False); build a new layer to have one"
             )
-        return self.load_state_dict(state, version=checkpoint.state_version(meta, path))
+        if value is None:
+            raise TypeError(f"{self.name} cannot be set to None on this {type(obj).__name__}")
+        try:
+            checked = check_state_dict(
+                {self.name: obj.place.host_any(value)},
+                [self.name],
+                obj.feature_shape,
+                obj.dtype,
+                nonnegative=("running_var",),
+            )[self.name]
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{type(obj).__name__}.{self.name}: {exc}") from None
+        with obj._lock:
+            setattr(obj._state, self.name, obj.place.from_host(checked, obj.dtype))
+
+
+def state_keys(layer: Any) -> list[str]:
+    """The keys of ``layer.state_dict()``, in order."""
+    keys = ["gamma", "beta"] if layer.affine else []
+    if layer.track_running_stats:
+        keys += ["running_mean", "running_var", "num_batches_tracked"]
+    return keys
+
+
+def collect(layer: Any) -> StateDict:
+    """Copies of the layer's parameters and running statistics (NumPy), with the version."""
+    out = StateDict()
+    st = layer._state
+    for key in state_keys(layer):
+        if key == "num_batches_tracked":
+            out[key] = int(st.num_batches_tracked)
+        else:
+            out[key] = layer.place.host(getattr(st, key))
+    return out
+
+
+def checked(layer: Any, state: object, version: int | None) -> dict:
+    """What ``load_state_dict`` would store (validated, migrated, in the layer's dtype)."""
+    if version is None:
+        version = getattr(state, "version", STATE_VERSION)
+    if isinstance(state, dict):
+        state = migrate({k: layer.place.host_any(v) for k, v in state.items()}, version)
+    return check_state_dict(
+        state, state_keys(layer), layer.feature_shape, layer.dtype, nonnegative=("running_var",)
+    )
+
+
+def store(layer: Any, new: dict) -> None:
+    """Replace the layer's state with checked values (the caller holds the lock)."""
+    st = layer._state
+    for key, value in new.items():
+        if key == "num_batches_tracked":
+            st.num_batches_tracked = value
+        elif isinstance(getattr(st, key), np.ndarray) and layer.place.xp is None:
+            getattr(st, key)[...] = value  # in place: arrays handed out stay the layer's
+        else:
+            setattr(st, key, layer.place.from_host(value, layer.dtype))
+    layer.place.placed = True  # loaded state stays in the layer's library
+
+
+def save(layer: Any, path: str | os.PathLike) -> None:
+    """``layer.save(path)``: the state and the configuration, written atomically."""
+    meta = {
+        "batchnorm": layer.config(),
+        "state_version": STATE_VERSION,
+        "library_version": library_version,
+    }
+    checkpoint.save_state(path, layer.state_dict(), meta=meta)
+
+
+def load(layer: Any, path: str | os.PathLike) -> Any:
+    """``layer.load(path)``: state written by a layer of the same class, validated."""
+    state, meta = checkpoint.load_state(path)
+    cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
+    saved = cfg.get("class") if isinstance(cfg, dict) else None
+    if isinstance(cfg, dict) and saved != config_name(type(layer)):
+        raise ValueError(
+            f"{path}: the file holds a {saved!r} layer, not a {type(layer).__name__}; "
+            "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
+        )
+    return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))

@@ -4,84 +4,85 @@ across processes (``reducer=``; ``comm=``/``timeout=`` install an MPI reducer)."
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
-from ..core.reduce import LOCAL
+from ..core.reduce import LOCAL, Reducer
+
+__all__ = ["Sync", "args_hash"]
 
 
-class Synchronized:
-    """Mixin: the ``reducer``, ``comm`` and ``timeout`` properties."""
+class Sync:
+    """One layer's synchronization settings: the reducer, its timeout, the layer's position.
 
-    @property
-    def reducer(self):
-        """The reducer batch statistics and gradient sums go through."""
-        return self._reducer
+    Parameters
+    ----------
+    owner : str
+        The layer's class name (for error messages).
+    synchronizable : bool
+        Whether a distributed reducer may be installed.
+    """
 
-    @reducer.setter
-    def reducer(self, value) -> None:
-        from ..core.reduce import Reducer
+    def __init__(self, owner: str, synchronizable: bool) -> None:
+        self.owner = owner
+        self.synchronizable = synchronizable
+        self.reducer: Any = LOCAL
+        self.timeout: float | None = None
+        self.tag = 0
 
+    def __getstate__(self) -> dict:
+        if self.reducer is not LOCAL:
+            raise TypeError(
+                f"a synchronized {self.owner} (reducer {self.reducer!r}) cannot be copied; copy "
+                "it with comm=None and set comm on the copy"
+            )
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reducer = LOCAL
+
+    def set_reducer(self, value: object) -> None:
+        """Install ``value`` (None: local) after checking it is a usable reducer."""
         if value is None:
             value = LOCAL
         if not isinstance(value, Reducer):
             raise TypeError(f"reducer must implement batchnorm.core.reduce.Reducer; got {value!r}")
         if value.distributed and not self.synchronizable:
-            raise ValueError(f"{type(self).__name__} cannot synchronize its statistics")
-        self._reducer = value
+            raise ValueError(f"{self.owner} cannot synchronize its statistics")
+        self.reducer = value
 
-    @property
-    def comm(self) -> object:
-        """The communicator of the layer's MPI reducer (None: local)."""
-        return getattr(self._reducer, "comm", None)
-
-    @comm.setter
-    def comm(self, value: object) -> None:
+    def set_comm(self, value: object) -> None:
+        """Install an MPI reducer over ``value`` (None: local; a non-MPI reducer stays)."""
         if value is None:
-            if self._reducer.distributed and getattr(self._reducer, "comm", None) is None:
-                return  # a non-MPI reducer stays
-            self._reducer = LOCAL
+            if not (self.reducer.distributed and getattr(self.reducer, "comm", None) is None):
+                self.reducer = LOCAL
             return
         if not self.synchronizable:
-            raise ValueError(f"{type(self).__name__} cannot synchronize its statistics (comm=)")
+            raise ValueError(f"{self.owner} cannot synchronize its statistics (comm=)")
         from .._sync.reducer import MpiReducer, next_layer_tag
 
-        self._reducer = MpiReducer(value, self._timeout)
-        self.__dict__["_sync_tag"] = next_layer_tag()
+        reducer = MpiReducer(value, self.timeout)
+        self.reducer, self.tag = reducer, next_layer_tag()
 
-    @property
-    def timeout(self) -> float | None:
-        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
-        return self._timeout
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
+    def set_timeout(self, value: object) -> None:
+        """Seconds a synchronized call waits for missing ranks (None: never)."""
         from .._sync.reducer import check_timeout
 
-        self._timeout = check_timeout(value)
-        if hasattr(self._reducer, "timeout") and self._reducer is not LOCAL:
-            self._reducer.timeout = self._timeout
+        self.timeout = check_timeout(value)
+        if hasattr(self.reducer, "timeout") and self.reducer is not LOCAL:
+            self.reducer.timeout = self.timeout
 
-    @property
-    def sync_position(self) -> int:
-        """The layer's position among the synchronized layers of its process (set by
-        ``comm=`` in construction order, or by :func:`batchnorm.distributed.convert_sync` in
-        model order); part of the name its synchronized calls compare across ranks."""
-        return self._sync_tag
-
-    @sync_position.setter
-    def sync_position(self, value: int) -> None:
+    def set_tag(self, value: object) -> None:
+        """The layer's position among the synchronized layers of its process."""
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"sync_position must be an integer >= 0; got {value!r}")
-        self.__dict__["_sync_tag"] = value
+        self.tag = value
 
-    def _label(self) -> str:
-        """The layer's name in synchronized calls: class, features and its position among
-        the synchronized layers (ranks calling different layers are then told apart)."""
-        return f"{type(self).__name__}{self.feature_shape}#{self._sync_tag}"
 
-    def _args_hash(self) -> int:
-        """A hash of the arguments every rank's copy of this layer must share (the maths'
-        arguments: not the backend, buffers, or a custom schedule's repr, which names a
-        per-process address)."""
-        local = ("backend", "reuse_buffers", "schedule")
-        text = repr(sorted((k, v) for k, v in self.config().items() if k not in local))
-        return zlib.crc32(text.encode()) & 0x7FFFFFFF
+def args_hash(config: dict) -> int:
+    """A hash of the arguments every rank's copy of a layer must share (the maths'
+    arguments: not the backend, buffers, or a custom schedule's repr, which names a
+    per-process address)."""
+    local = ("backend", "reuse_buffers", "schedule")
+    text = repr(sorted((k, v) for k, v in config.items() if k not in local))
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF

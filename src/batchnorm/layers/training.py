@@ -1,0 +1,327 @@
+r"""The layers that train with batch statistics: :class:`BatchStatsLayer`, the base of
+:class:`~batchnorm.BatchNorm`, :class:`~batchnorm.GhostBatchNorm` and
+:class:`~batchnorm.BatchRenorm`.
+
+In training mode such a layer normalizes with batch statistics and updates its running
+statistics by exponential smoothing,
+
+.. math::
+
+    \text{running} \leftarrow (1-w)\,\text{running} + w\,\text{batch},
+
+with the weight ``w`` of the new value read from ``momentum`` (the one implementation is
+:func:`batchnorm.conventions.update_running`). In evaluation mode it normalizes with the
+running statistics and changes no state.
+
+The forward template: check the input once, the layer's batch maths (local statistics,
+``reducer.merge``, the output), then the running update and the commit under the lock. A
+rejected call leaves the layer exactly as it was, on every participant; no non-finite value
+reaches the running statistics. Threads: the update (read, smooth, write, count) is atomic,
+so training forwards from several threads never lose an update; a forward/backward pair
+belongs to one thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import _xp
+from .._compose import Inputs
+from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
+from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
+from .args import Argument
+from .base import NormLayer
+from .checks import check_nonfinite
+from .state import ReadOnly, StateCount
+from .sync import args_hash
+
+
+def _momentum(layer: Any, value: object) -> float | None:
+    return check_momentum(value)
+
+
+def _nonfinite(layer: Any, value: object) -> str:
+    return check_nonfinite(value)
+
+
+class BatchStatsLayer(NormLayer):
+    """Base of the layers that normalize with batch statistics in training (see the module
+    docstring). Subclasses implement :meth:`_forward_batch` and :meth:`_running_update`.
+
+    Attributes
+    ----------
+    momentum : float or None
+    nonfinite : {"raise", "skip"}
+    skipped_updates : int
+        Training forwards whose update was skipped (``nonfinite="skip"``).
+    last_batch_stats : BatchStats or None
+        Count, mean and biased variance of the last batch normalized with batch statistics.
+    dgamma, dbeta : array or None
+        Gradients from the last :meth:`backward` (read-only).
+    gradients_reduced : bool
+        Whether ``dgamma``/``dbeta`` are already sums over every participant.
+    reducer : Reducer
+        How batch statistics and gradient sums are combined across processes.
+    comm : mpi4py communicator or None
+        Setting it installs an MPI reducer over ``comm`` (None: local).
+    timeout : float or None
+    """
+
+    uses_batch_stats: ClassVar[bool] = True
+    synchronizable: ClassVar[bool] = True
+
+    momentum = Argument(_momentum, doc="Smoothing of the running statistics.")
+    nonfinite = Argument(_nonfinite, doc="What a batch with non-finite statistics does.")
+    skipped_updates = StateCount()
+    dgamma = ReadOnly()
+    dbeta = ReadOnly()
+    gradients_reduced = ReadOnly()
+
+    def __init__(
+        self, num_features, *, momentum, nonfinite, comm, timeout, reducer, **base: Any
+    ) -> None:
+        momentum, nonfinite = check_momentum(momentum), check_nonfinite(nonfinite)
+        super().__init__(num_features, **base)
+        self._args.add("momentum", momentum)
+        self._args.add("nonfinite", nonfinite)
+        if reducer is not None:
+            if comm is not None:
+                raise TypeError("pass comm= or reducer=, not both")
+            self._sync.set_reducer(reducer)
+        self._sync.set_comm(comm)
+        self._sync.set_timeout(timeout)
+
+    # ------------------------------------------------------------------ synchronization
+    @property
+    def reducer(self):
+        """The reducer batch statistics and gradient sums go through."""
+        return self._sync.reducer
+
+    @reducer.setter
+    def reducer(self, value) -> None:
+        self._sync.set_reducer(value)
+
+    @property
+    def comm(self) -> object:
+        """The communicator of the layer's MPI reducer (None: local)."""
+        return getattr(self._sync.reducer, "comm", None)
+
+    @comm.setter
+    def comm(self, value: object) -> None:
+        self._sync.set_comm(value)
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
+        return self._sync.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._sync.set_timeout(value)
+
+    @property
+    def sync_position(self) -> int:
+        """The layer's position among the synchronized layers of its process (set by
+        ``comm=`` in construction order, or by :func:`batchnorm.distributed.convert_sync`)."""
+        return self._sync.tag
+
+    @sync_position.setter
+    def sync_position(self, value: int) -> None:
+        self._sync.set_tag(value)
+
+    # ------------------------------------------------------------------ forward
+    def _check_count(self, inp: Inputs, minimum: int = 2) -> None:
+        """Batch statistics need at least ``minimum`` values per feature (local check)."""
+        if inp.lay.count < minimum:
+            raise ValueError(
+                f"expected more than 1 value per feature when using batch statistics; x has "
+                f"shape {tuple(inp.x.shape)} and feature axis {self.axis!r}, giving "
+                f"{inp.lay.count} value(s) per feature"
+            )
+
+    def _forward(self, x, training: bool, update_stats: bool):
+        """The template (see the module docstring)."""
+        if not (training or not self.track_running_stats):
+            return super()._forward(x, training, update_stats)
+        update = bool(training and update_stats and self.track_running_stats)
+        red = self._sync.reducer
+        call = inp = error = None
+        if red.distributed:  # every participant checks, agrees and merges together
+            call = Call(
+                f"{self._label()} training forward",
+                KIND_TRAIN,
+                training,
+                update,
+                args_hash(self.config()),
+            )
+            try:
+                inp = self._inputs(x)
+            except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+                error = exc
+        else:
+            inp = self._inputs(x)
+        y, cache, stats = self._forward_batch(inp, red, call, error)
+        if red.distributed:
+            self._check_merged_count(stats, call)
+        with self._lock:  # read-smooth-write of the running statistics is atomic
+            if update:
+                self._commit_running(self._new_running(stats, call))
+            self._commit_forward(cache, stats)
+        return y
+
+    def _forward_batch(self, inp: Inputs, reducer, call, error) -> tuple:
+        """Training maths: ``(y, cache, stats)``; with a distributed ``reducer`` the local
+        statistics go through ``reducer.merge`` (which raises ``error`` everywhere)."""
+        raise NotImplementedError
+
+    def _check_merged_count(self, stats: BatchStats, call: Call) -> None:
+        if stats.count < 2 and not (stats.count == 0 and self.nonfinite == "skip"):
+            from .._sync.protocol import DistributedError
+
+            counts = list(getattr(stats, "counts", ()))
+            raise DistributedError(
+                f"{call.label}: batch statistics need at least 2 values per feature over "
+                f"all ranks; the ranks hold {counts} (total {stats.count}); "
+                "raised on every rank, nothing changed"
+            )
+
+    # ------------------------------------------------------------------ running statistics
+    def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
+        """The layer's running update (raises NonFiniteStatisticsError or ValueError)."""
+        raise NotImplementedError
+
+    def running_stats(self) -> RunningStats:
+        """Copies of the running statistics and the batch count."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} keeps no running statistics")
+        st = self._state
+        host = self.place.host
+        return RunningStats(
+            host(st.running_mean), host(st.running_var), int(st.num_batches_tracked)
+        )
+
+    def _new_running(self, stats: BatchStats, call: Call | None) -> RunningStats | None:
+        """The running statistics after ``stats``, or None to skip; raises before any change."""
+        st = self._state
+        running = RunningStats(st.running_mean, st.running_var, st.num_batches_tracked)
+        try:
+            return self._running_update(running, stats)
+        except NonFiniteStatisticsError as exc:
+            if self.nonfinite == "skip":
+                return None
+            if call is not None:  # the merged statistics are identical on every rank
+                bad = getattr(stats, "nonfinite_ranks", ())
+                where = (
+                    f"non-finite local statistics on {'rank' if len(bad) == 1 else 'ranks'} "
+                    f"{bad[0] if len(bad) == 1 else list(bad)}"
+                    if bad
+                    else "the merged statistics overflowed"
+                )
+                raise NonFiniteStatisticsError(
+                    f"{call.label}: {where} (raised on every rank): {exc}"
+                ) from None
+            raise NonFiniteStatisticsError(
+                f"{exc}; running statistics left unchanged. Pass nonfinite='skip' to skip such "
+                "updates instead."
+            ) from None
+
+    def _commit_running(self, new: RunningStats | None) -> None:
+        """Store the new running statistics (the caller holds the lock); None: skipped."""
+        st = self._state
+        if new is None:
+            st.skipped_updates += 1
+            return
+        if self.place.xp is None:
+            st.running_mean[...] = new.mean
+            st.running_var[...] = new.var
+        else:
+            st.running_mean, st.running_var = new.mean, new.var
+        st.num_batches_tracked = new.num_batches_tracked
+
+    @contextmanager
+    def recording(self) -> Iterator[list[BatchStats]]:
+        """Collect the batch statistics of this thread's forwards inside the block.
+
+        Inside the block, forwards run by the calling thread leave the layer's backward
+        cache and ``last_batch_stats`` alone (running statistics still follow
+        ``update_stats``), and each one that used batch statistics appends its
+        :class:`BatchStats` to the yielded list. Other threads' forwards are not recorded.
+        Used by :func:`batchnorm.recalibrate`.
+        """
+        key = threading.get_ident()
+        if key in self._recorders:
+            raise ValueError(f"{type(self).__name__}.recording() is already open in this thread")
+        rec: list[BatchStats] = []
+        self._recorders[key] = rec
+        try:
+            yield rec
+        finally:
+            del self._recorders[key]
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, dy):
+        """Gradient with respect to the last forward input; sets ``dgamma`` and ``dbeta``.
+
+        In evaluation mode (running statistics) the statistics are constants. After a
+        synchronized training forward the gradient sums are reduced over every participant
+        (all of them must call backward).
+
+        Parameters
+        ----------
+        dy : array, same shape and library as the last forward input
+
+        Returns
+        -------
+        dx : array, same shape and dtype as the last forward input
+        """
+        cache = self._need_cache(self._state.cache)
+        dx, dgamma, dbeta = self._backward(dy, cache)
+        bn = getattr(cache, "bn", cache)
+        st = self._state
+        st.gradients_reduced = bool(getattr(bn, "synchronized", False))
+        if self.affine:
+            st.dgamma, st.dbeta = self._param_dtype(dgamma), self._param_dtype(dbeta)
+        return dx
+
+    def _param_dtype(self, v):
+        if isinstance(v, np.ndarray):
+            return v.astype(self.dtype, copy=False)
+        return _xp.astype_like(v, self._state.gamma)
+
+    def _backward(self, dy, cache) -> tuple:
+        """``(dx, dgamma, dbeta)``: check ``dy`` once, gradient sums, ``reducer.sum`` (after
+        a synchronized forward), input gradient."""
+        from .._compose import backward_pass, check_backward
+
+        red = self._sync.reducer if getattr(cache, "synchronized", False) else LOCAL
+        if not red.distributed:
+            dy, out = check_backward(dy, cache, None)
+            return backward_pass(dy, cache, self.backend, self._dx_buffer(cache, dy))
+        call = Call(f"{self._label()} backward", KIND_BACKWARD)
+        error = out = None
+        try:
+            dy, out = check_backward(dy, cache, None)
+            out = self._dx_buffer(cache, dy)
+        except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+            error = exc
+        return backward_pass(dy, cache, self.backend, out, red, call, error)
+
+    def _dx_buffer(self, cache, dy):
+        """Where ``dx`` goes (None: a fresh array); :class:`BatchNorm` reuses buffers."""
+        return None
+
+    # ------------------------------------------------------------------ parameters
+    def parameters(self) -> dict:
+        """Learnable parameters by name (the arrays themselves, for in-place updates)."""
+        st = self._state
+        return {"gamma": st.gamma, "beta": st.beta} if self.affine else {}
+
+    def gradients(self) -> dict:
+        """Gradients of :meth:`parameters` from the last backward pass."""
+        st = self._state
+        return {"gamma": st.dgamma, "beta": st.dbeta} if self.affine else {}
