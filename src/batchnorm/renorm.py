@@ -388,6 +388,16 @@ class BatchRenorm(BatchStatsLayer):
             return np.sqrt(v.astype(np.float64) + self.eps)
         return sqrt(v + self.eps)
 
+    def unsavable_reason(self) -> str | None:
+        """A custom schedule (a callable other than :class:`RenormSchedule`) cannot be
+        written to a file; ``save()`` refuses it before writing anything."""
+        if self.schedule is None or isinstance(self.schedule, RenormSchedule):
+            return None
+        return (
+            f"its schedule {self.schedule!r} is a custom callable, which a file cannot hold; "
+            "use a RenormSchedule, or save state_dict() and rebuild the layer in code"
+        )
+
     def limits(self) -> tuple[float, float]:
         """The (rmax, dmax) in force at the current step."""
         if self.schedule is not None:

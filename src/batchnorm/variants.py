@@ -24,7 +24,7 @@ from ._validation import as_float_array, check_count, check_state_array, layout
 from .backends import select
 from .conventions import BatchStats, RunningStats, _update_running
 from .layers import ConventionLayer, NormLayer
-from .layers.args import Argument, library_layer
+from .layers.args import Argument, Constant, library_layer
 from .layers.arrays import Placement
 from .renorm import (
     BatchRenorm,
@@ -98,7 +98,7 @@ class GhostBatchNorm(ConventionLayer):
     norm on R ranks is already ghost batch norm with the per-rank batch as virtual batch.
     """
 
-    synchronizable = False
+    synchronizable = Constant(False, "Ghost batch norm is not synchronized (see above).")
     virtual_batch_size = Argument(_vbs, doc="Samples per virtual batch.")
 
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
@@ -126,7 +126,7 @@ class GhostBatchNorm(ConventionLayer):
             )
         outs, caches, stats = [], [], []
         for sl in parts:  # the input was validated once: each slice only gets its layout
-            xs = x[sl]
+            xs = x[sl, ...]  # the Array API indexes every axis or names the rest (...)
             lay = layout(tuple(xs.shape), axes)
             part = Inputs(xs, lay, select(self.backend, xs, lay), inp.gamma, inp.beta, inp.eps)
             y, cache, st = train_pass(part)
@@ -166,7 +166,7 @@ class GhostBatchNorm(ConventionLayer):
             raise ValueError(
                 f"dy has shape {tuple(dy.shape)} but the forward input x had shape {shape}"
             )
-        results = [backward_pass(dy[sl], c, self.backend) for sl, c in cache]
+        results = [backward_pass(dy[sl, ...], c, self.backend) for sl, c in cache]
         be = select(self.backend, results[0][0], first_layout(first))
         dx = be.concat([r[0] for r in results], 0)
         if not self.affine:
@@ -250,7 +250,7 @@ class FrozenBatchNorm(NormLayer):
         """A frozen layer from its statistics (and optional ``gamma``, ``beta``), float64.
 
         Every array goes through the one state check first (masked, complex, object,
-        string, bool and non-finite arrays are refused), then :meth:`load_state_dict`.
+        string, bool and non-finite arrays are refused), then ``load_state_dict()``.
         """
         given = {"running_mean": running_mean, "running_var": running_var}
         if (gamma is None) != (beta is None):

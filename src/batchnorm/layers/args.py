@@ -23,6 +23,7 @@ import numpy as np
 __all__ = [
     "Argument",
     "Arguments",
+    "Constant",
     "layer_class",
     "library_layer",
     "qualified_name",
@@ -183,3 +184,21 @@ class Argument:
                 "(e.g. from a modified config())"
             )
         obj._args.set(self.name, self.check(obj, value))
+
+
+class Constant:
+    """A fact of a layer class (``uses_batch_stats``, ``synchronizable``, ...): readable on
+    the class and its instances, never assignable on an instance."""
+
+    def __init__(self, value: object, doc: str = "") -> None:
+        self.value = value
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self.value
+
+    def __set__(self, obj: Any, value: object) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self.name} is a fact of the class; read-only")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from ..backends import check_backend, select
 from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
 from . import state as state_io
-from .args import Argument, Arguments, build, config_name
+from .args import Argument, Arguments, Constant, build, config_name
 from .arrays import Placement
 from .checks import as_feature_shape, check_dtype, check_flag, feature_axis
 from .state import LayerState, ReadOnly, StateArray, StateCount, StateFlag
@@ -81,13 +81,10 @@ class NormLayer(Module):
         The namespace and device of the layer's arrays.
     """
 
-    forward_state = ("_cache", "last_batch_stats")
-    #: The running statistics every layer keeps (a mean and a variance per feature).
-    running_stat_names: ClassVar[tuple[str, ...]] = ("running_mean", "running_var")
-    #: Whether the layer ever uses batch statistics (FrozenBatchNorm does not).
-    uses_batch_stats: ClassVar[bool] = False
-    #: Whether the layer can merge its batch statistics across processes (a reducer).
-    synchronizable: ClassVar[bool] = False
+    forward_state = Constant(("_cache", "last_batch_stats"), "What a forward leaves for backward.")
+    running_stat_names = Constant(("running_mean", "running_var"), "The running statistics.")
+    uses_batch_stats = Constant(False, "Whether the layer ever uses batch statistics.")
+    synchronizable = Constant(False, "Whether the layer can merge statistics across processes.")
 
     axis = Argument(doc="Feature axis (fixed).")
     eps = Argument(_eps, doc="Added to the variance.")
@@ -132,7 +129,7 @@ class NormLayer(Module):
             running_mean=np.zeros(fshape, dtype) if tracking else None,
             running_var=np.ones(fshape, dtype) if tracking else None,
         )
-        self.place = Placement()
+        self._place = Placement()
         self._sync = Sync(type(self).__name__, self.synchronizable)
         self._lock = threading.Lock()
         self._recorders: dict[int, list] = {}
@@ -147,6 +144,11 @@ class NormLayer(Module):
     def track_running_stats(self) -> bool:
         """Whether the layer keeps running statistics (fixed at construction)."""
         return self._tracking
+
+    @property
+    def place(self) -> Placement:
+        """The namespace and device of the layer's arrays (read-only; move with :meth:`to`)."""
+        return self._place
 
     @property
     def _cache(self) -> object:
@@ -393,6 +395,10 @@ class NormLayer(Module):
         library version; what cannot be rebuilt from a file is refused before writing.
         """
         state_io.save(self, path)
+
+    def unsavable_reason(self) -> str | None:
+        """Why a file could not rebuild this layer (None: :meth:`save` can write it)."""
+        return None
 
     def load(self, path: str | os.PathLike) -> NormLayer:
         """Load state written by :meth:`save` (any version); validated like

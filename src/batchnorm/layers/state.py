@@ -20,7 +20,7 @@ from .. import checkpoint
 from .._validation import check_count
 from .._version import __version__ as library_version
 from ..checkpoint import STATE_VERSION, check_state_dict, migrate
-from .args import config_name
+from .args import build, config_name
 from .checks import check_flag
 
 __all__ = ["LayerState", "ReadOnly", "StateArray", "StateCount", "StateDict"]
@@ -184,10 +184,32 @@ def store(layer: Any, new: dict) -> None:
     layer.place.placed = True  # loaded state stays in the layer's library
 
 
+def check_savable(layer: Any, path: str | os.PathLike) -> dict:
+    """The configuration ``save`` records, once it is known to rebuild this layer's class
+    (what ``load``, ``layer_from_checkpoint`` and ``batchnorm inspect`` do); ValueError
+    naming the reason otherwise, before anything is written."""
+    why = layer.unsavable_reason()
+    cfg = layer.config()
+    if why is None:
+        try:
+            rebuilt = build(object, cfg)
+        except (TypeError, ValueError) as exc:
+            why = f"its configuration does not rebuild it ({exc})"
+        else:
+            if type(rebuilt) is not type(layer):
+                why = f"its configuration rebuilds a {type(rebuilt).__name__}"
+    if why is not None:
+        raise ValueError(
+            f"cannot save {path}: a file of this {type(layer).__name__} could not be read "
+            f"back: {why}; nothing was written"
+        )
+    return cfg
+
+
 def save(layer: Any, path: str | os.PathLike) -> None:
     """``layer.save(path)``: the state and the configuration, written atomically."""
     meta = {
-        "batchnorm": layer.config(),
+        "batchnorm": check_savable(layer, path),
         "state_version": STATE_VERSION,
         "library_version": library_version,
     }

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
 from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
-from .args import Argument
+from .args import Argument, Constant
 from .base import NormLayer
 from .checks import check_nonfinite
 from .state import ReadOnly, StateCount
@@ -72,8 +72,8 @@ class BatchStatsLayer(NormLayer):
     timeout : float or None
     """
 
-    uses_batch_stats: ClassVar[bool] = True
-    synchronizable: ClassVar[bool] = True
+    uses_batch_stats = Constant(True, "Whether the layer ever uses batch statistics.")
+    synchronizable = Constant(True, "Whether the layer can merge statistics across processes.")
 
     momentum = Argument(_momentum, doc="Smoothing of the running statistics.")
     nonfinite = Argument(_nonfinite, doc="What a batch with non-finite statistics does.")
