@@ -450,3 +450,29 @@ def test_negative_control_a_partial_index_is_refused_by_array_api_strict():
     with pytest.raises(IndexError):
         xa[0:2]
     assert xa[0:2, ...].shape == (2, 3, 2)
+
+
+def test_a_frozen_layer_exports_statistics_that_never_move_and_takes_no_momentum():
+    frozen = bn.FrozenBatchNorm.from_batchnorm(_trained(MAKERS["BatchNorm"]))
+    assert bn.export_state(frozen, "torch")[1]["momentum"] == 0.0  # weight of the new value
+    assert bn.export_state(frozen, "keras")[1]["momentum"] == 1.0  # weight of the old value
+    state, _ = bn.export_state(frozen, "torch")
+    before = snapshot(frozen)
+    with pytest.raises(ValueError, match="no momentum"):
+        bn.import_state(state, "torch", layer=frozen, momentum=0.1)
+    assert snapshot(frozen) == before
+    assert bn.import_state(state, "torch", layer=frozen) is frozen
+
+
+def test_load_refuses_a_file_whose_configuration_contradicts_its_arrays(tmp_path):
+    layer = _trained(MAKERS["BatchNorm"])
+    path = tmp_path / "lies.npz"
+    meta = {"batchnorm": {**layer.config(), "num_features": [4]}}
+    checkpoint.save_npz(path, layer.state_dict(), meta=meta)
+    before = snapshot(layer)
+    with pytest.raises(ValueError, match=r"declares \(4,\)"):
+        layer.load(path)
+    assert snapshot(layer) == before
+    # control: the same arrays with a truthful configuration load
+    checkpoint.save_npz(path, layer.state_dict(), meta={"batchnorm": layer.config()})
+    layer.load(path)

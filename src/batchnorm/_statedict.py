@@ -68,15 +68,18 @@ def check_state_dict(
         if key in new and np.any(new[key] < 0):
             raise ValueError(f"state[{key!r}] has negative values (min {new[key].min()!r})")
     if "num_batches_tracked" in expected:
-        nbt = state["num_batches_tracked"]
-        try:
-            nbt_arr = check_state_array(nbt, "state['num_batches_tracked']", kinds="iu")
-        except TypeError:
-            nbt_arr = np.asarray(0.5)  # refused below, with the usual message
-        if nbt_arr.shape != () or nbt_arr.dtype.kind not in "iu" or not 0 <= int(nbt_arr) < 2**63:
-            raise ValueError(
-                f"state['num_batches_tracked'] must be a non-negative integer below 2**63; got "
-                f"{nbt!r}"
-            )
-        new["num_batches_tracked"] = int(nbt_arr)
+        new["num_batches_tracked"] = _batch_count(state["num_batches_tracked"])
     return new
+
+
+def _batch_count(nbt: object) -> int:
+    """``num_batches_tracked``: an integer scalar in [0, 2**63) (ValueError otherwise)."""
+    try:
+        arr = check_state_array(nbt, "state['num_batches_tracked']", kinds="iu")
+    except TypeError:
+        arr = None
+    if arr is None or arr.shape != () or not 0 <= int(arr) < 2**63:
+        raise ValueError(
+            f"state['num_batches_tracked'] must be a non-negative integer below 2**63; got {nbt!r}"
+        )
+    return int(arr)

@@ -36,7 +36,7 @@ from .conventions import (
     get_convention,
     new_value_weight,
 )
-from .layers import BatchNorm, NormLayer
+from .layers import BatchNorm, BatchStatsLayer, NormLayer
 
 __all__ = ["FRAMEWORKS", "export_state", "import_state", "translate_momentum"]
 
@@ -161,8 +161,13 @@ def export_state(
         flat[keys["beta"]] = layer.host("beta").astype(np.float64).copy()
     if "count" in keys:
         flat[keys["count"]] = int(layer.num_batches_tracked)
+    # a layer whose statistics never move (FrozenBatchNorm) exports a momentum that keeps
+    # the framework's running statistics where they are
+    moving = isinstance(layer, BatchStatsLayer)
     config = {
-        "momentum": translate_momentum(layer.momentum, layer.convention, framework),
+        "momentum": translate_momentum(
+            layer.momentum if moving else 1.0, layer.convention if moving else "seed", framework
+        ),
         "eps": eps_dst,
     }
     if framework == "flax":
@@ -211,25 +216,7 @@ def import_state(
         raise TypeError(f"layer must be a norm layer of this library; got {type(layer).__name__}")
     if momentum is not _NOT_GIVEN:
         momentum = check_momentum(momentum)
-    flat = _flat(state, framework)
-    known = set(keys.values())
-    unknown = set(flat) - known
-    if unknown:
-        raise ValueError(
-            f"unknown {framework} batch-norm keys {sorted(unknown)}; expected {sorted(known)}"
-        )
-    required = {keys["mean"], keys["var"]}
-    has_affine = keys["gamma"] in flat or keys["beta"] in flat
-    if has_affine:
-        required |= {keys["gamma"], keys["beta"]}
-    missing = required - set(flat)
-    if missing:
-        raise ValueError(f"missing {framework} batch-norm keys {sorted(missing)}")
-    arrays = {
-        k: _to_numpy(v, f"{framework} state[{k!r}]")
-        for k, v in flat.items()
-        if k != keys.get("count")
-    }  # every entry checked before any arithmetic
+    flat, arrays, has_affine = _framework_arrays(state, framework, keys)
     mean = arrays[keys["mean"]]
     if layer is None:
         layer = BatchNorm(
@@ -253,11 +240,38 @@ def import_state(
     if hasattr(count, "detach") and not isinstance(count, np.ndarray):  # a torch tensor
         count = count.detach().cpu().numpy()
     ours["num_batches_tracked"] = count  # load_state_dict takes a non-negative integer only
-    new_momentum = (
-        layer.momentum
-        if momentum is _NOT_GIVEN
-        else translate_momentum(momentum, framework, layer.convention)
-    )
+    if momentum is _NOT_GIVEN:
+        new_momentum = _NOT_GIVEN
+    elif not isinstance(layer, BatchStatsLayer):
+        raise ValueError(f"a {type(layer).__name__} has no momentum to set; leave momentum out")
+    else:
+        new_momentum = translate_momentum(momentum, framework, layer.convention)
     layer.load_state_dict(ours)  # validates everything; raises before changing anything
-    layer.momentum = new_momentum
+    if new_momentum is not _NOT_GIVEN:
+        layer.momentum = new_momentum
     return layer
+
+
+def _framework_arrays(state: dict, framework: str, keys: dict) -> tuple[dict, dict, bool]:
+    """A framework's state flattened, its keys checked, and every array entry through the
+    one shared state check (before any arithmetic): ``(flat, arrays, has_affine)``."""
+    flat = _flat(state, framework)
+    known = set(keys.values())
+    unknown = set(flat) - known
+    if unknown:
+        raise ValueError(
+            f"unknown {framework} batch-norm keys {sorted(unknown)}; expected {sorted(known)}"
+        )
+    required = {keys["mean"], keys["var"]}
+    has_affine = keys["gamma"] in flat or keys["beta"] in flat
+    if has_affine:
+        required |= {keys["gamma"], keys["beta"]}
+    missing = required - set(flat)
+    if missing:
+        raise ValueError(f"missing {framework} batch-norm keys {sorted(missing)}")
+    arrays = {
+        k: _to_numpy(v, f"{framework} state[{k!r}]")
+        for k, v in flat.items()
+        if k != keys.get("count")
+    }
+    return flat, arrays, has_affine

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
-from ._validation import check_count, check_renorm_limits
+from ._validation import check_renorm_limits
 from .conventions import BatchStats, RunningStats, _update_running, get_convention
 from .core.ops import sqrt, where
 from .core.reduce import KIND_TRAIN, Call
@@ -38,6 +38,7 @@ from .functional import BatchNormCache, batch_norm_backward
 from .layers import BatchStatsLayer
 from .layers.args import Argument, library_layer
 from .layers.checks import check_positive_eps
+from .layers.schedule import RenormSchedule, schedule_from_config
 
 __all__ = [
     "BatchRenorm",
@@ -239,52 +240,6 @@ def batch_renorm_eval(
     return eval_pass(inp, mu, std * std, return_cache=False)
 
 
-@dataclass(frozen=True)
-class RenormSchedule:
-    """Ioffe (2017)'s schedule: plain BN first, then rmax and dmax relaxed linearly.
-
-    ``rmax = 1, dmax = 0`` for the first ``warmup_steps``; then rmax grows linearly to
-    ``rmax`` at ``rmax_steps`` and dmax to ``dmax`` at ``dmax_steps`` (the paper: 5k, 3 at
-    40k, 5 at 25k).
-    """
-
-    warmup_steps: int = 5000
-    rmax: float = 3.0
-    rmax_steps: int = 40000
-    dmax: float = 5.0
-    dmax_steps: int = 25000
-
-    def __post_init__(self) -> None:
-        for name in ("warmup_steps", "rmax_steps", "dmax_steps"):
-            check_count(getattr(self, name), f"RenormSchedule.{name}", minimum=0)
-        check_renorm_limits(self.rmax, self.dmax)
-
-    def __call__(self, step: int) -> tuple[float, float]:
-        def ramp(final: float, start: float, end_step: int) -> float:
-            if step <= self.warmup_steps:
-                return start
-            if step >= end_step:
-                return final
-            frac = (step - self.warmup_steps) / max(1, end_step - self.warmup_steps)
-            return start + frac * (final - start)
-
-        return ramp(self.rmax, 1.0, self.rmax_steps), ramp(self.dmax, 0.0, self.dmax_steps)
-
-
-def _schedule_from_config(schedule: object) -> Callable[[int], tuple[float, float]] | None:
-    if isinstance(schedule, dict):
-        try:
-            return RenormSchedule(**schedule)
-        except TypeError as exc:
-            raise ValueError(f"schedule {schedule!r} is not a RenormSchedule: {exc}") from None
-    if schedule is not None and not callable(schedule):
-        raise TypeError(
-            f"schedule must be a callable step -> (rmax, dmax) (e.g. RenormSchedule) or None; "
-            f"got {schedule!r}"
-        )
-    return schedule
-
-
 def _eps(layer: BatchRenorm, value: object) -> float:
     return check_positive_eps(value)
 
@@ -312,7 +267,7 @@ class BatchRenorm(BatchStatsLayer):
         Fixed clipping limits (``rmax >= 1``, ``dmax >= 0``); ignored when ``schedule`` is
         given.
     schedule : callable(step) -> (rmax, dmax), optional
-        E.g. :class:`RenormSchedule`; ``step`` is ``num_batches_tracked``.
+        E.g. :class:`batchnorm.RenormSchedule`; ``step`` is ``num_batches_tracked``.
     momentum : float or None
         Weight of the old value in the moving averages of mean and std (default 0.99).
     axis, eps, affine, nonfinite, dtype, backend, comm, timeout, reducer
@@ -350,7 +305,7 @@ class BatchRenorm(BatchStatsLayer):
         timeout: float | None = None,
         reducer: object = None,
     ):
-        schedule = _schedule_from_config(schedule)
+        schedule = schedule_from_config(schedule)
         rmax, dmax = check_renorm_limits(rmax, dmax)
         super().__init__(
             num_features,
@@ -389,7 +344,7 @@ class BatchRenorm(BatchStatsLayer):
         return sqrt(v + self.eps)
 
     def unsavable_reason(self) -> str | None:
-        """A custom schedule (a callable other than :class:`RenormSchedule`) cannot be
+        """A custom schedule (a callable other than :class:`batchnorm.RenormSchedule`) cannot be
         written to a file; ``save()`` refuses it before writing anything."""
         if self.schedule is None or isinstance(self.schedule, RenormSchedule):
             return None

@@ -226,4 +226,6 @@ def load(layer: Any, path: str | os.PathLike) -> Any:
             f"{path}: the file holds a {saved!r} layer, not a {type(layer).__name__}; "
             "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
         )
+    if cfg is not None:  # a file whose configuration contradicts its own arrays lies
+        checkpoint.layer_config(meta, path, state)
     return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))
