@@ -476,3 +476,44 @@ def test_load_refuses_a_file_whose_configuration_contradicts_its_arrays(tmp_path
     # control: the same arrays with a truthful configuration load
     checkpoint.save_npz(path, layer.state_dict(), meta={"batchnorm": layer.config()})
     layer.load(path)
+
+
+def test_threads_training_one_layer_while_another_thread_assigns_attributes():
+    """Attribute assignments (valid and refused) from one thread never disturb training
+    forwards from four others: every update counted, the result the sequential one."""
+    import threading
+
+    x = np.random.default_rng(5).normal(3.0, 2.0, (32, 4))
+    layer, ref = bn.BatchNorm(4, momentum=0.5), bn.BatchNorm(4, momentum=0.5)
+    for _ in range(200):
+        ref(x)
+    errors = []
+
+    def train():
+        try:
+            for _ in range(50):
+                layer(x)
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(exc)
+
+    def meddle():
+        for _ in range(200):
+            layer.momentum, layer.eps, layer.reuse_buffers = 0.5, 1e-5, False
+            for name, bad in (("momentum", "0.5"), ("reuse_buffers", "yes"), ("eps", -1.0)):
+                try:
+                    setattr(layer, name, bad)
+                except (TypeError, ValueError):
+                    pass
+                else:
+                    errors.append(f"{name}={bad!r} accepted")
+
+    threads = [threading.Thread(target=train) for _ in range(4)]
+    threads.append(threading.Thread(target=meddle))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert layer.num_batches_tracked == 200
+    np.testing.assert_array_equal(layer.running_mean, ref.running_mean)
+    np.testing.assert_array_equal(layer.running_var, ref.running_var)
