@@ -271,11 +271,29 @@ def ghost_batch_norm(
     vbs = _args.virtual_batch(virtual_batch_size, lay)
     g, b = _share(x, f["gamma"], f["beta"])
     parts = ghost_slices(x.shape[0], vbs, lay.count // x.shape[0])
+    equal = [sl for sl in parts if sl.stop - sl.start == vbs]  # leading, equal parts
     outs, mean, var = [], 0.0, 0.0
-    for sl in parts:
+    if equal:
+        y, m, v = _ghost_equal(spec, x[: len(equal) * vbs], g, b, len(equal), lay)
+        w = len(equal) * vbs / x.shape[0]
+        outs.append(y)
+        mean, var = w * m, w * v
+    for sl in parts[len(equal) :]:  # a last part of another size
         y, m, v = train(spec, x[sl], g, b, None, None)
         w = (sl.stop - sl.start) / x.shape[0]  # each part's share of the values
         outs.append(y)
         mean, var = mean + w * m, var + w * v
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
+
+
+def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
+    """``groups`` virtual batches of equal size in one kernel call: ``x`` seen as
+    ``(groups, size, ...)`` with the group axis as one more feature axis. Returns ``y``
+    (shape of ``x``) and the mean over the groups of their means and variances."""
+    xg = jnp.reshape(x, (groups, x.shape[0] // groups, *x.shape[1:]))
+    gspec = Spec((0, *(a + 1 for a in spec.axes)), spec.eps)
+    fshape = (groups, *lay.fshape)
+    g, b = (None if v is None else jnp.broadcast_to(v, fshape) for v in (gamma, beta))
+    y, m, v = train(gspec, xg, g, b, None, None)
+    return jnp.reshape(y, x.shape), jnp.mean(m, axis=0), jnp.mean(v, axis=0)
