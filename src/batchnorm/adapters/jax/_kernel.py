@@ -65,14 +65,15 @@ class Spec:
     eps : float
     axis_name : hashable or None
         Merge the statistics over this named axis.
-    limits : (float, float) or None
-        ``(rmax, dmax)`` for batch renorm.
+    renorm : bool
+        Batch renorm: :func:`train` takes the running mean, the running std and the
+        limits ``(rmax, dmax)`` (arrays: they may change under ``jit``, e.g. by a schedule).
     """
 
     axes: tuple[int, ...]
     eps: float
     axis_name: object = None
-    limits: tuple[float, float] | None = None
+    renorm: bool = False
 
 
 def _sdt():
@@ -158,21 +159,22 @@ def _stats(spec: Spec, x, lay: Layout, sdt):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train(spec: Spec, x, gamma, beta, mu, sigma):
+def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
     """Training forward: ``(y, mean, var)`` (statistics of the feature shape, in the
-    statistics dtype); ``mu``/``sigma`` are renorm's running mean and std (else None)."""
-    return _train_fwd(spec, x, gamma, beta, mu, sigma)[0]
+    statistics dtype); ``mu``/``sigma`` are renorm's running mean and std and ``lim`` the
+    array ``(rmax, dmax)`` (else None)."""
+    return _train_fwd(spec, x, gamma, beta, mu, sigma, lim)[0]
 
 
-def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma):
+def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
     s, delta, var, _ = _stats(spec, x, lay, sdt)
     inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
     r = d = None
-    if spec.limits is not None:
-        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lay, sdt)
+    if spec.renorm:
+        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lim, lay)
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
     a = inv if g is None else g * inv
@@ -183,7 +185,7 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma):
     mean, var_f = (jnp.reshape(v, lay.fshape) for v in (s + delta, var))
     if spec.axis_name is not None:
         mean, var_f = coll.invariant(mean, spec.axis_name), coll.invariant(var_f, spec.axis_name)
-    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, r, d)
+    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, lim, r, d)
 
 
 def _pass_shift(spec: Spec, x, lay: Layout, s, delta, sdt):
@@ -195,10 +197,11 @@ def _pass_shift(spec: Spec, x, lay: Layout, s, delta, sdt):
     return se, (s - se) + delta
 
 
-def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lay, sdt):
+def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
     """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``,
     with ``mu_B - mu`` formed as ``(s - mu) + delta`` (no float32 rounding of the mean)."""
-    rmax, dmax = spec.limits
+    sdt = var.dtype
+    rmax, dmax = jnp.astype(lim[0], sdt), jnp.astype(lim[1], sdt)
     sig = _bcast(sigma, lay.bshape, sdt)
     r = _clip(jnp.sqrt(var + spec.eps) / sig, 1.0 / rmax, rmax)
     d = _clip(((s - mu) + delta) / sig, -dmax, dmax)
@@ -207,7 +210,7 @@ def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lay, sdt):
 
 def _train_bwd(spec: Spec, res, cts):
     dy = cts[0]  # the statistics' cotangents: no gradient flows through them (module notes)
-    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, r, d = res
+    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
     se, de = _pass_shift(spec, x, lay, s, delta, sdt)
@@ -229,7 +232,8 @@ def _train_bwd(spec: Spec, res, cts):
     if r is not None:
         dg = r * dg + d * db
     dg, db = (jnp.reshape(v, lay.fshape) for v in (dg, db))
-    return jnp.astype(dx, x.dtype), _cast(dg, gamma), _cast(db, beta), _zeros(mu), _zeros(sigma)
+    dx = jnp.astype(dx, x.dtype)
+    return dx, _cast(dg, gamma), _cast(db, beta), _zeros(mu), _zeros(sigma), _zeros(lim)
 
 
 def _zeros(v):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..._validation import check_renorm_limits
 from ..._xp import stats_dtype
 from ...variants import ghost_slices
 from . import _args
@@ -143,7 +142,7 @@ def batch_norm(
     )
     if done is not None:
         return done
-    y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None)
+    y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None, None)
     return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
 
 
@@ -179,8 +178,9 @@ def batch_renorm(
     running_mean, running_std : jax.Array of the per-feature shape
         ``running_std`` must be > 0 (not checked: values are not inspected under ``jit``).
     training : bool
-    rmax, dmax : float
-        Clipping limits, ``rmax >= 1``, ``dmax >= 0``.
+    rmax, dmax : float, or 0-d jax.Array
+        Clipping limits, ``rmax >= 1``, ``dmax >= 0`` (checked when Python numbers; arrays,
+        e.g. a warm-up schedule's values computed under ``jit``, are used as given).
     axis : int or tuple of int
     momentum : float
     eps : float
@@ -195,7 +195,7 @@ def batch_renorm(
     _args.required("running_mean", running_mean)
     _args.required("running_std", running_std)
     momentum = _args.momentum(momentum)
-    lim = check_renorm_limits(rmax, dmax)
+    lim = _args.renorm_limits(rmax, dmax)
     training, x, _, spec, f = _prepare(
         x,
         axis,
@@ -213,10 +213,9 @@ def batch_renorm(
             f["running_mean"],
             f["running_std"],
         )
-    rspec = Spec(spec.axes, spec.eps, spec.axis_name, lim)
-    y, mean, var = train(
-        rspec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
-    )
+    rspec = Spec(spec.axes, spec.eps, spec.axis_name, renorm=True)
+    shared = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"], lim)
+    y, mean, var = train(rspec, x, *shared)
     sigma_b = jnp.sqrt(var + spec.eps)
     return y, (
         _moving(f["running_mean"], mean, momentum),
@@ -279,7 +278,7 @@ def ghost_batch_norm(
         outs.append(y)
         mean, var = w * m, w * v
     for sl in parts[len(equal) :]:  # a last part of another size
-        y, m, v = train(spec, x[sl], g, b, None, None)
+        y, m, v = train(spec, x[sl], g, b, None, None, None)
         w = (sl.stop - sl.start) / x.shape[0]  # each part's share of the values
         outs.append(y)
         mean, var = mean + w * m, var + w * v
@@ -295,5 +294,5 @@ def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
     gspec = Spec((0, *(a + 1 for a in spec.axes)), spec.eps)
     fshape = (groups, *lay.fshape)
     g, b = (None if v is None else jnp.broadcast_to(v, fshape) for v in (gamma, beta))
-    y, m, v = train(gspec, xg, g, b, None, None)
+    y, m, v = train(gspec, xg, g, b, None, None, None)
     return jnp.reshape(y, x.shape), jnp.mean(m, axis=0), jnp.mean(v, axis=0)
