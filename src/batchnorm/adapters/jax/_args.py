@@ -18,6 +18,7 @@ __all__ = [
     "momentum",
     "renorm_limits",
     "required",
+    "running",
     "static_eps",
     "virtual_batch",
 ]
@@ -155,3 +156,16 @@ def renorm_limits(rmax: object, dmax: object) -> jax.Array:
             pair.append(jnp.astype(v, jnp.float32))
         return jnp.stack(pair)
     return jnp.asarray(check_renorm_limits(rmax, dmax), jnp.float32)
+
+
+def running(name: str, v: object) -> None:
+    """Refuse a missing running statistic, and a float16 one: its range (65504) is smaller
+    than that of the statistics it would hold (a batch variance of 1e5 would be stored as
+    inf). Keep running statistics in float32 (as Flax's ``batch_stats`` are) or wider."""
+    required(name, v)
+    dtype = getattr(v, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) == jnp.float16:
+        raise TypeError(
+            f"{name} is float16, whose largest value (65504) the running statistics can "
+            "exceed (they would become inf); keep them in float32 (x may stay float16)"
+        )

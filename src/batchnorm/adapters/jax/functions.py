@@ -71,8 +71,8 @@ def _share(x, *arrays):
 def _start(x, gamma, beta, running_mean, running_var, axis, eps, axis_name, training, momentum):
     """The checks shared by the functions that keep a running mean and variance; in evaluation
     mode also their result (``done``: y and the unchanged running statistics), else None."""
-    _args.required("running_mean", running_mean)
-    _args.required("running_var", running_var)
+    _args.running("running_mean", running_mean)
+    _args.running("running_var", running_var)
     momentum = _args.momentum(momentum)
     training, x, lay, spec, f = _prepare(
         x, axis, eps, axis_name, training, gamma=gamma, beta=beta,
@@ -192,35 +192,34 @@ def batch_renorm(
     y : jax.Array, shape and dtype of ``x``
     (new_running_mean, new_running_std) : jax.Array, shapes and dtypes of the inputs
     """
-    _args.required("running_mean", running_mean)
-    _args.required("running_std", running_std)
+    _args.running("running_mean", running_mean)
+    _args.running("running_std", running_std)
     momentum = _args.momentum(momentum)
+    out = renorm_batch(x, gamma, beta, running_mean, running_std, training, rmax, dmax,
+                       axis, eps, axis_name)  # fmt: skip
+    if not training:
+        return out[0], (out[1], out[2])
+    y, mean, var = out
+    sigma_b = jnp.sqrt(var + _args.static_eps(eps))
+    return y, (_moving(running_mean, mean, momentum), _moving(running_std, sigma_b, momentum))
+
+
+def renorm_batch(x, gamma, beta, mean, std, training, rmax, dmax, axis, eps, axis_name):
+    """Batch renorm's output and, in training, the batch statistics: ``(y, batch mean,
+    biased batch variance)`` (the statistics dtype, no gradient); in evaluation
+    ``(y, mean, std)`` as given. The shared core of :func:`batch_renorm` and the Flax
+    ``BatchRenorm`` modules, which keep running statistics their own way."""
     lim = _args.renorm_limits(rmax, dmax)
     training, x, _, spec, f = _prepare(
-        x,
-        axis,
-        eps,
-        axis_name,
-        training,
-        gamma=gamma,
-        beta=beta,
-        running_mean=running_mean,
-        running_std=running_std,
+        x, axis, eps, axis_name, training, gamma=gamma, beta=beta, mean=mean, std=std
     )
     if not training:
-        g, b, m, s = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
-        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), (
-            f["running_mean"],
-            f["running_std"],
-        )
+        g, b, m, s = _share(x, f["gamma"], f["beta"], f["mean"], f["std"])
+        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), f["mean"], f["std"]
     rspec = Spec(spec.axes, spec.eps, spec.axis_name, renorm=True)
-    shared = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"], lim)
-    y, mean, var = train(rspec, x, *shared)
-    sigma_b = jnp.sqrt(var + spec.eps)
-    return y, (
-        _moving(f["running_mean"], mean, momentum),
-        _moving(f["running_std"], sigma_b, momentum),
-    )
+    shared = _share(x, f["gamma"], f["beta"], f["mean"], f["std"], lim)
+    y, m, v = train(rspec, x, *shared)
+    return y, jax.lax.stop_gradient(m), jax.lax.stop_gradient(v)
 
 
 def ghost_batch_norm(
