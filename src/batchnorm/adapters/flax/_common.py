@@ -73,10 +73,10 @@ def _ramp(step, warmup: int, end: int, start: float, final: float):
 
 def out_dtype(x, scale, bias, dtype):
     """Flax's result dtype: ``dtype`` if given, else the promotion of ``x`` and the
-    parameters; and the dtype to compute in (never narrower than ``x``)."""
+    parameters. ``x`` is normalized in it, as ``flax.nnx.BatchNorm`` does (so the linen
+    and nnx modules compute the same)."""
     args = [a for a in (x, scale, bias) if a is not None]
-    out = jnp.dtype(dtype) if dtype is not None else jnp.result_type(*args)
-    return out, jnp.promote_types(x.dtype, out)
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(*args)
 
 
 def checked_limits(r_max: object, d_max: object) -> tuple[float, float]:

@@ -71,11 +71,11 @@ class BatchNorm(nn.BatchNorm):
         x = jnp.asarray(x)
         axes = _common.feature_axes(x.ndim, self.axis)
         mean, var, scale, bias = _variables(self, x, axes)
-        out, work = _common.out_dtype(x, scale, bias, self.dtype)
+        out = _common.out_dtype(x, scale, bias, self.dtype)
         training = not use_running_average
         initializing = self.is_initializing()
         y, (new_mean, new_var) = batch_norm(
-            jnp.astype(x, work), scale, bias, mean.value, var.value, training=training,
+            jnp.astype(x, out), scale, bias, mean.value, var.value, training=training,
             axis=axes, momentum=self.momentum, eps=self.epsilon,
             axis_name=None if initializing else self.axis_name,
         )  # fmt: skip
@@ -138,7 +138,7 @@ class BatchRenorm(BatchNorm):
         axes = _common.feature_axes(x.ndim, self.axis)
         mean, var, scale, bias = _variables(self, x, axes)
         steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
-        out, work = _common.out_dtype(x, scale, bias, self.dtype)
+        out = _common.out_dtype(x, scale, bias, self.dtype)
         r_max, d_max = _common.checked_limits(self.r_max, self.d_max)
         warmup = _common.checked_steps(self.warmup_steps)
         rmax, dmax = _common.renorm_limits(steps.value, r_max, d_max, warmup, self.schedule)
@@ -146,7 +146,7 @@ class BatchRenorm(BatchNorm):
         initializing = self.is_initializing()
         sigma = jnp.sqrt(jnp.astype(var.value, jnp.float32) + self.epsilon)
         y, m_b, v_b = renorm_batch(
-            jnp.astype(x, work), scale, bias, mean.value, sigma, training, rmax, dmax,
+            jnp.astype(x, out), scale, bias, mean.value, sigma, training, rmax, dmax,
             axes, self.epsilon, None if initializing else self.axis_name,
         )  # fmt: skip
         if training and not initializing:

@@ -222,8 +222,8 @@ def _train_bwd(spec: Spec, res, cts):
     sum_dy_xc = sum_dy_d - ((s - s3) + delta) * sum_dy  # sum(dy (x - mean))
     loc_dy, loc_dy_xc, n = sum_dy, sum_dy_xc, lay.count
     if spec.axis_name is not None:
+        n = lay.count * _bound_size(spec.axis_name)
         sum_dy, sum_dy_xc = coll.ordered_sum([sum_dy, sum_dy_xc], spec.axis_name)
-        n = lay.count * coll.axis_size(spec.axis_name)
     k = inv if g_eff is None else g_eff * inv
     p = -(k * inv * inv) * (sum_dy_xc / n)
     q = -k * (sum_dy / n) - p * de
@@ -234,6 +234,22 @@ def _train_bwd(spec: Spec, res, cts):
     dg, db = (jnp.reshape(v, lay.fshape) for v in (dg, db))
     dx = jnp.astype(dx, x.dtype)
     return dx, _cast(dg, gamma), _cast(db, beta), _zeros(mu), _zeros(sigma), _zeros(lim)
+
+
+def _bound_size(axis_name) -> int:
+    """The size of ``axis_name`` in the backward pass, or a clear error where the axis is
+    not bound there: ``jax.grad`` taken outside ``jax.vmap(..., axis_name=...)`` runs the
+    backward pass after the vmap has ended (a JAX limitation of custom VJPs)."""
+    try:
+        return coll.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"batchnorm.jax with axis_name={axis_name!r}: the backward pass needs the axis "
+            f"{axis_name!r}, which is not bound where jax.grad runs it. This happens with "
+            "jax.grad outside jax.vmap(..., axis_name=...): take the gradient inside the "
+            "vmap (jax.vmap(jax.grad(loss), axis_name=...), summing the parameter "
+            "gradients over the mapped axis), or map with jax.pmap / jax.shard_map"
+        ) from None
 
 
 def _zeros(v):
