@@ -142,13 +142,13 @@ def _nnx_linen_pair(impl, dtype, param_dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
 def test_nnx_and_linen_batchnorm_compute_the_same(impl, dtype, param_dtype, request):
-    if impl == "flax" and param_dtype == jnp.float16:
+    if impl == "flax" and dtype == jnp.float16:
         request.applymarker(
             pytest.mark.xfail(
-                reason="the control: in the installed flax, linen's BatchNorm computes with "
-                "float16 parameters promoted to float32 and nnx's in float16, so the two "
-                "differ by float16 roundings; ours promote alike",
-                strict=False,
+                reason="the control: with dtype=float16 the installed flax's linen BatchNorm "
+                "normalizes in float32 and casts, its nnx BatchNorm casts x to float16 "
+                "first, so the two differ by float16 roundings; ours compute alike",
+                strict=True,
             )
         )
     nnx_model, linen_model = _nnx_linen_pair(impl, dtype, param_dtype)
