@@ -143,13 +143,17 @@ class BatchRenorm(BatchNorm):
         warmup = _common.checked_steps(self.warmup_steps)
         rmax, dmax = _common.renorm_limits(steps.value, r_max, d_max, warmup, self.schedule)
         training = not use_running_average
+        if not training:  # evaluation is batch norm's, bit for bit
+            y, _ = batch_norm(jnp.astype(x, out), scale, bias, mean.value, var.value,
+                              training=False, axis=axes, eps=self.epsilon)  # fmt: skip
+            return y
         initializing = self.is_initializing()
         sigma = jnp.sqrt(jnp.astype(var.value, jnp.float32) + self.epsilon)
         y, m_b, v_b = renorm_batch(
             jnp.astype(x, out), scale, bias, mean.value, sigma, training, rmax, dmax,
             axes, self.epsilon, None if initializing else self.axis_name,
         )  # fmt: skip
-        if training and not initializing:
+        if not initializing:
             mean.value = _moving(mean.value, m_b, self.momentum)
             var.value = _moving(var.value, v_b, self.momentum)
             steps.value = steps.value + 1

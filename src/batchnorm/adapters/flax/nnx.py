@@ -133,18 +133,18 @@ class BatchRenorm(BatchNorm):
         use_running_average = _mode(self, use_running_average)
         _common.unsupported(mask, self.axis_index_groups)
         x, scale, bias, axes = _inputs(self, x)
-        training = not use_running_average
+        if use_running_average:  # evaluation is batch norm's, bit for bit
+            return super().__call__(x, True)
         step = self.steps[...]
         rmax, dmax = _common.renorm_limits(
             step, self.r_max, self.d_max, self.warmup_steps, self.schedule
         )
         sigma = jnp.sqrt(jnp.astype(self.var[...], jnp.float32) + self.epsilon)
         y, m_b, v_b = renorm_batch(
-            x, scale, bias, self.mean[...], sigma, training, rmax, dmax, axes,
+            x, scale, bias, self.mean[...], sigma, True, rmax, dmax, axes,
             self.epsilon, self.axis_name,
         )  # fmt: skip
-        if training:
-            self.mean[...] = _moving(self.mean[...], m_b, self.momentum)
-            self.var[...] = _moving(self.var[...], v_b, self.momentum)
-            self.steps[...] = step + 1
+        self.mean[...] = _moving(self.mean[...], m_b, self.momentum)
+        self.var[...] = _moving(self.var[...], v_b, self.momentum)
+        self.steps[...] = step + 1
         return y
