@@ -4,6 +4,11 @@ batches, unsupported options); BatchRenorm against its formulas and BatchNorm.""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,6 +19,8 @@ jnp = jax.numpy
 bfl = pytest.importorskip("batchnorm.flax.linen")
 bfx = pytest.importorskip("batchnorm.flax.nnx")
 from batchnorm import RenormSchedule  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 
 def _x(shape=(16, 5), offset=3.0, seed=0):
@@ -262,3 +269,17 @@ def test_renorm_bad_arguments_are_refused():
         bfl.BatchRenorm(use_running_average=False, d_max=-1.0).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="warmup_steps"):
         bfx.BatchRenorm(5, warmup_steps=-3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_axis_name_across_four_devices_matches_one_device():
+    """shard_map over 4 forced host devices, in a fresh process (tests/jax_devices.py)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent / "src"), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, str(HERE / "jax_devices.py"), "flax"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("OK") == 3, out.stdout
