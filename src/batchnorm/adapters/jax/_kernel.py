@@ -1,32 +1,36 @@
 r"""The custom-VJP kernels of :mod:`batchnorm.jax`: a shifted one-pass forward and a
-hand-written backward, written so that XLA compiles each direction to as many passes over
-the data as Flax's own ``BatchNorm``: one fused reduction and one elementwise pass.
+hand-written backward, written so that XLA compiles each direction to no more passes over
+the data than Flax's own ``BatchNorm``: forward two reductions and one elementwise pass,
+backward two reductions and one elementwise pass.
 
-Forward (training). Per feature one sample ``s`` of the batch (the first value along the
-reduced axes) is subtracted, and ``d = x - s`` and ``d**2`` are summed in one fused
-reduction (:func:`shifted_sums`), in the statistics dtype (float64 with x64, else
+Forward (training). Per feature, samples ``s`` and ``s'`` of the batch (values of ``x``
+along the reduced axes, :func:`sample`) are subtracted and ``x - s`` and ``(x - s')**2``
+are summed (:func:`shifted_sums`), in the statistics dtype (float64 with x64, else
 float32):
 
 .. math::
 
-    \delta = \frac{\sum d}{n} = \mu_B - s, \qquad
-    \sigma_B^2 = \frac{\sum d^2}{n} - \delta^2 .
+    \delta = \frac{\sum (x - s)}{n} = \mu_B - s, \qquad
+    \sigma_B^2 = \frac{\sum (x - s')^2}{n} - \bigl((s - s') + \delta\bigr)^2 .
 
 The shift cancels an offset far from zero exactly (``x - s`` is exact for values within a
 factor two of each other, Sterbenz), so neither the variance nor the output carries the
-mean's rounding: the output ``y = d a + (beta - delta a)`` with ``a = gamma inv`` is one
-elementwise pass that recomputes ``d`` (never ``x - mean`` with a float32 mean of 1e6,
-whose rounding alone is 0.03). The subtraction of ``delta**2`` loses at most a factor
-``1 + delta**2 / var`` of relative accuracy, small because ``s`` is a value of the batch
-(``|delta| / sigma`` is a few units at most, unlike ``E[x^2] - E[x]^2`` whose factor is
-``1 + mean**2 / var``).
+mean's rounding: the output ``y = (x - s_e) a + (beta - (mu_B - s_e) a)`` with
+``a = gamma inv`` is one elementwise pass (never ``x - mean`` with a float32 mean of 1e6,
+whose rounding alone is 0.03). The subtraction of the squared offset loses at most a factor
+``1 + (mu_B - s')**2 / var`` of relative accuracy, small because ``s'`` is a value of the
+batch (a few units of ``sigma`` away at most, unlike ``E[x^2] - E[x]^2`` whose factor is
+``1 + mean**2 / var``). Each reduction has its own sample because XLA CPU writes an
+``x - s`` shared by two reductions out in full (one more pass); with separate samples each
+reduction reads ``x`` once (``benchmarks/jax_flax.py`` counts the passes in the compiled
+HLO).
 
-Backward. One fused reduction gives ``sum(dy)`` and ``sum(dy d)``; then
-``sum(dy (x - mean)) = sum(dy d) - delta sum(dy)`` and one elementwise pass forms
-``dx = k dy + p d + q``. With ``axis_name`` the statistics are merged exactly, in
-participant order (:mod:`._collective`), and the two gradient sums are added in participant
-order; ``dgamma``/``dbeta`` stay this participant's share (JAX adds the shares of a
-replicated parameter itself).
+Backward. Two reductions give ``sum(dy)`` and ``sum(dy (x - s''))``, then
+``sum(dy (x - mean)) = sum(dy (x - s'')) - (mu_B - s'') sum(dy)``, and one elementwise pass
+forms ``dx = k dy + p (x - s_e) + q``. With ``axis_name`` the statistics are merged exactly,
+in participant order (:mod:`._collective`), and the two gradient sums are added in
+participant order; ``dgamma``/``dbeta`` stay this participant's share (JAX adds the shares
+of a replicated parameter itself).
 
 Batch renorm: ``y = (gamma r) x_hat + (beta + gamma d)`` with ``r``, ``d`` constants of the
 backward pass, ``dgamma = r sum(dy x_hat) + d sum(dy)`` (:mod:`batchnorm.renorm`).

@@ -20,9 +20,17 @@ returns them unchanged. ``jax.grad`` goes through the library's hand-written bac
 the statistics and the backward pass's gradient sums are merged over that axis exactly and
 in participant order, so every participant gets bit-identical statistics.
 
-Everything static (``training``, ``axis``, ``momentum``, ``eps``, ``axis_name``, renorm's
-limits, the ghost batch size) is a Python value: under ``jax.jit`` mark such arguments
-static. A feature whose batch statistics are not finite keeps its running statistics (a
+Everything static (``training``, ``axis``, ``momentum``, ``eps``, ``axis_name``, the ghost
+batch size) is a Python value: under ``jax.jit`` mark such arguments static. Renorm's limits
+may be either (a schedule computes them from a step count under ``jit``). Running
+statistics in float16 are refused (a variance above 65504 would be stored as inf).
+
+Under ``jax.jit`` each direction compiles to the passes over ``x`` of Flax's own
+``BatchNorm`` or fewer: forward, two reductions (``sum(x - s)`` and ``sum((x - s')**2)``
+with samples ``s``, ``s'`` of the batch) and one elementwise pass; backward, two reductions
+(``sum(dy)``, ``sum(dy (x - s''))``) and one elementwise pass (see the kernel module).
+
+A feature whose batch statistics are not finite keeps its running statistics (a
 traced function cannot raise on data); its outputs show the NaN.
 """
 
