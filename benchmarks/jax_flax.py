@@ -33,10 +33,14 @@ SHAPES = ((64, 256), (256, 1024), (32, 56, 56, 64), (128, 28, 28, 128))
 _SKIP = ("parameter", "constant", "tuple", "get-tuple-element", "bitcast")
 
 
-def _flax_step(shape, renorm: bool = False):
+def _flax_step(shape, ours: bool = False):
     import flax.linen as nn
 
-    model = nn.BatchNorm(use_running_average=False)
+    if ours:
+        from batchnorm.flax.linen import BatchNorm
+    else:
+        BatchNorm = nn.BatchNorm  # noqa: N806
+    model = BatchNorm(use_running_average=False)
     variables = model.init(jax.random.key(0), jnp.zeros(shape, jnp.float32))
 
     def fwd(x, scale, bias):
@@ -71,6 +75,7 @@ def contenders(shape) -> dict[str, Callable]:
     out = {"flax.linen": _flax_step(shape)}
     for kind in ("batch_norm", "batch_renorm", "ghost_batch_norm"):
         out[kind] = _ours_step(shape, kind)
+    out["batchnorm.flax.linen"] = _flax_step(shape, ours=True)
     return out
 
 
@@ -96,17 +101,34 @@ def _computations(hlo: str) -> dict[str, str]:
     return out
 
 
-def _reduces(line: str, comps: dict[str, str], depth: int = 0) -> bool:
-    """Whether an instruction is, or calls a computation that contains, a reduction."""
-    if re.search(r" reduce(-window)?\(", line):
-        return True
-    if depth > 4:
-        return False
-    return any(
-        _reduces(body_line, comps, depth + 1)
-        for callee in re.findall(r"calls=%([\w.\-]+)", line)
-        for body_line in comps.get(callee, "").splitlines()
-    )
+def _sizes(body: str) -> dict[str, int]:
+    """Element count of every named value defined in a computation body."""
+    out = {}
+    for line in body.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (.+?) [\w\-]+\(", line)
+        if m:
+            dims = re.findall(r"\[([\d,]*)\]", m.group(2))
+            out[m.group(1)] = max(
+                (int(np.prod([int(d) for d in ds.split(",") if d] or [1])) for ds in dims),
+                default=0,
+            )
+    return out
+
+
+def _reduces(line: str, comps: dict[str, str], size: int, depth: int = 0) -> bool:
+    """Whether an instruction reduces an array of ``size`` elements, itself or in a
+    computation it calls (a reduction of a small array that merely slices ``x`` is not a
+    pass over ``x``)."""
+    for callee in re.findall(r"calls=%([\w.\-]+)", line):
+        body = comps.get(callee, "")
+        sizes = _sizes(body)
+        for inner in body.splitlines():
+            m = re.search(r" reduce(?:-window)?\(%([\w.\-]+)", inner)
+            if m and sizes.get(m.group(1), 0) == size:
+                return True
+            if depth < 4 and "calls=%" in inner and _reduces(inner, comps, size, depth + 1):
+                return True
+    return False
 
 
 def count_passes(hlo: str, size: int) -> dict[str, int]:
@@ -132,7 +154,7 @@ def count_passes(hlo: str, size: int) -> dict[str, int]:
         args = line[m.end() :].split(")", 1)[0]
         if not any(sizes.get(o, 0) == size for o in re.findall(r"%([\w.\-]+)", args)):
             continue
-        if _reduces(line, comps):
+        if _reduces(line, comps, size) or re.search(r" reduce(-window)?\(", line):
             counts["reduction"] += 1
         elif sizes[name] == size:
             counts["elementwise"] += 1

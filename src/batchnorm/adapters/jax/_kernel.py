@@ -122,10 +122,7 @@ def sample(x, lay: Layout, which: int, sdt):
         slice(int(index[i]), int(index[i]) + 1) if i in index else slice(None)
         for i in range(x.ndim)
     )
-    # behind a barrier, XLA keeps the sample a small array of its own rather than fusing
-    # the slice into the consumer, which would make YNNPACK's reduction read a copy
-    s = jax.lax.optimization_barrier(x[sl])
-    return jnp.astype(jnp.astype(s, work_dtype(jnp, x.dtype)), sdt)
+    return jnp.astype(jnp.astype(x[sl], work_dtype(jnp, x.dtype)), sdt)
 
 
 def shifted_sums(x, lay: Layout, sdt):
