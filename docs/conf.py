@@ -66,7 +66,7 @@ nitpick_ignore_regex = [
     # helpers the docstrings name that are not in their module's __all__
     (r"py:.*", r"(StateDict|convention_config|new_value_weight|DistributedError)"),
     (r"py:.*", r"_.*"),
-    (r"py:.*", r"(mpi4py|numpy|os|jax|torch)(\..*)?"),
+    (r"py:.*", r"(mpi4py|numpy|os|jax|torch|flax)(\..*)?"),
 ]
 
 # -- MyST --------------------------------------------------------------------------------

@@ -87,5 +87,80 @@ def main() -> None:
     print("OK shard_map")
 
 
+def _linen_check(cls, x, w, mesh):
+    """One linen class with axis_name under shard_map against one device; returns the
+    variables used and the one-device output."""
+    one = cls(use_running_average=False)
+    many = cls(use_running_average=False, axis_name="d")
+    v = one.init(jax.random.key(0), x)
+    v = {"params": {"scale": v["params"]["scale"] + 0.5, "bias": v["params"]["bias"] + 1},
+         "batch_stats": v["batch_stats"]}  # fmt: skip
+
+    def loss(params, x, w, model):
+        y, upd = model.apply({**v, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * w), (y, upd["batch_stats"])
+
+    _, (y1, s1) = loss(v["params"], x, w, one)
+    g1 = jax.grad(lambda p: loss(p, x, w, one)[0])(v["params"])
+
+    def body(params, xx, ww):
+        total, (y, s) = loss(params, xx, ww, many)
+        return total[None], y, s
+
+    specs = {"in_specs": (P(), P("d"), P("d")), "out_specs": (P("d"), P("d"), P())}
+    sm = jax.jit(jax.shard_map(body, mesh=mesh, check_vma=False, **specs))
+    _, y, s = sm(v["params"], x, w)
+    g = jax.grad(lambda p: jnp.sum(sm(p, x, w)[0]))(v["params"])
+    close(y, y1, 2e-5, f"{cls.__module__} shard_map y")
+    close(s["mean"], s1["mean"], 1e-4, "shard_map running mean")
+    close(s["var"], s1["var"], 1e-4, "shard_map running var")
+    close(g["scale"], g1["scale"], 1e-3, "shard_map dscale")
+    close(g["bias"], g1["bias"], 1e-3, "shard_map dbias")
+    print(f"OK linen {cls.__module__}")
+    return v, y1
+
+
+def flax_main() -> None:
+    """batchnorm.flax's BatchNorm with axis_name under shard_map (linen: outputs, merged
+    running statistics and parameter gradients; nnx: outputs and statistics) against one
+    device on the whole batch; Flax's own BatchNorm as the control."""
+    import flax.linen as nn
+    from flax import nnx
+
+    from batchnorm.flax import linen as bfl
+    from batchnorm.flax import nnx as bfx
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((64, 6)) * 2 + 3, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 6)), jnp.float32)
+    mesh = Mesh(jax.devices(), ("d",))
+    _linen_check(nn.BatchNorm, x, w, mesh)
+    v, y1 = _linen_check(bfl.BatchNorm, x, w, mesh)
+
+    def per_device(xx):
+        return bfl.BatchNorm(use_running_average=False).apply(v, xx, mutable=["batch_stats"])[0]
+
+    local = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("d"), out_specs=P("d"),
+                                  check_vma=False))(x)  # fmt: skip
+    err = float(np.max(np.abs(np.asarray(local) - np.asarray(y1))))
+    assert err > 1e-2, f"negative control: per-device statistics agree with global ({err})"
+
+    bn1 = bfx.BatchNorm(6, rngs=nnx.Rngs(0))
+    y1 = bn1(x)
+    graphdef, state = nnx.split(bfx.BatchNorm(6, axis_name="d", rngs=nnx.Rngs(0)))
+
+    def nbody(state, xx):
+        model = nnx.merge(graphdef, state)
+        return model(xx), nnx.state(model)
+
+    specs = {"in_specs": (P(), P("d")), "out_specs": (P("d"), P())}
+    y, new = jax.jit(jax.shard_map(nbody, mesh=mesh, check_vma=False, **specs))(state, x)
+    close(y, y1, 2e-5, "nnx shard_map y")
+    close(new["mean"][...], bn1.mean[...], 1e-4, "nnx shard_map running mean")
+    print("OK nnx")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    flax_main() if "flax" in sys.argv else main()

@@ -40,6 +40,7 @@ LEVELS = {
     "adapters": 7,  # framework wrappers (torch, jax) over functional + reducers
     "torch": 8,  # public batchnorm.torch / batchnorm.jax: re-exports of adapters
     "jax": 8,
+    "flax": 8,  # public batchnorm.flax: re-exports of the Flax adapter
 }
 ENTRY = {"__init__", "__main__"}  # re-exports and the command-line shim: above everything
 FORBIDDEN_LOW = ("mpi4py", "torch", "jax")  # never imported by core/ or backends/

@@ -127,7 +127,8 @@ def same_device(a, b) -> bool:
 
 
 def check_same_device(name_a: str, a, name_b: str, b) -> None:
-    """Raise ``ValueError`` naming both devices unless ``a`` and ``b`` share a device.
+    """Raise ``ValueError`` naming both devices unless ``a`` and ``b`` share a device (an
+    array whose device is unknown, None, passes).
 
     Parameters
     ----------
@@ -136,7 +137,8 @@ def check_same_device(name_a: str, a, name_b: str, b) -> None:
     a, b : arrays of one namespace
     """
     da, db = device(a), device(b)
-    if da != db:
+    # None is a traced JAX array's device (e.g. under jax.grad): unknown, so not a mismatch
+    if da is not None and db is not None and da != db:
         raise ValueError(
             f"{name_a} is on device {da!r} but {name_b} is on device {db!r}; move one of "
             f"them (e.g. {name_b}.to_device({name_a}.device)) so both share a device"

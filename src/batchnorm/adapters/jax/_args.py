@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..._validation import Layout, check_count, check_real, layout
+from ..._validation import Layout, check_count, check_real, check_renorm_limits, layout
 from . import _collective as coll
 
 __all__ = [
@@ -16,7 +16,9 @@ __all__ = [
     "features",
     "mode",
     "momentum",
+    "renorm_limits",
     "required",
+    "running",
     "static_eps",
     "virtual_batch",
 ]
@@ -136,3 +138,34 @@ def check_axis_name(axis_name: object) -> None:
             f"axis_name={axis_name!r} is not bound here: call this inside jax.pmap, "
             "jax.shard_map or jax.vmap with that axis name"
         ) from exc
+
+
+def renorm_limits(rmax: object, dmax: object) -> jax.Array:
+    """``(rmax, dmax)`` as one float32 array: Python numbers are checked
+    (:func:`batchnorm._validation.check_renorm_limits`); JAX arrays (values unknown under
+    ``jit``) must be 0-d and floating or integer, and are used as given."""
+    if isinstance(rmax, jax.Array) or isinstance(dmax, jax.Array):
+        pair = []
+        for name, v in (("rmax", rmax), ("dmax", dmax)):
+            v = jnp.asarray(v)
+            if v.ndim != 0 or not (_is_float(v.dtype) or jnp.issubdtype(v.dtype, jnp.integer)):
+                raise TypeError(
+                    f"{name} must be a real number or a 0-d real array; got shape "
+                    f"{tuple(v.shape)}, dtype {v.dtype}"
+                )
+            pair.append(jnp.astype(v, jnp.float32))
+        return jnp.stack(pair)
+    return jnp.asarray(check_renorm_limits(rmax, dmax), jnp.float32)
+
+
+def running(name: str, v: object) -> None:
+    """Refuse a missing running statistic, and a float16 one: its range (65504) is smaller
+    than that of the statistics it would hold (a batch variance of 1e5 would be stored as
+    inf). Keep running statistics in float32 (as Flax's ``batch_stats`` are) or wider."""
+    required(name, v)
+    dtype = getattr(v, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) == jnp.float16:
+        raise TypeError(
+            f"{name} is float16, whose largest value (65504) the running statistics can "
+            "exceed (they would become inf); keep them in float32 (x may stay float16)"
+        )

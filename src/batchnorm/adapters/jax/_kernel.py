@@ -1,27 +1,45 @@
-r"""The custom-VJP kernels of :mod:`batchnorm.jax`: the library's passes
-(:mod:`batchnorm.core.passes`) for the forward pass and its hand-written backward pass, so
-``jax.grad`` never differentiates the small operations of the forward pass.
+r"""The custom-VJP kernels of :mod:`batchnorm.jax`: a shifted one-pass forward and a
+hand-written backward, written so that XLA compiles each direction to no more passes over
+the data than Flax's own ``BatchNorm``: forward two reductions and one elementwise pass,
+backward two reductions and one elementwise pass.
 
-Two training routes, chosen by the static :class:`Spec`:
+Forward (training). Per feature, samples ``s`` and ``s'`` of the batch (values of ``x``
+along the reduced axes, :func:`sample`) are subtracted and ``x - s`` and ``(x - s')**2``
+are summed (:func:`shifted_sums`), in the statistics dtype (float64 with x64, else
+float32):
 
-* *fused* (local batch norm): :func:`batchnorm.core.passes.train` forms the statistics and
-  the output in one pass; the backward pass is :func:`batchnorm.core.passes.backward`;
-* *split* (statistics merged over ``axis_name``, or batch renorm, whose ``r`` and ``d``
-  need the statistics before the output): per feature one sample ``s`` of the data is
-  subtracted, :func:`batchnorm.core.passes.moments` gives ``delta = mean - s`` and the
-  variance, the participants' statistics are merged exactly
-  (:func:`batchnorm.adapters.jax._collective.merge_stats`), and the output is
-  :func:`batchnorm.core.passes.normalize` of ``x - s`` with mean ``delta``. Working relative
-  to ``s`` keeps the mean's float32 rounding (without x64, up to ``u |mean|``) out of ``y``
-  and the gradients, as the fused route does. The backward pass sums
-  :func:`batchnorm.core.passes.grad_sums` over the participants in order and forms ``dx``
-  with :func:`batchnorm.core.passes.input_grad`; ``dgamma``/``dbeta`` stay this
-  participant's share (JAX adds the shares of a replicated parameter itself).
+.. math::
 
-With renorm, ``y = (gamma r) x_hat + (beta + gamma d)`` and ``r``, ``d`` are constants of
-the backward pass: ``dgamma = r sum(dy x_hat) + d sum(dy)`` (:mod:`batchnorm.renorm`).
+    \delta = \frac{\sum (x - s)}{n} = \mu_B - s, \qquad
+    \sigma_B^2 = \frac{\sum (x - s')^2}{n} - \bigl((s - s') + \delta\bigr)^2 .
+
+The shift cancels an offset far from zero exactly (``x - s`` is exact for values within a
+factor two of each other, Sterbenz), so neither the variance nor the output carries the
+mean's rounding: the output ``y = (x - s_e) a + (beta - (mu_B - s_e) a)`` with
+``a = gamma inv`` is one elementwise pass (never ``x - mean`` with a float32 mean of 1e6,
+whose rounding alone is 0.03). The subtraction of the squared offset loses at most a factor
+``1 + (mu_B - s')**2 / var`` of relative accuracy, small because ``s'`` is a value of the
+batch (a few units of ``sigma`` away at most, unlike ``E[x^2] - E[x]^2`` whose factor is
+``1 + mean**2 / var``). Each reduction has its own sample because XLA CPU writes an
+``x - s`` shared by two reductions out in full (one more pass); with separate samples each
+reduction reads ``x`` once (``benchmarks/jax_flax.py`` counts the passes in the compiled
+HLO).
+
+Backward. Two reductions give ``sum(dy)`` and ``sum(dy (x - s''))``, then
+``sum(dy (x - mean)) = sum(dy (x - s'')) - (mu_B - s'') sum(dy)``, and one elementwise pass
+forms ``dx = k dy + p (x - s_e) + q``. With ``axis_name`` the statistics are merged exactly,
+in participant order (:mod:`._collective`), and the two gradient sums are added in
+participant order; ``dgamma``/``dbeta`` stay this participant's share (JAX adds the shares
+of a replicated parameter itself).
+
+Batch renorm: ``y = (gamma r) x_hat + (beta + gamma d)`` with ``r``, ``d`` constants of the
+backward pass, ``dgamma = r sum(dy x_hat) + d sum(dy)`` (:mod:`batchnorm.renorm`).
 The batch statistics returned by :func:`train` carry no gradient (their cotangents are
 ignored; the public functions stop their gradient).
+
+Range: squares of ``x - s`` are formed in float32 for float32 data, so a feature whose
+values spread over more than about ``1.8e19`` gets an infinite variance (and NaN or zero
+outputs); NaN and Inf propagate feature by feature.
 """
 
 from __future__ import annotations
@@ -31,13 +49,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ..._validation import layout
+from ..._validation import Layout, layout
 from ..._xp import stats_dtype, work_dtype
-from ...core import coef, passes
 from . import _collective as coll
 
-__all__ = ["Spec", "evaluate", "train"]
+__all__ = ["Spec", "evaluate", "shifted_sums", "train"]
 
 
 @dataclass(frozen=True)
@@ -51,19 +69,15 @@ class Spec:
     eps : float
     axis_name : hashable or None
         Merge the statistics over this named axis.
-    limits : (float, float) or None
-        ``(rmax, dmax)`` for batch renorm.
+    renorm : bool
+        Batch renorm: :func:`train` takes the running mean, the running std and the
+        limits ``(rmax, dmax)`` (arrays: they may change under ``jit``, e.g. by a schedule).
     """
 
     axes: tuple[int, ...]
     eps: float
     axis_name: object = None
-    limits: tuple[float, float] | None = None
-
-    @property
-    def fused(self) -> bool:
-        """Whether the one-pass local route applies."""
-        return self.axis_name is None and self.limits is None
+    renorm: bool = False
 
 
 def _sdt():
@@ -82,43 +96,113 @@ def _clip(v, lo, hi):
     return jnp.where(v < lo, lo, jnp.where(v > hi, hi, v))  # NaN stays NaN
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train(spec: Spec, x, gamma, beta, mu, sigma):
-    """Training forward: ``(y, mean, var)`` (statistics of the feature shape, in the
-    statistics dtype); ``mu``/``sigma`` are renorm's running mean and std (else None)."""
-    return _train_fwd(spec, x, gamma, beta, mu, sigma)[0]
-
-
-def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma):
-    sdt = _sdt()
-    if spec.fused:
-        y, mean, var, inv = passes.train(jnp, x, spec.axes, gamma, beta, spec.eps, sdt)
-        return (y, mean, var), (x, mean, var, inv, gamma, beta)
-    lay = layout(tuple(x.shape), spec.axes)
+def _centred(x, s, sdt):
+    """``x - s`` in the working dtype (``s`` in the broadcast shape)."""
     xw = jnp.astype(x, work_dtype(jnp, x.dtype))
-    s = xw[tuple(slice(0, 1) if i in lay.red else slice(None) for i in range(x.ndim))]
-    delta, var = passes.moments(jnp, xw - s, lay.red, sdt)
-    s, n = jnp.astype(s, sdt), lay.count
+    if sdt == jnp.float64:
+        xw = jnp.astype(xw, sdt)
+    return xw - jnp.astype(s, xw.dtype)
+
+
+def sample(x, lay: Layout, which: int, sdt):
+    """One value of each feature of ``x`` (broadcast shape, dtype ``sdt``): at flat
+    position 0, n-1, n/2 or n/4 of the reduced axes for ``which`` 0, 1, 2, 3.
+
+    Each reduction over ``x - s`` gets its own sample (0 and 1 the forward's, 2 the
+    backward's, 3 the elementwise passes'): XLA CPU writes an ``x - s`` that two
+    consumers share out in full, since its YNNPACK reductions do not recompute a shared
+    producer; with distinct samples every reduction recomputes ``x - s`` as it reads
+    ``x``, and a pass over ``x`` stays one pass. (With fewer than four values per feature
+    samples coincide: the results are the same, only a copy is made.)
+    """
+    red_shape = [x.shape[i] for i in lay.red]
+    pos = (0, lay.count - 1, lay.count // 2, lay.count // 4)[which]
+    index = dict(zip(lay.red, np.unravel_index(pos, red_shape), strict=True))
+    sl = tuple(
+        slice(int(index[i]), int(index[i]) + 1) if i in index else slice(None)
+        for i in range(x.ndim)
+    )
+    return jnp.astype(jnp.astype(x[sl], work_dtype(jnp, x.dtype)), sdt)
+
+
+def shifted_sums(x, lay: Layout, sdt):
+    """``(s, delta, m2)`` per feature in the broadcast shape, dtype ``sdt``: a sample
+    ``s`` of the batch, ``delta = mean - s`` and ``m2 = sum((x - mean)**2)``, from two
+    reductions over ``x`` shifted by two samples ``s`` and ``s2``:
+    ``delta = sum(x - s)/n`` and ``m2 = sum((x - s2)**2) - n (mean - s2)**2`` with
+    ``mean - s2 = (s - s2) + delta``.
+
+    Parameters
+    ----------
+    x : jax.Array, any shape
+    lay : Layout
+        The layout of ``x`` (feature and reduced axes).
+    sdt : dtype
+        The statistics dtype.
+    """
+    s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
+    d2 = _centred(x, s2, sdt)
+    n = lay.count
+    delta = jnp.sum(_centred(x, s, sdt), axis=lay.red, keepdims=True, dtype=sdt) / n
+    t2 = jnp.sum(d2 * d2, axis=lay.red, keepdims=True, dtype=sdt)
+    delta2 = (s - s2) + delta
+    return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
+
+
+def _stats(spec: Spec, x, lay: Layout, sdt):
+    """``(s, delta, var, n)``: the shift, ``mean - s``, the biased variance and the count,
+    merged over ``spec.axis_name`` when given."""
+    s, delta, m2 = shifted_sums(x, lay, sdt)
+    n = lay.count
     if spec.axis_name is not None:
-        s, delta, var, n = coll.merge_stats(s, delta, var * n, n, spec.axis_name)
-    inv = coef.inv_std(var, spec.eps)
+        return coll.merge_stats(s, delta, m2, n, spec.axis_name)
+    return s, delta, m2 / n, n
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
+    """Training forward: ``(y, mean, var)`` (statistics of the feature shape, in the
+    statistics dtype); ``mu``/``sigma`` are renorm's running mean and std and ``lim`` the
+    array ``(rmax, dmax)`` (else None)."""
+    return _train_fwd(spec, x, gamma, beta, mu, sigma, lim)[0]
+
+
+def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
+    sdt = _sdt()
+    lay = layout(tuple(x.shape), spec.axes)
+    s, delta, var, _ = _stats(spec, x, lay, sdt)
+    inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
     r = d = None
-    if spec.limits is not None:
-        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lay, sdt)
+    if spec.renorm:
+        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lim, lay)
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
-    y = passes.normalize(jnp, xw - jnp.astype(s, xw.dtype), delta, var, inv, g, b, n, x.dtype)
+    a = inv if g is None else g * inv
+    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
+    c = (0.0 if b is None else b) - de * a
+    xc = _centred(x, se, sdt)
+    y = jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
     mean, var_f = (jnp.reshape(v, lay.fshape) for v in (s + delta, var))
     if spec.axis_name is not None:
         mean, var_f = coll.invariant(mean, spec.axis_name), coll.invariant(var_f, spec.axis_name)
-    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, r, d)
+    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, lim, r, d)
 
 
-def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lay, sdt):
+def _pass_shift(spec: Spec, x, lay: Layout, s, delta, sdt):
+    """The shift of the elementwise passes and the mean relative to it: a sample of its
+    own (see :func:`sample`) locally, the merged reference sample with ``axis_name``."""
+    if spec.axis_name is not None:
+        return s, delta
+    se = sample(x, lay, 3, sdt)
+    return se, (s - se) + delta
+
+
+def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
     """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``,
     with ``mu_B - mu`` formed as ``(s - mu) + delta`` (no float32 rounding of the mean)."""
-    rmax, dmax = spec.limits
+    sdt = var.dtype
+    rmax, dmax = jnp.astype(lim[0], sdt), jnp.astype(lim[1], sdt)
     sig = _bcast(sigma, lay.bshape, sdt)
     r = _clip(jnp.sqrt(var + spec.eps) / sig, 1.0 / rmax, rmax)
     d = _clip(((s - mu) + delta) / sig, -dmax, dmax)
@@ -127,29 +211,46 @@ def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lay, sdt):
 
 def _train_bwd(spec: Spec, res, cts):
     dy = cts[0]  # the statistics' cotangents: no gradient flows through them (module notes)
+    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res
     sdt = _sdt()
-    if spec.fused:
-        x, mean, var, inv, gamma, beta = res
-        dx, dg, db = passes.backward(jnp, x, dy, spec.axes, mean, var, inv, gamma, True, None, sdt)
-        return dx, _cast(dg, gamma), _cast(db, beta), None, None
-    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, r, d = res
     lay = layout(tuple(x.shape), spec.axes)
-    xw = jnp.astype(x, work_dtype(jnp, x.dtype))
-    xc = xw - jnp.astype(s, xw.dtype)
-    ones = jnp.ones(lay.bshape, sdt)
-    local = passes.grad_sums(jnp, xc, dy, delta, lay.red, sdt, ones)
-    sum_dy, sum_dy_xc, n = local[0], local[1], lay.count
+    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
+    xc = _centred(x, se, sdt)
+    dyw = jnp.astype(dy, xc.dtype)
+    sum_dy = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
+    s3 = sample(x, lay, 2, sdt)  # x - s3 shared with no other pass (see sample)
+    sum_dy_d = jnp.sum(dyw * _centred(x, s3, sdt), axis=lay.red, keepdims=True, dtype=sdt)
+    sum_dy_xc = sum_dy_d - ((s - s3) + delta) * sum_dy  # sum(dy (x - mean))
+    loc_dy, loc_dy_xc, n = sum_dy, sum_dy_xc, lay.count
     if spec.axis_name is not None:
-        sum_dy, sum_dy_xc = coll.ordered_sum(list(local), spec.axis_name)
-        n = lay.count * coll.axis_size(spec.axis_name)
-    k = inv if g_eff is None else inv * g_eff
-    p, q = coef.backward_coef(sum_dy, sum_dy_xc, inv, k, n)
-    dx = passes.input_grad(jnp, xc, dy, delta, k, p, q, x.dtype, ones)
-    dg, db = inv * local[1], local[0]  # this participant's share
+        n = lay.count * _bound_size(spec.axis_name)
+        sum_dy, sum_dy_xc = coll.ordered_sum([sum_dy, sum_dy_xc], spec.axis_name)
+    k = inv if g_eff is None else g_eff * inv
+    p = -(k * inv * inv) * (sum_dy_xc / n)
+    q = -k * (sum_dy / n) - p * de
+    dx = dyw * jnp.astype(k, xc.dtype) + (xc * jnp.astype(p, xc.dtype) + jnp.astype(q, xc.dtype))
+    dg, db = inv * loc_dy_xc, loc_dy  # this participant's share
     if r is not None:
         dg = r * dg + d * db
     dg, db = (jnp.reshape(v, lay.fshape) for v in (dg, db))
-    return dx, _cast(dg, gamma), _cast(db, beta), _zeros(mu), _zeros(sigma)
+    dx = jnp.astype(dx, x.dtype)
+    return dx, _cast(dg, gamma), _cast(db, beta), _zeros(mu), _zeros(sigma), _zeros(lim)
+
+
+def _bound_size(axis_name) -> int:
+    """The size of ``axis_name`` in the backward pass, or a clear error where the axis is
+    not bound there: ``jax.grad`` taken outside ``jax.vmap(..., axis_name=...)`` runs the
+    backward pass after the vmap has ended (a JAX limitation of custom VJPs)."""
+    try:
+        return coll.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"batchnorm.jax with axis_name={axis_name!r}: the backward pass needs the axis "
+            f"{axis_name!r}, which is not bound where jax.grad runs it. This happens with "
+            "jax.grad outside jax.vmap(..., axis_name=...): take the gradient inside the "
+            "vmap (jax.vmap(jax.grad(loss), axis_name=...), summing the parameter "
+            "gradients over the mapped axis), or map with jax.pmap / jax.shard_map"
+        ) from None
 
 
 def _zeros(v):
@@ -159,10 +260,23 @@ def _zeros(v):
 train.defvjp(_train_fwd, _train_bwd)
 
 
+def _given(spec: Spec, x, mean, var, sdt):
+    lay = layout(tuple(x.shape), spec.axes)
+    m, v = _bcast(mean, lay.bshape, sdt), _bcast(var, lay.bshape, sdt)
+    return lay, m, jax.lax.rsqrt(v + spec.eps)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def evaluate(spec: Spec, x, gamma, beta, mean, var):
-    """Evaluation forward with given statistics: ``y`` (eps always added)."""
-    return passes.evaluate(jnp, x, spec.axes, gamma, beta, mean, var, spec.eps, _sdt())
+    """Evaluation forward with given statistics: ``y = (x - mean) gamma inv + beta``
+    (eps always added), one elementwise pass."""
+    sdt = _sdt()
+    lay, m, inv = _given(spec, x, mean, var, sdt)
+    g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
+    a = inv if g is None else g * inv
+    xc = _centred(x, m, sdt)  # x - mean before scaling: no cancellation at a large offset
+    y = xc * jnp.astype(a, xc.dtype)
+    return jnp.astype(y if b is None else y + jnp.astype(b, xc.dtype), x.dtype)
 
 
 def _eval_fwd(spec: Spec, x, gamma, beta, mean, var):
@@ -176,11 +290,16 @@ def _eval_bwd(spec: Spec, res, dy):
     :math:`\partial/\partial\sigma^2 = -\tfrac12 \gamma\, inv^2\, d\gamma`."""
     x, gamma, beta, mean, var = res
     sdt = _sdt()
-    inv = coef.inv_std(jnp.astype(var, sdt), spec.eps)
-    dx, dg, db = passes.backward(jnp, x, dy, spec.axes, mean, var, inv, gamma, False, None, sdt)
-    g = 1.0 if gamma is None else jnp.astype(gamma, sdt)
-    dmean = -(g * inv) * db
-    dvar = -0.5 * g * inv * inv * dg
+    lay, m, inv = _given(spec, x, mean, var, sdt)
+    g = 1.0 if gamma is None else _bcast(gamma, lay.bshape, sdt)
+    k = g * inv
+    xc = _centred(x, m, sdt)
+    dyw = jnp.astype(dy, xc.dtype)
+    db = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
+    dg = inv * jnp.sum(dyw * xc, axis=lay.red, keepdims=True, dtype=sdt)
+    dx = jnp.astype(dyw * jnp.astype(k, dyw.dtype), x.dtype)
+    dmean, dvar = -k * db, -0.5 * g * inv * inv * dg
+    dg, db, dmean, dvar = (jnp.reshape(v, lay.fshape) for v in (dg, db, dmean, dvar))
     return dx, _cast(dg, gamma), _cast(db, beta), _cast(dmean, mean), _cast(dvar, var)
 
 

@@ -20,9 +20,17 @@ returns them unchanged. ``jax.grad`` goes through the library's hand-written bac
 the statistics and the backward pass's gradient sums are merged over that axis exactly and
 in participant order, so every participant gets bit-identical statistics.
 
-Everything static (``training``, ``axis``, ``momentum``, ``eps``, ``axis_name``, renorm's
-limits, the ghost batch size) is a Python value: under ``jax.jit`` mark such arguments
-static. A feature whose batch statistics are not finite keeps its running statistics (a
+Everything static (``training``, ``axis``, ``momentum``, ``eps``, ``axis_name``, the ghost
+batch size) is a Python value: under ``jax.jit`` mark such arguments static. Renorm's limits
+may be either (a schedule computes them from a step count under ``jit``). Running
+statistics in float16 are refused (a variance above 65504 would be stored as inf).
+
+Under ``jax.jit`` each direction compiles to the passes over ``x`` of Flax's own
+``BatchNorm`` or fewer: forward, two reductions (``sum(x - s)`` and ``sum((x - s')**2)``
+with samples ``s``, ``s'`` of the batch) and one elementwise pass; backward, two reductions
+(``sum(dy)``, ``sum(dy (x - s''))``) and one elementwise pass (see the kernel module).
+
+A feature whose batch statistics are not finite keeps its running statistics (a
 traced function cannot raise on data); its outputs show the NaN.
 """
 
@@ -31,7 +39,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..._validation import check_renorm_limits
 from ..._xp import stats_dtype
 from ...variants import ghost_slices
 from . import _args
@@ -72,8 +79,8 @@ def _share(x, *arrays):
 def _start(x, gamma, beta, running_mean, running_var, axis, eps, axis_name, training, momentum):
     """The checks shared by the functions that keep a running mean and variance; in evaluation
     mode also their result (``done``: y and the unchanged running statistics), else None."""
-    _args.required("running_mean", running_mean)
-    _args.required("running_var", running_var)
+    _args.running("running_mean", running_mean)
+    _args.running("running_var", running_var)
     momentum = _args.momentum(momentum)
     training, x, lay, spec, f = _prepare(
         x, axis, eps, axis_name, training, gamma=gamma, beta=beta,
@@ -143,7 +150,7 @@ def batch_norm(
     )
     if done is not None:
         return done
-    y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None)
+    y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None, None)
     return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
 
 
@@ -179,8 +186,9 @@ def batch_renorm(
     running_mean, running_std : jax.Array of the per-feature shape
         ``running_std`` must be > 0 (not checked: values are not inspected under ``jit``).
     training : bool
-    rmax, dmax : float
-        Clipping limits, ``rmax >= 1``, ``dmax >= 0``.
+    rmax, dmax : float, or 0-d jax.Array
+        Clipping limits, ``rmax >= 1``, ``dmax >= 0`` (checked when Python numbers; arrays,
+        e.g. a warm-up schedule's values computed under ``jit``, are used as given).
     axis : int or tuple of int
     momentum : float
     eps : float
@@ -192,36 +200,34 @@ def batch_renorm(
     y : jax.Array, shape and dtype of ``x``
     (new_running_mean, new_running_std) : jax.Array, shapes and dtypes of the inputs
     """
-    _args.required("running_mean", running_mean)
-    _args.required("running_std", running_std)
+    _args.running("running_mean", running_mean)
+    _args.running("running_std", running_std)
     momentum = _args.momentum(momentum)
-    lim = check_renorm_limits(rmax, dmax)
+    out = renorm_batch(x, gamma, beta, running_mean, running_std, training, rmax, dmax,
+                       axis, eps, axis_name)  # fmt: skip
+    if not training:
+        return out[0], (out[1], out[2])
+    y, mean, var = out
+    sigma_b = jnp.sqrt(var + _args.static_eps(eps))
+    return y, (_moving(running_mean, mean, momentum), _moving(running_std, sigma_b, momentum))
+
+
+def renorm_batch(x, gamma, beta, mean, std, training, rmax, dmax, axis, eps, axis_name):
+    """Batch renorm's output and, in training, the batch statistics: ``(y, batch mean,
+    biased batch variance)`` (the statistics dtype, no gradient); in evaluation
+    ``(y, mean, std)`` as given. The shared core of :func:`batch_renorm` and the Flax
+    ``BatchRenorm`` modules, which keep running statistics their own way."""
+    lim = _args.renorm_limits(rmax, dmax)
     training, x, _, spec, f = _prepare(
-        x,
-        axis,
-        eps,
-        axis_name,
-        training,
-        gamma=gamma,
-        beta=beta,
-        running_mean=running_mean,
-        running_std=running_std,
+        x, axis, eps, axis_name, training, gamma=gamma, beta=beta, mean=mean, std=std
     )
     if not training:
-        g, b, m, s = _share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
-        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), (
-            f["running_mean"],
-            f["running_std"],
-        )
-    rspec = Spec(spec.axes, spec.eps, spec.axis_name, lim)
-    y, mean, var = train(
-        rspec, x, *_share(x, f["gamma"], f["beta"], f["running_mean"], f["running_std"])
-    )
-    sigma_b = jnp.sqrt(var + spec.eps)
-    return y, (
-        _moving(f["running_mean"], mean, momentum),
-        _moving(f["running_std"], sigma_b, momentum),
-    )
+        g, b, m, s = _share(x, f["gamma"], f["beta"], f["mean"], f["std"])
+        return evaluate(Spec(spec.axes, 0.0), x, g, b, m, s * s), f["mean"], f["std"]
+    rspec = Spec(spec.axes, spec.eps, spec.axis_name, renorm=True)
+    shared = _share(x, f["gamma"], f["beta"], f["mean"], f["std"], lim)
+    y, m, v = train(rspec, x, *shared)
+    return y, jax.lax.stop_gradient(m), jax.lax.stop_gradient(v)
 
 
 def ghost_batch_norm(
@@ -271,11 +277,29 @@ def ghost_batch_norm(
     vbs = _args.virtual_batch(virtual_batch_size, lay)
     g, b = _share(x, f["gamma"], f["beta"])
     parts = ghost_slices(x.shape[0], vbs, lay.count // x.shape[0])
+    equal = [sl for sl in parts if sl.stop - sl.start == vbs]  # leading, equal parts
     outs, mean, var = [], 0.0, 0.0
-    for sl in parts:
-        y, m, v = train(spec, x[sl], g, b, None, None)
+    if equal:
+        y, m, v = _ghost_equal(spec, x[: len(equal) * vbs], g, b, len(equal), lay)
+        w = len(equal) * vbs / x.shape[0]
+        outs.append(y)
+        mean, var = w * m, w * v
+    for sl in parts[len(equal) :]:  # a last part of another size
+        y, m, v = train(spec, x[sl], g, b, None, None, None)
         w = (sl.stop - sl.start) / x.shape[0]  # each part's share of the values
         outs.append(y)
         mean, var = mean + w * m, var + w * v
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
     return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
+
+
+def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
+    """``groups`` virtual batches of equal size in one kernel call: ``x`` seen as
+    ``(groups, size, ...)`` with the group axis as one more feature axis. Returns ``y``
+    (shape of ``x``) and the mean over the groups of their means and variances."""
+    xg = jnp.reshape(x, (groups, x.shape[0] // groups, *x.shape[1:]))
+    gspec = Spec((0, *(a + 1 for a in spec.axes)), spec.eps)
+    fshape = (groups, *lay.fshape)
+    g, b = (None if v is None else jnp.broadcast_to(v, fshape) for v in (gamma, beta))
+    y, m, v = train(gspec, xg, g, b, None, None, None)
+    return jnp.reshape(y, x.shape), jnp.mean(m, axis=0), jnp.mean(v, axis=0)

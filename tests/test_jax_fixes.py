@@ -1,0 +1,145 @@
+"""The fixes of issue 24 for JAX users: the Array API path under ``jax.grad`` with concrete
+parameters closed over, float16 running statistics, the message for ``jax.grad`` outside a
+named ``vmap``; and the compiled pass counts and exactness of :mod:`batchnorm.jax`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+bnj = pytest.importorskip("batchnorm.jax")
+from batchnorm.functional import batch_norm_train  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import jax_flax  # noqa: E402
+
+
+def _x(shape=(12, 3), offset=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.standard_normal(shape) * 1.5 + offset, jnp.float32)
+
+
+def test_array_api_path_under_grad_with_closed_over_parameters():
+    x = _x()
+    g, b = jnp.asarray([1.0, 2.0, 0.5]), jnp.asarray([0.0, 1.0, -1.0])
+
+    def loss(x):
+        y, _ = batch_norm_train(x, g, b)
+        return jnp.sum(y**3)
+
+    eager, jitted = jax.grad(loss)(x), jax.jit(jax.grad(loss))(x)
+
+    def ours_loss(x):
+        return jnp.sum(bnj.batch_norm(x, g, b, jnp.zeros(3), jnp.ones(3), training=True)[0] ** 3)
+
+    ours = jax.grad(ours_loss)(x)
+    np.testing.assert_allclose(eager, jitted, rtol=2e-6, atol=1e-5)
+    np.testing.assert_allclose(eager, ours, rtol=2e-6, atol=1e-5)
+
+
+def test_a_real_device_mismatch_is_still_refused():
+    from batchnorm._xp import check_same_device
+
+    class Fake:
+        def __init__(self, dev):
+            self.device = dev
+
+    check_same_device("x", Fake(None), "gamma", Fake("cpu"))  # unknown: accepted
+    with pytest.raises(ValueError, match="x is on device 'gpu' but gamma is on device 'cpu'"):
+        check_same_device("x", Fake("gpu"), "gamma", Fake("cpu"))
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "batch_renorm", "ghost_batch_norm"])
+def test_float16_running_statistics_are_refused_and_float32_ones_hold_large_values(fn):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 2)) * 400 + 3e4, jnp.float16)
+    kw = {"training": True}
+    if fn == "batch_renorm":
+        kw.update(rmax=3.0, dmax=5.0)
+    if fn == "ghost_batch_norm":
+        kw.update(virtual_batch_size=4)
+    f = getattr(bnj, fn)
+    half = (jnp.zeros(2, jnp.float16), jnp.ones(2, jnp.float16))
+    with pytest.raises(TypeError, match="float16.*float32"):
+        f(x, None, None, *half, **kw)
+    y, (m, v) = f(x, None, None, jnp.zeros(2), jnp.ones(2), momentum=0.0, **kw)
+    assert y.dtype == jnp.float16 and m.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(m))) and bool(jnp.all(jnp.isfinite(v)))
+    assert float(jnp.max(m)) > 6.5e4 / 3  # a mean of 3e4: float16 would have held it...
+    if fn != "batch_renorm":
+        assert float(jnp.max(v)) > 65504  # ...but not a variance of 1.6e5
+
+
+def test_grad_outside_a_named_vmap_gets_a_clear_message_and_inside_works():
+    x = _x((4, 8, 3))
+    g, b, rm, rv = jnp.ones(3), jnp.zeros(3), jnp.zeros(3), jnp.ones(3)
+
+    def f(xi):
+        return bnj.batch_norm(xi, g, b, rm, rv, training=True, axis_name="batch")[0]
+
+    def loss(x):
+        return jnp.sum(jax.vmap(f, axis_name="batch")(x) ** 3)
+
+    with pytest.raises(ValueError, match="jax.grad outside jax.vmap.*axis_name"):
+        jax.grad(loss)(x)
+    inside = jax.vmap(jax.grad(lambda xi: jnp.sum(f(xi) ** 3)), axis_name="batch")(x)
+    flat = jax.grad(lambda x: jnp.sum(bnj.batch_norm(x, g, b, rm, rv, training=True)[0] ** 3))(
+        x.reshape(32, 3)
+    )
+    np.testing.assert_allclose(inside.reshape(32, 3), flat, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (8, 6, 6, 16)])
+def test_compiled_passes_are_no_more_than_flax(shape):
+    pytest.importorskip("flax")
+    size = int(np.prod(shape))
+    x, scale, bias, w = jax_flax._data(shape)
+    counts = {}
+    for name, fwd in jax_flax.contenders(shape).items():
+        f = jax.jit(fwd).lower(x, scale, bias).compile().as_text()
+        g = jax.jit(jax_flax._grad_of(fwd)).lower(x, scale, bias, w).compile().as_text()
+        counts[name] = (jax_flax.count_passes(f, size), jax_flax.count_passes(g, size))
+    flax_fwd, flax_grad = counts["flax.linen"]
+    assert flax_fwd["reduction"] >= 1 and flax_fwd["elementwise"] >= 1  # the counter sees
+    for name in ("batch_norm", "batch_renorm"):
+        fwd, grad = counts[name]
+        assert fwd["reduction"] <= flax_fwd["reduction"], counts
+        assert fwd["elementwise"] <= flax_fwd["elementwise"], counts
+        assert sum(grad.values()) <= sum(flax_grad.values()), counts
+
+
+def test_pass_counter_sees_a_written_out_temporary():
+    """Negative control of count_passes: x - s shared by two reductions is written out."""
+    x = _x((64, 256))
+
+    def shared(x):
+        d = x - x[:1]
+        return jnp.sum(d, 0), jnp.sum(d * d, 0)
+
+    counts = jax_flax.count_passes(jax.jit(shared).lower(x).compile().as_text(), x.size)
+    assert counts["elementwise"] == 1 and counts["reduction"] == 2, counts
+
+
+def test_float32_exact_at_mean_1e6_without_x64():
+    if _has_flax():
+        errs = jax_flax.exactness((1024, 16), 1e6)
+        assert errs["batch_norm"] <= 1e-5 and errs["flax.linen"] > 1.0, errs
+    x = _x((4096, 8), offset=1e6)
+    x64 = np.asarray(x, np.float64)
+    y, (m, v) = bnj.batch_norm(x, None, None, jnp.zeros(8), jnp.ones(8), training=True,
+                               momentum=0.0)  # fmt: skip
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    assert float(np.max(np.abs(np.asarray(y, np.float64) - ref))) <= 1e-5
+    np.testing.assert_allclose(np.asarray(v, np.float64), x64.var(0), rtol=1e-5)
+
+
+def _has_flax() -> bool:
+    try:
+        import flax  # noqa: F401
+    except ImportError:
+        return False
+    return True
