@@ -4,7 +4,6 @@ each checks what it can before any work, runs, prints and returns the exit statu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from ._progress import Progress
 __all__ = ["run_bench", "run_demo", "run_inspect", "run_sync_demo", "run_warmup"]
 
 
-def _notice_once(prefix: str):
+def _notice_once():
     """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
     from tqdm import tqdm
 
@@ -30,7 +29,7 @@ def _notice_once(prefix: str):
         if not said:
             said.append(True)
             # tqdm.write keeps an active progress bar intact
-            tqdm.write(f"{prefix}: {COMPILE_NOTICE}", file=sys.stderr)
+            tqdm.write(COMPILE_NOTICE, file=sys.stderr)
             sys.stderr.flush()
 
     return say
@@ -112,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, write_report
-    from .warmup import watch_compiles
+    from .warmup import notices_through
 
     _check_dataset_flags(args)
     config = IoffeConfig.full() if args.full else IoffeConfig()
@@ -128,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
-    notice = _notice_once("demo")
+    notice = _notice_once()
     print(
         f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
         f"steps, then the small init, the deep network, {config.reg_dataset} and the "
@@ -139,7 +138,7 @@ def run_demo(args: argparse.Namespace) -> int:
     progress = None if args.quiet else Progress("demo", unit="work")
     try:
         # the kernels compile here with one worker, in the workers (which report it) else
-        with watch_compiles(notice):
+        with notices_through(notice):
             results = run(
                 config,
                 np.random.default_rng(args.seed),
@@ -170,17 +169,14 @@ def run_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import format_bench, run_bench
+    from .warmup import notices_through
 
-    print(
-        "bench: compiling the numba kernels first (a few seconds on the first run)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    result = run_bench(
-        "full" if args.full else "quick",
-        repeats=args.repeats,
-        progress=None if args.json else Progress("bench", unit="case"),
-    )
+    with notices_through(_notice_once()):  # said only when something really compiles
+        result = run_bench(
+            "full" if args.full else "quick",
+            repeats=args.repeats,
+            progress=None if args.json else Progress("bench", unit="case"),
+        )
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -189,14 +185,14 @@ def run_warmup(args: argparse.Namespace) -> int:
     """``batchnorm warmup``: compile every numba kernel once, say how long it took."""
     from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
 
-    from .warmup import DTYPES, warmup, warmup_cases, watch_compiles
+    from .warmup import DTYPES, notices_through, warmup, warmup_cases
 
     cases = warmup_cases()
     what = (
         f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
         f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
     )
-    with watch_compiles(_notice_once("warmup")):
+    with notices_through(_notice_once()):
         result = warmup(
             DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
         )
@@ -287,7 +283,7 @@ def run_sync_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
     from .sync_report import write_sync_report
-    from .warmup import watch_compiles
+    from .warmup import notices_through
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
@@ -304,7 +300,8 @@ def run_sync_demo(args: argparse.Namespace) -> int:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
         )
-    watch = watch_compiles(_notice_once("sync-demo")) if rank0 else contextlib.nullcontext()
+    # rank 0 says it once; the other ranks compile the same kernels silently
+    watch = notices_through(_notice_once() if rank0 else lambda: None)
     progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
     try:
         with watch:
