@@ -144,6 +144,20 @@ def test_renorm_verdict_follows_the_noise_rule():
     assert renorm_verdict([wide], 1000)["verdict"] == "inconclusive"
 
 
+def test_the_console_says_why_the_renorm_verdict_reads_as_it_does():
+    from batchnorm_demo.sync_report import renorm_why
+
+    partly = _row(2, HURT, SYNC, [0.80, 0.81, 0.805])
+    healthy = _row(8, SYNC, SYNC, SYNC)
+    why = renorm_why(renorm_verdict([partly, healthy], 1000))
+    assert why.startswith("at 2 per rank, local BN is below SyncBN and BatchRenorm is above")
+    assert "still below SyncBN beyond it" in why and why.count("per rank") == 1  # 8 is fine
+    assert "partly fixed" in why and "supported only if every such batch is fixed" in why
+    fixed = renorm_why(renorm_verdict([_row(2, HURT, SYNC, [0.91, 0.912, 0.911])], 1000))
+    assert "not below SyncBN beyond it" in fixed and fixed != why
+    assert "nothing to fix" in renorm_why(renorm_verdict([healthy], 1000))
+
+
 def test_print_fatal_once_across_ranks(monkeypatch):
     # the launcher's environment decides (another test may have initialized MPI in-process)
     monkeypatch.delitem(sys.modules, "mpi4py.MPI", raising=False)

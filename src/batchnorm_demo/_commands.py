@@ -326,7 +326,10 @@ def run_sync_demo(args: argparse.Namespace) -> int:
                 + renorm
             )
         if "renorm_fixes_tiny_local_batches" in s:
-            print(f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}")
+            print(
+                f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}"
+                f", because {s['renorm_why']}"
+            )
         print(
             f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
             f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "

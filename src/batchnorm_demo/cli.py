@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=positive_int("--eval-every"),
         default=None,
-        help=f"steps between accuracy evaluations ({default.eval_every}; {full.eval_every} with --full)",
+        help=f"steps between accuracy evaluations ({default.eval_every}; "
+        f"{full.eval_every} with --full)",
     )
     demo.add_argument(
         "--seeds",

@@ -117,6 +117,7 @@ def summarize(results: dict) -> dict:
         out["local_renorm_vs_emulation_max_param_diff"] = eq["renorm"]["final_max_param_diff"]
     if "renorm_verdict" in sb:
         out["renorm_fixes_tiny_local_batches"] = sb["renorm_verdict"]["verdict"]
+        out["renorm_why"] = renorm_why(sb["renorm_verdict"])
     for arm in ("local", "sync"):
         out[f"{arm}_median_step_ms"] = float(np.max(cost[arm]["median_step_ms_per_rank"]))
         out[f"{arm}_bytes_per_step"] = float(np.max(cost[arm]["bytes_per_step_per_rank"]))
@@ -186,6 +187,44 @@ def _schedule_text(cfg: dict) -> str:
         f"{cfg['renorm_momentum']:g}, and the test uses the ranks' average running mean and "
         "std. Same seeds (initial weights, global batches) as the other arms."
     )
+
+
+_STATUS_WHY = {
+    "fixed": "above local BN beyond the noise and not below SyncBN beyond it",
+    "partly fixed": "above local BN beyond the noise but still below SyncBN beyond it",
+    "not fixed": "not above local BN beyond the noise and below SyncBN beyond it",
+    "inconclusive": "within the noise of local BN or SyncBN",
+}
+
+
+def renorm_why(verdict: dict) -> str:
+    """Why the BatchRenorm verdict reads as it does, in one sentence (for the console).
+
+    Parameters
+    ----------
+    verdict : dict
+        :func:`batchnorm_demo.experiments.sync_small.renorm_verdict`'s answer.
+
+    Returns
+    -------
+    str
+        Each per-rank batch where local BN falls below SyncBN beyond the noise (the batches
+        the claim is about), with where BatchRenorm lands; or why none is judged.
+    """
+    hurt = [p for p in verdict["per_batch"] if p["status"] != "nothing to fix"]
+    if not hurt:
+        return "local BN is not below SyncBN beyond the noise at any batch size: nothing to fix"
+    parts = []
+    for p in hurt:
+        gv, dv = p["renorm_vs_local"], p["renorm_vs_sync"]
+        parts.append(
+            f"at {p['per_rank_batch']} per rank, local BN is below SyncBN and BatchRenorm is "
+            f"{_STATUS_WHY[p['status']]} ({100 * gv['diff']:+.1f} points vs local BN, "
+            f"{100 * dv['diff']:+.1f} vs SyncBN; noise {100 * gv['noise']:.1f} and "
+            f"{100 * dv['noise']:.1f}): {p['status']}"
+        )
+    rule = "supported only if every such batch is fixed"
+    return "; ".join(parts) + f" ({rule})"
 
 
 def _verdict_md(sb: dict) -> list[str]:
