@@ -258,3 +258,57 @@ def test_results_json_is_standard_json(tmp_path):
     with pytest.raises(ValueError):
         json.dumps(doc, allow_nan=False)  # the negative control
     json.loads(json.dumps(out, allow_nan=False), parse_constant=lambda c: pytest.fail(c))
+
+
+# ------------------------------------------------------------------ the report's opening
+def _opening():
+    """The report of a real default run (3 seeds; results.json with its floats rounded to 4
+    digits, tests/fixtures/demo_results_default_run.json), as Markdown."""
+    import json
+    from pathlib import Path
+
+    from batchnorm_demo import report
+    from batchnorm_demo.experiments.assess import summarize
+
+    fixture = Path(__file__).parent / "fixtures" / "demo_results_default_run.json"
+    results = json.loads(fixture.read_text())
+    summary = summarize(results)
+    return summary, report._markdown(report._report_blocks(results, summary))
+
+
+def test_the_report_opens_with_one_summary_table_of_every_claim():
+    summary, md = _opening()
+    lines = md.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    before = [line for line in lines[:first_table] if line.strip()]
+    assert before[0].startswith("# ") and len(before) == 2  # the title and one sentence
+    assert lines[first_table] == "| claim | verdict | the number it rests on | figure |"
+    rows = []
+    for line in lines[first_table + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    claims = summary["claims"]
+    assert len(rows) == len(claims) and all(len(r) == 4 for r in rows)  # no stray '|'
+    for row, c in zip(rows, claims.values(), strict=True):
+        assert row[:3] == [c["title"], c["verdict"], c["headline"]] and row[2]
+    # each figure the table points to is a numbered caption further down
+    for fig in {r[3] for r in rows if r[3].startswith("Figure ")}:
+        assert f"*{fig}: " in md
+    assert md.index("## Verdicts in full") > md.index("Train-eval gap: test accuracy in train")
+
+
+def test_the_speed_verdict_does_not_share_its_line_with_the_common_rate_numbers():
+    summary, md = _opening()
+    c = summary["claims"]["faster_training"]
+    assert "common rate" not in c["evidence"] and "common rate" in c["aside"]
+    line = next(x for x in md.splitlines() if x.startswith("- **BN trains faster"))
+    assert "common rate" not in line
+
+
+def test_every_term_of_the_tables_is_defined_before_it_is_used():
+    _, md = _opening()
+    for term in ("train-eval gap", "noise", "usable rate", "common rate", "noisy BN"):
+        first = md.lower().index(term.lower())
+        assert first < md.index("## Verdicts in full"), term
+    assert "with several workers it exceeds the wall time" not in md

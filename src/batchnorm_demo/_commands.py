@@ -110,7 +110,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
-    from .report import format_table, write_report
+    from .report import format_table, render_text, write_report
+    from .report_summary import summary_table
     from .warmup import notices_through
 
     _check_dataset_flags(args)
@@ -155,8 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = write_report(results, out)
     print(format_table(results, summary))
     print()
-    for key, claim in summary["claims"].items():
-        print(f"{key}: {claim['verdict']} - {claim['evidence']}")
+    print(render_text(summary_table(summary["claims"])))  # the report's opening table
     print(
         f"\nwrote {out}/results.json, report.md, report.html and figures "
         f"(training took {results['wall_seconds']:.0f} s)"
