@@ -19,17 +19,20 @@ __all__ = ["run_bench", "run_demo", "run_inspect", "run_sync_demo", "run_warmup"
 
 def _notice_once():
     """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
-    from tqdm import tqdm
-
+    from ._progress import _tqdm
     from .warmup import COMPILE_NOTICE
+
+    tqdm = _tqdm()
 
     said = []
 
     def say() -> None:
         if not said:
             said.append(True)
-            # tqdm.write keeps an active progress bar intact
-            tqdm.write(COMPILE_NOTICE, file=sys.stderr)
+            if tqdm is None:  # no bar can be active: a plain line
+                print(COMPILE_NOTICE, file=sys.stderr)
+            else:  # tqdm.write keeps an active progress bar intact
+                tqdm.write(COMPILE_NOTICE, file=sys.stderr)
             sys.stderr.flush()
 
     return say
