@@ -149,12 +149,13 @@ def test_the_console_says_why_the_renorm_verdict_reads_as_it_does():
 
     partly = _row(2, HURT, SYNC, [0.80, 0.81, 0.805])
     healthy = _row(8, SYNC, SYNC, SYNC)
-    why = renorm_why(renorm_verdict([partly, healthy], 1000))
-    assert why.startswith("at 2 per rank, local BN is below SyncBN and BatchRenorm is above")
-    assert "still below SyncBN beyond it" in why and why.count("per rank") == 1  # 8 is fine
-    assert "partly fixed" in why and "supported only if every such batch is fixed" in why
+    lines = renorm_why(renorm_verdict([partly, healthy], 1000)).splitlines()
+    assert lines[0].startswith("supported only if, at every per-rank batch where local BN")
+    assert len(lines) == 2  # batch 8 is not hurt: nothing to say about it
+    assert lines[1].startswith("  per-rank batch 2: partly fixed: BatchRenorm +")
+    assert "points vs local BN (noise " in lines[1] and "vs SyncBN (noise " in lines[1]
     fixed = renorm_why(renorm_verdict([_row(2, HURT, SYNC, [0.91, 0.912, 0.911])], 1000))
-    assert "not below SyncBN beyond it" in fixed and fixed != why
+    assert "per-rank batch 2: fixed: " in fixed
     assert "nothing to fix" in renorm_why(renorm_verdict([healthy], 1000))
 
 

@@ -331,7 +331,7 @@ def run_sync_demo(args: argparse.Namespace) -> int:
         if "renorm_fixes_tiny_local_batches" in s:
             print(
                 f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}"
-                f", because {s['renorm_why']}"
+                f"; {s['renorm_why']}"
             )
         print(
             f"time/step local {s['local_median_step_ms']:.2f} ms, sync "

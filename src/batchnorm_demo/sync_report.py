@@ -189,16 +189,8 @@ def _schedule_text(cfg: dict) -> str:
     )
 
 
-_STATUS_WHY = {
-    "fixed": "above local BN beyond the noise and not below SyncBN beyond it",
-    "partly fixed": "above local BN beyond the noise but still below SyncBN beyond it",
-    "not fixed": "not above local BN beyond the noise and below SyncBN beyond it",
-    "inconclusive": "within the noise of local BN or SyncBN",
-}
-
-
 def renorm_why(verdict: dict) -> str:
-    """Why the BatchRenorm verdict reads as it does, in one sentence (for the console).
+    """Why the BatchRenorm verdict reads as it does (for the console, after the verdict).
 
     Parameters
     ----------
@@ -208,23 +200,25 @@ def renorm_why(verdict: dict) -> str:
     Returns
     -------
     str
-        Each per-rank batch where local BN falls below SyncBN beyond the noise (the batches
-        the claim is about), with where BatchRenorm lands; or why none is judged.
+        The rule, then one indented line per per-rank batch where local BN falls below
+        SyncBN beyond the noise (the batches the claim is about): fixed or not, and where
+        BatchRenorm lands against local BN and SyncBN; or why no batch is judged.
     """
     hurt = [p for p in verdict["per_batch"] if p["status"] != "nothing to fix"]
     if not hurt:
         return "local BN is not below SyncBN beyond the noise at any batch size: nothing to fix"
-    parts = []
+    lines = [
+        "supported only if, at every per-rank batch where local BN falls below SyncBN beyond "
+        "the noise, BatchRenorm rises above local BN beyond it and is not below SyncBN:"
+    ]
     for p in hurt:
         gv, dv = p["renorm_vs_local"], p["renorm_vs_sync"]
-        parts.append(
-            f"at {p['per_rank_batch']} per rank, local BN is below SyncBN and BatchRenorm is "
-            f"{_STATUS_WHY[p['status']]} ({100 * gv['diff']:+.1f} points vs local BN, "
-            f"{100 * dv['diff']:+.1f} vs SyncBN; noise {100 * gv['noise']:.1f} and "
-            f"{100 * dv['noise']:.1f}): {p['status']}"
+        lines.append(
+            f"  per-rank batch {p['per_rank_batch']}: {p['status']}: BatchRenorm "
+            f"{100 * gv['diff']:+.1f} points vs local BN (noise {100 * gv['noise']:.1f}), "
+            f"{100 * dv['diff']:+.1f} vs SyncBN (noise {100 * dv['noise']:.1f})"
         )
-    rule = "supported only if every such batch is fixed"
-    return "; ".join(parts) + f" ({rule})"
+    return "\n".join(lines)
 
 
 def _verdict_md(sb: dict) -> list[str]:
