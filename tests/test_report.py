@@ -308,7 +308,9 @@ def test_the_speed_verdict_does_not_share_its_line_with_the_common_rate_numbers(
 
 def test_every_term_of_the_tables_is_defined_before_it_is_used():
     _, md = _opening()
-    for term in ("train-eval gap", "noise", "usable rate", "common rate", "noisy BN"):
+    terms = ("train-eval gap", "noise", "usable rate", "common rate", "noisy BN", "effective beta")
+    for term in terms:
         first = md.lower().index(term.lower())
         assert first < md.index("## Verdicts in full"), term
     assert "with several workers it exceeds the wall time" not in md
+    assert "- Train-eval gap: " not in md and "statistics. Train-eval gap: test accuracy" in md

@@ -223,7 +223,8 @@ def _report_blocks(results: dict, summary: dict) -> list[tuple]:
         ("h1", "Does batch normalization do what the articles say?"),
         ("p", intro),
         ("table", summary_table(summary["claims"], numbers)),
-        ("p", TERMS),
+        ("p", "How to read it:"),
+        ("ul", TERMS),
         *body,
     ]
 
@@ -263,6 +264,8 @@ def _markdown(blocks: list[tuple]) -> str:
             out.append(render_md(blk[1]))
         elif kind == "img":
             out.append(f"![{blk[2]}]({blk[1]})\n\n*{blk[2]}*")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in blk[1]))
         out.append("")
     return "\n".join(out)
 
@@ -299,6 +302,8 @@ def _html(blocks: list[tuple], folder: Path) -> str:
             )
         elif kind == "table":
             parts.append(render_html(blk[1]))
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in blk[1]) + "</ul>")
         elif kind == "img":
             data = base64.b64encode((folder / blk[1]).read_bytes()).decode("ascii")
             parts.append(

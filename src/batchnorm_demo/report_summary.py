@@ -22,24 +22,30 @@ FIGURES: dict[str, str | None] = {
     "ghost": "regularization.png",
 }
 
-TERMS = (
-    "How to read it. Three arms share their initial weights, batches and seeds: no BN, BN, "
-    "and noisy BN (BN followed by random per-unit shifts and scales, fresh at every step, "
-    "which makes each layer's inputs less stable on purpose). Each arm trains at the "
-    "learning rate with the best mean validation accuracy (its chosen rate). "
+# the terms the summary table and the details use, each defined once, before any use
+TERMS: list[str] = [
+    "Arms: no BN, BN, and noisy BN (BN followed by random per-unit shifts and scales, fresh "
+    "at every step, which makes each layer's inputs less stable on purpose); they share "
+    "their initial weights, batches and seeds.",
+    "Chosen rate: the learning rate with an arm's best mean validation accuracy. Common "
+    "rate: the smallest rate of the grid, the same for every arm.",
     "Noise: twice the combined uncertainty of a difference (the binomial standard error on "
-    "the test items plus the spread over seeds); a difference counts only beyond its noise, "
-    "otherwise the verdict is inconclusive. Borderline: the deciding difference is within "
-    "one standard error of its noise threshold, so another machine or seed set could flip "
-    "the verdict. A usable rate: every seed ends within 5 points of the best arm's mean "
-    "test accuracy. The common rate: the smallest rate of the grid, the same for every arm. "
+    "the test items plus the spread over seeds). A difference counts only beyond its noise; "
+    "otherwise the verdict is inconclusive.",
+    "Borderline: the deciding difference is within one standard error of its noise "
+    "threshold, so another machine or seed set could flip the verdict.",
+    "Usable rate: every seed ends within 5 points of the best arm's mean test accuracy.",
     "Layer-input change: how far the inputs of the last hidden layer's sigmoids move "
-    "between probes (percentile change over the 15-85 width). ‖G − G′‖/‖G‖: Santurkar "
-    "et al.'s internal covariate shift, the change of a layer's weight gradient when only "
-    "the layers below it take their step. A virtual (ghost) batch: the batch is split into "
-    "parts that each get their own BN statistics. Train-eval gap: test accuracy in train "
-    "mode (batch statistics) minus test accuracy in eval mode (running statistics)."
-)
+    "between probes (percentile change over the 15-85 width).",
+    "‖G − G′‖/‖G‖: Santurkar et al.'s internal covariate shift, the change of a layer's "
+    "weight gradient when only the layers below it take their step.",
+    "Loss range, gradient change, effective beta: Santurkar et al.'s smoothness measures "
+    "along the gradient (the spread of the loss, the change of the gradient, the "
+    "smoothness constant); lower is smoother.",
+    "Virtual (ghost) batch: the batch split into parts that each get their own BN "
+    "statistics. Train-eval gap: test accuracy in train mode (batch statistics) minus test "
+    "accuracy in eval mode (running statistics).",
+]
 
 
 def figure_numbers(blocks: list[tuple]) -> dict[str, int]:
