@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from batchnorm_demo.experiments.compare import usable_rates
-from batchnorm_demo.report_marks import (
+from batchnorm_demo.report.marks import (
     failed_seeds,
     failure_note,
     steps_cell,
     unfit_note,
     unfitted_seeds,
 )
-from batchnorm_demo.report_tables import cost_table, lr_sweep_table, regularization_table
+from batchnorm_demo.report.tables import cost_table, lr_sweep_table, regularization_table
 
 ARMS = ("no_bn", "bn", "noisy_bn")
 LRS = (0.5, 10.0)
@@ -192,7 +192,7 @@ def drawn(monkeypatch, tmp_path):
     """Draw one figure and return it (kept open instead of closed)."""
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    from batchnorm_demo import report_figures as rf
+    from batchnorm_demo.report import figures as rf
 
     plt = rf._plt()
     close, kept = plt.close, []
@@ -267,8 +267,8 @@ def _opening():
     import json
     from pathlib import Path
 
-    from batchnorm_demo import report
     from batchnorm_demo.experiments.assess import summarize
+    from batchnorm_demo.report import write as report
 
     fixture = Path(__file__).parent / "fixtures" / "demo_results_default_run.json"
     results = json.loads(fixture.read_text())

@@ -21,7 +21,7 @@ from batchnorm_demo.experiments.sync_model import (
     train_step,
 )
 from batchnorm_demo.experiments.sync_small import assignment, plan, renorm_verdict
-from batchnorm_demo.sync_report import _ranks as ranks_cell
+from batchnorm_demo.report.sync import _ranks as ranks_cell
 
 SCHEDULE = renorm_schedule(SyncConfig(), 20)  # plain BN for 1 step, full limits at step 8
 
@@ -145,7 +145,7 @@ def test_renorm_verdict_follows_the_noise_rule():
 
 
 def test_the_console_says_why_the_renorm_verdict_reads_as_it_does():
-    from batchnorm_demo.sync_report import renorm_why
+    from batchnorm_demo.report.sync import renorm_why
 
     partly = _row(2, HURT, SYNC, [0.80, 0.81, 0.805])
     healthy = _row(8, SYNC, SYNC, SYNC)

@@ -114,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, render_text, write_report
-    from .report_summary import summary_table
+    from .report.summary import summary_table
     from .warmup import notices_through
 
     _check_dataset_flags(args)
@@ -285,7 +285,7 @@ def run_sync_demo(args: argparse.Namespace) -> int:
     from ._ranks import collectively
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
-    from .sync_report import write_sync_report
+    from .report.sync import write_sync_report
     from .warmup import notices_through
 
     comm = _world()

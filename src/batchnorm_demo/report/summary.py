@@ -3,7 +3,7 @@ on, the figure to look at) and the few terms a reader needs to read it, defined 
 
 from __future__ import annotations
 
-from ._table_render import Table
+from .._table_render import Table
 
 __all__ = ["FIGURES", "TERMS", "figure_numbers", "summary_table"]
 

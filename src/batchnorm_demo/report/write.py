@@ -4,7 +4,7 @@ The report is built once as a list of blocks (headings, paragraphs, tables, figu
 rendered to Markdown (``report.md``, figures as PNG files next to it), to one self-contained
 HTML file (``report.html``, figures embedded as base64 data URIs, so it can be mailed as is)
 and, for the tables, to plain text for the terminal. The tables are built in
-:mod:`.report_tables`, the figures drawn in :mod:`.report_figures`. Every number is
+:mod:`.tables`, the figures drawn in :mod:`.figures`. Every number is
 formatted by :func:`pm` and the learning-rate sweep by :func:`lr_sweep_table`.
 """
 
@@ -17,15 +17,15 @@ import math
 import os
 from pathlib import Path
 
-from ._atomic import staged_folder
-from ._format import pm, strict_json
-from .experiments.assess import summarize
-from .experiments.ioffe import ARMS
-from .report_figures import write_figures
-from .report_marks import failure_note, unfit_note
-from .report_smoothness import smoothness_table, smoothness_text
-from .report_summary import TERMS, figure_numbers, summary_table
-from .report_tables import (
+from .._atomic import staged_folder
+from .._format import pm, strict_json
+from ..experiments.assess import summarize
+from ..experiments.ioffe import ARMS
+from .figures import write_figures
+from .marks import failure_note, unfit_note
+from .smoothness import smoothness_table, smoothness_text
+from .summary import TERMS, figure_numbers, summary_table
+from .tables import (
     cost_table,
     deep_table,
     distribution_table,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import staged_folder
-from ._format import mean_sd, pm, strict_json
+from .._atomic import staged_folder
+from .._format import mean_sd, pm, strict_json
 
 __all__ = ["summarize", "write_sync_report"]
 
