@@ -314,3 +314,17 @@ def test_every_term_of_the_tables_is_defined_before_it_is_used():
         assert first < md.index("## Verdicts in full"), term
     assert "with several workers it exceeds the wall time" not in md
     assert "- Train-eval gap: " not in md and "statistics. Train-eval gap: test accuracy" in md
+
+
+def test_the_console_summary_is_two_short_lines_per_claim():
+    from batchnorm_demo.report.summary import summary_text
+
+    summary, _ = _opening()
+    lines = summary_text(summary["claims"]).splitlines()
+    assert len(lines) == 2 * len(summary["claims"])
+    for (title_line, number_line), c in zip(
+        zip(lines[::2], lines[1::2], strict=True), summary["claims"].values(), strict=True
+    ):
+        assert title_line.startswith(c["verdict"]) and title_line.endswith(c["title"])
+        assert number_line.strip().startswith(c["headline"])  # never on the verdict's line
+        assert len(number_line) < 200

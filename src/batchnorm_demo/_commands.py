@@ -113,8 +113,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
-    from .report import format_table, render_text, write_report
-    from .report.summary import summary_table
+    from .report import format_table, write_report
+    from .report.summary import summary_text
     from .warmup import notices_through
 
     _check_dataset_flags(args)
@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = write_report(results, out)
     print(format_table(results, summary))
     print()
-    print(render_text(summary_table(summary["claims"])))  # the report's opening table
+    print(summary_text(summary["claims"]))  # the report's opening table, for a terminal
     print(
         f"\nwrote {out}/results.json, report.md, report.html and figures "
         f"(training took {results['wall_seconds']:.0f} s)"

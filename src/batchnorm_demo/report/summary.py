@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .._table_render import Table
 
-__all__ = ["FIGURES", "TERMS", "figure_numbers", "summary_table"]
+__all__ = ["FIGURES", "TERMS", "figure_numbers", "summary_table", "summary_text"]
 
 # the figure that shows each claim's evidence (None: a table only)
 FIGURES: dict[str, str | None] = {
@@ -91,3 +91,27 @@ def summary_table(claims: dict, numbers: dict[str, int] | None = None) -> Table:
             where = f"Figure {numbers[fig]}"
         rows.append([c["title"], c["verdict"], c.get("headline", ""), where])
     return head, rows
+
+
+def summary_text(claims: dict) -> str:
+    """The summary table for a terminal: per claim, its verdict and title on one line, the
+    number it rests on and the figure file indented below (a four-column table would be
+    some 300 characters wide).
+
+    Parameters
+    ----------
+    claims : dict
+        ``summary["claims"]``.
+
+    Returns
+    -------
+    str
+    """
+    head, rows = summary_table(claims)
+    width = max(len(r[1]) for r in rows) if rows else 0
+    lines = []
+    for title, verdict, number, figure in rows:
+        lines.append(f"{verdict:<{width}}  {title}")
+        where = "no figure: a table of the report" if figure == "a table only" else figure
+        lines.append(f"{'':<{width}}  {number} ({where})")
+    return "\n".join(lines)
