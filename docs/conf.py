@@ -238,6 +238,10 @@ html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
     "header_links_before_dropdown": 6,
+    # the search as an icon (Ctrl+K still opens it): the wide search field pushed the search
+    # and the theme switcher onto a second header row below 1600 px
+    "navbar_persistent": ["search-button"],
+    "navbar_align": "left",
     "icon_links": [],
     "secondary_sidebar_items": ["page-toc"],
     "footer_start": ["copyright"],

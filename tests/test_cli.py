@@ -66,19 +66,27 @@ def test_non_positive_counts_are_refused_naming_the_flag(argv, flag, monkeypatch
     assert "IoffeConfig" not in err
 
 
-def test_bench_says_it_is_compiling_first(monkeypatch, capsys):
+def test_bench_says_it_is_compiling_when_a_kernel_compiles_and_only_then(monkeypatch, capsys):
+    import numba
+
     import batchnorm_demo.bench
+    from batchnorm_demo.warmup import COMPILE_NOTICE
 
     seen = []
 
     def fake_run_bench(suite, repeats, progress=None):
-        seen.append(capsys.readouterr().err)  # what was printed before the slow part started
+        if compile_now:
+            numba.njit(lambda a: a + 1.0)(1.0)  # a real compilation, never cached
+        seen.append(capsys.readouterr().err)  # what was printed once the slow part began
         return {"rows": []}
 
     monkeypatch.setattr(batchnorm_demo.bench, "run_bench", fake_run_bench)
     monkeypatch.setattr(batchnorm_demo.bench, "format_bench", lambda result: "table")
+    compile_now = True
     assert main(["bench", "--repeats", "1"]) == 0
-    assert "compiling" in seen[0]
+    compile_now = False
+    assert main(["bench", "--repeats", "1"]) == 0
+    assert COMPILE_NOTICE in seen[0] and COMPILE_NOTICE not in seen[1]
 
 
 def _subparsers():
@@ -266,3 +274,14 @@ def test_the_command_names_known_before_parsing_are_the_parsers():
 
     subs = build_parser()._subparsers._group_actions[0].choices
     assert tuple(subs) == cli.COMMANDS
+
+
+def test_the_demo_help_states_the_true_schedules():
+    """--full runs IoffeConfig.full(): its help says so (it once said 3 seeds for 5)."""
+    from batchnorm_demo.experiments.ioffe_config import IoffeConfig
+
+    full, default = IoffeConfig.full(), IoffeConfig()
+    text = " ".join(_subparsers()["demo"].format_help().split())
+    assert f"{full.steps:,} steps per sweep run, {full.seeds} seeds" in text
+    assert f"seeds per setting ({default.seeds}; {full.seeds} with --full)" in text
+    assert f"({default.steps}; {full.steps} with --full;" in text

@@ -412,7 +412,11 @@ def test_cli_demo_tiny(tmp_path, monkeypatch, capsys):
     assert "smoothness" in res and res["summary"]["claims"]["smoothness"]["verdict"]
     assert not re.search(r"(href|src)=['\"](?!data:)", page)
     printed = capsys.readouterr().out
-    assert "noisy BN" in printed and "regularization:" in printed
+    assert "noisy BN" in printed
+    # the console ends with the report's summary table: one row per claim, with its verdict
+    for claim in res["summary"]["claims"].values():
+        assert re.search(rf"{re.escape(claim['verdict'])} +{re.escape(claim['title'])}\n", printed)
+        assert claim["headline"] in printed
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -448,3 +452,29 @@ def test_serial_runs_use_one_numba_thread_and_restore_it():
     with runner._one_numba_thread():
         assert numba.get_num_threads() == 1
     assert numba.get_num_threads() == before
+
+
+def test_each_claim_is_one_small_function_in_the_report_s_order():
+    """assess.summarize runs the list of claims (claims.CLAIMS): one function per claim
+    (measure, decide, say), each returning every field the report reads."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from batchnorm_demo.experiments import claims as claims_mod
+    from batchnorm_demo.experiments.claim_rules import context
+
+    fixture = Path(__file__).parent / "fixtures" / "demo_results_default_run.json"
+    results = json.loads(fixture.read_text())
+    summary = assess.summarize(results)
+    assert list(summary["claims"]) == [key for key, _ in claims_mod.CLAIMS]
+    k = context(results)
+    for key, claim in claims_mod.CLAIMS:
+        c = claim(k)
+        assert {"title", "verdict", "evidence", "rests_on", "headline"} <= set(c), key
+        assert summary["claims"][key]["title"] == c["title"]
+        body = ast.parse(inspect.getsource(claim)).body[0]
+        assert body.end_lineno - body.lineno <= 60, key
+    # a run without the smoothness measurements has no smoothness claim (not an error)
+    del results["smoothness"]
+    assert "smoothness" not in assess.summarize(results)["claims"]

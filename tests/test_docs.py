@@ -257,3 +257,20 @@ def test_the_examples_run_as_the_site_renders_them(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tests = int(re.findall(r"(\d+) tests", report)[-1])  # the summary at the end
     assert tests >= 40 and "0 failures in tests" in report, report[-2000:]
+
+
+def test_the_layout_fixes_checked_in_a_browser_stay():
+    """Checked with headless Chromium at 1400 and 900 px (issue 26): the header fits one row
+    with the search as an icon, and code lines wrap instead of running off the right edge."""
+    import ast
+
+    conf = ast.parse((DOCS / "conf.py").read_text())
+    options = next(
+        ast.literal_eval(node.value)
+        for node in conf.body
+        if isinstance(node, ast.Assign)
+        and getattr(node.targets[0], "id", "") == "html_theme_options"
+    )
+    assert options["navbar_persistent"] == ["search-button"]
+    css = (DOCS / "_static" / "batchnorm.css").read_text()
+    assert ".bd-article div.highlight pre { white-space: pre-wrap;" in css

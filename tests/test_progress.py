@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 
 import pytest
 
@@ -52,6 +53,29 @@ def test_a_terminal_gets_the_live_bar():
     assert "\r" in text  # redrawn in place
     assert "demo: 100%" in text
     assert progress.closed
+
+
+def test_a_terminal_without_tqdm_gets_plain_lines(monkeypatch):
+    """tqdm comes with the demo extra: ``batchnorm warmup`` on a bare install still shows
+    its progress, as lines."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    stream, clock = FakeTerminal(), Clock()
+    progress = Progress("warmup", unit="case", stream=stream, clock=clock)
+    assert not progress.terminal
+    _drive(progress, clock)
+    text = stream.getvalue()
+    assert "\r" not in text and text.splitlines()[-1].startswith("warmup: 100% after ")
+
+
+def test_the_compile_notice_without_tqdm_is_a_plain_line(monkeypatch, capsys):
+    from batchnorm_demo import _commands
+    from batchnorm_demo.warmup import COMPILE_NOTICE
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    say = _commands._notice_once()
+    say()
+    say()  # once only
+    assert capsys.readouterr().err == COMPILE_NOTICE + "\n"
 
 
 def test_a_log_gets_a_few_plain_lines_and_no_carriage_return():

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from batchnorm_demo.experiments.compare import usable_rates
-from batchnorm_demo.report_marks import (
+from batchnorm_demo.report.marks import (
     failed_seeds,
     failure_note,
     steps_cell,
     unfit_note,
     unfitted_seeds,
 )
-from batchnorm_demo.report_tables import cost_table, lr_sweep_table, regularization_table
+from batchnorm_demo.report.tables import cost_table, lr_sweep_table, regularization_table
 
 ARMS = ("no_bn", "bn", "noisy_bn")
 LRS = (0.5, 10.0)
@@ -192,7 +192,7 @@ def drawn(monkeypatch, tmp_path):
     """Draw one figure and return it (kept open instead of closed)."""
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    from batchnorm_demo import report_figures as rf
+    from batchnorm_demo.report import figures as rf
 
     plt = rf._plt()
     close, kept = plt.close, []
@@ -258,3 +258,73 @@ def test_results_json_is_standard_json(tmp_path):
     with pytest.raises(ValueError):
         json.dumps(doc, allow_nan=False)  # the negative control
     json.loads(json.dumps(out, allow_nan=False), parse_constant=lambda c: pytest.fail(c))
+
+
+# ------------------------------------------------------------------ the report's opening
+def _opening():
+    """The report of a real default run (3 seeds; results.json with its floats rounded to 4
+    digits, tests/fixtures/demo_results_default_run.json), as Markdown."""
+    import json
+    from pathlib import Path
+
+    from batchnorm_demo.experiments.assess import summarize
+    from batchnorm_demo.report import write as report
+
+    fixture = Path(__file__).parent / "fixtures" / "demo_results_default_run.json"
+    results = json.loads(fixture.read_text())
+    summary = summarize(results)
+    return summary, report._markdown(report._report_blocks(results, summary))
+
+
+def test_the_report_opens_with_one_summary_table_of_every_claim():
+    summary, md = _opening()
+    lines = md.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    before = [line for line in lines[:first_table] if line.strip()]
+    assert before[0].startswith("# ") and len(before) == 2  # the title and one sentence
+    assert lines[first_table] == "| claim | verdict | the number it rests on | figure |"
+    rows = []
+    for line in lines[first_table + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    claims = summary["claims"]
+    assert len(rows) == len(claims) and all(len(r) == 4 for r in rows)  # no stray '|'
+    for row, c in zip(rows, claims.values(), strict=True):
+        assert row[:3] == [c["title"], c["verdict"], c["headline"]] and row[2]
+    # each figure the table points to is a numbered caption further down
+    for fig in {r[3] for r in rows if r[3].startswith("Figure ")}:
+        assert f"*{fig}: " in md
+    assert md.index("## Verdicts in full") > md.index("Train-eval gap: test accuracy in train")
+
+
+def test_the_speed_verdict_does_not_share_its_line_with_the_common_rate_numbers():
+    summary, md = _opening()
+    c = summary["claims"]["faster_training"]
+    assert "common rate" not in c["evidence"] and "common rate" in c["aside"]
+    line = next(x for x in md.splitlines() if x.startswith("- **BN trains faster"))
+    assert "common rate" not in line
+
+
+def test_every_term_of_the_tables_is_defined_before_it_is_used():
+    _, md = _opening()
+    terms = ("train-eval gap", "noise", "usable rate", "common rate", "noisy BN", "effective beta")
+    for term in terms:
+        first = md.lower().index(term.lower())
+        assert first < md.index("## Verdicts in full"), term
+    assert "with several workers it exceeds the wall time" not in md
+    assert "- Train-eval gap: " not in md and "statistics. Train-eval gap: test accuracy" in md
+
+
+def test_the_console_summary_is_two_short_lines_per_claim():
+    from batchnorm_demo.report.summary import summary_text
+
+    summary, _ = _opening()
+    lines = summary_text(summary["claims"]).splitlines()
+    assert len(lines) == 2 * len(summary["claims"])
+    for (title_line, number_line), c in zip(
+        zip(lines[::2], lines[1::2], strict=True), summary["claims"].values(), strict=True
+    ):
+        assert title_line.startswith(c["verdict"]) and title_line.endswith(c["title"])
+        assert number_line.strip().startswith(c["headline"])  # never on the verdict's line
+        assert len(number_line) < 200

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_stop import with_default_signals  # tests/ is on sys.path under pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +59,6 @@ def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if _state(p) not in (None, "Z")]
 
 
-def _default_signals() -> None:
-    """In the child before it starts: SIGINT and SIGTERM at their defaults, as in a terminal
-    (a job that a script put in the background inherits SIGINT ignored, and the demo keeps
-    an ignored signal ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _start_demo(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     pytest.importorskip("mlxtend")
     pytest.importorskip("matplotlib")
@@ -83,15 +76,16 @@ def _start_demo(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     # 400 steps: about half a minute of work on 2 cores, far longer than the stop may take
     cmd = [sys.executable, "-m", "batchnorm", "demo", "--out", str(out), "--quiet"]
     cmd += ["--steps", "400", "--workers", "2"]
+    # SIGINT and SIGTERM at their defaults, as in a terminal (a job that a script put in the
+    # background inherits SIGINT ignored, and the demo keeps an ignored signal ignored)
     proc = subprocess.Popen(
-        cmd,
+        with_default_signals(cmd),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a shell gives a job
-        preexec_fn=_default_signals,  # a test session started in the background ignores SIGINT
     )
     return proc, out
 
@@ -185,7 +179,7 @@ def test_workers_leave_when_the_main_process_is_killed(tmp_path):
 
 def test_an_interrupted_report_leaves_the_old_files_and_no_partial_ones(tmp_path, monkeypatch):
     """Outputs are written to a scratch folder and moved into place only at the end."""
-    from batchnorm_demo import report
+    from batchnorm_demo.report import write as report
 
     out = tmp_path / "out"
     out.mkdir()

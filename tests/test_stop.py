@@ -33,11 +33,20 @@ def _default_handlers():
     signal.signal(signal.SIGTERM, before[1])
 
 
-def default_signals() -> None:
-    """For a child process (``preexec_fn``): SIGINT and SIGTERM at their defaults, so that
-    Python installs its own SIGINT handler there even when this session ignores SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+# SIGINT and SIGTERM at their defaults, then exec the command in the same process: the child
+# then starts as from a terminal (Python installs its own SIGINT handler) even when this
+# session ignores SIGINT. A ``preexec_fn`` would do the same in the forked child, but it makes
+# subprocess run the interpreter's fork hooks in this process (JAX, imported by earlier tests,
+# then warns "os.fork() was called ... JAX is multithreaded")
+_EXEC_WITH_DEFAULT_SIGNALS = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def with_default_signals(cmd: list[str]) -> list[str]:
+    """``cmd`` run with SIGINT and SIGTERM at their defaults (``cmd[0]`` a path), same pid."""
+    return [sys.executable, "-S", "-c", _EXEC_WITH_DEFAULT_SIGNALS, *cmd]
 
 
 def _deliver(signum=signal.SIGINT):
@@ -122,12 +131,11 @@ def _run_fresh(tmp_path, code: str) -> subprocess.CompletedProcess:
     script.write_text(textwrap.dedent(code))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(
-        [sys.executable, str(script)],
+        with_default_signals([sys.executable, str(script)]),
         capture_output=True,
         text=True,
         env=env,
         timeout=120,
-        preexec_fn=default_signals,
     )
 
 

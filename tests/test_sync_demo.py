@@ -21,7 +21,7 @@ from batchnorm_demo.experiments.sync_model import (
     train_step,
 )
 from batchnorm_demo.experiments.sync_small import assignment, plan, renorm_verdict
-from batchnorm_demo.sync_report import _ranks as ranks_cell
+from batchnorm_demo.report.sync import _ranks as ranks_cell
 
 SCHEDULE = renorm_schedule(SyncConfig(), 20)  # plain BN for 1 step, full limits at step 8
 
@@ -142,6 +142,21 @@ def test_renorm_verdict_follows_the_noise_rule():
     # a spread over seeds this wide makes the same means undecidable
     wide = _row(2, [0.3, 0.9, 0.6], SYNC, [0.5, 0.95, 0.9])
     assert renorm_verdict([wide], 1000)["verdict"] == "inconclusive"
+
+
+def test_the_console_says_why_the_renorm_verdict_reads_as_it_does():
+    from batchnorm_demo.report.sync import renorm_why
+
+    partly = _row(2, HURT, SYNC, [0.80, 0.81, 0.805])
+    healthy = _row(8, SYNC, SYNC, SYNC)
+    lines = renorm_why(renorm_verdict([partly, healthy], 1000)).splitlines()
+    assert lines[0].startswith("supported only if, at every per-rank batch where local BN")
+    assert len(lines) == 2  # batch 8 is not hurt: nothing to say about it
+    assert lines[1].startswith("  per-rank batch 2: partly fixed: BatchRenorm +")
+    assert "points vs local BN (noise " in lines[1] and "vs SyncBN (noise " in lines[1]
+    fixed = renorm_why(renorm_verdict([_row(2, HURT, SYNC, [0.91, 0.912, 0.911])], 1000))
+    assert "per-rank batch 2: fixed: " in fixed
+    assert "nothing to fix" in renorm_why(renorm_verdict([healthy], 1000))
 
 
 def test_print_fatal_once_across_ranks(monkeypatch):

@@ -33,13 +33,34 @@ def test_borderline_marks_only_verdicts_near_their_threshold():
     }
     mark_borderline(claims)
     assert claims["near"]["verdict"] == "borderline (supported)"
-    assert "clears its threshold by only 0.50 standard errors" in claims["near"]["evidence"]
+    assert "only 0.50 standard errors beyond its threshold" in claims["near"]["evidence"]
     assert claims["clear"]["verdict"] == "supported" and claims["clear"]["evidence"] == "e"
     assert claims["short"]["verdict"] == "inconclusive"
     assert "close to the threshold" in claims["short"]["evidence"]
     assert claims["far"]["evidence"] == "e"
     assert claims["near"]["margin_sigma"] == 0.5 and claims["far"]["margin_sigma"] == -2.0
     assert all("comparisons" not in c for c in claims.values())
+
+
+def test_a_borderline_note_names_the_difference_it_rests_on():
+    """The note says which difference, its value and noise, not only "a difference"."""
+    near = _claim("supported", 0.021, 0.02)
+    near["comparisons"][0]["what"] = "BN - no BN in final test accuracy"
+    far = {"diff": 0.3, "noise": 0.02, "what": "BN - no BN in test accuracy at step 500"}
+    near["comparisons"].append(far)  # the nearest comparison is the one named
+    short = _claim("inconclusive", 0.018, 0.02)
+    short["comparisons"][0]["what"] = "BN - no BN in log10 loss range"
+    claims = {"near": near, "short": short}
+    mark_borderline(claims)
+    assert (
+        "borderline: BN - no BN in final test accuracy (+2.1 points, noise 2.0) is only 0.10 "
+        "standard errors beyond its threshold" in claims["near"]["evidence"]
+    )
+    assert "step 500" not in claims["near"]["evidence"]
+    assert (
+        "close to the threshold: BN - no BN in log10 loss range (+0.018, noise 0.02) is 0.20 "
+        "standard errors short of it" in claims["short"]["evidence"]
+    )
 
 
 def _smooth(bn, nobn, seeds=3):

@@ -4,7 +4,6 @@ each checks what it can before any work, runs, prints and returns the exit statu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -18,19 +17,22 @@ from ._progress import Progress
 __all__ = ["run_bench", "run_demo", "run_inspect", "run_sync_demo", "run_warmup"]
 
 
-def _notice_once(prefix: str):
+def _notice_once():
     """A function that prints :data:`batchnorm_demo.warmup.COMPILE_NOTICE` once on stderr."""
-    from tqdm import tqdm
-
+    from ._progress import _tqdm
     from .warmup import COMPILE_NOTICE
+
+    tqdm = _tqdm()
 
     said = []
 
     def say() -> None:
         if not said:
             said.append(True)
-            # tqdm.write keeps an active progress bar intact
-            tqdm.write(f"{prefix}: {COMPILE_NOTICE}", file=sys.stderr)
+            if tqdm is None:  # no bar can be active: a plain line
+                print(COMPILE_NOTICE, file=sys.stderr)
+            else:  # tqdm.write keeps an active progress bar intact
+                tqdm.write(COMPILE_NOTICE, file=sys.stderr)
             sys.stderr.flush()
 
     return say
@@ -112,7 +114,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .experiments.ioffe import IoffeConfig
     from .experiments.runner import run
     from .report import format_table, write_report
-    from .warmup import watch_compiles
+    from .report.summary import summary_text
+    from .warmup import notices_through
 
     _check_dataset_flags(args)
     config = IoffeConfig.full() if args.full else IoffeConfig()
@@ -128,7 +131,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     data = load_dataset(args.dataset, path=args.data, download=args.download, seed=args.seed)
     print(f"dataset: {data.description}", file=sys.stderr)
-    notice = _notice_once("demo")
+    notice = _notice_once()
     print(
         f"3 arms x {len(config.lrs)} learning rates x {config.seeds} seeds x {config.steps} "
         f"steps, then the small init, the deep network, {config.reg_dataset} and the "
@@ -139,7 +142,7 @@ def run_demo(args: argparse.Namespace) -> int:
     progress = None if args.quiet else Progress("demo", unit="work")
     try:
         # the kernels compile here with one worker, in the workers (which report it) else
-        with watch_compiles(notice):
+        with notices_through(notice):
             results = run(
                 config,
                 np.random.default_rng(args.seed),
@@ -156,8 +159,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = write_report(results, out)
     print(format_table(results, summary))
     print()
-    for key, claim in summary["claims"].items():
-        print(f"{key}: {claim['verdict']} - {claim['evidence']}")
+    print(summary_text(summary["claims"]))  # the report's opening table, for a terminal
     print(
         f"\nwrote {out}/results.json, report.md, report.html and figures "
         f"(training took {results['wall_seconds']:.0f} s)"
@@ -170,17 +172,14 @@ def run_bench(args: argparse.Namespace) -> int:
     import json
 
     from .bench import format_bench, run_bench
+    from .warmup import notices_through
 
-    print(
-        "bench: compiling the numba kernels first (a few seconds on the first run)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    result = run_bench(
-        "full" if args.full else "quick",
-        repeats=args.repeats,
-        progress=None if args.json else Progress("bench", unit="case"),
-    )
+    with notices_through(_notice_once()):  # said only when something really compiles
+        result = run_bench(
+            "full" if args.full else "quick",
+            repeats=args.repeats,
+            progress=None if args.json else Progress("bench", unit="case"),
+        )
     print(json.dumps(result, indent=1) if args.json else format_bench(result))
     return 0
 
@@ -189,14 +188,14 @@ def run_warmup(args: argparse.Namespace) -> int:
     """``batchnorm warmup``: compile every numba kernel once, say how long it took."""
     from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
 
-    from .warmup import DTYPES, warmup, warmup_cases, watch_compiles
+    from .warmup import DTYPES, notices_through, warmup, warmup_cases
 
     cases = warmup_cases()
     what = (
         f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
         f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
     )
-    with watch_compiles(_notice_once("warmup")):
+    with notices_through(_notice_once()):
         result = warmup(
             DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
         )
@@ -286,8 +285,8 @@ def run_sync_demo(args: argparse.Namespace) -> int:
     from ._ranks import collectively
     from .data import load_dataset
     from .experiments.sync import SyncConfig, _world, run
-    from .sync_report import write_sync_report
-    from .warmup import watch_compiles
+    from .report.sync import write_sync_report
+    from .warmup import notices_through
 
     comm = _world()
     rank0 = comm.Get_rank() == 0
@@ -304,7 +303,8 @@ def run_sync_demo(args: argparse.Namespace) -> int:
         print(
             f"sync-demo on {comm.Get_size()} rank(s); dataset: {data.description}", file=sys.stderr
         )
-    watch = watch_compiles(_notice_once("sync-demo")) if rank0 else contextlib.nullcontext()
+    # rank 0 says it once; the other ranks compile the same kernels silently
+    watch = notices_through(_notice_once() if rank0 else lambda: None)
     progress = None if args.quiet or not rank0 else Progress("sync-demo", unit="step")
     try:
         with watch:
@@ -329,7 +329,10 @@ def run_sync_demo(args: argparse.Namespace) -> int:
                 + renorm
             )
         if "renorm_fixes_tiny_local_batches" in s:
-            print(f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}")
+            print(
+                f"BatchRenorm fixes tiny local batches: {s['renorm_fixes_tiny_local_batches']}"
+                f"; {s['renorm_why']}"
+            )
         print(
             f"time/step local {s['local_median_step_ms']:.2f} ms, sync "
             f"{s['sync_median_step_ms']:.2f} ms; bytes/step local "

@@ -40,6 +40,16 @@ def is_terminal(stream) -> bool:
         return False
 
 
+def _tqdm():
+    """tqdm's bar class, or None when tqdm is not installed (it comes with the demo extra;
+    ``batchnorm warmup`` and ``bench`` run without it)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
 def _clock_text(seconds: float) -> str:
     """``m:ss`` (or ``h:mm:ss``) like tqdm's elapsed and remaining times."""
     seconds = max(0, int(round(seconds)))
@@ -104,9 +114,9 @@ class Progress:
         self._start = self._last_line = clock()
         self._next = every_fraction  # the next fraction that earns a line
         self._bar = None
-        if self.terminal:
-            from tqdm import tqdm
-
+        tqdm = _tqdm() if self.terminal else None
+        self.terminal = tqdm is not None  # without tqdm (the demo extra) a terminal gets lines
+        if tqdm is not None:
             # smoothing=0: the rate (and so the ETA) is the average since the start, which
             # is steady from the first seconds instead of following every burst
             self._bar = tqdm(

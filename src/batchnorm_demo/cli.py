@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from batchnorm import __version__
 
     from . import _commands as run  # the subcommands (imports NumPy)
+    from .experiments.ioffe_config import IoffeConfig
+
+    default, full = IoffeConfig(), IoffeConfig.full()  # the help states their true schedules
 
     fmt = HelpFormatter
     parser = Parser(
@@ -73,19 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=positive_int("--steps"),
         default=None,
-        help="steps of each sweep run (2000; the other sub-experiments scale with it)",
+        help=f"steps of each sweep run ({default.steps}; {full.steps} with --full; the other "
+        "sub-experiments scale with it)",
     )
     demo.add_argument(
         "--eval-every",
         type=positive_int("--eval-every"),
         default=None,
-        help="steps between accuracy evaluations (250)",
+        help=f"steps between accuracy evaluations ({default.eval_every}; "
+        f"{full.eval_every} with --full)",
     )
     demo.add_argument(
         "--seeds",
         type=positive_int("--seeds"),
         default=None,
-        help="seeds per setting (3; 5 with --full)",
+        help=f"seeds per setting ({default.seeds}; {full.seeds} with --full)",
     )
     demo.add_argument(
         "--workers", type=positive_int("--workers"), default=2, help="worker processes"
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--full",
         action="store_true",
-        help="the long schedule: the paper's 50,000 steps per sweep run, 3 seeds",
+        help=f"the long schedule: the paper's {full.steps:,} steps per sweep run, "
+        f"{full.seeds} seeds",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=run.run_demo)

@@ -1,11 +1,15 @@
 """Compiling the numba kernels ahead of time (``batchnorm warmup``) and saying when they compile.
 
 numba compiles each kernel on its first call and keeps the machine code in its on-disk cache;
-with an empty cache the first call of a training step takes several seconds. Two helpers:
+with an empty cache the first call of a training step takes several seconds. The library
+itself says so on stderr, once per process (:mod:`batchnorm.backends.compile_notice`); the
+command line routes that line through its progress bars instead:
 
-* :func:`watch_compiles` calls a function once when numba starts compiling in this process
-  (numba's event API reports a compilation, never a load from the cache), which the command
-  line uses to print :data:`COMPILE_NOTICE` at that moment;
+* :func:`watch_compiles` calls a function once when numba starts compiling inside a block
+  (numba's event API reports a compilation, never a load from the cache);
+* :func:`notices_through` sends the library's notice to a function for the length of a block
+  (the commands print :data:`COMPILE_NOTICE` with ``tqdm.write`` there);
+* :func:`announce_compiles` does the same for the rest of a worker process's life;
 * :func:`warmup` calls the public kernels (:func:`batchnorm.batch_norm_train`,
   :func:`batchnorm.batch_norm_eval`, :func:`batchnorm.batch_norm_backward`) with
   ``backend="numba"`` on small and large arrays (:func:`warmup_cases`) of every float dtype
@@ -22,16 +26,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchnorm.backends import compile_notice
+
 __all__ = [
     "COMPILE_NOTICE",
     "WarmupCase",
     "announce_compiles",
+    "notices_through",
     "warmup",
     "warmup_cases",
     "watch_compiles",
 ]
 
-COMPILE_NOTICE = "compiling the numba kernels once (cached afterwards)..."
+COMPILE_NOTICE = compile_notice.NOTICE
 DTYPES = ("float16", "float32", "float64")
 
 
@@ -142,8 +149,38 @@ def watch_compiles(callback: Callable[[], None]) -> Iterator[_Counter | None]:
         yield counter
 
 
-def announce_compiles(callback: Callable[[], None]) -> _Counter | None:
-    """Like :func:`watch_compiles`, for the rest of the process's life (worker processes).
+@contextlib.contextmanager
+def notices_through(callback: Callable[[], None]) -> Iterator[_Counter | None]:
+    """Inside the block, the library's compile notice calls ``callback()`` instead of printing.
+
+    The library gives its notice once per process; a command that runs in a process where
+    something compiled already still wants to say so when it compiles, so the block also
+    watches compilations itself (:func:`watch_compiles`). ``callback`` is called at most once
+    by the watch, and possibly once more by the library: it should itself say things once.
+
+    Parameters
+    ----------
+    callback : callable()
+        Called in the compiling thread, before the first compilation inside the block.
+
+    Yields
+    ------
+    object or None
+        As :func:`watch_compiles`.
+    """
+    previous = compile_notice.set_handler(callback)
+    try:
+        with watch_compiles(callback) as counter:
+            yield counter
+    finally:
+        compile_notice.set_handler(previous)
+
+
+def announce_compiles(callback: Callable[[], None]) -> bool:
+    """Send the library's compile notice to ``callback`` for the rest of the process's life.
+
+    Used by the demo's worker processes, which report to the main process instead of
+    printing (the main process prints the line above its progress bar).
 
     Parameters
     ----------
@@ -152,16 +189,11 @@ def announce_compiles(callback: Callable[[], None]) -> _Counter | None:
 
     Returns
     -------
-    object or None
-        The counter, or None when numba is not installed.
+    bool
+        Whether compilations are watched (False when numba is not installed).
     """
-    try:
-        from numba.core import event
-    except ImportError:
-        return None
-    counter = _Counter(callback)
-    event.register("numba:compile", _listener(counter))
-    return counter
+    compile_notice.set_handler(callback)
+    return compile_notice.install()
 
 
 def warmup(

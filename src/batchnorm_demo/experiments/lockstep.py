@@ -247,8 +247,8 @@ def train_group(
         idx = streams.next_batch()
         if not active:
             continue
-        xs = np.stack([data.x_train[i] for i in idx])
-        ys_seed = np.stack([data.y_train[i] for i in idx])
+        rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
+        xs, ys_seed = data.x_train[rows], data.y_train[rows]
         ys = ys_seed[net.seed_of]
         noise = None
         if noisy:

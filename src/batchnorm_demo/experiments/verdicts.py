@@ -66,6 +66,7 @@ def smoothness_claim(smooth: dict, common: str, labels: dict) -> dict:
     for key, name in MEASURES:
         bn, nobn = smooth["bn"]["by_lr"][common][key], smooth["no_bn"]["by_lr"][common][key]
         c = compare_measure(_log(bn), _log(nobn))
+        c["what"] = f"BN - no BN in log10 {name}"
         ratio = 10 ** c["diff"] if math.isfinite(c["diff"]) else math.nan
         outcomes.append(c["outcome"])
         comps.append(c)
@@ -97,8 +98,22 @@ def smoothness_claim(smooth: dict, common: str, labels: dict) -> dict:
         + f". At each arm's chosen rate: {chosen}",
         "rests_on": "the spread over seeds of the logarithm of each measure (twice the "
         "standard error of the difference); lower is smoother",
+        "headline": "BN / no BN at rate "
+        + common
+        + ": "
+        + ", ".join(
+            f"{name} {10 ** c['diff']:.2g}x" if math.isfinite(c["diff"]) else f"{name} ?"
+            for (_, name), c in zip(MEASURES, comps, strict=True)
+        ),
         "comparisons": comps,
     }
+
+
+def _num(c: dict) -> str:
+    """A comparison's difference and noise, as the evidence writes them."""
+    if "accuracy" in c.get("what", ""):
+        return f"{100 * c['diff']:+.1f} points, noise {100 * c['noise']:.1f}"
+    return f"{c['diff']:+.3g}, noise {c['noise']:.3g}"
 
 
 def mark_borderline(claims: dict) -> None:
@@ -110,21 +125,21 @@ def mark_borderline(claims: dict) -> None:
         c["margin_sigma"] = round(min(ms, key=abs), 2) if ms else None
         if not ms:
             continue
-        near = min(ms, key=abs)
+        near_c = min((x for x in comps if margin(x) is not None), key=lambda x: abs(margin(x)))
+        near = margin(near_c)
         if abs(near) >= BORDERLINE_SIGMA:
             continue
+        what = near_c.get("what", "a deciding difference")
         if c["verdict"] in ("supported", "not supported", "partly supported"):
-            if near >= 0:
-                why = f"a deciding difference clears its threshold by only {near:.2f}"
-            else:
-                why = f"a difference is only {-near:.2f} short of its threshold"
+            side = "beyond" if near >= 0 else "short of"
             c["evidence"] += (
-                f"; borderline: {why} standard errors, so another machine or seed set could "
-                "change the verdict"
+                f"; borderline: {what} ({_num(near_c)}) is only {abs(near):.2f} standard "
+                f"errors {side} its threshold (the noise), so another machine or seed set "
+                "could change the verdict"
             )
             c["verdict"] = f"borderline ({c['verdict']})"
         elif near < 0:
             c["evidence"] += (
-                f"; close to the threshold: a deciding difference is {abs(near):.2f} standard "
-                "errors short of it"
+                f"; close to the threshold: {what} ({_num(near_c)}) is {abs(near):.2f} "
+                "standard errors short of it"
             )

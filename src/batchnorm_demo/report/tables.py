@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._format import pm
-from ._table_render import Table, render_html, render_md, render_text
-from .experiments.assess import LABELS
-from .experiments.ioffe import ARMS
-from .report_marks import failed_seeds, steps_cell
+from .._format import pm
+from .._table_render import Table, render_html, render_md, render_text
+from ..experiments.assess import LABELS
+from ..experiments.ioffe import ARMS
+from .marks import failed_seeds, steps_cell
 
 __all__ = [
     "Table",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._format import pm
-from .experiments.assess import LABELS
+from .._format import pm
+from ..experiments.assess import LABELS
 
 __all__ = ["smoothness_figure", "smoothness_table", "smoothness_text"]
 

@@ -4,7 +4,7 @@ The report is built once as a list of blocks (headings, paragraphs, tables, figu
 rendered to Markdown (``report.md``, figures as PNG files next to it), to one self-contained
 HTML file (``report.html``, figures embedded as base64 data URIs, so it can be mailed as is)
 and, for the tables, to plain text for the terminal. The tables are built in
-:mod:`.report_tables`, the figures drawn in :mod:`.report_figures`. Every number is
+:mod:`.tables`, the figures drawn in :mod:`.figures`. Every number is
 formatted by :func:`pm` and the learning-rate sweep by :func:`lr_sweep_table`.
 """
 
@@ -17,14 +17,15 @@ import math
 import os
 from pathlib import Path
 
-from ._atomic import staged_folder
-from ._format import pm, strict_json
-from .experiments.assess import summarize
-from .experiments.ioffe import ARMS
-from .report_figures import write_figures
-from .report_marks import failure_note, unfit_note
-from .report_smoothness import smoothness_table, smoothness_text
-from .report_tables import (
+from .._atomic import staged_folder
+from .._format import pm, strict_json
+from ..experiments.assess import summarize
+from ..experiments.ioffe import ARMS
+from .figures import write_figures
+from .marks import failure_note, unfit_note
+from .smoothness import smoothness_table, smoothness_text
+from .summary import TERMS, figure_numbers, summary_table
+from .tables import (
     cost_table,
     deep_table,
     distribution_table,
@@ -72,7 +73,7 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
 
     arch = f"{ds['n_features']}-" + "-".join(str(h) for h in cfg["hidden"]) + f"-{ds['n_classes']}"
     b: list[tuple] = [
-        ("h1", "Does batch normalization do what the articles say?"),
+        ("h2", "The run"),
         (
             "p",
             f"Dataset: {ds['description']}; {ds['n_test']} test items. "
@@ -86,10 +87,12 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
             "and the comparison uses those runs' test accuracy.",
         ),
         ("p", _reproducibility(results, claims)),
-        ("h2", "Verdicts"),
+        ("h2", "Verdicts in full"),
     ]
     for c in claims.values():
         b.append(("claim", c["title"], c["verdict"], c["evidence"], c["rests_on"]))
+        if c.get("aside"):
+            b.append(("p", c["aside"] + "."))
     b += [
         ("h2", "Each arm at its chosen rate (mean ± sd over seeds)"),
         ("table", main_table(results, summary)),
@@ -202,13 +205,40 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
     return [blk for blk in b if blk[0] != "p" or blk[1].strip()]  # notes with nothing to say
 
 
+def _report_blocks(results: dict, summary: dict) -> list[tuple]:
+    """The whole report: the summary table and the terms first, then the details
+    (:func:`_blocks`), with the figures numbered in the order they appear."""
+    body = _blocks(results, summary)
+    numbers = figure_numbers(body)
+    body = [
+        ("img", blk[1], f"Figure {numbers[blk[1]]}: {blk[2]}") if blk[0] == "img" else blk
+        for blk in body
+    ]
+    intro = (
+        "Every claim this run tested: its verdict, the one number it rests on and the figure "
+        "that shows it. The verdicts in full, the tables and the figures follow; "
+        f"{results['config']['seeds']} seeds per setting on {results['dataset']['name']}."
+    )
+    return [
+        ("h1", "Does batch normalization do what the articles say?"),
+        ("p", intro),
+        ("table", summary_table(summary["claims"], numbers)),
+        ("p", "How to read it:"),
+        ("ul", TERMS),
+        *body,
+    ]
+
+
 def _cost_note(results: dict) -> str:
     groups = results.get("cpu_seconds", {}).values()
     per_group = any(isinstance(g, dict) and "wall_seconds" in g for g in groups)
     return (
         "CPU seconds: the processor time of every run of a sub-experiment, summed over its "
-        "runs (in the worker processes); with several workers it exceeds the wall time. "
-        "Wall seconds: elapsed time from start to end"
+        "runs (in the worker processes). Wall seconds: elapsed time from start to end. The "
+        "two answer different questions: with several workers on otherwise idle cores the "
+        "CPU seconds exceed the wall time (the runs share the cores in parallel); on a "
+        "machine busy with other work the wall time grows and can exceed the CPU seconds "
+        "by far. The CPU seconds are the better measure of the work itself"
         + (
             "."
             if per_group
@@ -233,7 +263,9 @@ def _markdown(blocks: list[tuple]) -> str:
         elif kind == "table":
             out.append(render_md(blk[1]))
         elif kind == "img":
-            out.append(f"![{blk[2]}]({blk[1]})")
+            out.append(f"![{blk[2]}]({blk[1]})\n\n*{blk[2]}*")
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in blk[1]))
         out.append("")
     return "\n".join(out)
 
@@ -270,9 +302,14 @@ def _html(blocks: list[tuple], folder: Path) -> str:
             )
         elif kind == "table":
             parts.append(render_html(blk[1]))
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in blk[1]) + "</ul>")
         elif kind == "img":
             data = base64.b64encode((folder / blk[1]).read_bytes()).decode("ascii")
-            parts.append(f"<p><img src='data:image/png;base64,{data}' alt='{esc(blk[2])}'></p>")
+            parts.append(
+                f"<figure><img src='data:image/png;base64,{data}' alt='{esc(blk[2])}'>"
+                f"<figcaption>{esc(blk[2])}</figcaption></figure>"
+            )
     if in_list:
         parts.append("</ul>")
     parts.append("</body></html>")
@@ -302,7 +339,7 @@ def write_report(results: dict, out: str | os.PathLike) -> dict:
         doc = strict_json({**results, "summary": summary})  # NaN -> null: standard JSON
         (stage / "results.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
         write_figures(results, summary, stage)
-        blocks = _blocks(results, summary)
+        blocks = _report_blocks(results, summary)
         (stage / "report.md").write_text(_markdown(blocks))
         (stage / "report.html").write_text(_html(blocks, stage))
     return summary

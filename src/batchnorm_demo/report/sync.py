@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import staged_folder
-from ._format import mean_sd, pm, strict_json
+from .._atomic import staged_folder
+from .._format import mean_sd, pm, strict_json
 
 __all__ = ["summarize", "write_sync_report"]
 
@@ -117,6 +117,7 @@ def summarize(results: dict) -> dict:
         out["local_renorm_vs_emulation_max_param_diff"] = eq["renorm"]["final_max_param_diff"]
     if "renorm_verdict" in sb:
         out["renorm_fixes_tiny_local_batches"] = sb["renorm_verdict"]["verdict"]
+        out["renorm_why"] = renorm_why(sb["renorm_verdict"])
     for arm in ("local", "sync"):
         out[f"{arm}_median_step_ms"] = float(np.max(cost[arm]["median_step_ms_per_rank"]))
         out[f"{arm}_bytes_per_step"] = float(np.max(cost[arm]["bytes_per_step_per_rank"]))
@@ -186,6 +187,38 @@ def _schedule_text(cfg: dict) -> str:
         f"{cfg['renorm_momentum']:g}, and the test uses the ranks' average running mean and "
         "std. Same seeds (initial weights, global batches) as the other arms."
     )
+
+
+def renorm_why(verdict: dict) -> str:
+    """Why the BatchRenorm verdict reads as it does (for the console, after the verdict).
+
+    Parameters
+    ----------
+    verdict : dict
+        :func:`batchnorm_demo.experiments.sync_small.renorm_verdict`'s answer.
+
+    Returns
+    -------
+    str
+        The rule, then one indented line per per-rank batch where local BN falls below
+        SyncBN beyond the noise (the batches the claim is about): fixed or not, and where
+        BatchRenorm lands against local BN and SyncBN; or why no batch is judged.
+    """
+    hurt = [p for p in verdict["per_batch"] if p["status"] != "nothing to fix"]
+    if not hurt:
+        return "local BN is not below SyncBN beyond the noise at any batch size: nothing to fix"
+    lines = [
+        "supported only if, at every per-rank batch where local BN falls below SyncBN beyond "
+        "the noise, BatchRenorm rises above local BN beyond it and is not below SyncBN:"
+    ]
+    for p in hurt:
+        gv, dv = p["renorm_vs_local"], p["renorm_vs_sync"]
+        lines.append(
+            f"  per-rank batch {p['per_rank_batch']}: {p['status']}: BatchRenorm "
+            f"{100 * gv['diff']:+.1f} points vs local BN (noise {100 * gv['noise']:.1f}), "
+            f"{100 * dv['diff']:+.1f} vs SyncBN (noise {100 * dv['noise']:.1f})"
+        )
+    return "\n".join(lines)
 
 
 def _verdict_md(sb: dict) -> list[str]:

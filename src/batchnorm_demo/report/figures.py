@@ -1,4 +1,4 @@
-"""The demo report's figures (PNG files); with :mod:`.sync_report`, the only modules that
+"""The demo report's figures (PNG files); with :mod:`.sync`, the only modules that
 import matplotlib, and only when a figure is drawn."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments.assess import LABELS
-from .experiments.ioffe import ARMS
+from ..experiments.assess import LABELS
+from ..experiments.ioffe import ARMS
 
 __all__ = ["FIGURES", "arm_offsets", "write_figures"]
 
@@ -350,6 +350,6 @@ def write_figures(results: dict, summary: dict, out: Path) -> None:
     _robustness_figure(results, out / "robustness.png")
     _regularization_figure(results, out / "regularization.png")
     if "smoothness" in results:
-        from .report_smoothness import smoothness_figure
+        from .smoothness import smoothness_figure
 
         smoothness_figure(results, out / "smoothness.png", _plt())

@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from .experiments.assess import LABELS
-from .experiments.ioffe import ARMS
+from ..experiments.assess import LABELS
+from ..experiments.ioffe import ARMS
 
 __all__ = ["failed_seeds", "failure_note", "steps_cell", "unfit_note", "unfitted_seeds"]
 
