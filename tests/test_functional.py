@@ -170,9 +170,12 @@ def test_float64_huge_offset(rng):
     std = np.sqrt(((xl - mean) ** 2).mean(0))
     assert np.abs(cache.mean - mean).max() < 1.2e-7  # half an ulp of 1e9 is 6e-8
     np.testing.assert_allclose(np.sqrt(cache.var), std, rtol=1e-9)
-    # y can only be as good as the float64 mean it subtracts
-    centred = (xl - mean.astype(np.float64)) / std
-    assert np.abs(y - centred).max() < 1e-6
+    # y keeps the shifted mean unrounded (issue 25): exact to float64 round-off of x_hat,
+    # although the float64 mean alone is off by up to half an ulp of 1e9 (6e-8 = 0.06 std)
+    exact = (xl - mean) / std
+    assert np.abs(y - exact).max() < 1e-8
+    rounded = (xl - mean.astype(np.float64)) / std  # control: the old form's error
+    assert np.abs(rounded - exact).max() > 1e-6
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -391,3 +394,54 @@ def test_functional_matches_torch(rng, shape):
         eps=1e-5,
     )
     np.testing.assert_allclose(ye, yte.numpy(), atol=1e-12)
+
+
+# --------------------------------------------------------------- numerics at the edge (#25)
+def _x_hat_ref(x: np.ndarray, axis: int) -> np.ndarray:
+    """x_hat in float64 without rounding the mean: offsets from one sample are exact
+    (Sterbenz: every value within a factor 2 of it), their mean is then tiny and exact to
+    float64 round-off."""
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    x64 = x.astype(np.float64)
+    d = x64 - x64[tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))]
+    dc = d - d.mean(axis=red, keepdims=True)
+    return dc / np.sqrt((dc * dc).mean(axis=red, keepdims=True))
+
+
+EDGE_SHAPES = [
+    (64, 3),  # small: serial compiled kernels / NumPy
+    (64, 8, 16, 16),  # fused channel blocks
+    (2048, 2, 32, 32),  # channel blocks beyond the cache: statistics pass, then output pass
+    (65536, 4, 8),  # (O, C*I) columns merged per feature (Chan, pairwise)
+]
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=str)
+@pytest.mark.parametrize(("dtype", "offset", "spread", "tol"), [
+    (np.float64, 1e12, 1e-3, 1e-9),
+    (np.float32, 1e6, 1.0, 2e-6),
+])  # fmt: skip
+def test_mean_far_above_spread_normalizes_exactly(rng, shape, dtype, offset, spread, tol):
+    # issue 25: the NumPy path (both backends) keeps the shifted mean unrounded end to end
+    x = (offset + spread * rng.standard_normal(shape)).astype(dtype)
+    y, _ = bn.batch_norm_train(x, None, None, axis=1, eps=0.0)
+    assert y.dtype == dtype
+    assert np.abs(y - _x_hat_ref(x, 1)).max() < tol
+
+
+def test_mean_far_above_spread_matches_the_array_api_path(rng):
+    xs = pytest.importorskip("array_api_strict")
+    x = 1e12 + 1e-3 * rng.standard_normal((64, 3))
+    y_np, _ = bn.batch_norm_train(x, None, None, eps=0.0)
+    y_xp, _ = bn.batch_norm_train(xs.asarray(x), None, None, eps=0.0)
+    np.testing.assert_allclose(y_np, np.asarray(y_xp), rtol=0, atol=1e-12)
+
+
+def test_mean_far_above_spread_control_rounded_mean_is_off(rng):
+    # negative control: the old form, centring on the float64 mean rounded once, misses
+    # by a tenth of a standard deviation at mean 1e12 and std 1e-3 (ulp(1e12) = 1.2e-4)
+    x = 1e12 + 1e-3 * rng.standard_normal((64, 3))
+    _, cache = bn.batch_norm_train(x, None, None, eps=0.0)
+    old = (x - cache.mean) / np.sqrt(cache.var)
+    assert np.abs(old - _x_hat_ref(x, 1)).max() > 1e-3

@@ -282,21 +282,34 @@ def check_scale(inp: Inputs, inv, gamma) -> None:
 
 def local_stats(inp: Inputs) -> BatchStats:
     """This participant's (count, mean, var); an empty slice has count 0."""
+    return local_moments(inp)[0]
+
+
+def local_moments(inp: Inputs):
+    """``(stats, split)``: this participant's :class:`BatchStats` and, for NumPy data, the
+    mean held unrounded as ``split = (ref, delta)`` (a sample-based shift and the mean's
+    offset from it, which the output pass uses; None otherwise)."""
     lay, be = inp.lay, inp.be
     if lay.count == 0 or math.prod(inp.x.shape) == 0:
-        return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
+        return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape)), None
     if be.xp is None and inp.x.size < backends.AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
         # statistics alone of a small array: NumPy's centred two-pass (the serial compiled
         # kernels pay off when they also write the output in the same pass)
         be = NUMPY
     with _quiet():
-        mean, var = be.moments(be.work(inp.x), lay.axes)
-    return BatchStats(lay.count, mean, var)
+        if be.xp is not None:
+            mean, var = be.moments(be.work(inp.x), lay.axes)
+            return BatchStats(lay.count, mean, var), None
+        ref, delta, var = be.moments_shifted(be.work(inp.x), lay.axes)
+    return BatchStats(lay.count, ref + delta, var), (ref, delta)
 
 
-def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchronized=False):
+def normalize(
+    inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchronized=False, split=None
+):
     """The output pass and cache of a training forward, given the batch statistics (local or
-    merged); ``gamma``/``beta`` override the layer's (batch renorm folds r and d into them)."""
+    merged); ``gamma``/``beta`` override the layer's (batch renorm folds r and d into them);
+    ``split`` the unrounded mean of local statistics (:attr:`BatchStats.split`)."""
     be, lay = inp.be, inp.lay
     xw = be.work(inp.x)
     g = inp.gamma if gamma is None else gamma
@@ -308,18 +321,20 @@ def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchro
         m = lay.count if count is None else count
         h = be.overflow(mean, var, m, xw)
         bias = be.zeros(lay.fshape) if b is None else b
-        y = be.affine(xw, lay.axes, mean, scale, bias, inp.x.dtype, inp.out, h)
+        ref, delta = (mean, 0.0) if split is None else split
+        y = be.affine(xw, lay.axes, ref, scale, bias, inp.x.dtype, inp.out, h, delta)
     return y, _cache(inp, xw, mean, var, inv, True, m, synchronized, g, b)
 
 
 def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
     """This participant's statistics merged by ``reducer`` (``error`` raised everywhere):
-    ``(mean, var, stats)`` with mean/var in the backend's arrays."""
+    ``(mean, var, stats, split)`` with mean/var in the backend's arrays and ``split`` the
+    unrounded mean of local NumPy statistics (None after a merge)."""
     if not reducer.distributed:
         if error is not None:
             raise error
-        st = local_stats(inp)
-        return st.mean, st.var, st
+        st, split = local_moments(inp)
+        return st.mean, st.var, st, split
     local = None
     if error is None:
         try:
@@ -327,7 +342,7 @@ def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
         except Exception as exc:  # noqa: BLE001 - every error must reach every participant
             error = exc
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
-    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
+    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st, None
 
 
 def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None = None, error=None):
@@ -351,7 +366,7 @@ def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None =
         stats = BatchStats(lay.count, mean, var)
         return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
     call = call or Call("batch_norm_train", KIND_TRAIN)
-    mean, var, st = merged_stats(inp, reducer, call, error)
+    mean, var, st, _ = merged_stats(inp, reducer, call, error)
     y, cache = normalize(inp, mean, var, count=st.count, synchronized=True)
     return y, cache, st
 

@@ -166,7 +166,7 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
     ``beta + gamma d``.
     """
     inp, mu, sigma, (rmax, dmax) = args if args is not None else (None, None, None, (1, 0))
-    mean_b, var_b, st = merged_stats(
+    mean_b, var_b, st, split = merged_stats(
         inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error
     )
     be, lay = inp.be, inp.lay
@@ -178,7 +178,7 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
         b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
         # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
         y, bn_cache = normalize(
-            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed
+            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed, split
         )
     return y, RenormCache(bn_cache, r, d, inp.gamma is not None, inp.beta is not None), st
 

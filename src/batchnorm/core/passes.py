@@ -53,8 +53,10 @@ from .coef import (
     backward_coef,
     centred_grad_sum,
     input_grad_coef,
+    mean_offset,
     moments_from_shifted_sums,
     output_coef,
+    overflow_limit,
     overflow_scale,
 )
 from .coef import inv_std as _inv_std
@@ -70,6 +72,7 @@ __all__ = [
     "layout",
     "moments",
     "normalize",
+    "scale_shift",
     "train",
 ]
 
@@ -81,8 +84,8 @@ def layout(shape: tuple[int, ...], axes: int | tuple[int, ...]) -> Layout:
 
 
 def _big(xp, wt) -> float:
-    """Half the largest finite value of ``wt`` (the ``big`` of the overflow rule)."""
-    return float(xp.finfo(wt).max) / 2
+    """The ``big`` of the overflow rule for the working dtype ``wt``."""
+    return overflow_limit(float(xp.finfo(wt).max))
 
 
 def _work(xp, x):
@@ -154,10 +157,13 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
 
 
-def _centred(xp, xw, mean, h):
-    """``(shift, d)``: the shift (the mean rounded to the working dtype, in the dtype of
-    ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from overflow)."""
-    shift = rounded(mean, xw)
+def _centred(xp, xw, mean, h, delta=0.0):
+    """``(shift, d)``: the shift (the mean ``mean + delta`` rounded to the working dtype,
+    in the dtype of ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from
+    overflow). ``h`` the Python float 1.0 (a static value, not data) skips the scaling."""
+    shift = rounded(mean + delta, xw)
+    if isinstance(h, float) and h == 1.0:
+        return shift, xw - xp.astype(shift, xw.dtype)
     d = xw * xp.astype(h, xw.dtype)
     d -= xp.astype(shift * h, xw.dtype)
     return shift, d
@@ -194,10 +200,34 @@ def normalize(xp, x, mean, var, inv, gamma, beta, count: int, out_dtype):
     y : array, shape of ``x``, dtype ``out_dtype``
     """
     xw = _work(xp, x)
-    shift = rounded(mean, xw)
-    h = overflow_scale(mean, var, shift, count, _big(xp, xw.dtype))
-    a_h, c = output_coef(mean, inv, 1.0 if gamma is None else gamma, _beta(beta), shift, h)
-    _, d = _centred(xp, xw, mean, h)
+    h = overflow_scale(mean, var, rounded(mean, xw), count, _big(xp, xw.dtype))
+    a = inv if gamma is None else inv * gamma
+    return scale_shift(xp, x, mean, a, beta, h, out_dtype)
+
+
+def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
+    """``y = (x - mean) * a + beta`` per feature in the rounding-safe form, with the
+    overflow scale ``h`` given (the output pass of :func:`normalize`; NumPy's too). With
+    ``delta`` the mean is ``mean + delta`` held unrounded (a shift and the mean's offset
+    from it: :func:`batchnorm.core.coef.mean_offset`).
+
+    Parameters
+    ----------
+    xp : array namespace of ``x``
+    x : array, any shape
+    mean, a : arrays in the broadcast shape, dtype ``sdt``
+    beta : array in the broadcast shape, or None (0)
+    h : array in the broadcast shape, or 1.0
+    out_dtype : dtype of ``xp``
+    delta : array in the broadcast shape, or 0.0
+
+    Returns
+    -------
+    y : array, shape of ``x``, dtype ``out_dtype``
+    """
+    xw = _work(xp, x)
+    shift, d = _centred(xp, xw, mean, h, delta)
+    a_h, c = output_coef(mean_offset(mean, delta, shift), a, 1.0, _beta(beta), 0.0, h)
     return xp.astype(_affine(xp, d, a_h, c), out_dtype, copy=False)
 
 

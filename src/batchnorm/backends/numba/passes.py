@@ -27,17 +27,21 @@ from .reductions import _finish, _total
 
 # --------------------------------------------------------------------------- coefficients
 @njit(cache=True, error_model="numpy")
-def _train_coef(mean, var, eps, g, b, m, big, coef, c):  # pragma: no cover - compiled
+def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, c):  # pragma: no cover - compiled
     """Output coefficients of one feature into coef[:, c] (working precision).
 
-    inv = 1/sqrt(var + eps), a = inv*g; s = mean rounded to working precision; the bias
-    absorbs the rounding of s; h = 1/16 when |x - s| may overflow (bound sqrt(m var) on
-    |x - mean|), the rule of ``overflow_scale``.
+    The mean is ``(sh + delta) / hs`` (``sh`` the feature's sample, ``delta`` the mean of
+    the shifted data, ``hs`` 1 or the rescale of an overflowed sum); inv = 1/sqrt(var +
+    eps), a = inv*g; s = mean rounded to working precision; the bias absorbs ``mean - s``
+    formed from ``sh`` and ``delta`` (``mean_offset``: no rounding of the mean on the way);
+    h = 1/16 when |x - s| may overflow (bound sqrt(m var) on |x - mean|).
     """
+    mean = (sh + delta) / hs
     coef[0, c] = mean
     s = np.float64(coef[0, c])  # the mean rounded to the working precision
     h = F.overflow_scale(mean, var, s, m, big)
-    a_h, bias = F.output_coef(mean, F.inv_std(var, eps), g, b, s, h)
+    off = F.mean_offset(sh, delta, s * hs) / hs
+    a_h, bias = F.output_coef(off, F.inv_std(var, eps), g, b, 0.0, h)
     coef[0, c] = s * h
     coef[1, c] = a_h
     coef[2, c] = bias
@@ -160,7 +164,7 @@ def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no
         mu, v = _finish(sh, t1, t2, n, hs)
         mean[c] = mu
         var[c] = v
-        _train_coef(mu, v, eps, g[c], b[c], n, big, coef, c)
+        _train_coef(sh, t1 / n, hs, v, eps, g[c], b[c], n, big, coef, c)
         sc, ac, bc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
         for o in range(O):
             for i in range(I):
@@ -225,7 +229,8 @@ def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pra
             mu, v = _finish(sh[j], a1[j], a2[j], O, hsj[j])
             mean[k0 + j] = mu
             var[k0 + j] = v
-            _train_coef(mu, v, eps, g[k0 + j], b[k0 + j], O, big, coef, k0 + j)
+            k = k0 + j
+            _train_coef(sh[j], a1[j] / O, hsj[j], v, eps, g[k], b[k], O, big, coef, k)
         s = coef[0, k0 : k0 + w]
         a = coef[1, k0 : k0 + w]
         bb = coef[2, k0 : k0 + w]
