@@ -17,8 +17,8 @@ from ._validation import (
     as_float_array,
     as_input,
     check_eps,
+    check_out,
     layout,
-    same_layout,
 )
 from .backends import NUMPY, check_backend, select
 from .core import coef
@@ -154,44 +154,10 @@ class Inputs:
     out: object = None
 
 
-def check_out(out: object, like, name: str, *inputs: object):
-    """Validate an ``out=`` array: None, or a writeable ndarray with the shape and dtype of
-    ``like``, C-contiguous or with the strides of ``like`` (e.g. a channels-last view of NCHW
-    memory, written in that memory order), that shares no memory with any of ``inputs``."""
-    if out is None:
-        return None
-    if not isinstance(like, np.ndarray):
-        raise TypeError(
-            f"{name}= is supported for NumPy arrays only; the input is a {type(like).__name__}"
-            " (its library allocates the result; arrays of some libraries, e.g. JAX, are "
-            "immutable)"
-        )
-    if type(out) is not np.ndarray:
-        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
-    if out.shape != like.shape:
-        raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
-    if not (out.flags.c_contiguous or same_layout(out, like)):
-        raise ValueError(
-            f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
-            f"out like the input (strides {like.strides})"
-        )
-    if not out.flags.writeable:
-        raise ValueError(f"{name} (shape {out.shape}) is read-only")
-    for a in inputs:
-        if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
-            raise ValueError(
-                f"{name} (shape {out.shape}) overlaps an input of shape {a.shape}; pass a "
-                "separate array (inputs are never modified)"
-            )
-    return out
-
-
 def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False) -> Inputs:
     """Validate the arguments of a forward once (internal; the public kernels' first step)."""
     check_backend(backend)
-    x = as_input(x)
+    raw, x = x, as_input(x)
     lay = layout(x.shape, axis)
     if math.prod(x.shape) == 0 and not empty_ok:
         raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
@@ -200,7 +166,8 @@ def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False
         register_pytree()
     g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
     b = None if beta is None else be.feature(beta, "beta", lay, x)
-    out = check_out(out, x, "out", x, gamma, beta, *others)
+    named = dict(zip(("running_mean", "running_var"), others, strict=False))
+    out = check_out(out, x, "out", {"x": raw, "gamma": gamma, "beta": beta, **named})
     return Inputs(x, lay, be, g, b, check_eps(eps), out)
 
 
@@ -451,7 +418,8 @@ def check_backward(dy, cache, out=None):
     if not isinstance(cache, BatchNormCache):
         raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
     d = _check_dy(dy, cache)
-    return d, check_out(out, cache.x, "out", d, cache.x, cache.work)
+    inputs = {"dy": dy, "the forward input x": cache.x, "the forward's work array": cache.work}
+    return d, check_out(out, cache.x, "out", inputs)
 
 
 def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> None:
