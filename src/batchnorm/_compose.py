@@ -22,7 +22,7 @@ from ._validation import (
 )
 from .backends import NUMPY, check_backend, select
 from .core import coef
-from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
+from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer, attempt
 from .core.stats import BatchStats
 
 
@@ -154,12 +154,16 @@ class Inputs:
     out: object = None
 
 
-def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False) -> Inputs:
-    """Validate the arguments of a forward once (internal; the public kernels' first step)."""
+def inputs(
+    x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False, reducer=None
+) -> Inputs:
+    """Validate the arguments of a forward once (internal; the public kernels' first step).
+    An empty batch is refused unless ``empty_ok`` or ``reducer`` is distributed (a
+    participant may hold no rows of a synchronized batch)."""
     check_backend(backend)
     raw, x = x, as_input(x)
     lay = layout(x.shape, axis)
-    if math.prod(x.shape) == 0 and not empty_ok:
+    if math.prod(x.shape) == 0 and not (empty_ok or getattr(reducer, "distributed", False)):
         raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
     be = select(backend, x, lay)
     if be.xp is not None and not _PYTREE_DONE and _xp_is_jax(be.xp):
@@ -304,10 +308,7 @@ def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
         return st.mean, st.var, st, split
     local = None
     if error is None:
-        try:
-            local = local_stats(inp)
-        except Exception as exc:  # noqa: BLE001 - every error must reach every participant
-            error = exc
+        local, error = attempt(reducer, local_stats, inp)
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var), st, None
 
@@ -411,6 +412,20 @@ def _xp_local_backward(be, xw, dyw, cache: BatchNormCache):
         be.sdt,
     )
     return dx, (None if cache.gamma is None else dgamma), (dbeta if cache.has_beta else None)
+
+
+def local_moments_of(x, axis, backend, reducer: Reducer):
+    """``(inp, stats)``: the validated input and its local statistics (a call of
+    :func:`batchnorm.moments`, run through :func:`batchnorm.core.reduce.attempt`)."""
+    inp = inputs(x, None, None, axis, 0.0, backend, reducer=reducer)
+    return inp, local_stats(inp)
+
+
+def backward_args(dy, cache, out, reducer: Reducer, what: str):
+    """Validate the arguments of a backward pass with ``reducer``: ``(dy, out)``."""
+    dy, out = check_backward(dy, cache, out)
+    check_synchronized(cache, reducer, what)
+    return dy, out
 
 
 def check_backward(dy, cache, out=None):

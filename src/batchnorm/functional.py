@@ -47,24 +47,22 @@ synchronized (never the communicator): its backward needs the same ``comm``/``re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from ._compose import (
     BatchNormCache,
+    backward_args,
     backward_pass,
-    check_backward,
-    check_synchronized,
     eval_pass,
     inputs,
-    local_stats,
+    local_moments_of,
     reducer_of,
     train_pass,
 )
 from .backends import BACKENDS, check_backend, numba_available
-from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer
+from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer, attempt
 
 __all__ = [
     "BACKENDS",
@@ -124,21 +122,9 @@ def moments(
     (array([ 2., 20.]), array([  1., 100.]))
     """
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        inp = inputs(x, None, None, axis, 0.0, backend)
-        if math.prod(inp.x.shape) == 0:
-            raise ValueError(
-                f"cannot compute statistics of an empty batch: x has shape {inp.x.shape}"
-            )
-        st = local_stats(inp)
-        return st.mean, st.var
-    inp = local = error = None
-    try:
-        inp = inputs(x, None, None, axis, 0.0, backend, empty_ok=True)
-        local = local_stats(inp)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
-    st = red.merge(Call("moments", KIND_MOMENTS), local, error, inp.x.dtype if inp else None)
+    local, error = attempt(red, local_moments_of, x, axis, backend, red)
+    inp, st = local if local is not None else (None, None)
+    st = red.merge(Call("moments", KIND_MOMENTS), st, error, inp.x.dtype if inp else None)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var)
 
 
@@ -203,14 +189,7 @@ def batch_norm_train(
     (array([ 3., 30.]), array([  2.6667, 266.6667]))
     """
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        y, cache, _ = train_pass(inputs(x, gamma, beta, axis, eps, backend, out))
-        return y, cache
-    inp = error = None
-    try:
-        inp = inputs(x, gamma, beta, axis, eps, backend, out, empty_ok=True)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
+    inp, error = attempt(red, inputs, x, gamma, beta, axis, eps, backend, out, reducer=red)
     y, cache, _ = train_pass(inp, red, Call("batch_norm_train", KIND_TRAIN), error)
     return y, cache
 
@@ -317,15 +296,8 @@ def batch_norm_backward(
     """
     check_backend(backend)
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        dy, out = check_backward(dy, cache, out)
-        check_synchronized(cache, red, "batch_norm_backward")
-        return backward_pass(dy, cache, backend, out)
+    # every participant checks dy (and out) before any participant reduces
+    args, error = attempt(red, backward_args, dy, cache, out, red, "batch_norm_backward")
+    dy, out = args if args is not None else (None, None)
     call = Call("batch_norm_backward", KIND_BACKWARD)
-    error = None
-    try:  # every rank checks dy (and out) before any rank reduces
-        dy, out = check_backward(dy, cache, out)
-        check_synchronized(cache, red, "batch_norm_backward")
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
     return backward_pass(dy, cache, backend, out, red, call, error)

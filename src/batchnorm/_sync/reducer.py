@@ -20,7 +20,7 @@ import zlib
 
 import numpy as np
 
-from ..core.reduce import Call, SyncBatchStats
+from ..core.reduce import Call, SyncBatchStats, collect
 from ..core.stats import BatchStats
 from . import protocol as P
 
@@ -131,6 +131,12 @@ class MpiReducer:
             t["received"] += received
 
     # ------------------------------------------------------------------ the protocol
+    @staticmethod
+    def attempt(fn, /, *args, **kwargs):
+        """This rank's local step: ``(value, None)``, or ``(None, error)`` when it failed
+        (the next :meth:`agree` / :meth:`merge` / :meth:`sum` raises it on every rank)."""
+        return collect(fn, *args, **kwargs)
+
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
