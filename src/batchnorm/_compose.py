@@ -13,9 +13,9 @@ import numpy as np
 from . import backends
 from ._validation import (
     Layout,
-    _layout,
     as_float_array,
     as_input,
+    cached_layout,
     check_eps,
     check_out,
     layout,
@@ -369,7 +369,7 @@ def backward_pass(
     if error is not None:
         reducer.sum(call, [], error)  # raises, on every participant
         raise error
-    be = select(backend, cache.x, _layout(tuple(cache.x.shape), cache.axis))
+    be = select(backend, cache.x, cached_layout(tuple(cache.x.shape), cache.axis))
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():

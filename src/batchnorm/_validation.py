@@ -284,7 +284,9 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
+def cached_layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
+    """The :class:`Layout` of a shape and an already valid ``axis`` (hashable), computed
+    once per distinct pair (an lru_cache): what every later call with that input reuses."""
     axes = normalize_axes(axis, len(shape))
     red = reduce_axes(len(shape), axes)
     return Layout(
@@ -303,4 +305,4 @@ def layout(shape: tuple[int, ...], axis: object) -> Layout:
     if isinstance(axis, (tuple, list)) and not axis:
         normalize_axes(axis, len(shape))  # raises: no feature axis
     key = check_axis(axis)
-    return _layout(tuple(shape), tuple(key) if isinstance(key, list) else key)
+    return cached_layout(tuple(shape), tuple(key) if isinstance(key, list) else key)

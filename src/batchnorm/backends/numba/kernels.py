@@ -49,18 +49,18 @@ from ...core.stats import merge
 from ..numpy import overflow_scale, work_dtype
 from . import passes, reductions
 from .half import float_to_half, half_to_float
-from .options import _SERIAL_OPTS
+from .options import SERIAL_OPTS
 from .plan import (
     FUSE_BYTES,
     ROWS_FUSE_MAX,
     SERIAL_MAX,
     WIDE_INNER,
     Plan,
-    _guard,
-    _threads,
+    guard,
     plan_for,
     small_fused,
     supported,
+    threads,
 )
 
 __all__ = [
@@ -88,7 +88,7 @@ def _setup(xw: np.ndarray, axes):
     elements (a parallel launch costs more than the whole job), parallel ones above."""
     if xw.size < SERIAL_MAX:
         return plan_for(xw.shape, axes, 1, xw.itemsize), _SER, _NO_GUARD
-    return plan_for(xw.shape, axes, _threads(), xw.itemsize), _PAR, _guard()
+    return plan_for(xw.shape, axes, threads(), xw.itemsize), _PAR, guard()
 
 
 class _Kernels:
@@ -108,7 +108,7 @@ def _serial_copy(dispatcher):
     )
     g.__qualname__ = f.__qualname__ + "_serial"
     g.__doc__ = f.__doc__
-    return njit(**_SERIAL_OPTS)(g)
+    return njit(**SERIAL_OPTS)(g)
 
 
 def _big(wt: np.dtype) -> float:
