@@ -175,7 +175,9 @@ def check_no_overlap(out: np.ndarray, name: str, inputs: dict[str, object]) -> N
     Memory bounds are compared (``np.may_share_memory``), so interleaved views count as
     overlapping: nothing the library writes may alias what it reads."""
     for what, a in inputs.items():
-        mem = _memory_of(a)
+        if a is None:
+            continue
+        mem = a if isinstance(a, np.ndarray) else _memory_of(a)
         if mem is not None and np.may_share_memory(out, mem):
             raise ValueError(
                 f"{name} (shape {out.shape}, dtype {out.dtype}) shares memory with {what} "

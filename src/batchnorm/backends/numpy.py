@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .._validation import as_feature_vector, reduce_axes
+from .._validation import SUPPORTED_DTYPES, as_feature_vector, reduce_axes
 from .._xp import work_dtype as _xp_work_dtype
 from ..core import coef, passes
 
@@ -25,8 +25,13 @@ TINY_VAR = 2.0**-90
 
 
 def work_dtype(dtype: np.dtype) -> np.dtype:
-    """Precision of the elementwise work (:func:`batchnorm._xp.work_dtype`, the one rule)."""
-    return np.dtype(_xp_work_dtype(np, dtype))
+    """Precision of the elementwise work (:func:`batchnorm._xp.work_dtype`, the one rule,
+    tabulated once for NumPy's dtypes)."""
+    wt = _WORK.get(dtype)
+    return np.dtype(_xp_work_dtype(np, dtype)) if wt is None else wt
+
+
+_WORK = {t: np.dtype(_xp_work_dtype(np, t)) for t in SUPPORTED_DTYPES}
 
 
 def overflow_scale(

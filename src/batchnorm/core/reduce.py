@@ -176,6 +176,8 @@ def attempt(
     distributed reducer ``(None, error)`` when ``fn`` failed, for ``reducer.merge`` /
     ``sum`` / ``agree`` to raise on every participant. Uses ``reducer.attempt`` when the
     reducer has one."""
+    if reducer is LOCAL:  # the common case, without a lookup
+        return fn(*args, **kwargs), None
     own = getattr(reducer, "attempt", None)
     if own is not None:
         return own(fn, *args, **kwargs)
