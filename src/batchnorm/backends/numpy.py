@@ -109,28 +109,33 @@ def _np_moments(x, axes):
     (squares below the smallest float32); features whose variance comes out below
     :data:`TINY_VAR` are computed again on a float64 copy, as the compiled kernels do.
     """
-    ref, delta, var = _np_moments_once(x, axes)
+    red, _, _, m = _geometry(x.shape, axes)
+    ref, delta, var = _np_moments_once(x, red, m)
+    # fast exit: the O(C) sums are finite (and no float32 variance is tiny) -> all good
+    s = float(np.add.reduce(delta, axis=None)) + float(np.add.reduce(var, axis=None))
+    if math.isfinite(s) and (x.dtype == np.float64 or float(np.min(var)) >= TINY_VAR):
+        return ref, delta, var
     with np.errstate(all="ignore"):
         bad = ~(np.isfinite(ref + delta) & np.isfinite(var))
         if x.dtype != np.float64:
             bad |= var < TINY_VAR
         if bad.any():
             h = RESCALE if x.dtype == np.float64 else 1.0
-            r2, d2, v2 = _np_moments_once(x.astype(np.float64) * h, axes)
+            r2, d2, v2 = _np_moments_once(x.astype(np.float64) * h, red, m)
             ref, delta = np.where(bad, r2 / h, ref), np.where(bad, d2 / h, delta)
             var = np.where(bad, (v2 / h) / h, var)
     return ref, delta, var
 
 
-def _np_moments_once(x, axes):
-    red = reduce_axes(x.ndim, axes)
-    m0 = np.mean(x, axis=red, dtype=np.float64, keepdims=True)
+def _np_moments_once(x, red, m):
+    m0 = np.add.reduce(x, axis=red, dtype=np.float64, keepdims=True) / m
     d, delta = _centre(x, m0)
     if d.dtype == np.float64:
-        delta = np.mean(d, axis=red, dtype=np.float64, keepdims=True)
-    msq = np.mean(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True)
-    ref = m0.astype(d.dtype).astype(np.float64)
-    return ref, delta, np.maximum(msq - delta * delta, 0.0)
+        delta = np.add.reduce(d, axis=red, keepdims=True) / m
+    msq = np.add.reduce(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True) / m
+    ref = m0 if d.dtype == np.float64 else m0.astype(d.dtype).astype(np.float64)
+    var = msq - delta * delta
+    return ref, delta, np.maximum(var, 0.0, out=var)
 
 
 def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
@@ -283,13 +288,20 @@ class NumpyBackend(NumpyArrays):
 
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``: :meth:`moments_shifted`, then
-        :meth:`affine` with the unrounded mean."""
-        ref, delta, var = NumpyBackend.moments_shifted(xw, axes)
+        """Training forward: ``(y, mean, var)``: the statistics of :meth:`moments_shifted`,
+        then the output pass of :meth:`affine` with the unrounded mean (written out here
+        in the broadcast shape: small arrays pay for every NumPy call)."""
+        _, b, fshape, m = _geometry(xw.shape, axes)
+        ref, delta, var = _np_moments(xw, axes)
         mean = ref + delta
-        scale = coef.inv_std(var, eps) * gamma
-        h = overflow_scale(mean, var, _geometry(xw.shape, axes)[3], work_dtype(xw.dtype))
-        return NumpyBackend.affine(xw, axes, ref, scale, beta, dtype, out, h, delta), mean, var
+        inv = coef.inv_std(var, eps)
+        wt = work_dtype(xw.dtype)
+        h = overflow_scale(mean, var, m, wt)
+        y = passes.scale_shift(
+            np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
+            wt if out is not None else dtype, delta,
+        )  # fmt: skip
+        return _finish(y, dtype, out), mean.reshape(fshape), var.reshape(fshape)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:
