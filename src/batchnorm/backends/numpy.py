@@ -34,7 +34,7 @@ def work_dtype(dtype: np.dtype) -> np.dtype:
 _WORK = {t: np.dtype(_xp_work_dtype(np, t)) for t in SUPPORTED_DTYPES}
 
 
-def overflow_scale(
+def overflow_scale_or_none(
     mean: np.ndarray, var: np.ndarray, count: int, wt: np.dtype
 ) -> np.ndarray | None:
     """Per-feature power of two ``h`` for the elementwise passes; None when all are 1.
@@ -77,7 +77,7 @@ def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None, delta=0.0):
     mean, see :func:`_np_moments`); ``s`` is the mean rounded to the working precision.
     ``x - s`` is exact when x and s are close (Sterbenz) and correctly rounded otherwise,
     so ``d/h - (mean - s)`` is ``x - mean`` to working precision without a float64 copy of
-    ``x``. ``h`` (a power of two per feature, see :func:`overflow_scale`) is 1 unless
+    ``x``. ``h`` (a power of two per feature, see :func:`overflow_scale_or_none`) is 1 unless
     ``x - s`` could overflow.
     """
     wt = work_dtype(x.dtype)
@@ -229,7 +229,7 @@ class NumpyArrays:
     @staticmethod
     def overflow(mean, var, count: int, xw: np.ndarray):
         """The per-feature overflow scale ``h`` for data ``xw``, or None when it is 1."""
-        return overflow_scale(mean, var, count, work_dtype(xw.dtype))
+        return overflow_scale_or_none(mean, var, count, work_dtype(xw.dtype))
 
     @staticmethod
     def x_hat(x: np.ndarray, mean, inv_std, bshape) -> np.ndarray:
@@ -296,7 +296,7 @@ class NumpyBackend(NumpyArrays):
         mean = ref + delta
         inv = coef.inv_std(var, eps)
         wt = work_dtype(xw.dtype)
-        h = overflow_scale(mean, var, m, wt)
+        h = overflow_scale_or_none(mean, var, m, wt)
         y = passes.scale_shift(
             np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
             wt if out is not None else dtype, delta,

@@ -46,7 +46,7 @@ from numba import njit
 
 from ...core import coef as F
 from ...core.stats import merge
-from ..numpy import overflow_scale, work_dtype
+from ..numpy import overflow_scale_or_none, work_dtype
 from . import passes, reductions
 from .half import float_to_half, half_to_float
 from .options import SERIAL_OPTS
@@ -223,7 +223,7 @@ def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
         mean = ref + delta
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             scale = F.inv_std(var, eps) * gamma
-            h = overflow_scale(mean, var, plan.count, wt)
+            h = overflow_scale_or_none(mean, var, plan.count, wt)
         return affine(xw, axes, ref, scale, beta, out_dtype, out, h, delta), mean, var
     out = _output(out, xw, out_dtype)
     mean = np.empty(plan.C, np.float64)

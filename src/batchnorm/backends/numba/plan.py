@@ -70,6 +70,8 @@ class _Guard:
 
 
 def guard() -> _Guard:
+    """A context manager around one kernel call: it holds the module's lock while numba's
+    threading layer is unknown or not thread-safe (``workqueue``), else nothing."""
     return _Guard()
 
 
