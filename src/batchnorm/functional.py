@@ -24,24 +24,29 @@ constants for the backward pass. With batch statistics the backward pass is
 where bars are means over the :math:`m` values of the feature.
 
 Numerics. Statistics are accumulated in float64 and the data are centred before squaring, so
-no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32: the NumPy path
-(:mod:`batchnorm.backends.numpy`) centres on the float64 mean rounded to the working
-precision, the compiled path (:mod:`batchnorm.backends.numba.kernels`) on one sample of
-each feature with the differences formed in float64. Elementwise work runs in the working
-precision (float64
-for float64 input, float32 otherwise; float16 is computed in float32) in the rounding-safe
-form ``(x - s) * a + b``. Results come back in the input dtype. The kernels never write to
-their inputs, and NaN/Inf propagate without raising.
+no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32. Every path
+holds the mean unrounded, as a shift plus the mean's offset from it (the NumPy backend
+shifts by the float64 mean rounded to the working precision, the compiled kernels by one
+sample of each feature, with the differences formed in float64), and the output pass
+centres on the shift with that offset in the bias (:func:`batchnorm.core.coef.mean_offset`),
+so float64 data of mean 1e12 and std 1e-3 normalize to float64 round-off of ``x_hat``.
+Elementwise work runs in the working precision (float64 for float64 input, float32
+otherwise; float16 is computed in float32) in the rounding-safe form ``(x - s) * a + b``.
+Results come back in the input dtype. The kernels never write to their inputs (an ``out=``
+that shares memory with any argument is refused), and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
-sums, the input gradient) that both backends implement with one contract (see
-:mod:`batchnorm.backends`); the public functions below compose them, so the maths lives in
-one place.
+sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the output
+pass of the NumPy backend and of every other array library is
+:func:`batchnorm.core.passes.scale_shift`, and the compiled kernels compile the formulas of
+:mod:`batchnorm.core.coef`, so the maths lives in one place.
 
 Synchronization. ``comm=`` (an mpi4py communicator) or ``reducer=`` (any
 :class:`batchnorm.core.reduce.Reducer`) makes a call collective: local statistics, then
 the reducer merges them across processes, then the output (see
-:mod:`batchnorm.distributed`). The cache of such a forward records that it was
+:mod:`batchnorm.distributed`). The same code runs either way: a participant's local step
+goes through :func:`batchnorm.core.reduce.attempt`, and the reducer raises any
+participant's error on every participant. The cache of such a forward records that it was
 synchronized (never the communicator): its backward needs the same ``comm``/``reducer``.
 """
 
