@@ -146,37 +146,6 @@ def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
     return out
 
 
-def _np_grad_sums(x, dy, axes, mean_b, h_b=None):
-    """sum(dy) and sum(dy * (x - mean)) per feature, accumulated in float64.
-
-    A float64 ``dy`` with float32 data is multiplied in float64 (as the compiled kernels
-    do), so a large ``dy`` does not overflow the float32 product.
-    """
-    red = reduce_axes(x.ndim, axes)
-    d, delta = _centre(x, mean_b, h_b)
-    sum_dy = np.sum(dy, axis=red, dtype=np.float64, keepdims=True)
-    if dy.dtype.itemsize > d.dtype.itemsize:
-        d = np.multiply(d, dy, dtype=dy.dtype)
-    else:
-        d *= dy
-    sum_dy_d = np.sum(d, axis=red, dtype=np.float64, keepdims=True)
-    return sum_dy, coef.centred_grad_sum(sum_dy_d, sum_dy, delta, 0.0, 1.0 if h_b is None else h_b)
-
-
-def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b, h_b=None):
-    """dx = k * dy + p * (x - mean) + q per feature."""
-    d, delta = _centre(x, mean_b, h_b)
-    wt = d.dtype
-    p_h, q_s = coef.input_grad_coef(p_b, q_b, delta, 0.0, 1.0 if h_b is None else h_b)
-    d *= p_h.astype(wt)
-    d += q_s.astype(wt)
-    if dy.dtype.itemsize > d.dtype.itemsize:  # float64 dy: the product in float64
-        d += np.multiply(dy, k_b)
-    else:
-        d += np.multiply(dy, k_b.astype(wt), dtype=wt)
-    return d
-
-
 class NumpyArrays:
     """What both NumPy backends share beyond the primitives: per-feature arrays are
     float64 NumPy arrays, and the overflow rule has a fast exit (None: no feature needs
@@ -305,21 +274,22 @@ class NumpyBackend(NumpyArrays):
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-        b = _bshape(xw, axes)
-        hb = None if h is None else h.reshape(b)
-        s1, s2 = _np_grad_sums(xw, dyw, axes, mean.reshape(b), hb)
+        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``
+        (:func:`batchnorm.core.passes.grad_sums`; a float64 ``dy`` with float32 data is
+        multiplied in float64, as the compiled kernels do)."""
+        red, b, _, _ = _geometry(xw.shape, axes)
+        hb = 1.0 if h is None else h.reshape(b)
+        s1, s2 = passes.grad_sums(np, xw, dyw, mean.reshape(b), red, np.float64, hb)
         return s1.reshape(mean.shape), s2.reshape(mean.shape)
 
     @staticmethod
     def input_grad(xw, dyw, axes, mean, k, p, q, dtype, out=None, h=None) -> np.ndarray:
-        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
-        b = _bshape(xw, axes)
-        hb = None if h is None else h.reshape(b)
-        dx = _np_input_grad(
-            xw, dyw, axes, mean.reshape(b), k.reshape(b), p.reshape(b), q.reshape(b), hb
-        )
-        return _finish(dx, dtype, out)
+        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``
+        (:func:`batchnorm.core.passes.input_grad`)."""
+        b = _geometry(xw.shape, axes)[1]
+        hb = 1.0 if h is None else h.reshape(b)
+        m, kb, pb, qb = (v.reshape(b) for v in (mean, k, p, q))
+        return _finish(passes.input_grad(np, xw, dyw, m, kb, pb, qb, dtype, hb), dtype, out)
 
     @staticmethod
     def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):
