@@ -77,8 +77,9 @@ def inputs(
         ensure_pytree(be.xp)
     g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
     b = None if beta is None else be.feature(beta, "beta", lay, x)
-    named = dict(zip(("running_mean", "running_var"), others, strict=False))
-    out = check_out(out, x, "out", {"x": raw, "gamma": gamma, "beta": beta, **named})
+    if out is not None:
+        named = dict(zip(("running_mean", "running_var"), others, strict=False))
+        out = check_out(out, x, "out", {"x": raw, "gamma": gamma, "beta": beta, **named})
     return Inputs(x, lay, be, g, b, check_eps(eps), out)
 
 

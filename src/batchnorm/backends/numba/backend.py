@@ -94,7 +94,7 @@ class NumbaBackend(NumpyArrays):
         perm, maxes, (xm,) = to_memory(axes, xw)
         o = _out_view(perm, out)
         h = None if h is None else h.ravel()
-        d = delta if np.ndim(delta) == 0 else delta.ravel()
+        d = delta if isinstance(delta, float) else delta.ravel()
         y = K.affine(xm, maxes, mean.ravel(), scale.ravel(), bias.ravel(), dtype, o, h, d)
         return _result(perm, y, out, o)
 

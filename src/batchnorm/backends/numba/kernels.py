@@ -200,9 +200,13 @@ def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None, delta=0.0) 
     ``delta`` the mean is ``mean + delta`` held unrounded (see :func:`moments_shifted`)."""
     plan, ks, guard = _setup(xw, axes)
     wt = work_dtype(xw.dtype)
-    s = (mean + delta).astype(wt).astype(np.float64)
-    a_h, b = F.output_coef(F.mean_offset(mean, delta, s), scale, 1.0, bias, 0.0,
-                           1.0 if h is None else h)  # fmt: skip
+    if isinstance(delta, float) and delta == 0.0:  # a given mean (evaluation): as it is
+        s = mean.astype(wt).astype(np.float64)
+        off = mean - s
+    else:
+        s = (mean + delta).astype(wt).astype(np.float64)
+        off = F.mean_offset(mean, delta, s)
+    a_h, b = F.output_coef(off, scale, 1.0, bias, 0.0, 1.0 if h is None else h)
     rows = [s, a_h, b, 1.0] if h is None else [s * h, a_h, b, h]
     coef = _coef_array(plan, rows, wt)
     out = _output(out, xw, out_dtype)
