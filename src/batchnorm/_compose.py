@@ -154,8 +154,7 @@ def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None =
         with _quiet():
             g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
             b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
-            y, mean, var = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
-            inv = coef.inv_std(var, inp.eps)
+            y, mean, var, inv = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
         check_scale(inp, inv, inp.gamma)
         stats = BatchStats(lay.count, mean, var)
         return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats

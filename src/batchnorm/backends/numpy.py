@@ -257,7 +257,8 @@ class NumpyBackend(NumpyArrays):
 
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``: the statistics of :meth:`moments_shifted`,
+        """Training forward: ``(y, mean, var, inv_std)``: the statistics of
+        :meth:`moments_shifted`,
         then the output pass of :meth:`affine` with the unrounded mean (written out here
         in the broadcast shape: small arrays pay for every NumPy call)."""
         _, b, fshape, m = _geometry(xw.shape, axes)
@@ -270,7 +271,7 @@ class NumpyBackend(NumpyArrays):
             np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
             wt if out is not None else dtype, delta,
         )  # fmt: skip
-        return _finish(y, dtype, out), mean.reshape(fshape), var.reshape(fshape)
+        return _finish(y, dtype, out), *(v.reshape(fshape) for v in (mean, var, inv))
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:

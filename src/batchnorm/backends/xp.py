@@ -133,9 +133,8 @@ class XpBackend:
         return self.xp.reshape(mean, lay.fshape), self.xp.reshape(var, lay.fshape)
 
     def train(self, xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``."""
-        y, mean, var, _ = passes.train(self.xp, xw, axes, gamma, beta, eps, self.sdt)
-        return y, mean, var
+        """Training forward: ``(y, mean, var, inv_std)``."""
+        return passes.train(self.xp, xw, axes, gamma, beta, eps, self.sdt)
 
     def affine(self, xw, axes, mean, scale, bias, dtype, out=None, h=None, delta=None):
         """``y = (x - mean) * scale + bias`` per feature in the rounding-safe form

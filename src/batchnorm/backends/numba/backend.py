@@ -107,13 +107,13 @@ class NumbaBackend(NumpyArrays):
 
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``; statistics and output in one trip when the
-        blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
+        """Training forward: ``(y, mean, var, inv_std)``; statistics and output in one trip
+        when the blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
         fshape = tuple(xw.shape[a] for a in axes)
         perm, maxes, (xm,) = to_memory(axes, xw)
         o = _out_view(perm, out)
-        y, mean, var = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o)
-        return _result(perm, y, out, o), mean.reshape(fshape), var.reshape(fshape)
+        y, *stats = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o, True)
+        return _result(perm, y, out, o), *(v.reshape(fshape) for v in stats)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:

@@ -218,28 +218,30 @@ def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None, delta=0.0) 
     return out
 
 
-def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
-    """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors)."""
+def train(xw, axes, gamma, beta, eps, out_dtype, out=None, return_inv=False):
+    """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors), and
+    ``inv_std`` after them when ``return_inv`` (computed once, by the kernel)."""
     plan, ks, guard = _setup(xw, axes)
     wt = work_dtype(xw.dtype)
     if not plan.fused:
         ref, delta, var = moments_shifted(xw, axes)
         mean = ref + delta
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            scale = F.inv_std(var, eps) * gamma
+            inv = F.inv_std(var, eps)
             h = overflow_scale_or_none(mean, var, plan.count, wt)
-        return affine(xw, axes, ref, scale, beta, out_dtype, out, h, delta), mean, var
+        y = affine(xw, axes, ref, inv * gamma, beta, out_dtype, out, h, delta)
+        return (y, mean, var, inv) if return_inv else (y, mean, var)
     out = _output(out, xw, out_dtype)
-    mean = np.empty(plan.C, np.float64)
-    var = np.empty(plan.C, np.float64)
+    mean, var, inv = (np.empty(plan.C, np.float64) for _ in range(3))
     coef = np.empty((4, plan.C), wt)
     args = (gamma, beta, float(eps), _big(wt), _rescale(xw))
+    res = (mean, var, inv)
     with guard:
         if plan.wide:
-            ks._train_wide(plan.view(xw), *args, coef, plan.view(out), mean, var)
+            ks._train_wide(plan.view(xw), *args, coef, plan.view(out), *res)
         else:
-            ks._train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), mean, var)
-    return out, mean, var
+            ks._train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), *res)
+    return (out, mean, var, inv) if return_inv else (out, mean, var)
 
 
 def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean, h=None):

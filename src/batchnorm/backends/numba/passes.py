@@ -27,7 +27,7 @@ from .reductions import finish_moments, total
 
 # --------------------------------------------------------------------------- coefficients
 @njit(cache=True, error_model="numpy")
-def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, c):  # pragma: no cover - compiled
+def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, inv, c):  # pragma: no cover
     """Output coefficients of one feature into coef[:, c] (working precision).
 
     The mean is ``(sh + delta) / hs`` (``sh`` the feature's sample, ``delta`` the mean of
@@ -41,7 +41,8 @@ def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, c):  # pragma: no c
     s = np.float64(coef[0, c])  # the mean rounded to the working precision
     h = F.overflow_scale(mean, var, s, m, big)
     off = F.mean_offset(sh, delta, s * hs) / hs
-    a_h, bias = F.output_coef(off, F.inv_std(var, eps), g, b, 0.0, h)
+    inv[c] = F.inv_std(var, eps)  # returned: the one computation of inv_std
+    a_h, bias = F.output_coef(off, inv[c], g, b, 0.0, h)
     coef[0, c] = s * h
     coef[1, c] = a_h
     coef[2, c] = bias
@@ -122,7 +123,7 @@ def _dx_wide(x, dy, coef, out):  # pragma: no cover - compiled
 
 # --------------------------------------------------------------------------- fused passes
 @njit(**OPTS)
-def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no cover
+def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var, inv):  # pragma: no cover
     """Fused training forward of (O, C, I): one task per feature block, kept in cache.
 
     Sums the block (shifted, float64; again on x*rescale if a sum overflowed), derives
@@ -164,7 +165,7 @@ def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no
         mu, v = finish_moments(sh, t1, t2, n, hs)
         mean[c] = mu
         var[c] = v
-        _train_coef(sh, t1 / n, hs, v, eps, g[c], b[c], n, big, coef, c)
+        _train_coef(sh, t1 / n, hs, v, eps, g[c], b[c], n, big, coef, inv, c)
         sc, ac, bc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
         for o in range(O):
             for i in range(I):
@@ -198,7 +199,7 @@ def _strip_sums(x, k0, w, hs, sh, a1, a2):  # pragma: no cover - compiled
 
 
 @njit(**OPTS)
-def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pragma: no cover
+def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var, inv):  # pragma: no cover
     """Fused training forward of (O, K) (features = columns) in strips of columns.
 
     One task per strip of ``width`` columns: O x width values that fit in cache.
@@ -230,7 +231,7 @@ def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pra
             mean[k0 + j] = mu
             var[k0 + j] = v
             k = k0 + j
-            _train_coef(sh[j], a1[j] / O, hsj[j], v, eps, g[k], b[k], O, big, coef, k)
+            _train_coef(sh[j], a1[j] / O, hsj[j], v, eps, g[k], b[k], O, big, coef, inv, k)
         s = coef[0, k0 : k0 + w]
         a = coef[1, k0 : k0 + w]
         bb = coef[2, k0 : k0 + w]
