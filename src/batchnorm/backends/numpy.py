@@ -47,7 +47,7 @@ def overflow_scale_or_none(
     coefficient. The rule is :func:`batchnorm.core.coef.overflow_needed`, which the compiled
     kernels compile; this wrapper adds a fast exit and returns None when no feature needs it.
     """
-    big = _BIG[wt.itemsize]
+    big = OVERFLOW_LIMIT[wt.itemsize]
     # fast exit: sums bound the maxima (NaN/inf fall through to the exact rule)
     vs, ms = float(np.add.reduce(var, axis=None)), float(np.add.reduce(np.abs(mean), axis=None))
     if ms < big / 4 and count * vs < (big / 4) * (big / 4):  # inf for float64
@@ -58,7 +58,11 @@ def overflow_scale_or_none(
     return np.where(huge, coef.OVERFLOW_H, 1.0) if huge.any() else None
 
 
-_BIG = {t.itemsize: coef.overflow_limit(float(np.finfo(t).max)) for t in map(np.dtype, "fd")}
+#: The overflow rule's ``big`` per working-precision itemsize (float32, float64), from
+#: :func:`batchnorm.core.coef.overflow_limit`.
+OVERFLOW_LIMIT = {
+    t.itemsize: coef.overflow_limit(float(np.finfo(t).max)) for t in map(np.dtype, "fd")
+}
 
 
 @functools.lru_cache(maxsize=512)
@@ -271,7 +275,8 @@ class NumpyBackend(NumpyArrays):
             np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
             wt if out is not None else dtype, delta,
         )  # fmt: skip
-        return _finish(y, dtype, out), *(v.reshape(fshape) for v in (mean, var, inv))
+        y = _finish(y, dtype, out)
+        return y, mean.reshape(fshape), var.reshape(fshape), inv.reshape(fshape)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:

@@ -109,11 +109,12 @@ class NumbaBackend(NumpyArrays):
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
         """Training forward: ``(y, mean, var, inv_std)``; statistics and output in one trip
         when the blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
-        fshape = tuple(xw.shape[a] for a in axes)
+        fshape = gamma.shape  # the per-feature shape
         perm, maxes, (xm,) = to_memory(axes, xw)
         o = _out_view(perm, out)
-        y, *stats = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o, True)
-        return _result(perm, y, out, o), *(v.reshape(fshape) for v in stats)
+        y, mean, var, inv = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o, True)
+        y = _result(perm, y, out, o)
+        return y, mean.reshape(fshape), var.reshape(fshape), inv.reshape(fshape)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,7 @@ from numba import njit
 
 from ...core import coef as F
 from ...core.stats import merge
-from ..numpy import overflow_scale_or_none, work_dtype
+from ..numpy import OVERFLOW_LIMIT, overflow_scale_or_none, work_dtype
 from . import passes, reductions
 from .half import float_to_half, half_to_float
 from .options import SERIAL_OPTS
@@ -109,10 +109,6 @@ def _serial_copy(dispatcher):
     g.__qualname__ = f.__qualname__ + "_serial"
     g.__doc__ = f.__doc__
     return njit(**SERIAL_OPTS)(g)
-
-
-def _big(wt: np.dtype) -> float:
-    return F.overflow_limit(float(np.finfo(wt).max))
 
 
 def _rescale(xw: np.ndarray) -> float:
@@ -232,9 +228,9 @@ def train(xw, axes, gamma, beta, eps, out_dtype, out=None, return_inv=False):
         y = affine(xw, axes, ref, inv * gamma, beta, out_dtype, out, h, delta)
         return (y, mean, var, inv) if return_inv else (y, mean, var)
     out = _output(out, xw, out_dtype)
-    mean, var, inv = (np.empty(plan.C, np.float64) for _ in range(3))
+    mean, var, inv = np.empty((3, plan.C), np.float64)  # three rows, each contiguous
     coef = np.empty((4, plan.C), wt)
-    args = (gamma, beta, float(eps), _big(wt), _rescale(xw))
+    args = (gamma, beta, float(eps), OVERFLOW_LIMIT[wt.itemsize], _rescale(xw))
     res = (mean, var, inv)
     with guard:
         if plan.wide:
