@@ -170,9 +170,12 @@ def test_float64_huge_offset(rng):
     std = np.sqrt(((xl - mean) ** 2).mean(0))
     assert np.abs(cache.mean - mean).max() < 1.2e-7  # half an ulp of 1e9 is 6e-8
     np.testing.assert_allclose(np.sqrt(cache.var), std, rtol=1e-9)
-    # y can only be as good as the float64 mean it subtracts
-    centred = (xl - mean.astype(np.float64)) / std
-    assert np.abs(y - centred).max() < 1e-6
+    # y keeps the shifted mean unrounded (issue 25): exact to float64 round-off of x_hat,
+    # although the float64 mean alone is off by up to half an ulp of 1e9 (6e-8 = 0.06 std)
+    exact = (xl - mean) / std
+    assert np.abs(y - exact).max() < 1e-8
+    rounded = (xl - mean.astype(np.float64)) / std  # control: the old form's error
+    assert np.abs(rounded - exact).max() > 1e-6
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -391,3 +394,115 @@ def test_functional_matches_torch(rng, shape):
         eps=1e-5,
     )
     np.testing.assert_allclose(ye, yte.numpy(), atol=1e-12)
+
+
+# --------------------------------------------------------------- numerics at the edge (#25)
+def _x_hat_ref(x: np.ndarray, axis: int) -> np.ndarray:
+    """x_hat in float64 without rounding the mean: offsets from one sample are exact
+    (Sterbenz: every value within a factor 2 of it), their mean is then tiny and exact to
+    float64 round-off."""
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    x64 = x.astype(np.float64)
+    d = x64 - x64[tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))]
+    dc = d - d.mean(axis=red, keepdims=True)
+    return dc / np.sqrt((dc * dc).mean(axis=red, keepdims=True))
+
+
+EDGE_SHAPES = [
+    (64, 3),  # small: serial compiled kernels / NumPy
+    (64, 8, 16, 16),  # fused channel blocks
+    (2048, 2, 32, 32),  # channel blocks beyond the cache: statistics pass, then output pass
+    (65536, 4, 8),  # (O, C*I) columns merged per feature (Chan, pairwise)
+]
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=str)
+@pytest.mark.parametrize(("dtype", "offset", "spread", "tol"), [
+    (np.float64, 1e12, 1e-3, 1e-9),
+    (np.float32, 1e6, 1.0, 2e-6),
+])  # fmt: skip
+def test_mean_far_above_spread_normalizes_exactly(rng, shape, dtype, offset, spread, tol):
+    # issue 25: the NumPy path (both backends) keeps the shifted mean unrounded end to end
+    x = (offset + spread * rng.standard_normal(shape)).astype(dtype)
+    y, _ = bn.batch_norm_train(x, None, None, axis=1, eps=0.0)
+    assert y.dtype == dtype
+    assert np.abs(y - _x_hat_ref(x, 1)).max() < tol
+
+
+def test_mean_far_above_spread_matches_the_array_api_path(rng):
+    xs = pytest.importorskip("array_api_strict")
+    x = 1e12 + 1e-3 * rng.standard_normal((64, 3))
+    y_np, _ = bn.batch_norm_train(x, None, None, eps=0.0)
+    y_xp, _ = bn.batch_norm_train(xs.asarray(x), None, None, eps=0.0)
+    np.testing.assert_allclose(y_np, np.asarray(y_xp), rtol=0, atol=1e-12)
+
+
+def test_mean_far_above_spread_control_rounded_mean_is_off(rng):
+    # negative control: the old form, centring on the float64 mean rounded once, misses
+    # by a tenth of a standard deviation at mean 1e12 and std 1e-3 (ulp(1e12) = 1.2e-4)
+    x = 1e12 + 1e-3 * rng.standard_normal((64, 3))
+    _, cache = bn.batch_norm_train(x, None, None, eps=0.0)
+    old = (x - cache.mean) / np.sqrt(cache.var)
+    assert np.abs(old - _x_hat_ref(x, 1)).max() > 1e-3
+
+
+# ------------------------------------------------------------------ memory overlap (#25)
+def _big_endian(a: np.ndarray) -> np.ndarray:
+    return a.astype(a.dtype.newbyteorder(">"))
+
+
+def _overlap_cases(rng):
+    """(name, call) pairs: each call passes an ``out=`` that views an input's memory through
+    another dtype object (a big-endian input and a native-order view of its buffer)."""
+    x = rng.standard_normal((8, 3))
+    g, b = rng.standard_normal(3), rng.standard_normal(3)
+    _, cache = bn.batch_norm_train(x, g, b)
+    xb = _big_endian(x)
+    dyb = _big_endian(rng.standard_normal((8, 3)))
+    rm, rv = cache.mean.copy(), cache.var.copy()
+    return [
+        ("x", xb, lambda: bn.batch_norm_train(xb, g, b, out=xb.view(np.float64))),
+        ("x", xb, lambda: bn.batch_norm_eval(xb, g, b, rm, rv, out=xb.view(np.float64))),
+        ("dy", dyb, lambda: bn.batch_norm_backward(dyb, cache, out=dyb.view(np.float64))),
+    ]
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("case", range(3))
+def test_out_sharing_an_inputs_buffer_through_another_dtype_is_refused(rng, case):
+    name, arg, call = _overlap_cases(rng)[case]
+    before = arg.copy()
+    both = rf"out \(shape \(8, 3\), dtype float64\) shares memory with {name} \(shape \(8, 3\), "
+    with pytest.raises(ValueError, match=both + r"dtype >f8\)"):
+        call()
+    np.testing.assert_array_equal(arg, before)  # nothing was written
+
+
+def test_out_sharing_memory_through_a_raw_buffer_is_refused(rng):
+    # two ndarrays over one bytearray (no base in common) and an out that views gamma
+    buf = bytearray(8 * 3 * 8)
+    x = np.ndarray((8, 3), np.float64, buffer=buf)
+    x[...] = rng.standard_normal((8, 3))
+    out = np.ndarray((8, 3), np.float64, buffer=buf)
+    with pytest.raises(ValueError, match="shares memory with x"):
+        bn.batch_norm_train(x, None, None, out=out)
+    big = np.zeros((8, 3))
+    with pytest.raises(ValueError, match="shares memory with gamma"):
+        bn.batch_norm_train(rng.standard_normal((8, 3)), big[7], None, out=big[:8])
+
+
+def test_out_overlap_control(rng):
+    # negative control: the converted copy of a big-endian input does not overlap the
+    # native view of its buffer, so a check on the converted array alone (the old one)
+    # lets the write through; a separate out is accepted and the input stays as it was
+    x = rng.standard_normal((8, 3))
+    xb = _big_endian(x)
+    view = xb.view(np.float64)
+    assert not np.may_share_memory(view, xb.astype(np.float64))
+    assert np.may_share_memory(view, xb)
+    out = np.empty((8, 3))
+    y, _ = bn.batch_norm_train(xb, None, None, out=out)
+    assert y is out
+    np.testing.assert_array_equal(xb, x)
+    np.testing.assert_allclose(out, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), atol=1e-12)

@@ -128,6 +128,7 @@ def test_backends_share_one_contract():
         "work",
         "work_dy",
         "moments",
+        "moments_shifted",
         "affine",
         "grad_sums",
         "input_grad",
@@ -290,3 +291,36 @@ def test_parallel_kernels_launch_one_parallel_region():
         f for k in (*reductions.KERNELS, *passes.KERNELS) for f in _fills_outside_prange(k.py_func)
     ]
     assert found == []
+
+
+@pytest.mark.parametrize(("xdt", "dydt"), [("f4", "f4"), ("f4", "f8"), ("f2", "f2"), ("f8", "f8")])
+def test_gradient_primitives_agree_with_a_float64_reference(rng, xdt, dydt):
+    # the NumPy backend's grad_sums / input_grad are core.passes' (issue 22: one
+    # implementation); the compiled ones compile the same coefficient formulas
+    from batchnorm.backends.numpy import NumpyBackend
+
+    backends = [NumpyBackend]
+    if _dispatch.numba_available():
+        from batchnorm.backends.numba.backend import NumbaBackend
+
+        backends.append(NumbaBackend)
+    x = (rng.standard_normal((40, 3, 5)) * 2 + 7).astype(xdt)
+    dy = rng.standard_normal(x.shape).astype(dydt)
+    mean = x.astype(np.float64).mean((0, 2))
+    k, p, q = rng.standard_normal((3, 3))
+    xc = x.astype(np.float64) - mean[:, None]
+    d64 = dy.astype(np.float64)
+    ref_s1, ref_s2 = d64.sum((0, 2)), (d64 * xc).sum((0, 2))
+    ref_dx = k[:, None] * d64 + p[:, None] * xc + q[:, None]
+    tol = {"f2": 2e-3, "f4": 2e-6, "f8": 1e-12}[xdt]
+    for be in backends:
+        s1, s2 = be.grad_sums(x, dy, (1,), mean)
+        np.testing.assert_allclose(s1, ref_s1, rtol=tol, atol=tol * 40, err_msg=be.name)
+        np.testing.assert_allclose(s2, ref_s2, rtol=tol, atol=tol * 40, err_msg=be.name)
+        dx = be.input_grad(x, dy, (1,), mean, k, p, q, x.dtype)
+        assert dx.dtype == x.dtype
+        scale = np.abs(ref_dx).max()
+        assert np.abs(dx.astype(np.float64) - ref_dx).max() <= 4 * tol * scale, be.name
+    # control: a wrong mean moves the centred sum by (mean shift) * sum(dy)
+    _, s2_off = NumpyBackend.grad_sums(x, dy, (1,), mean + 1.0)
+    assert not np.allclose(s2_off, ref_s2, rtol=tol, atol=tol * 40)

@@ -110,7 +110,7 @@ def test_out_validation(rng):
         (np.empty((4, 6)), ValueError, r"shape \(4, 6\)"),
         (np.empty((6, 4), np.float32), TypeError, "dtype float32"),
         (np.empty((4, 6)).T, ValueError, "C-contiguous"),
-        (x, ValueError, "overlaps"),
+        (x, ValueError, "shares memory with x"),
         (np.ma.masked_array(np.empty((6, 4))), TypeError, "MaskedArray"),
     ]
     ro = np.empty((6, 4))

@@ -1,227 +1,55 @@
-"""Composition of the backend primitives into the passes (internal, used by
-:mod:`batchnorm.functional` and the layers): validate once into :class:`Inputs`, then
-:func:`train_pass` / :func:`eval_pass` / :func:`backward_pass`, each with a reducer.
-"""
+"""The passes of a call on validated inputs (internal, used by :mod:`batchnorm.functional`
+and the layers): local statistics, the reducer's merge, the output; :func:`train_pass` /
+:func:`eval_pass` / :func:`backward_pass`, each with a reducer. The validation is
+:mod:`batchnorm._inputs`, the cache record :mod:`batchnorm._cache` (re-exported here for the
+layers)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import backends
-from ._validation import (
-    Layout,
-    _layout,
-    as_float_array,
-    as_input,
-    check_eps,
-    layout,
-    same_layout,
+from ._cache import BatchNormCache
+from ._inputs import (
+    Inputs,
+    backward_args,
+    check_backward,
+    check_scale,
+    check_synchronized,
+    inputs,
+    reducer_of,
 )
-from .backends import NUMPY, check_backend, select
+from ._validation import cached_layout
+from .backends import NUMPY, select
 from .core import coef
-from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
+from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer, attempt
 from .core.stats import BatchStats
 
-
-def _xp_is_jax(xp) -> bool:
-    from ._xp import is_jax
-
-    return is_jax(xp)
+__all__ = [
+    "LOCAL",
+    "BatchNormCache",
+    "Inputs",
+    "backward_args",
+    "backward_pass",
+    "check_backward",
+    "check_synchronized",
+    "eval_pass",
+    "inputs",
+    "local_moments",
+    "local_moments_of",
+    "local_stats",
+    "merged_stats",
+    "normalize",
+    "reducer_of",
+    "train_pass",
+]
 
 
 # NaN/Inf are data here, not errors: they propagate through the arithmetic silently.
 def _quiet() -> np.errstate:
     return np.errstate(invalid="ignore", divide="ignore", over="ignore")
-
-
-@dataclass(frozen=True, eq=False)
-class BatchNormCache:
-    """What the backward pass needs from a forward pass.
-
-    Attributes
-    ----------
-    x : array
-        The forward input (a reference, not a copy: do not modify it before the backward pass).
-    work : array
-        The array the backend read (``x`` itself, also when it is a transpose of a
-        C-contiguous array, which the compiled kernels read in its memory order; or its
-        C-contiguous / float16-to-float32 conversion), kept so the backward pass does not
-        convert ``x`` again.
-    gamma : array or None, shape (*features)
-        A float64 copy of the scale used (statistics dtype off NumPy), or None.
-    has_beta : bool
-        Whether a shift was used (then the backward pass returns ``dbeta``).
-    mean, var : array, shape (*features)
-        The statistics used to normalize: batch mean and biased batch variance when
-        ``batch_stats`` is True, the running statistics otherwise.
-    inv_std : array, shape (*features)
-        ``1 / sqrt(var + eps)``.
-    axis : tuple of int
-        The feature axes, non-negative and sorted.
-    eps : float
-    batch_stats : bool
-        True when ``mean``/``var`` were computed from ``x`` (training): their dependence on
-        ``x`` enters the gradient. False when they were given (evaluation): constants.
-    count : int
-        Number of values per feature the statistics reduce over (over all participants of
-        a synchronized forward).
-    synchronized : bool
-        The statistics were merged across processes: the backward pass must reduce its
-        gradient sums with the same reducer (``comm=``/``reducer=``).
-    """
-
-    x: object
-    work: object
-    gamma: object
-    has_beta: bool
-    mean: object
-    var: object
-    inv_std: object
-    axis: tuple[int, ...]
-    eps: float
-    batch_stats: bool
-    count: int
-    synchronized: bool = False
-
-    @property
-    def x_hat(self):
-        """The normalized input, recomputed in the statistics dtype (for inspection)."""
-        be = select("numpy", self.x)
-        bshape = tuple(n if i in self.axis else 1 for i, n in enumerate(self.x.shape))
-        return be.x_hat(self.x, self.mean, self.inv_std, bshape)
-
-
-_PYTREE_DONE = []
-
-
-def register_pytree() -> None:
-    """Register :class:`BatchNormCache` as a JAX pytree (once, when JAX arrays first come
-    through), so a cache can leave ``jax.jit``: the arrays are leaves, the layout is static."""
-    if _PYTREE_DONE:
-        return
-    import jax
-
-    arrays = ("x", "work", "gamma", "mean", "var", "inv_std")
-    static = ("has_beta", "axis", "eps", "batch_stats", "count", "synchronized")
-
-    def flatten(c):
-        return tuple(getattr(c, k) for k in arrays), tuple(getattr(c, k) for k in static)
-
-    def unflatten(aux, leaves):
-        return BatchNormCache(
-            **dict(zip(arrays, leaves, strict=True)), **dict(zip(static, aux, strict=True))
-        )
-
-    jax.tree_util.register_pytree_node(BatchNormCache, flatten, unflatten)
-    _PYTREE_DONE.append(True)
-
-
-def reducer_of(comm: object = None, reducer: object = None, timeout=None) -> Reducer:
-    """The reducer a call uses: ``reducer``, an MPI reducer over ``comm`` (waiting at most
-    ``timeout`` seconds for missing ranks), or local."""
-    if reducer is not None:
-        if comm is not None:
-            raise TypeError("pass comm= or reducer=, not both")
-        if not isinstance(reducer, Reducer):
-            raise TypeError(
-                f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}"
-            )
-        return reducer
-    if comm is None:
-        if timeout is not None:
-            raise TypeError("timeout= needs comm=")
-        return LOCAL
-    from ._sync.reducer import MpiReducer
-
-    return MpiReducer(comm, timeout)
-
-
-# --------------------------------------------------------------------------- validation
-@dataclass(eq=False)
-class Inputs:
-    """Validated arguments of one forward (internal): the data, its layout and backend,
-    per-feature parameters in the backend's statistics dtype (or None), eps, ``out``."""
-
-    x: object
-    lay: Layout
-    be: object
-    gamma: object
-    beta: object
-    eps: float
-    out: object = None
-
-
-def check_out(out: object, like, name: str, *inputs: object):
-    """Validate an ``out=`` array: None, or a writeable ndarray with the shape and dtype of
-    ``like``, C-contiguous or with the strides of ``like`` (e.g. a channels-last view of NCHW
-    memory, written in that memory order), that shares no memory with any of ``inputs``."""
-    if out is None:
-        return None
-    if not isinstance(like, np.ndarray):
-        raise TypeError(
-            f"{name}= is supported for NumPy arrays only; the input is a {type(like).__name__}"
-            " (its library allocates the result; arrays of some libraries, e.g. JAX, are "
-            "immutable)"
-        )
-    if type(out) is not np.ndarray:
-        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
-    if out.shape != like.shape:
-        raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
-    if not (out.flags.c_contiguous or same_layout(out, like)):
-        raise ValueError(
-            f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
-            f"out like the input (strides {like.strides})"
-        )
-    if not out.flags.writeable:
-        raise ValueError(f"{name} (shape {out.shape}) is read-only")
-    for a in inputs:
-        if isinstance(a, np.ndarray) and np.may_share_memory(out, a):
-            raise ValueError(
-                f"{name} (shape {out.shape}) overlaps an input of shape {a.shape}; pass a "
-                "separate array (inputs are never modified)"
-            )
-    return out
-
-
-def inputs(x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False) -> Inputs:
-    """Validate the arguments of a forward once (internal; the public kernels' first step)."""
-    check_backend(backend)
-    x = as_input(x)
-    lay = layout(x.shape, axis)
-    if math.prod(x.shape) == 0 and not empty_ok:
-        raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
-    be = select(backend, x, lay)
-    if be.xp is not None and not _PYTREE_DONE and _xp_is_jax(be.xp):
-        register_pytree()
-    g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
-    b = None if beta is None else be.feature(beta, "beta", lay, x)
-    out = check_out(out, x, "out", x, gamma, beta, *others)
-    return Inputs(x, lay, be, g, b, check_eps(eps), out)
-
-
-def _check_dy(dy: object, cache: BatchNormCache):
-    dy = as_float_array(dy, "dy")
-    if dy.shape != cache.x.shape:
-        raise ValueError(
-            f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
-        )
-    if type(dy) is not type(cache.x) and not (
-        isinstance(dy, np.ndarray) and isinstance(cache.x, np.ndarray)
-    ):
-        raise TypeError(
-            f"dy is a {type(dy).__name__} but the forward input was a {type(cache.x).__name__};"
-            " pass dy from the same array library"
-        )
-    if not isinstance(dy, np.ndarray):
-        from ._xp import check_same_device
-
-        check_same_device("the forward input x", cache.x, "dy", dy)
-    return dy
 
 
 # --------------------------------------------------------------------------- passes
@@ -249,54 +77,36 @@ def _cache(
     )
 
 
-#: Below this eps a variance can be small enough that ``1/sqrt(var + eps)`` leaves the range
-#: of the working precision; only then is the output's scale checked.
-_TINY_EPS = 1e-30
-
-
-def check_scale(inp: Inputs, inv, gamma) -> None:
-    """With ``eps`` (almost) 0, refuse statistics whose ``gamma / sqrt(var + eps)`` is not
-    finite in the working precision although the feature's data are not all equal (a
-    variance lost to underflow, e.g. float64 data of scale 1e-170): the output would be
-    inf/NaN from finite, varying data. Constant features keep their 0/0 = NaN. An O(C)
-    check, made only for ``eps < 1e-30`` and NumPy arrays."""
-    if inp.eps >= _TINY_EPS or inp.be.xp is not None:
-        return
-    a = np.abs(inv if gamma is None else inv * gamma)
-    big = float(np.finfo(np.float64 if inp.x.dtype == np.float64 else np.float32).max)
-    bad = a > big  # (NaN data give NaN statistics: they propagate, never refused)
-    if bad.any():
-        # a feature whose values are all equal has variance 0 exactly: 0/0 is its NaN, as the
-        # maths says (kept); only a variance lost to underflow is refused
-        red = inp.lay.red
-        const = (np.max(inp.x, axis=red) == np.min(inp.x, axis=red)).reshape(bad.shape)
-        bad &= ~const
-    if bad.any():
-        where = np.flatnonzero(bad)
-        raise ValueError(
-            f"eps={inp.eps!r}: features {where[:8].tolist()} have a variance so small (or zero) "
-            f"that 1/sqrt(var + eps) is not finite in {np.dtype(inp.x.dtype).name}; the output "
-            "would be inf/NaN from finite data. Use eps > 0 (e.g. 1e-5) or rescale the data"
-        )
-
-
 def local_stats(inp: Inputs) -> BatchStats:
     """This participant's (count, mean, var); an empty slice has count 0."""
+    return local_moments(inp)[0]
+
+
+def local_moments(inp: Inputs):
+    """``(stats, split)``: this participant's :class:`BatchStats` and, for NumPy data, the
+    mean held unrounded as ``split = (ref, delta)`` (a sample-based shift and the mean's
+    offset from it, which the output pass uses; None otherwise)."""
     lay, be = inp.lay, inp.be
     if lay.count == 0 or math.prod(inp.x.shape) == 0:
-        return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape))
+        return BatchStats(0, be.zeros(lay.fshape), be.zeros(lay.fshape)), None
     if be.xp is None and inp.x.size < backends.AUTO_NUMBA_MIN_SIZE and be is not NUMPY:
         # statistics alone of a small array: NumPy's centred two-pass (the serial compiled
         # kernels pay off when they also write the output in the same pass)
         be = NUMPY
     with _quiet():
-        mean, var = be.moments(be.work(inp.x), lay.axes)
-    return BatchStats(lay.count, mean, var)
+        if be.xp is not None:
+            mean, var = be.moments(be.work(inp.x), lay.axes)
+            return BatchStats(lay.count, mean, var), None
+        ref, delta, var = be.moments_shifted(be.work(inp.x), lay.axes)
+    return BatchStats(lay.count, ref + delta, var), (ref, delta)
 
 
-def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchronized=False):
+def normalize(
+    inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchronized=False, split=None
+):
     """The output pass and cache of a training forward, given the batch statistics (local or
-    merged); ``gamma``/``beta`` override the layer's (batch renorm folds r and d into them)."""
+    merged); ``gamma``/``beta`` override the layer's (batch renorm folds r and d into them);
+    ``split`` the unrounded mean of local statistics (:attr:`BatchStats.split`)."""
     be, lay = inp.be, inp.lay
     xw = be.work(inp.x)
     g = inp.gamma if gamma is None else gamma
@@ -308,26 +118,25 @@ def normalize(inp: Inputs, mean, var, gamma=None, beta=None, count=None, synchro
         m = lay.count if count is None else count
         h = be.overflow(mean, var, m, xw)
         bias = be.zeros(lay.fshape) if b is None else b
-        y = be.affine(xw, lay.axes, mean, scale, bias, inp.x.dtype, inp.out, h)
+        ref, delta = (mean, 0.0) if split is None else split
+        y = be.affine(xw, lay.axes, ref, scale, bias, inp.x.dtype, inp.out, h, delta)
     return y, _cache(inp, xw, mean, var, inv, True, m, synchronized, g, b)
 
 
 def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
     """This participant's statistics merged by ``reducer`` (``error`` raised everywhere):
-    ``(mean, var, stats)`` with mean/var in the backend's arrays."""
+    ``(mean, var, stats, split)`` with mean/var in the backend's arrays and ``split`` the
+    unrounded mean of local NumPy statistics (None after a merge)."""
     if not reducer.distributed:
         if error is not None:
             raise error
-        st = local_stats(inp)
-        return st.mean, st.var, st
+        st, split = local_moments(inp)
+        return st.mean, st.var, st, split
     local = None
     if error is None:
-        try:
-            local = local_stats(inp)
-        except Exception as exc:  # noqa: BLE001 - every error must reach every participant
-            error = exc
+        local, error = attempt(reducer, local_stats, inp)
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
-    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
+    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st, None
 
 
 def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None = None, error=None):
@@ -345,13 +154,12 @@ def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None =
         with _quiet():
             g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
             b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
-            y, mean, var = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
-            inv = coef.inv_std(var, inp.eps)
+            y, mean, var, inv = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
         check_scale(inp, inv, inp.gamma)
         stats = BatchStats(lay.count, mean, var)
         return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
     call = call or Call("batch_norm_train", KIND_TRAIN)
-    mean, var, st = merged_stats(inp, reducer, call, error)
+    mean, var, st, _ = merged_stats(inp, reducer, call, error)
     y, cache = normalize(inp, mean, var, count=st.count, synchronized=True)
     return y, cache, st
 
@@ -386,7 +194,7 @@ def backward_pass(
     if error is not None:
         reducer.sum(call, [], error)  # raises, on every participant
         raise error
-    be = select(backend, cache.x, _layout(tuple(cache.x.shape), cache.axis))
+    be = select(backend, cache.x, cached_layout(tuple(cache.x.shape), cache.axis))
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():
@@ -431,20 +239,8 @@ def _xp_local_backward(be, xw, dyw, cache: BatchNormCache):
     return dx, (None if cache.gamma is None else dgamma), (dbeta if cache.has_beta else None)
 
 
-def check_backward(dy, cache, out=None):
-    """Validate the arguments of a backward pass: ``(dy, out)``."""
-    if not isinstance(cache, BatchNormCache):
-        raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
-    d = _check_dy(dy, cache)
-    return d, check_out(out, cache.x, "out", d, cache.x, cache.work)
-
-
-def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> None:
-    """A synchronized forward's backward must reduce too, and a local one must not."""
-    if cache.synchronized and not reducer.distributed:
-        raise ValueError(
-            f"{what}: this cache comes from a synchronized forward (statistics merged "
-            "across processes): pass the same comm= / reducer= to the backward pass"
-        )
-    if reducer.distributed and not cache.synchronized:
-        raise ValueError(f"{what}: comm=/reducer= given, but the forward was not synchronized")
+def local_moments_of(x, axis, backend, reducer: Reducer):
+    """``(inp, stats)``: the validated input and its local statistics (a call of
+    :func:`batchnorm.moments`, run through :func:`batchnorm.core.reduce.attempt`)."""
+    inp = inputs(x, None, None, axis, 0.0, backend, reducer=reducer)
+    return inp, local_stats(inp)

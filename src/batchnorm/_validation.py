@@ -155,6 +155,67 @@ def dense(a: np.ndarray) -> bool:
     return a.transpose(order).flags.c_contiguous
 
 
+def _memory_of(a: object) -> np.ndarray | None:
+    """The NumPy view of ``a``'s memory (no copy), or None for objects with no buffer of
+    their own (None, numbers, lists, arrays of other libraries)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if isinstance(a, memoryview) or hasattr(a, "__array_interface__"):
+        try:
+            return np.asarray(a)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def check_no_overlap(out: np.ndarray, name: str, inputs: dict[str, object]) -> None:
+    """Refuse an ``out`` array that shares memory with any of ``inputs`` (name -> the
+    argument as the caller passed it, before any conversion), whatever the view, dtype or
+    byte order: a big-endian input and a native-order view of its buffer overlap too.
+    Memory bounds are compared (``np.may_share_memory``), so interleaved views count as
+    overlapping: nothing the library writes may alias what it reads."""
+    for what, a in inputs.items():
+        if a is None:
+            continue
+        mem = a if isinstance(a, np.ndarray) else _memory_of(a)
+        if mem is not None and np.may_share_memory(out, mem):
+            raise ValueError(
+                f"{name} (shape {out.shape}, dtype {out.dtype}) shares memory with {what} "
+                f"(shape {mem.shape}, dtype {mem.dtype}); pass a separate array (inputs "
+                "are never modified)"
+            )
+
+
+def check_out(out: object, like, name: str, inputs: dict[str, object]):
+    """Validate an ``out=`` array: None, or a writeable ndarray with the shape and dtype of
+    ``like``, C-contiguous or with the strides of ``like`` (e.g. a channels-last view of NCHW
+    memory, written in that memory order), that shares no memory with any of ``inputs``
+    (:func:`check_no_overlap`)."""
+    if out is None:
+        return None
+    if not isinstance(like, np.ndarray):
+        raise TypeError(
+            f"{name}= is supported for NumPy arrays only; the input is a {type(like).__name__}"
+            " (its library allocates the result; arrays of some libraries, e.g. JAX, are "
+            "immutable)"
+        )
+    if type(out) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy.ndarray or None; got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {out.shape} but the result has shape {like.shape}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype} but the result has dtype {like.dtype}")
+    if not (out.flags.c_contiguous or same_layout(out, like)):
+        raise ValueError(
+            f"{name} (shape {out.shape}, strides {out.strides}) must be C-contiguous or laid "
+            f"out like the input (strides {like.strides})"
+        )
+    if not out.flags.writeable:
+        raise ValueError(f"{name} (shape {out.shape}) is read-only")
+    check_no_overlap(out, name, inputs)
+    return out
+
+
 def check_real(value: object, name: str) -> float:
     """A finite real number as a Python float (bools, strings, overflow and NaN refused)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(
@@ -225,7 +286,9 @@ class Layout:
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
+def cached_layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
+    """The :class:`Layout` of a shape and an already valid ``axis`` (hashable), computed
+    once per distinct pair (an lru_cache): what every later call with that input reuses."""
     axes = normalize_axes(axis, len(shape))
     red = reduce_axes(len(shape), axes)
     return Layout(
@@ -244,7 +307,7 @@ def layout(shape: tuple[int, ...], axis: object) -> Layout:
     if isinstance(axis, (tuple, list)) and not axis:
         normalize_axes(axis, len(shape))  # raises: no feature axis
     key = check_axis(axis)
-    return _layout(tuple(shape), tuple(key) if isinstance(key, list) else key)
+    return cached_layout(tuple(shape), tuple(key) if isinstance(key, list) else key)
 
 
 # ----------------------------------------------------------------------------- state arrays

@@ -249,12 +249,12 @@ def update_running(
     host_var = _host(batch.var)
     if np.any(host_var < 0):
         raise ValueError(f"batch variance must be >= 0; got min {np.min(host_var)!r}")
-    return _update_running(
+    return update_running_unchecked(
         running, batch, momentum, momentum_weights, unbiased=unbiased, smooth=smooth, eps=eps
     )
 
 
-def _update_running(
+def update_running_unchecked(
     running: RunningStats,
     batch: BatchStats,
     momentum: float | None,
@@ -338,9 +338,14 @@ def _staged(running: RunningStats, batch: BatchStats, *args, **kwargs) -> Runnin
         np.array(_host(running.mean)), np.array(_host(running.var)), running.num_batches_tracked
     )
     b = BatchStats(batch.count, np.asarray(_host(batch.mean), np.float64), _host(batch.var))
-    new = _update_running(host, b, *args, **kwargs)
+    new = update_running_unchecked(host, b, *args, **kwargs)
     return RunningStats(
         from_numpy(xp, new.mean, dev, dtype),
         from_numpy(xp, new.var, dev, dtype),
         new.num_batches_tracked,
     )
+
+
+#: The old private name of :func:`update_running_unchecked`, kept while the layers (another
+#: branch of round 4) still import it.
+_update_running = update_running_unchecked

@@ -38,7 +38,7 @@ import numpy as np
 
 from ._sync import protocol as P
 from ._sync.protocol import DistributedError
-from ._sync.reducer import MpiReducer, _hash
+from ._sync.reducer import MpiReducer
 from ._validation import check_count
 from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats
 from .walk import modules, norm_layers
@@ -64,7 +64,7 @@ __all__ = [
 #: (and again every time as long after). Assigning it here sets it for every reducer.
 STALL_WARNING_SECONDS = P.STALL_WARNING_SECONDS
 #: Bytes of the header every synchronized call exchanges with each other rank.
-HEADER_BYTES = P._H * 8
+HEADER_BYTES = P.HEADER_WORDS * 8
 #: Bytes this process has sent and received through every MPI reducer (headers and
 #: payloads), and the number of synchronized calls; each reducer also counts its own.
 traffic = P.TOTAL_TRAFFIC
@@ -213,7 +213,7 @@ def local_weight(local_count: int, comm: object, *, timeout: float | None = None
     except Exception as exc:  # noqa: BLE001 - every error must reach every rank
         error = exc
     table = red.agree(Call("local_weight", KIND_METRICS), error, count=count)
-    total = int(table[:, P._COUNT].sum())
+    total = int(table[:, P.COL_COUNT].sum())
     if total == 0:
         raise DistributedError("local_weight: no rank holds any sample (raised on every rank)")
     return count / total
@@ -288,7 +288,11 @@ def broadcast_parameters(
         if bad:
             raise TypeError(f"broadcast_parameters moves NumPy arrays; got {bad[:3]}")
         names = repr([(a.shape, a.dtype.str) for a in arrays])
-        fields = {"nfeat": int(sum(a.size for a in arrays)), "fhash": _hash(names), "extra": root}
+        fields = {
+            "nfeat": int(sum(a.size for a in arrays)),
+            "fhash": P.text_hash(names),
+            "extra": root,
+        }
     except Exception as exc:  # noqa: BLE001 - every error must reach every rank
         error = exc
     table = red.agree(call, error, **fields)
@@ -297,7 +301,7 @@ def broadcast_parameters(
         if arrays
         else (np.zeros(0))
     )
-    red.bcast(call, flat, root, int(table[0, P._SEQ]))
+    red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
     pos = 0
     for a in arrays:
         a[...] = flat[pos : pos + a.size].reshape(a.shape)
@@ -336,7 +340,7 @@ def gather_metrics(
             raise TypeError(f"metrics keys must be strings; got {sorted(map(repr, metrics))[:4]}")
         keys = sorted(metrics)
         vals = np.array([check_real_or_nonfinite(metrics[k], k) for k in keys], np.float64)
-        fields = {"nfeat": len(keys), "fhash": _hash(repr(keys)), "extra": root}
+        fields = {"nfeat": len(keys), "fhash": P.text_hash(repr(keys)), "extra": root}
     except Exception as exc:  # noqa: BLE001 - every error must reach every rank
         error = exc
     _, recv = red.gather(Call("gather_metrics", KIND_METRICS), vals, error, **fields)

@@ -24,47 +24,50 @@ constants for the backward pass. With batch statistics the backward pass is
 where bars are means over the :math:`m` values of the feature.
 
 Numerics. Statistics are accumulated in float64 and the data are centred before squaring, so
-no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32: the NumPy path
-(:mod:`batchnorm.backends.numpy`) centres on the float64 mean rounded to the working
-precision, the compiled path (:mod:`batchnorm.backends.numba.kernels`) on one sample of
-each feature with the differences formed in float64. Elementwise work runs in the working
-precision (float64
-for float64 input, float32 otherwise; float16 is computed in float32) in the rounding-safe
-form ``(x - s) * a + b``. Results come back in the input dtype. The kernels never write to
-their inputs, and NaN/Inf propagate without raising.
+no E[x^2] - E[x]^2 cancellation happens even at mean 1e6 and std 1 in float32. Every path
+holds the mean unrounded, as a shift plus the mean's offset from it (the NumPy backend
+shifts by the float64 mean rounded to the working precision, the compiled kernels by one
+sample of each feature, with the differences formed in float64), and the output pass
+centres on the shift with that offset in the bias (:func:`batchnorm.core.coef.mean_offset`),
+so float64 data of mean 1e12 and std 1e-3 normalize to float64 round-off of ``x_hat``.
+Elementwise work runs in the working precision (float64 for float64 input, float32
+otherwise; float16 is computed in float32) in the rounding-safe form ``(x - s) * a + b``.
+Results come back in the input dtype. The kernels never write to their inputs (an ``out=``
+that shares memory with any argument is refused), and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
-sums, the input gradient) that both backends implement with one contract (see
-:mod:`batchnorm.backends`); the public functions below compose them, so the maths lives in
-one place.
+sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the output
+pass of the NumPy backend and of every other array library is
+:func:`batchnorm.core.passes.scale_shift`, and the compiled kernels compile the formulas of
+:mod:`batchnorm.core.coef`, so the maths lives in one place.
 
 Synchronization. ``comm=`` (an mpi4py communicator) or ``reducer=`` (any
 :class:`batchnorm.core.reduce.Reducer`) makes a call collective: local statistics, then
 the reducer merges them across processes, then the output (see
-:mod:`batchnorm.distributed`). The cache of such a forward records that it was
+:mod:`batchnorm.distributed`). The same code runs either way: a participant's local step
+goes through :func:`batchnorm.core.reduce.attempt`, and the reducer raises any
+participant's error on every participant. The cache of such a forward records that it was
 synchronized (never the communicator): its backward needs the same ``comm``/``reducer``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
 from ._compose import (
     BatchNormCache,
+    backward_args,
     backward_pass,
-    check_backward,
-    check_synchronized,
     eval_pass,
     inputs,
-    local_stats,
+    local_moments_of,
     reducer_of,
     train_pass,
 )
 from .backends import BACKENDS, check_backend, numba_available
-from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer
+from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer, attempt
 
 __all__ = [
     "BACKENDS",
@@ -124,21 +127,9 @@ def moments(
     (array([ 2., 20.]), array([  1., 100.]))
     """
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        inp = inputs(x, None, None, axis, 0.0, backend)
-        if math.prod(inp.x.shape) == 0:
-            raise ValueError(
-                f"cannot compute statistics of an empty batch: x has shape {inp.x.shape}"
-            )
-        st = local_stats(inp)
-        return st.mean, st.var
-    inp = local = error = None
-    try:
-        inp = inputs(x, None, None, axis, 0.0, backend, empty_ok=True)
-        local = local_stats(inp)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
-    st = red.merge(Call("moments", KIND_MOMENTS), local, error, inp.x.dtype if inp else None)
+    local, error = attempt(red, local_moments_of, x, axis, backend, red)
+    inp, st = local if local is not None else (None, None)
+    st = red.merge(Call("moments", KIND_MOMENTS), st, error, inp.x.dtype if inp else None)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var)
 
 
@@ -203,14 +194,7 @@ def batch_norm_train(
     (array([ 3., 30.]), array([  2.6667, 266.6667]))
     """
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        y, cache, _ = train_pass(inputs(x, gamma, beta, axis, eps, backend, out))
-        return y, cache
-    inp = error = None
-    try:
-        inp = inputs(x, gamma, beta, axis, eps, backend, out, empty_ok=True)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
+    inp, error = attempt(red, inputs, x, gamma, beta, axis, eps, backend, out, reducer=red)
     y, cache, _ = train_pass(inp, red, Call("batch_norm_train", KIND_TRAIN), error)
     return y, cache
 
@@ -317,15 +301,8 @@ def batch_norm_backward(
     """
     check_backend(backend)
     red = reducer_of(comm, reducer, timeout)
-    if not red.distributed:
-        dy, out = check_backward(dy, cache, out)
-        check_synchronized(cache, red, "batch_norm_backward")
-        return backward_pass(dy, cache, backend, out)
+    # every participant checks dy (and out) before any participant reduces
+    args, error = attempt(red, backward_args, dy, cache, out, red, "batch_norm_backward")
+    dy, out = args if args is not None else (None, None)
     call = Call("batch_norm_backward", KIND_BACKWARD)
-    error = None
-    try:  # every rank checks dy (and out) before any rank reduces
-        dy, out = check_backward(dy, cache, out)
-        check_synchronized(cache, red, "batch_norm_backward")
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
     return backward_pass(dy, cache, backend, out, red, call, error)

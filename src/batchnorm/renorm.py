@@ -33,7 +33,7 @@ from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer
 from ._validation import check_renorm_limits
 from .conventions import BatchStats, RunningStats, _update_running, get_convention
 from .core.ops import sqrt, where
-from .core.reduce import KIND_TRAIN, Call
+from .core.reduce import KIND_TRAIN, Call, attempt
 from .functional import BatchNormCache, batch_norm_backward
 from .layers import BatchStatsLayer
 from .layers.args import Argument, library_layer
@@ -120,34 +120,19 @@ def batch_renorm_train(
     cache : RenormCache
     """
     red = reducer_of(comm, reducer, timeout)
-    args = error = None
-    try:
-        args = _renorm_inputs(
-            x,
-            gamma,
-            beta,
-            running_mean,
-            running_std,
-            rmax,
-            dmax,
-            axis,
-            eps,
-            backend,
-            red.distributed,
-        )
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        if not red.distributed:
-            raise
-        error = exc
+    args, error = attempt(
+        red, _renorm_inputs, x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps,
+        backend, red,
+    )  # fmt: skip
     y, cache, _ = renorm_pass(args, red, Call("batch_renorm_train", KIND_TRAIN), error)
     return y, cache
 
 
 def _renorm_inputs(
-    x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend, empty_ok
+    x, gamma, beta, running_mean, running_std, rmax, dmax, axis, eps, backend, reducer
 ):
     lim = check_renorm_limits(rmax, dmax)
-    inp = inputs(x, gamma, beta, axis, eps, backend, empty_ok=empty_ok)
+    inp = inputs(x, gamma, beta, axis, eps, backend, reducer=reducer)
     mu = inp.be.feature(running_mean, "running_mean", inp.lay, inp.x)
     sigma = inp.be.feature(running_std, "running_std", inp.lay, inp.x)
     if inp.be.any_le_zero(sigma):
@@ -169,7 +154,7 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
     ``beta + gamma d``.
     """
     inp, mu, sigma, (rmax, dmax) = args if args is not None else (None, None, None, (1, 0))
-    mean_b, var_b, st = merged_stats(
+    mean_b, var_b, st, split = merged_stats(
         inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error
     )
     be, lay = inp.be, inp.lay
@@ -181,7 +166,7 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
         b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
         # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
         y, bn_cache = normalize(
-            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed
+            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed, split
         )
     return y, RenormCache(bn_cache, r, d, inp.gamma is not None, inp.beta is not None), st
 

@@ -50,9 +50,21 @@ HEADER_TAG = 31871
 _MAGIC = 0x424E5359  # "BNSY": a header of this protocol
 
 # header layout (int64)
-_MAGIC_I, _STATUS, _KIND, _SEQ, _COUNT, _NFEAT, _FHASH, _DTYPE, _TRAIN, _UPDATE, _FINITE = range(11)
-_LABEL, _EXTRA = 11, 12
-_H = 13
+(
+    COL_MAGIC_I,
+    COL_STATUS,
+    COL_KIND,
+    COL_SEQ,
+    COL_COUNT,
+    COL_NFEAT,
+    COL_FHASH,
+    COL_DTYPE,
+    COL_TRAIN,
+    COL_UPDATE,
+    COL_FINITE,
+) = range(11)
+COL_LABEL, COL_EXTRA = 11, 12
+HEADER_WORDS = 13
 
 _MESSAGE_BYTES = 480
 
@@ -62,8 +74,9 @@ _MESSAGE_BYTES = 480
 TOTAL_TRAFFIC = {"sent": 0, "received": 0, "calls": 0}
 
 
-def _hash(text: str) -> int:
-    return zlib.crc32(text.encode())
+def text_hash(text: str) -> int:
+    """A non-negative 31-bit hash of ``text`` (CRC-32), the same in every process."""
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def _ranks(rs) -> str:
@@ -117,9 +130,10 @@ def poll(red, pending: dict, call: Call, seq: int, *, know_ranks: bool) -> None:
 
 
 def _exchange_headers(red, header: np.ndarray, call: Call, seq: int) -> np.ndarray:
-    """Every rank's header, shape (size, _H): point to point, so stalls name the missing ranks."""
+    """Every rank's header, shape (size, HEADER_WORDS): point to point, so stalls name the
+    missing ranks."""
     comm, size, rank = red.comm, red.size, red.rank
-    table = np.zeros((size, _H), np.int64)
+    table = np.zeros((size, HEADER_WORDS), np.int64)
     table[rank] = header
     if size == 1:
         return table
@@ -158,51 +172,53 @@ def _group(table: np.ndarray, col: int, fmt: Callable[[int], str]) -> str:
 def _problems(table: np.ndarray) -> list[str]:
     """Disagreements between the ranks' headers (identical on every rank)."""
     out = []
-    if np.any(table[:, _MAGIC_I] != _MAGIC):
-        bad = np.flatnonzero(table[:, _MAGIC_I] != _MAGIC).tolist()
+    if np.any(table[:, COL_MAGIC_I] != _MAGIC):
+        bad = np.flatnonzero(table[:, COL_MAGIC_I] != _MAGIC).tolist()
         return [
             f"{_ranks(bad)} sent a message that is not a batchnorm header: the ranks are "
             "out of step"
         ]
-    if len(set(table[:, _KIND].tolist())) > 1:
+    if len(set(table[:, COL_KIND].tolist())) > 1:
         out.append(
             "the ranks are in different calls ("
-            + _group(table, _KIND, lambda k: KIND_NAMES.get(k, f"call kind {k}"))
+            + _group(table, COL_KIND, lambda k: KIND_NAMES.get(k, f"call kind {k}"))
             + ")"
         )
-    if len(set(table[:, _SEQ].tolist())) > 1:
+    if len(set(table[:, COL_SEQ].tolist())) > 1:
         out.append(
             "the ranks are out of step ("
-            + _group(table, _SEQ, lambda s: f"synchronized call {s}")
+            + _group(table, COL_SEQ, lambda s: f"synchronized call {s}")
             + ")"
         )
-    if len(set(table[:, _LABEL].tolist())) > 1:
+    if len(set(table[:, COL_LABEL].tolist())) > 1:
         out.append("the ranks are in different layers or functions")
     if out:
         return out
-    if len(set(table[:, _TRAIN].tolist())) > 1:
+    if len(set(table[:, COL_TRAIN].tolist())) > 1:
         out.append(
             "the ranks disagree on the mode ("
-            + _group(table, _TRAIN, lambda t: "training" if t else "evaluation")
+            + _group(table, COL_TRAIN, lambda t: "training" if t else "evaluation")
             + ")"
         )
-    if len(set(table[:, _UPDATE].tolist())) > 1:
+    if len(set(table[:, COL_UPDATE].tolist())) > 1:
         out.append(
             "the ranks disagree on update_stats ("
-            + _group(table, _UPDATE, lambda u: f"update_stats={bool(u)}")
+            + _group(table, COL_UPDATE, lambda u: f"update_stats={bool(u)}")
             + ")"
         )
-    if len(set(table[:, _NFEAT].tolist())) > 1 or len(set(table[:, _FHASH].tolist())) > 1:
+    if len(set(table[:, COL_NFEAT].tolist())) > 1 or len(set(table[:, COL_FHASH].tolist())) > 1:
         out.append(
             "the ranks have different numbers of features ("
-            + _group(table, _NFEAT, lambda n: f"{n} features")
+            + _group(table, COL_NFEAT, lambda n: f"{n} features")
             + ")"
         )
-    if len(set(table[:, _DTYPE].tolist())) > 1:
+    if len(set(table[:, COL_DTYPE].tolist())) > 1:
         out.append(
-            "the ranks have different dtypes (" + _group(table, _DTYPE, lambda d: f"float{d}") + ")"
+            "the ranks have different dtypes ("
+            + _group(table, COL_DTYPE, lambda d: f"float{d}")
+            + ")"
         )
-    if len(set(table[:, _EXTRA].tolist())) > 1:
+    if len(set(table[:, COL_EXTRA].tolist())) > 1:
         out.append(
             "the ranks call with different arguments (e.g. a layer's eps, momentum or "
             "convention differ between ranks)"
@@ -213,33 +229,38 @@ def _problems(table: np.ndarray) -> list[str]:
 def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
     """Steps 2-3 of the protocol: exchange headers, raise on every rank if anything is wrong.
 
-    Returns the header table (size, _H) when every rank is fine and they agree.
+    Returns the header table (size, HEADER_WORDS) when every rank is fine and they agree.
     """
     seq = red.next_seq()
-    h = np.zeros(_H, np.int64)
-    h[_MAGIC_I], h[_STATUS], h[_KIND], h[_SEQ] = _MAGIC, int(error is not None), call.kind, seq
-    h[_EXTRA] = call.args
-    h[_TRAIN], h[_UPDATE], h[_LABEL] = (
+    h = np.zeros(HEADER_WORDS, np.int64)
+    h[COL_MAGIC_I], h[COL_STATUS], h[COL_KIND], h[COL_SEQ] = (
+        _MAGIC,
+        int(error is not None),
+        call.kind,
+        seq,
+    )
+    h[COL_EXTRA] = call.args
+    h[COL_TRAIN], h[COL_UPDATE], h[COL_LABEL] = (
         int(call.training),
         int(call.update),
-        _hash(call.label.partition(" ")[0]) & 0x7FFFFFFF,
+        text_hash(call.label.partition(" ")[0]),
     )
     names = {
-        "count": _COUNT,
-        "nfeat": _NFEAT,
-        "fhash": _FHASH,
-        "dtype": _DTYPE,
-        "finite": _FINITE,
-        "extra": _EXTRA,
+        "count": COL_COUNT,
+        "nfeat": COL_NFEAT,
+        "fhash": COL_FHASH,
+        "dtype": COL_DTYPE,
+        "finite": COL_FINITE,
+        "extra": COL_EXTRA,
     }
     for k, v in fields.items():
         h[names[k]] = v
     table = _exchange_headers(red, h, call, seq)
     # the same words on every rank: the full label only when every rank is in the same call
     label = (
-        call.label if len(set(table[:, _KIND].tolist())) == 1 else (call.label.partition(" ")[0])
+        call.label if len(set(table[:, COL_KIND].tolist())) == 1 else (call.label.partition(" ")[0])
     )
-    failed = np.flatnonzero(table[:, _STATUS] != 0).tolist()
+    failed = np.flatnonzero(table[:, COL_STATUS] != 0).tolist()
     if failed:
         text = np.zeros(_MESSAGE_BYTES, np.uint8)
         if error is not None:

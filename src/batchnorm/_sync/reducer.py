@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import itertools
 import threading
-import zlib
 
 import numpy as np
 
-from ..core.reduce import Call, SyncBatchStats
+from ..core.reduce import Call, SyncBatchStats, collect
 from ..core.stats import BatchStats
 from . import protocol as P
-
-
-def _hash(text: str) -> int:
-    return zlib.crc32(text.encode()) & 0x7FFFFFFF
-
 
 _LAYER_TAGS = itertools.count()
 
@@ -131,6 +125,12 @@ class MpiReducer:
             t["received"] += received
 
     # ------------------------------------------------------------------ the protocol
+    @staticmethod
+    def attempt(fn, /, *args, **kwargs):
+        """This rank's local step: ``(value, None)``, or ``(None, error)`` when it failed
+        (the next :meth:`agree` / :meth:`merge` / :meth:`sum` raises it on every rank)."""
+        return collect(fn, *args, **kwargs)
+
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
@@ -153,17 +153,17 @@ class MpiReducer:
             fields = {
                 "count": int(local.count),
                 "nfeat": int(mean.size),
-                "fhash": _hash(repr(tuple(fshape))),
+                "fhash": P.text_hash(repr(tuple(fshape))),
                 "dtype": 8 * np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize,
                 "finite": int(finite),
             }
         table = self.agree(call, error, **fields)
-        c = int(table[0, P._NFEAT])
+        c = int(table[0, P.COL_NFEAT])
         send = np.empty(2 * c)
         send[:c] = np.ravel(mean)
         send[c:] = np.ravel(var)
-        recv = P.allgather(self, send, call, int(table[0, P._SEQ]))
-        counts = tuple(int(n) for n in table[:, P._COUNT])
+        recv = P.allgather(self, send, call, int(table[0, P.COL_SEQ]))
+        counts = tuple(int(n) for n in table[:, P.COL_COUNT])
         parts = [
             BatchStats(n, recv[r, :c].reshape(fshape), recv[r, c:].reshape(fshape))
             for r, n in enumerate(counts)
@@ -172,7 +172,7 @@ class MpiReducer:
         mean, var = whole.mean, whole.var
         if whole.count == 0:  # no rank holds a value: the statistics of nothing are undefined
             mean, var = np.full(fshape, np.nan), np.full(fshape, np.nan)
-        bad = tuple(int(r) for r in np.flatnonzero(table[:, P._FINITE] == 0))
+        bad = tuple(int(r) for r in np.flatnonzero(table[:, P.COL_FINITE] == 0))
         return SyncBatchStats(whole.count, mean, var, counts, bad)
 
     def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
@@ -182,9 +182,9 @@ class MpiReducer:
         if error is None:
             host = [_to_host(a) for a in arrays]
             flat = np.concatenate([np.ravel(a) for a in host]) if host else np.zeros(0)
-            fields = {"nfeat": int(flat.size), "fhash": _hash(repr([a.shape for a in host]))}
+            fields = {"nfeat": int(flat.size), "fhash": P.text_hash(repr([a.shape for a in host]))}
         table = self.agree(call, error, **fields)
-        recv = P.allgather(self, flat, call, int(table[0, P._SEQ]))
+        recv = P.allgather(self, flat, call, int(table[0, P.COL_SEQ]))
         total = recv[0].copy()
         for r in range(1, recv.shape[0]):
             total += recv[r]
@@ -203,8 +203,8 @@ class MpiReducer:
             vector = np.ascontiguousarray(vector, np.float64)
             fields.setdefault("nfeat", int(vector.size))
         table = self.agree(call, error, **fields)
-        recv = P.allgather(self, vector, call, int(table[0, P._SEQ]))
-        return [int(n) for n in table[:, P._COUNT]], list(recv)
+        recv = P.allgather(self, vector, call, int(table[0, P.COL_SEQ]))
+        return [int(n) for n in table[:, P.COL_COUNT]], list(recv)
 
     def bcast(self, call: Call, flat: np.ndarray, root: int, seq: int) -> None:
         """Broadcast ``flat`` (float64, same size everywhere) from ``root``, in place."""

@@ -8,6 +8,9 @@ signatures. :func:`select` picks one for an array.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 
 from .numpy import NumpyBackend
@@ -20,7 +23,6 @@ BACKENDS = ("auto", "numpy", "numba")
 AUTO_NUMBA_MIN_SIZE = 1 << 15
 # Small arrays of the layouts the compiled kernels fuse run in serial compiled kernels
 # (no thread launch): one pass instead of ~8 NumPy passes and ~20 small NumPy calls.
-SMALL_NUMBA = True
 _kernels_module = None
 NUMPY = NumpyBackend()
 
@@ -63,7 +65,8 @@ def select(name: str, x: object, lay=None):
     memory counts as NCHW); feature axes that are not adjacent always take the NumPy path,
     and so do empty arrays (a rank holding no rows of a synchronized batch).
     """
-    check_backend(name)
+    if name.__class__ is not str or name not in BACKENDS:
+        check_backend(name)
     if not isinstance(x, np.ndarray):
         from .xp import xp_backend
 
@@ -73,11 +76,19 @@ def select(name: str, x: object, lay=None):
                 "library's arrays take the array-API path: use backend='auto')"
             )
         return xp_backend(x)
-    size = x.size
-    if name == "numpy" or size == 0:
+    if name == "numpy" or x.size == 0:
         return NUMPY
-    axes = lay.axes
-    kern = _load_kernels()
+    key = (x.shape, x.strides, x.itemsize, lay.axes)
+    return _numpy_route(name, *key, AUTO_NUMBA_MIN_SIZE, _load_kernels)
+
+
+@functools.lru_cache(maxsize=1024)
+def _numpy_route(name, shape, strides, itemsize, axes, min_size, load_kernels):
+    """The backend of a non-empty NumPy array of this shape, memory layout (strides,
+    itemsize) and feature axes, decided once per distinct signature: what every later call
+    with such an input reuses. ``min_size`` and ``load_kernels`` are the module's settings
+    at the call (part of the key, so changing them takes effect)."""
+    kern = load_kernels()
     if kern is None:
         if name == "numba":
             raise ImportError("backend='numba' needs numba: pip install numba")
@@ -85,7 +96,9 @@ def select(name: str, x: object, lay=None):
     backend = kern.NumbaBackend
     if not backend.supports(axes):
         return NUMPY
-    if name == "auto" and size < AUTO_NUMBA_MIN_SIZE:
-        small_ok = SMALL_NUMBA and kern.small_fused(*kern.memory_shape(x, axes))
-        return backend if small_ok else NUMPY
+    if name == "auto" and math.prod(shape) < min_size:
+        # an array of that layout over no memory (its strides are all memory_shape reads)
+        base = np.empty(0, np.dtype(f"f{itemsize}"))
+        like = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
+        return backend if kern.small_fused(*kern.memory_shape(like, axes)) else NUMPY
     return backend

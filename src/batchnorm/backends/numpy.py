@@ -13,13 +13,11 @@ import math
 
 import numpy as np
 
-from .._validation import as_feature_vector, reduce_axes
-from ..core import coef
+from .._validation import SUPPORTED_DTYPES, as_feature_vector, reduce_axes
+from .._xp import work_dtype as _xp_work_dtype
+from ..core import coef, passes
 
-#: Power of two the statistics are summed on again when a float64 sum overflowed while the
-#: data are finite (|x| near 1e308): multiplying by it is exact, and (1e308 * 2^-600)^2
-#: times any realistic count stays far below the float64 limit.
-RESCALE = 2.0**-600
+RESCALE = coef.RESCALE  # the rescale of an overflowed float64 sum (one constant, in coef)
 
 #: Variance below which float16/32 statistics are recomputed from float64 squares (their
 #: float32 squares would have lost precision to underflow).
@@ -27,11 +25,16 @@ TINY_VAR = 2.0**-90
 
 
 def work_dtype(dtype: np.dtype) -> np.dtype:
-    """Precision of the elementwise work: float64 stays, float16/float32 run in float32."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    """Precision of the elementwise work (:func:`batchnorm._xp.work_dtype`, the one rule,
+    tabulated once for NumPy's dtypes)."""
+    wt = _WORK.get(dtype)
+    return np.dtype(_xp_work_dtype(np, dtype)) if wt is None else wt
 
 
-def overflow_scale(
+_WORK = {t: np.dtype(_xp_work_dtype(np, t)) for t in SUPPORTED_DTYPES}
+
+
+def overflow_scale_or_none(
     mean: np.ndarray, var: np.ndarray, count: int, wt: np.dtype
 ) -> np.ndarray | None:
     """Per-feature power of two ``h`` for the elementwise passes; None when all are 1.
@@ -44,7 +47,7 @@ def overflow_scale(
     coefficient. The rule is :func:`batchnorm.core.coef.overflow_needed`, which the compiled
     kernels compile; this wrapper adds a fast exit and returns None when no feature needs it.
     """
-    big = _BIG[wt.itemsize]
+    big = OVERFLOW_LIMIT[wt.itemsize]
     # fast exit: sums bound the maxima (NaN/inf fall through to the exact rule)
     vs, ms = float(np.add.reduce(var, axis=None)), float(np.add.reduce(np.abs(mean), axis=None))
     if ms < big / 4 and count * vs < (big / 4) * (big / 4):  # inf for float64
@@ -55,7 +58,11 @@ def overflow_scale(
     return np.where(huge, coef.OVERFLOW_H, 1.0) if huge.any() else None
 
 
-_BIG = {4: float(np.finfo(np.float32).max) / 2, 8: float(np.finfo(np.float64).max) / 2}
+#: The overflow rule's ``big`` per working-precision itemsize (float32, float64), from
+#: :func:`batchnorm.core.coef.overflow_limit`.
+OVERFLOW_LIMIT = {
+    t.itemsize: coef.overflow_limit(float(np.finfo(t).max)) for t in map(np.dtype, "fd")
+}
 
 
 @functools.lru_cache(maxsize=512)
@@ -67,32 +74,36 @@ def _geometry(shape: tuple[int, ...], axes: tuple[int, ...]):
     return red, bshape, fshape, math.prod(shape[i] for i in red)
 
 
-def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``d = x*h - s*h`` in working precision and ``delta = mean - s`` in float64.
+def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None, delta=0.0):
+    """Return ``d = x*h - s*h`` in working precision and ``mean - s`` in float64.
 
-    ``s`` is ``mean`` rounded to the working precision; ``x - s`` is exact when x and s are
-    close (Sterbenz) and correctly rounded otherwise, so ``d/h - delta`` is ``x - mean`` to
-    working precision without a float64 copy of ``x``. ``h`` (a power of two per feature,
-    see :func:`overflow_scale`) is 1 unless ``x - s`` could overflow.
+    The mean is ``mean_b + delta`` (``delta`` 0, or the unrounded offset of a shifted
+    mean, see :func:`_np_moments`); ``s`` is the mean rounded to the working precision.
+    ``x - s`` is exact when x and s are close (Sterbenz) and correctly rounded otherwise,
+    so ``d/h - (mean - s)`` is ``x - mean`` to working precision without a float64 copy of
+    ``x``. ``h`` (a power of two per feature, see :func:`overflow_scale_or_none`) is 1 unless
+    ``x - s`` could overflow.
     """
     wt = work_dtype(x.dtype)
-    shift = mean_b.astype(wt)
+    shift = (mean_b + delta).astype(wt)
     if h_b is None or not (h_b != 1.0).any():
         d = np.subtract(x, shift, dtype=wt)
     else:
         d = np.multiply(x, h_b.astype(wt), dtype=wt)
         d -= (shift * h_b).astype(wt)
-    return d, mean_b - shift.astype(np.float64)
+    return d, coef.mean_offset(mean_b, delta, shift.astype(np.float64))
 
 
-def _np_moments(x, axes, bshape):
-    """Per-feature mean and biased variance (float64, broadcast shape).
+def _np_moments(x, axes):
+    """Per-feature ``(ref, delta, var)`` in float64 and the broadcast shape: the mean is
+    ``ref + delta``, held unrounded, and ``var`` the biased variance.
 
-    Two passes: a float64 mean ``m0``, then the mean square of ``d = x - s`` with ``s`` =
-    ``m0`` rounded to working precision, less ``(m0 - s)^2``. For float64 input ``d`` is
-    exact and the corrected two-pass form also uses ``mean(d)`` to repair summation error
-    in ``m0`` (NumPy sums naively along non-contiguous axes, which matters at offsets of
-    ~1e9 std); for float16/32 input ``m0`` is already exact to float64 round-off.
+    Two passes: a float64 mean ``m0``, then the mean ``delta`` and mean square of ``d = x
+    - s`` with ``s`` = ``m0`` rounded to working precision (``ref = s``), less
+    ``delta^2``. For float64 input ``d`` is exact near the mean, so ``delta`` repairs the
+    summation error of ``m0`` (NumPy sums naively along non-contiguous axes) and keeps the
+    digits a float64 mean of 1e12 cannot hold; for float16/32 input ``delta = m0 - s``
+    (``m0`` is exact to float64 round-off).
 
     Overflow: if a feature's statistics come out non-finite they are computed again on a
     float64 copy (squares of float32 data cannot overflow there), for float64 data scaled
@@ -102,30 +113,33 @@ def _np_moments(x, axes, bshape):
     (squares below the smallest float32); features whose variance comes out below
     :data:`TINY_VAR` are computed again on a float64 copy, as the compiled kernels do.
     """
-    mean, var = _np_moments_once(x, axes)
+    red, _, _, m = _geometry(x.shape, axes)
+    ref, delta, var = _np_moments_once(x, red, m)
+    # fast exit: the O(C) sums are finite (and no float32 variance is tiny) -> all good
+    s = float(np.add.reduce(delta, axis=None)) + float(np.add.reduce(var, axis=None))
+    if math.isfinite(s) and (x.dtype == np.float64 or float(np.min(var)) >= TINY_VAR):
+        return ref, delta, var
     with np.errstate(all="ignore"):
-        bad = ~(np.isfinite(mean) & np.isfinite(var))
+        bad = ~(np.isfinite(ref + delta) & np.isfinite(var))
         if x.dtype != np.float64:
             bad |= var < TINY_VAR
         if bad.any():
             h = RESCALE if x.dtype == np.float64 else 1.0
-            m2, v2 = _np_moments_once(x.astype(np.float64) * h, axes)
-            mean = np.where(bad, m2 / h, mean)
+            r2, d2, v2 = _np_moments_once(x.astype(np.float64) * h, red, m)
+            ref, delta = np.where(bad, r2 / h, ref), np.where(bad, d2 / h, delta)
             var = np.where(bad, (v2 / h) / h, var)
-    return mean, var
+    return ref, delta, var
 
 
-def _np_moments_once(x, axes):
-    red = reduce_axes(x.ndim, axes)
-    m0 = np.mean(x, axis=red, dtype=np.float64, keepdims=True)
+def _np_moments_once(x, red, m):
+    m0 = np.add.reduce(x, axis=red, dtype=np.float64, keepdims=True) / m
     d, delta = _centre(x, m0)
     if d.dtype == np.float64:
-        mean_d = np.mean(d, axis=red, dtype=np.float64, keepdims=True)
-        mean = (m0 - delta) + mean_d
-    else:
-        mean_d, mean = delta, m0
-    msq = np.mean(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True)
-    return mean, np.maximum(msq - mean_d * mean_d, 0.0)
+        delta = np.add.reduce(d, axis=red, keepdims=True) / m
+    msq = np.add.reduce(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True) / m
+    ref = m0 if d.dtype == np.float64 else m0.astype(d.dtype).astype(np.float64)
+    var = msq - delta * delta
+    return ref, delta, np.maximum(var, 0.0, out=var)
 
 
 def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
@@ -134,47 +148,6 @@ def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
         return d.astype(dtype, copy=False)
     np.copyto(out, d, casting="unsafe")
     return out
-
-
-def _np_affine(x, axes, mean_b, scale_b, bias_b, h_b=None):
-    """y = (x - mean) * scale + bias, all per-feature arrays in broadcast shape."""
-    d, delta = _centre(x, mean_b, h_b)
-    # output_coef with inv = scale and gamma = 1 (exact): a_h = scale / h, c = bias - delta*scale
-    a_h, c = coef.output_coef(delta, scale_b, 1.0, bias_b, 0.0, 1.0 if h_b is None else h_b)
-    d *= a_h.astype(d.dtype)
-    d += c.astype(d.dtype)
-    return d
-
-
-def _np_grad_sums(x, dy, axes, mean_b, h_b=None):
-    """sum(dy) and sum(dy * (x - mean)) per feature, accumulated in float64.
-
-    A float64 ``dy`` with float32 data is multiplied in float64 (as the compiled kernels
-    do), so a large ``dy`` does not overflow the float32 product.
-    """
-    red = reduce_axes(x.ndim, axes)
-    d, delta = _centre(x, mean_b, h_b)
-    sum_dy = np.sum(dy, axis=red, dtype=np.float64, keepdims=True)
-    if dy.dtype.itemsize > d.dtype.itemsize:
-        d = np.multiply(d, dy, dtype=dy.dtype)
-    else:
-        d *= dy
-    sum_dy_d = np.sum(d, axis=red, dtype=np.float64, keepdims=True)
-    return sum_dy, coef.centred_grad_sum(sum_dy_d, sum_dy, delta, 0.0, 1.0 if h_b is None else h_b)
-
-
-def _np_input_grad(x, dy, axes, mean_b, k_b, p_b, q_b, h_b=None):
-    """dx = k * dy + p * (x - mean) + q per feature."""
-    d, delta = _centre(x, mean_b, h_b)
-    wt = d.dtype
-    p_h, q_s = coef.input_grad_coef(p_b, q_b, delta, 0.0, 1.0 if h_b is None else h_b)
-    d *= p_h.astype(wt)
-    d += q_s.astype(wt)
-    if dy.dtype.itemsize > d.dtype.itemsize:  # float64 dy: the product in float64
-        d += np.multiply(dy, k_b)
-    else:
-        d += np.multiply(dy, k_b.astype(wt), dtype=wt)
-    return d
 
 
 class NumpyArrays:
@@ -229,7 +202,7 @@ class NumpyArrays:
     @staticmethod
     def overflow(mean, var, count: int, xw: np.ndarray):
         """The per-feature overflow scale ``h`` for data ``xw``, or None when it is 1."""
-        return overflow_scale(mean, var, count, work_dtype(xw.dtype))
+        return overflow_scale_or_none(mean, var, count, work_dtype(xw.dtype))
 
     @staticmethod
     def x_hat(x: np.ndarray, mean, inv_std, bshape) -> np.ndarray:
@@ -265,88 +238,64 @@ class NumpyBackend(NumpyArrays):
     @staticmethod
     def moments(xw: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature float64 mean and biased variance."""
-        fshape = tuple(xw.shape[a] for a in axes)
-        mean, var = _np_moments(xw, axes, _bshape(xw, axes))
-        return mean.reshape(fshape), var.reshape(fshape)
+        ref, delta, var = NumpyBackend.moments_shifted(xw, axes)
+        return ref + delta, var
 
     @staticmethod
-    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None) -> np.ndarray:
+    def moments_shifted(xw: np.ndarray, axes: tuple[int, ...]):
+        """Per-feature float64 ``(ref, delta, var)``: the mean ``ref + delta`` unrounded."""
+        fshape = tuple(xw.shape[a] for a in axes)
+        return tuple(v.reshape(fshape) for v in _np_moments(xw, axes))
+
+    @staticmethod
+    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None, delta=0.0) -> np.ndarray:
         """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype`` (into
-        ``out`` when given); ``h`` the per-feature overflow scale (default 1)."""
+        ``out`` when given); ``h`` the per-feature overflow scale (default 1); with
+        ``delta`` the mean is ``mean + delta`` held unrounded."""
         b = _bshape(xw, axes)
-        hb = None if h is None else h.reshape(b)
-        y = _np_affine(xw, axes, mean.reshape(b), scale.reshape(b), bias.reshape(b), hb)
-        return _finish(y, dtype, out)
+        hb = 1.0 if h is None else h.reshape(b)
+        db = delta if np.ndim(delta) == 0 else delta.reshape(b)
+        wt = work_dtype(xw.dtype) if out is not None else dtype
+        m, a, c = mean.reshape(b), scale.reshape(b), bias.reshape(b)
+        return _finish(passes.scale_shift(np, xw, m, a, c, hb, wt, db), dtype, out)
 
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``.
-
-        Written for few NumPy calls (small arrays pay per call): the float32 centred array
-        ``d = x - s`` of the statistics pass is reused for ``y = d * a + (beta - (mean - s)
-        * a)``; float64 data are centred again on the corrected mean, into the buffer of
-        the squares. The output is bit-identical to :meth:`moments` + :meth:`affine`.
-        """
-        red, b, fshape, m = _geometry(xw.shape, axes)
-        m0 = np.add.reduce(xw, axis=red, dtype=np.float64, keepdims=True) / m
-        if xw.dtype == np.float64:  # corrected two-pass (see _np_moments); d is exact
-            d = xw - m0
-            mean_d = np.add.reduce(d, axis=red, keepdims=True) / m
-            mean = m0 + mean_d
-        else:
-            shift = m0.astype(np.float32)
-            d = np.subtract(xw, shift, dtype=np.float32)
-            mean = m0
-            mean_d = delta = m0 - shift
-        sq = d * d
-        msq = np.add.reduce(sq, axis=red, dtype=np.float64, keepdims=True) / m
-        var = msq - mean_d * mean_d
-        np.maximum(var, 0.0, out=var)
-        mean, var = mean.reshape(fshape), var.reshape(fshape)
+        """Training forward: ``(y, mean, var, inv_std)``: the statistics of
+        :meth:`moments_shifted`,
+        then the output pass of :meth:`affine` with the unrounded mean (written out here
+        in the broadcast shape: small arrays pay for every NumPy call)."""
+        _, b, fshape, m = _geometry(xw.shape, axes)
+        ref, delta, var = _np_moments(xw, axes)
+        mean = ref + delta
         inv = coef.inv_std(var, eps)
-        h = overflow_scale(mean, var, m, d.dtype)
-        s = float(np.add.reduce(mean, axis=None)) + float(np.add.reduce(var, axis=None))
-        tiny = d.dtype != np.float64 and float(np.min(var)) < TINY_VAR
-        if h is not None or not math.isfinite(s) or tiny:
-            # overflow (or non-finite data): the careful statistics and output passes
-            mean, var = NumpyBackend.moments(xw, axes)
-            inv = coef.inv_std(var, eps)
-            h = overflow_scale(mean, var, m, d.dtype)
-            return NumpyBackend.affine(xw, axes, mean, inv * gamma, beta, dtype, out, h), mean, var
-        if d.dtype == np.float64:
-            # y = (x - mean) * a + beta, exactly as the output pass `affine` forms it
-            d = np.subtract(xw, mean.reshape(b), out=sq)
-            a, c = (inv * gamma).reshape(b), beta.reshape(b)
-        else:  # d = x - s with s = the mean rounded to float32, as `affine` forms it
-            a, c = coef.output_coef(
-                delta, inv.reshape(b), gamma.reshape(b), beta.reshape(b), 0.0, 1.0
-            )
-            a, c = a.astype(d.dtype), c.astype(d.dtype)
-        if out is not None and out.dtype == d.dtype:
-            np.multiply(d, a, out=out)
-            out += c
-            return out, mean, var
-        d *= a
-        d += c
-        return _finish(d, dtype, out), mean, var
+        wt = work_dtype(xw.dtype)
+        h = overflow_scale_or_none(mean, var, m, wt)
+        y = passes.scale_shift(
+            np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
+            wt if out is not None else dtype, delta,
+        )  # fmt: skip
+        y = _finish(y, dtype, out)
+        return y, mean.reshape(fshape), var.reshape(fshape), inv.reshape(fshape)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:
-        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-        b = _bshape(xw, axes)
-        hb = None if h is None else h.reshape(b)
-        s1, s2 = _np_grad_sums(xw, dyw, axes, mean.reshape(b), hb)
+        """Per-feature float64 ``sum(dy)`` and ``sum(dy * (x - mean))``
+        (:func:`batchnorm.core.passes.grad_sums`; a float64 ``dy`` with float32 data is
+        multiplied in float64, as the compiled kernels do)."""
+        red, b, _, _ = _geometry(xw.shape, axes)
+        hb = 1.0 if h is None else h.reshape(b)
+        s1, s2 = passes.grad_sums(np, xw, dyw, mean.reshape(b), red, np.float64, hb)
         return s1.reshape(mean.shape), s2.reshape(mean.shape)
 
     @staticmethod
     def input_grad(xw, dyw, axes, mean, k, p, q, dtype, out=None, h=None) -> np.ndarray:
-        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``."""
-        b = _bshape(xw, axes)
-        hb = None if h is None else h.reshape(b)
-        dx = _np_input_grad(
-            xw, dyw, axes, mean.reshape(b), k.reshape(b), p.reshape(b), q.reshape(b), hb
-        )
-        return _finish(dx, dtype, out)
+        """``dx = k * dy + p * (x - mean) + q`` per feature, returned in ``dtype``
+        (:func:`batchnorm.core.passes.input_grad`)."""
+        b = _geometry(xw.shape, axes)[1]
+        hb = 1.0 if h is None else h.reshape(b)
+        m, kb, pb, qb = (v.reshape(b) for v in (mean, k, p, q))
+        return _finish(passes.input_grad(np, xw, dyw, m, kb, pb, qb, dtype, hb), dtype, out)
 
     @staticmethod
     def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):

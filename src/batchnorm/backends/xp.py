@@ -2,7 +2,8 @@
 on its own device, through the passes of :mod:`batchnorm.core.passes`.
 
 Same contract as :class:`batchnorm.backends.numpy.NumpyBackend` (``moments``, ``affine``,
-``train``, ``grad_sums``, ``input_grad``, ``backward`` and the per-feature helpers), with
+``train``, ``grad_sums``, ``input_grad`` and the per-feature helpers; the local backward is
+:func:`batchnorm.core.passes.backward` itself), with
 per-feature arrays in the statistics dtype of the device (:func:`batchnorm._xp.stats_dtype`)
 and the overflow scale always applied (no data-dependent branch: multiplying by 1 is exact).
 ``out=`` is not supported (the caller refuses it first). NumPy-only rescues (the float64
@@ -18,7 +19,6 @@ import numpy as np
 from .. import _xp
 from .._validation import layout
 from ..core import coef, passes
-from ..core.ops import rounded
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -107,7 +107,7 @@ class XpBackend:
         """The per-feature overflow scale ``h`` (always an array here)."""
         wt = _xp.work_dtype(self.xp, xw.dtype)
         shift = self.xp.astype(self.xp.astype(mean, wt), mean.dtype)
-        big = float(self.xp.finfo(wt).max) / 2
+        big = coef.overflow_limit(float(self.xp.finfo(wt).max))
         return coef.overflow_scale(mean, var, shift, count, big)
 
     def x_hat(self, x, mean, inv_std, bshape):
@@ -133,28 +133,16 @@ class XpBackend:
         return self.xp.reshape(mean, lay.fshape), self.xp.reshape(var, lay.fshape)
 
     def train(self, xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``."""
-        y, mean, var, _ = passes.train(self.xp, xw, axes, gamma, beta, eps, self.sdt)
-        return y, mean, var
+        """Training forward: ``(y, mean, var, inv_std)``."""
+        return passes.train(self.xp, xw, axes, gamma, beta, eps, self.sdt)
 
-    def affine(self, xw, axes, mean, scale, bias, dtype, out=None, h=None):
-        """``y = (x - mean) * scale + bias`` per feature in the rounding-safe form."""
+    def affine(self, xw, axes, mean, scale, bias, dtype, out=None, h=None, delta=None):
+        """``y = (x - mean) * scale + bias`` per feature in the rounding-safe form
+        (:func:`batchnorm.core.passes.scale_shift`)."""
         xp = self.xp
-        lay = layout(tuple(xw.shape), axes)
-        b = lay.bshape
+        b = layout(tuple(xw.shape), axes).bshape
         m, a, c = (xp.reshape(v, b) for v in (mean, scale, bias))
-        hh = 1.0 if h is None else xp.reshape(h, b)
-        wt = _xp.work_dtype(xp, xw.dtype)
-        xw = xp.astype(xw, wt, copy=False)
-        s = rounded(m, xw)
-        a_h, cc = coef.output_coef(m, a, 1.0, c, s, hh)
-        d = (
-            xw * xp.astype(hh, wt) - xp.astype(s * hh, wt)
-            if h is not None
-            else xw - xp.astype(s, wt)
-        )
-        d = d * xp.astype(a_h, wt) + xp.astype(cc, wt)
-        return xp.astype(d, dtype, copy=False)
+        return passes.scale_shift(xp, xw, m, a, c, 1.0 if h is None else xp.reshape(h, b), dtype)
 
     def grad_sums(self, xw, dyw, axes, mean, h=None):
         """Per-feature ``sum(dy)`` and ``sum(dy * (x - mean))`` in the statistics dtype."""
@@ -173,13 +161,3 @@ class XpBackend:
         hb = xp.ones(lay.fshape, dtype=self.sdt, device=self.device) if h is None else h
         r = [xp.reshape(v, lay.bshape) for v in (mean, k, p, q, hb)]
         return passes.input_grad(xp, xw, dyw, r[0], r[1], r[2], r[3], dtype, r[4])
-
-    def backward(self, xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):
-        """Backward: ``(dx, sum_dy, sum_dy_xc)`` (gradient sums, then ``dx``)."""
-        s1, s2 = self.grad_sums(xw, dyw, axes, mean, h)
-        if batch_stats:
-            count = layout(tuple(xw.shape), axes).count
-            p, q = coef.backward_coef(s1, s2, inv, k, count)
-        else:
-            p = q = self.xp.zeros(k.shape, dtype=self.sdt, device=self.device)
-        return self.input_grad(xw, dyw, axes, mean, k, p, q, dtype, None, h), s1, s2

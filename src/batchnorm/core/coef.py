@@ -28,6 +28,25 @@ from .ops import sqrt, where
 #: spanning the whole float range back inside it.
 OVERFLOW_H = 1.0 / 16.0
 
+#: Power of two float64 statistics are summed on again when a float64 sum overflowed while
+#: the data are finite (|x| near 1e308): multiplying by it is exact, and (1e308 * 2^-600)^2
+#: times any realistic count stays far below the float64 limit (NumPy arrays only).
+RESCALE = 2.0**-600
+
+
+def overflow_limit(max_finite):
+    """The ``big`` of :func:`overflow_needed` for a working precision whose largest finite
+    value is ``max_finite`` (``finfo(wt).max``): half of it."""
+    return max_finite / 2
+
+
+def mean_offset(shift, delta, s):
+    """``mean - s`` for a mean held unrounded as ``shift + delta`` (``delta = sum(x -
+    shift) / n``): ``(shift - s) + delta``. ``shift - s`` is exact when the two are close
+    (Sterbenz), so the offset keeps the digits that rounding ``shift + delta`` to one float
+    would lose (float64 data of mean 1e12 and spread 1e-3: ``ulp(1e12) = 1.2e-4``)."""
+    return (shift - s) + delta
+
 
 def inv_std(var, eps):
     r""":math:`1/\sqrt{\sigma^2 + \epsilon}`."""

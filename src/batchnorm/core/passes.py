@@ -48,18 +48,21 @@ import math
 
 from .._validation import Layout
 from .._validation import layout as _layout
-from .._xp import device, is_jax, stats_dtype, work_dtype
+from .._xp import device, stats_dtype, work_dtype
 from .coef import (
     backward_coef,
     centred_grad_sum,
     input_grad_coef,
+    mean_offset,
     moments_from_shifted_sums,
     output_coef,
+    overflow_limit,
     overflow_scale,
 )
 from .coef import inv_std as _inv_std
-from .ops import rounded, where
+from .ops import rounded
 from .sums import accurate_sum as _sum
+from .sums import shifted_sums
 
 __all__ = [
     "Layout",
@@ -70,6 +73,7 @@ __all__ = [
     "layout",
     "moments",
     "normalize",
+    "scale_shift",
     "train",
 ]
 
@@ -81,56 +85,12 @@ def layout(shape: tuple[int, ...], axes: int | tuple[int, ...]) -> Layout:
 
 
 def _big(xp, wt) -> float:
-    """Half the largest finite value of ``wt`` (the ``big`` of the overflow rule)."""
-    return float(xp.finfo(wt).max) / 2
+    """The ``big`` of the overflow rule for the working dtype ``wt``."""
+    return overflow_limit(float(xp.finfo(wt).max))
 
 
 def _work(xp, x):
     return xp.astype(x, work_dtype(xp, x.dtype), copy=False)
-
-
-def _shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
-    """The two passes: ``(shift, d, sum(d), sum(d*d))`` with ``d = x - shift`` in the
-    working dtype and ``shift`` (per feature, broadcast shape) in ``sdt``."""
-    sample = xw[tuple(slice(0, 1) if i in red else slice(None) for i in range(xw.ndim))]
-    # pass 1: offsets from one sample per feature cancel exactly, whatever the mean
-    m1 = xp.astype(sample, sdt) + _sum(xp, xw - sample, red, sdt) / n
-    shift = xp.astype(m1, xw.dtype)  # the first mean as the data can hold it
-    d = xw - shift  # pass 2: exact near the mean (Sterbenz)
-    if is_jax(xp):  # traceable: the scale is always applied (arithmetic, no branch)
-        h = _square_scale(xp, d, red, sdt)
-        t2 = _sum(xp, _squares(xp, d, h), red, sdt) / (h * h)
-    else:  # eager libraries: scale only when a square overflowed (an O(C) check)
-        t2 = _sum(xp, d * d, red, sdt)
-        if not bool(xp.all(xp.isfinite(t2))):
-            h = _square_scale(xp, d, red, sdt)
-            t2 = _sum(xp, _squares(xp, d, h), red, sdt) / (h * h)
-    return xp.astype(shift, sdt), d, _sum(xp, d, red, sdt), t2
-
-
-#: Largest |d| (a power of two) whose square the working dtype still holds with room to sum.
-_SQUARE_LIMIT = {4: 2.0**60, 8: 2.0**500}
-
-
-def _square_scale(xp, d, red: tuple[int, ...], sdt):
-    """Per feature, the power of two ``h`` (in ``sdt``) that keeps ``(h d)^2`` finite in the
-    working dtype: 1 unless ``max|d|`` exceeds :data:`_SQUARE_LIMIT` (data spanning more
-    than ~1e18 in float32), then the exact power of two that brings it below. No branch:
-    the scale is arithmetic, so the pass still traces under ``jax.jit``."""
-    limit = _SQUARE_LIMIT[8 if d.dtype == xp.float64 else 4]
-    top = xp.maximum(xp.max(d, axis=red, keepdims=True), -xp.min(d, axis=red, keepdims=True))
-    top = xp.astype(top, sdt)
-    over = top > limit
-    safe = where(over, top, 1.0)  # log2 of the features that need a scale only
-    e = xp.ceil(xp.log2(safe)) - math.log2(limit)
-    return where(over, 2.0 ** (-e), 1.0)
-
-
-def _squares(xp, d, h):
-    """``(h d)^2`` in the working dtype (``h`` exactly a power of two, or 1)."""
-    hd = d * xp.astype(h, d.dtype)
-    hd *= hd
-    return hd
 
 
 def moments(xp, x, red: tuple[int, ...], sdt):
@@ -150,14 +110,17 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     mean, var : arrays in the broadcast shape (reduced axes of size 1), dtype ``sdt``
     """
     n = math.prod(x.shape[i] for i in red)
-    shift, _, t1, t2 = _shifted_sums(xp, _work(xp, x), red, sdt, n)
+    shift, _, t1, t2 = shifted_sums(xp, _work(xp, x), red, sdt, n)
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
 
 
-def _centred(xp, xw, mean, h):
-    """``(shift, d)``: the shift (the mean rounded to the working dtype, in the dtype of
-    ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from overflow)."""
-    shift = rounded(mean, xw)
+def _centred(xp, xw, mean, h, delta=0.0):
+    """``(shift, d)``: the shift (the mean ``mean + delta`` rounded to the working dtype,
+    in the dtype of ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from
+    overflow). ``h`` the Python float 1.0 (a static value, not data) skips the scaling."""
+    shift = rounded(mean + delta, xw)
+    if isinstance(h, float) and h == 1.0:
+        return shift, xw - xp.astype(shift, xw.dtype)
     d = xw * xp.astype(h, xw.dtype)
     d -= xp.astype(shift * h, xw.dtype)
     return shift, d
@@ -194,10 +157,34 @@ def normalize(xp, x, mean, var, inv, gamma, beta, count: int, out_dtype):
     y : array, shape of ``x``, dtype ``out_dtype``
     """
     xw = _work(xp, x)
-    shift = rounded(mean, xw)
-    h = overflow_scale(mean, var, shift, count, _big(xp, xw.dtype))
-    a_h, c = output_coef(mean, inv, 1.0 if gamma is None else gamma, _beta(beta), shift, h)
-    _, d = _centred(xp, xw, mean, h)
+    h = overflow_scale(mean, var, rounded(mean, xw), count, _big(xp, xw.dtype))
+    a = inv if gamma is None else inv * gamma
+    return scale_shift(xp, x, mean, a, beta, h, out_dtype)
+
+
+def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
+    """``y = (x - mean) * a + beta`` per feature in the rounding-safe form, with the
+    overflow scale ``h`` given (the output pass of :func:`normalize`; NumPy's too). With
+    ``delta`` the mean is ``mean + delta`` held unrounded (a shift and the mean's offset
+    from it: :func:`batchnorm.core.coef.mean_offset`).
+
+    Parameters
+    ----------
+    xp : array namespace of ``x``
+    x : array, any shape
+    mean, a : arrays in the broadcast shape, dtype ``sdt``
+    beta : array in the broadcast shape, or None (0)
+    h : array in the broadcast shape, or 1.0
+    out_dtype : dtype of ``xp``
+    delta : array in the broadcast shape, or 0.0
+
+    Returns
+    -------
+    y : array, shape of ``x``, dtype ``out_dtype``
+    """
+    xw = _work(xp, x)
+    shift, d = _centred(xp, xw, mean, h, delta)
+    a_h, c = output_coef(mean_offset(mean, delta, shift), a, 1.0, _beta(beta), 0.0, h)
     return xp.astype(_affine(xp, d, a_h, c), out_dtype, copy=False)
 
 
@@ -306,7 +293,7 @@ def train(xp, x, axes, gamma=None, beta=None, eps=1e-5, sdt=None):
     lay = layout(tuple(x.shape), _axes(axes))
     sdt = _sdt(xp, x, sdt)
     xw = _work(xp, x)
-    shift, d, t1, t2 = _shifted_sums(xp, xw, lay.red, sdt, lay.count)
+    shift, d, t1, t2 = shifted_sums(xp, xw, lay.red, sdt, lay.count)
     mean, var = moments_from_shifted_sums(shift, t1, t2, lay.count, 1.0)
     inv = _inv_std(var, eps)
     delta = t1 / lay.count  # mean - shift, exactly as the sums give it

@@ -3,26 +3,34 @@
 A norm layer (or a functional call) never talks to other processes itself; it holds a
 reducer and hands it what it computed locally. The protocol, for every synchronized step:
 
-1. every participant does its local work, catching any error instead of raising it;
+1. every participant does its local work through :func:`attempt` (``value, error =
+   attempt(reducer, fn, *args)``): the single-process reducer raises an error at once,
+   a distributed one hands it back instead of raising it;
 2. :meth:`Reducer.agree` (or :meth:`Reducer.merge` / :meth:`Reducer.sum`, which agree
-   first): if any participant failed, or they disagree about the call, the same error is
-   raised on every participant before any data moves;
+   first) with that error: if any participant failed, or they disagree about the call,
+   the same error is raised on every participant before any data moves;
 3. otherwise the O(C) payload is combined in participant order, so every participant gets
    bit-identical results.
 
-:class:`LocalReducer` is the single-process reducer (an error is simply raised). The MPI
-reducer lives in :mod:`batchnorm._sync`; framework reducers (torch.distributed, a JAX axis
-name) implement the same four methods.
+So no caller catches errors or asks whether it is distributed: agreeing on an error is
+the reducer's business. :class:`LocalReducer` is the single-process reducer (an error is
+simply raised). The MPI reducer lives in :mod:`batchnorm._sync`; framework reducers
+(torch.distributed, a JAX axis name) implement the same four methods, and may implement
+``attempt`` (otherwise :func:`attempt` collects errors for every reducer whose
+``distributed`` is true).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from .stats import BatchStats
 
-__all__ = ["KIND_NAMES", "Call", "LocalReducer", "Reducer", "SyncBatchStats", "LOCAL"]
+__all__ = ["KIND_NAMES", "Call", "LocalReducer", "Reducer", "SyncBatchStats", "LOCAL", "attempt"]
+
+T = TypeVar("T")
 
 KIND_TRAIN, KIND_EVAL, KIND_BACKWARD, KIND_MOMENTS, KIND_RECAL, KIND_GRADS = 1, 2, 3, 4, 5, 6
 KIND_METRICS, KIND_BCAST = 7, 8
@@ -116,6 +124,11 @@ class LocalReducer:
     comm = None
     timeout = None
 
+    @staticmethod
+    def attempt(fn: Callable[..., T], /, *args, **kwargs) -> tuple[T, None]:
+        """``(fn(*args, **kwargs), None)``; an error is raised at once."""
+        return fn(*args, **kwargs), None
+
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> None:
         """Raise ``error`` if there is one."""
         if error is not None:
@@ -145,6 +158,30 @@ class LocalReducer:
 
     def __repr__(self) -> str:
         return "LocalReducer()"
+
+
+def collect(fn: Callable[..., T], /, *args, **kwargs) -> tuple[T | None, BaseException | None]:
+    """``(fn(*args, **kwargs), None)``, or ``(None, error)`` when it raised: a distributed
+    reducer's :func:`attempt` (the error then travels to every participant)."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - every error must reach every participant
+        return None, exc
+
+
+def attempt(
+    reducer: Reducer, fn: Callable[..., T], /, *args, **kwargs
+) -> tuple[T | None, BaseException | None]:
+    """This participant's local step of a collective call: ``(value, None)``, or with a
+    distributed reducer ``(None, error)`` when ``fn`` failed, for ``reducer.merge`` /
+    ``sum`` / ``agree`` to raise on every participant. Uses ``reducer.attempt`` when the
+    reducer has one."""
+    if reducer is LOCAL:  # the common case, without a lookup
+        return fn(*args, **kwargs), None
+    own = getattr(reducer, "attempt", None)
+    if own is not None:
+        return own(fn, *args, **kwargs)
+    return collect(fn, *args, **kwargs) if reducer.distributed else (fn(*args, **kwargs), None)
 
 
 #: The shared single-process reducer (it holds no state).

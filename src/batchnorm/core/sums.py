@@ -17,9 +17,21 @@ from __future__ import annotations
 
 import math
 
-from .._xp import is_torch
+from .._xp import is_jax, is_torch
+from .ops import where
 
-__all__ = ["BLOCK", "SMALL", "accurate_sum", "blocked_sum", "cut", "pairwise_sum"]
+__all__ = [
+    "BLOCK",
+    "SMALL",
+    "SQUARE_LIMIT",
+    "accurate_sum",
+    "blocked_sum",
+    "cut",
+    "pairwise_sum",
+    "shifted_sums",
+    "square_scale",
+    "squares",
+]
 
 #: Values per float32 partial sum before the partial sums are added in float64 (torch).
 BLOCK = 1024
@@ -132,3 +144,47 @@ def accurate_sum(xp, v, red: tuple[int, ...], sdt):
     if is_torch(xp):
         return blocked_sum(xp, v, red, sdt)
     return xp.sum(v, axis=red, dtype=sdt, keepdims=True)
+
+
+def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
+    """The two passes: ``(shift, d, sum(d), sum(d*d))`` with ``d = x - shift`` in the
+    working dtype and ``shift`` (per feature, broadcast shape) in ``sdt``."""
+    sample = xw[tuple(slice(0, 1) if i in red else slice(None) for i in range(xw.ndim))]
+    # pass 1: offsets from one sample per feature cancel exactly, whatever the mean
+    m1 = xp.astype(sample, sdt) + accurate_sum(xp, xw - sample, red, sdt) / n
+    shift = xp.astype(m1, xw.dtype)  # the first mean as the data can hold it
+    d = xw - shift  # pass 2: exact near the mean (Sterbenz)
+    if is_jax(xp):  # traceable: the scale is always applied (arithmetic, no branch)
+        h = square_scale(xp, d, red, sdt)
+        t2 = accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h)
+    else:  # eager libraries: scale only when a square overflowed (an O(C) check)
+        t2 = accurate_sum(xp, d * d, red, sdt)
+        if not bool(xp.all(xp.isfinite(t2))):
+            h = square_scale(xp, d, red, sdt)
+            t2 = accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h)
+    return xp.astype(shift, sdt), d, accurate_sum(xp, d, red, sdt), t2
+
+
+#: Largest |d| (a power of two) whose square the working dtype still holds with room to sum.
+SQUARE_LIMIT = {4: 2.0**60, 8: 2.0**500}
+
+
+def square_scale(xp, d, red: tuple[int, ...], sdt):
+    """Per feature, the power of two ``h`` (in ``sdt``) that keeps ``(h d)^2`` finite in the
+    working dtype: 1 unless ``max|d|`` exceeds :data:`SQUARE_LIMIT` (data spanning more
+    than ~1e18 in float32), then the exact power of two that brings it below. No branch:
+    the scale is arithmetic, so the pass still traces under ``jax.jit``."""
+    limit = SQUARE_LIMIT[8 if d.dtype == xp.float64 else 4]
+    top = xp.maximum(xp.max(d, axis=red, keepdims=True), -xp.min(d, axis=red, keepdims=True))
+    top = xp.astype(top, sdt)
+    over = top > limit
+    safe = where(over, top, 1.0)  # log2 of the features that need a scale only
+    e = xp.ceil(xp.log2(safe)) - math.log2(limit)
+    return where(over, 2.0 ** (-e), 1.0)
+
+
+def squares(xp, d, h):
+    """``(h d)^2`` in the working dtype (``h`` exactly a power of two, or 1)."""
+    hd = d * xp.astype(h, d.dtype)
+    hd *= hd
+    return hd

@@ -83,30 +83,38 @@ class NumbaBackend(NumpyArrays):
     @staticmethod
     def moments(xw: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Per-feature float64 mean and biased variance."""
-        fshape = tuple(xw.shape[a] for a in axes)
-        _, maxes, (xm,) = to_memory(axes, xw)
-        mean, var = K.moments(xm, maxes)
-        return mean.reshape(fshape), var.reshape(fshape)
+        ref, delta, var = NumbaBackend.moments_shifted(xw, axes)
+        return ref + delta, var
 
     @staticmethod
-    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None) -> np.ndarray:
+    def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None, delta=0.0) -> np.ndarray:
         """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype`` (into
-        ``out`` when given); ``h`` the per-feature overflow scale (default 1)."""
+        ``out`` when given); ``h`` the per-feature overflow scale (default 1); with
+        ``delta`` the mean is ``mean + delta`` held unrounded."""
         perm, maxes, (xm,) = to_memory(axes, xw)
         o = _out_view(perm, out)
         h = None if h is None else h.ravel()
-        y = K.affine(xm, maxes, mean.ravel(), scale.ravel(), bias.ravel(), dtype, o, h)
+        d = delta if isinstance(delta, float) else delta.ravel()
+        y = K.affine(xm, maxes, mean.ravel(), scale.ravel(), bias.ravel(), dtype, o, h, d)
         return _result(perm, y, out, o)
 
     @staticmethod
-    def train(xw, axes, gamma, beta, eps, dtype, out=None):
-        """Training forward: ``(y, mean, var)``; statistics and output in one trip when the
-        blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
+    def moments_shifted(xw: np.ndarray, axes: tuple[int, ...]):
+        """Per-feature float64 ``(ref, delta, var)``: the mean ``ref + delta`` unrounded."""
         fshape = tuple(xw.shape[a] for a in axes)
+        _, maxes, (xm,) = to_memory(axes, xw)
+        return tuple(v.reshape(fshape) for v in K.moments_shifted(xm, maxes))
+
+    @staticmethod
+    def train(xw, axes, gamma, beta, eps, dtype, out=None):
+        """Training forward: ``(y, mean, var, inv_std)``; statistics and output in one trip
+        when the blocks fit in cache. ``gamma``/``beta`` float64 per feature (not None)."""
+        fshape = gamma.shape  # the per-feature shape
         perm, maxes, (xm,) = to_memory(axes, xw)
         o = _out_view(perm, out)
-        y, mean, var = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o)
-        return _result(perm, y, out, o), mean.reshape(fshape), var.reshape(fshape)
+        y, mean, var, inv = K.train(xm, maxes, gamma.ravel(), beta.ravel(), eps, dtype, o, True)
+        y = _result(perm, y, out, o)
+        return y, mean.reshape(fshape), var.reshape(fshape), inv.reshape(fshape)
 
     @staticmethod
     def grad_sums(xw, dyw, axes, mean, h=None) -> tuple[np.ndarray, np.ndarray]:

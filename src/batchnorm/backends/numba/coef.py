@@ -17,6 +17,8 @@ from ...core import coef, ops
 
 FORMULAS = (
     coef.inv_std,
+    coef.mean_offset,
+    coef.overflow_limit,
     coef.moments_from_shifted_sums,
     coef.overflow_needed,
     coef.overflow_scale,

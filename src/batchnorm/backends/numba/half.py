@@ -3,7 +3,7 @@
 float16 data are read and written as such: the kernels take their bit patterns (uint16)
 and convert each value in registers (LLVM ``fpext``/``fptrunc``, i.e. F16C instructions
 where the CPU has them; round to nearest even), so no float32 copy is ever made. The
-kernels call :func:`_ld` and :func:`_st`, which compile to the conversion for uint16 and
+kernels call :func:`ld` and :func:`st`, which compile to the conversion for uint16 and
 to nothing for float32/float64.
 """
 
@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .plan import _guard
+from .plan import guard
 
 
 @intrinsic
@@ -39,24 +39,24 @@ def _f2h(typingctx, v):  # pragma: no cover - compiled
     return sig, codegen
 
 
-def _ld(v):  # pragma: no cover - replaced in compiled code
+def ld(v):  # pragma: no cover - replaced in compiled code
     """Load one element in working precision (float16 bits -> float32; floats unchanged)."""
     raise NotImplementedError
 
 
-@overload(_ld, inline="always")
+@overload(ld, inline="always")
 def _ld_impl(v):
     if isinstance(v, types.Integer):
         return lambda v: _h2f(v)
     return lambda v: v
 
 
-def _st(v, out):  # pragma: no cover - replaced in compiled code
+def st(v, out):  # pragma: no cover - replaced in compiled code
     """A working-precision value as it is stored in ``out`` (float16 bits for uint16)."""
     raise NotImplementedError
 
 
-@overload(_st, inline="always")
+@overload(st, inline="always")
 def _st_impl(v, out):
     if isinstance(out.dtype, types.Integer):
         return lambda v, out: _f2h(np.float32(v))
@@ -79,7 +79,7 @@ def half_to_float(x: np.ndarray) -> np.ndarray:
     """float16 array -> C-contiguous float32 array (exact)."""
     bits = np.ascontiguousarray(x).view(np.uint16).reshape(-1)
     out = np.empty(x.shape, np.float32)
-    with _guard():
+    with guard():
         _h2f_array(bits, out.reshape(-1))
     return out
 
@@ -88,6 +88,6 @@ def float_to_half(y: np.ndarray) -> np.ndarray:
     """float32 array -> float16 array, rounded to nearest even (as NumPy's astype)."""
     y = np.ascontiguousarray(y, dtype=np.float32)
     out = np.empty(y.shape, np.float16)
-    with _guard():
+    with guard():
         _f2h_array(y.reshape(-1), out.reshape(-1).view(np.uint16))
     return out

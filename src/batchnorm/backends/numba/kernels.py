@@ -45,21 +45,22 @@ import numpy as np
 from numba import njit
 
 from ...core import coef as F
-from ..numpy import RESCALE, overflow_scale, work_dtype
+from ...core.stats import merge
+from ..numpy import OVERFLOW_LIMIT, overflow_scale_or_none, work_dtype
 from . import passes, reductions
 from .half import float_to_half, half_to_float
-from .options import _SERIAL_OPTS
+from .options import SERIAL_OPTS
 from .plan import (
     FUSE_BYTES,
     ROWS_FUSE_MAX,
     SERIAL_MAX,
     WIDE_INNER,
     Plan,
-    _guard,
-    _threads,
+    guard,
     plan_for,
     small_fused,
     supported,
+    threads,
 )
 
 __all__ = [
@@ -82,16 +83,12 @@ __all__ = [
 ]
 
 
-def _plan(xw: np.ndarray, axes) -> Plan:
-    return plan_for(xw.shape, axes, _threads(), xw.itemsize)
-
-
 def _setup(xw: np.ndarray, axes):
     """(plan, kernel set, guard) for an array: serial kernels below :data:`SERIAL_MAX`
     elements (a parallel launch costs more than the whole job), parallel ones above."""
     if xw.size < SERIAL_MAX:
         return plan_for(xw.shape, axes, 1, xw.itemsize), _SER, _NO_GUARD
-    return plan_for(xw.shape, axes, _threads(), xw.itemsize), _PAR, _guard()
+    return plan_for(xw.shape, axes, threads(), xw.itemsize), _PAR, guard()
 
 
 class _Kernels:
@@ -111,16 +108,12 @@ def _serial_copy(dispatcher):
     )
     g.__qualname__ = f.__qualname__ + "_serial"
     g.__doc__ = f.__doc__
-    return njit(**_SERIAL_OPTS)(g)
-
-
-def _big(wt: np.dtype) -> float:
-    return float(np.finfo(wt).max) / 2
+    return njit(**SERIAL_OPTS)(g)
 
 
 def _rescale(xw: np.ndarray) -> float:
     """Scale for a second summation when a float64 sum overflowed (float64 data only)."""
-    return RESCALE if xw.dtype == np.float64 else 1.0
+    return F.RESCALE if xw.dtype == np.float64 else 1.0
 
 
 def _output(out, xw: np.ndarray, dtype) -> np.ndarray:
@@ -128,38 +121,65 @@ def _output(out, xw: np.ndarray, dtype) -> np.ndarray:
 
 
 def _merge_columns(plan: Plan, shift, s1, s2, hs):
-    """Per-feature (mean, biased var) from per-column shifted sums (Chan's merge)."""
+    """Per-feature ``(ref, delta, var)`` from per-column shifted sums of ``x * hs -
+    shift``: the mean is ``ref + delta``, held unrounded (``ref`` a sample of the feature,
+    ``delta`` the mean's offset from it), and ``var`` the biased variance. The columns of
+    one feature (rows layout with I > 1) are merged pairwise by Chan's merge
+    (:func:`batchnorm.core.stats.merge`)."""
     s1, s2 = s1.sum(axis=0), s2.sum(axis=0)
     if plan.wide or plan.I == 1:
-        n = plan.count
-        d = s1 / n
-        return (shift + d) / hs, (np.maximum(s2 / n - d * d, 0.0) / hs) / hs
-    n_col = plan.O
-    col_d = s1 / n_col
-    col_mean = (shift + col_d).reshape(plan.C, plan.I)
-    col_m2 = np.maximum(s2 - n_col * col_d * col_d, 0.0).reshape(plan.C, plan.I)
-    mean = col_mean.mean(axis=1)
-    m2 = col_m2.sum(axis=1) + n_col * ((col_mean - mean[:, None]) ** 2).sum(axis=1)
-    return mean / hs, ((m2 / plan.count) / hs) / hs
+        delta, var = F.moments_from_shifted_sums(0.0, s1, s2, plan.count, hs)
+        return shift / hs, delta, var
+    cols = (plan.C, plan.I)
+    col_shift = shift.reshape(cols)
+    ref = col_shift[:, :1]
+    t1, t2 = s1.reshape(cols), s2.reshape(cols)
+    # each column's mean relative to the feature's first sample, and its variance
+    off, col_var = F.moments_from_shifted_sums(col_shift - ref, t1, t2, plan.O, hs)
+    mean, m2 = _merge_pairwise(np.full(plan.I, float(plan.O)), off, col_var * plan.O)
+    return ref[:, 0] / hs, mean[:, 0], m2[:, 0] / plan.count
 
 
-def moments(xw: np.ndarray, axes: tuple[int, ...]):
-    """Per-feature float64 mean and biased variance of a work array (flat vectors)."""
+def _merge_pairwise(count, mean, m2):
+    """Chan's merge of the columns of ``(mean, m2)`` (features x columns, ``count`` values
+    per column) down to one column, pairwise: log2(columns) vectorized merges."""
+    while mean.shape[1] > 1:
+        k, h = mean.shape[1], mean.shape[1] // 2
+        lo, hi = slice(0, h), slice(h, 2 * h)
+        parts = merge(count[lo], mean[:, lo], m2[:, lo], count[hi], mean[:, hi], m2[:, hi])
+        if k % 2:  # the odd column joins the next level unchanged
+            rest = (count[2 * h :], mean[:, 2 * h :], m2[:, 2 * h :])
+            parts = tuple(np.concatenate(ab, axis=-1) for ab in zip(parts, rest, strict=True))
+        count, mean, m2 = parts
+    return mean, m2
+
+
+def moments_shifted(xw: np.ndarray, axes: tuple[int, ...]):
+    """Per-feature ``(ref, delta, var)`` of a work array (flat float64 vectors): the mean
+    is ``ref + delta`` unrounded, ``var`` the biased variance. A feature whose float64
+    sums overflowed on finite data (|x| near 1e308) is summed again on ``x * RESCALE``."""
     plan, ks, guard = _setup(xw, axes)
     kern = ks._shifted_sums_wide if plan.wide else ks._shifted_sums_rows
     v = plan.view(xw)
     with guard:
-        mean, var = _merge_columns(plan, *kern(v, plan.nchunks, 1.0), 1.0)
+        stats = _merge_columns(plan, *kern(v, plan.nchunks, 1.0), 1.0)
     rescale = _rescale(xw)
     if rescale != 1.0:
-        bad = ~(np.isfinite(mean) & np.isfinite(var))
+        ref, delta, var = stats
+        bad = ~(np.isfinite(ref + delta) & np.isfinite(var))
         if bad.any():  # a float64 sum overflowed (or the data are not finite): sum x*2^-600
             with guard:
                 sums = kern(v, plan.nchunks, rescale)
             with np.errstate(all="ignore"):
-                m2, v2 = _merge_columns(plan, *sums, rescale)
-            mean, var = np.where(bad, m2, mean), np.where(bad, v2, var)
-    return mean, var
+                again = _merge_columns(plan, *sums, rescale)
+            stats = tuple(np.where(bad, b, a) for a, b in zip(stats, again, strict=True))
+    return stats
+
+
+def moments(xw: np.ndarray, axes: tuple[int, ...]):
+    """Per-feature float64 mean and biased variance of a work array (flat vectors)."""
+    ref, delta, var = moments_shifted(xw, axes)
+    return ref + delta, var
 
 
 def _coef_array(plan: Plan, rows: list, wt) -> np.ndarray:
@@ -171,13 +191,19 @@ def _coef_array(plan: Plan, rows: list, wt) -> np.ndarray:
     return plan.per_column(coef)
 
 
-def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarray:
-    """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe."""
+def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None, delta=0.0) -> np.ndarray:
+    """``(x - mean) * scale + bias`` per feature (float64 vectors), rounding-safe; with
+    ``delta`` the mean is ``mean + delta`` held unrounded (see :func:`moments_shifted`)."""
     plan, ks, guard = _setup(xw, axes)
     wt = work_dtype(xw.dtype)
-    s = mean.astype(wt).astype(np.float64)
-    b = bias - (mean - s) * scale
-    rows = [s, scale, b, 1.0] if h is None else [s * h, scale / h, b, h]
+    if isinstance(delta, float) and delta == 0.0:  # a given mean (evaluation): as it is
+        s = mean.astype(wt).astype(np.float64)
+        off = mean - s
+    else:
+        s = (mean + delta).astype(wt).astype(np.float64)
+        off = F.mean_offset(mean, delta, s)
+    a_h, b = F.output_coef(off, scale, 1.0, bias, 0.0, 1.0 if h is None else h)
+    rows = [s, a_h, b, 1.0] if h is None else [s * h, a_h, b, h]
     coef = _coef_array(plan, rows, wt)
     out = _output(out, xw, out_dtype)
     with guard:
@@ -188,28 +214,30 @@ def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None) -> np.ndarr
     return out
 
 
-def train(xw, axes, gamma, beta, eps, out_dtype, out=None):
-    """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors)."""
+def train(xw, axes, gamma, beta, eps, out_dtype, out=None, return_inv=False):
+    """Fused training forward; returns ``(y, mean, var)`` (flat float64 vectors), and
+    ``inv_std`` after them when ``return_inv`` (computed once, by the kernel)."""
     plan, ks, guard = _setup(xw, axes)
     wt = work_dtype(xw.dtype)
     if not plan.fused:
-        mean, var = moments(xw, axes)
+        ref, delta, var = moments_shifted(xw, axes)
+        mean = ref + delta
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             inv = F.inv_std(var, eps)
-            scale = inv * gamma
-            h = overflow_scale(mean, var, plan.count, wt)
-        return affine(xw, axes, mean, scale, beta, out_dtype, out, h), mean, var
+            h = overflow_scale_or_none(mean, var, plan.count, wt)
+        y = affine(xw, axes, ref, inv * gamma, beta, out_dtype, out, h, delta)
+        return (y, mean, var, inv) if return_inv else (y, mean, var)
     out = _output(out, xw, out_dtype)
-    mean = np.empty(plan.C, np.float64)
-    var = np.empty(plan.C, np.float64)
+    mean, var, inv = np.empty((3, plan.C), np.float64)  # three rows, each contiguous
     coef = np.empty((4, plan.C), wt)
-    args = (gamma, beta, float(eps), _big(wt), _rescale(xw))
+    args = (gamma, beta, float(eps), OVERFLOW_LIMIT[wt.itemsize], _rescale(xw))
+    res = (mean, var, inv)
     with guard:
         if plan.wide:
-            ks._train_wide(plan.view(xw), *args, coef, plan.view(out), mean, var)
+            ks._train_wide(plan.view(xw), *args, coef, plan.view(out), *res)
         else:
-            ks._train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), mean, var)
-    return out, mean, var
+            ks._train_rows(plan.view(xw), *args, plan.width, coef, plan.view(out), *res)
+    return (out, mean, var, inv) if return_inv else (out, mean, var)
 
 
 def grad_sums(xw: np.ndarray, dyw: np.ndarray, axes, mean, h=None):

@@ -10,12 +10,12 @@ from __future__ import annotations
 # propagate) and never reassociate: reassociation may rewrite sum(x - s) as sum(x) - n*s or
 # (x - s)*a as x*a - s*a, which is exactly the cancellation the shift exists to avoid.
 # Reductions are instead vectorized by hand with independent accumulators.
-_FASTMATH = {"contract", "nsz", "arcp"}
-_OPTS = {
+FASTMATH = {"contract", "nsz", "arcp"}
+OPTS = {
     "parallel": True,
-    "fastmath": _FASTMATH,
+    "fastmath": FASTMATH,
     "cache": True,
     "nogil": True,
     "error_model": "numpy",  # x/0 is inf or NaN, as in NumPy (never an exception)
 }
-_SERIAL_OPTS = {**_OPTS, "parallel": False}
+SERIAL_OPTS = {**OPTS, "parallel": False}

@@ -20,24 +20,29 @@ from numba import njit, prange
 
 from ...core import coef as F
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
-from .half import _ld, _st
-from .options import _OPTS, _SERIAL_OPTS
-from .reductions import _finish, _total
+from .half import ld, st
+from .options import OPTS, SERIAL_OPTS
+from .reductions import finish_moments, total
 
 
 # --------------------------------------------------------------------------- coefficients
 @njit(cache=True, error_model="numpy")
-def _train_coef(mean, var, eps, g, b, m, big, coef, c):  # pragma: no cover - compiled
+def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, inv, c):  # pragma: no cover
     """Output coefficients of one feature into coef[:, c] (working precision).
 
-    inv = 1/sqrt(var + eps), a = inv*g; s = mean rounded to working precision; the bias
-    absorbs the rounding of s; h = 1/16 when |x - s| may overflow (bound sqrt(m var) on
-    |x - mean|), the rule of ``overflow_scale``.
+    The mean is ``(sh + delta) / hs`` (``sh`` the feature's sample, ``delta`` the mean of
+    the shifted data, ``hs`` 1 or the rescale of an overflowed sum); inv = 1/sqrt(var +
+    eps), a = inv*g; s = mean rounded to working precision; the bias absorbs ``mean - s``
+    formed from ``sh`` and ``delta`` (``mean_offset``: no rounding of the mean on the way);
+    h = 1/16 when |x - s| may overflow (bound sqrt(m var) on |x - mean|).
     """
+    mean = (sh + delta) / hs
     coef[0, c] = mean
     s = np.float64(coef[0, c])  # the mean rounded to the working precision
     h = F.overflow_scale(mean, var, s, m, big)
-    a_h, bias = F.output_coef(mean, F.inv_std(var, eps), g, b, s, h)
+    off = F.mean_offset(sh, delta, s * hs) / hs
+    inv[c] = F.inv_std(var, eps)  # returned: the one computation of inv_std
+    a_h, bias = F.output_coef(off, inv[c], g, b, 0.0, h)
     coef[0, c] = s * h
     coef[1, c] = a_h
     coef[2, c] = bias
@@ -65,7 +70,7 @@ def _grad_coef(s1, s2, mean, inv, k, h, m, batch_stats, coef, c):  # pragma: no 
 
 
 # --------------------------------------------------------------------------- elementwise
-@njit(**_OPTS)
+@njit(**OPTS)
 def _affine_rows(x, coef, out, nchunks):  # pragma: no cover - compiled
     """out = (x*h - s*h) * (a/h) + b per column; coef rows (s*h, a/h, b, h)."""
     O, K = x.shape
@@ -75,10 +80,10 @@ def _affine_rows(x, coef, out, nchunks):  # pragma: no cover - compiled
         o1 = (t + 1) * O // nchunks
         for o in range(o0, o1):
             for k in range(K):
-                out[o, k] = _st((_ld(x[o, k]) * h[k] - s[k]) * a[k] + b[k], out)
+                out[o, k] = st((ld(x[o, k]) * h[k] - s[k]) * a[k] + b[k], out)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _affine_wide(x, coef, out):  # pragma: no cover - compiled
     O, C, I = x.shape
     for task in prange(O * C):
@@ -86,10 +91,10 @@ def _affine_wide(x, coef, out):  # pragma: no cover - compiled
         c = task % C
         sc, ac, bc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
         for i in range(I):
-            out[o, c, i] = _st((_ld(x[o, c, i]) * hc - sc) * ac + bc, out)
+            out[o, c, i] = st((ld(x[o, c, i]) * hc - sc) * ac + bc, out)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _dx_rows(x, dy, coef, out, nchunks):  # pragma: no cover - compiled
     """out = k dy + p' (x*h - s*h) + q' per column; coef rows (s*h, k, p/h, q')."""
     O, K = x.shape
@@ -100,11 +105,11 @@ def _dx_rows(x, dy, coef, out, nchunks):  # pragma: no cover - compiled
         o1 = (t + 1) * O // nchunks
         for o in range(o0, o1):
             for j in range(K):
-                v = k[j] * _ld(dy[o, j]) + p[j] * (_ld(x[o, j]) * h[j] - s[j]) + q[j]
-                out[o, j] = _st(v, out)
+                v = k[j] * ld(dy[o, j]) + p[j] * (ld(x[o, j]) * h[j] - s[j]) + q[j]
+                out[o, j] = st(v, out)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _dx_wide(x, dy, coef, out):  # pragma: no cover - compiled
     O, C, I = x.shape
     for task in prange(O * C):
@@ -112,13 +117,13 @@ def _dx_wide(x, dy, coef, out):  # pragma: no cover - compiled
         c = task % C
         sc, kc, pc, qc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
         for i in range(I):
-            v = kc * _ld(dy[o, c, i]) + pc * (_ld(x[o, c, i]) * hc - sc) + qc
-            out[o, c, i] = _st(v, out)
+            v = kc * ld(dy[o, c, i]) + pc * (ld(x[o, c, i]) * hc - sc) + qc
+            out[o, c, i] = st(v, out)
 
 
 # --------------------------------------------------------------------------- fused passes
-@njit(**_OPTS)
-def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no cover
+@njit(**OPTS)
+def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var, inv):  # pragma: no cover
     """Fused training forward of (O, C, I): one task per feature block, kept in cache.
 
     Sums the block (shifted, float64; again on x*rescale if a sum overflowed), derives
@@ -131,70 +136,70 @@ def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var):  # pragma: no
         a1 = np.zeros(I, np.float64)
         a2 = np.zeros(I, np.float64)
         while True:
-            sh = np.float64(_ld(x[0, c, 0])) * hs
+            sh = np.float64(ld(x[0, c, 0])) * hs
             a1[:] = 0.0
             a2[:] = 0.0
             o = 0
             while o + 4 <= O:
                 r0, r1, r2, r3 = x[o, c], x[o + 1, c], x[o + 2, c], x[o + 3, c]
                 for i in range(I):
-                    d0 = np.float64(_ld(r0[i])) * hs - sh
-                    d1 = np.float64(_ld(r1[i])) * hs - sh
-                    d2 = np.float64(_ld(r2[i])) * hs - sh
-                    d3 = np.float64(_ld(r3[i])) * hs - sh
+                    d0 = np.float64(ld(r0[i])) * hs - sh
+                    d1 = np.float64(ld(r1[i])) * hs - sh
+                    d2 = np.float64(ld(r2[i])) * hs - sh
+                    d3 = np.float64(ld(r3[i])) * hs - sh
                     a1[i] += (d0 + d1) + (d2 + d3)
                     a2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
                 o += 4
             while o < O:
                 row = x[o, c]
                 for i in range(I):
-                    d = np.float64(_ld(row[i])) * hs - sh
+                    d = np.float64(ld(row[i])) * hs - sh
                     a1[i] += d
                     a2[i] += d * d
                 o += 1
-            t1 = _total(a1)
-            t2 = _total(a2)
+            t1 = total(a1)
+            t2 = total(a2)
             if hs != 1.0 or rescale == 1.0 or (np.isfinite(t1) and np.isfinite(t2)):
                 break
             hs = rescale
-        mu, v = _finish(sh, t1, t2, n, hs)
+        mu, v = finish_moments(sh, t1, t2, n, hs)
         mean[c] = mu
         var[c] = v
-        _train_coef(mu, v, eps, g[c], b[c], n, big, coef, c)
+        _train_coef(sh, t1 / n, hs, v, eps, g[c], b[c], n, big, coef, inv, c)
         sc, ac, bc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c]
         for o in range(O):
             for i in range(I):
-                out[o, c, i] = _st((_ld(x[o, c, i]) * hc - sc) * ac + bc, out)
+                out[o, c, i] = st((ld(x[o, c, i]) * hc - sc) * ac + bc, out)
 
 
-@njit(**_SERIAL_OPTS, inline="always")
+@njit(**SERIAL_OPTS, inline="always")
 def _strip_sums(x, k0, w, hs, sh, a1, a2):  # pragma: no cover - compiled
     """Shifted sums of the columns ``k0 .. k0 + w`` of ``x`` (O, K), scaled by ``hs``: the
     shift (one sample per column), sum(d) and sum(d*d) into ``sh``, ``a1``, ``a2``."""
     O = x.shape[0]
     for j in range(w):
-        sh[j] = np.float64(_ld(x[0, k0 + j])) * hs
+        sh[j] = np.float64(ld(x[0, k0 + j])) * hs
     o = 0
     while o + 4 <= O:
         for j in range(w):
             sj = sh[j]
-            d0 = np.float64(_ld(x[o, k0 + j])) * hs - sj
-            d1 = np.float64(_ld(x[o + 1, k0 + j])) * hs - sj
-            d2 = np.float64(_ld(x[o + 2, k0 + j])) * hs - sj
-            d3 = np.float64(_ld(x[o + 3, k0 + j])) * hs - sj
+            d0 = np.float64(ld(x[o, k0 + j])) * hs - sj
+            d1 = np.float64(ld(x[o + 1, k0 + j])) * hs - sj
+            d2 = np.float64(ld(x[o + 2, k0 + j])) * hs - sj
+            d3 = np.float64(ld(x[o + 3, k0 + j])) * hs - sj
             a1[j] += (d0 + d1) + (d2 + d3)
             a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         o += 4
     while o < O:
         for j in range(w):
-            d = np.float64(_ld(x[o, k0 + j])) * hs - sh[j]
+            d = np.float64(ld(x[o, k0 + j])) * hs - sh[j]
             a1[j] += d
             a2[j] += d * d
         o += 1
 
 
-@njit(**_OPTS)
-def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pragma: no cover
+@njit(**OPTS)
+def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var, inv):  # pragma: no cover
     """Fused training forward of (O, K) (features = columns) in strips of columns.
 
     One task per strip of ``width`` columns: O x width values that fit in cache.
@@ -222,10 +227,11 @@ def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pra
                 if not (np.isfinite(a1[j]) and np.isfinite(a2[j])):
                     sh[j], a1[j], a2[j], hsj[j] = sh2[j], b1[j], b2[j], rescale
         for j in range(w):
-            mu, v = _finish(sh[j], a1[j], a2[j], O, hsj[j])
+            mu, v = finish_moments(sh[j], a1[j], a2[j], O, hsj[j])
             mean[k0 + j] = mu
             var[k0 + j] = v
-            _train_coef(mu, v, eps, g[k0 + j], b[k0 + j], O, big, coef, k0 + j)
+            k = k0 + j
+            _train_coef(sh[j], a1[j] / O, hsj[j], v, eps, g[k], b[k], O, big, coef, inv, k)
         s = coef[0, k0 : k0 + w]
         a = coef[1, k0 : k0 + w]
         bb = coef[2, k0 : k0 + w]
@@ -234,10 +240,10 @@ def _train_rows(x, g, b, eps, big, rescale, width, coef, out, mean, var):  # pra
             xr = x[o, k0 : k0 + w]
             yr = out[o, k0 : k0 + w]
             for j in range(w):
-                yr[j] = _st((_ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
+                yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _backward_wide(x, dy, mean, inv, k, h, batch_stats, coef, out, s1, s2):  # pragma: no cover
     """Fused backward of (O, C, I): per feature block, both gradient sums then ``dx``."""
     O, C, I = x.shape
@@ -252,29 +258,27 @@ def _backward_wide(x, dy, mean, inv, k, h, batch_stats, coef, out, s1, s2):  # p
             x0, x1, x2, x3 = x[o, c], x[o + 1, c], x[o + 2, c], x[o + 3, c]
             y0, y1, y2, y3 = dy[o, c], dy[o + 1, c], dy[o + 2, c], dy[o + 3, c]
             for i in range(I):
-                g0 = np.float64(_ld(y0[i]))
-                g1 = np.float64(_ld(y1[i]))
-                g2 = np.float64(_ld(y2[i]))
-                g3 = np.float64(_ld(y3[i]))
+                g0 = np.float64(ld(y0[i]))
+                g1 = np.float64(ld(y1[i]))
+                g2 = np.float64(ld(y2[i]))
+                g3 = np.float64(ld(y3[i]))
                 a1[i] += (g0 + g1) + (g2 + g3)
                 a2[i] += (
-                    g0 * (np.float64(_ld(x0[i])) * hc - sh)
-                    + g1 * (np.float64(_ld(x1[i])) * hc - sh)
+                    g0 * (np.float64(ld(x0[i])) * hc - sh) + g1 * (np.float64(ld(x1[i])) * hc - sh)
                 ) + (
-                    g2 * (np.float64(_ld(x2[i])) * hc - sh)
-                    + g3 * (np.float64(_ld(x3[i])) * hc - sh)
+                    g2 * (np.float64(ld(x2[i])) * hc - sh) + g3 * (np.float64(ld(x3[i])) * hc - sh)
                 )
             o += 4
         while o < O:
             xr = x[o, c]
             gr = dy[o, c]
             for i in range(I):
-                gv = np.float64(_ld(gr[i]))
+                gv = np.float64(ld(gr[i]))
                 a1[i] += gv
-                a2[i] += gv * (np.float64(_ld(xr[i])) * hc - sh)
+                a2[i] += gv * (np.float64(ld(xr[i])) * hc - sh)
             o += 1
-        t1 = _total(a1)
-        t2 = _total(a2) / hc
+        t1 = total(a1)
+        t2 = total(a2) / hc
         s1[c] = t1
         s2[c] = t2
         _grad_coef(t1, t2, mean[c], inv[c], k[c], hc, n, batch_stats, coef, c)
@@ -282,11 +286,11 @@ def _backward_wide(x, dy, mean, inv, k, h, batch_stats, coef, out, s1, s2):  # p
         sc, kc, pc, qc, hw = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
         for o in range(O):
             for i in range(I):
-                v = kc * _ld(dy[o, c, i]) + pc * (_ld(x[o, c, i]) * hw - sc) + qc
-                out[o, c, i] = _st(v, out)
+                v = kc * ld(dy[o, c, i]) + pc * (ld(x[o, c, i]) * hw - sc) + qc
+                out[o, c, i] = st(v, out)
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _backward_rows(x, dy, mean, inv, k, h, batch_stats, width, coef, out, s1, s2):  # noqa: E501  # pragma: no cover
     """Fused backward of (O, K) in strips of columns (see :func:`_train_rows`)."""
     O, K = x.shape
@@ -303,9 +307,9 @@ def _backward_rows(x, dy, mean, inv, k, h, batch_stats, width, coef, out, s1, s2
             sh[j] = mean[k0 + j] * hh[j]
         for o in range(O):
             for j in range(w):
-                gv = np.float64(_ld(dy[o, k0 + j]))
+                gv = np.float64(ld(dy[o, k0 + j]))
                 a1[j] += gv
-                a2[j] += gv * (np.float64(_ld(x[o, k0 + j])) * hh[j] - sh[j])
+                a2[j] += gv * (np.float64(ld(x[o, k0 + j])) * hh[j] - sh[j])
         for j in range(w):
             c = k0 + j
             t2 = a2[j] / hh[j]
@@ -323,8 +327,8 @@ def _backward_rows(x, dy, mean, inv, k, h, batch_stats, width, coef, out, s1, s2
             gr = dy[o, k0 : k0 + w]
             dr = out[o, k0 : k0 + w]
             for j in range(w):
-                v = kk[j] * _ld(gr[j]) + p[j] * (_ld(xr[j]) * hw[j] - s[j]) + q[j]
-                dr[j] = _st(v, out)
+                v = kk[j] * ld(gr[j]) + p[j] * (ld(xr[j]) * hw[j] - s[j]) + q[j]
+                dr[j] = st(v, out)
 
 
 # the kernels the drivers call through a kernel set (each also gets a serial copy)

@@ -69,13 +69,15 @@ class _Guard:
         return False
 
 
-def _guard() -> _Guard:
+def guard() -> _Guard:
+    """A context manager around one kernel call: it holds the module's lock while numba's
+    threading layer is unknown or not thread-safe (``workqueue``), else nothing."""
     return _Guard()
 
 
 # --------------------------------------------------------------------------- plans
 @functools.lru_cache(maxsize=1)
-def _threads() -> int:
+def threads() -> int:
     """Threads to plan work for (numba.get_num_threads costs ~9 us a call, so it is read
     once; a later numba.set_num_threads only changes how work is chunked, never results)."""
     return numba.get_num_threads()

@@ -20,13 +20,13 @@ from numba import njit, prange
 
 from ...core import coef as F
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
-from .half import _ld
-from .options import _FASTMATH, _OPTS
+from .half import ld
+from .options import FASTMATH, OPTS
 
 
 # --------------------------------------------------------------------------- helpers
-@njit(fastmath=_FASTMATH, cache=True, inline="always")
-def _total(a):  # pragma: no cover - compiled
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def total(a):  # pragma: no cover - compiled
     """Sum of a float64 vector with eight independent partial sums (a plain loop would be
     one serial chain of dependent additions, since reassociation is off)."""
     n = a.size
@@ -41,13 +41,13 @@ def _total(a):  # pragma: no cover - compiled
 
 
 @njit(cache=True, error_model="numpy")
-def _finish(shift, t1, t2, n, hs):  # pragma: no cover - compiled
+def finish_moments(shift, t1, t2, n, hs):  # pragma: no cover - compiled
     """(mean, biased var) from shifted sums of d = x*hs - shift over n values."""
     return F.moments_from_shifted_sums(shift, t1, t2, n, hs)
 
 
 # --------------------------------------------------------------------------- statistics
-@njit(**_OPTS)
+@njit(**OPTS)
 def _shifted_sums_rows(x, nchunks, hs):  # pragma: no cover - compiled
     """x (O, K): per column shift (first row) and chunked sums of d and d^2, float64.
 
@@ -57,7 +57,7 @@ def _shifted_sums_rows(x, nchunks, hs):  # pragma: no cover - compiled
     O, K = x.shape
     shift = np.empty(K, np.float64)
     for k in range(K):
-        shift[k] = np.float64(_ld(x[0, k])) * hs
+        shift[k] = np.float64(ld(x[0, k])) * hs
     s1 = np.empty((nchunks, K), np.float64)  # every entry written by its task
     s2 = np.empty((nchunks, K), np.float64)
     for t in prange(nchunks):
@@ -69,16 +69,16 @@ def _shifted_sums_rows(x, nchunks, hs):  # pragma: no cover - compiled
         while o + 4 <= o1:
             for k in range(K):
                 sh = shift[k]
-                d0 = np.float64(_ld(x[o, k])) * hs - sh
-                d1 = np.float64(_ld(x[o + 1, k])) * hs - sh
-                d2 = np.float64(_ld(x[o + 2, k])) * hs - sh
-                d3 = np.float64(_ld(x[o + 3, k])) * hs - sh
+                d0 = np.float64(ld(x[o, k])) * hs - sh
+                d1 = np.float64(ld(x[o + 1, k])) * hs - sh
+                d2 = np.float64(ld(x[o + 2, k])) * hs - sh
+                d3 = np.float64(ld(x[o + 3, k])) * hs - sh
                 a1[k] += (d0 + d1) + (d2 + d3)
                 a2[k] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             o += 4
         while o < o1:
             for k in range(K):
-                d = np.float64(_ld(x[o, k])) * hs - shift[k]
+                d = np.float64(ld(x[o, k])) * hs - shift[k]
                 a1[k] += d
                 a2[k] += d * d
             o += 1
@@ -87,7 +87,7 @@ def _shifted_sums_rows(x, nchunks, hs):  # pragma: no cover - compiled
     return shift, s1, s2
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _shifted_sums_wide(x, nchunks, hs):  # pragma: no cover - compiled
     """x (O, C, I) with wide I: per feature shift and chunked sums over (o, i), float64.
 
@@ -98,7 +98,7 @@ def _shifted_sums_wide(x, nchunks, hs):  # pragma: no cover - compiled
     O, C, I = x.shape
     shift = np.empty(C, np.float64)
     for c in range(C):
-        shift[c] = np.float64(_ld(x[0, c, 0])) * hs
+        shift[c] = np.float64(ld(x[0, c, 0])) * hs
     s1 = np.empty((nchunks, C), np.float64)  # every entry written by its task
     s2 = np.empty((nchunks, C), np.float64)
     for task in prange(nchunks * C):
@@ -113,26 +113,26 @@ def _shifted_sums_wide(x, nchunks, hs):  # pragma: no cover - compiled
         while o + 4 <= o1:  # four rows per sweep over the accumulators
             r0, r1, r2, r3 = x[o, c], x[o + 1, c], x[o + 2, c], x[o + 3, c]
             for i in range(I):
-                d0 = np.float64(_ld(r0[i])) * hs - sh
-                d1 = np.float64(_ld(r1[i])) * hs - sh
-                d2 = np.float64(_ld(r2[i])) * hs - sh
-                d3 = np.float64(_ld(r3[i])) * hs - sh
+                d0 = np.float64(ld(r0[i])) * hs - sh
+                d1 = np.float64(ld(r1[i])) * hs - sh
+                d2 = np.float64(ld(r2[i])) * hs - sh
+                d3 = np.float64(ld(r3[i])) * hs - sh
                 a1[i] += (d0 + d1) + (d2 + d3)
                 a2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
             o += 4
         while o < o1:
             row = x[o, c]
             for i in range(I):
-                d = np.float64(_ld(row[i])) * hs - sh
+                d = np.float64(ld(row[i])) * hs - sh
                 a1[i] += d
                 a2[i] += d * d
             o += 1
-        s1[t, c] = _total(a1)
-        s2[t, c] = _total(a2)
+        s1[t, c] = total(a1)
+        s2[t, c] = total(a2)
     return shift, s1, s2
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
     """Chunked sums of dy and dy * (x*h - shift) per column of (O, K) arrays, float64.
 
@@ -150,31 +150,31 @@ def _grad_sums_rows(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
         while o + 4 <= o1:
             for k in range(K):
                 sh, hk = shift[k], h[k]
-                g0 = np.float64(_ld(dy[o, k]))
-                g1 = np.float64(_ld(dy[o + 1, k]))
-                g2 = np.float64(_ld(dy[o + 2, k]))
-                g3 = np.float64(_ld(dy[o + 3, k]))
+                g0 = np.float64(ld(dy[o, k]))
+                g1 = np.float64(ld(dy[o + 1, k]))
+                g2 = np.float64(ld(dy[o + 2, k]))
+                g3 = np.float64(ld(dy[o + 3, k]))
                 a1[k] += (g0 + g1) + (g2 + g3)
                 a2[k] += (
-                    g0 * (np.float64(_ld(x[o, k])) * hk - sh)
-                    + g1 * (np.float64(_ld(x[o + 1, k])) * hk - sh)
+                    g0 * (np.float64(ld(x[o, k])) * hk - sh)
+                    + g1 * (np.float64(ld(x[o + 1, k])) * hk - sh)
                 ) + (
-                    g2 * (np.float64(_ld(x[o + 2, k])) * hk - sh)
-                    + g3 * (np.float64(_ld(x[o + 3, k])) * hk - sh)
+                    g2 * (np.float64(ld(x[o + 2, k])) * hk - sh)
+                    + g3 * (np.float64(ld(x[o + 3, k])) * hk - sh)
                 )
             o += 4
         while o < o1:
             for k in range(K):
-                g = np.float64(_ld(dy[o, k]))
+                g = np.float64(ld(dy[o, k]))
                 a1[k] += g
-                a2[k] += g * (np.float64(_ld(x[o, k])) * h[k] - shift[k])
+                a2[k] += g * (np.float64(ld(x[o, k])) * h[k] - shift[k])
             o += 1
         s1[t, :] = a1
         s2[t, :] = a2
     return s1, s2
 
 
-@njit(**_OPTS)
+@njit(**OPTS)
 def _grad_sums_wide(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
     """Chunked sums of dy and dy * (x*h - shift) per feature of (O, C, I) arrays."""
     O, C, I = x.shape
@@ -192,11 +192,11 @@ def _grad_sums_wide(x, dy, shift, h, nchunks):  # pragma: no cover - compiled
             xr = x[o, c]
             gr = dy[o, c]
             for i in range(I):
-                g = np.float64(_ld(gr[i]))
+                g = np.float64(ld(gr[i]))
                 a1[i] += g
-                a2[i] += g * (np.float64(_ld(xr[i])) * hc - sh)
-        s1[t, c] = _total(a1)
-        s2[t, c] = _total(a2)
+                a2[i] += g * (np.float64(ld(xr[i])) * hc - sh)
+        s1[t, c] = total(a1)
+        s2[t, c] = total(a2)
     return s1, s2
 
 

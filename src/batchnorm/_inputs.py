@@ -1,0 +1,162 @@
+"""Validation of one call, once (internal): the reducer a call uses, the validated
+arguments of a forward (:class:`Inputs`), of a backward, and the scale check of an
+``eps`` near 0. The array checks themselves live in :mod:`batchnorm._validation`; what is
+here also needs the backends (which one runs the input) and the cache record."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._cache import BatchNormCache, ensure_pytree
+from ._validation import Layout, as_float_array, as_input, check_eps, check_out, layout
+from .backends import check_backend, select
+from .core.reduce import LOCAL, Reducer
+
+__all__ = [
+    "Inputs",
+    "backward_args",
+    "check_backward",
+    "check_dy",
+    "check_scale",
+    "check_synchronized",
+    "inputs",
+    "reducer_of",
+]
+
+
+def reducer_of(comm: object = None, reducer: object = None, timeout=None) -> Reducer:
+    """The reducer a call uses: ``reducer``, an MPI reducer over ``comm`` (waiting at most
+    ``timeout`` seconds for missing ranks), or local."""
+    if reducer is not None:
+        if comm is not None:
+            raise TypeError("pass comm= or reducer=, not both")
+        if not isinstance(reducer, Reducer):
+            raise TypeError(
+                f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}"
+            )
+        return reducer
+    if comm is None:
+        if timeout is not None:
+            raise TypeError("timeout= needs comm=")
+        return LOCAL
+    from ._sync.reducer import MpiReducer
+
+    return MpiReducer(comm, timeout)
+
+
+@dataclass(eq=False)
+class Inputs:
+    """Validated arguments of one forward (internal): the data, its layout and backend,
+    per-feature parameters in the backend's statistics dtype (or None), eps, ``out``."""
+
+    x: object
+    lay: Layout
+    be: object
+    gamma: object
+    beta: object
+    eps: float
+    out: object = None
+
+
+def inputs(
+    x, gamma, beta, axis, eps, backend, out=None, *others, empty_ok=False, reducer=None
+) -> Inputs:
+    """Validate the arguments of a forward once (internal; the public kernels' first step).
+    An empty batch is refused unless ``empty_ok`` or ``reducer`` is distributed (a
+    participant may hold no rows of a synchronized batch)."""
+    check_backend(backend)
+    raw, x = x, as_input(x)
+    lay = layout(x.shape, axis)
+    if math.prod(x.shape) == 0 and not (empty_ok or getattr(reducer, "distributed", False)):
+        raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
+    be = select(backend, x, lay)
+    if be.xp is not None:
+        ensure_pytree(be.xp)
+    g = None if gamma is None else be.feature(gamma, "gamma", lay, x)
+    b = None if beta is None else be.feature(beta, "beta", lay, x)
+    if out is not None:
+        named = dict(zip(("running_mean", "running_var"), others, strict=False))
+        out = check_out(out, x, "out", {"x": raw, "gamma": gamma, "beta": beta, **named})
+    return Inputs(x, lay, be, g, b, check_eps(eps), out)
+
+
+def check_dy(dy: object, cache: BatchNormCache):
+    """``dy`` as an array of the forward input's shape, library and device."""
+    dy = as_float_array(dy, "dy")
+    if dy.shape != cache.x.shape:
+        raise ValueError(
+            f"dy has shape {dy.shape} but the forward input x had shape {cache.x.shape}"
+        )
+    if type(dy) is not type(cache.x) and not (
+        isinstance(dy, np.ndarray) and isinstance(cache.x, np.ndarray)
+    ):
+        raise TypeError(
+            f"dy is a {type(dy).__name__} but the forward input was a {type(cache.x).__name__};"
+            " pass dy from the same array library"
+        )
+    if not isinstance(dy, np.ndarray):
+        from ._xp import check_same_device
+
+        check_same_device("the forward input x", cache.x, "dy", dy)
+    return dy
+
+
+#: Below this eps a variance can be small enough that ``1/sqrt(var + eps)`` leaves the range
+#: of the working precision; only then is the output's scale checked.
+_TINY_EPS = 1e-30
+
+
+def check_scale(inp: Inputs, inv, gamma) -> None:
+    """With ``eps`` (almost) 0, refuse statistics whose ``gamma / sqrt(var + eps)`` is not
+    finite in the working precision although the feature's data are not all equal (a
+    variance lost to underflow, e.g. float64 data of scale 1e-170): the output would be
+    inf/NaN from finite, varying data. Constant features keep their 0/0 = NaN. An O(C)
+    check, made only for ``eps < 1e-30`` and NumPy arrays."""
+    if inp.eps >= _TINY_EPS or inp.be.xp is not None:
+        return
+    a = np.abs(inv if gamma is None else inv * gamma)
+    big = float(np.finfo(np.float64 if inp.x.dtype == np.float64 else np.float32).max)
+    bad = a > big  # (NaN data give NaN statistics: they propagate, never refused)
+    if bad.any():
+        # a feature whose values are all equal has variance 0 exactly: 0/0 is its NaN, as the
+        # maths says (kept); only a variance lost to underflow is refused
+        red = inp.lay.red
+        const = (np.max(inp.x, axis=red) == np.min(inp.x, axis=red)).reshape(bad.shape)
+        bad &= ~const
+    if bad.any():
+        where = np.flatnonzero(bad)
+        raise ValueError(
+            f"eps={inp.eps!r}: features {where[:8].tolist()} have a variance so small (or zero) "
+            f"that 1/sqrt(var + eps) is not finite in {np.dtype(inp.x.dtype).name}; the output "
+            "would be inf/NaN from finite data. Use eps > 0 (e.g. 1e-5) or rescale the data"
+        )
+
+
+def backward_args(dy, cache, out, reducer: Reducer, what: str):
+    """Validate the arguments of a backward pass with ``reducer``: ``(dy, out)``."""
+    dy, out = check_backward(dy, cache, out)
+    check_synchronized(cache, reducer, what)
+    return dy, out
+
+
+def check_backward(dy, cache, out=None):
+    """Validate the arguments of a backward pass: ``(dy, out)``."""
+    if not isinstance(cache, BatchNormCache):
+        raise TypeError(f"cache must be a BatchNormCache; got {type(cache).__name__}")
+    d = check_dy(dy, cache)
+    inputs = {"dy": dy, "the forward input x": cache.x, "the forward's work array": cache.work}
+    return d, check_out(out, cache.x, "out", inputs)
+
+
+def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> None:
+    """A synchronized forward's backward must reduce too, and a local one must not."""
+    if cache.synchronized and not reducer.distributed:
+        raise ValueError(
+            f"{what}: this cache comes from a synchronized forward (statistics merged "
+            "across processes): pass the same comm= / reducer= to the backward pass"
+        )
+    if reducer.distributed and not cache.synchronized:
+        raise ValueError(f"{what}: comm=/reducer= given, but the forward was not synchronized")
