@@ -44,13 +44,8 @@ LEVELS = {
     "jax": 8,
     "flax": 8,  # public batchnorm.flax: re-exports of the Flax adapter
 }
-#: Private names still imported across modules, each owned by another branch of round 4
-#: (file, name): the layers import conventions' running update under its old name.
-PRIVATE_ALLOWED = {
-    ("layers/running.py", "_update_running"),
-    ("variants.py", "_update_running"),
-    ("renorm.py", "_update_running"),
-}
+#: Private names still imported across modules (file, name): none.
+PRIVATE_ALLOWED: set[tuple[str, str]] = set()
 ENTRY = {"__init__", "__main__"}  # re-exports and the command-line shim: above everything
 FORBIDDEN_LOW = ("mpi4py", "torch", "jax")  # never imported by core/ or backends/
 

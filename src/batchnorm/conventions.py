@@ -344,8 +344,3 @@ def _staged(running: RunningStats, batch: BatchStats, *args, **kwargs) -> Runnin
         from_numpy(xp, new.var, dev, dtype),
         new.num_batches_tracked,
     )
-
-
-#: The old private name of :func:`update_running_unchecked`, kept while the layers (another
-#: branch of round 4) still import it.
-_update_running = update_running_unchecked

@@ -31,7 +31,7 @@ import numpy as np
 
 from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
 from ._validation import check_renorm_limits
-from .conventions import BatchStats, RunningStats, _update_running, get_convention
+from .conventions import BatchStats, RunningStats, get_convention, update_running_unchecked
 from .core.ops import sqrt, where
 from .core.reduce import KIND_TRAIN, Call, attempt
 from .functional import BatchNormCache, batch_norm_backward
@@ -348,21 +348,22 @@ class BatchRenorm(BatchStatsLayer):
         if not reducer.distributed:
             self._check_count(inp)
         args = None
-        if inp is not None:
-            try:  # a schedule may fail (or give invalid limits) on one rank only
-                rmax, dmax = self.limits()
-                be = inp.be
-                mu, std = be.param(self._state.running_mean), be.param(self.running_std)
-                args = (inp, mu, std, (rmax, dmax))
-            except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-                if not reducer.distributed:
-                    raise
-                error = exc
+        if inp is not None:  # a schedule may fail (or give invalid limits) on one rank only
+            args, own = attempt(reducer, self._renorm_args, inp)
+            error = error or own
         y, cache, st = renorm_pass(args if error is None else None, reducer, call, error)
         return y, cache, st
 
+    def _renorm_args(self, inp) -> tuple:
+        """``(inputs, running mean, running std, (rmax, dmax))`` for :func:`renorm_pass`."""
+        rmax, dmax = self.limits()
+        be = inp.be
+        return inp, be.param(self._state.running_mean), be.param(self.running_std), (rmax, dmax)
+
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
-        return _update_running(running, stats, self.momentum, "old", smooth="std", eps=self.eps)
+        return update_running_unchecked(
+            running, stats, self.momentum, "old", smooth="std", eps=self.eps
+        )
 
     def _backward(self, dy, cache):
         if isinstance(cache, RenormCache):

@@ -22,7 +22,7 @@ import numpy as np
 from ._compose import Inputs, backward_pass, train_pass
 from ._validation import as_float_array, check_count, check_state_array, layout
 from .backends import select
-from .conventions import BatchStats, RunningStats, _update_running
+from .conventions import BatchStats, RunningStats, update_running_unchecked
 from .layers import ConventionLayer, NormLayer
 from .layers.args import Argument, Constant, library_layer
 from .layers.arrays import Placement
@@ -149,7 +149,7 @@ class GhostBatchNorm(ConventionLayer):
             (p.count / total) * (p.var * (p.count / (p.count - 1)) if self.unbiased else p.var)
             for p in parts
         )
-        return _update_running(
+        return update_running_unchecked(
             running, BatchStats(total, mean, var), self.momentum, self.convention.momentum_weights
         )
 

@@ -38,7 +38,7 @@ import numpy as np
 from .._compose import Inputs, eval_pass
 from .._validation import SUPPORTED_DTYPES, as_input, check_eps, layout
 from ..backends import check_backend, select
-from ..core.reduce import KIND_EVAL, Call
+from ..core.reduce import KIND_EVAL, Call, attempt
 from ..module import Module
 from . import state as state_io
 from .args import Argument, Arguments, Constant, build, config_name
@@ -307,11 +307,7 @@ class NormLayer(Module):
                 False,
                 args_hash(self.config()),
             )
-            inp = error = None
-            try:
-                inp = self._inputs(x)
-            except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-                error = exc
+            inp, error = attempt(red, self._inputs, x)
             red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
             y, cache = self._forward_running(inp)
         self._commit_forward(cache, None)

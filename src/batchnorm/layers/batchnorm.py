@@ -14,10 +14,10 @@ from .._validation import dense, same_layout
 from ..conventions import (
     BatchStats,
     RunningStats,
-    _update_running,
     check_momentum,
     convention_config,
     get_convention,
+    update_running_unchecked,
 )
 from ..core.reduce import Reducer
 from .args import Argument, library_layer
@@ -89,7 +89,7 @@ class ConventionLayer(BatchStatsLayer):
 
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
         # the layer's arguments were validated when set: the unchecked entry of the same maths
-        return _update_running(
+        return update_running_unchecked(
             running,
             stats,
             self.momentum,

@@ -33,7 +33,7 @@ import numpy as np
 from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
-from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
+from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, attempt
 from .args import Argument, Constant
 from .base import NormLayer
 from .checks import check_nonfinite
@@ -159,10 +159,7 @@ class BatchStatsLayer(NormLayer):
                 update,
                 args_hash(self.config()),
             )
-            try:
-                inp = self._inputs(x)
-            except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-                error = exc
+            inp, error = attempt(red, self._inputs, x)
         else:
             inp = self._inputs(x)
         y, cache, stats = self._forward_batch(inp, red, call, error)
@@ -303,13 +300,16 @@ class BatchStatsLayer(NormLayer):
             dy, out = check_backward(dy, cache, None)
             return backward_pass(dy, cache, self.backend, self._dx_buffer(cache, dy))
         call = Call(f"{self._label()} backward", KIND_BACKWARD)
-        error = out = None
-        try:
-            dy, out = check_backward(dy, cache, None)
-            out = self._dx_buffer(cache, dy)
-        except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-            error = exc
+        args, error = attempt(red, self._backward_args, dy, cache)
+        dy, out = args if args is not None else (dy, None)
         return backward_pass(dy, cache, self.backend, out, red, call, error)
+
+    def _backward_args(self, dy, cache) -> tuple:
+        """``(dy, dx buffer)`` after the one check of ``dy`` against the forward's cache."""
+        from .._compose import check_backward
+
+        dy, _ = check_backward(dy, cache, None)
+        return dy, self._dx_buffer(cache, dy)
 
     def _dx_buffer(self, cache, dy):
         """Where ``dx`` goes (None: a fresh array); :class:`BatchNorm` reuses buffers."""
