@@ -40,7 +40,7 @@ from ._sync import protocol as P
 from ._sync.protocol import DistributedError
 from ._sync.reducer import MpiReducer
 from ._validation import check_count
-from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats
+from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats, attempt
 from .walk import modules, norm_layers
 
 __all__ = [
@@ -207,12 +207,8 @@ def local_weight(local_count: int, comm: object, *, timeout: float | None = None
     float
     """
     red = _reducer(comm, timeout)
-    count, error = 0, None
-    try:
-        count = check_count(local_count, "local_count", minimum=0)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
-    table = red.agree(Call("local_weight", KIND_METRICS), error, count=count)
+    count, error = attempt(red, check_count, local_count, "local_count", minimum=0)
+    table = red.agree(Call("local_weight", KIND_METRICS), error, count=count or 0)
     total = int(table[:, P.COL_COUNT].sum())
     if total == 0:
         raise DistributedError("local_weight: no rank holds any sample (raised on every rank)")
@@ -243,14 +239,8 @@ def allreduce_gradients(model: object, comm: object, *, timeout: float | None = 
         Seconds after which a rank waiting for missing ranks aborts the job.
     """
     red = _reducer(comm, timeout)
-    grads, error = [], None
-    try:
-        grads = _partial_gradients(model)
-        missing = [k for k, g in grads if g is None]
-        if missing:
-            raise ValueError(f"no gradient for {missing[:4]}: run backward() first")
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
+    grads, error = attempt(red, _all_gradients, model)
+    grads = grads or []
     sums = red.sum(Call("allreduce_gradients", KIND_GRADS), [g for _, g in grads], error)
     for (_, g), total in zip(grads, sums, strict=True):
         g[...] = total
@@ -274,27 +264,9 @@ def broadcast_parameters(
     """
     red = _reducer(comm, timeout)
     call = Call("broadcast_parameters", KIND_BCAST)
-    arrays, error, fields = [], None, {}
-    try:
-        root = _check_root(root, red.size)
-        for m in modules(model):
-            if not callable(getattr(m, "parameters", None)):
-                raise TypeError(f"{type(m).__name__} has no parameters() to broadcast")
-            arrays += list(m.parameters().values())
-        for layer in norm_layers(model):
-            if layer.track_running_stats:
-                arrays += [getattr(layer, k) for k in layer.running_stat_names]
-        bad = [type(a).__name__ for a in arrays if not isinstance(a, np.ndarray)]
-        if bad:
-            raise TypeError(f"broadcast_parameters moves NumPy arrays; got {bad[:3]}")
-        names = repr([(a.shape, a.dtype.str) for a in arrays])
-        fields = {
-            "nfeat": int(sum(a.size for a in arrays)),
-            "fhash": P.text_hash(names),
-            "extra": root,
-        }
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
+    (root, arrays, fields), error = _or_empty(
+        attempt(red, _broadcast_arrays, model, root, red.size), (root, [], {})
+    )
     table = red.agree(call, error, **fields)
     flat = (
         np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
@@ -331,18 +303,9 @@ def gather_metrics(
         On ``root``: one dict per rank, in rank order; elsewhere None.
     """
     red = _reducer(comm, timeout)
-    keys, vals, error, fields = [], None, None, {}
-    try:
-        root = _check_root(root, red.size)
-        if not isinstance(metrics, dict):
-            raise TypeError(f"metrics must be a dict of str to float; got {type(metrics).__name__}")
-        if not all(isinstance(k, str) for k in metrics):
-            raise TypeError(f"metrics keys must be strings; got {sorted(map(repr, metrics))[:4]}")
-        keys = sorted(metrics)
-        vals = np.array([check_real_or_nonfinite(metrics[k], k) for k in keys], np.float64)
-        fields = {"nfeat": len(keys), "fhash": P.text_hash(repr(keys)), "extra": root}
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        error = exc
+    (root, keys, vals, fields), error = _or_empty(
+        attempt(red, _metric_row, metrics, root, red.size), (root, [], None, {})
+    )
     _, recv = red.gather(Call("gather_metrics", KIND_METRICS), vals, error, **fields)
     if red.rank != root:
         return None
@@ -369,3 +332,51 @@ class _Facade(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Facade
+
+
+def _or_empty(result: tuple, empty: tuple) -> tuple:
+    """``attempt``'s ``(value, error)`` with a failed participant's value replaced by
+    ``empty``, so it still takes part in the exchange that raises the error everywhere."""
+    value, error = result
+    return (value if value is not None else empty), error
+
+
+def _all_gradients(model) -> list:
+    """``[(name, gradient)]`` of every layer; refuses a layer without its gradients."""
+    grads = _partial_gradients(model)
+    missing = [k for k, g in grads if g is None]
+    if missing:
+        raise ValueError(f"no gradient for {missing[:4]}: run backward() first")
+    return grads
+
+
+def _broadcast_arrays(model, root: object, size: int) -> tuple:
+    """``(root, arrays, fields)``: the NumPy arrays :func:`broadcast_parameters` moves and the
+    fields every rank must agree on."""
+    root = _check_root(root, size)
+    arrays: list = []
+    for m in modules(model):
+        if not callable(getattr(m, "parameters", None)):
+            raise TypeError(f"{type(m).__name__} has no parameters() to broadcast")
+        arrays += list(m.parameters().values())
+    for layer in norm_layers(model):
+        if layer.track_running_stats:
+            arrays += [getattr(layer, k) for k in layer.running_stat_names]
+    bad = [type(a).__name__ for a in arrays if not isinstance(a, np.ndarray)]
+    if bad:
+        raise TypeError(f"broadcast_parameters moves NumPy arrays; got {bad[:3]}")
+    names = repr([(a.shape, a.dtype.str) for a in arrays])
+    fields = {"nfeat": int(sum(a.size for a in arrays)), "fhash": P.text_hash(names), "extra": root}
+    return root, arrays, fields
+
+
+def _metric_row(metrics: object, root: object, size: int) -> tuple:
+    """``(root, keys, values, fields)`` of one rank's metrics for :func:`gather_metrics`."""
+    root = _check_root(root, size)
+    if not isinstance(metrics, dict):
+        raise TypeError(f"metrics must be a dict of str to float; got {type(metrics).__name__}")
+    if not all(isinstance(k, str) for k in metrics):
+        raise TypeError(f"metrics keys must be strings; got {sorted(map(repr, metrics))[:4]}")
+    keys = sorted(metrics)
+    vals = np.array([check_real_or_nonfinite(metrics[k], k) for k in keys], np.float64)
+    return root, keys, vals, {"nfeat": len(keys), "fhash": P.text_hash(repr(keys)), "extra": root}
