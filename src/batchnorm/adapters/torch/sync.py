@@ -192,13 +192,15 @@ def reducer_for(group, timeout) -> TorchDistReducer:
     return red
 
 
-class SyncBatchNorm(NormBase):
+class SyncBatchNorm(NormBase, torch.nn.SyncBatchNorm):
     """Batch norm whose training statistics are those of every rank's batch together.
 
-    Torch's arguments; any ``(N, C, *)`` input; CPU tensors over a gloo group. In training,
-    when ``torch.distributed`` is initialized and the group has more than one rank, the
-    statistics are merged across the group exactly (ranks may hold uneven or empty batches)
-    and so are the gradient sums of the backward; otherwise it is plain batch norm.
+    A ``torch.nn.SyncBatchNorm`` (subclass): torch's arguments; any ``(N, C, *)`` input; CPU
+    tensors over a gloo group. In training, when ``torch.distributed`` is initialized and the
+    group has more than one rank, the statistics are merged across the group exactly (ranks
+    may hold uneven or empty batches) and so are the gradient sums of the backward;
+    otherwise, and always in evaluation (which never waits for other ranks, as torch's),
+    it is this process's batch norm.
 
     Parameters
     ----------
@@ -229,9 +231,17 @@ class SyncBatchNorm(NormBase):
         timeout: float | None = None,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            process_group,
+            device,
+            dtype,
+            bias=bias,
         )
-        self.process_group, self.timeout = process_group, timeout
+        self.timeout = timeout
 
     def _reducer(self):
         if not (dist.is_available() and dist.is_initialized()):
@@ -240,13 +250,16 @@ class SyncBatchNorm(NormBase):
             return None
         return reducer_for(self.process_group, self.timeout)
 
-    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training with the statistics of the whole group."""
-        check_jit(self)
-        red = self._reducer() if self.uses_batch_stats else None
+        red = self._reducer() if self.training else None
         if red is None:
             return NormBase.forward(self, input)
+        return self._synchronized(input, red)
+
+    @eager
+    def _synchronized(self, input: torch.Tensor, red) -> torch.Tensor:
+        check_jit(self)
         try:  # every rank checks before any rank exchanges: an error reaches every rank
             self.check_input(input)
             if input.device.type != "cpu":
