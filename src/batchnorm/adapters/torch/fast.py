@@ -81,7 +81,7 @@ class _Lean(torch.autograd.Function):
         if torch.is_grad_enabled() or _wrapped(dy):
             # double backward, or a vmap over the gradient: the operator, which has both
             mean, var = torch.from_numpy(st.mean), torch.from_numpy(st.var)
-            dx, dw, db = O.backward(dy, x, weight, mean, var, st.eps, st.batch)
+            dx, dw, db = O.call_backward(dy, x, weight, mean, var, st.eps, st.batch)
         else:
             need_dx = ctx.needs_input_grad[0]
             dya = _cpu.arrange(dy, st.lay)
@@ -153,8 +153,8 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
         return _empty(module, x, update)
     if use_ops(x):
         if not batch:
-            return O.evaluate(x, weight, bias, rm, rv, eps)
-        y, mean, var = O.train(x, weight, bias, eps)
+            return O.call_eval(x, weight, bias, rm, rv, eps)
+        y, mean, var = O.call_train(x, weight, bias, eps)
         if update:
             _update_traced(module, mean, var, x.numel() // x.shape[1])
         return y

@@ -81,7 +81,7 @@ def _param_grads(dw: Tensor, db: Tensor, dtypes: tuple) -> tuple:
 
 def _train_grad(ctx, dy, _dmean, _dvar):
     x, weight, mean, var = ctx.saved_tensors
-    dx, dw, db = backward(dy, x, weight, mean, var, ctx.eps, True)
+    dx, dw, db = call_backward(dy, x, weight, mean, var, ctx.eps, True)
     return dx, *_param_grads(dw, db, ctx.dtypes), None
 
 
@@ -125,7 +125,7 @@ def _eval_setup(ctx, inputs, output):
 
 def _eval_grad(ctx, dy):
     x, weight, rm, rv = ctx.saved_tensors
-    dx, dw, db = backward(dy, x, weight, rm, rv, ctx.eps, False)
+    dx, dw, db = call_backward(dy, x, weight, rm, rv, ctx.eps, False)
     return dx, *_param_grads(dw, db, ctx.dtypes), None, None, None
 
 
@@ -241,3 +241,78 @@ def _(info, in_dims, dy, x, weight, mean, var, eps, batch_stats):
     feats = [_feat(t, d, b) for t, d in ((weight, wd), (mean, md), (var, vd))]
     dx, dw, db = backward(_fold(dy, dyd, b), _fold(x, xd, b), *feats, eps, batch_stats)
     return (_unfold(dx, b), dw.view(b, -1), db.view(b, -1)), (0, 0, 0)
+
+
+# ---------------------------------------------------------------- torch.func
+class TrainFunction(torch.autograd.Function):
+    """:func:`train` with its autograd formula as a ``torch.func``-ready Function (used
+    under functorch transforms, whose ``grad`` does not differentiate a custom operator's
+    registered formula)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        with torch.no_grad():  # the operator's own autograd formula is not wanted here
+            return train(x, weight, bias, eps)
+
+    setup_context = staticmethod(_train_setup)
+
+    @staticmethod
+    def backward(ctx, dy, dmean, dvar):
+        return _train_grad(ctx, dy, dmean, dvar)
+
+
+class EvalFunction(torch.autograd.Function):
+    """:func:`evaluate` as a ``torch.func``-ready Function (see :class:`TrainFunction`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, eps):
+        with torch.no_grad():
+            return evaluate(x, weight, bias, running_mean, running_var, eps)
+
+    setup_context = staticmethod(_eval_setup)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _eval_grad(ctx, dy)
+
+
+def call_train(x, weight, bias, eps: float):
+    """:func:`train`, through :class:`TrainFunction` under functorch transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return TrainFunction.apply(x, weight, bias, eps)
+    return train(x, weight, bias, eps)
+
+
+def call_eval(x, weight, bias, running_mean, running_var, eps: float):
+    """:func:`evaluate`, through :class:`EvalFunction` under functorch transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return EvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
+    return evaluate(x, weight, bias, running_mean, running_var, eps)
+
+
+class BackwardFunction(torch.autograd.Function):
+    """:func:`backward` with its double backward, ``torch.func``-ready."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(dy, x, weight, mean, var, eps, batch_stats):
+        with torch.no_grad():
+            return backward(dy, x, weight, mean, var, eps, batch_stats)
+
+    setup_context = staticmethod(_backward_setup)
+
+    @staticmethod
+    def backward(ctx, gdx, gdw, gdb):
+        return _backward_grad(ctx, gdx, gdw, gdb)
+
+
+def call_backward(dy, x, weight, mean, var, eps: float, batch_stats: bool):
+    """:func:`backward`, through :class:`BackwardFunction` under functorch transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return BackwardFunction.apply(dy, x, weight, mean, var, eps, batch_stats)
+    return backward(dy, x, weight, mean, var, eps, batch_stats)
