@@ -225,6 +225,32 @@ def test_recalibrate_gives_the_exact_statistics_and_keeps_modes():
         bt.recalibrate(model, [])
 
 
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), bt.BatchNorm1d(4))
+        self.unused_head = bt.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_recalibrate_with_an_unused_layer_completes_and_names_it():
+    torch.manual_seed(1)
+    model = _TwoHeads()
+    with torch.no_grad():
+        model.unused_head.running_mean.fill_(0.25)
+    before = {k: v.clone() for k, v in model.unused_head.state_dict().items()}
+    data = [torch.randn(6, 3) + 2 for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="unused_head"):
+        done = bt.recalibrate(model, data)
+    assert done == [model.body[1]]
+    for k, v in model.unused_head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    z = torch.cat([model.body[0](x) for x in data]).detach().double()
+    torch.testing.assert_close(model.body[1].running_mean.double(), z.mean(0))
+
+
 @pytest.mark.parametrize("kind", ["bn", "eval", "renorm", "ghost"])
 def test_the_device_path_on_cpu_tensors(kind, monkeypatch):
     """The path CUDA/MPS tensors take (tensors handed to the array-API kernels, no NumPy

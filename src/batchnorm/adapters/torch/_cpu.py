@@ -169,5 +169,7 @@ def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: boo
 
 def inv_std(var: np.ndarray, eps: float) -> np.ndarray:
     """``1 / sqrt(var + eps)`` (float64)."""
+    if eps > 0:  # var >= 0 or NaN: no warning to silence
+        return 1.0 / np.sqrt(var + eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         return 1.0 / np.sqrt(var + eps)

@@ -19,6 +19,8 @@ other.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -86,10 +88,21 @@ class _Lean(torch.autograd.Function):
             need_dx = ctx.needs_input_grad[0]
             dya = _cpu.arrange(dy, st.lay)
             dx, s1, s2 = _cpu.backward(dya, st.xa, st.lay, st.mean, st.inv, st.g, st.batch, need_dx)
-            dw, db = torch.from_numpy(s2 * st.inv), torch.from_numpy(s1)
             if dx is not None and dx.dtype != x.dtype:
                 dx = dx.to(x.dtype)
+            wd, bd = ctx.dtypes
+            return dx, _grad(s2 * st.inv, wd), _grad(s1, bd), None, None, None
         return dx, *O._param_grads(dw, db, ctx.dtypes), None, None, None
+
+
+def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A float64 per-feature gradient as a tensor of the parameter's dtype."""
+    if dtype is None:
+        return None
+    np_dtype = _cpu._NP.get(dtype)
+    if np_dtype is None:
+        return torch.from_numpy(g).to(dtype)
+    return torch.from_numpy(g.astype(np_dtype))
 
 
 def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
@@ -185,19 +198,30 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
         not finite; nothing is changed then.
     """
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    if not (rm.device.type == "cpu" and rm.dtype in _cpu._NP and rv.dtype == rm.dtype):
+        return _update_tensors(module, mean, var, count, shape)
+    m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
+    n_new = int(n_np) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
+        new_m = (m_np * (1.0 - w) + w * mean).astype(m_np.dtype)
+        new_v = (v_np * (1.0 - w) + (w * count / (count - 1)) * var).astype(v_np.dtype)
+    total = float(np.add.reduce(new_m, dtype=np.float64) + np.add.reduce(new_v, dtype=np.float64))
+    if not math.isfinite(total):  # (a finite sum proves every value finite)
+        _check_finite(mean, var, new_m, new_v, shape)
+    m_np[...] = new_m
+    v_np[...] = new_v
+    n_np[...] = n_new
+
+
+def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
+    """:func:`update_running` for buffers NumPy cannot view (bfloat16, other devices)."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
     n_new = int(nbt) + 1
     w = module.momentum if module.momentum is not None else 1.0 / n_new
     with np.errstate(all="ignore"):
         new_m = _host64(rm) * (1.0 - w) + w * mean
         new_v = _host64(rv) * (1.0 - w) + (w * count / (count - 1)) * var
-    if rm.device.type == "cpu" and rm.dtype in _cpu._NP and rv.dtype == rm.dtype:
-        m_np, v_np = rm.detach().numpy(), rv.detach().numpy()
-        with np.errstate(all="ignore"):
-            new_m, new_v = new_m.astype(m_np.dtype), new_v.astype(v_np.dtype)
-        _check_finite(mean, var, new_m, new_v, shape)
-        m_np[...], v_np[...] = new_m, new_v
-        nbt.detach().numpy()[...] = n_new
-        return
     tm, tv = torch.from_numpy(new_m).to(rm.dtype), torch.from_numpy(new_v).to(rv.dtype)
     _check_finite(mean, var, tm.double().numpy(), tv.double().numpy(), shape)
     with torch.no_grad():
