@@ -97,11 +97,13 @@ def _time(fn: Callable[[], None], number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
-def _number(fn: Callable[[], None]) -> int:
-    """Calls per timing so that one timing takes about 20 ms (at least 1)."""
-    fn()
-    t = _time(fn, 1)
-    return max(1, min(2000, int(0.02 / max(t, 1e-7))))
+def _number(*fns: Callable[[], None]) -> int:
+    """Calls per timing so that one timing of the slower function takes about 20 ms."""
+    t = 0.0
+    for fn in fns:
+        fn()
+        t = max(t, min(_time(fn, 1) for _ in range(3)))
+    return max(1, min(1000, int(0.02 / max(t, 1e-7))))
 
 
 def compare(ours: torch.nn.Module, theirs: torch.nn.Module, x, repeat: int) -> dict:
@@ -110,7 +112,7 @@ def compare(ours: torch.nn.Module, theirs: torch.nn.Module, x, repeat: int) -> d
     a, b = _steps(ours, x), _steps(theirs, x)
     out = {}
     for mode in ("train", "eval"):
-        n = _number(b[mode])
+        n = _number(a[mode], b[mode])
         best = [float("inf"), float("inf")]
         for r in range(repeat):
             order = ((0, a[mode]), (1, b[mode])) if r % 2 == 0 else ((1, b[mode]), (0, a[mode]))

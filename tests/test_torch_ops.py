@@ -177,3 +177,18 @@ def test_lean_route_equals_the_operators(shape, fmt, dtype, monkeypatch):
         out.append(res + [m.running_mean, m.running_var])
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)
+
+
+def test_autocast_matches_torch():
+    res = []
+    for impl in (torch.nn, bt):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), impl.BatchNorm2d(4))
+        x = torch.randn(4, 3, 6, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+        res.append((y, m[1].weight.grad, m[1].running_mean))
+    for a, b in zip(*res, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)

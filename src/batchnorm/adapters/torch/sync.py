@@ -192,15 +192,18 @@ def reducer_for(group, timeout) -> TorchDistReducer:
     return red
 
 
-class SyncBatchNorm(NormBase, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(NormBase):
     """Batch norm whose training statistics are those of every rank's batch together.
 
-    A ``torch.nn.SyncBatchNorm`` (subclass): torch's arguments; any ``(N, C, *)`` input; CPU
-    tensors over a gloo group. In training, when ``torch.distributed`` is initialized and the
-    group has more than one rank, the statistics are merged across the group exactly (ranks
-    may hold uneven or empty batches) and so are the gradient sums of the backward;
-    otherwise, and always in evaluation (which never waits for other ranks, as torch's),
-    it is this process's batch norm.
+    A ``torch.nn.modules.batchnorm._BatchNorm`` (so ``update_bn``, fusion and user loops
+    find it) but deliberately not a ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel``
+    refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only
+    work with GPU modules"), and this layer exists to run on CPU. Torch's arguments; any
+    ``(N, C, *)`` input; CPU tensors over a gloo group. In training, when
+    ``torch.distributed`` is initialized and the group has more than one rank, the
+    statistics are merged across the group exactly (ranks may hold uneven or empty batches)
+    and so are the gradient sums of the backward; otherwise, and always in evaluation
+    (which never waits for other ranks, as torch's), it is this process's batch norm.
 
     Parameters
     ----------
@@ -231,17 +234,13 @@ class SyncBatchNorm(NormBase, torch.nn.SyncBatchNorm):
         timeout: float | None = None,
     ) -> None:
         super().__init__(
-            num_features,
-            eps,
-            momentum,
-            affine,
-            track_running_stats,
-            process_group,
-            device,
-            dtype,
-            bias=bias,
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        self.timeout = timeout
+        self.process_group, self.timeout = process_group, timeout
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def _reducer(self):
         if not (dist.is_available() and dist.is_initialized()):
