@@ -63,6 +63,7 @@ def _(x, weight, bias, eps):
 
 
 def _train_setup(ctx, inputs, output):
+    """Keep ``x``, ``weight`` and the batch statistics for the backward."""
     x, weight, bias, eps = inputs
     _, mean, var = output
     ctx.save_for_backward(x, weight, mean, var)
@@ -118,6 +119,7 @@ def _(x, weight, bias, running_mean, running_var, eps):
 
 
 def _eval_setup(ctx, inputs, output):
+    """Keep ``x``, ``weight`` and the running statistics for the backward."""
     x, weight, bias, rm, rv, eps = inputs
     ctx.save_for_backward(x, weight, rm, rv)
     ctx.eps, ctx.dtypes = eps, _dtypes(weight, bias)
@@ -166,6 +168,7 @@ def _(dy, x, weight, mean, var, eps, batch_stats):
 
 
 def _backward_setup(ctx, inputs, output):
+    """Keep the backward's tensor inputs for the double backward."""
     dy, x, weight, mean, var, eps, batch_stats = inputs
     ctx.save_for_backward(dy, x, weight, mean, var)
     ctx.eps, ctx.batch_stats = eps, batch_stats
@@ -253,6 +256,7 @@ class TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
+        """:func:`train` (its own autograd formula off: this Function's is used)."""
         with torch.no_grad():  # the operator's own autograd formula is not wanted here
             return train(x, weight, bias, eps)
 
@@ -260,6 +264,7 @@ class TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, dvar):
+        """The hand-written backward (:func:`backward`)."""
         return _train_grad(ctx, dy, dmean, dvar)
 
 
@@ -270,6 +275,7 @@ class EvalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, eps):
+        """:func:`evaluate` (its own autograd formula off: this Function's is used)."""
         with torch.no_grad():
             return evaluate(x, weight, bias, running_mean, running_var, eps)
 
@@ -277,6 +283,7 @@ class EvalFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """The hand-written backward with the running statistics held constant."""
         return _eval_grad(ctx, dy)
 
 
@@ -301,6 +308,7 @@ class BackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(dy, x, weight, mean, var, eps, batch_stats):
+        """:func:`backward` (its own autograd formula off: this Function's is used)."""
         with torch.no_grad():
             return backward(dy, x, weight, mean, var, eps, batch_stats)
 
@@ -308,6 +316,7 @@ class BackwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gdx, gdw, gdb):
+        """The double backward (see the module docstring)."""
         return _backward_grad(ctx, gdx, gdw, gdb)
 
 
