@@ -124,8 +124,8 @@ def compare(ours: torch.nn.Module, theirs: torch.nn.Module, x, repeat: int) -> d
     return out
 
 
-def _cases(quick: bool, network: bool):
-    for name, kind, shape, fmt in LAYERS[:3] if quick else LAYERS:
+def _cases(quick: bool, network: bool, layers: bool = True):
+    for name, kind, shape, fmt in (LAYERS[:3] if quick else LAYERS) if layers else []:
         x = torch.randn(shape)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--repeat", type=int, default=60, help="interleaved repeats (default 60)")
     p.add_argument("--quick", action="store_true", help="only the three small layers")
     p.add_argument("--no-network", action="store_true", help="skip the ResNet-18 rows")
+    p.add_argument("--only-network", action="store_true", help="only the ResNet-18 rows")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     load = os.getloadavg()[0]
@@ -154,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print("| input | train ours / torch (ms) | ratio | eval ours / torch (ms) | ratio |")
     print("|---|---|---|---|---|")
     rows = []
-    for name, ours, theirs, x in _cases(args.quick, not (args.no_network or args.quick)):
+    network = not (args.no_network or args.quick)
+    for name, ours, theirs, x in _cases(args.quick, network, not args.only_network):
         rep = max(3, args.repeat // 12) if "ResNet" in name else args.repeat
         res = compare(ours, theirs, x, rep)
         row = {"case": name}

@@ -192,3 +192,32 @@ def test_autocast_matches_torch():
     for a, b in zip(*res, strict=True):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def _third(impl, training):
+    m = impl.BatchNorm1d(3, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        m.running_var.fill_(1.5)
+    x = _x((6, 3)).requires_grad_()
+    (g1,) = torch.autograd.grad(m(x).pow(3).sum(), x, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.pow(2).sum(), x, create_graph=True)
+    return x, g1, g2
+
+
+def test_third_derivative_in_eval_matches_torch():
+    res = []
+    for impl in (torch.nn, bt):
+        x, g1, g2 = _third(impl, False)
+        (g3,) = torch.autograd.grad(g2.sum(), x)
+        res.append((g1, g2, g3))
+    assert res[1][2].abs().max() > 1e-3  # not a silently missing derivative
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_second_derivative_in_training_matches_torch_and_a_third_is_refused():
+    (_, a1, a2), (x, b1, b2) = _third(torch.nn, True), _third(bt, True)
+    torch.testing.assert_close(b1, a1)
+    torch.testing.assert_close(b2, a2)
+    with pytest.raises(RuntimeError, match="third"):
+        torch.autograd.grad(b2.sum(), x)

@@ -204,8 +204,9 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
     n_new = int(n_np) + 1
     w = module.momentum if module.momentum is not None else 1.0 / n_new
     with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
-        new_m = (m_np * (1.0 - w) + w * mean).astype(m_np.dtype)
-        new_v = (v_np * (1.0 - w) + (w * count / (count - 1)) * var).astype(v_np.dtype)
+        keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
+        new_m = (m_np * keep + w * mean).astype(m_np.dtype)
+        new_v = (v_np * keep + (w * count / (count - 1)) * var).astype(v_np.dtype)
     total = float(np.add.reduce(new_m, dtype=np.float64) + np.add.reduce(new_v, dtype=np.float64))
     if not math.isfinite(total):  # (a finite sum proves every value finite)
         _check_finite(mean, var, new_m, new_v, shape)
@@ -250,8 +251,9 @@ def _update_traced(module, mean: torch.Tensor, var: torch.Tensor, count: int) ->
             w = 1.0 / (nbt + 1).to(mean.dtype)
         else:
             w = module.momentum
-        new_m = rm + (mean - rm) * w
-        new_v = rv + (var * (count / max(count - 1, 1)) - rv) * w
+        # the same float64 operations, in the same order, as update_running
+        new_m = rm.to(mean.dtype) * (1.0 - w) + w * mean
+        new_v = rv.to(var.dtype) * (1.0 - w) + (w * count / max(count - 1, 1)) * var
         rm.copy_(torch.where(ok, new_m.to(rm.dtype), rm))
         rv.copy_(torch.where(ok, new_v.to(rv.dtype), rv))
         nbt.add_(ok.to(nbt.dtype))

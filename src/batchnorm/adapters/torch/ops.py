@@ -175,20 +175,59 @@ def _backward_setup(ctx, inputs, output):
 
 
 def _backward_grad(ctx, gdx, gdw, gdb):
-    """Double backward: the derivative of the torch-operation formula, recomputed."""
+    """Double backward: the derivative of the torch-operation formula, recomputed. When a
+    graph is being built (``create_graph=True``), the recomputation is attached to the
+    original tensors, so third and higher derivatives are right too."""
     dy, x, weight, mean, var = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_() for t in (dy, x)]
-    w = None if weight is None else weight.detach().requires_grad_()
+    higher = torch.is_grad_enabled()
+
+    def leaf(t):
+        # a fresh alias: the gradient reaching it comes only through this recomputation (not
+        # through t's own history, which the engine follows itself), and with a graph being
+        # built it stays attached to t for higher derivatives
+        return t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_()
+
+    inputs = [leaf(dy), leaf(x)] + ([] if weight is None else [leaf(weight)])
+    w = inputs[2] if weight is not None else None
     with torch.enable_grad():
-        outs = T.backward(*leaves, w, mean, var, ctx.eps, ctx.batch_stats)
+        outs = T.backward(inputs[0], inputs[1], w, mean, var, ctx.eps, ctx.batch_stats)
         pairs = [(o, g) for o, g in zip(outs, (gdx, gdw, gdb), strict=True) if g is not None]
-        inputs = leaves + ([w] if w is not None else [])
         grads = torch.autograd.grad(
-            [o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs], allow_unused=True
+            [o for o, _ in pairs],
+            inputs,
+            [g.to(o.dtype) for o, g in pairs],
+            allow_unused=True,
+            create_graph=higher,
         )
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
-    gw = grads[2] if w is not None else None
+    if higher and ctx.batch_stats:
+        grads = [NoThirdDerivative.apply(g) for g in grads]
+    gw = grads[2] if weight is not None else None
     return grads[0], grads[1], gw, None, None, None, None
+
+
+class NoThirdDerivative(torch.autograd.Function):
+    """Identity whose derivative raises: the second derivative of a training layer is
+    exact, a third is not available (refused, never silently wrong)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t):
+        """A copy of ``t``."""
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        """Nothing to keep."""
+
+    @staticmethod
+    def backward(ctx, g):
+        """Refuse with a clear message."""
+        raise RuntimeError(
+            "batchnorm: a third (or higher) derivative through a batch-norm layer in training "
+            "mode is not available; first and second derivatives are (evaluation mode has all)"
+        )
 
 
 backward.register_autograd(_backward_grad, setup_context=_backward_setup)
