@@ -284,3 +284,29 @@ def test_the_device_path_on_cpu_tensors(kind, monkeypatch):
     for a, e in zip(device, host, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
     assert _bridge.plan(x).cpu is False  # the control: the path really changed
+
+
+@pytest.mark.parametrize("kind", ["renorm", "ghost"])
+def test_variants_are_batchnorms_that_torch_tools_handle(kind):
+    """update_bn finds the variants (_BatchNorm) and sets their running statistics to the
+    data's; fuse_conv_bn_eval fuses their evaluation form exactly."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    layer = (
+        bt.BatchRenorm(4, dtype=torch.float64)
+        if kind == "renorm"
+        else bt.GhostBatchNorm(4, virtual_batch_size=4, dtype=torch.float64)
+    )
+    assert isinstance(layer, _BatchNorm)
+    conv = torch.nn.Conv2d(3, 4, 1, dtype=torch.float64)
+    model = torch.nn.Sequential(conv, layer)
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    torch.optim.swa_utils.update_bn(data, model)
+    with torch.no_grad():
+        z = torch.cat([conv(x) for x in data])
+    torch.testing.assert_close(layer.running_mean, z.mean((0, 2, 3)))
+    model.eval()
+    fused = fuse_conv_bn_eval(conv, layer)
+    torch.testing.assert_close(fused(data[0]), model(data[0]))
