@@ -127,7 +127,7 @@ def test_state_dict_both_ways_and_real_buffers():
     del sd["num_batches_tracked"]
     sd._metadata = {"": {"version": 1}}
     ours.load_state_dict(sd)
-    assert int(ours.num_batches_tracked) == 0
+    assert int(ours.num_batches_tracked) == 2  # torch's migration keeps the module's counter
     assert repr(bt.BatchNorm2d(5)) == repr(torch.nn.BatchNorm2d(5))
 
 
@@ -200,7 +200,9 @@ def test_no_grad_and_eval_record_no_graph():
     assert not y.requires_grad and int(m.num_batches_tracked) == 1
     m.eval()
     y = m(x)
-    assert y.grad_fn is not None and "NormFunction" in type(y.grad_fn).__name__
+    # one node, the layer's hand-written backward (no graph of small torch operations)
+    assert type(y.grad_fn).__name__ == "_LeanBackward"
+    assert y.grad_fn.next_functions[0][0] is not None
     y.sum().backward()
     assert x.grad is not None and m.weight.grad is not None
 
@@ -273,12 +275,16 @@ def test_nonfinite_batch_raises_and_keeps_running_statistics():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_jit_is_refused_with_a_message_and_compile_works():
+def test_jit_script_is_refused_trace_records_the_operator_and_compile_works():
     m = bt.BatchNorm2d(5)
     with pytest.raises(TypeError, match="torch.jit cannot script"):
         torch.jit.script(m)
-    with pytest.raises(RuntimeError, match="torch.jit cannot trace"):
-        torch.jit.trace(m, torch.randn(4, 5, 2, 2))
+    m.eval()
+    traced = torch.jit.trace(m, torch.randn(4, 5, 2, 2))
+    assert "batchnorm::eval" in str(traced.graph)
+    x = torch.randn(4, 5, 2, 2) * 2 + 1
+    torch.testing.assert_close(traced(x), m(x))
+    m.train()
     model = torch.nn.Sequential(torch.nn.Conv2d(5, 5, 1), m, torch.nn.ReLU())
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend="eager")

@@ -79,3 +79,13 @@ def test_a_missing_rank_is_reported_and_times_out(tmp_path):
         assert results[r]["raised"] == "SyncTimeoutError", results[r]
         assert "rank 2 has not arrived" in errs[r], errs[r]
         assert "timeout=2 s reached" in errs[r]
+
+
+@pytest.mark.slow
+def test_evaluation_is_local_and_never_waits(tmp_path):
+    """torch's SyncBatchNorm never synchronizes in eval (batch statistics of this rank's
+    batch when there are no running statistics); neither does ours (a wait would hang the
+    ranks past the harness's timeout)."""
+    results, _ = _run("eval_local", tmp_path)
+    for track in (False, True):
+        assert results[0][f"err_{track}"] < 1e-12, results[0]

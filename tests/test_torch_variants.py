@@ -225,6 +225,32 @@ def test_recalibrate_gives_the_exact_statistics_and_keeps_modes():
         bt.recalibrate(model, [])
 
 
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), bt.BatchNorm1d(4))
+        self.unused_head = bt.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_recalibrate_with_an_unused_layer_completes_and_names_it():
+    torch.manual_seed(1)
+    model = _TwoHeads()
+    with torch.no_grad():
+        model.unused_head.running_mean.fill_(0.25)
+    before = {k: v.clone() for k, v in model.unused_head.state_dict().items()}
+    data = [torch.randn(6, 3) + 2 for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="unused_head"):
+        done = bt.recalibrate(model, data)
+    assert done == [model.body[1]]
+    for k, v in model.unused_head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    z = torch.cat([model.body[0](x) for x in data]).detach().double()
+    torch.testing.assert_close(model.body[1].running_mean.double(), z.mean(0))
+
+
 @pytest.mark.parametrize("kind", ["bn", "eval", "renorm", "ghost"])
 def test_the_device_path_on_cpu_tensors(kind, monkeypatch):
     """The path CUDA/MPS tensors take (tensors handed to the array-API kernels, no NumPy
@@ -258,3 +284,29 @@ def test_the_device_path_on_cpu_tensors(kind, monkeypatch):
     for a, e in zip(device, host, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
     assert _bridge.plan(x).cpu is False  # the control: the path really changed
+
+
+@pytest.mark.parametrize("kind", ["renorm", "ghost"])
+def test_variants_are_batchnorms_that_torch_tools_handle(kind):
+    """update_bn finds the variants (_BatchNorm) and sets their running statistics to the
+    data's; fuse_conv_bn_eval fuses their evaluation form exactly."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    layer = (
+        bt.BatchRenorm(4, dtype=torch.float64)
+        if kind == "renorm"
+        else bt.GhostBatchNorm(4, virtual_batch_size=4, dtype=torch.float64)
+    )
+    assert isinstance(layer, _BatchNorm)
+    conv = torch.nn.Conv2d(3, 4, 1, dtype=torch.float64)
+    model = torch.nn.Sequential(conv, layer)
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 3, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    torch.optim.swa_utils.update_bn(data, model)
+    with torch.no_grad():
+        z = torch.cat([conv(x) for x in data])
+    torch.testing.assert_close(layer.running_mean, z.mean((0, 2, 3)))
+    model.eval()
+    fused = fuse_conv_bn_eval(conv, layer)
+    torch.testing.assert_close(fused(data[0]), model(data[0]))

@@ -123,6 +123,20 @@ def timeout(rank, world):
     return {"raised": None}
 
 
+def eval_local(rank, world):
+    """Evaluation is local: rank 0 evaluates alone (the others never call), with and without
+    running statistics, and gets torch's single-process result."""
+    out = {}
+    if rank == 0:
+        x = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 3 + 1
+        for track in (False, True):
+            ours = bt.SyncBatchNorm(4, track_running_stats=track, dtype=torch.float64).eval()
+            ref = torch.nn.BatchNorm2d(4, track_running_stats=track, dtype=torch.float64).eval()
+            y = ours(x)
+            out[f"err_{track}"] = _err(y, ref(x))
+    return out
+
+
 def main() -> None:
     scenario, rank, world, init, out = sys.argv[1:]
     rank, world = int(rank), int(world)

@@ -1,19 +1,24 @@
-"""``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``: drop-ins for torch's, on this
-library's kernels.
+"""``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``: torch's own classes, on this library's
+kernels.
 
-Same constructor arguments and defaults as ``torch.nn.BatchNorm*d`` (``num_features, eps=1e-5,
-momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None``), the same
-parameters (``weight``, ``bias``) and buffers (``running_mean``, ``running_var``,
-``num_batches_tracked``) under the same ``state_dict`` keys, and torch's conventions:
-``momentum`` is the weight of the new batch value (``momentum=None``: a cumulative average),
-the running variance is unbiased (``m/(m-1)``), evaluation mode normalizes with the running
-statistics (with batch statistics when ``track_running_stats=False``).
+Each subclasses ``torch.nn.BatchNorm*d`` and overrides only ``forward``: the constructor,
+parameters (``weight``, ``bias``), buffers (``running_mean``, ``running_var``,
+``num_batches_tracked``), ``state_dict`` keys, ``_version`` and its checkpoint migration,
+``training`` (a plain attribute), ``reset_*``, ``extra_repr`` and the input-dimension
+checks are torch's. So ``isinstance(m, torch.nn.BatchNorm2d)`` holds, and torch's tools
+(``torch.optim.swa_utils.update_bn``, ``torch.nn.utils.fusion.fuse_conv_bn_eval``,
+``SyncBatchNorm.convert_sync_batchnorm``) and user loops treat the layers as torch's.
 
-Differences from torch: the statistics are exact far from zero (accumulated in float64,
-centred before squaring); a batch whose statistics are not finite raises
+What ``forward`` computes is torch's batch norm (momentum the weight of the new value,
+``None`` a cumulative average; unbiased running variance; batch statistics in evaluation
+when there are no running statistics), with this library's numerics: statistics exact far
+from zero (float64, centred before squaring; float32 statistics for half inputs); a
+training batch whose statistics are not finite raises
 :class:`batchnorm.NonFiniteStatisticsError` and leaves the running statistics unchanged
-(torch writes NaN into them); ``torch.jit.script`` and ``torch.jit.trace`` are refused with a
-message; under ``torch.compile`` the layers run eagerly (a graph break around each).
+(torch writes NaN into them). The computation is the compiled kernels (:mod:`.fast`,
+:mod:`.ops`): ``torch.compile``, ``torch.export``, ``torch.func`` and the ``meta`` device
+see the custom operators ``torch.ops.batchnorm.*``. ``torch.jit.script`` is refused with a
+message (the forward is Python calling compiled kernels).
 """
 
 from __future__ import annotations
@@ -21,28 +26,30 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...conventions import RunningStats, update_running
 from . import _bridge as B
-from .function import BatchNormOp, apply
+from .fast import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormBase"]
 
 _NO_SCRIPT = (
-    "{cls} runs this library's kernels through a Python torch.autograd.Function, which "
-    "torch.jit cannot {verb}; use torch.compile (the layer then runs eagerly between "
-    "compiled graphs) or batchnorm.torch.revert_batchnorm(model) before exporting"
+    "{cls} runs this library's kernels from Python, which torch.jit cannot {verb}; use "
+    "torch.compile or torch.export (they see the batchnorm custom operators), or "
+    "batchnorm.torch.revert_batchnorm(model) before scripting"
 )
 
 
 def check_jit(module: torch.nn.Module) -> None:
-    """Refuse ``torch.jit.trace`` with a clear message (scripting is refused earlier)."""
+    """Refuse ``torch.jit.trace`` of a variant's forward with a clear message."""
     if torch.jit.is_tracing():
         raise RuntimeError(_NO_SCRIPT.format(cls=type(module).__name__, verb="trace"))
 
 
 class eager:  # noqa: N801 - used as a decorator
-    """A ``forward`` that ``torch.compile`` runs eagerly (a graph break around the layer).
+    """A variant's ``forward`` that ``torch.compile`` runs eagerly (a graph break around it;
+    the variants have no custom operator).
 
     The method is wrapped in ``torch.compiler.disable`` only once ``torch._dynamo`` has been
     imported (by ``torch.compile``), so importing this module does not import the compiler.
@@ -62,107 +69,33 @@ class eager:  # noqa: N801 - used as a decorator
 
 
 def _host(t: torch.Tensor):
-    """A per-feature buffer as the running update reads it (a NumPy view on CPU)."""
-    return t.detach().numpy() if t.device.type == "cpu" else t.detach()
+    """A per-feature buffer as :func:`batchnorm.update_running` reads it."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy() if t.device.type == "cpu" else t
 
 
-class NormBase(torch.nn.Module):
-    """State and running-statistics update shared by the torch modules (see the module
-    docstring for the arguments)."""
+def _check_eps(eps: float, batch: bool) -> None:
+    if batch and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
-    _version = 2
-    #: valid numbers of input dimensions; None: any ``(N, C, *)`` input
-    input_dims: tuple[int, ...] | None = None
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive int; got {num_features!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0; got {eps!r}")
-        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
-            raise ValueError(f"momentum must be in [0, 1] or None; got {momentum!r}")
-        kw = {"device": device, "dtype": dtype}
-        self.num_features, self.eps, self.momentum = num_features, float(eps), momentum
-        self.affine, self.track_running_stats = bool(affine), bool(track_running_stats)
-        if self.affine:
-            self.weight = torch.nn.Parameter(torch.empty(num_features, **kw))
-            if bias:
-                self.bias = torch.nn.Parameter(torch.empty(num_features, **kw))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-            self.register_buffer("running_var", torch.ones(num_features, **kw))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    # ------------------------------------------------------------------ torch's API
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, no batches tracked."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics, weight 1 and bias 0."""
-        self.reset_running_stats()
-        if self.affine:
-            torch.nn.init.ones_(self.weight)
-            if self.bias is not None:
-                torch.nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        """The constructor arguments, as torch prints them."""
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, bias={self.bias is not None or not self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
+class NormBase(_BatchNorm):
+    """What this library's torch batch-norm modules share: torch's ``_BatchNorm`` with the
+    forward of :mod:`.fast`, and the checks and running update the variants use."""
 
     def __prepare_scriptable__(self):
         """Refuse ``torch.jit.script`` with a clear message."""
         raise TypeError(_NO_SCRIPT.format(cls=type(self).__name__, verb="script"))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
-        # checkpoints older than torch's version 2 have no num_batches_tracked
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
-
     # ------------------------------------------------------------------ checks
     def check_input(self, x) -> None:
         """``x`` must be a floating ``(N, num_features, *)`` tensor of an accepted rank."""
         B.check_float(x, "input")
-        dims = self.input_dims
-        if dims is not None and x.dim() not in dims:
-            want = " or ".join(f"{d}D" for d in dims)
-            raise ValueError(
-                f"expected {want} input (got {x.dim()}D input of shape {tuple(x.shape)})"
-            )
+        self._check_input_dim(x)
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
         if x.shape[1] != self.num_features:
@@ -173,29 +106,26 @@ class NormBase(torch.nn.Module):
 
     @staticmethod
     def check_batch(x, what: str = "training") -> None:
-        """Batch statistics need more than one value per channel."""
-        if x.numel() // x.shape[1] < 2:
+        """Batch statistics need more than one value per channel (an empty batch is let
+        through, as torch does)."""
+        if x.numel() // x.shape[1] == 1:
             raise ValueError(
-                f"Expected more than 1 value per channel when {what}, got input size "
-                f"{tuple(x.shape)}"
+                f"Expected more than 1 value per channel when {what}, got input size {x.size()}"
             )
 
     @property
     def uses_batch_stats(self) -> bool:
         """Whether a forward now normalizes with batch statistics."""
-        return self.training or self.running_mean is None
-
-    def _momentum(self):
-        return self.momentum
+        return self.training or (self.running_mean is None and self.running_var is None)
 
     def update_running(self, stats, *, unbiased: bool = True, smooth: str = "var") -> None:
-        """One update of the running statistics from a forward's batch statistics."""
+        """One update of the running statistics from a forward's batch statistics (the
+        variants' rule, through :func:`batchnorm.update_running`)."""
         nbt = int(self.num_batches_tracked)
-        run = RunningStats(_host(self.running_mean), _host(self.running_var), nbt)
         new = update_running(
-            run,
+            RunningStats(_host(self.running_mean), _host(self.running_var), nbt),
             stats,
-            momentum=self._momentum(),
+            momentum=self.momentum,
             momentum_weights="new",
             unbiased=unbiased,
             smooth=smooth,
@@ -210,29 +140,25 @@ class NormBase(torch.nn.Module):
         """The reducer of a training forward (None: this process only)."""
         return None
 
-    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalize ``input`` (see the module docstring); updates the running statistics
-        in training mode."""
-        check_jit(self)
+        """Normalize ``input`` (see the module docstring); in training mode with running
+        statistics, update them."""
         self.check_input(input)
-        batch = self.uses_batch_stats
+        training = self.training
+        batch = training or (self.running_mean is None and self.running_var is None)
+        _check_eps(self.eps, batch)
         if batch:
             self.check_batch(input)
-        op = BatchNormOp(
-            self.eps,
-            None if batch else self.running_mean,
-            None if batch else self.running_var,
-            self._reducer() if batch else None,
-        )
-        y = apply(op, input, self.weight, self.bias)
-        if self.training and self.track_running_stats:
-            self.update_running(op.stats)
-        return y
+        track = not training or self.track_running_stats
+        rm = self.running_mean if track else None
+        rv = self.running_var if track else None
+        update = training and self.track_running_stats and self.num_batches_tracked is not None
+        return batch_norm(self, input, batch, update and rm is not None, rm, rv)
 
 
-class BatchNorm1d(NormBase):
-    """Batch norm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; torch's arguments.
+class BatchNorm1d(NormBase, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` on this library's kernels: a 2D ``(N, C)`` or 3D
+    ``(N, C, L)`` input; torch's arguments.
 
     Parameters
     ----------
@@ -253,23 +179,10 @@ class BatchNorm1d(NormBase):
         With ``affine``: whether there is a learnable ``bias`` (keyword only, as torch).
     """
 
-    input_dims = (2, 3)
 
-
-class BatchNorm2d(NormBase):
-    """Batch norm over a 4D ``(N, C, H, W)`` input; the arguments of :class:`BatchNorm1d`.
-
-    Parameters
-    ----------
-    num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
-        As :class:`BatchNorm1d`.
-    """
-
-    input_dims = (4,)
-
-
-class BatchNorm3d(NormBase):
-    """Batch norm over a 5D ``(N, C, D, H, W)`` input; the arguments of :class:`BatchNorm1d`.
+class BatchNorm2d(NormBase, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on this library's kernels: a 4D ``(N, C, H, W)`` input,
+    contiguous or channels_last (kept).
 
     Parameters
     ----------
@@ -277,4 +190,12 @@ class BatchNorm3d(NormBase):
         As :class:`BatchNorm1d`.
     """
 
-    input_dims = (5,)
+
+class BatchNorm3d(NormBase, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` on this library's kernels: a 5D ``(N, C, D, H, W)`` input.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
+        As :class:`BatchNorm1d`.
+    """

@@ -12,6 +12,7 @@ Algorithm 2 estimate instead.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -66,7 +67,8 @@ def recalibrate(
     Returns
     -------
     list of torch.nn.Module
-        The layers recalibrated.
+        The layers recalibrated. A layer the forward passes never reach (an unused head) is
+        left unchanged and named in a ``RuntimeWarning``, as ``update_bn`` completes.
 
     Raises
     ------
@@ -94,7 +96,8 @@ def recalibrate(
                 n += 1
         if n == 0:
             raise ValueError("recalibrate saw no batches (an empty loader?)")
-        estimates = {m: _estimate(m, acc[m], method) for m in layers}
+        unused = [m for m in layers if acc[m].count == 0]
+        estimates = {m: _estimate(m, acc[m], method) for m in layers if acc[m].count > 0}
     except BaseException:
         _restore(saved)
         raise
@@ -108,7 +111,15 @@ def recalibrate(
         for m, (mean, var) in estimates.items():
             m.running_mean.copy_(B.tensor(mean, m.running_mean))
             m.running_var.copy_(B.tensor(var, m.running_var))
-    return layers
+    if unused:
+        names = {m: name or "(the model itself)" for name, m in model.named_modules()}
+        warnings.warn(
+            f"recalibrate: {len(unused)} batch-norm layer(s) saw no input in the forward "
+            f"passes and were left unchanged: {', '.join(names[m] for m in unused)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return list(estimates)
 
 
 def _state(m) -> list[torch.Tensor]:

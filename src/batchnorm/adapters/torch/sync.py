@@ -195,10 +195,15 @@ def reducer_for(group, timeout) -> TorchDistReducer:
 class SyncBatchNorm(NormBase):
     """Batch norm whose training statistics are those of every rank's batch together.
 
-    Torch's arguments; any ``(N, C, *)`` input; CPU tensors over a gloo group. In training,
-    when ``torch.distributed`` is initialized and the group has more than one rank, the
+    A ``torch.nn.modules.batchnorm._BatchNorm`` (so ``update_bn``, fusion and user loops
+    find it) but deliberately not a ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel``
+    refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only
+    work with GPU modules"), and this layer exists to run on CPU. Torch's arguments; any
+    ``(N, C, *)`` input; CPU tensors over a gloo group. In training, when
+    ``torch.distributed`` is initialized and the group has more than one rank, the
     statistics are merged across the group exactly (ranks may hold uneven or empty batches)
-    and so are the gradient sums of the backward; otherwise it is plain batch norm.
+    and so are the gradient sums of the backward; otherwise, and always in evaluation
+    (which never waits for other ranks, as torch's), it is this process's batch norm.
 
     Parameters
     ----------
@@ -233,6 +238,10 @@ class SyncBatchNorm(NormBase):
         )
         self.process_group, self.timeout = process_group, timeout
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
     def _reducer(self):
         if not (dist.is_available() and dist.is_initialized()):
             return None
@@ -240,13 +249,16 @@ class SyncBatchNorm(NormBase):
             return None
         return reducer_for(self.process_group, self.timeout)
 
-    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input``; in training with the statistics of the whole group."""
-        check_jit(self)
-        red = self._reducer() if self.uses_batch_stats else None
+        red = self._reducer() if self.training else None
         if red is None:
             return NormBase.forward(self, input)
+        return self._synchronized(input, red)
+
+    @eager
+    def _synchronized(self, input: torch.Tensor, red) -> torch.Tensor:
+        check_jit(self)
         try:  # every rank checks before any rank exchanges: an error reaches every rank
             self.check_input(input)
             if input.device.type != "cpu":

@@ -26,13 +26,23 @@ import torch
 
 from ..._validation import check_renorm_limits
 from ...core.stats import BatchStats
+from . import _bridge as B
+from .fast import batch_norm
 from .function import BatchNormOp, GhostOp, RenormOp, apply
 from .modules import NormBase, check_jit, eager
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm2d", "GhostBatchNorm"]
 
 
-class BatchRenorm(NormBase):
+class _AnyRank:
+    """Any ``(N, C, *)`` input, as torch's ``SyncBatchNorm`` checks it."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class BatchRenorm(_AnyRank, NormBase):
     """Batch renormalization over any ``(N, C, *)`` input (see the module docstring).
 
     Parameters
@@ -97,7 +107,7 @@ class BatchRenorm(NormBase):
         return y
 
 
-class GhostBatchNorm(NormBase):
+class GhostBatchNorm(_AnyRank, NormBase):
     """Ghost batch norm over any ``(N, C, *)`` input (see the module docstring).
 
     Parameters
@@ -195,17 +205,32 @@ class FrozenBatchNorm2d(torch.nn.Module):
 
     @classmethod
     def from_batchnorm(cls, module: torch.nn.Module) -> FrozenBatchNorm2d:
-        """A frozen copy of a (torch or this library's) batch-norm module's state."""
-        n = module.num_features
-        out = cls(n, module.eps)
-        with torch.no_grad():
-            if getattr(module, "weight", None) is not None:
-                out.weight.copy_(module.weight)
-                out.bias.copy_(module.bias)
-            if getattr(module, "running_mean", None) is not None:
-                out.running_mean.copy_(module.running_mean)
-                out.running_var.copy_(module.running_var)
-        return out.to(module.running_mean.device if module.running_mean is not None else "cpu")
+        """A frozen copy of a (torch or this library's) batch-norm module's state: the same
+        values, dtype and device; no ``weight`` gives 1, no ``bias`` gives 0.
+
+        Raises
+        ------
+        ValueError
+            When ``module`` has no running statistics (``track_running_stats=False``):
+            there is nothing to freeze.
+        """
+        rm, rv = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+        if rm is None or rv is None:
+            raise ValueError(
+                f"{type(module).__name__} has no running statistics "
+                "(track_running_stats=False); FrozenBatchNorm2d.from_batchnorm needs them"
+            )
+        out = cls(module.num_features, module.eps)
+        w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        state = {
+            "weight": torch.ones_like(rm) if w is None else w.detach().clone(),
+            "bias": torch.zeros_like(rm) if b is None else b.detach().clone(),
+            "running_mean": rm.detach().clone(),
+            "running_var": rv.detach().clone(),
+        }
+        for name, t in state.items():
+            setattr(out, name, t)  # registered buffers: replaced with the exact copies
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args):
         state_dict.pop(prefix + "num_batches_tracked", None)  # as torchvision
@@ -215,17 +240,15 @@ class FrozenBatchNorm2d(torch.nn.Module):
         """Refuse ``torch.jit.script`` with a clear message."""
         NormBase.__prepare_scriptable__(self)
 
-    @eager
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - running_mean) / sqrt(running_var + eps) * weight + bias``."""
-        check_jit(self)
+        B.check_float(x, "input")
         if x.dim() != 4 or x.shape[1] != self.weight.shape[0]:
             raise ValueError(
                 f"FrozenBatchNorm2d({self.weight.shape[0]}) expects (N, "
                 f"{self.weight.shape[0]}, H, W) input; got shape {tuple(x.shape)}"
             )
-        op = BatchNormOp(self.eps, self.running_mean, self.running_var)
-        return apply(op, x, self.weight, self.bias)
+        return batch_norm(self, x, False, False, self.running_mean, self.running_var)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.weight.shape[0]}, eps={self.eps})"

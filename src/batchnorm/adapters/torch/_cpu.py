@@ -1,0 +1,175 @@
+"""The compiled kernels on CPU tensors: one cached plan per input signature, NumPy views.
+
+A CPU tensor is handed to the numba kernels (:mod:`batchnorm.backends.numba.kernels`) as a
+NumPy view of its memory, with no copy: a contiguous ``(N, C, *)`` tensor as an
+``(N, C, I)`` array, a ``channels_last`` one (NHWC / NDHWC in memory) as ``(M, C)``; the
+features are axis 1 of the viewed array either way. Any other strides cost one copy.
+bfloat16, which NumPy lacks, is computed from a float32 copy and rounded back.
+
+:func:`layout` computes everything that depends only on the input's shape, strides and
+dtype once and caches it (the adapter's per-signature plan cache; a candidate for the core).
+The statistics are float64 vectors; ``h`` (the kernels' overflow scale) is 1 on this path:
+:func:`needs_general` sends the rare inputs that need it (``|mean|`` or the spread within
+a quarter of the dtype's range, ``eps < 1e-30``) to the general path
+(:mod:`batchnorm.functional`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ...backends.numba import kernels as K
+
+_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_BIG = {torch.float16: 6.5e4 / 2, torch.float32: 3.4e38 / 2, torch.float64: 1.79e308 / 2}
+TINY_EPS = 1e-30
+_AXES = (1,)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How tensors of one (shape, strides, dtype) are viewed by the kernels.
+
+    Attributes
+    ----------
+    copy : bool
+        The tensor must first be made contiguous (its strides are neither NCHW nor NHWC).
+    channels_last : bool
+        Viewed in NHWC / NDHWC memory order.
+    view_shape : tuple of int
+        The shape of the viewed array (features on axis 1).
+    perm : tuple of int or None
+        The permutation from ``(N, C, *)`` to memory order (channels_last only).
+    compute : torch.dtype
+        What the kernels read and write (float32 for bfloat16).
+    np_dtype : numpy dtype
+    count : int
+        Values per feature.
+    fmt : torch.memory_format
+    """
+
+    copy: bool
+    channels_last: bool
+    view_shape: tuple
+    perm: tuple | None
+    compute: torch.dtype
+    np_dtype: type
+    count: int
+    fmt: torch.memory_format
+
+
+_LAYOUTS: dict = {}
+
+
+def layout(x: torch.Tensor) -> Layout:
+    """The cached :class:`Layout` of ``x``'s signature."""
+    key = (x.shape, x.stride(), x.dtype)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        if len(_LAYOUTS) > 512:
+            _LAYOUTS.clear()
+        lay = _LAYOUTS[key] = _make_layout(x)
+    return lay
+
+
+def _make_layout(x: torch.Tensor) -> Layout:
+    shape = tuple(x.shape)
+    n, c = shape[0], shape[1]
+    inner = int(np.prod(shape[2:], dtype=np.int64))
+    compute = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    cl, perm, fmt = False, None, torch.contiguous_format
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        f = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=f):
+            cl, fmt = True, f
+            perm = (0, 2, 3, 1) if x.dim() == 4 else (0, 2, 3, 4, 1)
+    copy = not cl and not x.is_contiguous()
+    view = (n * inner, c) if cl else (n, c, inner)
+    return Layout(copy, cl, view, perm, compute, _NP[compute], n * inner, fmt)
+
+
+def arrange(t: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """``t`` (detached) in the layout's dtype and memory format: itself when it is."""
+    t = t.detach()
+    if t.dtype != lay.compute:
+        t = t.to(lay.compute)
+    if lay.copy or not t.is_contiguous(memory_format=lay.fmt):
+        t = t.contiguous(memory_format=lay.fmt)
+    return t
+
+
+def view(t: torch.Tensor, lay: Layout) -> np.ndarray:
+    """The NumPy view the kernels read of an arranged tensor (no copy)."""
+    a = t.numpy()
+    if lay.perm is not None:
+        a = a.transpose(lay.perm)
+    return a.reshape(lay.view_shape)
+
+
+def empty(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, np.ndarray]:
+    """A new tensor shaped like ``x`` in the layout, and its NumPy view."""
+    t = torch.empty(x.shape, dtype=lay.compute, memory_format=lay.fmt)
+    return t, view(t, lay)
+
+
+_ONES: dict = {}
+
+
+def feature64(p: torch.Tensor | None, c: int, fill: float) -> np.ndarray:
+    """A per-feature tensor as a float64 NumPy vector (``fill`` everywhere for None)."""
+    if p is None:
+        key = (c, fill)
+        a = _ONES.get(key)
+        if a is None:
+            a = _ONES[key] = np.full(c, fill)
+        return a
+    p = p.detach()
+    if p.dtype == torch.bfloat16:
+        p = p.float()
+    return p.numpy().astype(np.float64)
+
+
+def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: float) -> bool:
+    """Whether the overflow scale may be needed (or eps is tiny): the general path then."""
+    if eps < TINY_EPS:
+        return True
+    big = _BIG[dtype] / 4
+    m = float(np.add.reduce(np.abs(mean)))
+    return not (m < big and spread < big * big)
+
+
+def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
+    """``(y, mean, var)``: the training forward (y in the compute dtype and layout)."""
+    y, yv = empty(xa, lay)
+    _, mean, var = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv)
+    return y, mean, var
+
+
+def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.Tensor:
+    """``(x - mean) * inv * g + b`` in one pass."""
+    y, yv = empty(xa, lay)
+    K.affine(view(xa, lay), _AXES, mean, inv * g, b, lay.np_dtype, yv)
+    return y
+
+
+def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool = True):
+    """``(dx or None, sum_dy, sum_dy_xc)`` (the sums float64 vectors)."""
+    xv, dyv = view(xa, lay), view(dya, lay)
+    if not need_dx:
+        s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
+        return None, s1, s2
+    dx, dxv = empty(xa, lay)
+    ones = feature64(None, mean.shape[0], 1.0)
+    _, s1, s2 = K.backward(xv, dyv, _AXES, mean, inv, inv * g, ones, batch_stats, lay.np_dtype, dxv)
+    return dx, s1, s2
+
+
+def inv_std(var: np.ndarray, eps: float) -> np.ndarray:
+    """``1 / sqrt(var + eps)`` (float64)."""
+    if eps > 0:  # var >= 0 or NaN: no warning to silence
+        return 1.0 / np.sqrt(var + eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)

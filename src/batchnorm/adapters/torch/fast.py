@@ -1,0 +1,259 @@
+"""One batch-norm forward for the torch modules, by the shortest route to the kernels.
+
+* Eager, CPU, plain tensors: a lean ``torch.autograd.Function`` (:class:`_Lean`) whose
+  forward and backward call the compiled kernels on NumPy views (:mod:`._cpu`); the
+  running statistics are updated in place through NumPy views of the buffers (one small
+  pass over ``C`` values, after the non-finite check).
+* Under ``torch.compile`` / ``torch.export`` (``torch.compiler.is_compiling()``), under
+  ``torch.func`` transforms, on the ``meta`` device, on other devices and for tensor
+  subclasses: the custom operators ``torch.ops.batchnorm.*`` (:mod:`.ops`), and the running
+  update in torch operations (a non-finite batch then leaves the statistics unchanged
+  without raising: a traced graph cannot raise on data).
+* Rare inputs that need the kernels' overflow scale (``|mean|`` or the spread within a
+  quarter of the dtype's largest value) or ``eps < 1e-30``: the general path
+  (:class:`.function.NormFunction` over :mod:`batchnorm.functional`).
+
+Both the lean route and the operators run the same kernels; the tests hold them to each
+other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ...conventions import NonFiniteStatisticsError
+from . import _composed as T
+from . import _cpu
+from . import ops as O
+from .function import BatchNormOp, apply
+
+__all__ = ["batch_norm", "use_ops"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def use_ops(x: torch.Tensor) -> bool:
+    """Whether this call goes through the custom operators (see the module docstring)."""
+    return (
+        x.device.type != "cpu"
+        or type(x) not in _PLAIN
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch.jit.is_tracing()
+    )
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """A tensor of a vmap (functorch's or the legacy one gradcheck uses) or a subclass."""
+    f = torch._C._functorch
+    return (
+        type(t) not in _PLAIN
+        or torch._C._are_functorch_transforms_active()
+        or f.is_legacy_batchedtensor(t)
+        or f.is_functorch_wrapped_tensor(t)
+    )
+
+
+class _Step:
+    """What one lean forward hands its backward (internal)."""
+
+    __slots__ = ("lay", "xa", "mean", "var", "inv", "g", "eps", "batch")
+
+    def __init__(self, lay, eps: float, batch: bool) -> None:
+        self.lay, self.eps, self.batch = lay, eps, batch
+
+
+class _Lean(torch.autograd.Function):
+    """``y = batch_norm(x)`` with the kernels called directly (eager CPU only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, st: _Step, rm, rv):
+        ctx.st = st
+        ctx.save_for_backward(x, weight)  # in-place changes before the backward are detected
+        ctx.dtypes = O._dtypes(weight, bias)
+        return _forward(x, weight, bias, st, rm, rv)
+
+    @staticmethod
+    def backward(ctx, dy):
+        st = ctx.st
+        x, weight = ctx.saved_tensors
+        if torch.is_grad_enabled() or _wrapped(dy):
+            # double backward, or a vmap over the gradient: the operator, which has both
+            mean, var = torch.from_numpy(st.mean), torch.from_numpy(st.var)
+            dx, dw, db = O.call_backward(dy, x, weight, mean, var, st.eps, st.batch)
+        else:
+            need_dx = ctx.needs_input_grad[0]
+            dya = _cpu.arrange(dy, st.lay)
+            dx, s1, s2 = _cpu.backward(dya, st.xa, st.lay, st.mean, st.inv, st.g, st.batch, need_dx)
+            if dx is not None and dx.dtype != x.dtype:
+                dx = dx.to(x.dtype)
+            wd, bd = ctx.dtypes
+            return dx, _grad(s2 * st.inv, wd), _grad(s1, bd), None, None, None
+        return dx, *O._param_grads(dw, db, ctx.dtypes), None, None, None
+
+
+def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """A float64 per-feature gradient as a tensor of the parameter's dtype."""
+    if dtype is None:
+        return None
+    np_dtype = _cpu._NP.get(dtype)
+    if np_dtype is None:
+        return torch.from_numpy(g).to(dtype)
+    return torch.from_numpy(g.astype(np_dtype))
+
+
+def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
+    """The kernels' forward; fills ``st`` (statistics, coefficients) for the backward."""
+    lay, c = st.lay, x.shape[1]
+    xa = _cpu.arrange(x, lay)
+    g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
+    if st.batch:
+        y, mean, var = _cpu.train(xa, lay, g, b, st.eps)
+        inv = _cpu.inv_std(var, st.eps)
+    else:
+        mean, var = _host64(rm), _host64(rv)
+        inv = _cpu.inv_std(var, st.eps)
+        y = _cpu.evaluate(xa, lay, g, b, mean, inv)
+    st.xa, st.mean, st.var, st.inv, st.g = xa, mean, var, inv, g
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _host64(t: torch.Tensor) -> np.ndarray:
+    """A per-feature tensor as a float64 NumPy copy."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy().astype(np.float64)
+
+
+def _general(x, weight, bias, batch: bool, rm, rv, eps: float):
+    """``(y, mean, var)`` through the general path (overflow-scaled, eps checked)."""
+    op = BatchNormOp(eps, None if batch else rm, None if batch else rv)
+    y = apply(op, x, weight, bias)
+    if not batch:
+        return y, None, None
+    return y, op.stats.mean, op.stats.var
+
+
+def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
+    """``(y, mean, var)`` (the last two float64 NumPy vectors in training) on the lean route."""
+    lay = _cpu.layout(x)
+    st = _Step(lay, eps, batch)
+    if not batch and _cpu.needs_general(_host64(rm), 0.0, lay.compute, eps):
+        return _general(x, weight, bias, batch, rm, rv, eps)
+    grads = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    y = _Lean.apply(x, weight, bias, st, rm, rv) if grads else _forward(x, weight, bias, st, rm, rv)
+    if batch:
+        spread = lay.count * float(np.add.reduce(st.var))
+        if _cpu.needs_general(st.mean, spread, lay.compute, eps):
+            return _general(x, weight, bias, batch, rm, rv, eps)
+        return y, st.mean, st.var
+    return y, None, None
+
+
+def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
+    """``module``'s forward on ``x`` (checked by the caller): batch statistics when
+    ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``."""
+    eps, weight, bias = module.eps, module.weight, module.bias
+    if x.numel() == 0:
+        return _empty(module, x, update)
+    if use_ops(x):
+        if not batch:
+            return O.call_eval(x, weight, bias, rm, rv, eps)
+        y, mean, var = O.call_train(x, weight, bias, eps)
+        if update:
+            _update_traced(module, mean, var, x.numel() // x.shape[1])
+        return y
+    y, mean, var = _lean(x, weight, bias, batch, rm, rv, eps)
+    if update:
+        update_running(module, mean, var, x.numel() // x.shape[1], tuple(x.shape))
+    return y
+
+
+def _empty(module, x, update: bool) -> torch.Tensor:
+    """A batch of no samples: an empty output (torch counts the batch; the statistics stay)."""
+    c = x.shape[1]
+    y = T.affine(x, module.weight, module.bias, x.new_zeros(c), x.new_ones(c), 0.0)
+    if update:
+        with torch.no_grad():
+            module.num_batches_tracked.add_(1)
+    fmt = _cpu.layout(x).fmt if x.device.type == "cpu" else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
+    """torch's running update from float64 batch statistics, refusing non-finite ones.
+
+    Raises
+    ------
+    NonFiniteStatisticsError
+        When the batch statistics, or the new running statistics in the buffers' dtype, are
+        not finite; nothing is changed then.
+    """
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    if not (rm.device.type == "cpu" and rm.dtype in _cpu._NP and rv.dtype == rm.dtype):
+        return _update_tensors(module, mean, var, count, shape)
+    m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
+    n_new = int(n_np) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
+        keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
+        new_m = (m_np * keep + w * mean).astype(m_np.dtype)
+        new_v = (v_np * keep + (w * count / (count - 1)) * var).astype(v_np.dtype)
+    total = float(np.add.reduce(new_m, dtype=np.float64) + np.add.reduce(new_v, dtype=np.float64))
+    if not math.isfinite(total):  # (a finite sum proves every value finite)
+        _check_finite(mean, var, new_m, new_v, shape)
+    m_np[...] = new_m
+    v_np[...] = new_v
+    n_np[...] = n_new
+
+
+def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
+    """:func:`update_running` for buffers NumPy cannot view (bfloat16, other devices)."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    n_new = int(nbt) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    with np.errstate(all="ignore"):
+        new_m = _host64(rm) * (1.0 - w) + w * mean
+        new_v = _host64(rv) * (1.0 - w) + (w * count / (count - 1)) * var
+    tm, tv = torch.from_numpy(new_m).to(rm.dtype), torch.from_numpy(new_v).to(rv.dtype)
+    _check_finite(mean, var, tm.double().numpy(), tv.double().numpy(), shape)
+    with torch.no_grad():
+        rm.copy_(tm)
+        rv.copy_(tv)
+        nbt.add_(1)
+
+
+def _check_finite(mean, var, new_m, new_v, shape) -> None:
+    bad = ~(np.isfinite(mean) & np.isfinite(var) & np.isfinite(new_m) & np.isfinite(new_v))
+    if bad.any():
+        where = np.flatnonzero(bad)
+        raise NonFiniteStatisticsError(
+            f"the batch of shape {shape} gives non-finite statistics (or running statistics "
+            f"that overflow their dtype) for features {where[:8].tolist()}; the running "
+            "statistics and num_batches_tracked are left unchanged"
+        )
+
+
+def _update_traced(module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """The running update in torch operations (compiled, exported or transformed calls)."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    with torch.no_grad():
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if module.momentum is None:
+            w = 1.0 / (nbt + 1).to(mean.dtype)
+        else:
+            w = module.momentum
+        # the same float64 operations, in the same order, as update_running
+        new_m = rm.to(mean.dtype) * (1.0 - w) + w * mean
+        new_v = rv.to(var.dtype) * (1.0 - w) + (w * count / max(count - 1, 1)) * var
+        rm.copy_(torch.where(ok, new_m.to(rm.dtype), rm))
+        rv.copy_(torch.where(ok, new_v.to(rv.dtype), rv))
+        nbt.add_(ok.to(nbt.dtype))
