@@ -30,7 +30,7 @@ import numpy as np
 
 from ._compose import reducer_of
 from ._validation import check_count
-from .core.reduce import KIND_RECAL, Call
+from .core.reduce import KIND_RECAL, Call, attempt
 from .core.stats import merge
 from .layers import NormLayer
 from .walk import modules, norm_layers
@@ -193,20 +193,17 @@ def recalibrate(
         statistics were from the new ones (max |Δmean| in units of the new std, and the
         max relative change of the variance).
     """
-    layers, error = [], None
-    try:  # with comm, a refusal on any rank is raised on every rank (agreed below)
-        layers = _checked_layers(model, method)
-        if max_batches is not None:
-            max_batches = check_count(max_batches, "max_batches", minimum=0)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every rank
-        if comm is None:
-            raise
-        error = exc
+    # with comm, a refusal on any rank is raised on every rank (agreed in _gather)
+    red = reducer_of(comm)
+    checked, error = attempt(red, _checked_args, model, method, max_batches)
+    layers, max_batches = checked if checked is not None else ([], max_batches)
     run = forward or (lambda x: model.forward(x, training=True, update_stats=False))
     mods = [m for m in modules(model) if callable(getattr(m, "save_forward_state", None))]
     saved = [m.save_forward_state() for m in mods]  # the caller's pending backward survives
     try:
-        acc, n_batches = _gather(layers, batches, run, max_batches, comm, error)
+        acc, n_batches = _gather(
+            layers, batches, run, max_batches, None if comm is None else red, error
+        )
     finally:
         for m, rec in zip(mods, saved, strict=True):
             m.restore_forward_state(rec)
@@ -215,9 +212,10 @@ def recalibrate(
     return _apply(layers, acc, n_batches, method)
 
 
-def _gather(layers, batches, run, max_batches, comm, error):
-    """Every layer's moments over the batches (merged over the ranks of ``comm``)."""
-    if comm is None:
+def _gather(layers, batches, run, max_batches, reducer, error):
+    """Every layer's moments over the batches (merged by ``reducer``, the one over the
+    caller's communicator, or None without one)."""
+    if reducer is None:
         return _collect(layers, batches, run, max_batches)
 
     def local():
@@ -226,7 +224,7 @@ def _gather(layers, batches, run, max_batches, comm, error):
         with _unsynchronized(layers):  # this rank's shard, merged below
             return _collect(layers, batches, run, max_batches)
 
-    return merge_moments(reducer_of(comm), local, [layer.feature_shape for layer in layers])
+    return merge_moments(reducer, local, [layer.feature_shape for layer in layers])
 
 
 def _apply(layers, acc, n_batches, method):
@@ -287,20 +285,8 @@ def merge_moments(reducer, collect, shapes: list[tuple[int, ...]]):
     ``collect`` on any participant raises on every participant.
     """
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    acc, n_batches, error, vec = [], 0, None, None
-    try:
-        acc, n_batches = collect()
-        rows = []
-        for a, c in zip(acc, sizes, strict=True):
-            row = np.zeros(3 + 4 * c)
-            if a.count:
-                row[:3] = a.count, a.batches, min(a.batch_sizes)
-                for i, v in enumerate((a.mean, a.m2, a.sum_batch_mean, a.sum_batch_var)):
-                    row[3 + i * c : 3 + (i + 1) * c] = np.ravel(v)
-            rows.append(row)
-        vec = np.concatenate(rows)
-    except Exception as exc:  # noqa: BLE001 - every error must reach every participant
-        error = exc
+    local, error = attempt(reducer, _local_rows, collect, sizes)
+    n_batches, vec = local if local is not None else (0, None)
     fhash = zlib.crc32(repr(shapes).encode()) & 0x7FFFFFFF
     counts, recv = reducer.gather(
         Call("recalibrate", KIND_RECAL),
@@ -325,3 +311,26 @@ def merge_moments(reducer, collect, shapes: list[tuple[int, ...]]):
         merged.append(total)
         pos += 3 + 4 * c
     return merged, int(sum(counts))
+
+
+def _checked_args(model, method: str, max_batches: object) -> tuple:
+    """``(layers, max_batches)`` after the checks of :func:`recalibrate`'s arguments."""
+    layers = _checked_layers(model, method)
+    if max_batches is not None:
+        max_batches = check_count(max_batches, "max_batches", minimum=0)
+    return layers, max_batches
+
+
+def _local_rows(collect, sizes: list[int]) -> tuple:
+    """``(batches, vector)``: this participant's moments of every layer as one float64 row
+    each (count, batches, smallest batch, then mean, m2 and the sums of batch moments)."""
+    acc, n_batches = collect()
+    rows = []
+    for a, c in zip(acc, sizes, strict=True):
+        row = np.zeros(3 + 4 * c)
+        if a.count:
+            row[:3] = a.count, a.batches, min(a.batch_sizes)
+            for i, v in enumerate((a.mean, a.m2, a.sum_batch_mean, a.sum_batch_var)):
+                row[3 + i * c : 3 + (i + 1) * c] = np.ravel(v)
+        rows.append(row)
+    return n_batches, np.concatenate(rows)
