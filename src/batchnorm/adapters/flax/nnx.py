@@ -31,7 +31,8 @@ def _inputs(mdl, x):
     scale = mdl.scale[...] if mdl.scale is not None else None
     bias = mdl.bias[...] if mdl.bias is not None else None
     x, _, _, scale, bias = mdl.promote_dtype(
-        (jnp.asarray(x), mdl.mean[...], mdl.var[...], scale, bias), dtype=mdl.dtype
+        (jnp.asarray(x), mdl.mean[...], mdl.var[...], scale, bias),
+        dtype=_common.checked_dtype(mdl.dtype),
     )
     return x, scale, bias, _common.feature_axes(x.ndim, mdl.axis)
 
@@ -132,6 +133,7 @@ class BatchRenorm(BatchNorm):
         """Normalize ``x`` (see the class); the arguments are :class:`BatchNorm`'s."""
         use_running_average = _mode(self, use_running_average)
         _common.unsupported(mask, self.axis_index_groups)
+        momentum = _common.checked_momentum(self.momentum)
         x, scale, bias, axes = _inputs(self, x)
         if use_running_average:  # evaluation is batch norm's, bit for bit
             return super().__call__(x, True)
@@ -144,7 +146,7 @@ class BatchRenorm(BatchNorm):
             x, scale, bias, self.mean[...], sigma, True, rmax, dmax, axes,
             self.epsilon, self.axis_name,
         )  # fmt: skip
-        self.mean[...] = _moving(self.mean[...], m_b, self.momentum)
-        self.var[...] = _moving(self.var[...], v_b, self.momentum)
+        new_mean, new_var = _moving(self.mean[...], m_b, self.var[...], v_b, momentum)
+        self.mean[...], self.var[...] = new_mean, new_var
         self.steps[...] = step + 1
         return y
