@@ -10,9 +10,12 @@ import jax.numpy as jnp
 
 from ..._validation import check_count, check_renorm_limits
 from ...renorm import RenormSchedule
+from ..jax._args import momentum as _momentum
 
 __all__ = [
+    "checked_dtype",
     "checked_limits",
+    "checked_momentum",
     "checked_steps",
     "feature_axes",
     "out_dtype",
@@ -76,7 +79,27 @@ def out_dtype(x, scale, bias, dtype):
     parameters. ``x`` is normalized in it, as ``flax.nnx.BatchNorm`` does (so the linen
     and nnx modules compute the same)."""
     args = [a for a in (x, scale, bias) if a is not None]
-    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(*args)
+    return checked_dtype(dtype) if dtype is not None else jnp.result_type(*args)
+
+
+def checked_dtype(dtype):
+    """The module's ``dtype`` field as a floating dtype (None kept): an integer, bool or
+    complex ``dtype`` is refused naming the field, not the input it would be cast to."""
+    if dtype is None:
+        return None
+    dt = jnp.dtype(dtype)
+    if dt.name not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(
+            f"dtype={dt.name}: batchnorm.flax computes and returns a floating dtype "
+            "(float16, bfloat16, float32 or float64), or None for the promotion of x and "
+            "the parameters"
+        )
+    return dt
+
+
+def checked_momentum(momentum: object) -> float:
+    """``momentum`` as a Python float in [0, 1] (checked before anything is computed)."""
+    return _momentum(momentum)
 
 
 def checked_limits(r_max: object, d_max: object) -> tuple[float, float]:

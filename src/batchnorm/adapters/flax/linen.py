@@ -134,6 +134,7 @@ class BatchRenorm(BatchNorm):
             "use_running_average", self.use_running_average, use_running_average
         )
         _common.unsupported(mask, self.axis_index_groups)
+        momentum = _common.checked_momentum(self.momentum)
         x = jnp.asarray(x)
         axes = _common.feature_axes(x.ndim, self.axis)
         mean, var, scale, bias = _variables(self, x, axes)
@@ -154,7 +155,6 @@ class BatchRenorm(BatchNorm):
             axes, self.epsilon, None if initializing else self.axis_name,
         )  # fmt: skip
         if not initializing:
-            mean.value = _moving(mean.value, m_b, self.momentum)
-            var.value = _moving(var.value, v_b, self.momentum)
+            mean.value, var.value = _moving(mean.value, m_b, var.value, v_b, momentum)
             steps.value = steps.value + 1
         return jnp.astype(y, out)

@@ -4,6 +4,8 @@ subclass with the same constructor, attributes and variables) that computes with
 
 from __future__ import annotations
 
+import threading
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -12,6 +14,11 @@ from ..jax.functions import _moving, batch_norm, renorm_batch
 from . import _common
 
 __all__ = ["BatchNorm", "BatchRenorm"]
+
+# One lock for the read-compute-write of every module's running statistics: threads that
+# call modules eagerly would otherwise read the same old values and lose updates. (An
+# nnx module cannot hold a lock itself: its attributes must survive nnx.split/deepcopy.)
+_UPDATE = threading.RLock()
 
 _NO_MODE = (
     "No use_running_average was given to {name}: pass it to the constructor, to the call, "
@@ -31,7 +38,8 @@ def _inputs(mdl, x):
     scale = mdl.scale[...] if mdl.scale is not None else None
     bias = mdl.bias[...] if mdl.bias is not None else None
     x, _, _, scale, bias = mdl.promote_dtype(
-        (jnp.asarray(x), mdl.mean[...], mdl.var[...], scale, bias), dtype=mdl.dtype
+        (jnp.asarray(x), mdl.mean[...], mdl.var[...], scale, bias),
+        dtype=_common.checked_dtype(mdl.dtype),
     )
     return x, scale, bias, _common.feature_axes(x.ndim, mdl.axis)
 
@@ -78,14 +86,15 @@ class BatchNorm(nnx.BatchNorm):
         """
         use_running_average = _mode(self, use_running_average)
         _common.unsupported(mask, self.axis_index_groups)
-        x, scale, bias, axes = _inputs(self, x)
-        training = not use_running_average
-        y, (mean, var) = batch_norm(
-            x, scale, bias, self.mean[...], self.var[...], training=training, axis=axes,
-            momentum=self.momentum, eps=self.epsilon, axis_name=self.axis_name,
-        )  # fmt: skip
-        if training:
-            self.mean[...], self.var[...] = mean, var
+        with _UPDATE:  # the running statistics' read and write, atomic across threads
+            x, scale, bias, axes = _inputs(self, x)
+            training = not use_running_average
+            y, (mean, var) = batch_norm(
+                x, scale, bias, self.mean[...], self.var[...], training=training, axis=axes,
+                momentum=self.momentum, eps=self.epsilon, axis_name=self.axis_name,
+            )  # fmt: skip
+            if training:
+                self.mean[...], self.var[...] = mean, var
         return y
 
 
@@ -132,19 +141,21 @@ class BatchRenorm(BatchNorm):
         """Normalize ``x`` (see the class); the arguments are :class:`BatchNorm`'s."""
         use_running_average = _mode(self, use_running_average)
         _common.unsupported(mask, self.axis_index_groups)
-        x, scale, bias, axes = _inputs(self, x)
-        if use_running_average:  # evaluation is batch norm's, bit for bit
-            return super().__call__(x, True)
-        step = self.steps[...]
-        rmax, dmax = _common.renorm_limits(
-            step, self.r_max, self.d_max, self.warmup_steps, self.schedule
-        )
-        sigma = jnp.sqrt(jnp.astype(self.var[...], jnp.float32) + self.epsilon)
-        y, m_b, v_b = renorm_batch(
-            x, scale, bias, self.mean[...], sigma, True, rmax, dmax, axes,
-            self.epsilon, self.axis_name,
-        )  # fmt: skip
-        self.mean[...] = _moving(self.mean[...], m_b, self.momentum)
-        self.var[...] = _moving(self.var[...], v_b, self.momentum)
-        self.steps[...] = step + 1
+        momentum = _common.checked_momentum(self.momentum)
+        with _UPDATE:  # see BatchNorm.__call__
+            x, scale, bias, axes = _inputs(self, x)
+            if use_running_average:  # evaluation is batch norm's, bit for bit
+                return super().__call__(x, True)
+            step = self.steps[...]
+            rmax, dmax = _common.renorm_limits(
+                step, self.r_max, self.d_max, self.warmup_steps, self.schedule
+            )
+            sigma = jnp.sqrt(jnp.astype(self.var[...], jnp.float32) + self.epsilon)
+            y, m_b, v_b = renorm_batch(
+                x, scale, bias, self.mean[...], sigma, True, rmax, dmax, axes,
+                self.epsilon, self.axis_name,
+            )  # fmt: skip
+            new_mean, new_var = _moving(self.mean[...], m_b, self.var[...], v_b, momentum)
+            self.mean[...], self.var[...] = new_mean, new_var
+            self.steps[...] = step + 1
         return y

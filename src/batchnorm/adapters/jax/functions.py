@@ -48,13 +48,23 @@ from ._kernel import Spec, evaluate, train
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm"]
 
 
-def _moving(old, batch, momentum: float):
-    """``momentum * old + (1 - momentum) * batch`` in the statistics dtype, returned in
-    ``old``'s dtype; features whose batch value is not finite keep ``old``."""
+def _moving(old_mean, mean, old_var, var, momentum: object):
+    """The running statistics moved towards the batch's: ``momentum * old + (1 - momentum)
+    * batch`` for each of the pair, formed in the statistics dtype and returned in the old
+    values' dtypes. A feature keeps both its old values unless both batch values and both
+    results are finite there: a NaN/Inf batch, and a batch statistic finite in float64
+    (JAX's x64) that overflows the running statistics' float32, never reach them.
+    ``momentum`` is checked here (a Python float in [0, 1]), so no caller can skip it."""
+    momentum = _args.momentum(momentum)
     sdt = stats_dtype(jnp, None)
-    o, b = jnp.astype(old, sdt), jnp.astype(jax.lax.stop_gradient(batch), sdt)
-    new = momentum * o + (1.0 - momentum) * b
-    return jnp.astype(jnp.where(jnp.isfinite(b), new, o), old.dtype)
+    news, keep = [], None
+    for old, batch in ((old_mean, mean), (old_var, var)):
+        b = jnp.astype(jax.lax.stop_gradient(batch), sdt)
+        new = jnp.astype(momentum * jnp.astype(old, sdt) + (1.0 - momentum) * b, old.dtype)
+        ok = jnp.isfinite(b) & jnp.isfinite(new)
+        keep = ok if keep is None else keep & ok
+        news.append(new)
+    return tuple(jnp.where(keep, n, o) for n, o in zip(news, (old_mean, old_var), strict=True))
 
 
 def _prepare(x, axis, eps, axis_name, training, **arrays):
@@ -151,7 +161,7 @@ def batch_norm(
     if done is not None:
         return done
     y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None, None)
-    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
+    return y, _moving(f["running_mean"], mean, f["running_var"], var, momentum)
 
 
 def batch_renorm(
@@ -209,7 +219,7 @@ def batch_renorm(
         return out[0], (out[1], out[2])
     y, mean, var = out
     sigma_b = jnp.sqrt(var + _args.static_eps(eps))
-    return y, (_moving(running_mean, mean, momentum), _moving(running_std, sigma_b, momentum))
+    return y, _moving(running_mean, mean, running_std, sigma_b, momentum)
 
 
 def renorm_batch(x, gamma, beta, mean, std, training, rmax, dmax, axis, eps, axis_name):
@@ -290,7 +300,7 @@ def ghost_batch_norm(
         outs.append(y)
         mean, var = mean + w * m, var + w * v
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-    return y, (_moving(f["running_mean"], mean, momentum), _moving(f["running_var"], var, momentum))
+    return y, _moving(f["running_mean"], mean, f["running_var"], var, momentum)
 
 
 def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
