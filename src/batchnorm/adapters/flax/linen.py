@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax.linen import module as _module
 
 from ...renorm import RenormSchedule
-from ..jax.functions import _moving, batch_norm, renorm_batch
+from ..jax.functions import batch_norm, moving_update, renorm_batch
 from . import _common
 
 __all__ = ["BatchNorm", "BatchRenorm"]
@@ -155,6 +155,6 @@ class BatchRenorm(BatchNorm):
             axes, self.epsilon, None if initializing else self.axis_name,
         )  # fmt: skip
         if not initializing:
-            mean.value, var.value = _moving(mean.value, m_b, var.value, v_b, momentum)
+            mean.value, var.value = moving_update(mean.value, m_b, var.value, v_b, momentum)
             steps.value = steps.value + 1
         return jnp.astype(y, out)

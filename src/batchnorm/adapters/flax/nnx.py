@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ...renorm import RenormSchedule
-from ..jax.functions import _moving, batch_norm, renorm_batch
+from ..jax.functions import batch_norm, moving_update, renorm_batch
 from . import _common
 
 __all__ = ["BatchNorm", "BatchRenorm"]
@@ -155,7 +155,7 @@ class BatchRenorm(BatchNorm):
                 x, scale, bias, self.mean[...], sigma, True, rmax, dmax, axes,
                 self.epsilon, self.axis_name,
             )  # fmt: skip
-            new_mean, new_var = _moving(self.mean[...], m_b, self.var[...], v_b, momentum)
+            new_mean, new_var = moving_update(self.mean[...], m_b, self.var[...], v_b, momentum)
             self.mean[...], self.var[...] = new_mean, new_var
             self.steps[...] = step + 1
         return y

@@ -48,7 +48,7 @@ from ._kernel import Spec, evaluate, train
 __all__ = ["batch_norm", "batch_renorm", "ghost_batch_norm"]
 
 
-def _moving(old_mean, mean, old_var, var, momentum: object):
+def moving_update(old_mean, mean, old_var, var, momentum: object):
     """The running statistics moved towards the batch's: ``momentum * old + (1 - momentum)
     * batch`` for each of the pair, formed in the statistics dtype and returned in the old
     values' dtypes. A feature keeps both its old values unless both batch values and both
@@ -161,7 +161,7 @@ def batch_norm(
     if done is not None:
         return done
     y, mean, var = train(spec, x, *_share(x, f["gamma"], f["beta"]), None, None, None)
-    return y, _moving(f["running_mean"], mean, f["running_var"], var, momentum)
+    return y, moving_update(f["running_mean"], mean, f["running_var"], var, momentum)
 
 
 def batch_renorm(
@@ -219,7 +219,7 @@ def batch_renorm(
         return out[0], (out[1], out[2])
     y, mean, var = out
     sigma_b = jnp.sqrt(var + _args.static_eps(eps))
-    return y, _moving(running_mean, mean, running_std, sigma_b, momentum)
+    return y, moving_update(running_mean, mean, running_std, sigma_b, momentum)
 
 
 def renorm_batch(x, gamma, beta, mean, std, training, rmax, dmax, axis, eps, axis_name):
@@ -300,7 +300,7 @@ def ghost_batch_norm(
         outs.append(y)
         mean, var = mean + w * m, var + w * v
     y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
-    return y, _moving(f["running_mean"], mean, f["running_var"], var, momentum)
+    return y, moving_update(f["running_mean"], mean, f["running_var"], var, momentum)
 
 
 def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
