@@ -12,6 +12,7 @@ it.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 __all__ = ["SCRIPTS", "run_script", "script_path"]
@@ -73,5 +74,9 @@ def run_script(flag: str, argv: list[str], root: Path | None = None):
     path = script_path(name, root)
     spec = importlib.util.spec_from_file_location(f"batchnorm_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # imports the framework: a missing one is an ImportError
-    return module.main(argv)
+    sys.modules[spec.name] = module  # as an import would (dataclasses look the module up)
+    try:
+        spec.loader.exec_module(module)  # imports the framework: missing, an ImportError
+        return module.main(argv)
+    finally:
+        sys.modules.pop(spec.name, None)
