@@ -7,8 +7,11 @@ import argparse
 import pytest
 
 import batchnorm
-from batchnorm_demo import _commands
+from batchnorm_demo.bench import command as bench_command
 from batchnorm_demo.cli import build_parser, main
+from batchnorm_demo.demo import command as demo_command
+from batchnorm_demo.inspect import command as inspect_command
+from batchnorm_demo.sync_demo import command as sync_demo_command
 
 
 def _refuse_work(*args, **kwargs):
@@ -56,8 +59,8 @@ def test_demo_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatc
     ],
 )
 def test_non_positive_counts_are_refused_naming_the_flag(argv, flag, monkeypatch, capsys):
-    monkeypatch.setattr(_commands, "run_demo", _refuse_work)
-    monkeypatch.setattr(_commands, "run_bench", _refuse_work)
+    monkeypatch.setattr(demo_command, "run_demo", _refuse_work)
+    monkeypatch.setattr(bench_command, "run_bench", _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -128,8 +131,13 @@ def test_bad_values_are_refused_by_the_parser_before_any_work(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(batchnorm_demo.data, "load_dataset", _refuse_work)
-    for command in ("run_demo", "run_bench", "run_inspect", "run_sync_demo"):
-        monkeypatch.setattr(_commands, command, _refuse_work)
+    for module, command in (
+        (demo_command, "run_demo"),
+        (bench_command, "run_bench"),
+        (inspect_command, "run_inspect"),
+        (sync_demo_command, "run_sync_demo"),
+    ):
+        monkeypatch.setattr(module, command, _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -205,7 +213,7 @@ def test_inspect_names_the_layer_as_its_constructor_call(make, head, tmp_path, c
 
 def test_a_bad_value_names_its_flag_once(monkeypatch, capsys):
     """``--steps abc`` used to print 'argument --steps: --steps must be an integer'."""
-    monkeypatch.setattr(_commands, "run_demo", _refuse_work)
+    monkeypatch.setattr(demo_command, "run_demo", _refuse_work)
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--steps", "abc"])
     assert exc.value.code == 2

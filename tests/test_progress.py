@@ -68,11 +68,11 @@ def test_a_terminal_without_tqdm_gets_plain_lines(monkeypatch):
 
 
 def test_the_compile_notice_without_tqdm_is_a_plain_line(monkeypatch, capsys):
-    from batchnorm_demo import _commands
+    from batchnorm_demo._common import notice_once
     from batchnorm_demo.warmup import COMPILE_NOTICE
 
     monkeypatch.setitem(sys.modules, "tqdm", None)
-    say = _commands._notice_once()
+    say = notice_once()
     say()
     say()  # once only
     assert capsys.readouterr().err == COMPILE_NOTICE + "\n"

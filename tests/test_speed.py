@@ -254,7 +254,7 @@ def test_bench_channels_last_cases_and_twin_ratios():
     """A case's memory order is honoured, and a channels-last case's numba time is reported
     over its NCHW twin's (same pass) in its own column."""
     from batchnorm_demo.bench import CASES, Case, format_bench
-    from batchnorm_demo.bench_timing import twin_ratios
+    from batchnorm_demo.bench.timing import twin_ratios
 
     view = Case("v", (2, 3, 4, 5), -1, memory=(0, 3, 1, 2), twin="t")
     a = np.arange(120.0).reshape(view.shape)

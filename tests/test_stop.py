@@ -288,14 +288,14 @@ def _fake_command_script(body: str) -> str:
     return (
         """
         import os, signal, sys, time
-        from batchnorm_demo import _commands
+        from batchnorm_demo.demo import command
         from batchnorm_demo.cli import entry
 
         def run(args):
         """
         + textwrap.indent(textwrap.dedent(body), " " * 12)
         + """
-        _commands.run_demo = run
+        command.run_demo = run
         sys.argv = ["batchnorm", "demo", "--steps", "1"]
         sys.exit(entry())
         """
@@ -349,9 +349,10 @@ def test_main_restores_the_callers_handlers_and_entry_does_not(tmp_path):
         tmp_path,
         """
         import signal
-        from batchnorm_demo import _commands, cli
+        from batchnorm_demo import cli
+        from batchnorm_demo.demo import command
 
-        _commands.run_demo = lambda args: 0
+        command.run_demo = lambda args: 0
         before = signal.getsignal(signal.SIGINT)
         cli.main(["demo", "--steps", "1"])
         print(signal.getsignal(signal.SIGINT) is before)

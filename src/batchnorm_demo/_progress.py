@@ -40,7 +40,7 @@ def is_terminal(stream) -> bool:
         return False
 
 
-def _tqdm():
+def tqdm_class():
     """tqdm's bar class, or None when tqdm is not installed (it comes with the demo extra;
     ``batchnorm warmup`` and ``bench`` run without it)."""
     try:
@@ -114,7 +114,7 @@ class Progress:
         self._start = self._last_line = clock()
         self._next = every_fraction  # the next fraction that earns a line
         self._bar = None
-        tqdm = _tqdm() if self.terminal else None
+        tqdm = tqdm_class() if self.terminal else None
         self.terminal = tqdm is not None  # without tqdm (the demo extra) a terminal gets lines
         if tqdm is not None:
             # smoothing=0: the rate (and so the ETA) is the average since the start, which

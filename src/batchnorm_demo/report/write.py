@@ -62,15 +62,10 @@ def _reproducibility(results: dict, claims: dict) -> str:
     )
 
 
-def _blocks(results: dict, summary: dict) -> list[tuple]:
+def _run_blocks(results: dict, summary: dict) -> list[tuple]:
+    """The run (dataset, network, protocol, reproducibility) and the verdicts in full."""
     cfg, ds = results["config"], results["dataset"]
-    reg = results["regularization"]
     claims = summary["claims"]
-    fit = cfg["fit_threshold"]
-
-    def sweep(*args):
-        return lr_sweep_table(*args, summary=summary)
-
     arch = f"{ds['n_features']}-" + "-".join(str(h) for h in cfg["hidden"]) + f"-{ds['n_classes']}"
     b: list[tuple] = [
         ("h2", "The run"),
@@ -93,7 +88,17 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         b.append(("claim", c["title"], c["verdict"], c["evidence"], c["rests_on"]))
         if c.get("aside"):
             b.append(("p", c["aside"] + "."))
-    b += [
+    return b
+
+
+def _sweep_blocks(results: dict, summary: dict) -> list[tuple]:
+    """Each arm at its chosen rate, and the learning-rate sweep."""
+    ds = results["dataset"]
+
+    def sweep(*args):
+        return lr_sweep_table(*args, summary=summary)
+
+    return [
         ("h2", "Each arm at its chosen rate (mean ± sd over seeds)"),
         ("table", main_table(results, summary)),
         (
@@ -122,6 +127,13 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ("table", sweep(results, "train_loss", 1.0, 4)),
         ("img", "learning_rates.png", "test accuracy and training loss against learning rate"),
         ("img", "accuracy.png", "test accuracy over training at the chosen rates"),
+    ]
+
+
+def _robustness_blocks(results: dict) -> list[tuple]:
+    """Initial scale and depth; distribution change and internal covariate shift."""
+    cfg = results["config"]
+    return [
         ("h2", "Initial scale and depth"),
         (
             "p",
@@ -159,16 +171,27 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
             "size, so it is given at the common rate and at each arm's chosen rate.",
         ),
         ("table", ics_table(results)),
-        *(
-            [
-                ("h2", "Smoothness of the loss landscape"),
-                ("p", smoothness_text(results)),
-                ("table", smoothness_table(results)),
-                ("img", "smoothness.png", "smoothness along the gradient"),
-            ]
-            if "smoothness" in results
-            else []
-        ),  # fmt: skip
+    ]
+
+
+def _smoothness_blocks(results: dict) -> list[tuple]:
+    """The smoothness of the loss landscape, when it was measured."""
+    if "smoothness" not in results:
+        return []
+    return [
+        ("h2", "Smoothness of the loss landscape"),
+        ("p", smoothness_text(results)),
+        ("table", smoothness_table(results)),
+        ("img", "smoothness.png", "smoothness along the gradient"),
+    ]
+
+
+def _regularization_blocks(results: dict) -> list[tuple]:
+    """Regularization (each arm trained until fitted), ghost batch norm, the costs."""
+    cfg, ds = results["config"], results["dataset"]
+    reg = results["regularization"]
+    fit = cfg["fit_threshold"]
+    return [
         ("h2", "Regularization"),
         (
             "p",
@@ -202,6 +225,13 @@ def _blocks(results: dict, summary: dict) -> list[tuple]:
         ("p", _cost_note(results)),
         ("p", "All numbers come from this run; results.json holds every number and curve."),
     ]
+
+
+def _blocks(results: dict, summary: dict) -> list[tuple]:
+    """The report's details, section by section, without the notes that have nothing to say."""
+    b = _run_blocks(results, summary) + _sweep_blocks(results, summary)
+    b += _robustness_blocks(results) + _smoothness_blocks(results)
+    b += _regularization_blocks(results)
     return [blk for blk in b if blk[0] != "p" or blk[1].strip()]  # notes with nothing to say
 
 

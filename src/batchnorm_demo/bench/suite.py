@@ -3,7 +3,7 @@
 Measuring honestly on a shared, noisy machine: within every repeat the measured functions
 run one after the other (copy, NumPy backend, numba backend, PyTorch, copy, ...), so a noisy
 neighbour slows all of them alike, with a short untimed busy pause
-(:data:`.bench_timing.PAUSE_S`) after parallel calls so that no library's spinning idle
+(:data:`.timing.PAUSE_S`) after parallel calls so that no library's spinning idle
 threads slow the next one; the minimum and the median over the repeats are reported, each as
 a ratio to ``np.copyto`` of the same array into a preallocated one.
 
@@ -24,8 +24,8 @@ a ratio to ``np.copyto`` of the same array into a preallocated one.
 
 Ratios outside the goals of issue 11 are marked ``MISSED``.
 
-The cases are in :mod:`.bench_cases`, the timings in :mod:`.bench_timing`, the tables in
-:mod:`.bench_format`.
+The cases are in :mod:`.cases`, the timings in :mod:`.timing`, the tables in
+:mod:`.table`.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import numpy as np
 
 from batchnorm.functional import numba_available
 
-from .bench_cases import CASES, SMALL_CASES, Case, goal
-from .bench_format import format_bench
-from .bench_timing import large_rows, small_row, thread_count, twin_ratios
+from .cases import CASES, SMALL_CASES, Case, goal
+from .table import format_bench
+from .timing import large_rows, small_row, thread_count, twin_ratios
 
 __all__ = ["CASES", "SMALL_CASES", "Case", "compile_times", "format_bench", "goal", "run_bench"]
 

@@ -1,5 +1,5 @@
 """The benchmark's timings: interleaved repeats of every implementation, on large arrays
-(ratios to a plain copy) and small batches (microseconds); see :mod:`batchnorm_demo.bench`
+(ratios to a plain copy) and small batches (microseconds); see :mod:`batchnorm_demo.bench.suite`
 for the method."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from batchnorm.functional import (
     numba_available,
 )
 
-from .bench_cases import PASSES, Case, goal
+from .cases import PASSES, Case, goal
 
 __all__ = ["PAUSE_S", "large_rows", "small_row", "thread_count", "twin_ratios"]
 

@@ -1,0 +1,67 @@
+"""``batchnorm warmup``: its arguments (:func:`add_parser`) and its body (:func:`run_warmup`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .._cli_types import HelpFormatter
+from .._common import notice_once
+from .._progress import Progress
+
+__all__ = ["add_parser", "run_warmup"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``warmup`` subcommand to ``sub`` (the parser's subparsers); return it."""
+    warm = sub.add_parser(
+        "warmup",
+        formatter_class=HelpFormatter,
+        help="compile the numba kernels once (they are cached on disk afterwards)",
+        description="Compile every numba kernel for float16, float32 and float64 in the "
+        "NCHW, (N, D), (N, C, L) and channels-last layouts, for small arrays (serial kernels) "
+        "and large ones (parallel kernels), and say how long it took. Later runs load the "
+        "kernels from numba's on-disk cache in well under a second.",
+    )
+    warm.add_argument("--quiet", action="store_true", help="no progress output")
+    warm.set_defaults(func=run_warmup)
+    return warm
+
+
+def run_warmup(args: argparse.Namespace) -> int:
+    """``batchnorm warmup``: compile every numba kernel once, say how long it took.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments (``quiet``).
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+    """
+    from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
+
+    from . import DTYPES, notices_through, warmup, warmup_cases
+
+    cases = warmup_cases()
+    what = (
+        f"{', '.join(DTYPES)} x {', '.join(dict.fromkeys(c.layout for c in cases))}; below "
+        f"and above {AUTO_NUMBA_MIN_SIZE:,} elements"
+    )
+    with notices_through(notice_once()):
+        result = warmup(
+            DTYPES, cases, progress=None if args.quiet else Progress("warmup", unit="case")
+        )
+    if result["compiled"]:
+        print(
+            f"warmup: compiled the numba kernels in {result['seconds']:.1f} s "
+            f"({result['compiled']} compilations, {result['calls']} kernel calls: {what}); "
+            "cached on disk, later runs load them from there"
+        )
+    else:
+        print(
+            f"warmup: every kernel was already cached ({result['calls']} kernel calls: {what}"
+            f"; {result['seconds']:.1f} s)"
+        )
+    return 0
