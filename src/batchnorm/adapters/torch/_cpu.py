@@ -23,7 +23,7 @@ import torch
 
 from ...backends.numba import kernels as K
 
-_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _BIG = {torch.float16: 6.5e4 / 2, torch.float32: 3.4e38 / 2, torch.float64: 1.79e308 / 2}
 TINY_EPS = 1e-30
 _AXES = (1,)
@@ -88,7 +88,7 @@ def _make_layout(x: torch.Tensor) -> Layout:
             perm = (0, 2, 3, 1) if x.dim() == 4 else (0, 2, 3, 4, 1)
     copy = not cl and not x.is_contiguous()
     view = (n * inner, c) if cl else (n, c, inner)
-    return Layout(copy, cl, view, perm, compute, _NP[compute], n * inner, fmt)
+    return Layout(copy, cl, view, perm, compute, NP_DTYPES[compute], n * inner, fmt)
 
 
 def arrange(t: torch.Tensor, lay: Layout) -> torch.Tensor:

@@ -73,7 +73,7 @@ class _Lean(torch.autograd.Function):
     def forward(ctx, x, weight, bias, st: _Step, rm, rv):
         ctx.st = st
         ctx.save_for_backward(x, weight)  # in-place changes before the backward are detected
-        ctx.dtypes = O._dtypes(weight, bias)
+        ctx.dtypes = O.param_dtypes(weight, bias)
         return _forward(x, weight, bias, st, rm, rv)
 
     @staticmethod
@@ -92,14 +92,14 @@ class _Lean(torch.autograd.Function):
                 dx = dx.to(x.dtype)
             wd, bd = ctx.dtypes
             return dx, _grad(s2 * st.inv, wd), _grad(s1, bd), None, None, None
-        return dx, *O._param_grads(dw, db, ctx.dtypes), None, None, None
+        return dx, *O.param_grads(dw, db, ctx.dtypes), None, None, None
 
 
 def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
     """A float64 per-feature gradient as a tensor of the parameter's dtype."""
     if dtype is None:
         return None
-    np_dtype = _cpu._NP.get(dtype)
+    np_dtype = _cpu.NP_DTYPES.get(dtype)
     if np_dtype is None:
         return torch.from_numpy(g).to(dtype)
     return torch.from_numpy(g.astype(np_dtype))
@@ -198,7 +198,7 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
         not finite; nothing is changed then.
     """
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    if not (rm.device.type == "cpu" and rm.dtype in _cpu._NP and rv.dtype == rm.dtype):
+    if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
         return _update_tensors(module, mean, var, count, shape)
     m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
     n_new = int(n_np) + 1
