@@ -110,8 +110,9 @@ def view(t: torch.Tensor, lay: Layout) -> np.ndarray:
 
 
 def empty(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, np.ndarray]:
-    """A new tensor shaped like ``x`` in the layout, and its NumPy view."""
-    t = torch.empty(x.shape, dtype=lay.compute, memory_format=lay.fmt)
+    """A new tensor shaped like ``x`` in the layout, and its NumPy view (``empty_like``
+    costs half of ``empty``'s microsecond or two)."""
+    t = torch.empty_like(x, dtype=lay.compute, memory_format=lay.fmt)  # x: on the CPU
     return t, view(t, lay)
 
 
