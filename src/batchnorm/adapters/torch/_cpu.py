@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ...backends.numba import kernels as K
+from ...core import coef as F
 
 NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _BIG = {torch.float16: 6.5e4 / 2, torch.float32: 3.4e38 / 2, torch.float64: 1.79e308 / 2}
@@ -143,10 +144,11 @@ def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: floa
 
 
 def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
-    """``(y, mean, var)``: the training forward (y in the compute dtype and layout)."""
+    """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
+    layout; ``inv_std`` the one the kernel computed and used)."""
     y, yv = empty(xa, lay)
-    _, mean, var = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv)
-    return y, mean, var
+    _, mean, var, inv = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv, return_inv=True)
+    return y, mean, var, inv
 
 
 def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.Tensor:
@@ -169,8 +171,8 @@ def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: boo
 
 
 def inv_std(var: np.ndarray, eps: float) -> np.ndarray:
-    """``1 / sqrt(var + eps)`` (float64)."""
+    """``1 / sqrt(var + eps)`` (float64; :func:`batchnorm.core.coef.inv_std`)."""
     if eps > 0:  # var >= 0 or NaN: no warning to silence
-        return 1.0 / np.sqrt(var + eps)
+        return F.inv_std(var, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 / np.sqrt(var + eps)
+        return F.inv_std(var, eps)

@@ -113,8 +113,7 @@ def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     xa = _cpu.arrange(x, lay)
     g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
     if st.batch:
-        y, mean, var = _cpu.train(xa, lay, g, b, st.eps)
-        inv = _cpu.inv_std(var, st.eps)
+        y, mean, var, inv = _cpu.train(xa, lay, g, b, st.eps)
     else:
         mean, var = st.mean, _host64(rv)  # st.mean: the running mean, read by _lean
         inv = _cpu.inv_std(var, st.eps)

@@ -52,7 +52,7 @@ def train(
     c = x.shape[1]
     xa = _cpu.arrange(x, lay)
     g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
-    y, mean, var = _cpu.train(xa, lay, g, b, eps)
+    y, mean, var, _ = _cpu.train(xa, lay, g, b, eps)
     return y.to(x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
 
 
