@@ -209,7 +209,9 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
     if (
         rm.dtype in _COMPILED
         and type(mean) is np.ndarray
-        and running_update(m_np, v_np, mean, var, 1.0 - w, float(w), w * count / (count - 1))
+        and running_update(
+            m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
+        )
     ):  # the expressions below, in one compiled call; False: a value is not finite
         n_np[...] = n_new
         return None
