@@ -274,6 +274,50 @@ def test_nonfinite_batch_raises_and_keeps_running_statistics():
     assert torch.equal(m.running_var, torch.ones(5)) and int(m.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+def test_running_update_is_torch_rule_in_float64_rounded_once(dtype, momentum):
+    """The compiled update (float32/float64 buffers) and the NumPy one (float16) give,
+    bit for bit, ``(1 - w) old + w new`` formed in float64 and rounded to the buffer dtype."""
+    from batchnorm.adapters.torch.fast import update_running
+
+    rng = np.random.default_rng(7)
+    m = bt.BatchNorm1d(37, momentum=momentum, dtype=dtype)
+    with torch.no_grad():
+        m.running_mean.copy_(torch.from_numpy(rng.standard_normal(37)))
+        m.running_var.copy_(torch.from_numpy(rng.random(37) + 0.5))
+    m.num_batches_tracked.fill_(4)
+    mean, var = rng.standard_normal(37) * 3, rng.random(37) * 2
+    old_m = m.running_mean.double().numpy().copy()
+    old_v = m.running_var.double().numpy().copy()
+    update_running(m, mean, var, 10, (10, 37))
+    w = 0.2 if momentum is None else momentum
+    np_dtype = {torch.float16: np.float16, torch.float32: np.float32}.get(dtype, np.float64)
+    want_m = (old_m * (1.0 - w) + w * mean).astype(np_dtype)
+    want_v = (old_v * (1.0 - w) + (w * 10 / 9) * var).astype(np_dtype)
+    np.testing.assert_array_equal(m.running_mean.numpy(), want_m)
+    np.testing.assert_array_equal(m.running_var.numpy(), want_v)
+    assert int(m.num_batches_tracked) == 5
+    assert momentum == 0.0 or not np.array_equal(want_m, old_m.astype(np_dtype))  # it moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_update_overflowing_its_dtype_raises_and_changes_nothing(dtype):
+    from batchnorm.adapters.torch.fast import update_running
+
+    m = bt.BatchNorm1d(3, momentum=1.0, dtype=dtype)
+    big = 1e39 if dtype == torch.float32 else np.inf  # finite in float64, not in float32
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"features \[1\]"):
+        update_running(m, np.array([0.0, big, 1.0]), np.ones(3), 4, (4, 3))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # values whose float64 sum overflows but which are each finite are accepted
+    huge = np.finfo(np.float32 if dtype == torch.float32 else np.float64).max / 2
+    update_running(m, np.full(3, huge), np.ones(3), 4, (4, 3))
+    assert torch.isfinite(m.running_mean).all() and int(m.num_batches_tracked) == 1
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_jit_script_is_refused_trace_records_the_operator_and_compile_works():
     m = bt.BatchNorm2d(5)

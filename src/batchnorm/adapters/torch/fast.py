@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from ...backends.numba.small import running_update
 from ...conventions import NonFiniteStatisticsError
 from . import _composed as T
 from . import _cpu
@@ -33,6 +34,7 @@ from .function import BatchNormOp, apply
 __all__ = ["batch_norm", "use_ops"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_COMPILED = (torch.float32, torch.float64)  # buffer dtypes running_update compiles for
 
 
 def use_ops(x: torch.Tensor) -> bool:
@@ -73,7 +75,7 @@ class _Lean(torch.autograd.Function):
     def forward(ctx, x, weight, bias, st: _Step, rm, rv):
         ctx.st = st
         ctx.save_for_backward(x, weight)  # in-place changes before the backward are detected
-        ctx.dtypes = O._dtypes(weight, bias)
+        ctx.dtypes = O.param_dtypes(weight, bias)
         return _forward(x, weight, bias, st, rm, rv)
 
     @staticmethod
@@ -92,14 +94,14 @@ class _Lean(torch.autograd.Function):
                 dx = dx.to(x.dtype)
             wd, bd = ctx.dtypes
             return dx, _grad(s2 * st.inv, wd), _grad(s1, bd), None, None, None
-        return dx, *O._param_grads(dw, db, ctx.dtypes), None, None, None
+        return dx, *O.param_grads(dw, db, ctx.dtypes), None, None, None
 
 
 def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
     """A float64 per-feature gradient as a tensor of the parameter's dtype."""
     if dtype is None:
         return None
-    np_dtype = _cpu._NP.get(dtype)
+    np_dtype = _cpu.NP_DTYPES.get(dtype)
     if np_dtype is None:
         return torch.from_numpy(g).to(dtype)
     return torch.from_numpy(g.astype(np_dtype))
@@ -111,10 +113,9 @@ def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     xa = _cpu.arrange(x, lay)
     g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
     if st.batch:
-        y, mean, var = _cpu.train(xa, lay, g, b, st.eps)
-        inv = _cpu.inv_std(var, st.eps)
+        y, mean, var, inv = _cpu.train(xa, lay, g, b, st.eps)
     else:
-        mean, var = _host64(rm), _host64(rv)
+        mean, var = st.mean, _host64(rv)  # st.mean: the running mean, read by _lean
         inv = _cpu.inv_std(var, st.eps)
         y = _cpu.evaluate(xa, lay, g, b, mean, inv)
     st.xa, st.mean, st.var, st.inv, st.g = xa, mean, var, inv, g
@@ -142,8 +143,10 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     """``(y, mean, var)`` (the last two float64 NumPy vectors in training) on the lean route."""
     lay = _cpu.layout(x)
     st = _Step(lay, eps, batch)
-    if not batch and _cpu.needs_general(_host64(rm), 0.0, lay.compute, eps):
-        return _general(x, weight, bias, batch, rm, rv, eps)
+    if not batch:
+        st.mean = _host64(rm)
+        if _cpu.needs_general(st.mean, 0.0, lay.compute, eps):
+            return _general(x, weight, bias, batch, rm, rv, eps)
     grads = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -198,11 +201,20 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
         not finite; nothing is changed then.
     """
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    if not (rm.device.type == "cpu" and rm.dtype in _cpu._NP and rv.dtype == rm.dtype):
+    if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
         return _update_tensors(module, mean, var, count, shape)
     m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
     n_new = int(n_np) + 1
     w = module.momentum if module.momentum is not None else 1.0 / n_new
+    if (
+        rm.dtype in _COMPILED
+        and type(mean) is np.ndarray
+        and running_update(
+            m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
+        )
+    ):  # the expressions below, in one compiled call; False: a value is not finite
+        n_np[...] = n_new
+        return None
     with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
         keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
         new_m = (m_np * keep + w * mean).astype(m_np.dtype)

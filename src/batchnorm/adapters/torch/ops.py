@@ -52,7 +52,7 @@ def train(
     c = x.shape[1]
     xa = _cpu.arrange(x, lay)
     g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
-    y, mean, var = _cpu.train(xa, lay, g, b, eps)
+    y, mean, var, _ = _cpu.train(xa, lay, g, b, eps)
     return y.to(x.dtype), torch.from_numpy(mean), torch.from_numpy(var)
 
 
@@ -67,15 +67,16 @@ def _train_setup(ctx, inputs, output):
     x, weight, bias, eps = inputs
     _, mean, var = output
     ctx.save_for_backward(x, weight, mean, var)
-    ctx.eps, ctx.dtypes = eps, _dtypes(weight, bias)
+    ctx.eps, ctx.dtypes = eps, param_dtypes(weight, bias)
     ctx.mark_non_differentiable(mean, var)
 
 
-def _dtypes(weight: Tensor | None, bias: Tensor | None) -> tuple:
+def param_dtypes(weight: Tensor | None, bias: Tensor | None) -> tuple:
+    """The dtypes of ``weight`` and ``bias`` (None for a missing one)."""
     return tuple(None if p is None else p.dtype for p in (weight, bias))
 
 
-def _param_grads(dw: Tensor, db: Tensor, dtypes: tuple) -> tuple:
+def param_grads(dw: Tensor, db: Tensor, dtypes: tuple) -> tuple:
     """The parameter gradients in the parameters' dtypes (None for a missing one)."""
     return tuple(None if d is None else g.to(d) for g, d in zip((dw, db), dtypes, strict=True))
 
@@ -83,7 +84,7 @@ def _param_grads(dw: Tensor, db: Tensor, dtypes: tuple) -> tuple:
 def _train_grad(ctx, dy, _dmean, _dvar):
     x, weight, mean, var = ctx.saved_tensors
     dx, dw, db = call_backward(dy, x, weight, mean, var, ctx.eps, True)
-    return dx, *_param_grads(dw, db, ctx.dtypes), None
+    return dx, *param_grads(dw, db, ctx.dtypes), None
 
 
 train.register_autograd(_train_grad, setup_context=_train_setup)
@@ -122,13 +123,13 @@ def _eval_setup(ctx, inputs, output):
     """Keep ``x``, ``weight`` and the running statistics for the backward."""
     x, weight, bias, rm, rv, eps = inputs
     ctx.save_for_backward(x, weight, rm, rv)
-    ctx.eps, ctx.dtypes = eps, _dtypes(weight, bias)
+    ctx.eps, ctx.dtypes = eps, param_dtypes(weight, bias)
 
 
 def _eval_grad(ctx, dy):
     x, weight, rm, rv = ctx.saved_tensors
     dx, dw, db = call_backward(dy, x, weight, rm, rv, ctx.eps, False)
-    return dx, *_param_grads(dw, db, ctx.dtypes), None, None, None
+    return dx, *param_grads(dw, db, ctx.dtypes), None, None, None
 
 
 evaluate.register_autograd(_eval_grad, setup_context=_eval_setup)
