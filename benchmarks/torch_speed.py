@@ -141,7 +141,9 @@ def _cases(quick: bool, network: bool, layers: bool = True):
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the comparison and print a Markdown table; returns its rows."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeat", type=int, default=60, help="interleaved repeats (default 60)")
+    p.add_argument(
+        "--repeat", "--repeats", type=int, default=60, help="interleaved repeats (default 60)"
+    )
     p.add_argument("--quick", action="store_true", help="only the three small layers")
     p.add_argument("--no-network", action="store_true", help="skip the ResNet-18 rows")
     p.add_argument("--only-network", action="store_true", help="only the ResNet-18 rows")

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--torch",
         action="store_true",
         help="batchnorm.torch.BatchNorm2d against torch.nn.BatchNorm2d "
-        "(benchmarks/torch_modules.py; needs a source checkout)",
+        "(benchmarks/torch_speed.py; needs a source checkout)",
     )
     which.add_argument(
         "--jax",

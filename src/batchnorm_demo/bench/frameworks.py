@@ -1,7 +1,7 @@
 """``batchnorm bench --torch`` / ``--jax``: the framework comparisons of the repository's
 ``benchmarks/`` folder, run through their ``main(argv)``.
 
-The scripts (``benchmarks/torch_modules.py``: :mod:`batchnorm.torch` against ``torch.nn``;
+The scripts (``benchmarks/torch_speed.py``: :mod:`batchnorm.torch` against ``torch.nn``;
 ``benchmarks/jax_flax.py``: :mod:`batchnorm.jax` against ``flax.linen``) are files of the
 source repository, not of the installed package: from a source checkout (an editable
 install, or ``PYTHONPATH=src``) the command loads the script from its file and calls its
@@ -18,7 +18,7 @@ from pathlib import Path
 __all__ = ["SCRIPTS", "run_script", "script_path"]
 
 #: the flag, the script in ``benchmarks/`` and the framework it needs
-SCRIPTS = {"torch": ("torch_modules.py", "torch"), "jax": ("jax_flax.py", "jax and flax")}
+SCRIPTS = {"torch": ("torch_speed.py", "torch"), "jax": ("jax_flax.py", "jax and flax")}
 
 _REPO = Path(__file__).resolve().parents[3]  # src/batchnorm_demo/bench/ -> the repository
 

@@ -85,7 +85,8 @@ def _check_eps(eps: float, batch: bool) -> None:
 
 class NormBase(_BatchNorm):
     """What this library's torch batch-norm modules share: torch's ``_BatchNorm`` with the
-    forward of :mod:`.fast`, and the checks and running update the variants use."""
+    forward of ``batchnorm.adapters.torch.fast``, and the checks and running update the
+    variants use."""
 
     def __prepare_scriptable__(self):
         """Refuse ``torch.jit.script`` with a clear message."""

@@ -3,9 +3,9 @@
 Each is a ``torch.library.custom_op`` with a fake (meta) implementation, so
 ``torch.compile`` and ``torch.export`` trace through it, a vmap rule, so ``torch.func``
 transforms (and ``gradcheck``'s batched-gradient check) work, and the hand-written backward
-(:func:`backward`) registered as the autograd formula of the two forwards. The backward's
+(``backward``) registered as the autograd formula of the two forwards. The backward's
 own derivative (double backward) is that of the same equations written in torch operations
-(:mod:`._composed`), recomputed when asked for.
+(``batchnorm.adapters.torch._composed``), recomputed when asked for.
 
 * ``train(x, weight, bias, eps) -> (y, mean, var)``: batch statistics (``var`` biased,
   both float64 per feature);
