@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from ...backends.numba import kernels as K
+from ...backends.numba import small as S
+from ...backends.numpy import OVERFLOW_LIMIT
 from ...core import coef as F
 
 NP_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
@@ -146,6 +148,9 @@ def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: floa
 def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
     """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
     layout; ``inv_std`` the one the kernel computed and used)."""
+    if kind(lay) == ROWS:
+        y, stats = train_rows(xa, lay, g, b, eps)
+        return y, stats[0], stats[1], stats[2]
     y, yv = empty(xa, lay)
     _, mean, var, inv = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv, return_inv=True)
     return y, mean, var, inv
@@ -159,15 +164,104 @@ def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.
 
 
 def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool = True):
-    """``(dx or None, sum_dy, sum_dy_xc)`` (the sums float64 vectors)."""
+    """``(dx or None, sum_dy, sum_dy_xhat)``: the input gradient and the bias and weight
+    gradients (float64 vectors)."""
+    if kind(lay) == ROWS:
+        sums = np.empty((2, mean.shape[0]))
+        dx = backward_rows(dya, xa, lay, mean, inv, g, batch_stats, need_dx, sums[0], sums[1])
+        return dx, sums[1], sums[0]
     xv, dyv = view(xa, lay), view(dya, lay)
     if not need_dx:
         s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
-        return None, s1, s2
+        return None, s1, s2 * inv
     dx, dxv = empty(xa, lay)
     ones = feature64(None, mean.shape[0], 1.0)
     _, s1, s2 = K.backward(xv, dyv, _AXES, mean, inv, inv * g, ones, batch_stats, lay.np_dtype, dxv)
-    return dx, s1, s2
+    return dx, s1, s2 * inv
+
+
+# ---------------------------------------------------------------- the one-call kernels
+#: What the one-call kernels of :mod:`batchnorm.backends.numba.small` do with a layout:
+#: nothing (``OTHER``), or the whole job in one serial call on its ``(O, K)`` view
+#: (``ROWS``: one value per feature per row, i.e. ``(N, C)`` or channels-last, up to
+#: :data:`SMALL_BYTES`). Evaluation takes one coefficient call and one pass at any size
+#: for ``ROWS`` and ``WIDE`` (NCHW with at least ``WIDE_INNER`` values per row).
+OTHER, ROWS, WIDE = 0, 1, 2
+#: Largest input the serial one-call kernels take (bytes): it stays in the core's caches,
+#: where one thread is as fast as a parallel launch on few cores and needs no launch.
+SMALL_BYTES = 1 << 21
+_KINDS: dict = {}
+_BIG_LIMIT = {torch.float16: 6.5e4 / 8, torch.float32: 3.4e38 / 8, torch.float64: 1.79e308 / 8}
+
+
+def kind(lay: Layout) -> int:
+    """``OTHER``, ``ROWS`` or ``WIDE`` (see above) for a layout (cached)."""
+    key = (lay.view_shape, lay.compute)
+    k = _KINDS.get(key)
+    if k is None:
+        vs = lay.view_shape
+        size = int(np.prod(vs)) * np.dtype(lay.np_dtype).itemsize
+        if len(vs) == 2 or vs[2] == 1:
+            k = ROWS if size <= SMALL_BYTES and vs[0] > 0 else OTHER
+        else:
+            k = WIDE if vs[2] >= K.WIDE_INNER else OTHER
+        if len(_KINDS) > 512:
+            _KINDS.clear()
+        _KINDS[key] = k
+    return k
+
+
+def kview(t: torch.Tensor, lay: Layout) -> np.ndarray:
+    """The one-call kernels' view of an arranged tensor: ``(O, K)`` for ``ROWS``, ``(N, C,
+    I)`` for ``WIDE``; float16 as its bits."""
+    a = t.numpy(force=True)
+    if lay.perm is not None:
+        a = a.transpose(lay.perm)
+    vs = lay.view_shape
+    a = a.reshape(vs if len(vs) == 2 or vs[2] != 1 else vs[:2])
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def train_rows(xa, lay: Layout, g, b, eps: float):
+    """``(y, stats)``: the training forward in one serial call (``stats`` rows: mean, biased
+    var, inv_std, float64); ``g``, ``b`` per-feature vectors of any float dtype."""
+    y = torch.empty_like(xa)
+    stats = np.empty((3, g.shape[0]))
+    coef = np.empty((4, g.shape[0]), _WORK[lay.compute])
+    big = _OVERFLOW[lay.compute]
+    S.train_rows(kview(xa, lay), g, b, float(eps), big, coef, kview(y, lay), stats)
+    return y, stats
+
+
+def backward_rows(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):
+    """``dx`` (None unless ``need_dx``) in one serial call; ``gw``, ``gb`` receive the
+    weight and bias gradients ``sum(dy * x_hat)`` and ``sum(dy)`` (their own dtype)."""
+    xv = kview(xa, lay)
+    if need_dx:
+        dx = torch.empty_like(xa)
+        out = kview(dx, lay)
+    else:
+        dx, out = None, xv[:0]
+    coef = np.empty((5, mean.shape[0]), _WORK[lay.compute])
+    S.backward_rows(xv, kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb)
+    return dx
+
+
+def evaluate_direct(xa, lay: Layout, g, b, rm, rv, eps: float) -> torch.Tensor | None:
+    """Evaluation with the running statistics in one coefficient call and one pass
+    (``ROWS``/``WIDE`` layouts); every per-feature vector in its own dtype. None when the
+    running mean is too large for the plain form (the caller takes the general path)."""
+    c = rm.shape[0]
+    coef = np.empty((4, c), _WORK[lay.compute])
+    if not S.eval_coef(g, b, rm, rv, float(eps), _BIG_LIMIT[lay.compute], coef):
+        return None
+    y = torch.empty_like(xa)
+    K.affine_pass(kview(xa, lay), coef, kview(y, lay))
+    return y
+
+
+_WORK = {torch.float16: np.float32, torch.float32: np.float32, torch.float64: np.float64}
+_OVERFLOW = {t: OVERFLOW_LIMIT[np.dtype(w).itemsize] for t, w in _WORK.items()}
 
 
 def inv_std(var: np.ndarray, eps: float) -> np.ndarray:

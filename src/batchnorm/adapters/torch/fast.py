@@ -89,11 +89,11 @@ class _Lean(torch.autograd.Function):
         else:
             need_dx = ctx.needs_input_grad[0]
             dya = _cpu.arrange(dy, st.lay)
-            dx, s1, s2 = _cpu.backward(dya, st.xa, st.lay, st.mean, st.inv, st.g, st.batch, need_dx)
+            dx, s1, gw = _cpu.backward(dya, st.xa, st.lay, st.mean, st.inv, st.g, st.batch, need_dx)
             if dx is not None and dx.dtype != x.dtype:
                 dx = dx.to(x.dtype)
             wd, bd = ctx.dtypes
-            return dx, _grad(s2 * st.inv, wd), _grad(s1, bd), None, None, None
+            return dx, _grad(gw, wd), _grad(s1, bd), None, None, None
         return dx, *O.param_grads(dw, db, ctx.dtypes), None, None, None
 
 

@@ -158,8 +158,8 @@ def backward(
     inv = _cpu.inv_std(v, eps)
     g = _cpu.feature64(weight, x.shape[1], 1.0)
     xa = _cpu.arrange(x, lay)
-    dx, s1, s2 = _cpu.backward(_cpu.arrange(dy, lay), xa, lay, m, inv, g, batch_stats)
-    return dx.to(x.dtype), torch.from_numpy(s2 * inv), torch.from_numpy(s1)
+    dx, s1, gw = _cpu.backward(_cpu.arrange(dy, lay), xa, lay, m, inv, g, batch_stats)
+    return dx.to(x.dtype), torch.from_numpy(gw), torch.from_numpy(s1)
 
 
 @backward.register_fake

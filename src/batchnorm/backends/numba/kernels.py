@@ -72,6 +72,7 @@ __all__ = [
     "affine",
     "backward",
     "float_to_half",
+    "affine_pass",
     "grad_sums",
     "half_to_float",
     "input_grad",
@@ -212,6 +213,23 @@ def affine(xw, axes, mean, scale, bias, out_dtype, out=None, h=None, delta=0.0) 
         else:
             ks._affine_rows(plan.view(xw), coef, plan.view(out), plan.nchunks)
     return out
+
+
+def affine_pass(xk: np.ndarray, coef: np.ndarray, out: np.ndarray) -> None:
+    """``out = (x h - s h) a_h + b`` with the coefficient rows ``(s h, a_h, b, h)`` already
+    formed per feature: on an ``(O, K)`` view (a feature per column) or an ``(O, C, I)``
+    one (``I >= WIDE_INNER``); serial below :data:`SERIAL_MAX` elements."""
+    if xk.size < SERIAL_MAX:
+        if xk.ndim == 2:
+            _SER._affine_rows(xk, coef, out, 1)
+        else:
+            _SER._affine_wide(xk, coef, out)
+        return
+    with guard():
+        if xk.ndim == 2:
+            _PAR._affine_rows(xk, coef, out, max(1, min(xk.shape[0], threads())))
+        else:
+            _PAR._affine_wide(xk, coef, out)
 
 
 def train(xw, axes, gamma, beta, eps, out_dtype, out=None, return_inv=False):

@@ -342,3 +342,6 @@ KERNELS = (
     _backward_wide,
     _backward_rows,
 )
+
+# the fused kernels' helpers, shared with the small-array kernels of .small
+strip_sums, train_coef, grad_coef = _strip_sums, _train_coef, _grad_coef

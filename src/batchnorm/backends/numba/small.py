@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["running_update"]
+from ...core import coef as F
+from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
+from .half import ld, st
+from .options import SERIAL_OPTS
+from .passes import grad_coef, strip_sums, train_coef
+from .reductions import finish_moments
+
+__all__ = ["backward_rows", "eval_coef", "running_update", "train_rows"]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -45,4 +52,107 @@ def running_update(rm, rv, mean, var, keep, w, wv):  # pragma: no cover - compil
     for i in range(c):
         rm[i] = new_m[i]
         rv[i] = new_v[i]
+    return True
+
+
+# --------------------------------------------------------------------------- small arrays
+# Serial one-call kernels for the per-call fast path of small inputs (the torch adapter's
+# "call plan"): each takes the per-feature parameters and buffers in their own dtype (no
+# float64 copies made in Python), derives the coefficients with the compiled formulas of
+# :mod:`batchnorm.core.coef` (through the fused kernels' helpers) and makes its one pass.
+# Layout ``(O, K)``: ``K`` features, each a column (``(N, C)`` or channels-last ``(M, C)``).
+
+
+@njit(**SERIAL_OPTS)
+def train_rows(x, g, b, eps, big, coef, out, stats):  # pragma: no cover - compiled
+    """Fused training forward of an ``(O, K)`` array: statistics, coefficients, output.
+
+    ``stats`` (3, K) float64 receives the mean, biased variance and ``1/sqrt(var + eps)``;
+    ``coef`` (4, K) in the working precision is scratch; ``out`` receives ``y``. The sums
+    are those of :func:`batchnorm.backends.numba.passes.strip_sums` (one strip of all
+    columns, no overflow rescale: the caller sends inputs that could need it elsewhere).
+    """
+    O, K = x.shape
+    sh = np.empty(K, np.float64)
+    a1 = np.zeros(K, np.float64)
+    a2 = np.zeros(K, np.float64)
+    strip_sums(x, 0, K, 1.0, sh, a1, a2)
+    mean, var, inv = stats[0], stats[1], stats[2]
+    for k in range(K):
+        mu, v = finish_moments(sh[k], a1[k], a2[k], O, 1.0)
+        mean[k] = mu
+        var[k] = v
+        train_coef(sh[k], a1[k] / O, 1.0, v, eps, g[k], b[k], O, big, coef, inv, k)
+    s, a, bb, h = coef[0], coef[1], coef[2], coef[3]
+    for o in range(O):
+        xr = x[o]
+        yr = out[o]
+        for j in range(K):
+            yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
+
+
+@njit(**SERIAL_OPTS)
+def backward_rows(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb):  # pragma: no cover
+    """Fused backward of an ``(O, K)`` array after :func:`train_rows` (``h = 1``).
+
+    ``mean`` and ``inv`` (float64) are the forward's; ``gw`` and ``gb`` (length
+    K, any float dtype) receive ``sum(dy * x_hat)`` and ``sum(dy)``; ``out`` (or nothing
+    when it has no rows) receives ``dx = k dy + p (x - mean) + q`` with the coefficients
+    of :func:`batchnorm.backends.numba.passes.grad_coef`. ``coef`` (5, K) is scratch.
+    """
+    O, K = x.shape
+    a1 = np.zeros(K, np.float64)
+    a2 = np.zeros(K, np.float64)
+    for o in range(O):
+        xr = x[o]
+        gr = dy[o]
+        for j in range(K):
+            gv = np.float64(ld(gr[j]))
+            a1[j] += gv
+            a2[j] += gv * (np.float64(ld(xr[j])) - mean[j])
+    for j in range(K):
+        gw[j] = a2[j] * inv[j]
+        gb[j] = a1[j]
+        grad_coef(a1[j], a2[j], mean[j], inv[j], inv[j] * g[j], 1.0, O, batch_stats, coef, j)
+        coef[4, j] = 1.0
+    if out.shape[0] == 0:
+        return
+    s, kk, p, q, hw = coef[0], coef[1], coef[2], coef[3], coef[4]
+    for o in range(O):
+        xr = x[o]
+        gr = dy[o]
+        dr = out[o]
+        for j in range(K):
+            v = kk[j] * ld(gr[j]) + p[j] * (ld(xr[j]) * hw[j] - s[j]) + q[j]
+            dr[j] = st(v, out)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def eval_coef(g, b, rm, rv, eps, limit, coef):  # pragma: no cover - compiled
+    """The output coefficients of evaluation with the running statistics, into ``coef``
+    (4, C) in the working precision: rows ``(s, a, b', 1)`` of ``y = (x - s) a + b'`` with
+    ``s`` the running mean rounded to the working precision and ``b'`` absorbing the
+    rounding (:func:`batchnorm.core.coef.output_coef`).
+
+    Returns
+    -------
+    bool
+        False (coefficients unusable) when ``sum(|running_mean|)`` reaches ``limit`` (the
+        overflow-scaled general path is needed then) or is not finite.
+    """
+    c = rm.shape[0]
+    total = 0.0
+    for i in range(c):
+        total += abs(np.float64(rm[i]))
+    if not total < limit:
+        return False
+    for i in range(c):
+        m = np.float64(rm[i])
+        coef[0, i] = m
+        s = np.float64(coef[0, i])
+        inv = F.inv_std(np.float64(rv[i]), eps)
+        a_h, bias = F.output_coef(m - s, inv * np.float64(g[i]), 1.0, np.float64(b[i]), 0.0, 1.0)
+        coef[1, i] = a_h
+        coef[2, i] = bias
+        coef[3, i] = 1.0
     return True
