@@ -149,7 +149,7 @@ def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: floa
     """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
     layout; ``inv_std`` the one the kernel computed and used)."""
     if kind(lay) == ROWS:
-        y, stats = train_rows(xa, lay, g, b, eps)
+        y, stats, _ = train_rows(xa, lay, g, b, eps)
         return y, stats[0], stats[1], stats[2]
     y, yv = empty(xa, lay)
     _, mean, var, inv = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv, return_inv=True)
@@ -191,7 +191,7 @@ OTHER, ROWS, WIDE = 0, 1, 2
 #: where one thread is as fast as a parallel launch on few cores and needs no launch.
 SMALL_BYTES = 1 << 21
 _KINDS: dict = {}
-_BIG_LIMIT = {torch.float16: 6.5e4 / 8, torch.float32: 3.4e38 / 8, torch.float64: 1.79e308 / 8}
+_BIG_LIMIT = {t: v / 4 for t, v in _BIG.items()}  # needs_general's bound
 
 
 def kind(lay: Layout) -> int:
@@ -223,14 +223,15 @@ def kview(t: torch.Tensor, lay: Layout) -> np.ndarray:
 
 
 def train_rows(xa, lay: Layout, g, b, eps: float):
-    """``(y, stats)``: the training forward in one serial call (``stats`` rows: mean, biased
-    var, inv_std, float64); ``g``, ``b`` per-feature vectors of any float dtype."""
+    """``(y, stats, plain)``: the training forward in one serial call (``stats`` rows:
+    mean, biased var, inv_std, float64; ``plain``: not :func:`needs_general`); ``g``, ``b``
+    per-feature vectors of any float dtype."""
     y = torch.empty_like(xa)
     stats = np.empty((3, g.shape[0]))
     coef = np.empty((4, g.shape[0]), _WORK[lay.compute])
-    big = _OVERFLOW[lay.compute]
-    S.train_rows(kview(xa, lay), g, b, float(eps), big, coef, kview(y, lay), stats)
-    return y, stats
+    big, limit = _OVERFLOW[lay.compute], _BIG_LIMIT[lay.compute]
+    plain = S.train_rows(kview(xa, lay), g, b, float(eps), big, limit, coef, kview(y, lay), stats)
+    return y, stats, plain and eps >= TINY_EPS
 
 
 def backward_rows(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):

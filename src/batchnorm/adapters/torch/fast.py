@@ -20,6 +20,7 @@ other.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -62,10 +63,10 @@ def _wrapped(t: torch.Tensor) -> bool:
 class _Step:
     """What one lean forward hands its backward (internal)."""
 
-    __slots__ = ("lay", "xa", "mean", "var", "inv", "g", "eps", "batch")
+    __slots__ = ("lay", "xa", "mean", "var", "inv", "g", "eps", "batch", "views", "plain")
 
-    def __init__(self, lay, eps: float, batch: bool) -> None:
-        self.lay, self.eps, self.batch = lay, eps, batch
+    def __init__(self, lay, eps: float, batch: bool, views=None) -> None:
+        self.lay, self.eps, self.batch, self.views = lay, eps, batch, views
 
 
 class _Lean(torch.autograd.Function):
@@ -86,6 +87,32 @@ class _Lean(torch.autograd.Function):
             # double backward, or a vmap over the gradient: the operator, which has both
             mean, var = torch.from_numpy(st.mean), torch.from_numpy(st.var)
             dx, dw, db = O.call_backward(dy, x, weight, mean, var, st.eps, st.batch)
+        elif st.views is not None:  # the one-call backward, gradients in the params' dtypes
+            need_dx = ctx.needs_input_grad[0]
+            c = st.mean.shape[0]
+            gw, gb = (None if d is None else np.empty(c, _cpu.NP_DTYPES[d]) for d in ctx.dtypes)
+            sums = np.empty((2, c)) if gw is None or gb is None else None
+            dya = _cpu.arrange(dy, st.lay)
+            dx = _cpu.backward_rows(
+                dya,
+                st.xa,
+                st.lay,
+                st.mean,
+                st.inv,
+                st.views[0],
+                st.batch,
+                need_dx,
+                sums[0] if gw is None else gw,
+                sums[1] if gb is None else gb,
+            )
+            return (
+                dx,
+                None if gw is None else torch.from_numpy(gw),
+                None if gb is None else torch.from_numpy(gb),
+                None,
+                None,
+                None,
+            )
         else:
             need_dx = ctx.needs_input_grad[0]
             dya = _cpu.arrange(dy, st.lay)
@@ -109,6 +136,10 @@ def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
 
 def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     """The kernels' forward; fills ``st`` (statistics, coefficients) for the backward."""
+    if st.views is not None:  # ROWS in training, the parameters viewed in place
+        y, stats, st.plain = _cpu.train_rows(x, st.lay, st.views[0], st.views[1], st.eps)
+        st.xa, st.mean, st.var, st.inv = x, stats[0], stats[1], stats[2]
+        return y
     lay, c = st.lay, x.shape[1]
     xa = _cpu.arrange(x, lay)
     g, b = _cpu.feature64(weight, c, 1.0), _cpu.feature64(bias, c, 0.0)
@@ -174,10 +205,114 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
         if update:
             _update_traced(module, mean, var, x.numel() // x.shape[1])
         return y
+    lay = _cpu.layout(x)
+    k = _cpu.kind(lay)
+    if k and x.dtype is lay.compute and not lay.copy:
+        views = _views(module, weight, bias, rm, rv)
+        if views is not None:
+            y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
+            if y is not None:
+                return y
     y, mean, var = _lean(x, weight, bias, batch, rm, rv, eps)
     if update:
         update_running(module, mean, var, x.numel() // x.shape[1], tuple(x.shape))
     return y
+
+
+def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
+    """The one-call route (:func:`batchnorm.adapters.torch._cpu.kind`): evaluation without
+    gradients at any size, training of ``ROWS`` inputs; None where it does not apply (the
+    caller then takes :func:`_lean`)."""
+    grads = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if not batch:
+        if grads or eps < _cpu.TINY_EPS:
+            return None
+        return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
+    if k != _cpu.ROWS:
+        return None
+    st = _Step(lay, eps, True, views)
+    y = (
+        _Lean.apply(x, weight, bias, st, None, None)
+        if grads
+        else _forward(x, weight, bias, st, None, None)
+    )
+    if not st.plain:  # the overflow scale may be needed: the general path, from the start
+        y, mean, var = _general(x, weight, bias, True, None, None, eps)
+        if update:
+            update_running(module, mean, var, lay.count, tuple(x.shape))
+        return y
+    if update:
+        _update_views(module, views, st.mean, st.var, lay.count, tuple(x.shape))
+    return y
+
+
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _views(module, weight, bias, rm, rv):
+    """NumPy views ``(g, b, running_mean, running_var, num_batches_tracked)`` of the module's
+    tensors (ones / zeros for a missing weight / bias; None for missing buffers), cached
+    while the module holds the same tensors on the same memory; None when one of them
+    cannot be viewed (bfloat16, another device)."""
+    nbt = module.num_batches_tracked if rm is not None else None
+    ts = (weight, bias, rm, rv, nbt)
+    ptrs = (
+        0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        0 if rm is None else rm.data_ptr(),
+        0 if rv is None else rv.data_ptr(),
+        0 if nbt is None else nbt.data_ptr(),
+    )
+    hit = _VIEWS.get(module)
+    if hit is not None:
+        old, old_ptrs, arrays = hit
+        if (
+            old[0] is weight
+            and old[1] is bias
+            and old[2] is rm
+            and old[3] is rv
+            and old[4] is nbt
+            and old_ptrs == ptrs
+        ):
+            return arrays
+    arrays = _make_views(ts, module.num_features)
+    _VIEWS[module] = (ts, ptrs, arrays)
+    return arrays
+
+
+def _make_views(ts, c: int):
+    for t in ts[:4]:
+        if t is not None and not (t.device.type == "cpu" and t.dtype in _cpu.NP_DTYPES):
+            return None
+    if ts[4] is not None and not (ts[4].device.type == "cpu" and ts[4].dtype == torch.long):
+        return None
+    weight, bias, rm, rv, nbt = (None if t is None else t.detach().numpy() for t in ts)
+    if weight is None:
+        weight = _cpu.feature64(None, c, 1.0)
+    if bias is None:
+        bias = _cpu.feature64(None, c, 0.0)
+    return weight, bias, rm, rv, nbt
+
+
+def _update_views(module, views, mean, var, count: int, shape) -> None:
+    """:func:`update_running` on the cached views of the buffers."""
+    m_np, v_np, n_np = views[2], views[3], views[4]
+    if m_np is None or v_np is None or n_np is None or m_np.dtype != v_np.dtype:
+        return update_running(module, mean, var, count, shape)
+    if m_np.dtype not in (np.float32, np.float64):
+        return update_running(module, mean, var, count, shape)
+    n_new = int(n_np) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    if not running_update(
+        m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
+    ):
+        return update_running(module, mean, var, count, shape)  # raises, changes nothing
+    n_np[...] = n_new
+    return None
 
 
 def _empty(module, x, update: bool) -> torch.Tensor:

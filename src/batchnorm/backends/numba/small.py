@@ -64,8 +64,12 @@ def running_update(rm, rv, mean, var, keep, w, wv):  # pragma: no cover - compil
 
 
 @njit(**SERIAL_OPTS)
-def train_rows(x, g, b, eps, big, coef, out, stats):  # pragma: no cover - compiled
+def train_rows(x, g, b, eps, big, limit, coef, out, stats):  # pragma: no cover - compiled
     """Fused training forward of an ``(O, K)`` array: statistics, coefficients, output.
+
+    Returns whether ``sum(|mean|)`` and ``O * sum(var)`` stay below ``limit`` and
+    ``limit**2`` (False also for non-finite statistics): whether the plain form, without
+    the overflow scale, serves the backward too.
 
     ``stats`` (3, K) float64 receives the mean, biased variance and ``1/sqrt(var + eps)``;
     ``coef`` (4, K) in the working precision is scratch; ``out`` receives ``y``. The sums
@@ -89,6 +93,12 @@ def train_rows(x, g, b, eps, big, coef, out, stats):  # pragma: no cover - compi
         yr = out[o]
         for j in range(K):
             yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
+    m1 = 0.0
+    v1 = 0.0
+    for k in range(K):
+        m1 += abs(mean[k])
+        v1 += var[k]
+    return m1 < limit and O * v1 < limit * limit
 
 
 @njit(**SERIAL_OPTS)
