@@ -296,6 +296,9 @@ def update_running_unchecked(
             var = var * (batch.count / (batch.count - 1))
         t = running.num_batches_tracked + 1
         w = new_value_weight(momentum, momentum_weights, t)
+        dtype = running.mean.dtype
+        if smooth == "var" and dtype in _COMPILED and running.var.dtype == dtype:
+            return RunningStats(*_compiled_update(running, mean, var, float(w)), t)
         old_mean = np.asarray(running.mean, np.float64)
         old_var = np.asarray(running.var, np.float64)
         new_mean = (1.0 - w) * old_mean + w * mean
@@ -316,6 +319,32 @@ def update_running_unchecked(
                 f"(max |batch mean| {np.max(np.abs(mean))!r}, max batch var {np.max(var)!r})"
             )
     return RunningStats(out_mean, out_var, t)
+
+
+_COMPILED = (np.dtype(np.float32), np.dtype(np.float64))  # what running_update compiles for
+
+
+def _compiled_update(running: RunningStats, mean, var, w: float):
+    """``(1 - w) old + w new`` for the mean and variance, formed in float64 and rounded once
+    to the running statistics' dtype: :func:`batchnorm.backends.numba.small.running_update`
+    (the one implementation, shared with the torch adapter) on copies of them.
+
+    Raises
+    ------
+    NonFiniteStatisticsError
+        When a new value is not finite in that dtype (nothing is returned then).
+    """
+    from .backends.numba.small import running_update  # numba: imported on first use
+
+    out_mean = np.array(running.mean, copy=True, order="C")
+    out_var = np.array(running.var, copy=True, order="C")
+    flat = (a.reshape(-1) for a in (out_mean, out_var, mean, var))
+    if not running_update(*flat, 1.0 - w, w, w):
+        raise NonFiniteStatisticsError(
+            f"updating the running statistics would overflow the layer dtype {out_mean.dtype} "
+            f"(max |batch mean| {np.max(np.abs(mean))!r}, max batch var {np.max(var)!r})"
+        )
+    return out_mean, out_var
 
 
 def _host(v) -> np.ndarray:

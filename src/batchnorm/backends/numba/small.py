@@ -1,8 +1,14 @@
-"""Serial compiled helpers for small per-feature vectors (one call instead of a dozen NumPy
-operations, each of which costs about a microsecond on a vector of a few hundred values).
+"""Serial compiled helpers for small per-feature vectors and small arrays.
 
-Compiled without fast-math: every operation is the IEEE operation NumPy would perform, in
-the same order, so the results are bit for bit those of the NumPy expressions they replace.
+:func:`running_update` is the one implementation of the running-average step (one call
+instead of a dozen NumPy operations, each of which costs about a microsecond on a vector of
+a few hundred values): :func:`batchnorm.conventions.update_running_unchecked` calls it for
+NumPy float32/float64 statistics and the torch adapter for its buffers. It is compiled
+without fast-math: every operation is the IEEE operation NumPy would perform, in the same
+order, so the results are bit for bit those of the NumPy expressions it replaces.
+
+The one-call kernels (:func:`train_rows`, :func:`backward_rows`, :func:`eval_coef`) serve
+the torch adapter's per-call route for small inputs (see below).
 """
 
 from __future__ import annotations
@@ -113,13 +119,29 @@ def backward_rows(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb):  # pragm
     O, K = x.shape
     a1 = np.zeros(K, np.float64)
     a2 = np.zeros(K, np.float64)
-    for o in range(O):
+    o = 0
+    while o + 4 <= O:  # four rows per sweep over the accumulators
+        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
+        y0, y1, y2, y3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
+        for j in range(K):
+            m = mean[j]
+            g0 = np.float64(ld(y0[j]))
+            g1 = np.float64(ld(y1[j]))
+            g2 = np.float64(ld(y2[j]))
+            g3 = np.float64(ld(y3[j]))
+            a1[j] += (g0 + g1) + (g2 + g3)
+            a2[j] += (g0 * (np.float64(ld(x0[j])) - m) + g1 * (np.float64(ld(x1[j])) - m)) + (
+                g2 * (np.float64(ld(x2[j])) - m) + g3 * (np.float64(ld(x3[j])) - m)
+            )
+        o += 4
+    while o < O:
         xr = x[o]
         gr = dy[o]
         for j in range(K):
             gv = np.float64(ld(gr[j]))
             a1[j] += gv
             a2[j] += gv * (np.float64(ld(xr[j])) - mean[j])
+        o += 1
     for j in range(K):
         gw[j] = a2[j] * inv[j]
         gb[j] = a1[j]
