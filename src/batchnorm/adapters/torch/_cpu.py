@@ -106,7 +106,7 @@ def arrange(t: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def view(t: torch.Tensor, lay: Layout) -> np.ndarray:
     """The NumPy view the kernels read of an arranged tensor (no copy)."""
-    a = t.numpy()
+    a = t.numpy(force=True)
     if lay.perm is not None:
         a = a.transpose(lay.perm)
     return a.reshape(lay.view_shape)
@@ -148,8 +148,8 @@ def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: floa
 def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
     """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
     layout; ``inv_std`` the one the kernel computed and used)."""
-    if kind(lay) == ROWS:
-        y, stats, _ = train_rows(xa, lay, g, b, eps)
+    if kind(lay) in SMALL:
+        y, stats, _ = train_small(xa, lay, g, b, eps)
         return y, stats[0], stats[1], stats[2]
     y, yv = empty(xa, lay)
     _, mean, var, inv = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv, return_inv=True)
@@ -166,9 +166,9 @@ def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.
 def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool = True):
     """``(dx or None, sum_dy, sum_dy_xhat)``: the input gradient and the bias and weight
     gradients (float64 vectors)."""
-    if kind(lay) == ROWS:
+    if kind(lay) in SMALL:
         sums = np.empty((2, mean.shape[0]))
-        dx = backward_rows(dya, xa, lay, mean, inv, g, batch_stats, need_dx, sums[0], sums[1])
+        dx = backward_small(dya, xa, lay, mean, inv, g, batch_stats, need_dx, sums[0], sums[1])
         return dx, sums[1], sums[0]
     xv, dyv = view(xa, lay), view(dya, lay)
     if not need_dx:
@@ -181,12 +181,14 @@ def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: boo
 
 
 # ---------------------------------------------------------------- the one-call kernels
-#: What the one-call kernels of :mod:`batchnorm.backends.numba.small` do with a layout:
-#: nothing (``OTHER``), or the whole job in one serial call on its ``(O, K)`` view
-#: (``ROWS``: one value per feature per row, i.e. ``(N, C)`` or channels-last, up to
-#: :data:`SMALL_BYTES`). Evaluation takes one coefficient call and one pass at any size
-#: for ``ROWS`` and ``WIDE`` (NCHW with at least ``WIDE_INNER`` values per row).
-OTHER, ROWS, WIDE = 0, 1, 2
+#: What the one-call route does with a layout: nothing (``OTHER``); training and
+#: evaluation up to :data:`SMALL_BYTES` (``ROWS``: one value per feature per row, i.e.
+#: ``(N, C)`` or channels-last, viewed ``(O, K)``, one serial call per pass; ``WIDE``:
+#: NCHW with at least ``WIDE_INNER`` values per row, viewed ``(N, C, I)``, the fused
+#: kernels, parallel from ``SERIAL_MAX`` values); beyond that size (``LARGE``) evaluation
+#: only, as one coefficient call and one (parallel) pass.
+OTHER, ROWS, WIDE, LARGE = 0, 1, 2, 3
+SMALL = (ROWS, WIDE)
 #: Largest input the serial one-call kernels take (bytes): it stays in the core's caches,
 #: where one thread is as fast as a parallel launch on few cores and needs no launch.
 SMALL_BYTES = 1 << 21
@@ -195,16 +197,18 @@ _BIG_LIMIT = {t: v / 4 for t, v in _BIG.items()}  # needs_general's bound
 
 
 def kind(lay: Layout) -> int:
-    """``OTHER``, ``ROWS`` or ``WIDE`` (see above) for a layout (cached)."""
+    """``OTHER``, ``ROWS``, ``WIDE`` or ``LARGE`` (see above) for a layout (cached)."""
     key = (lay.view_shape, lay.compute)
     k = _KINDS.get(key)
     if k is None:
         vs = lay.view_shape
         size = int(np.prod(vs)) * np.dtype(lay.np_dtype).itemsize
-        if len(vs) == 2 or vs[2] == 1:
-            k = ROWS if size <= SMALL_BYTES and vs[0] > 0 else OTHER
+        if vs[0] == 0 or (len(vs) == 3 and 1 < vs[2] < K.WIDE_INNER):
+            k = OTHER
+        elif size > SMALL_BYTES:
+            k = LARGE
         else:
-            k = WIDE if vs[2] >= K.WIDE_INNER else OTHER
+            k = ROWS if len(vs) == 2 or vs[2] == 1 else WIDE
         if len(_KINDS) > 512:
             _KINDS.clear()
         _KINDS[key] = k
@@ -222,29 +226,49 @@ def kview(t: torch.Tensor, lay: Layout) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a
 
 
-def train_rows(xa, lay: Layout, g, b, eps: float):
-    """``(y, stats, plain)``: the training forward in one serial call (``stats`` rows:
-    mean, biased var, inv_std, float64; ``plain``: not :func:`needs_general`); ``g``, ``b``
-    per-feature vectors of any float dtype."""
+def train_small(xa, lay: Layout, g, b, eps: float):
+    """``(y, stats, plain)``: the training forward of a ``ROWS`` input in one serial call,
+    of a ``WIDE`` one through the fused kernels (``stats`` rows: mean, biased var,
+    inv_std, float64; ``plain``: not :func:`needs_general`); ``g``, ``b`` per-feature
+    vectors of any float dtype."""
     y = torch.empty_like(xa)
-    stats = np.empty((3, g.shape[0]))
-    coef = np.empty((4, g.shape[0]), _WORK[lay.compute])
+    c = g.shape[0]
+    stats = np.empty((3, c))
+    coef = np.empty((4, c), _WORK[lay.compute])
     big, limit = _OVERFLOW[lay.compute], _BIG_LIMIT[lay.compute]
-    plain = S.train_rows(kview(xa, lay), g, b, float(eps), big, limit, coef, kview(y, lay), stats)
-    return y, stats, plain and eps >= TINY_EPS
+    if kind(lay) == ROWS:
+        xv, yv = kview(xa, lay), kview(y, lay)
+        plain = S.train_rows(xv, g, b, float(eps), big, limit, coef, yv, stats)
+        return y, stats, plain and eps >= TINY_EPS
+    res = K.train(view(xa, lay), _AXES, g, b, eps, None, view(y, lay), return_inv=True)
+    stats[0], stats[1], stats[2] = res[1:]
+    spread = lay.count * float(np.add.reduce(stats[1]))
+    return y, stats, not needs_general(stats[0], spread, lay.compute, eps)
 
 
-def backward_rows(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):
-    """``dx`` (None unless ``need_dx``) in one serial call; ``gw``, ``gb`` receive the
-    weight and bias gradients ``sum(dy * x_hat)`` and ``sum(dy)`` (their own dtype)."""
-    xv = kview(xa, lay)
-    if need_dx:
-        dx = torch.empty_like(xa)
-        out = kview(dx, lay)
+def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):
+    """``dx`` (None unless ``need_dx``) of a ``ROWS`` input in one serial call (``WIDE``:
+    the fused kernels);
+    ``gw``, ``gb`` receive the weight and bias gradients ``sum(dy * x_hat)`` and ``sum(dy)``
+    (each in its own dtype)."""
+    dx = torch.empty_like(xa) if need_dx else None
+    c = mean.shape[0]
+    if kind(lay) == ROWS:
+        xv = kview(xa, lay)
+        out = xv[:0] if dx is None else kview(dx, lay)
+        coef = np.empty((5, c), _WORK[lay.compute])
+        S.backward_rows(xv, kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb)
+        return dx
+    xv, dyv = view(xa, lay), view(dya, lay)
+    if dx is None:
+        s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
     else:
-        dx, out = None, xv[:0]
-    coef = np.empty((5, mean.shape[0]), _WORK[lay.compute])
-    S.backward_rows(xv, kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb)
+        h = feature64(None, c, 1.0)
+        _, s1, s2 = K.backward(
+            xv, dyv, _AXES, mean, inv, inv * g, h, batch_stats, None, view(dx, lay)
+        )
+    gb[...] = s1
+    gw[...] = s2 * inv
     return dx
 
 

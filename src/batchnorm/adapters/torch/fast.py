@@ -93,7 +93,7 @@ class _Lean(torch.autograd.Function):
             gw, gb = (None if d is None else np.empty(c, _cpu.NP_DTYPES[d]) for d in ctx.dtypes)
             sums = np.empty((2, c)) if gw is None or gb is None else None
             dya = _cpu.arrange(dy, st.lay)
-            dx = _cpu.backward_rows(
+            dx = _cpu.backward_small(
                 dya,
                 st.xa,
                 st.lay,
@@ -136,8 +136,8 @@ def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
 
 def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     """The kernels' forward; fills ``st`` (statistics, coefficients) for the backward."""
-    if st.views is not None:  # ROWS in training, the parameters viewed in place
-        y, stats, st.plain = _cpu.train_rows(x, st.lay, st.views[0], st.views[1], st.eps)
+    if st.views is not None:  # small ROWS / WIDE training, the parameters viewed in place
+        y, stats, st.plain = _cpu.train_small(x, st.lay, st.views[0], st.views[1], st.eps)
         st.xa, st.mean, st.var, st.inv = x, stats[0], stats[1], stats[2]
         return y
     lay, c = st.lay, x.shape[1]
@@ -221,8 +221,8 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
 
 def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
     """The one-call route (:func:`batchnorm.adapters.torch._cpu.kind`): evaluation without
-    gradients at any size, training of ``ROWS`` inputs; None where it does not apply (the
-    caller then takes :func:`_lean`)."""
+    gradients at any size, training of small ``ROWS`` and ``WIDE`` inputs; None where it
+    does not apply (the caller then takes :func:`_lean`)."""
     grads = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -232,7 +232,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
         if grads or eps < _cpu.TINY_EPS:
             return None
         return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
-    if k != _cpu.ROWS:
+    if k not in _cpu.SMALL:
         return None
     st = _Step(lay, eps, True, views)
     y = (
