@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 bt = pytest.importorskip("batchnorm.torch")
 fast = pytest.importorskip("batchnorm.adapters.torch.fast")
+variants = pytest.importorskip("batchnorm.adapters.torch.variants")
 
 IMPLS = {"torch.nn": torch.nn, "ours": bt}
 
@@ -221,3 +222,171 @@ def test_second_derivative_in_training_matches_torch_and_a_third_is_refused():
     torch.testing.assert_close(b2, a2)
     with pytest.raises(RuntimeError, match="third"):
         torch.autograd.grad(b2.sum(), x)
+
+
+# ---------------------------------------------------------------- the variants
+VARIANTS = {
+    "renorm": lambda: bt.BatchRenorm(3, rmax=1.5, dmax=0.5, dtype=torch.float64),
+    "ghost": lambda: bt.GhostBatchNorm(3, virtual_batch_size=3, dtype=torch.float64),
+}
+
+
+def _variant(kind, steps=2):
+    """A variant layer with non-trivial parameters and running statistics (a few eager
+    training steps), in float64."""
+    m = VARIANTS[kind]()
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.5, 1.5, -2.0], dtype=torch.float64))
+        m.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    for seed in range(steps):
+        m(_x((8, 3, 2, 2), seed=10 + seed) * (1 + seed))
+    return m
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_renorm_compiles_with_its_forward_eager(training):
+    """BatchRenorm's forward is a graph break under torch.compile (see the variants module:
+    its r and d come from the buffers the forward updates), and the compiled model equals
+    the eager one."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1).double(), _variant("renorm"))
+    model.train(training)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    for seed in (1, 2):
+        x = _x((7, 3, 2, 2), seed=seed)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = compiled(xa), ref(xb)
+        torch.testing.assert_close(ya, yb)
+        dy = _x((7, 3, 2, 2), seed=seed + 7)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["ghost"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_variant_compile_has_no_graph_break(kind, training):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1).double(), _variant(kind))
+    explained = torch._dynamo.explain(model.train(training))(_x((7, 3, 2, 2)))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_variant_operator_route_matches_eager(kind, training, monkeypatch):
+    """The route compile, export and torch.func see (custom operators and torch operations)
+    gives the eager kernels' output, gradients and running statistics."""
+    res = []
+    for route in (False, True):
+        monkeypatch.setattr(fast, "use_ops", lambda x, r=route: r)
+        monkeypatch.setattr(variants, "use_ops", lambda x, r=route: r)
+        m = _variant(kind).train(training)
+        monkeypatch.setattr(variants, "use_ops", lambda x, r=route: r)
+        x = _x((7, 3, 2, 2), seed=4).requires_grad_()
+        y = m(x)
+        y.backward(_x((7, 3, 2, 2), seed=5))
+        res.append([y, x.grad, m.weight.grad, m.bias.grad, *m.buffers()])
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ghost"])
+def test_variant_compiled_matches_eager(kind):
+    ours = _variant(kind)
+    ref = copy.deepcopy(ours)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        x = _x((7, 3, 2, 2), seed=seed)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = compiled(xa), ref(xb)
+        torch.testing.assert_close(ya, yb)
+        dy = _x((7, 3, 2, 2), seed=seed + 7)  # (sum(y^2) has a gradient of pure round-off)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["ghost"])
+def test_variant_compiled_nonfinite_batch_leaves_running_statistics(kind):
+    m = _variant(kind, steps=0).float()
+    before = [t.clone() for t in m.buffers()]
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    x = torch.randn(8, 3)
+    x[0, 1] = float("inf")
+    compiled(x)
+    for a, b in zip(m.buffers(), before, strict=True):
+        assert torch.equal(a, b)
+    compiled(torch.randn(8, 3))
+    assert int(m.num_batches_tracked) == 1 and not torch.equal(m.running_mean, before[0])
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+def test_variant_export_and_meta(kind):
+    for training in (True, False):
+        m = _variant(kind).train(training)
+        ref = copy.deepcopy(m)
+        ep = torch.export.export(m, (_x((7, 3, 2, 2)),))
+        names = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        want = "batchnorm.train.default" if training else "batchnorm.eval.default"
+        assert want in names, names
+        x = _x((7, 3, 2, 2), seed=3)
+        torch.testing.assert_close(ep.module()(x), ref(x))
+        meta = VARIANTS[kind]().to("meta").train(training)
+        y = meta(torch.empty(7, 3, 2, 2, device="meta", dtype=torch.float64))
+        assert y.device.type == "meta" and y.shape == (7, 3, 2, 2)
+
+
+@pytest.mark.parametrize("kind", list(VARIANTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_variant_func_vmap_grad_jacrev(kind, training):
+    """torch.func on the variant against its eager calls: grad over the parameters,
+    jacrev, and vmap over a batch of inputs (each its own batch) where the forward does not
+    update running statistics in place (as for torch.nn's layers: a training renorm always
+    does, so it is not vmapped; a ghost layer is vmapped with track_running_stats=False)."""
+    if kind == "renorm" and training:
+        pytest.skip(
+            "a training renorm updates its running statistics in place, which torch.func "
+            "refuses (as for torch.nn's layers with running statistics)"
+        )
+    m = _variant(kind).train(training)
+    if kind == "ghost" and training:
+        m = bt.GhostBatchNorm(3, 3, track_running_stats=False, dtype=torch.float64)
+        m.load_state_dict(_variant(kind).state_dict(), strict=False)
+    params, f = _functional(m)
+    xs = _x((3, 7, 3, 2, 2))
+    g = torch.func.grad(lambda p, x: f(p, x).square().sum())(copy.deepcopy(params), xs[0])
+    jac = torch.func.jacrev(lambda x: f(params, x))(xs[0])
+    mg = _variant(kind).train(training) if m.track_running_stats else copy.deepcopy(m)
+    mj = copy.deepcopy(mg)
+    x0 = xs[0].clone().requires_grad_()
+    mg(x0).square().sum().backward()
+    torch.testing.assert_close(g["weight"], mg.weight.grad)
+    torch.testing.assert_close(g["bias"], mg.bias.grad)
+    torch.testing.assert_close(jac, torch.autograd.functional.jacobian(mj, xs[0]))
+    out = torch.func.vmap(f, in_dims=(None, 0))(params, xs)
+    for i in range(3):
+        torch.testing.assert_close(out[i], copy.deepcopy(m)(xs[i]))
+
+
+@pytest.mark.parametrize(
+    ("kind", "training"), [("ghost", True), ("ghost", False), ("renorm", False)]
+)
+def test_variant_gradcheck_with_batched_grad(kind, training, monkeypatch):
+    """gradcheck (batched gradients included) on the operator route (not a training renorm:
+    its backward holds r and d constant by design, which finite differences do not)."""
+    monkeypatch.setattr(variants, "use_ops", lambda x: True)
+    m = _variant(kind).train(training)
+    buffers = {k: v.clone() for k, v in m.named_buffers()}
+    x = _x((7, 3, 2, 2)).requires_grad_()
+    w, b = (m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_())
+
+    def f(x, w, b):  # the same running statistics for every evaluation
+        state = {"weight": w, "bias": b, **{k: v.clone() for k, v in buffers.items()}}
+        return torch.func.functional_call(m, state, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)

@@ -148,12 +148,12 @@ def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: floa
 def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
     """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
     layout; ``inv_std`` the one the kernel computed and used)."""
-    if kind(lay) in SMALL:
+    if kind(lay) in SMALL:  # (separate vectors: an operator's outputs must not alias)
         y, stats, _ = train_small(xa, lay, g, b, eps)
-        return y, stats[0], stats[1], stats[2]
+        return y, stats[0].copy(), stats[1].copy(), stats[2]
     y, yv = empty(xa, lay)
     _, mean, var, inv = K.train(view(xa, lay), _AXES, g, b, eps, lay.np_dtype, yv, return_inv=True)
-    return y, mean, var, inv
+    return y, mean.copy(), var.copy(), inv
 
 
 def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.Tensor:
@@ -166,10 +166,10 @@ def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.
 def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool = True):
     """``(dx or None, sum_dy, sum_dy_xhat)``: the input gradient and the bias and weight
     gradients (float64 vectors)."""
-    if kind(lay) in SMALL:
-        sums = np.empty((2, mean.shape[0]))
-        dx = backward_small(dya, xa, lay, mean, inv, g, batch_stats, need_dx, sums[0], sums[1])
-        return dx, sums[1], sums[0]
+    if kind(lay) in SMALL:  # (separate vectors: an operator's outputs must not alias)
+        gw, gb = np.empty(mean.shape[0]), np.empty(mean.shape[0])
+        dx = backward_small(dya, xa, lay, mean, inv, g, batch_stats, need_dx, gw, gb)
+        return dx, gb, gw
     xv, dyv = view(xa, lay), view(dya, lay)
     if not need_dx:
         s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)

@@ -18,6 +18,26 @@
 
 Both :class:`BatchRenorm` and :class:`GhostBatchNorm` take any ``(N, C, *)`` input, like
 torch's ``SyncBatchNorm``.
+
+Under ``torch.compile`` (:class:`GhostBatchNorm` only, see below), ``torch.export``,
+``torch.func`` transforms, on the ``meta`` device and on other devices
+(:func:`batchnorm.adapters.torch.fast.use_ops`) both are written with the custom operators
+``torch.ops.batchnorm.train`` / ``eval`` (which carry the fake
+implementation, the hand-written backward and the vmap rule) and torch operations, so
+compile sees no graph break and ``torch.func`` works: a ghost batch is one ``train`` call
+per virtual batch, concatenated; batch renorm is ``train`` without the affine parameters
+(the normalized ``x_hat``) times ``weight * r`` plus ``weight * d + bias``, with ``r`` and
+``d`` computed without gradient (held constant, as in the eager backward). The running
+update is then made of torch operations too: a non-finite batch leaves the running
+statistics unchanged without raising (a traced graph cannot raise on data). In eager mode
+on CPU both run this library's kernels directly, as before.
+
+:class:`BatchRenorm` stays a graph break under ``torch.compile`` (its forward runs eagerly):
+its backward needs ``r`` and ``d``, which come from the running statistics the same forward
+updates in place, and AOTAutograd's partitioner may recompute them in the backward from the
+already updated buffers (measured: ``backend="aot_eager"`` then gave input gradients 4% off
+on a feature whose ``r`` was not clipped). The eager forward is exact; ``torch.export``,
+``torch.func`` and ``meta`` use the operator route.
 """
 
 from __future__ import annotations
@@ -26,8 +46,10 @@ import torch
 
 from ..._validation import check_renorm_limits
 from ...core.stats import BatchStats
+from ...variants import ghost_slices
 from . import _bridge as B
-from .fast import batch_norm
+from . import ops as O
+from .fast import batch_norm, use_ops
 from .function import BatchNormOp, GhostOp, RenormOp, apply
 from .modules import NormBase, check_jit, eager
 
@@ -95,6 +117,13 @@ class BatchRenorm(_AnyRank, NormBase):
         check_jit(self)
         self.check_input(input)
         rmax, dmax = check_renorm_limits(self.rmax, self.dmax)
+        if use_ops(input):
+            if not self.training:
+                return O.call_eval(
+                    input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+                )
+            self.check_batch(input)
+            return _renorm_traced(self, input, rmax, dmax)
         if not self.training:
             op = BatchNormOp(self.eps, self.running_mean, self.running_var)
             return apply(op, input, self.weight, self.bias)
@@ -145,13 +174,16 @@ class GhostBatchNorm(_AnyRank, NormBase):
         """The constructor arguments."""
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
-    @eager
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize each virtual batch with its own statistics in training; with the
         running statistics in evaluation."""
         check_jit(self)
         self.check_input(input)
         if not self.uses_batch_stats:
+            if use_ops(input):
+                return O.call_eval(
+                    input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+                )
             op = BatchNormOp(self.eps, self.running_mean, self.running_var)
             return apply(op, input, self.weight, self.bias)
         per_sample = input.numel() // max(input.shape[0] * input.shape[1], 1)
@@ -161,11 +193,81 @@ class GhostBatchNorm(_AnyRank, NormBase):
                 f"shape {tuple(input.shape)} gives virtual batches with 1 value per channel, "
                 "which have no variance; use a larger virtual_batch_size"
             )
+        if use_ops(input):
+            return _ghost_traced(self, input, per_sample)
         op = GhostOp(self.eps, self.virtual_batch_size)
         y = apply(op, input, self.weight, self.bias)
         if self.training and self.track_running_stats:
             self.update_running(_weighted(op.parts), unbiased=False)
         return y
+
+
+def _feature_shape(x: torch.Tensor) -> tuple:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _renorm_traced(module: BatchRenorm, x: torch.Tensor, rmax: float, dmax: float):
+    """Batch renorm's training forward with the custom operator (see the module docstring),
+    and its running update in torch operations."""
+    xhat, mean, var = O.call_train(x, None, None, module.eps)
+    rm, rv, eps = module.running_mean, module.running_var, module.eps
+    with torch.no_grad():
+        std = (rv.to(mean.dtype) + eps).sqrt()
+        sigma = (var + eps).sqrt()
+        r = (sigma / std).clamp(1.0 / rmax, rmax)
+        d = ((mean - rm.to(mean.dtype)) / std).clamp(-dmax, dmax)
+    scale, shift = r.to(xhat.dtype), d.to(xhat.dtype)
+    if module.weight is not None:
+        scale, shift = module.weight * scale, module.weight * shift
+    if module.bias is not None:
+        shift = shift + module.bias
+    y = xhat * scale.view(_feature_shape(x)) + shift.view(_feature_shape(x))
+    with torch.no_grad():
+        w = _weight(module, mean)
+        new_std = std * (1.0 - w) + w * sigma
+        new_var = (new_std * new_std - eps).clamp_min(0.0)
+        _commit(module, mean, new_var, w, torch.isfinite(mean).all() & torch.isfinite(var).all())
+    return y
+
+
+def _ghost_traced(module: GhostBatchNorm, x: torch.Tensor, per_sample: int):
+    """Ghost batch norm's training forward as one custom-operator call per virtual batch,
+    and its running update (towards the size-weighted average of the virtual batches'
+    means and unbiased variances) in torch operations."""
+    ys, parts = [], []
+    for sl in ghost_slices(x.shape[0], module.virtual_batch_size, per_sample):
+        y, mean, var = O.call_train(x[sl], module.weight, module.bias, module.eps)
+        ys.append(y)
+        parts.append(((sl.stop - sl.start) * per_sample, mean, var))
+    y = torch.cat(ys, 0)
+    if module.training and module.track_running_stats:
+        total = sum(n for n, _, _ in parts)
+        with torch.no_grad():
+            mean = sum((n / total) * m for n, m, _ in parts)
+            var = sum((n / total) * (n / (n - 1)) * v for n, _, v in parts)
+            w = _weight(module, mean)
+            new_var = module.running_var.to(var.dtype) * (1.0 - w) + w * var
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            _commit(module, mean, new_var, w, ok)
+    return y
+
+
+def _weight(module, like: torch.Tensor):
+    """The weight of the new value: ``momentum``, or ``1 / (num_batches_tracked + 1)``."""
+    if module.momentum is None:
+        return 1.0 / (module.num_batches_tracked + 1).to(like.dtype)
+    return module.momentum
+
+
+def _commit(module, mean: torch.Tensor, new_var: torch.Tensor, w, ok: torch.Tensor) -> None:
+    """Running mean ``(1 - w) old + w mean`` and running variance ``new_var``, written only
+    where the batch was finite (``ok``), and the batch counted."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    new_mean = rm.to(mean.dtype) * (1.0 - w) + w * mean
+    ok = ok & torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+    rm.copy_(torch.where(ok, new_mean.to(rm.dtype), rm))
+    rv.copy_(torch.where(ok, new_var.to(rv.dtype), rv))
+    nbt.add_(ok.to(nbt.dtype))
 
 
 def _weighted(parts: list[BatchStats]) -> BatchStats:
