@@ -48,8 +48,9 @@ def check_jit(module: torch.nn.Module) -> None:
 
 
 class eager:  # noqa: N801 - used as a decorator
-    """A variant's ``forward`` that ``torch.compile`` runs eagerly (a graph break around it;
-    the variants have no custom operator).
+    """A ``forward`` that ``torch.compile`` runs eagerly (a graph break around it): for
+    layers whose traced form would not be exact (``BatchRenorm``, see
+    :mod:`batchnorm.adapters.torch.variants`) or that synchronize ranks (``SyncBatchNorm``).
 
     The method is wrapped in ``torch.compiler.disable`` only once ``torch._dynamo`` has been
     imported (by ``torch.compile``), so importing this module does not import the compiler.

@@ -22,12 +22,12 @@ torch's ``SyncBatchNorm``.
 Under ``torch.compile`` (:class:`GhostBatchNorm` only, see below), ``torch.export``,
 ``torch.func`` transforms, on the ``meta`` device and on other devices
 (:func:`batchnorm.adapters.torch.fast.use_ops`) both are written with the custom operators
-``torch.ops.batchnorm.train`` / ``eval`` (which carry the fake
-implementation, the hand-written backward and the vmap rule) and torch operations, so
-compile sees no graph break and ``torch.func`` works: a ghost batch is one ``train`` call
-per virtual batch, concatenated; batch renorm is ``train`` without the affine parameters
-(the normalized ``x_hat``) times ``weight * r`` plus ``weight * d + bias``, with ``r`` and
-``d`` computed without gradient (held constant, as in the eager backward). The running
+``torch.ops.batchnorm.train`` / ``eval`` (which carry the fake implementation, the
+hand-written backward and the vmap rule) and torch operations: a ghost batch is one
+``train`` call per virtual batch, concatenated; batch renorm is ``train`` without the
+affine parameters (the normalized ``x_hat``) times ``weight * r`` plus ``weight * d +
+bias``, with ``r`` and ``d`` computed without gradient (held constant, as in the eager
+backward). So compile (ghost) sees no graph break and ``torch.func`` works. The running
 update is then made of torch operations too: a non-finite batch leaves the running
 statistics unchanged without raising (a traced graph cannot raise on data). In eager mode
 on CPU both run this library's kernels directly, as before.
