@@ -402,3 +402,42 @@ def test_import_batchnorm_does_not_import_torch():
         check=True,
     ).stdout.split()
     assert out == ["False", "True", "False"]  # the control: batchnorm.torch does import it
+
+
+def test_cached_views_follow_every_change_of_the_state():
+    """The eager route caches NumPy views of a layer's parameters and buffers: replaced
+    tensors, storage swapped under the same tensor (``.data =``), changes made through
+    ``.data`` (no version bump), a dtype change and a deep copy are all seen."""
+    torch.manual_seed(0)
+    ours, ref = bt.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    x = torch.randn(6, 4)
+
+    def same():
+        for training in (True, False):
+            ours.train(training)
+            ref.train(training)
+            with torch.no_grad():
+                torch.testing.assert_close(ours(x), ref(x))
+        for a, b in zip(ours.buffers(), ref.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+
+    same()
+    changes = (
+        lambda m: setattr(m.weight, "data", torch.full((4,), 2.0)),  # new storage, same object
+        lambda m: m.running_var.data.fill_(3.0),  # through .data: no version bump
+        lambda m: setattr(m, "bias", torch.nn.Parameter(torch.arange(4.0))),  # new Parameter
+        lambda m: m.register_buffer("running_mean", torch.full((4,), 0.5)),  # new buffer
+    )
+    for change in changes:
+        for m in (ours, ref):
+            change(m)
+        same()
+    ours, ref = ours.double(), ref.double()
+    ours.load_state_dict(ref.state_dict())  # (float32 history: equal only to float32 digits)
+    x = x.double()
+    same()
+    ours, ref = copy.deepcopy(ours), copy.deepcopy(ref)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.mul_(-1.0)
+    same()
