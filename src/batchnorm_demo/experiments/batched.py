@@ -51,6 +51,19 @@ def _unit_major(a: np.ndarray) -> np.ndarray:
     return t if t.flags.c_contiguous else np.ascontiguousarray(t)
 
 
+def _virtual_major(a: np.ndarray, k: int) -> np.ndarray:
+    """(N, R, C) rows, virtual batches of ``k`` consecutive rows, as a C-contiguous
+    (k, N / k, R, C) array: item j of virtual batch i at ``[j, i]``."""
+    n, r, c = a.shape
+    return np.ascontiguousarray(a.reshape(n // k, k, r, c).transpose(1, 0, 2, 3))
+
+
+def _from_virtual_major(a: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_virtual_major`, as an (R, N, C) array (a copy)."""
+    k, g, r, c = a.shape
+    return a.transpose(1, 0, 2, 3).reshape(g * k, r, c).transpose(1, 0, 2)
+
+
 def _input_major(w: np.ndarray) -> np.ndarray:
     """The first layer's weights (R, in, C) stored as (in, R, C) memory: every run's weights
     side by side, so that one product serves the runs of a seed."""
@@ -229,14 +242,18 @@ class BatchedNet:
             np.matmul(x[s], w2[:live, cols], out=out[:, cols])
         return out.reshape(n, r, c).transpose(1, 0, 2)
 
-    def _first_grad(self, x: np.ndarray, dz: np.ndarray, n_in: int) -> np.ndarray:
+    def _first_grad(self, x: np.ndarray, dz: np.ndarray, n_in: int, scaled: bool) -> np.ndarray:
         """d loss / d W of the first layer from per-seed batches ``x`` (S, N, live): zero in
-        the rows of the inputs past ``live``."""
+        the rows of the inputs past ``live``; ``scaled``: times each run's learning rate
+        (applied to ``dz``, N/in of the work of scaling the gradient)."""
         r, n, c = dz.shape
         live = x.shape[2]
         g = np.empty((n_in, r * c), self.dtype)
         g[live:] = 0.0
-        dz2 = _unit_major(dz).reshape(n, r * c)
+        dz = _unit_major(dz)
+        if scaled:
+            dz = np.multiply(dz, self.lr[:, None], dtype=self.dtype)
+        dz2 = dz.reshape(n, r * c)
         for s, sl in self.seed_slices:
             cols = slice(sl.start * c, sl.stop * c)
             np.matmul(x[s].T, dz2[:, cols], out=g[:live, cols])
@@ -249,17 +266,19 @@ class BatchedNet:
             y, cache = batch_norm_train(_unit_major(z), gamma, beta, axis=(1, 2), eps=EPS)
             return y.transpose(1, 0, 2), [(None, None, cache)], cache.mean, cache.var
         r, n, c = z.shape
-        y = np.empty_like(z)
+        zm, y = _unit_major(z), _empty_unit_major(r, n, c, self.dtype)
         mean, var, caches = np.empty((r, c)), np.empty((r, c)), []
         for k, rows in self.ghost_groups:
             g = n // k
-            zk = z[rows].reshape(len(rows), g, k, c)
-            gk = np.broadcast_to(gamma[rows][:, None, :], (len(rows), g, c))
-            bk = np.broadcast_to(beta[rows][:, None, :], (len(rows), g, c))
-            yk, cache = batch_norm_train(zk, gk, bk, axis=(0, 1, 3), eps=EPS)
-            y[rows] = yk.reshape(len(rows), n, c)
-            mean[rows] = cache.mean.mean(axis=1)  # equal virtual batches: equal weights
-            var[rows] = cache.var.mean(axis=1)
+            # item j of virtual batch i is row i * k + j: as (j, i, run, unit) memory the
+            # features (i, run, unit) are adjacent, the layout the compiled kernels fuse
+            zk = _virtual_major(zm[:, rows], k)
+            gk = np.broadcast_to(gamma[rows], (g, len(rows), c))
+            bk = np.broadcast_to(beta[rows], (g, len(rows), c))
+            yk, cache = batch_norm_train(zk, gk, bk, axis=(1, 2, 3), eps=EPS)
+            y[rows] = _from_virtual_major(yk)
+            mean[rows] = cache.mean.mean(axis=0)  # equal virtual batches: equal weights
+            var[rows] = cache.var.mean(axis=0)
             caches.append((k, rows, cache))
         return y, caches, mean, var
 
@@ -268,12 +287,12 @@ class BatchedNet:
             dz, dgamma, dbeta = batch_norm_backward(_unit_major(du), caches[0][2])
             return dz.transpose(1, 0, 2), dgamma, dbeta
         r, n, c = du.shape
-        dz, dgamma, dbeta = np.empty_like(du), np.empty((r, c)), np.empty((r, c))
+        dum, dz = _unit_major(du), _empty_unit_major(r, n, c, du.dtype)
+        dgamma, dbeta = np.empty((r, c)), np.empty((r, c))
         for k, rows, cache in caches:
-            g = n // k
-            dzk, dgk, dbk = batch_norm_backward(du[rows].reshape(len(rows), g, k, c), cache)
-            dz[rows] = dzk.reshape(len(rows), n, c)
-            dgamma[rows], dbeta[rows] = dgk.sum(axis=1), dbk.sum(axis=1)
+            dzk, dgk, dbk = batch_norm_backward(_virtual_major(dum[:, rows], k), cache)
+            dz[rows] = _from_virtual_major(dzk)
+            dgamma[rows], dbeta[rows] = dgk.sum(axis=0), dbk.sum(axis=0)
         return dz, dgamma, dbeta
 
     def _shift_noise(self, z: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -339,8 +358,10 @@ class BatchedNet:
         out = len(self.hidden)
         return np.matmul(a, p[f"W{out}"]) + p[f"b{out}"][:, None, :]
 
-    def backward(self, dlogits: np.ndarray, tape: Tape, params=None) -> dict:
-        """Gradients of every parameter (same keys as ``params``) from a training forward."""
+    def backward(self, dlogits: np.ndarray, tape: Tape, params=None, *, for_step=False) -> dict:
+        """Gradients of every parameter (same keys as ``params``) from a training forward;
+        ``for_step``: the first layer's weight gradient comes multiplied by each run's
+        learning rate, as :meth:`step` with ``scaled_first=True`` takes it."""
         p = self.params if params is None else params
         out = len(self.hidden)
         grads = {}
@@ -361,21 +382,24 @@ class BatchedNet:
                 grads[f"b{i}"] = dz.sum(axis=1)
             a = tape.inputs[i]
             if i == 0:
-                grads["W0"] = self._first_grad(a, dz, p["W0"].shape[1])
+                grads["W0"] = self._first_grad(a, dz, p["W0"].shape[1], for_step)
             else:
                 grads[f"W{i}"] = np.matmul(np.swapaxes(a, 1, 2), dz)
                 da = _empty_unit_major(*a.shape, self.dtype)
                 np.matmul(dz, np.swapaxes(p[f"W{i}"], 1, 2), out=da)
         return grads
 
-    def step(self, grads: dict) -> None:
+    def step(self, grads: dict, *, scaled_first: bool = False) -> None:
         """SGD on every run with its own learning rate (in place); the first layer's rows of
-        inputs that are zero in every training item have no gradient and are left alone."""
+        inputs that are zero in every training item have no gradient and are left alone.
+        ``scaled_first``: ``grads["W0"]`` is already times the learning rates
+        (:meth:`backward` with ``for_step=True``)."""
         for k, v in self.params.items():
             g = grads[k]
             if k == "W0":
                 v, g = v[:, : self.live], g[:, : self.live]
-            np.multiply(g, self.lr.reshape((-1,) + (1,) * (v.ndim - 1)), out=g)
+            if not (k == "W0" and scaled_first):
+                np.multiply(g, self.lr.reshape((-1,) + (1,) * (v.ndim - 1)), out=g)
             v -= g  # the gradients are spent: scaled in place
 
     def update_running(self, tape: Tape) -> None:

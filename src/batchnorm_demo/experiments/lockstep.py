@@ -278,18 +278,21 @@ def train_group(
             ys = ys_seed[net.seed_of]
             logits = net.forward(xs, training=True, noise=noise, tape=tape)
             loss, dlogits = softmax_cross_entropy_batched(logits, ys)
-        grads = net.backward(dlogits, tape)
-        if spec0.measure and step > 0 and step % config.ics_every == 0:
+        ics_now = spec0.measure and step > 0 and step % config.ics_every == 0
+        smooth_now = spec0.measure and step % config.smooth_every == 0
+        # the measures need the plain gradients; otherwise the first layer's comes scaled
+        grads = net.backward(dlogits, tape, for_step=not (ics_now or smooth_now))
+        if ics_now:
             rel, cos = _ics(net, tape, grads, xs, ys, noise, ics_layer)
             for r, i in enumerate(active):
                 recs[i].ics.append(
                     {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
                 )
-        if spec0.measure and step % config.smooth_every == 0:
+        if smooth_now:
             pts = smoothness_points(net, xs, ys, noise, loss, grads, multipliers)
             for r, i in enumerate(active):
                 recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
-        net.step(grads)
+        net.step(grads, scaled_first=not (ics_now or smooth_now))
         net.update_running(tape)
 
     if active:
