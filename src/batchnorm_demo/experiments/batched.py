@@ -34,42 +34,6 @@ __all__ = ["BatchedNet", "Tape", "softmax_cross_entropy_batched"]
 EPS = 1e-5  # BatchNorm's default eps, as in the one-by-one runs
 
 
-def _empty_unit_major(r: int, n: int, c: int, dtype) -> np.ndarray:
-    """An uninitialized (R, N, C) array whose memory is (N, R, C) (see :func:`_unit_major`)."""
-    return np.empty((n, r, c), dtype).transpose(1, 0, 2)
-
-
-def _unit_major(a: np.ndarray) -> np.ndarray:
-    """The (N, R, C) C-contiguous array of an (R, N, C) array: ``a``'s own memory when it is
-    laid out so (the activations are), else a copy.
-
-    In that memory the features of batch norm, (run, unit), are adjacent: the library sees an
-    (N, R * C) batch, a layout its compiled kernels fuse into one pass, where the (R, N, C)
-    layout with feature axes (0, 2) takes the NumPy path of several passes.
-    """
-    t = a.transpose(1, 0, 2)
-    return t if t.flags.c_contiguous else np.ascontiguousarray(t)
-
-
-def _virtual_major(a: np.ndarray, k: int) -> np.ndarray:
-    """(N, R, C) rows, virtual batches of ``k`` consecutive rows, as a C-contiguous
-    (k, N / k, R, C) array: item j of virtual batch i at ``[j, i]``."""
-    n, r, c = a.shape
-    return np.ascontiguousarray(a.reshape(n // k, k, r, c).transpose(1, 0, 2, 3))
-
-
-def _from_virtual_major(a: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`_virtual_major`, as an (R, N, C) array (a copy)."""
-    k, g, r, c = a.shape
-    return a.transpose(1, 0, 2, 3).reshape(g * k, r, c).transpose(1, 0, 2)
-
-
-def _input_major(w: np.ndarray) -> np.ndarray:
-    """The first layer's weights (R, in, C) stored as (in, R, C) memory: every run's weights
-    side by side, so that one product serves the runs of a seed."""
-    return np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
-
-
 def softmax_cross_entropy_batched(logits: np.ndarray, labels: np.ndarray):
     """Per-run mean cross-entropy and d loss / d logits.
 
@@ -127,18 +91,10 @@ class BatchedNet:
     dtype : {"float64", "float32"}
         Precision of the parameters and activations (the initial weights are drawn in
         float64 and rounded; BN statistics and running averages are float64 either way).
-    input_order : ndarray of int, optional
-        The order of the inputs in the arrays the network is given (a permutation of
-        ``range(n_in)``; default: unchanged): the first layer's weight rows are stored in
-        that order, :meth:`parameter_list` gives them back in the original one.
-    live : int, optional
-        Inputs (in ``input_order``) that can be non-zero in a training item; the others are
-        zero in every one, so training batches hold only the first ``live`` inputs and the
-        weights of the others never move (default: all ``n_in``).
     """
 
     def __init__(self, arm, n_in, n_classes, hidden, init_seeds, init_stds, seed_of, lrs, ghost,
-                 momentum, dtype="float64", input_order=None, live=None):  # fmt: skip
+                 momentum, dtype="float64"):  # fmt: skip
         self.arm, self.hidden, self.momentum = arm, tuple(hidden), float(momentum)
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
@@ -166,11 +122,6 @@ class BatchedNet:
             if not last and self.bn:
                 self.params[f"gamma{i}"] = np.ones((r, widths[i + 1]), self.dtype)
                 self.params[f"beta{i}"] = np.zeros((r, widths[i + 1]), self.dtype)
-        self.input_order = None if input_order is None else np.asarray(input_order, np.intp)
-        if self.input_order is not None:
-            self.params["W0"] = self.params["W0"][:, self.input_order]
-        self.params["W0"] = _input_major(self.params["W0"])
-        self.live = n_in if live is None else int(live)
         self.running = {}
         if self.bn:
             for i, w in enumerate(self.hidden):
@@ -201,7 +152,6 @@ class BatchedNet:
         """Keep only the runs ``rows`` (the others finished or diverged)."""
         rows = np.asarray(rows, dtype=np.intp)
         self.params = {k: v[rows] for k, v in self.params.items()}
-        self.params["W0"] = _input_major(self.params["W0"])
         self.running = {k: v[rows] for k, v in self.running.items()}
         self.seed_of, self.lr = self.seed_of[rows], self.lr[rows]
         if self.ghost is not None:
@@ -212,10 +162,7 @@ class BatchedNet:
         """Run ``row``'s parameters in the order of the one-by-one ``Sequential.parameters()``."""
         out = []
         for i in range(len(self.hidden) + 1):
-            w = self.params[f"W{i}"][row]
-            if i == 0 and self.input_order is not None:
-                w = w[np.argsort(self.input_order)]
-            out.append(np.ascontiguousarray(w))
+            out.append(self.params[f"W{i}"][row])
             if f"b{i}" in self.params:
                 out.append(self.params[f"b{i}"][row])
             if f"gamma{i}" in self.params:
@@ -224,84 +171,51 @@ class BatchedNet:
 
     # ------------------------------------------------------------------ pieces
     def _first(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``x W`` of the first layer (R, M, C) in unit-major memory (:func:`_unit_major`).
-
-        ``x`` is (M, in), shared by all runs (one product with every run's weights side by
-        side), or (S, N, live), one training batch per seed holding the first ``live`` inputs
-        only (the others are zero in every training item): one product per seed with the
-        live rows of its runs' weights.
-        """
-        r, n_in, c = w.shape
-        w2 = w.transpose(1, 0, 2).reshape(n_in, r * c)  # a view in the stored layout
+        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed."""
         if x.ndim == 2:
-            return np.matmul(x, w2).reshape(x.shape[0], r, c).transpose(1, 0, 2)
-        live, n = x.shape[2], x.shape[1]
-        out = np.empty((n, r * c), self.dtype)
+            return np.matmul(x, w)
+        out = np.empty((w.shape[0], x.shape[1], w.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
-            cols = slice(sl.start * c, sl.stop * c)
-            np.matmul(x[s], w2[:live, cols], out=out[:, cols])
-        return out.reshape(n, r, c).transpose(1, 0, 2)
+            np.matmul(x[s], w[sl], out=out[sl])
+        return out
 
-    def _first_grad(self, x: np.ndarray, dz: np.ndarray, n_in: int, scaled: bool) -> np.ndarray:
-        """d loss / d W of the first layer from per-seed batches ``x`` (S, N, live): zero in
-        the rows of the inputs past ``live``; ``scaled``: times each run's learning rate
-        (applied to ``dz``, N/in of the work of scaling the gradient)."""
-        r, n, c = dz.shape
-        live = x.shape[2]
-        g = np.empty((n_in, r * c), self.dtype)
-        g[live:] = 0.0
-        dz = _unit_major(dz)
-        if scaled:
-            dz = np.multiply(dz, self.lr[:, None], dtype=self.dtype)
-        dz2 = dz.reshape(n, r * c)
+    def _first_grad(self, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        out = np.empty((dz.shape[0], x.shape[-1], dz.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
-            cols = slice(sl.start * c, sl.stop * c)
-            np.matmul(x[s].T, dz2[:, cols], out=g[:live, cols])
-        return g.reshape(n_in, r, c).transpose(1, 0, 2)
+            np.matmul(x[s].T, dz[sl], out=out[sl])
+        return out
 
     def _bn_train(self, z, gamma, beta):
         """Batch statistics per run (and per virtual batch): output, caches, mean, var."""
         if self.ghost_groups is None:
-            # the (N, R, C) memory with features (R, C): the layout the compiled kernels fuse
-            y, cache = batch_norm_train(_unit_major(z), gamma, beta, axis=(1, 2), eps=EPS)
-            return y.transpose(1, 0, 2), [(None, None, cache)], cache.mean, cache.var
+            y, cache = batch_norm_train(z, gamma, beta, axis=(0, 2), eps=EPS)
+            return y, [(None, None, cache)], cache.mean, cache.var
         r, n, c = z.shape
-        zm, y = _unit_major(z), _empty_unit_major(r, n, c, self.dtype)
+        y = np.empty_like(z)
         mean, var, caches = np.empty((r, c)), np.empty((r, c)), []
         for k, rows in self.ghost_groups:
             g = n // k
-            # item j of virtual batch i is row i * k + j: as (j, i, run, unit) memory the
-            # features (i, run, unit) are adjacent, the layout the compiled kernels fuse
-            zk = _virtual_major(zm[:, rows], k)
-            gk = np.broadcast_to(gamma[rows], (g, len(rows), c))
-            bk = np.broadcast_to(beta[rows], (g, len(rows), c))
-            yk, cache = batch_norm_train(zk, gk, bk, axis=(1, 2, 3), eps=EPS)
-            y[rows] = _from_virtual_major(yk)
-            mean[rows] = cache.mean.mean(axis=0)  # equal virtual batches: equal weights
-            var[rows] = cache.var.mean(axis=0)
+            zk = z[rows].reshape(len(rows), g, k, c)
+            gk = np.broadcast_to(gamma[rows][:, None, :], (len(rows), g, c))
+            bk = np.broadcast_to(beta[rows][:, None, :], (len(rows), g, c))
+            yk, cache = batch_norm_train(zk, gk, bk, axis=(0, 1, 3), eps=EPS)
+            y[rows] = yk.reshape(len(rows), n, c)
+            mean[rows] = cache.mean.mean(axis=1)  # equal virtual batches: equal weights
+            var[rows] = cache.var.mean(axis=1)
             caches.append((k, rows, cache))
         return y, caches, mean, var
 
     def _bn_backward(self, du, caches):
         if caches[0][0] is None:
-            dz, dgamma, dbeta = batch_norm_backward(_unit_major(du), caches[0][2])
-            return dz.transpose(1, 0, 2), dgamma, dbeta
+            return batch_norm_backward(du, caches[0][2])
         r, n, c = du.shape
-        dum, dz = _unit_major(du), _empty_unit_major(r, n, c, du.dtype)
-        dgamma, dbeta = np.empty((r, c)), np.empty((r, c))
+        dz, dgamma, dbeta = np.empty_like(du), np.empty((r, c)), np.empty((r, c))
         for k, rows, cache in caches:
-            dzk, dgk, dbk = batch_norm_backward(_virtual_major(dum[:, rows], k), cache)
-            dz[rows] = _from_virtual_major(dzk)
-            dgamma[rows], dbeta[rows] = dgk.sum(axis=0), dbk.sum(axis=0)
+            g = n // k
+            dzk, dgk, dbk = batch_norm_backward(du[rows].reshape(len(rows), g, k, c), cache)
+            dz[rows] = dzk.reshape(len(rows), n, c)
+            dgamma[rows], dbeta[rows] = dgk.sum(axis=1), dbk.sum(axis=1)
         return dz, dgamma, dbeta
-
-    def _shift_noise(self, z: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """Noisy BN's ``s * z + m`` with each seed's draw (S, N, C) shared by its runs."""
-        v = np.empty_like(z)
-        for k, sl in self.seed_slices:
-            np.multiply(z[sl], s[k], out=v[sl])
-            v[sl] += m[k]
-        return v
 
     # ------------------------------------------------------------------ passes
     def forward(self, x, *, training: bool, noise=None, params=None, tape: Tape | None = None):
@@ -310,8 +224,7 @@ class BatchedNet:
         Parameters
         ----------
         x : ndarray
-            (M, in) shared by all runs, or (S, N, live) one training batch per seed holding
-            the first ``live`` inputs (the ones not zero in every training item).
+            (M, in) shared by all runs, or (S, N, in) one batch per seed.
         training : bool
             Batch statistics (training) or running statistics (evaluation).
         noise : list of (m, s) per hidden layer, optional
@@ -326,14 +239,9 @@ class BatchedNet:
         for i in range(len(self.hidden)):
             if tape is not None:
                 tape.inputs.append(a)
-            if i == 0:
-                z = self._first(a, p["W0"])
-            else:
-                w = p[f"W{i}"]
-                z = _empty_unit_major(w.shape[0], a.shape[1], w.shape[2], self.dtype)
-                np.matmul(a, w, out=z)
+            z = self._first(a, p[f"W{i}"]) if i == 0 else np.matmul(a, p[f"W{i}"])
             if not self.bn:
-                z += p[f"b{i}"][:, None, :]
+                z = z + p[f"b{i}"][:, None, :]
             elif training:
                 z, caches, mean, var = self._bn_train(z, p[f"gamma{i}"], p[f"beta{i}"])
                 if tape is not None:
@@ -341,14 +249,13 @@ class BatchedNet:
                     tape.stats.append((mean, var))
                     tape.bn_out.append(z)
             else:
-                z = batch_norm_eval(_unit_major(z), p[f"gamma{i}"], p[f"beta{i}"],
-                                    self.running[f"mean{i}"], self.running[f"var{i}"],
-                                    axis=(1, 2), eps=EPS).transpose(1, 0, 2)  # fmt: skip
+                z = batch_norm_eval(z, p[f"gamma{i}"], p[f"beta{i}"], self.running[f"mean{i}"],
+                                    self.running[f"var{i}"], axis=(0, 2), eps=EPS)  # fmt: skip
             if self.arm == "noisy_bn" and training:
-                m, s = noise[i]
+                m, s = (v[self.seed_of] for v in noise[i])
                 if tape is not None:
                     tape.scales.append(s)
-                z = self._shift_noise(z, m, s)
+                z = s * z + m
             a = sigmoid(z)
             if tape is not None:
                 tape.pre_sig.append(z)
@@ -358,48 +265,36 @@ class BatchedNet:
         out = len(self.hidden)
         return np.matmul(a, p[f"W{out}"]) + p[f"b{out}"][:, None, :]
 
-    def backward(self, dlogits: np.ndarray, tape: Tape, params=None, *, for_step=False) -> dict:
-        """Gradients of every parameter (same keys as ``params``) from a training forward;
-        ``for_step``: the first layer's weight gradient comes multiplied by each run's
-        learning rate, as :meth:`step` with ``scaled_first=True`` takes it."""
+    def backward(self, dlogits: np.ndarray, tape: Tape, params=None) -> dict:
+        """Gradients of every parameter (same keys as ``params``) from a training forward."""
         p = self.params if params is None else params
         out = len(self.hidden)
         grads = {}
         a = tape.inputs[out]
         grads[f"W{out}"] = np.matmul(np.swapaxes(a, 1, 2), dlogits)
         grads[f"b{out}"] = dlogits.sum(axis=1)
-        da = _empty_unit_major(*a.shape, self.dtype)
-        np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2), out=da)
+        da = np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2))
         for i in reversed(range(out)):
-            dz = sigmoid_backward(da, tape.sig[i])
-            if self.arm == "noisy_bn":
-                s = tape.scales[i]
-                for k, sl in self.seed_slices:
-                    dz[sl] *= s[k]
+            dz = sigmoid_backward(
+                da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None
+            )
             if self.bn:
                 dz, grads[f"gamma{i}"], grads[f"beta{i}"] = self._bn_backward(dz, tape.caches[i])
             else:
                 grads[f"b{i}"] = dz.sum(axis=1)
             a = tape.inputs[i]
             if i == 0:
-                grads["W0"] = self._first_grad(a, dz, p["W0"].shape[1], for_step)
+                grads["W0"] = self._first_grad(a, dz)
             else:
                 grads[f"W{i}"] = np.matmul(np.swapaxes(a, 1, 2), dz)
-                da = _empty_unit_major(*a.shape, self.dtype)
-                np.matmul(dz, np.swapaxes(p[f"W{i}"], 1, 2), out=da)
+                da = np.matmul(dz, np.swapaxes(p[f"W{i}"], 1, 2))
         return grads
 
-    def step(self, grads: dict, *, scaled_first: bool = False) -> None:
-        """SGD on every run with its own learning rate (in place); the first layer's rows of
-        inputs that are zero in every training item have no gradient and are left alone.
-        ``scaled_first``: ``grads["W0"]`` is already times the learning rates
-        (:meth:`backward` with ``for_step=True``)."""
+    def step(self, grads: dict) -> None:
+        """SGD on every run with its own learning rate (in place)."""
         for k, v in self.params.items():
             g = grads[k]
-            if k == "W0":
-                v, g = v[:, : self.live], g[:, : self.live]
-            if not (k == "W0" and scaled_first):
-                np.multiply(g, self.lr.reshape((-1,) + (1,) * (v.ndim - 1)), out=g)
+            np.multiply(g, self.lr.reshape((-1,) + (1,) * (v.ndim - 1)), out=g)
             v -= g  # the gradients are spent: scaled in place
 
     def update_running(self, tape: Tape) -> None:

@@ -69,38 +69,33 @@ class _Streams:
     @staticmethod
     def draw(rngs, n: int, widths, noise: dict, dtype=np.float64) -> list[tuple]:
         """NoisyShift's draws for every hidden layer, per seed, in the layers' order."""
+        per_seed = []
         a, s_range, jit = noise["mean_range"], noise["scale_range"], noise["jitter"]
-        out = [tuple(np.empty((len(rngs), n, d), dtype) for _ in "ms") for d in widths]
-        for k, rng in enumerate(rngs):
-            for (m, s), d in zip(out, widths, strict=True):
+        for rng in rngs:
+            layers = []
+            for d in widths:
                 mu_t = rng.uniform(-a, a, size=d)
                 sigma_t = rng.uniform(1.0, 1.0 + s_range, size=d)
                 # uniform(low, high) is low + (high - low) * random(), normal(loc, scale) is
                 # loc + scale * standard_normal(): the same numbers as NoisyShift's calls (the
-                # equivalence tests check it), without the slow array-parameter paths; each
-                # sum is formed in float64 and rounded once into the output's dtype
+                # equivalence tests check it), without the slow array-parameter paths
                 low = mu_t - jit
-                r = rng.random((n, d))
-                r *= (mu_t + jit) - low
-                np.add(low, r, out=m[k])
-                r = rng.standard_normal((n, d))
-                r *= jit
-                np.add(sigma_t, r, out=s[k])
-        return out
+                m = low + ((mu_t + jit) - low) * rng.random((n, d))
+                s = sigma_t + jit * rng.standard_normal((n, d))
+                layers.append((m, s))
+            per_seed.append(layers)
+        return [
+            (np.stack([p[i][0] for p in per_seed]).astype(dtype, copy=False),
+             np.stack([p[i][1] for p in per_seed]).astype(dtype, copy=False))
+            for i in range(len(widths))
+        ]  # fmt: skip
 
 
-def _live_first(data: Dataset) -> tuple[np.ndarray, int]:
-    """An order of the inputs that puts first those not zero in every training item, and
-    their number (MNIST's border pixels are zero in every image)."""
-    live = np.any(data.x_train != 0, axis=0)  # NaN counts as live
-    order = np.concatenate([np.flatnonzero(live), np.flatnonzero(~live)])
-    return order, int(np.count_nonzero(live))
-
-
-def _prepared(data: Dataset, dtype: np.dtype, order: np.ndarray) -> Dataset:
-    """``data`` in ``dtype`` with its inputs in ``order`` (one copy per group)."""
-    return Dataset(data.name, data.x_train[:, order].astype(dtype), data.y_train,
-                   data.x_test[:, order].astype(dtype), data.y_test, data.description)  # fmt: skip
+def _as_dtype(data: Dataset, dtype: np.dtype) -> Dataset:
+    if data.x_train.dtype == dtype and data.x_test.dtype == dtype:
+        return data
+    return Dataset(data.name, data.x_train.astype(dtype), data.y_train, data.x_test.astype(dtype),
+                   data.y_test, data.description)  # fmt: skip
 
 
 class _Record:
@@ -185,17 +180,15 @@ def train_group(
     runs = [specs[i] for i in order]
     seed_of = [entropies.index(s.seed_entropy) for s in runs]
     streams = _Streams(entropies, data.x_train.shape[0], config.batch_size)
-    input_order, live = _live_first(data)
     net = BatchedNet(
         spec0.arm, data.n_features, data.n_classes, spec0.hidden,
         [streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
         [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
-        config.bn_momentum, config.dtype, input_order, live,
+        config.bn_momentum, config.dtype,
     )  # fmt: skip
-    data = _prepared(data, net.dtype, input_order)
-    x_live = np.ascontiguousarray(data.x_train[:, :live])  # what training batches hold
+    data = _as_dtype(data, net.dtype)
     if val is not None:
-        val = (np.asarray(val[0][:, input_order], net.dtype), val[1])
+        val = (np.asarray(val[0], net.dtype), val[1])
     recs = [_Record(s, val is not None) for s in runs]
     active = list(range(len(runs)))  # record index of each row of the net
     chance = 1.0 / data.n_classes
@@ -255,7 +248,7 @@ def train_group(
         if not active:
             continue
         rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
-        xs, ys_seed = x_live[rows], data.y_train[rows]
+        xs, ys_seed = data.x_train[rows], data.y_train[rows]
         ys = ys_seed[net.seed_of]
         noise = None
         if noisy:
@@ -278,21 +271,18 @@ def train_group(
             ys = ys_seed[net.seed_of]
             logits = net.forward(xs, training=True, noise=noise, tape=tape)
             loss, dlogits = softmax_cross_entropy_batched(logits, ys)
-        ics_now = spec0.measure and step > 0 and step % config.ics_every == 0
-        smooth_now = spec0.measure and step % config.smooth_every == 0
-        # the measures need the plain gradients; otherwise the first layer's comes scaled
-        grads = net.backward(dlogits, tape, for_step=not (ics_now or smooth_now))
-        if ics_now:
+        grads = net.backward(dlogits, tape)
+        if spec0.measure and step > 0 and step % config.ics_every == 0:
             rel, cos = _ics(net, tape, grads, xs, ys, noise, ics_layer)
             for r, i in enumerate(active):
                 recs[i].ics.append(
                     {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
                 )
-        if smooth_now:
+        if spec0.measure and step % config.smooth_every == 0:
             pts = smoothness_points(net, xs, ys, noise, loss, grads, multipliers)
             for r, i in enumerate(active):
                 recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
-        net.step(grads, scaled_first=not (ics_now or smooth_now))
+        net.step(grads)
         net.update_running(tape)
 
     if active:
