@@ -34,6 +34,13 @@ __all__ = ["BatchedNet", "Tape", "softmax_cross_entropy_batched"]
 EPS = 1e-5  # BatchNorm's default eps, as in the one-by-one runs
 
 
+def _input_major(w: np.ndarray) -> np.ndarray:
+    """The first layer's weights (R, in, C) stored as (in, R, C) memory: the weights of
+    consecutive runs side by side, so that one product serves all the runs of a seed (the
+    same numbers as one product per run: each output is the same dot product)."""
+    return np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
+
+
 def softmax_cross_entropy_batched(logits: np.ndarray, labels: np.ndarray):
     """Per-run mean cross-entropy and d loss / d logits.
 
@@ -122,6 +129,7 @@ class BatchedNet:
             if not last and self.bn:
                 self.params[f"gamma{i}"] = np.ones((r, widths[i + 1]), self.dtype)
                 self.params[f"beta{i}"] = np.zeros((r, widths[i + 1]), self.dtype)
+        self.params["W0"] = _input_major(self.params["W0"])
         self.running = {}
         if self.bn:
             for i, w in enumerate(self.hidden):
@@ -152,6 +160,7 @@ class BatchedNet:
         """Keep only the runs ``rows`` (the others finished or diverged)."""
         rows = np.asarray(rows, dtype=np.intp)
         self.params = {k: v[rows] for k, v in self.params.items()}
+        self.params["W0"] = _input_major(self.params["W0"])
         self.running = {k: v[rows] for k, v in self.running.items()}
         self.seed_of, self.lr = self.seed_of[rows], self.lr[rows]
         if self.ghost is not None:
@@ -162,7 +171,7 @@ class BatchedNet:
         """Run ``row``'s parameters in the order of the one-by-one ``Sequential.parameters()``."""
         out = []
         for i in range(len(self.hidden) + 1):
-            out.append(self.params[f"W{i}"][row])
+            out.append(np.ascontiguousarray(self.params[f"W{i}"][row]))
             if f"b{i}" in self.params:
                 out.append(self.params[f"b{i}"][row])
             if f"gamma{i}" in self.params:
@@ -171,19 +180,27 @@ class BatchedNet:
 
     # ------------------------------------------------------------------ pieces
     def _first(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed."""
+        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed;
+        one product per seed with its runs' weights side by side (:func:`_input_major`)."""
+        r, n_in, c = w.shape
+        w2 = w.transpose(1, 0, 2).reshape(n_in, r * c)  # a view in the stored layout
         if x.ndim == 2:
-            return np.matmul(x, w)
-        out = np.empty((w.shape[0], x.shape[1], w.shape[2]), self.dtype)
+            return np.matmul(x, w2).reshape(x.shape[0], r, c).transpose(1, 0, 2).copy()
+        n = x.shape[1]
+        out = np.empty((r, n, c), self.dtype)
         for s, sl in self.seed_slices:
-            np.matmul(x[s], w[sl], out=out[sl])
+            z = np.matmul(x[s], w2[:, sl.start * c : sl.stop * c])
+            out[sl] = z.reshape(n, -1, c).transpose(1, 0, 2)
         return out
 
     def _first_grad(self, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        out = np.empty((dz.shape[0], x.shape[-1], dz.shape[2]), self.dtype)
+        """d loss / d W of the first layer, in the weights' layout (:func:`_input_major`)."""
+        r, n, c = dz.shape
+        g = np.empty((x.shape[-1], r * c), self.dtype)
         for s, sl in self.seed_slices:
-            np.matmul(x[s].T, dz[sl], out=out[sl])
-        return out
+            d2 = np.ascontiguousarray(dz[sl].transpose(1, 0, 2)).reshape(n, -1)
+            np.matmul(x[s].T, d2, out=g[:, sl.start * c : sl.stop * c])
+        return g.reshape(-1, r, c).transpose(1, 0, 2)
 
     def _bn_train(self, z, gamma, beta):
         """Batch statistics per run (and per virtual batch): output, caches, mean, var."""
@@ -216,6 +233,14 @@ class BatchedNet:
             dz[rows] = dzk.reshape(len(rows), n, c)
             dgamma[rows], dbeta[rows] = dgk.sum(axis=1), dbk.sum(axis=1)
         return dz, dgamma, dbeta
+
+    def _shift_noise(self, z: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Noisy BN's ``s * z + m``, each seed's draws (S, N, C) shared by its runs."""
+        v = np.empty_like(z)
+        for k, sl in self.seed_slices:
+            np.multiply(s[k], z[sl], out=v[sl])
+            v[sl] += m[k]
+        return v
 
     # ------------------------------------------------------------------ passes
     def forward(self, x, *, training: bool, noise=None, params=None, tape: Tape | None = None):
@@ -252,10 +277,10 @@ class BatchedNet:
                 z = batch_norm_eval(z, p[f"gamma{i}"], p[f"beta{i}"], self.running[f"mean{i}"],
                                     self.running[f"var{i}"], axis=(0, 2), eps=EPS)  # fmt: skip
             if self.arm == "noisy_bn" and training:
-                m, s = (v[self.seed_of] for v in noise[i])
+                m, s = noise[i]
                 if tape is not None:
                     tape.scales.append(s)
-                z = s * z + m
+                z = self._shift_noise(z, m, s)
             a = sigmoid(z)
             if tape is not None:
                 tape.pre_sig.append(z)
@@ -275,9 +300,10 @@ class BatchedNet:
         grads[f"b{out}"] = dlogits.sum(axis=1)
         da = np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2))
         for i in reversed(range(out)):
-            dz = sigmoid_backward(
-                da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None
-            )
+            dz = sigmoid_backward(da, tape.sig[i])
+            if self.arm == "noisy_bn":  # noisy BN's scales (after the sigmoid's derivative)
+                for k, sl in self.seed_slices:
+                    dz[sl] *= tape.scales[i][k]
             if self.bn:
                 dz, grads[f"gamma{i}"], grads[f"beta{i}"] = self._bn_backward(dz, tape.caches[i])
             else:

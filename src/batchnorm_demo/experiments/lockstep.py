@@ -69,26 +69,24 @@ class _Streams:
     @staticmethod
     def draw(rngs, n: int, widths, noise: dict, dtype=np.float64) -> list[tuple]:
         """NoisyShift's draws for every hidden layer, per seed, in the layers' order."""
-        per_seed = []
         a, s_range, jit = noise["mean_range"], noise["scale_range"], noise["jitter"]
-        for rng in rngs:
-            layers = []
-            for d in widths:
+        out = [tuple(np.empty((len(rngs), n, d), dtype) for _ in "ms") for d in widths]
+        for k, rng in enumerate(rngs):
+            for (m, s), d in zip(out, widths, strict=True):
                 mu_t = rng.uniform(-a, a, size=d)
                 sigma_t = rng.uniform(1.0, 1.0 + s_range, size=d)
                 # uniform(low, high) is low + (high - low) * random(), normal(loc, scale) is
                 # loc + scale * standard_normal(): the same numbers as NoisyShift's calls (the
-                # equivalence tests check it), without the slow array-parameter paths
+                # equivalence tests check it), without the slow array-parameter paths; each
+                # sum is formed in float64 and rounded once into the output's dtype
                 low = mu_t - jit
-                m = low + ((mu_t + jit) - low) * rng.random((n, d))
-                s = sigma_t + jit * rng.standard_normal((n, d))
-                layers.append((m, s))
-            per_seed.append(layers)
-        return [
-            (np.stack([p[i][0] for p in per_seed]).astype(dtype, copy=False),
-             np.stack([p[i][1] for p in per_seed]).astype(dtype, copy=False))
-            for i in range(len(widths))
-        ]  # fmt: skip
+                r = rng.random((n, d))
+                r *= (mu_t + jit) - low
+                np.add(low, r, out=m[k])
+                r = rng.standard_normal((n, d))
+                r *= jit
+                np.add(sigma_t, r, out=s[k])
+        return out
 
 
 def _as_dtype(data: Dataset, dtype: np.dtype) -> Dataset:
