@@ -34,13 +34,6 @@ __all__ = ["BatchedNet", "Tape", "softmax_cross_entropy_batched"]
 EPS = 1e-5  # BatchNorm's default eps, as in the one-by-one runs
 
 
-def _input_major(w: np.ndarray) -> np.ndarray:
-    """The first layer's weights (R, in, C) stored as (in, R, C) memory: the weights of
-    consecutive runs side by side, so that one product serves all the runs of a seed (the
-    same numbers as one product per run: each output is the same dot product)."""
-    return np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2)
-
-
 def softmax_cross_entropy_batched(logits: np.ndarray, labels: np.ndarray):
     """Per-run mean cross-entropy and d loss / d logits.
 
@@ -129,7 +122,6 @@ class BatchedNet:
             if not last and self.bn:
                 self.params[f"gamma{i}"] = np.ones((r, widths[i + 1]), self.dtype)
                 self.params[f"beta{i}"] = np.zeros((r, widths[i + 1]), self.dtype)
-        self.params["W0"] = _input_major(self.params["W0"])
         self.running = {}
         if self.bn:
             for i, w in enumerate(self.hidden):
@@ -160,7 +152,6 @@ class BatchedNet:
         """Keep only the runs ``rows`` (the others finished or diverged)."""
         rows = np.asarray(rows, dtype=np.intp)
         self.params = {k: v[rows] for k, v in self.params.items()}
-        self.params["W0"] = _input_major(self.params["W0"])
         self.running = {k: v[rows] for k, v in self.running.items()}
         self.seed_of, self.lr = self.seed_of[rows], self.lr[rows]
         if self.ghost is not None:
@@ -171,7 +162,7 @@ class BatchedNet:
         """Run ``row``'s parameters in the order of the one-by-one ``Sequential.parameters()``."""
         out = []
         for i in range(len(self.hidden) + 1):
-            out.append(np.ascontiguousarray(self.params[f"W{i}"][row]))
+            out.append(self.params[f"W{i}"][row])
             if f"b{i}" in self.params:
                 out.append(self.params[f"b{i}"][row])
             if f"gamma{i}" in self.params:
@@ -180,27 +171,19 @@ class BatchedNet:
 
     # ------------------------------------------------------------------ pieces
     def _first(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed;
-        one product per seed with its runs' weights side by side (:func:`_input_major`)."""
-        r, n_in, c = w.shape
-        w2 = w.transpose(1, 0, 2).reshape(n_in, r * c)  # a view in the stored layout
+        """``x W`` of the first layer: ``x`` (M, in) shared by all runs, or (S, N, in) per seed."""
         if x.ndim == 2:
-            return np.matmul(x, w2).reshape(x.shape[0], r, c).transpose(1, 0, 2).copy()
-        n = x.shape[1]
-        out = np.empty((r, n, c), self.dtype)
+            return np.matmul(x, w)
+        out = np.empty((w.shape[0], x.shape[1], w.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
-            z = np.matmul(x[s], w2[:, sl.start * c : sl.stop * c])
-            out[sl] = z.reshape(n, -1, c).transpose(1, 0, 2)
+            np.matmul(x[s], w[sl], out=out[sl])
         return out
 
     def _first_grad(self, x: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """d loss / d W of the first layer, in the weights' layout (:func:`_input_major`)."""
-        r, n, c = dz.shape
-        g = np.empty((x.shape[-1], r * c), self.dtype)
+        out = np.empty((dz.shape[0], x.shape[-1], dz.shape[2]), self.dtype)
         for s, sl in self.seed_slices:
-            d2 = np.ascontiguousarray(dz[sl].transpose(1, 0, 2)).reshape(n, -1)
-            np.matmul(x[s].T, d2, out=g[:, sl.start * c : sl.stop * c])
-        return g.reshape(-1, r, c).transpose(1, 0, 2)
+            np.matmul(x[s].T, dz[sl], out=out[sl])
+        return out
 
     def _bn_train(self, z, gamma, beta):
         """Batch statistics per run (and per virtual batch): output, caches, mean, var."""

@@ -70,8 +70,7 @@ def smoothness_points(net, xs, ys, noise, loss, grads, multipliers) -> dict:
     dict
         Each of :data:`KEYS` -> ndarray of shape (R,).
     """
-    # norms in float64, summed in the (R, ...) order whatever the gradients' memory layout
-    grads = {k: v.astype(np.float64, order="C") for k, v in grads.items()}
+    grads = {k: v.astype(np.float64) for k, v in grads.items()}  # norms in float64
     g_norm = np.sqrt(sum(np.sum(v * v, axis=tuple(range(1, v.ndim))) for v in grads.values()))
     losses, changes = [loss], []
     for c in multipliers:
@@ -82,8 +81,7 @@ def smoothness_points(net, xs, ys, noise, loss, grads, multipliers) -> dict:
             loss_c, d = softmax_cross_entropy_batched(logits, ys)
             g_c = net.backward(d, tape, params=moved)
             diff = sum(
-                np.sum((grads[k] - g_c[k].astype(np.float64, order="C")) ** 2,
-                       axis=tuple(range(1, v.ndim)))
+                np.sum((grads[k] - g_c[k].astype(np.float64)) ** 2, axis=tuple(range(1, v.ndim)))
                 for k, v in grads.items()
             )
         losses.append(loss_c)
