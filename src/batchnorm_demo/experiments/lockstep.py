@@ -172,127 +172,157 @@ def train_group(
     """
     _check_group(specs)
     start = time.process_time()
-    spec0 = specs[0]
     entropies = list(dict.fromkeys(s.seed_entropy for s in specs))  # first-seen order
     order = sorted(range(len(specs)), key=lambda i: (entropies.index(specs[i].seed_entropy), i))
-    runs = [specs[i] for i in order]
-    seed_of = [entropies.index(s.seed_entropy) for s in runs]
-    streams = _Streams(entropies, data.x_train.shape[0], config.batch_size)
-    net = BatchedNet(
-        spec0.arm, data.n_features, data.n_classes, spec0.hidden,
-        [streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
-        [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
-        config.bn_momentum, config.dtype,
-    )  # fmt: skip
-    data = _as_dtype(data, net.dtype)
-    if val is not None:
-        val = (np.asarray(val[0], net.dtype), val[1])
-    recs = [_Record(s, val is not None) for s in runs]
-    active = list(range(len(runs)))  # record index of each row of the net
-    chance = 1.0 / data.n_classes
-    probe = data.x_test[: config.probe_size]
-    x_tr_eval, y_tr_eval = (
-        data.x_train[: config.train_eval_size],
-        data.y_train[: config.train_eval_size],
-    )
-    steps = spec0.steps
+    group = _Group([specs[i] for i in order], entropies, data, config, val)
+    spec0, steps, reported = specs[0], specs[0].steps, 0
     eval_steps = set(_eval_points(steps, config.eval_every, (config.early_step,)))
     probe_steps = set(_eval_points(steps, config.probe_every)) if spec0.measure else set()
-    ics_layer = len(spec0.hidden) - 1
-    multipliers = np.asarray(config.smooth_multipliers, dtype=np.float64)
-    noisy = spec0.arm == "noisy_bn"
-    reported = 0
+    for step in range(steps + 1):
+        if step in probe_steps and group.active:
+            group.probe(step)
+        if step in eval_steps:
+            group.evaluate(step)
+            if progress is not None and step > reported:
+                progress(step - reported)
+                reported = step
+            if spec0.stop_at_fit and step > 0 and group.active:
+                group.finish_fitted()
+        if step == steps or (not group.active and not any(r.diverged for r in group.recs)):
+            break  # (diverged runs record chance at every evaluation up to the cap)
+        idx = group.streams.next_batch()
+        if group.active:
+            group.train_step(step, idx)
+    if group.active:
+        group.finish(list(range(len(group.active))))
+    if progress is not None and steps > reported:
+        progress(steps - reported)
+    cpu = time.process_time() - start
+    outs = [_output(rec, config, cpu / len(group.recs), keep_parameters) for rec in group.recs]
+    back = [None] * len(specs)
+    for k, i in enumerate(order):
+        back[i] = outs[k]
+    return back
 
-    def finish(rows: list[int], *, diverged: bool = False, train_acc=None) -> None:
+
+class _Group:
+    """The runs of one group while they train: the batched network, the random streams, each
+    run's record, and which runs are still in the batch (``active``: the record index of
+    each row of the network)."""
+
+    def __init__(self, runs: list[RunSpec], entropies: list[int], data: Dataset,
+                 config: IoffeConfig, val) -> None:  # fmt: skip
+        spec0 = runs[0]
+        seed_of = [entropies.index(s.seed_entropy) for s in runs]
+        self.streams = _Streams(entropies, data.x_train.shape[0], config.batch_size)
+        self.net = BatchedNet(
+            spec0.arm, data.n_features, data.n_classes, spec0.hidden,
+            [self.streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
+            [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
+            config.bn_momentum, config.dtype,
+        )  # fmt: skip
+        self.data = _as_dtype(data, self.net.dtype)
+        self.val = None if val is None else (np.asarray(val[0], self.net.dtype), val[1])
+        self.recs = [_Record(s, val is not None) for s in runs]
+        self.active = list(range(len(runs)))
+        self.spec0, self.config = spec0, config
+        self.chance = 1.0 / data.n_classes
+        self.multipliers = np.asarray(config.smooth_multipliers, dtype=np.float64)
+
+    def probe(self, step: int) -> None:
+        """Record every active run's layer-input distribution on the probe set."""
+        x = self.data.x_test[: self.config.probe_size]
+        _probe(self.net, x, self.streams, self.recs, self.active, step,
+               self.spec0.arm == "noisy_bn", self.config)  # fmt: skip
+
+    def evaluate(self, step: int) -> None:
+        """Append one point to the curves of every run still recording."""
+        n = self.config.train_eval_size
+        x_tr, y_tr = self.data.x_train[:n], self.data.y_train[:n]
+        _evaluate(self.net, self.data, x_tr, y_tr, self.val, self.recs, self.active, step,
+                  self.chance)  # fmt: skip
+
+    def finish_fitted(self) -> None:
+        """Finish the runs whose accuracy on the whole training set reached the threshold."""
+        acc = _accuracy(self.net.forward(self.data.x_train, training=False), self.data.y_train)
+        fit = [r for r in range(len(self.active)) if acc[r] >= self.config.fit_threshold]
+        self.finish(fit, train_acc=acc[fit])
+
+    def finish(self, rows: list[int], *, diverged: bool = False, train_acc=None) -> None:
         """Record the final numbers of the runs at ``rows`` and drop them from the batch
         (``train_acc``: their accuracy on the whole training set, when already computed)."""
-        nonlocal active
         if not rows:
             return
+        data, net = self.data, self.net
         sub = copy.copy(net)
         sub.keep(rows)
         tm = None
         if not diverged:
             if train_acc is None:
                 train_acc = _accuracy(sub.forward(data.x_train, training=False), data.y_train)
-            if spec0.ghost is not None:
-                tm = _train_mode_accuracy(sub, data, config.batch_size)
+            if self.spec0.ghost is not None:
+                tm = _train_mode_accuracy(sub, data, self.config.batch_size)
         for j, row in enumerate(rows):
-            rec = recs[active[row]]
-            rec.final["train"] = chance if diverged else float(train_acc[j])
+            rec = self.recs[self.active[row]]
+            rec.final["train"] = self.chance if diverged else float(train_acc[j])
             if tm is not None:
                 rec.final["train_mode"] = float(tm[j])
             rec.final["params"] = [np.array(p) for p in sub.parameter_list(j)]
-        keep = [r for r in range(len(active)) if r not in set(rows)]
-        active = [active[r] for r in keep]
+        keep = [r for r in range(len(self.active)) if r not in set(rows)]
+        self.active = [self.active[r] for r in keep]
         if keep:
             net.keep(keep)
 
-    for step in range(steps + 1):
-        if step in probe_steps and active:
-            _probe(net, probe, streams, recs, active, step, noisy, config)
-        if step in eval_steps:
-            _evaluate(net, data, x_tr_eval, y_tr_eval, val, recs, active, step, chance)
-            if progress is not None and step > reported:
-                progress(step - reported)
-                reported = step
-            if spec0.stop_at_fit and step > 0 and active:
-                acc = _accuracy(net.forward(data.x_train, training=False), data.y_train)
-                fit = [r for r in range(len(active)) if acc[r] >= config.fit_threshold]
-                finish(fit, train_acc=acc[fit])
-        if step == steps or (not active and not any(r.diverged for r in recs)):
-            break  # (diverged runs record chance at every evaluation up to the cap)
-        idx = streams.next_batch()
-        if not active:
-            continue
-        rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
-        xs, ys_seed = data.x_train[rows], data.y_train[rows]
+    def _forward_loss(self, xs, ys_seed, noise):
+        """Training forward of the active runs: tape, per-run loss, d loss / d logits, labels."""
+        net = self.net
         ys = ys_seed[net.seed_of]
-        noise = None
-        if noisy:
-            noise = _Streams.draw(streams.noise, config.batch_size, spec0.hidden, config.noise,
-                                  net.dtype)  # fmt: skip
         tape = Tape()
         with np.errstate(over="ignore", invalid="ignore"):
             logits = net.forward(xs, training=True, noise=noise, tape=tape)
             loss, dlogits = softmax_cross_entropy_batched(logits, ys)
-        bad = [r for r in range(len(active)) if not math.isfinite(loss[r])]
-        for r in range(len(active)):
-            recs[active[r]].losses.append(float(loss[r]) if r not in bad else math.inf)
+        return tape, loss, dlogits, ys
+
+    def train_step(self, step: int, idx: list[np.ndarray]) -> None:
+        """One SGD step of every active run on its seed's batch ``idx`` (runs whose loss is
+        not finite leave the batch as diverged), with the measures due at ``step``."""
+        spec0, config, net = self.spec0, self.config, self.net
+        rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
+        xs, ys_seed = self.data.x_train[rows], self.data.y_train[rows]
+        noise = None
+        if spec0.arm == "noisy_bn":
+            noise = _Streams.draw(self.streams.noise, config.batch_size, spec0.hidden,
+                                  config.noise, net.dtype)  # fmt: skip
+        tape, loss, dlogits, ys = self._forward_loss(xs, ys_seed, noise)
+        bad = [r for r in range(len(self.active)) if not math.isfinite(loss[r])]
+        for r in range(len(self.active)):
+            self.recs[self.active[r]].losses.append(float(loss[r]) if r not in bad else math.inf)
         if bad:  # these runs stop here (recorded as chance from now on, not an error)
             for r in bad:
-                recs[active[r]].diverged = True
-            finish(bad, diverged=True)
-            if not active:
-                continue
-            tape = Tape()  # the runs that go on: the same batch and noise, without the others
-            ys = ys_seed[net.seed_of]
-            logits = net.forward(xs, training=True, noise=noise, tape=tape)
-            loss, dlogits = softmax_cross_entropy_batched(logits, ys)
+                self.recs[self.active[r]].diverged = True
+            self.finish(bad, diverged=True)
+            if not self.active:
+                return
+            # the runs that go on: the same batch and noise, without the others
+            tape, loss, dlogits, ys = self._forward_loss(xs, ys_seed, noise)
         grads = net.backward(dlogits, tape)
-        if spec0.measure and step > 0 and step % config.ics_every == 0:
-            rel, cos = _ics(net, tape, grads, xs, ys, noise, ics_layer)
-            for r, i in enumerate(active):
-                recs[i].ics.append(
-                    {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
-                )
-        if spec0.measure and step % config.smooth_every == 0:
-            pts = smoothness_points(net, xs, ys, noise, loss, grads, multipliers)
-            for r, i in enumerate(active):
-                recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
+        self._measure(step, tape, grads, xs, ys, noise, loss)
         net.step(grads)
         net.update_running(tape)
 
-    if active:
-        finish(list(range(len(active))))
-    if progress is not None and steps > reported:
-        progress(steps - reported)
-    cpu = time.process_time() - start
-    outs = [_output(rec, config, cpu / len(recs), keep_parameters) for rec in recs]
-    back = [None] * len(specs)
-    for k, i in enumerate(order):
-        back[i] = outs[k]
-    return back
+    def _measure(self, step, tape, grads, xs, ys, noise, loss) -> None:
+        """Santurkar et al.'s ICS and the smoothness measures, on the steps they are due."""
+        spec0, config, net = self.spec0, self.config, self.net
+        if spec0.measure and step > 0 and step % config.ics_every == 0:
+            rel, cos = _ics(net, tape, grads, xs, ys, noise, len(spec0.hidden) - 1)
+            for r, i in enumerate(self.active):
+                self.recs[i].ics.append(
+                    {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
+                )
+        if spec0.measure and step % config.smooth_every == 0:
+            pts = smoothness_points(net, xs, ys, noise, loss, grads, self.multipliers)
+            for r, i in enumerate(self.active):
+                self.recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
 
 
 def _probe(net, probe, streams, recs, active, step, noisy, config) -> None:
