@@ -231,16 +231,43 @@ class _Group:
 
     def probe(self, step: int) -> None:
         """Record every active run's layer-input distribution on the probe set."""
-        x = self.data.x_test[: self.config.probe_size]
-        _probe(self.net, x, self.streams, self.recs, self.active, step,
-               self.spec0.arm == "noisy_bn", self.config)  # fmt: skip
+        net, x, noisy = self.net, self.data.x_test[: self.config.probe_size], self.spec0.arm
+        noisy, noise = noisy == "noisy_bn", None
+        if noisy:
+            noise = _Streams.draw(self.streams.probe, x.shape[0], net.hidden, self.config.noise,
+                                  net.dtype)  # fmt: skip
+        tape = Tape()
+        net.forward(x, training=True, noise=noise, tape=tape)
+        last = len(net.hidden) - 1
+        # the last hidden layer's sigmoid input (after the noise for noisy BN), and before it
+        pct = np.percentile(tape.pre_sig[last], QUANTILES, axis=1)
+        before = np.percentile(tape.bn_out[last], QUANTILES, axis=1) if noisy else None
+        for r, i in enumerate(self.active):
+            probes = self.recs[i].probes
+            probes["steps"].append(step)
+            probes["seen"].append(pct[:, r, :])
+            if before is not None:
+                probes["before_noise"].append(before[:, r, :])
 
     def evaluate(self, step: int) -> None:
         """Append one point to the curves of every run still recording."""
-        n = self.config.train_eval_size
-        x_tr, y_tr = self.data.x_train[:n], self.data.y_train[:n]
-        _evaluate(self.net, self.data, x_tr, y_tr, self.val, self.recs, self.active, step,
-                  self.chance)  # fmt: skip
+        data, n = self.data, self.config.train_eval_size
+        sets = [("test_accuracy", data.x_test, data.y_test),
+                ("train_accuracy", data.x_train[:n], data.y_train[:n])]  # fmt: skip
+        if self.val is not None:
+            sets.append(("val_accuracy", *self.val))
+        accs = {}
+        if self.active:  # (diverged runs record chance)
+            accs = {key: _accuracy(self.net.forward(x, training=False), y) for key, x, y in sets}
+        row = {i: r for r, i in enumerate(self.active)}
+        for i, rec in enumerate(self.recs):
+            if i not in row and not rec.diverged:
+                continue  # finished (fitted): its curves end where it stopped
+            rec.curves["steps"].append(step)
+            for key, _, _ in sets:
+                rec.curves[key].append(self.chance if rec.diverged else float(accs[key][row[i]]))
+            rec.curves["train_loss"].append(float(np.mean(rec.losses)) if rec.losses else math.nan)
+            rec.losses = []
 
     def finish_fitted(self) -> None:
         """Finish the runs whose accuracy on the whole training set reached the threshold."""
@@ -323,43 +350,6 @@ class _Group:
             pts = smoothness_points(net, xs, ys, noise, loss, grads, self.multipliers)
             for r, i in enumerate(self.active):
                 self.recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
-
-
-def _probe(net, probe, streams, recs, active, step, noisy, config) -> None:
-    noise = None
-    if noisy:
-        noise = _Streams.draw(streams.probe, probe.shape[0], net.hidden, config.noise, net.dtype)
-    tape = Tape()
-    net.forward(probe, training=True, noise=noise, tape=tape)
-    last = len(net.hidden) - 1
-    # the last hidden layer's sigmoid input (after the noise for noisy BN), and before it
-    pct = np.percentile(tape.pre_sig[last], QUANTILES, axis=1)
-    before = np.percentile(tape.bn_out[last], QUANTILES, axis=1) if noisy else None
-    for r, i in enumerate(active):
-        rec = recs[i]
-        rec.probes["steps"].append(step)
-        rec.probes["seen"].append(pct[:, r, :])
-        if before is not None:
-            rec.probes["before_noise"].append(before[:, r, :])
-
-
-def _evaluate(net, data, x_tr, y_tr, val, recs, active, step, chance) -> None:
-    sets = [("test_accuracy", data.x_test, data.y_test), ("train_accuracy", x_tr, y_tr)]
-    if val is not None:
-        sets.append(("val_accuracy", *val))
-    accs = {}
-    if active:
-        for key, x, y in sets:
-            accs[key] = _accuracy(net.forward(x, training=False), y)
-    row = {i: r for r, i in enumerate(active)}
-    for i, rec in enumerate(recs):
-        if i not in row and not rec.diverged:
-            continue  # finished (fitted): its curves end where it stopped
-        rec.curves["steps"].append(step)
-        for key, _, _ in sets:
-            rec.curves[key].append(chance if rec.diverged else float(accs[key][row[i]]))
-        rec.curves["train_loss"].append(float(np.mean(rec.losses)) if rec.losses else math.nan)
-        rec.losses = []
 
 
 def _train_mode_accuracy(net: BatchedNet, data: Dataset, batch: int) -> np.ndarray:
