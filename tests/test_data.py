@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from batchnorm_demo import data as bd
+from batchnorm_demo import mnist_files as mf
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -107,13 +108,13 @@ def test_download_verifies_checksums(tmp_path, rng, monkeypatch):
         stem + ".gz": gzip.compress(
             _idx_bytes(np.zeros((2, 28, 28)) if "images" in stem else np.zeros(2))
         )
-        for stem, _ in bd.MNIST_FILES.values()
+        for stem, _ in mf.MNIST_FILES.values()
     }
     good = {
         k: (v[0], hashlib.md5(payloads[v[0] + ".gz"]).hexdigest())
-        for k, v in bd.MNIST_FILES.items()
+        for k, v in mf.MNIST_FILES.items()
     }
-    monkeypatch.setattr(bd, "MNIST_FILES", good)
+    monkeypatch.setattr(mf, "MNIST_FILES", good)
     requested = []
 
     def opener(url):
@@ -156,12 +157,12 @@ def test_failed_download_names_the_url_the_file_and_the_way_out(tmp_path, failur
     with pytest.raises(OSError) as exc:
         bd.download_mnist(folder, base_url="http://test.invalid/m/", opener=opener)
     msg = str(exc.value)
-    first = bd.MNIST_FILES["train_images"][0] + ".gz"
+    first = mf.MNIST_FILES["train_images"][0] + ".gz"
     assert requested == [f"http://test.invalid/m/{first}"]  # stops at the first failure
     assert requested[0] in msg  # the URL
     assert str(folder / first) in msg  # the file it was meant for
     assert "supply the files yourself" in msg and "--data" in msg  # the way out
-    for stem, _ in bd.MNIST_FILES.values():
+    for stem, _ in mf.MNIST_FILES.values():
         assert stem in msg  # every file the user must supply
     assert not folder.exists()  # the folder this call created is gone again
 

@@ -217,6 +217,14 @@ class BatchedNet:
             dgamma[rows], dbeta[rows] = dgk.sum(axis=1), dbk.sum(axis=1)
         return dz, dgamma, dbeta
 
+    def _shift_noise(self, z: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """Noisy BN's ``s * z + m``, each seed's draws (S, N, C) shared by its runs."""
+        v = np.empty_like(z)
+        for k, sl in self.seed_slices:
+            np.multiply(s[k], z[sl], out=v[sl])
+            v[sl] += m[k]
+        return v
+
     # ------------------------------------------------------------------ passes
     def forward(self, x, *, training: bool, noise=None, params=None, tape: Tape | None = None):
         """Logits (R, N, K) of every run.
@@ -252,10 +260,10 @@ class BatchedNet:
                 z = batch_norm_eval(z, p[f"gamma{i}"], p[f"beta{i}"], self.running[f"mean{i}"],
                                     self.running[f"var{i}"], axis=(0, 2), eps=EPS)  # fmt: skip
             if self.arm == "noisy_bn" and training:
-                m, s = (v[self.seed_of] for v in noise[i])
+                m, s = noise[i]
                 if tape is not None:
                     tape.scales.append(s)
-                z = s * z + m
+                z = self._shift_noise(z, m, s)
             a = sigmoid(z)
             if tape is not None:
                 tape.pre_sig.append(z)
@@ -275,9 +283,10 @@ class BatchedNet:
         grads[f"b{out}"] = dlogits.sum(axis=1)
         da = np.matmul(dlogits, np.swapaxes(p[f"W{out}"], 1, 2))
         for i in reversed(range(out)):
-            dz = sigmoid_backward(
-                da, tape.sig[i], tape.scales[i] if self.arm == "noisy_bn" else None
-            )
+            dz = sigmoid_backward(da, tape.sig[i])
+            if self.arm == "noisy_bn":  # noisy BN's scales (after the sigmoid's derivative)
+                for k, sl in self.seed_slices:
+                    dz[sl] *= tape.scales[i][k]
             if self.bn:
                 dz, grads[f"gamma{i}"], grads[f"beta{i}"] = self._bn_backward(dz, tape.caches[i])
             else:

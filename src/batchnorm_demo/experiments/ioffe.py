@@ -171,138 +171,170 @@ def train_arm(
             f"the one-by-one reference trains in float64; got config.dtype={config.dtype!r}"
         )
     start = time.process_time()
-    init_seed, order_seed, noise_seed, probe_seed = np.random.SeedSequence(spec.seed_entropy).spawn(
-        4
-    )
-    net = build_network(
-        spec.arm,
-        data.n_features,
-        data.n_classes,
-        spec.hidden,
-        spec.init_std,
-        config,
-        np.random.default_rng(init_seed),
-        np.random.default_rng(noise_seed),
-        ghost=spec.ghost,
-    )
-    order_rng = np.random.default_rng(order_seed)
-    probe_rng = np.random.default_rng(probe_seed)
-    opt = SGD(net, spec.lr)
-    probe = data.x_test[: config.probe_size]
-    x_tr_eval = data.x_train[: config.train_eval_size]
-    y_tr_eval = data.y_train[: config.train_eval_size]
-    ics_layer = _linear_indices(net)[-2]
-
+    run = _Run(spec, data, config, val)
     eval_steps = set(_eval_points(spec.steps, config.eval_every, (config.early_step,)))
     probe_steps = set(_eval_points(spec.steps, config.probe_every)) if spec.measure else set()
-    curves: dict[str, list] = {
-        "steps": [],
-        "test_accuracy": [],
-        "train_accuracy": [],
-        "train_loss": [],
-    }
-    if val is not None:
-        curves["val_accuracy"] = []
-    probes: dict[str, list] = {"steps": [], "seen": [], "before_noise": []}
-    ics: list[dict] = []
-    smooth: list[dict] = []
-    n, bs = data.x_train.shape[0], config.batch_size
-    perm, pos, losses, reported = order_rng.permutation(n), 0, [], 0
-    diverged = False
+    reported = 0
     for step in range(spec.steps + 1):
-        if step in probe_steps and not diverged:
-            pr = probe_distribution(net, probe, probe_rng, spec.arm)
-            probes["steps"].append(step)
-            for k, v in pr.items():
-                probes[k].append(v)
+        if step in probe_steps and not run.diverged:
+            run.probe(step)
         if step in eval_steps:
-            curves["steps"].append(step)
-            if diverged:
-                for k in curves:
-                    if k not in ("steps", "train_loss"):
-                        curves[k].append(1.0 / data.n_classes)
-            else:
-                curves["test_accuracy"].append(
-                    accuracy(net.forward(data.x_test, training=False), data.y_test)
-                )
-                curves["train_accuracy"].append(
-                    accuracy(net.forward(x_tr_eval, training=False), y_tr_eval)
-                )
-                if val is not None:
-                    curves["val_accuracy"].append(
-                        accuracy(net.forward(val[0], training=False), val[1])
-                    )
-            curves["train_loss"].append(float(np.mean(losses)) if losses else math.nan)
-            losses = []
+            run.evaluate(step)
             if progress is not None and step > reported:
                 progress(step - reported)
                 reported = step
-            if (
-                spec.stop_at_fit
-                and step > 0
-                and not diverged
-                and accuracy(net.forward(data.x_train, training=False), data.y_train)
-                >= config.fit_threshold
-            ):
+            if spec.stop_at_fit and step > 0 and run.fitted():
                 break
         if step == spec.steps:
             break
-        if pos + bs > n:
-            perm, pos = order_rng.permutation(n), 0
-        idx = perm[pos : pos + bs]
-        pos += bs
-        if diverged:
-            continue
-        xb, yb = data.x_train[idx], data.y_train[idx]
+        idx = run.next_batch()
+        if not run.diverged:
+            run.train_step(step, idx)
+    if progress is not None and spec.steps > reported:
+        progress(spec.steps - reported)  # stopped early: the rest of the budget counts as done
+    return run.output(start, keep_parameters)
+
+
+class _Run:
+    """One reference run while it trains: the network, its random streams and its records."""
+
+    def __init__(self, spec: RunSpec, data: Dataset, config: IoffeConfig, val) -> None:
+        init_seed, order_seed, noise_seed, probe_seed = np.random.SeedSequence(
+            spec.seed_entropy
+        ).spawn(4)
+        self.net = build_network(
+            spec.arm,
+            data.n_features,
+            data.n_classes,
+            spec.hidden,
+            spec.init_std,
+            config,
+            np.random.default_rng(init_seed),
+            np.random.default_rng(noise_seed),
+            ghost=spec.ghost,
+        )
+        self.spec, self.data, self.config, self.val = spec, data, config, val
+        self.order_rng = np.random.default_rng(order_seed)
+        self.probe_rng = np.random.default_rng(probe_seed)
+        self.opt = SGD(self.net, spec.lr)
+        self.ics_layer = _linear_indices(self.net)[-2]
+        self.curves: dict[str, list] = {
+            "steps": [],
+            "test_accuracy": [],
+            "train_accuracy": [],
+            "train_loss": [],
+        }
+        if val is not None:
+            self.curves["val_accuracy"] = []
+        self.probes: dict[str, list] = {"steps": [], "seen": [], "before_noise": []}
+        self.ics: list[dict] = []
+        self.smooth: list[dict] = []
+        self.perm, self.pos, self.losses = self.order_rng.permutation(data.x_train.shape[0]), 0, []
+        self.diverged = False
+
+    def probe(self, step: int) -> None:
+        """Record the layer-input distribution on the probe set."""
+        pr = probe_distribution(
+            self.net, self.data.x_test[: self.config.probe_size], self.probe_rng, self.spec.arm
+        )
+        self.probes["steps"].append(step)
+        for k, v in pr.items():
+            self.probes[k].append(v)
+
+    def evaluate(self, step: int) -> None:
+        """Append one point to every curve (chance accuracy once diverged)."""
+        curves, data, n_eval = self.curves, self.data, self.config.train_eval_size
+        curves["steps"].append(step)
+        if self.diverged:
+            for k in curves:
+                if k not in ("steps", "train_loss"):
+                    curves[k].append(1.0 / data.n_classes)
+        else:
+            net = self.net
+            curves["test_accuracy"].append(
+                accuracy(net.forward(data.x_test, training=False), data.y_test)
+            )
+            curves["train_accuracy"].append(
+                accuracy(net.forward(data.x_train[:n_eval], training=False), data.y_train[:n_eval])
+            )
+            if self.val is not None:
+                curves["val_accuracy"].append(
+                    accuracy(net.forward(self.val[0], training=False), self.val[1])
+                )
+        curves["train_loss"].append(float(np.mean(self.losses)) if self.losses else math.nan)
+        self.losses = []
+
+    def fitted(self) -> bool:
+        """Whether the training accuracy (whole training set) reached the fit threshold."""
+        if self.diverged:
+            return False
+        acc = accuracy(self.net.forward(self.data.x_train, training=False), self.data.y_train)
+        return acc >= self.config.fit_threshold
+
+    def next_batch(self) -> np.ndarray:
+        """The next mini-batch's indices (a new permutation once the epoch is used up)."""
+        n, bs = self.data.x_train.shape[0], self.config.batch_size
+        if self.pos + bs > n:
+            self.perm, self.pos = self.order_rng.permutation(n), 0
+        idx = self.perm[self.pos : self.pos + bs]
+        self.pos += bs
+        return idx
+
+    def train_step(self, step: int, idx: np.ndarray) -> None:
+        """The measures due at ``step``, then one SGD step on the batch ``idx``."""
+        spec, config, net = self.spec, self.config, self.net
+        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
         if spec.measure and step > 0 and step % config.ics_every == 0:
-            ics.append({"step": step, **ics_measure(net, xb, yb, spec.lr, ics_layer)})
+            self.ics.append({"step": step, **ics_measure(net, xb, yb, spec.lr, self.ics_layer)})
         if spec.measure and step % config.smooth_every == 0:
             m = smoothness_measure(net, xb, yb, spec.lr, config.smooth_multipliers)
-            smooth.append({"step": step, **m})
+            self.smooth.append({"step": step, **m})
         with np.errstate(over="ignore", invalid="ignore"):
             logits = net.forward(xb, training=True)
             loss, dlogits = softmax_cross_entropy(logits, yb)
         if not math.isfinite(loss):
-            diverged = True  # recorded as chance accuracy from here on, not an error
-            losses.append(math.inf)
-            continue
-        losses.append(loss)
+            self.diverged = True  # recorded as chance accuracy from here on, not an error
+            self.losses.append(math.inf)
+            return
+        self.losses.append(loss)
         net.backward(dlogits)
-        opt.step()
+        self.opt.step()
 
-    final_train = (
-        1.0 / data.n_classes
-        if diverged
-        else accuracy(net.forward(data.x_train, training=False), data.y_train)
-    )
-    if progress is not None and spec.steps > reported:
-        progress(spec.steps - reported)  # stopped early: the rest of the budget counts as done
-    out = {
-        "spec": {**asdict(spec), "hidden": list(spec.hidden)},
-        "steps_run": curves["steps"][-1],
-        "curves": curves,
-        "diverged": diverged,
-        "final_test_accuracy": curves["test_accuracy"][-1],
-        "final_train_accuracy": final_train,
-        "final_train_loss": curves["train_loss"][-1],
-        "parameter_digest": hashlib.sha256(
-            b"".join(np.ascontiguousarray(v).tobytes() for v in net.parameters().values())
-        ).hexdigest(),
-    }
-    if val is not None:
-        out["final_val_accuracy"] = curves["val_accuracy"][-1]
-    i_early = int(np.searchsorted(curves["steps"], min(config.early_step, curves["steps"][-1])))
-    out["early_step"] = curves["steps"][i_early]
-    out["early_test_accuracy"] = curves["test_accuracy"][i_early]
-    if spec.ghost is not None and not diverged:
-        out["train_mode_test_accuracy"] = _train_mode_accuracy(net, data, bs)
-    if spec.measure:
-        out.update(summarize_measures(probes, ics, config, spec))
-        out["smoothness"] = summarize_smoothness(smooth)
-    out["cpu_seconds"] = time.process_time() - start
-    if keep_parameters:
-        out["parameters"] = [np.array(v) for v in net.parameters().values()]
-    return out
+    def output(self, start: float, keep_parameters: bool) -> dict:
+        """The run's JSON-ready record (see :func:`train_arm`); ``start``: the process time
+        at which the run began."""
+        spec, config, data, curves, net = self.spec, self.config, self.data, self.curves, self.net
+        final_train = (
+            1.0 / data.n_classes
+            if self.diverged
+            else accuracy(net.forward(data.x_train, training=False), data.y_train)
+        )
+        out = {
+            "spec": {**asdict(spec), "hidden": list(spec.hidden)},
+            "steps_run": curves["steps"][-1],
+            "curves": curves,
+            "diverged": self.diverged,
+            "final_test_accuracy": curves["test_accuracy"][-1],
+            "final_train_accuracy": final_train,
+            "final_train_loss": curves["train_loss"][-1],
+            "parameter_digest": hashlib.sha256(
+                b"".join(np.ascontiguousarray(v).tobytes() for v in net.parameters().values())
+            ).hexdigest(),
+        }
+        if self.val is not None:
+            out["final_val_accuracy"] = curves["val_accuracy"][-1]
+        i_early = int(np.searchsorted(curves["steps"], min(config.early_step, curves["steps"][-1])))
+        out["early_step"] = curves["steps"][i_early]
+        out["early_test_accuracy"] = curves["test_accuracy"][i_early]
+        if spec.ghost is not None and not self.diverged:
+            out["train_mode_test_accuracy"] = _train_mode_accuracy(net, data, config.batch_size)
+        if spec.measure:
+            out.update(summarize_measures(self.probes, self.ics, config, spec))
+            out["smoothness"] = summarize_smoothness(self.smooth)
+        out["cpu_seconds"] = time.process_time() - start
+        if keep_parameters:
+            out["parameters"] = [np.array(v) for v in net.parameters().values()]
+        return out
 
 
 def _train_mode_accuracy(net: Sequential, data: Dataset, batch: int) -> float:

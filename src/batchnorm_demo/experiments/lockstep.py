@@ -69,26 +69,24 @@ class _Streams:
     @staticmethod
     def draw(rngs, n: int, widths, noise: dict, dtype=np.float64) -> list[tuple]:
         """NoisyShift's draws for every hidden layer, per seed, in the layers' order."""
-        per_seed = []
         a, s_range, jit = noise["mean_range"], noise["scale_range"], noise["jitter"]
-        for rng in rngs:
-            layers = []
-            for d in widths:
+        out = [tuple(np.empty((len(rngs), n, d), dtype) for _ in "ms") for d in widths]
+        for k, rng in enumerate(rngs):
+            for (m, s), d in zip(out, widths, strict=True):
                 mu_t = rng.uniform(-a, a, size=d)
                 sigma_t = rng.uniform(1.0, 1.0 + s_range, size=d)
                 # uniform(low, high) is low + (high - low) * random(), normal(loc, scale) is
                 # loc + scale * standard_normal(): the same numbers as NoisyShift's calls (the
-                # equivalence tests check it), without the slow array-parameter paths
+                # equivalence tests check it), without the slow array-parameter paths; each
+                # sum is formed in float64 and rounded once into the output's dtype
                 low = mu_t - jit
-                m = low + ((mu_t + jit) - low) * rng.random((n, d))
-                s = sigma_t + jit * rng.standard_normal((n, d))
-                layers.append((m, s))
-            per_seed.append(layers)
-        return [
-            (np.stack([p[i][0] for p in per_seed]).astype(dtype, copy=False),
-             np.stack([p[i][1] for p in per_seed]).astype(dtype, copy=False))
-            for i in range(len(widths))
-        ]  # fmt: skip
+                r = rng.random((n, d))
+                r *= (mu_t + jit) - low
+                np.add(low, r, out=m[k])
+                r = rng.standard_normal((n, d))
+                r *= jit
+                np.add(sigma_t, r, out=s[k])
+        return out
 
 
 def _as_dtype(data: Dataset, dtype: np.dtype) -> Dataset:
@@ -174,164 +172,184 @@ def train_group(
     """
     _check_group(specs)
     start = time.process_time()
-    spec0 = specs[0]
     entropies = list(dict.fromkeys(s.seed_entropy for s in specs))  # first-seen order
     order = sorted(range(len(specs)), key=lambda i: (entropies.index(specs[i].seed_entropy), i))
-    runs = [specs[i] for i in order]
-    seed_of = [entropies.index(s.seed_entropy) for s in runs]
-    streams = _Streams(entropies, data.x_train.shape[0], config.batch_size)
-    net = BatchedNet(
-        spec0.arm, data.n_features, data.n_classes, spec0.hidden,
-        [streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
-        [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
-        config.bn_momentum, config.dtype,
-    )  # fmt: skip
-    data = _as_dtype(data, net.dtype)
-    if val is not None:
-        val = (np.asarray(val[0], net.dtype), val[1])
-    recs = [_Record(s, val is not None) for s in runs]
-    active = list(range(len(runs)))  # record index of each row of the net
-    chance = 1.0 / data.n_classes
-    probe = data.x_test[: config.probe_size]
-    x_tr_eval, y_tr_eval = (
-        data.x_train[: config.train_eval_size],
-        data.y_train[: config.train_eval_size],
-    )
-    steps = spec0.steps
+    group = _Group([specs[i] for i in order], entropies, data, config, val)
+    spec0, steps, reported = specs[0], specs[0].steps, 0
     eval_steps = set(_eval_points(steps, config.eval_every, (config.early_step,)))
     probe_steps = set(_eval_points(steps, config.probe_every)) if spec0.measure else set()
-    ics_layer = len(spec0.hidden) - 1
-    multipliers = np.asarray(config.smooth_multipliers, dtype=np.float64)
-    noisy = spec0.arm == "noisy_bn"
-    reported = 0
-
-    def finish(rows: list[int], *, diverged: bool = False, train_acc=None) -> None:
-        """Record the final numbers of the runs at ``rows`` and drop them from the batch
-        (``train_acc``: their accuracy on the whole training set, when already computed)."""
-        nonlocal active
-        if not rows:
-            return
-        sub = copy.copy(net)
-        sub.keep(rows)
-        tm = None
-        if not diverged:
-            if train_acc is None:
-                train_acc = _accuracy(sub.forward(data.x_train, training=False), data.y_train)
-            if spec0.ghost is not None:
-                tm = _train_mode_accuracy(sub, data, config.batch_size)
-        for j, row in enumerate(rows):
-            rec = recs[active[row]]
-            rec.final["train"] = chance if diverged else float(train_acc[j])
-            if tm is not None:
-                rec.final["train_mode"] = float(tm[j])
-            rec.final["params"] = [np.array(p) for p in sub.parameter_list(j)]
-        keep = [r for r in range(len(active)) if r not in set(rows)]
-        active = [active[r] for r in keep]
-        if keep:
-            net.keep(keep)
-
     for step in range(steps + 1):
-        if step in probe_steps and active:
-            _probe(net, probe, streams, recs, active, step, noisy, config)
+        if step in probe_steps and group.active:
+            group.probe(step)
         if step in eval_steps:
-            _evaluate(net, data, x_tr_eval, y_tr_eval, val, recs, active, step, chance)
+            group.evaluate(step)
             if progress is not None and step > reported:
                 progress(step - reported)
                 reported = step
-            if spec0.stop_at_fit and step > 0 and active:
-                acc = _accuracy(net.forward(data.x_train, training=False), data.y_train)
-                fit = [r for r in range(len(active)) if acc[r] >= config.fit_threshold]
-                finish(fit, train_acc=acc[fit])
-        if step == steps or (not active and not any(r.diverged for r in recs)):
+            if spec0.stop_at_fit and step > 0 and group.active:
+                group.finish_fitted()
+        if step == steps or (not group.active and not any(r.diverged for r in group.recs)):
             break  # (diverged runs record chance at every evaluation up to the cap)
-        idx = streams.next_batch()
-        if not active:
-            continue
-        rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
-        xs, ys_seed = data.x_train[rows], data.y_train[rows]
-        ys = ys_seed[net.seed_of]
-        noise = None
-        if noisy:
-            noise = _Streams.draw(streams.noise, config.batch_size, spec0.hidden, config.noise,
-                                  net.dtype)  # fmt: skip
-        tape = Tape()
-        with np.errstate(over="ignore", invalid="ignore"):
-            logits = net.forward(xs, training=True, noise=noise, tape=tape)
-            loss, dlogits = softmax_cross_entropy_batched(logits, ys)
-        bad = [r for r in range(len(active)) if not math.isfinite(loss[r])]
-        for r in range(len(active)):
-            recs[active[r]].losses.append(float(loss[r]) if r not in bad else math.inf)
-        if bad:  # these runs stop here (recorded as chance from now on, not an error)
-            for r in bad:
-                recs[active[r]].diverged = True
-            finish(bad, diverged=True)
-            if not active:
-                continue
-            tape = Tape()  # the runs that go on: the same batch and noise, without the others
-            ys = ys_seed[net.seed_of]
-            logits = net.forward(xs, training=True, noise=noise, tape=tape)
-            loss, dlogits = softmax_cross_entropy_batched(logits, ys)
-        grads = net.backward(dlogits, tape)
-        if spec0.measure and step > 0 and step % config.ics_every == 0:
-            rel, cos = _ics(net, tape, grads, xs, ys, noise, ics_layer)
-            for r, i in enumerate(active):
-                recs[i].ics.append(
-                    {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
-                )
-        if spec0.measure and step % config.smooth_every == 0:
-            pts = smoothness_points(net, xs, ys, noise, loss, grads, multipliers)
-            for r, i in enumerate(active):
-                recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
-        net.step(grads)
-        net.update_running(tape)
-
-    if active:
-        finish(list(range(len(active))))
+        idx = group.streams.next_batch()
+        if group.active:
+            group.train_step(step, idx)
+    if group.active:
+        group.finish(list(range(len(group.active))))
     if progress is not None and steps > reported:
         progress(steps - reported)
     cpu = time.process_time() - start
-    outs = [_output(rec, config, cpu / len(recs), keep_parameters) for rec in recs]
+    outs = [_output(rec, config, cpu / len(group.recs), keep_parameters) for rec in group.recs]
     back = [None] * len(specs)
     for k, i in enumerate(order):
         back[i] = outs[k]
     return back
 
 
-def _probe(net, probe, streams, recs, active, step, noisy, config) -> None:
-    noise = None
-    if noisy:
-        noise = _Streams.draw(streams.probe, probe.shape[0], net.hidden, config.noise, net.dtype)
-    tape = Tape()
-    net.forward(probe, training=True, noise=noise, tape=tape)
-    last = len(net.hidden) - 1
-    # the last hidden layer's sigmoid input (after the noise for noisy BN), and before it
-    pct = np.percentile(tape.pre_sig[last], QUANTILES, axis=1)
-    before = np.percentile(tape.bn_out[last], QUANTILES, axis=1) if noisy else None
-    for r, i in enumerate(active):
-        rec = recs[i]
-        rec.probes["steps"].append(step)
-        rec.probes["seen"].append(pct[:, r, :])
-        if before is not None:
-            rec.probes["before_noise"].append(before[:, r, :])
+class _Group:
+    """The runs of one group while they train: the batched network, the random streams, each
+    run's record, and which runs are still in the batch (``active``: the record index of
+    each row of the network)."""
 
+    def __init__(self, runs: list[RunSpec], entropies: list[int], data: Dataset,
+                 config: IoffeConfig, val) -> None:  # fmt: skip
+        spec0 = runs[0]
+        seed_of = [entropies.index(s.seed_entropy) for s in runs]
+        self.streams = _Streams(entropies, data.x_train.shape[0], config.batch_size)
+        self.net = BatchedNet(
+            spec0.arm, data.n_features, data.n_classes, spec0.hidden,
+            [self.streams.init[k] for k in seed_of], [s.init_std for s in runs], seed_of,
+            [s.lr for s in runs], None if spec0.ghost is None else [s.ghost for s in runs],
+            config.bn_momentum, config.dtype,
+        )  # fmt: skip
+        self.data = _as_dtype(data, self.net.dtype)
+        self.val = None if val is None else (np.asarray(val[0], self.net.dtype), val[1])
+        self.recs = [_Record(s, val is not None) for s in runs]
+        self.active = list(range(len(runs)))
+        self.spec0, self.config = spec0, config
+        self.chance = 1.0 / data.n_classes
+        self.multipliers = np.asarray(config.smooth_multipliers, dtype=np.float64)
 
-def _evaluate(net, data, x_tr, y_tr, val, recs, active, step, chance) -> None:
-    sets = [("test_accuracy", data.x_test, data.y_test), ("train_accuracy", x_tr, y_tr)]
-    if val is not None:
-        sets.append(("val_accuracy", *val))
-    accs = {}
-    if active:
-        for key, x, y in sets:
-            accs[key] = _accuracy(net.forward(x, training=False), y)
-    row = {i: r for r, i in enumerate(active)}
-    for i, rec in enumerate(recs):
-        if i not in row and not rec.diverged:
-            continue  # finished (fitted): its curves end where it stopped
-        rec.curves["steps"].append(step)
-        for key, _, _ in sets:
-            rec.curves[key].append(chance if rec.diverged else float(accs[key][row[i]]))
-        rec.curves["train_loss"].append(float(np.mean(rec.losses)) if rec.losses else math.nan)
-        rec.losses = []
+    def probe(self, step: int) -> None:
+        """Record every active run's layer-input distribution on the probe set."""
+        net, x, noisy = self.net, self.data.x_test[: self.config.probe_size], self.spec0.arm
+        noisy, noise = noisy == "noisy_bn", None
+        if noisy:
+            noise = _Streams.draw(self.streams.probe, x.shape[0], net.hidden, self.config.noise,
+                                  net.dtype)  # fmt: skip
+        tape = Tape()
+        net.forward(x, training=True, noise=noise, tape=tape)
+        last = len(net.hidden) - 1
+        # the last hidden layer's sigmoid input (after the noise for noisy BN), and before it
+        pct = np.percentile(tape.pre_sig[last], QUANTILES, axis=1)
+        before = np.percentile(tape.bn_out[last], QUANTILES, axis=1) if noisy else None
+        for r, i in enumerate(self.active):
+            probes = self.recs[i].probes
+            probes["steps"].append(step)
+            probes["seen"].append(pct[:, r, :])
+            if before is not None:
+                probes["before_noise"].append(before[:, r, :])
+
+    def evaluate(self, step: int) -> None:
+        """Append one point to the curves of every run still recording."""
+        data, n = self.data, self.config.train_eval_size
+        sets = [("test_accuracy", data.x_test, data.y_test),
+                ("train_accuracy", data.x_train[:n], data.y_train[:n])]  # fmt: skip
+        if self.val is not None:
+            sets.append(("val_accuracy", *self.val))
+        accs = {}
+        if self.active:  # (diverged runs record chance)
+            accs = {key: _accuracy(self.net.forward(x, training=False), y) for key, x, y in sets}
+        row = {i: r for r, i in enumerate(self.active)}
+        for i, rec in enumerate(self.recs):
+            if i not in row and not rec.diverged:
+                continue  # finished (fitted): its curves end where it stopped
+            rec.curves["steps"].append(step)
+            for key, _, _ in sets:
+                rec.curves[key].append(self.chance if rec.diverged else float(accs[key][row[i]]))
+            rec.curves["train_loss"].append(float(np.mean(rec.losses)) if rec.losses else math.nan)
+            rec.losses = []
+
+    def finish_fitted(self) -> None:
+        """Finish the runs whose accuracy on the whole training set reached the threshold."""
+        acc = _accuracy(self.net.forward(self.data.x_train, training=False), self.data.y_train)
+        fit = [r for r in range(len(self.active)) if acc[r] >= self.config.fit_threshold]
+        self.finish(fit, train_acc=acc[fit])
+
+    def finish(self, rows: list[int], *, diverged: bool = False, train_acc=None) -> None:
+        """Record the final numbers of the runs at ``rows`` and drop them from the batch
+        (``train_acc``: their accuracy on the whole training set, when already computed)."""
+        if not rows:
+            return
+        data, net = self.data, self.net
+        sub = copy.copy(net)
+        sub.keep(rows)
+        tm = None
+        if not diverged:
+            if train_acc is None:
+                train_acc = _accuracy(sub.forward(data.x_train, training=False), data.y_train)
+            if self.spec0.ghost is not None:
+                tm = _train_mode_accuracy(sub, data, self.config.batch_size)
+        for j, row in enumerate(rows):
+            rec = self.recs[self.active[row]]
+            rec.final["train"] = self.chance if diverged else float(train_acc[j])
+            if tm is not None:
+                rec.final["train_mode"] = float(tm[j])
+            rec.final["params"] = [np.array(p) for p in sub.parameter_list(j)]
+        keep = [r for r in range(len(self.active)) if r not in set(rows)]
+        self.active = [self.active[r] for r in keep]
+        if keep:
+            net.keep(keep)
+
+    def _forward_loss(self, xs, ys_seed, noise):
+        """Training forward of the active runs: tape, per-run loss, d loss / d logits, labels."""
+        net = self.net
+        ys = ys_seed[net.seed_of]
+        tape = Tape()
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = net.forward(xs, training=True, noise=noise, tape=tape)
+            loss, dlogits = softmax_cross_entropy_batched(logits, ys)
+        return tape, loss, dlogits, ys
+
+    def train_step(self, step: int, idx: list[np.ndarray]) -> None:
+        """One SGD step of every active run on its seed's batch ``idx`` (runs whose loss is
+        not finite leave the batch as diverged), with the measures due at ``step``."""
+        spec0, config, net = self.spec0, self.config, self.net
+        rows = np.stack(idx)  # (seeds, batch): one gather each, half the time of 60-row stacks
+        xs, ys_seed = self.data.x_train[rows], self.data.y_train[rows]
+        noise = None
+        if spec0.arm == "noisy_bn":
+            noise = _Streams.draw(self.streams.noise, config.batch_size, spec0.hidden,
+                                  config.noise, net.dtype)  # fmt: skip
+        tape, loss, dlogits, ys = self._forward_loss(xs, ys_seed, noise)
+        bad = [r for r in range(len(self.active)) if not math.isfinite(loss[r])]
+        for r in range(len(self.active)):
+            self.recs[self.active[r]].losses.append(float(loss[r]) if r not in bad else math.inf)
+        if bad:  # these runs stop here (recorded as chance from now on, not an error)
+            for r in bad:
+                self.recs[self.active[r]].diverged = True
+            self.finish(bad, diverged=True)
+            if not self.active:
+                return
+            # the runs that go on: the same batch and noise, without the others
+            tape, loss, dlogits, ys = self._forward_loss(xs, ys_seed, noise)
+        grads = net.backward(dlogits, tape)
+        self._measure(step, tape, grads, xs, ys, noise, loss)
+        net.step(grads)
+        net.update_running(tape)
+
+    def _measure(self, step, tape, grads, xs, ys, noise, loss) -> None:
+        """Santurkar et al.'s ICS and the smoothness measures, on the steps they are due."""
+        spec0, config, net = self.spec0, self.config, self.net
+        if spec0.measure and step > 0 and step % config.ics_every == 0:
+            rel, cos = _ics(net, tape, grads, xs, ys, noise, len(spec0.hidden) - 1)
+            for r, i in enumerate(self.active):
+                self.recs[i].ics.append(
+                    {"step": step, "relative": float(rel[r]), "cosine": float(cos[r])}
+                )
+        if spec0.measure and step % config.smooth_every == 0:
+            pts = smoothness_points(net, xs, ys, noise, loss, grads, self.multipliers)
+            for r, i in enumerate(self.active):
+                self.recs[i].smooth.append({"step": step, **{k: v[r] for k, v in pts.items()}})
 
 
 def _train_mode_accuracy(net: BatchedNet, data: Dataset, batch: int) -> np.ndarray:

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -247,21 +248,19 @@ def run(
     entropies = [int(v) for v in rng.integers(0, 2**63 - 1, size=config.seeds)]
     train, x_val, y_val = validation_split(data, config.val_size, rng)
     phase1 = plan_phase1(config, entropies)
-    # phase 2's size is known before its rates are: cost it with the first rates for the ETA
-    dummy = plan_phase2(config, entropies, dict.fromkeys(ARMS, config.lrs[0]))
     n_in_reg = 40 if not isinstance(reg_data, Dataset) else reg_data.n_features
 
     def weight(group):  # estimated cost of one step of the group
         n_in = train.n_features if group[0].dataset == "main" else n_in_reg
         return estimated_cost(group, n_in, config) / group[0].steps
 
+    # phase 2's size is known before its rates are: cost it with the first rates for the ETA
+    dummy = plan_phase2(config, entropies, dict.fromkeys(ARMS, config.lrs[0]))
     total = sum(weight(g) * g[0].steps for g in make_groups(phase1) + make_groups(dummy))
     # starting the worker processes (spawn, imports, data) counts as work too, so the ETA of
     # the first seconds does not treat the start-up as the speed of training
     startup = STARTUP_SHARE * total
     total += startup
-    done = 0.0
-    outputs: dict[RunSpec, dict] = {}
     reg: Dataset | None = reg_data if isinstance(reg_data, Dataset) else None
 
     def get_reg() -> Dataset:
@@ -270,6 +269,7 @@ def run(
             reg = reg_data() if callable(reg_data) else load_dataset(config.reg_dataset)
         return reg
 
+    plan = _Plan(config, entropies, phase1, weight, total, startup)
     workers = max(1, min(config.workers, os.cpu_count() or 1))
     if workers == 1:
         with _one_numba_thread():
@@ -286,78 +286,100 @@ def run(
                 startup,
             )
     else:
-        # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        shared = tempfile.mkdtemp(prefix="batchnorm-demo-")
-        before = set(mp.active_children())
-        pool: ProcessPoolExecutor | None = None
-        try:
-            # the data travel through a file: handing 20 MB to each new process through its
-            # start-up pipe would hold the main process (and the signals) for seconds
-            data_path = _save_shared(shared, train, x_val, y_val)
-            # the workers are spawned by the first submits, with the stop signals held back
-            # (see _stop.deferred): a Ctrl-C cannot interrupt a spawn half-way, and the
-            # children begin with both signals blocked until _worker_init ignores SIGINT
-            with deferred():
-                pool = ProcessPoolExecutor(
-                    workers,
-                    mp_context=ctx,
-                    initializer=_worker_init,
-                    initargs=(q, data_path, os.getpid()),
-                )
-                groups1 = sorted(make_groups(phase1), key=weight_total(weight), reverse=True)
-                futures: dict[tuple, Future] = {
-                    g: pool.submit(_task, g, config, weight(g), None) for g in groups1
-                }
-            sweep = [g for g in futures if g[0].measure]
-            phase2: list[RunSpec] | None = None
-            started = False
-            get_reg()  # load while phase 1 runs
-            while True:
-                check()  # a stop whose first raise something swallowed
-                try:
-                    got = q.get(timeout=0.2)
-                    if got == _COMPILING:
-                        if on_compile is not None:
-                            on_compile()
-                        got = 0.0
-                    if not started:  # the first worker is up and training
-                        started, done = True, done + startup
-                    done += got
-                except queue_mod.Empty:
-                    pass
-                for f in futures.values():
-                    if f.done() and f.exception() is not None:
-                        raise f.exception()
-                if phase2 is None and all(futures[s].done() for s in sweep):
-                    done_sweep = {
-                        s: o for g in sweep for s, o in zip(g, futures[g].result(), strict=True)
-                    }
-                    selected = selected_rates(config, list(done_sweep), done_sweep)
-                    phase2 = plan_phase2(config, entropies, selected)
-                    # longest first, so no worker idles at the end
-                    with deferred():
-                        for g in sorted(
-                            make_groups(phase2), key=weight_total(weight), reverse=True
-                        ):
-                            futures[g] = pool.submit(
-                                _task, g, config, weight(g), reg if g[0].dataset == "reg" else None
-                            )
-                if progress:
-                    progress(min(done, total), total)
-                if phase2 is not None and all(f.done() for f in futures.values()):
-                    break
-            outputs = {s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)}
-        except BaseException:
-            # Ctrl-C, SIGTERM (Stopped) or a failed run: do not wait for the queue
-            if pool is not None:
-                _stop_workers(pool, [p for p in mp.active_children() if p not in before])
-            raise
-        finally:
-            shutil.rmtree(shared, ignore_errors=True)
-        pool.shutdown(wait=True)
+        outputs = _run_pool(workers, plan, (train, x_val, y_val), get_reg, progress, on_compile)
         phase2 = [s for s in outputs if s not in set(phase1)]
     if progress:
         progress(total, total)
     return collect(config, phase1, phase2, outputs, train, get_reg() if phase2 else None)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the pool runs: the settings, the seeds, phase 1 and the cost model (per-step
+    weight of a group, total and start-up share of the estimated work)."""
+
+    config: IoffeConfig
+    entropies: list
+    phase1: list
+    weight: Callable
+    total: float
+    startup: float
+
+
+def _run_pool(workers: int, plan: _Plan, main: tuple, get_reg, progress, on_compile) -> dict:
+    """Both phases on a pool of ``workers`` spawned processes; returns every run's output."""
+    # "spawn": forking a process whose numba/OpenMP thread pool is running is unsafe
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    shared = tempfile.mkdtemp(prefix="batchnorm-demo-")
+    before = set(mp.active_children())
+    pool: ProcessPoolExecutor | None = None
+    try:
+        # the data travel through a file: handing 20 MB to each new process through its
+        # start-up pipe would hold the main process (and the signals) for seconds
+        data_path = _save_shared(shared, *main)
+        # the workers are spawned by the first submits, with the stop signals held back
+        # (see _stop.deferred): a Ctrl-C cannot interrupt a spawn half-way, and the
+        # children begin with both signals blocked until _worker_init ignores SIGINT
+        with deferred():
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(q, data_path, os.getpid()),
+            )
+            groups1 = sorted(make_groups(plan.phase1), key=weight_total(plan.weight), reverse=True)
+            futures: dict[tuple, Future] = {
+                g: pool.submit(_task, g, plan.config, plan.weight(g), None) for g in groups1
+            }
+        reg = get_reg()  # load while phase 1 runs
+        _drive(pool, q, futures, plan, reg, progress, on_compile)
+        outputs = {s: o for g, f in futures.items() for s, o in zip(g, f.result(), strict=True)}
+    except BaseException:
+        # Ctrl-C, SIGTERM (Stopped) or a failed run: do not wait for the queue
+        if pool is not None:
+            _stop_workers(pool, [p for p in mp.active_children() if p not in before])
+        raise
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    pool.shutdown(wait=True)
+    return outputs
+
+
+def _drive(pool, q, futures: dict, plan: _Plan, reg, progress, on_compile) -> None:
+    """Report progress until every run is done; submit phase 2 once the sweep is done (each
+    arm's rate chosen on validation). Raises the first failed run's exception."""
+    config, weight, total = plan.config, plan.weight, plan.total
+    sweep = [g for g in futures if g[0].measure]
+    phase2: list[RunSpec] | None = None
+    started, done = False, 0.0
+    while True:
+        check()  # a stop whose first raise something swallowed
+        try:
+            got = q.get(timeout=0.2)
+            if got == _COMPILING:
+                if on_compile is not None:
+                    on_compile()
+                got = 0.0
+            if not started:  # the first worker is up and training
+                started, done = True, done + plan.startup
+            done += got
+        except queue_mod.Empty:
+            pass
+        for f in futures.values():
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        if phase2 is None and all(futures[s].done() for s in sweep):
+            done_sweep = {s: o for g in sweep for s, o in zip(g, futures[g].result(), strict=True)}
+            selected = selected_rates(config, list(done_sweep), done_sweep)
+            phase2 = plan_phase2(config, plan.entropies, selected)
+            # longest first, so no worker idles at the end
+            with deferred():
+                for g in sorted(make_groups(phase2), key=weight_total(weight), reverse=True):
+                    futures[g] = pool.submit(
+                        _task, g, config, weight(g), reg if g[0].dataset == "reg" else None
+                    )
+        if progress:
+            progress(min(done, total), total)
+        if phase2 is not None and all(f.done() for f in futures.values()):
+            return

@@ -165,7 +165,23 @@ def _distribution_figure(results: dict, path: Path) -> None:
     d = results["distribution_change"]
     fig, grid = plt.subplots(2, 2, figsize=(12, 8.8))
     axes = grid.ravel()
-    ax = axes[0]
+    _change_panel(axes[0], d)
+    _unit_panels(axes[1:], d, results)
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    _unit_legend(fig, plt, d)
+    fig.suptitle(
+        "Distribution of the last hidden layer's sigmoid inputs, probed during training on "
+        f"{results['config'].get('probe_size', 'the same')} fixed test images"
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _change_panel(ax, d: dict) -> None:
+    """The distribution figure's first panel: the change per probe interval, every arm."""
     for arm in ARMS:
         mids = np.asarray(d[arm]["probe_steps"])[1:]  # each change is drawn at its later probe
         for key, style in (("seen", "-"), ("before_noise", "--")):
@@ -188,8 +204,12 @@ def _distribution_figure(results: dict, path: Path) -> None:
     ax.set_ylabel("|change of a percentile| / 15-85 width (log)")
     ax.set_title("Change of the sigmoid inputs per probe interval\n(mean over units and seeds)")
     ax.legend(fontsize=9)
+
+
+def _unit_panels(axes, d: dict, results: dict) -> None:
+    """The distribution figure's unit panels: one unit's percentiles over training, per arm."""
     unit = d["bn"]["unit"]
-    for ax, arm in zip(axes[1:], ARMS, strict=True):
+    for ax, arm in zip(axes, ARMS, strict=True):
         steps = d[arm]["probe_steps"]
         p = np.asarray(d[arm]["seen"]["unit_percentiles_seed0"])
         for i, (_, style) in enumerate(PERCENTILE_STYLES):
@@ -203,10 +223,10 @@ def _distribution_figure(results: dict, path: Path) -> None:
             "hidden layer, seed 0"
         )
         ax.set_ylabel("input to the sigmoid")
-    for ax in axes:
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    # one legend for the three unit panels: the line styles mean the same in each
+
+
+def _unit_legend(fig, plt, d: dict) -> None:
+    """One legend for the three unit panels: the line styles mean the same in each."""
     styles = [plt.Line2D([], [], ls=st, color="0.3", lw=1.8) for _, st in PERCENTILE_STYLES]
     names = [f"{q} percentile" for q, _ in PERCENTILE_STYLES]
     if any("before_noise" in d[a] for a in ARMS):
@@ -222,13 +242,6 @@ def _distribution_figure(results: dict, path: Path) -> None:
         title="unit panels: percentiles over the probe images",
         title_fontsize=10,
     )
-    fig.suptitle(
-        "Distribution of the last hidden layer's sigmoid inputs, probed during training on "
-        f"{results['config'].get('probe_size', 'the same')} fixed test images"
-    )
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _bars(ax, groups: list[str], data: dict[str, list[list[float]]], arms) -> None:
