@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._compose import Inputs, backward_pass, train_pass
+from ._compose import Inputs, backward_local, train_local
 from ._validation import as_float_array, check_count, check_state_array, layout
 from .backends import select
 from .conventions import BatchStats, RunningStats, update_running_unchecked
@@ -110,7 +110,7 @@ class GhostBatchNorm(ConventionLayer):
             )
         self._args.add("virtual_batch_size", vbs)
 
-    def _forward_batch(self, inp, reducer, call, error):
+    def _forward_batch(self, inp):
         x, axes = inp.x, inp.lay.axes
         if 0 in axes:
             raise ValueError(f"GhostBatchNorm splits axis 0, which is a feature axis {axes}")
@@ -129,7 +129,7 @@ class GhostBatchNorm(ConventionLayer):
             xs = x[sl, ...]  # the Array API indexes every axis or names the rest (...)
             lay = layout(tuple(xs.shape), axes)
             part = Inputs(xs, lay, select(self.backend, xs, lay), inp.gamma, inp.beta, inp.eps)
-            y, cache, st = train_pass(part)
+            y, cache, st = train_local(part)
             outs.append(y)
             caches.append((sl, cache))
             stats.append(st)
@@ -166,7 +166,7 @@ class GhostBatchNorm(ConventionLayer):
             raise ValueError(
                 f"dy has shape {tuple(dy.shape)} but the forward input x had shape {shape}"
             )
-        results = [backward_pass(dy[sl, ...], c, self.backend) for sl, c in cache]
+        results = [backward_local(dy[sl, ...], c, self.backend) for sl, c in cache]
         be = select(self.backend, results[0][0], first_layout(first))
         dx = be.concat([r[0] for r in results], 0)
         if not self.affine:

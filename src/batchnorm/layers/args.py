@@ -175,7 +175,7 @@ class Argument:
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        return obj._args[self.name]
+        return obj._args._values[self.name]
 
     def __set__(self, obj: Any, value: object) -> None:
         if self.check is None:

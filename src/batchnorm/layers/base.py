@@ -38,7 +38,7 @@ import numpy as np
 from .._compose import Inputs, eval_pass
 from .._validation import SUPPORTED_DTYPES, as_input, check_eps, layout
 from ..backends import check_backend, select
-from ..core.reduce import KIND_EVAL, Call, attempt
+from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
 from . import state as state_io
 from .args import Argument, Arguments, Constant, build, config_name
@@ -296,22 +296,22 @@ class NormLayer(Module):
 
     def _forward(self, x, training: bool, update_stats: bool):
         """Evaluation with the running statistics (every participant agrees first)."""
-        red = self._sync.reducer
-        if not red.distributed:
-            y, cache = self._forward_running(self._inputs(x))
-        else:
-            call = Call(
-                f"{self._label()} evaluation forward",
-                KIND_EVAL,
-                training,
-                False,
-                args_hash(self.config()),
-            )
-            inp, error = attempt(red, self._inputs, x)
-            red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
-            y, cache = self._forward_running(inp)
+
+        def call() -> Call:  # built only by a distributed reducer
+            label = f"{self._label()} evaluation forward"
+            return Call(label, KIND_EVAL, training, False, args_hash(self.config()))
+
+        y, cache = self._sync.reducer.dispatch(self._eval_local, self._eval_synced, call, None, x)
         self._commit_forward(cache, None)
         return y
+
+    def _eval_local(self, x) -> tuple[object, object]:
+        return self._forward_running(self._inputs(x))
+
+    def _eval_synced(self, red, call: Call, error, x) -> tuple[object, object]:
+        inp, error = red.attempt(self._inputs, x)
+        red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
+        return self._forward_running(inp)
 
     def _forward_running(self, inp: Inputs) -> tuple[object, object]:
         """Evaluation mode: normalize with the running statistics (constants)."""
@@ -350,10 +350,10 @@ class NormLayer(Module):
 
     def _backward(self, dy, cache) -> tuple:
         """``(dx, dgamma, dbeta)`` of the last forward."""
-        from .._compose import backward_pass, check_backward
+        from .._compose import backward_local, check_backward
 
         dy, _ = check_backward(dy, cache, None)
-        return backward_pass(dy, cache, self.backend, None)
+        return backward_local(dy, cache, self.backend, None)
 
     # ------------------------------------------------------------------ state
     def state_keys(self) -> list[str]:
