@@ -67,7 +67,7 @@ from ._compose import (
     train_pass,
 )
 from .backends import BACKENDS, check_backend, numba_available
-from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer, attempt
+from .core.reduce import KIND_MOMENTS, Call, Reducer, attempt
 
 __all__ = [
     "BACKENDS",
@@ -195,7 +195,7 @@ def batch_norm_train(
     """
     red = reducer_of(comm, reducer, timeout)
     inp, error = attempt(red, inputs, x, gamma, beta, axis, eps, backend, out, reducer=red)
-    y, cache, _ = train_pass(inp, red, Call("batch_norm_train", KIND_TRAIN), error)
+    y, cache, _ = train_pass(inp, red, None, error)  # the call record "batch_norm_train"
     return y, cache
 
 
@@ -304,5 +304,4 @@ def batch_norm_backward(
     # every participant checks dy (and out) before any participant reduces
     args, error = attempt(red, backward_args, dy, cache, out, red, "batch_norm_backward")
     dy, out = args if args is not None else (None, None)
-    call = Call("batch_norm_backward", KIND_BACKWARD)
-    return backward_pass(dy, cache, backend, out, red, call, error)
+    return backward_pass(dy, cache, backend, out, red, None, error)  # "batch_norm_backward"

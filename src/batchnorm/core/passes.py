@@ -66,7 +66,10 @@ from .sums import shifted_sums
 
 __all__ = [
     "Layout",
+    "affine_centred",
     "backward",
+    "centred",
+    "dx_centred",
     "evaluate",
     "grad_sums",
     "input_grad",
@@ -114,15 +117,18 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
 
 
-def _centred(xp, xw, mean, h, delta=0.0):
-    """``(shift, d)``: the shift (the mean ``mean + delta`` rounded to the working dtype,
-    in the dtype of ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from
-    overflow). ``h`` the Python float 1.0 (a static value, not data) skips the scaling."""
-    shift = rounded(mean + delta, xw)
+def centred(xp, xw, mean, h, delta=0.0):
+    """The one centring of the library: ``(shift, d)``, the shift (the mean ``mean +
+    delta`` rounded to the working dtype, in the dtype of ``mean``) and ``d = x h - s h``
+    (exact near the mean, and safe from overflow). ``h`` the Python float 1.0 (a static
+    value, not data) skips the scaling. ``d`` is in the working dtype also when ``xw`` is
+    float16 (NumPy's backend reads float16 data as they are)."""
+    wt = work_dtype(xp, xw.dtype)
+    shift = rounded(mean if isinstance(delta, float) and delta == 0.0 else mean + delta, xw)
     if isinstance(h, float) and h == 1.0:
-        return shift, xw - xp.astype(shift, xw.dtype)
-    d = xw * xp.astype(h, xw.dtype)
-    d -= xp.astype(shift * h, xw.dtype)
+        return shift, xw - xp.astype(shift, wt, copy=False)
+    d = xw * xp.astype(h, wt, copy=False)
+    d -= xp.astype(shift * h, wt, copy=False)
     return shift, d
 
 
@@ -130,8 +136,8 @@ def _affine(xp, d, a, c):
     """``d * a + c`` written into ``d`` (a temporary of ours): in-place operators are in
     the standard and rebind immutable arrays (JAX); each full-size temporary saved is a
     fresh allocation, and its page faults, saved."""
-    d *= xp.astype(a, d.dtype)
-    d += xp.astype(c, d.dtype)
+    d *= xp.astype(a, d.dtype, copy=False)
+    d += xp.astype(c, d.dtype, copy=False)
     return d
 
 
@@ -182,9 +188,14 @@ def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
     -------
     y : array, shape of ``x``, dtype ``out_dtype``
     """
-    xw = _work(xp, x)
-    shift, d = _centred(xp, xw, mean, h, delta)
-    a_h, c = output_coef(mean_offset(mean, delta, shift), a, 1.0, _beta(beta), 0.0, h)
+    shift, d = centred(xp, _work(xp, x), mean, h, delta)
+    return affine_centred(xp, d, mean_offset(mean, delta, shift), a, beta, h, out_dtype)
+
+
+def affine_centred(xp, d, offset, a, beta, h, out_dtype):
+    """The output pass on centred data ``d = x h - s h`` (:func:`centred`, overwritten):
+    ``y = d a/h + (beta - offset a)`` with ``offset = mean - s``, in ``out_dtype``."""
+    a_h, c = output_coef(offset, a, 1.0, _beta(beta), 0.0, h)
     return xp.astype(_affine(xp, d, a_h, c), out_dtype, copy=False)
 
 
@@ -211,7 +222,7 @@ def grad_sums(xp, x, dy, mean, red: tuple[int, ...], sdt, h):
     sum_dy, sum_dy_xc : arrays in the broadcast shape, dtype ``sdt``
     """
     xw, dyw = _work(xp, x), _work(xp, dy)
-    shift, d = _centred(xp, xw, mean, h)
+    shift, d = centred(xp, xw, mean, h)
     sum_dy = _sum(xp, dyw, red, sdt)
     sum_dy_d = _sum(xp, dyw * d, red, sdt)
     return sum_dy, centred_grad_sum(sum_dy_d, sum_dy, mean, shift, h)
@@ -234,15 +245,17 @@ def input_grad(xp, x, dy, mean, k, p, q, out_dtype, h):
     dx : array, shape of ``x``, dtype ``out_dtype``
     """
     xw, dyw = _work(xp, x), _work(xp, dy)
-    shift, d = _centred(xp, xw, mean, h)
+    shift, d = centred(xp, xw, mean, h)
     p_h, q_s = input_grad_coef(p, q, mean, shift, h)
-    return _dx(xp, d, dyw, k, p_h, q_s, out_dtype)
+    return dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype)
 
 
-def _dx(xp, d, dyw, k, p_h, q_s, out_dtype):
-    """``dx = (d p_h + q_s) + k dy``, overwriting the temporary ``d``."""
+def dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype):
+    """``dx = (d p_h + q_s) + k dy`` on centred data ``d`` (:func:`centred`, overwritten);
+    ``(p_h, q_s)`` from :func:`batchnorm.core.coef.input_grad_coef`."""
     dx = _affine(xp, d, p_h, q_s)
-    k_dy = dyw * xp.astype(k, dyw.dtype)  # float64 dy with float32 x: the product in float64
+    # float64 dy with float32 x: the product in float64; float16 dy (NumPy): in float32
+    k_dy = dyw * xp.astype(k, xp.result_type(dyw.dtype, dx.dtype), copy=False)
     if k_dy.dtype == dx.dtype:
         dx += k_dy
     else:
@@ -377,7 +390,7 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
         d = xw - xp.astype(shift, xw.dtype)
     else:
         h = overflow_scale(mean_b, var_b, shift, 0, _big(xp, xw.dtype))
-        _, d = _centred(xp, xw, mean_b, h)
+        _, d = centred(xp, xw, mean_b, h)
     sum_dy = _sum(xp, dyw, lay.red, sdt)
     sum_dy_d = _sum(xp, dyw * d, lay.red, sdt)
     m_rel, s_rel = mean_b, shift  # the mean relative to the shift: (mean, s) or (delta, 0)
@@ -387,7 +400,7 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
     if batch_stats:
         p, q = backward_coef(sum_dy, sum_dy_xc, inv_b, k, n)
         p_h, q_s = input_grad_coef(p, q, m_rel, s_rel, h)
-        dx = _dx(xp, d, dyw, k, p_h, q_s, x.dtype)
+        dx = dx_centred(xp, d, dyw, k, p_h, q_s, x.dtype)
     else:
         dx = xp.astype(dyw * xp.astype(k, dyw.dtype), x.dtype, copy=False)
     return dx, xp.reshape(inv_b * sum_dy_xc, lay.fshape), xp.reshape(sum_dy, lay.fshape)
