@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "batchnorm"
 LEVELS = {
     "_version": 0,
     "_xp": 0,
+    "_plans": 0,
     "_validation": 1,
     "_statedict": 1,
     "_checkpoint_io": 1,

@@ -21,8 +21,7 @@ from ._inputs import (
     inputs,
     reducer_of,
 )
-from ._validation import cached_layout
-from .backends import NUMPY, select
+from .backends import NUMPY, plan
 from .core import coef
 from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
 from .core.stats import BatchStats
@@ -205,7 +204,7 @@ _BACKWARD_CALL = Call("batch_norm_backward", KIND_BACKWARD)
 
 def backward_local(dy, cache: BatchNormCache, backend="auto", out=None):
     """The single-process backward: one fused pass."""
-    be = select(backend, cache.x, cached_layout(tuple(cache.x.shape), cache.axis))
+    be = plan(backend, cache.x, cache.axis).backend
     xw = cache.work
     dyw = be.work_dy(dy, xw)
     if be.xp is not None:  # the composed array-API pass
@@ -227,7 +226,7 @@ def backward_synced(reducer: Reducer, call: Call, error, dy, cache, backend="aut
     if error is not None:
         reducer.sum(call, [], error)  # raises, on every participant
         raise error
-    be = select(backend, cache.x, cached_layout(tuple(cache.x.shape), cache.axis))
+    be = plan(backend, cache.x, cache.axis).backend
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():

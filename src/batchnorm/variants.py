@@ -21,7 +21,7 @@ import numpy as np
 
 from ._compose import Inputs, backward_local, train_local
 from ._validation import as_float_array, check_count, check_state_array, layout
-from .backends import select
+from .backends import plan, select
 from .conventions import BatchStats, RunningStats, update_running_unchecked
 from .layers import ConventionLayer, NormLayer
 from .layers.args import Argument, Constant, library_layer
@@ -127,8 +127,8 @@ class GhostBatchNorm(ConventionLayer):
         outs, caches, stats = [], [], []
         for sl in parts:  # the input was validated once: each slice only gets its layout
             xs = x[sl, ...]  # the Array API indexes every axis or names the rest (...)
-            lay = layout(tuple(xs.shape), axes)
-            part = Inputs(xs, lay, select(self.backend, xs, lay), inp.gamma, inp.beta, inp.eps)
+            p = plan(self.backend, xs, axes)
+            part = Inputs(xs, p.layout, p.backend, inp.gamma, inp.beta, inp.eps)
             y, cache, st = train_local(part)
             outs.append(y)
             caches.append((sl, cache))

@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from .._compose import Inputs, eval_pass
-from .._validation import SUPPORTED_DTYPES, as_input, check_eps, layout
-from ..backends import check_backend, select
+from .._validation import SUPPORTED_DTYPES, as_input, check_eps
+from ..backends import check_backend, plan
 from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
 from . import state as state_io
@@ -253,14 +253,14 @@ class NormLayer(Module):
         if type(x) is not np.ndarray or x.dtype not in _SUPPORTED or x.ndim < 2:
             x = as_input(x)
         self._check_namespace(x)
-        lay = layout(x.shape, self.axis)
+        p = plan(self.backend, x, self.axis)
+        lay = p.layout
         if lay.fshape != self.feature_shape:
             raise ValueError(
                 f"x with shape {tuple(x.shape)} has {lay.fshape} features along axis "
                 f"{self.axis!r}, but the layer was built for num_features={self.feature_shape}"
             )
-        be = select(self.backend, x, lay)
-        st = self._state
+        be, st = p.backend, self._state
         return Inputs(x, lay, be, be.param(st.gamma), be.param(st.beta), self.eps)
 
     def check_input(self, x: object) -> tuple[object, tuple[int, ...]]:
