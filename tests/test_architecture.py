@@ -19,6 +19,8 @@ LEVELS = {
     "_validation": 1,
     "_statedict": 1,
     "_checkpoint_io": 1,
+    "_checkpoint_write": 1,
+    "_checkpoint_meta": 1,
     "core": 2,
     "backends": 3,
     "_sync": 3,

@@ -190,17 +190,7 @@ class NormLayer(Module):
         return build(cls, config)
 
     def __repr__(self) -> str:
-        parts = []
-        for key, value in self._args.items():
-            if key == "num_features":
-                parts.append(repr(value[0] if len(value) == 1 else value))
-            elif isinstance(value, float):
-                parts.append(f"{key}={value:g}")
-            elif isinstance(value, np.dtype):
-                parts.append(f"{key}={value.name!r}")
-            else:
-                parts.append(f"{key}={value!r}")
-        return f"{type(self).__name__}({', '.join(parts)}, training={self.training})"
+        return f"{type(self).__name__}({self._args.describe()}, training={self.training})"
 
     # ------------------------------------------------------------------ arrays
     def host(self, name: str) -> np.ndarray | None:
@@ -221,31 +211,11 @@ class NormLayer(Module):
             self._state.cache = None
         return self
 
-    def _fresh(self) -> bool:
-        """Whether the layer has never run nor been loaded (it may still move)."""
-        st = self._state
-        return (
-            st.cache is None
-            and st.num_batches_tracked == 0
-            and st.last_batch_stats is None
-            and st.dgamma is None
-        )
-
     def _check_namespace(self, x: object) -> None:
         """``x`` must be in the layer's namespace and device (a fresh layer moves to it)."""
-        if not self.place.check(x, type(self).__name__, self._fresh()):
+        if not self.place.check(x, type(self).__name__, self._state.fresh()):
             self.place.undo = {**self._state.arrays(), "cache": self._state.cache}
             self.to(x)
-
-    def _settle_placement(self, ok: bool) -> None:
-        """After a forward: keep the placement it made (``ok``) or undo it exactly."""
-        undo, self.place.undo = self.place.undo, None
-        if undo is None or ok:
-            return
-        for key, value in undo.items():
-            setattr(self._state, key, value)
-        self.place.xp = self.place.device = None
-        self.place.placed = False
 
     # ------------------------------------------------------------------ input checks
     def _inputs(self, x: object) -> Inputs:
@@ -289,9 +259,9 @@ class NormLayer(Module):
         try:
             y = self._forward(x, training, update_stats)
         except BaseException:
-            self._settle_placement(False)
+            self.place.settle(False, self._state)
             raise
-        self._settle_placement(True)
+        self.place.settle(True, self._state)
         return y
 
     def _forward(self, x, training: bool, update_stats: bool):
