@@ -1,8 +1,6 @@
-r"""The passes of batch normalization for arrays of any Array API namespace.
-
-Used for every array that is not a NumPy array (NumPy keeps its compiled and NumPy
-backends). Pure functions of standard Array API calls only: no data-dependent Python
-branching, no ``float(array)``; shapes, axes and dtypes are static Python values, so every
+r"""The passes of batch normalization for arrays of any Array API namespace (NumPy's
+backend uses the centring, output and input-gradient passes too). Pure functions of standard
+Array API calls only: no data-dependent Python branching, no ``float(array)``; every
 function traces under ``jax.jit``. The formulas come from :mod:`batchnorm.core.coef`.
 
 Conventions. ``x`` has any shape; the *feature axes* ``axes`` index the features and the
@@ -97,21 +95,9 @@ def _work(xp, x):
 
 
 def moments(xp, x, red: tuple[int, ...], sdt):
-    """Per-feature mean and biased variance by the shifted two-pass (module notes).
-
-    Parameters
-    ----------
-    xp : array namespace of ``x``
-    x : array, any shape, float16/bfloat16/float32/float64
-    red : tuple of int
-        The reduced axes (non-negative).
-    sdt : dtype of ``xp``
-        The statistics dtype.
-
-    Returns
-    -------
-    mean, var : arrays in the broadcast shape (reduced axes of size 1), dtype ``sdt``
-    """
+    """Per-feature mean and biased variance of ``x`` (float16/bfloat16/float32/float64)
+    over the axes ``red`` by the shifted two-pass (module notes): ``(mean, var)`` in the
+    broadcast shape (reduced axes of size 1) and the statistics dtype ``sdt``."""
     n = math.prod(x.shape[i] for i in red)
     shift, _, t1, t2 = shifted_sums(xp, _work(xp, x), red, sdt, n)
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
@@ -121,8 +107,8 @@ def centred(xp, xw, mean, h, delta=0.0):
     """The one centring of the library: ``(shift, d)``, the shift (the mean ``mean +
     delta`` rounded to the working dtype, in the dtype of ``mean``) and ``d = x h - s h``
     (exact near the mean, and safe from overflow). ``h`` the Python float 1.0 (a static
-    value, not data) skips the scaling. ``d`` is in the working dtype also when ``xw`` is
-    float16 (NumPy's backend reads float16 data as they are)."""
+    value, not data) skips the scaling. ``d`` is in the working dtype (also for float16
+    NumPy data, which NumPy's backend reads as they are)."""
     wt = work_dtype(xp, xw.dtype)
     shift = rounded(mean if isinstance(delta, float) and delta == 0.0 else mean + delta, xw)
     if isinstance(h, float) and h == 1.0:
