@@ -1,6 +1,7 @@
 """What a checkpoint's metadata record besides the arrays: the layer configuration a
-layer's ``save`` stored (:func:`layer_config`, checked before anything is built) and the
-state-dict format version with its migrations. Re-exported by :mod:`batchnorm.checkpoint`.
+layer's ``save`` stored (:func:`~batchnorm.checkpoint.layer_config`, checked before
+anything is built) and the state-dict format version with its migrations. Re-exported by
+:mod:`batchnorm.checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ __all__ = [
     "state_version",
 ]
 
-#: Cap on the number of features (product of ``num_features``) :func:`layer_config` accepts.
+#: Cap on the number of features (product of ``num_features``) that
+#: :func:`~batchnorm.checkpoint.layer_config` accepts.
 MAX_FEATURES = 1 << 24
 _MAX_FEATURE_DIMS = 32
 
@@ -32,20 +34,20 @@ def layer_config(meta: dict | None, path: str | os.PathLike, state: Mapping | No
     Parameters
     ----------
     meta : dict or None
-        The metadata returned by :func:`load_state`.
+        The metadata returned by :func:`~batchnorm.checkpoint.load_state`.
     path : str or os.PathLike
         The checkpoint, for error messages.
     state : Mapping or None
-        The state returned by :func:`load_state`. If given, every array in it that is not 0-d
-        must have the shape ``num_features`` declares, so a header cannot make the caller
-        allocate a layer larger than the arrays actually stored.
+        The state returned by :func:`~batchnorm.checkpoint.load_state`. If given, every
+        array in it that is not 0-d must have the shape ``num_features`` declares, so a
+        header cannot make the caller allocate a layer larger than the arrays stored.
 
     Returns
     -------
     dict
         A copy of ``meta["batchnorm"]``, with ``"class"`` a str and ``"num_features"`` a
         non-empty list of at most 32 positive ints whose product is at most
-        :data:`MAX_FEATURES`. Other keys are left for the caller to check.
+        ``batchnorm.checkpoint.MAX_FEATURES``. Other keys are left for the caller to check.
 
     Raises
     ------
@@ -101,7 +103,7 @@ MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: lambda state: dict(state)}
 
 
 def check_version(version: object) -> int:
-    """A state version this library can read (0 .. :data:`STATE_VERSION`)."""
+    """A state version this library can read (0 .. ``batchnorm.checkpoint.STATE_VERSION``)."""
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
         raise TypeError(f"state version must be an integer; got {version!r}")
     if not 0 <= int(version) <= STATE_VERSION:

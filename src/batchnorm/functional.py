@@ -36,17 +36,19 @@ Results come back in the input dtype. The kernels never write to their inputs (a
 that shares memory with any argument is refused), and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
-sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the output
-pass of the NumPy backend and of every other array library is
-:func:`batchnorm.core.passes.scale_shift`, and the compiled kernels compile the formulas of
-:mod:`batchnorm.core.coef`, so the maths lives in one place.
+sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the NumPy
+backend and every other array library centre with :func:`batchnorm.core.passes.centred`
+and share the output and input-gradient passes of :mod:`batchnorm.core.passes`, and the
+compiled kernels compile the formulas of :mod:`batchnorm.core.coef`, so the maths lives in
+one place.
 
 Synchronization. ``comm=`` (an mpi4py communicator) or ``reducer=`` (any
 :class:`batchnorm.core.reduce.Reducer`) makes a call collective: local statistics, then
 the reducer merges them across processes, then the output (see
 :mod:`batchnorm.distributed`). The same code runs either way: a participant's local step
-goes through :func:`batchnorm.core.reduce.attempt`, and the reducer raises any
-participant's error on every participant. The cache of such a forward records that it was
+goes through :func:`batchnorm.core.reduce.attempt`, the reducer raises any participant's
+error on every participant, and ``reducer.dispatch`` picks the fused single-process pass
+or the one that merges in between. The cache of such a forward records that it was
 synchronized (never the communicator): its backward needs the same ``comm``/``reducer``.
 """
 
