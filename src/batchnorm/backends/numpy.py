@@ -77,7 +77,8 @@ def _geometry(shape: tuple[int, ...], axes: tuple[int, ...]):
 def _moments(x, red, m):
     """Per-feature ``(ref, delta, var, d)`` in float64 (broadcast shape): the mean is
     ``ref + delta``, held unrounded, ``var`` the biased variance, and ``d = x - ref`` the
-    centred data in working precision (None when a feature had to be rescued).
+    centred data in working precision (None when a feature had to be rescued), which the
+    output pass reuses.
 
     Two passes: a float64 first mean ``m0``, then the centring of the library
     (:func:`batchnorm.core.passes.centred`: ``d = x - s`` with ``s = ref`` the first mean
@@ -117,15 +118,13 @@ def _moments(x, red, m):
 def _moments_once(x, red, m):
     m0 = np.add.reduce(x, axis=red, dtype=np.float64, keepdims=True) / m
     ref, d = passes.centred(np, x, m0, 1.0)
-    if d.dtype == np.float64:  # the output pass centres again, on the corrected mean
+    if d.dtype == np.float64:  # delta repairs the float64 sum of pass 1
         t1 = np.add.reduce(d, axis=red, keepdims=True)
         delta = t1 / m
-        sq, d = np.square(d, out=d), None
-    else:  # d is the output pass's centred data (its shift is the rounded mean too)
+    else:  # m0 is exact to float64 round-off: delta = m0 - s
         delta = coef.mean_offset(m0, 0.0, ref)
         t1 = delta * m
-        sq = np.square(d)
-    t2 = np.add.reduce(sq, axis=red, dtype=np.float64, keepdims=True)
+    t2 = np.add.reduce(np.square(d), axis=red, dtype=np.float64, keepdims=True)
     _, var = coef.moments_from_shifted_sums(ref, t1, t2, m, 1.0)
     return ref, delta, var, d
 
@@ -250,9 +249,10 @@ class NumpyBackend(NumpyArrays):
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
         """Training forward: ``(y, mean, var, inv_std)``: the statistics of
-        :meth:`moments_shifted`, then the output pass of :meth:`affine` with the unrounded
-        mean; float16/32 data reuse the centred data of the statistics (the same ``x - s``)
-        unless a feature needs the overflow scale."""
+        :meth:`moments_shifted`, then the output pass on the centred data ``d = x - s`` of
+        the statistics, with the mean's offset ``delta`` from the shift in the bias
+        (:func:`batchnorm.core.passes.affine_centred`; :meth:`affine` with the unrounded
+        mean where a feature needs the overflow scale or was rescued)."""
         red, b, fshape, m = _geometry(xw.shape, axes)
         ref, delta, var, d = _moments(xw, red, m)
         mean = ref + delta
