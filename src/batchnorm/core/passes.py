@@ -103,14 +103,14 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
 
 
-def centred(xp, xw, mean, h, delta=0.0):
-    """The one centring of the library: ``(shift, d)``, the shift (the mean ``mean +
-    delta`` rounded to the working dtype, in the dtype of ``mean``) and ``d = x h - s h``
+def centred(xp, xw, mean, h):
+    """The one centring of the library: ``(shift, d)``, the shift (``mean`` rounded to the
+    working dtype, in the dtype of ``mean``) and ``d = x h - s h``
     (exact near the mean, and safe from overflow). ``h`` the Python float 1.0 (a static
     value, not data) skips the scaling. ``d`` is in the working dtype (also for float16
     NumPy data, which NumPy's backend reads as they are)."""
     wt = work_dtype(xp, xw.dtype)
-    shift = rounded(mean if isinstance(delta, float) and delta == 0.0 else mean + delta, xw)
+    shift = rounded(mean, xw)
     if isinstance(h, float) and h == 1.0:
         return shift, xw - xp.astype(shift, wt, copy=False)
     d = xw * xp.astype(h, wt, copy=False)
@@ -158,7 +158,8 @@ def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
     """``y = (x - mean) * a + beta`` per feature in the rounding-safe form, with the
     overflow scale ``h`` given (the output pass of :func:`normalize`; NumPy's too). With
     ``delta`` the mean is ``mean + delta`` held unrounded (a shift and the mean's offset
-    from it: :func:`batchnorm.core.coef.mean_offset`).
+    from it: :func:`batchnorm.core.coef.mean_offset`): the data are centred on ``mean``
+    and ``delta`` enters the bias, as in NumPy's fused training pass.
 
     Parameters
     ----------
@@ -174,7 +175,7 @@ def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
     -------
     y : array, shape of ``x``, dtype ``out_dtype``
     """
-    shift, d = centred(xp, _work(xp, x), mean, h, delta)
+    shift, d = centred(xp, _work(xp, x), mean, h)  # delta only enters the bias
     return affine_centred(xp, d, mean_offset(mean, delta, shift), a, beta, h, out_dtype)
 
 
