@@ -91,7 +91,12 @@ def _big(xp, wt) -> float:
 
 
 def _work(xp, x):
-    return xp.astype(x, work_dtype(xp, x.dtype), copy=False)
+    return _as(xp, x, work_dtype(xp, x.dtype))
+
+
+def _as(xp, v, dtype):
+    """``v`` (an array) in ``dtype``: itself when it already is (no call into ``xp``)."""
+    return v if v.dtype == dtype else xp.astype(v, dtype)
 
 
 def moments(xp, x, red: tuple[int, ...], sdt):
@@ -112,9 +117,9 @@ def centred(xp, xw, mean, h):
     wt = work_dtype(xp, xw.dtype)
     shift = rounded(mean, xw)
     if isinstance(h, float) and h == 1.0:
-        return shift, xw - xp.astype(shift, wt, copy=False)
-    d = xw * xp.astype(h, wt, copy=False)
-    d -= xp.astype(shift * h, wt, copy=False)
+        return shift, xw - _as(xp, shift, wt)
+    d = xw * _as(xp, h, wt)
+    d -= _as(xp, shift * h, wt)
     return shift, d
 
 
@@ -122,8 +127,8 @@ def _affine(xp, d, a, c):
     """``d * a + c`` written into ``d`` (a temporary of ours): in-place operators are in
     the standard and rebind immutable arrays (JAX); each full-size temporary saved is a
     fresh allocation, and its page faults, saved."""
-    d *= xp.astype(a, d.dtype, copy=False)
-    d += xp.astype(c, d.dtype, copy=False)
+    d *= _as(xp, a, d.dtype)
+    d += _as(xp, c, d.dtype)
     return d
 
 
@@ -183,7 +188,7 @@ def affine_centred(xp, d, offset, a, beta, h, out_dtype):
     """The output pass on centred data ``d = x h - s h`` (:func:`centred`, overwritten):
     ``y = d a/h + (beta - offset a)`` with ``offset = mean - s``, in ``out_dtype``."""
     a_h, c = output_coef(offset, a, 1.0, _beta(beta), 0.0, h)
-    return xp.astype(_affine(xp, d, a_h, c), out_dtype, copy=False)
+    return _as(xp, _affine(xp, d, a_h, c), out_dtype)
 
 
 def _beta(beta):
@@ -242,12 +247,12 @@ def dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype):
     ``(p_h, q_s)`` from :func:`batchnorm.core.coef.input_grad_coef`."""
     dx = _affine(xp, d, p_h, q_s)
     # float64 dy with float32 x: the product in float64; float16 dy (NumPy): in float32
-    k_dy = dyw * xp.astype(k, xp.result_type(dyw.dtype, dx.dtype), copy=False)
+    k_dy = dyw * _as(xp, k, xp.result_type(dyw.dtype, dx.dtype))
     if k_dy.dtype == dx.dtype:
         dx += k_dy
     else:
         dx = dx + k_dy
-    return xp.astype(dx, out_dtype, copy=False)
+    return _as(xp, dx, out_dtype)
 
 
 def _per_feature(xp, v, sdt, bshape):
