@@ -1,7 +1,7 @@
 """Speed of this checkout against an earlier release, in one interleaved run.
 
 Loads the earlier release's ``src/batchnorm`` (a git worktree, e.g. made with
-``git worktree add --detach ../old 08ed06c``) under the module name ``batchnorm_old`` beside
+``git worktree add --detach ../old 08ed06c``) under the module name ``batchnorm._old`` beside
 the current ``batchnorm``, then times the same calls of both, alternating old and new
 inside every repeat, and reports the minimum of the repeats and the ratio new / old:
 
@@ -26,13 +26,14 @@ import batchnorm as new
 
 
 def load_old(checkout: Path):
-    """The earlier release's package, imported as ``batchnorm_old``."""
+    """The earlier release's package, imported as ``batchnorm._old`` (inside the name
+    ``batchnorm.``, which the layers' registration of library classes requires)."""
     init = checkout / "src" / "batchnorm" / "__init__.py"
     spec = importlib.util.spec_from_file_location(
-        "batchnorm_old", init, submodule_search_locations=[str(init.parent)]
+        "batchnorm._old", init, submodule_search_locations=[str(init.parent)]
     )
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["batchnorm_old"] = mod
+    sys.modules["batchnorm._old"] = mod
     spec.loader.exec_module(mod)
     return mod
 

@@ -8,7 +8,7 @@ time is the work itself. It compares the work, not the parallel speed: the copy 
 big arrays needs a quiet machine and ``batchnorm bench``.
 
 Old and new alternate within each repeat (several repeats, the minimum kept), in one
-process; the earlier checkout is loaded as ``batchnorm_old`` (see ``before_after.py``).
+process; the earlier checkout is loaded as ``batchnorm._old`` (see ``before_after.py``).
 
 Usage: ``NUMBA_NUM_THREADS=1 python benchmarks/cpu_time_before_after.py OLD_CHECKOUT``.
 """

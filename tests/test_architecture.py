@@ -15,9 +15,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "batchnorm"
 LEVELS = {
     "_version": 0,
     "_xp": 0,
+    "_plans": 0,
     "_validation": 1,
     "_statedict": 1,
     "_checkpoint_io": 1,
+    "_checkpoint_write": 1,
+    "_checkpoint_meta": 1,
     "core": 2,
     "backends": 3,
     "_sync": 3,
@@ -231,3 +234,40 @@ def test_the_private_name_checker_sees_violations(tmp_path, monkeypatch):
     bad = _private_imports()
     assert any("b.py:1 imports _x" in b for b in bad)
     assert any("b.py:3 reads m._y" in b for b in bad)
+
+
+# the reducers themselves and the checks of a reducer assignment; everything else hands
+# both of its passes to ``reducer.dispatch`` (issue 22: synchronization without branches)
+DISTRIBUTED_READERS = ("core/reduce.py", "_sync/", "distributed.py", "layers/sync.py", "_inputs.py")
+
+
+def _distributed_reads() -> list[str]:
+    """``<expr>.distributed`` read outside :data:`DISTRIBUTED_READERS` (``torch.distributed``
+    and ``dist.`` module paths aside)."""
+    bad = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel.startswith(DISTRIBUTED_READERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Attribute) and node.attr == "distributed"):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("torch", "bn", "batchnorm"):
+                continue
+            bad.append(f"{rel}:{node.lineno} reads .distributed")
+    return bad
+
+
+def test_only_the_reducers_ask_whether_a_call_is_distributed():
+    bad = _distributed_reads()
+    assert not bad, "\n".join(bad)
+
+
+def test_the_distributed_reader_check_sees_violations(tmp_path, monkeypatch):
+    """Negative control: a planted ``if reducer.distributed:`` in a layer is reported."""
+    fake = tmp_path / "batchnorm"
+    (fake / "layers").mkdir(parents=True)
+    (fake / "layers" / "base.py").write_text("def f(reducer):\n    return reducer.distributed\n")
+    (fake / "layers" / "sync.py").write_text("def g(r):\n    return r.distributed\n")
+    monkeypatch.setattr(f"{__name__}.SRC", fake)
+    assert _distributed_reads() == ["layers/base.py:2 reads .distributed"]

@@ -15,7 +15,7 @@ import pytest
 from numpy.lib import format as npy_format
 
 import batchnorm as bn
-from batchnorm import _checkpoint_io, checkpoint
+from batchnorm import _checkpoint_io, _checkpoint_write, checkpoint
 
 POSIX = os.name == "posix"
 
@@ -399,8 +399,8 @@ def test_stale_temporaries_of_the_same_path_are_removed(tmp_path):
     for p in (dead, fresh_dead, live, other, ancient):
         p.write_bytes(b"half a checkpoint")
     for p in (dead, live, other):
-        _age(p, 2 * _checkpoint_io.STALE_DEAD_WRITER_S)
-    _age(ancient, 2 * _checkpoint_io.STALE_ANY_S)
+        _age(p, 2 * _checkpoint_write.STALE_DEAD_WRITER_S)
+    _age(ancient, 2 * _checkpoint_write.STALE_ANY_S)
     checkpoint.save_state(path, _state())
     assert not dead.exists() and not ancient.exists()
     assert live.exists() and fresh_dead.exists() and other.exists()
@@ -410,13 +410,13 @@ def test_stale_temporaries_of_the_same_path_are_removed(tmp_path):
 
 _KILLED_SAVE = """
 import pathlib, sys, time
-from batchnorm import _checkpoint_io
+from batchnorm import _checkpoint_write
 def write(fh):
     fh.write(b"partial")
     fh.flush()
     print("writing", flush=True)
     time.sleep(60)
-_checkpoint_io.atomic_write(pathlib.Path(sys.argv[1]), write)
+_checkpoint_write.atomic_write(pathlib.Path(sys.argv[1]), write)
 """
 
 
@@ -437,7 +437,7 @@ def test_a_killed_save_leaves_a_temporary_the_next_save_removes(tmp_path, monkey
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "bn.npz"]
     assert len(leftovers) == 1 and leftovers[0].startswith(f".bn.npz.{proc.pid}.")
     assert checkpoint.load_state(path)[0]["num_batches_tracked"] == 7  # old file intact
-    monkeypatch.setattr(_checkpoint_io, "STALE_DEAD_WRITER_S", 0.0)
+    monkeypatch.setattr(_checkpoint_write, "STALE_DEAD_WRITER_S", 0.0)
     checkpoint.save_state(path, _state())
     assert sorted(os.listdir(tmp_path)) == ["bn.npz"]
 
@@ -452,7 +452,7 @@ def test_a_failed_write_leaves_nothing_and_the_old_file_intact(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _checkpoint_io.atomic_write(path, write)
+        _checkpoint_write.atomic_write(path, write)
     assert os.listdir(tmp_path) == ["bn.npz"] and path.read_bytes() == before
 
 

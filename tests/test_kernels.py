@@ -206,17 +206,17 @@ def test_float16_conversions_match_numpy_bit_for_bit():
 
 def test_layer_passes_its_backend_to_every_kernel(rng, monkeypatch):
     seen = []
-    real = _dispatch.select
+    real = _dispatch.plan
 
-    def spy(name, x, lay=None):
+    def spy(name, x, axis):
         seen.append(name)
-        return real(name, x, lay)
+        return real(name, x, axis)
 
     import batchnorm._compose
     import batchnorm.layers.base
 
-    monkeypatch.setattr(batchnorm._compose, "select", spy)
-    monkeypatch.setattr(batchnorm.layers.base, "select", spy)
+    monkeypatch.setattr(batchnorm._compose, "plan", spy)
+    monkeypatch.setattr(batchnorm.layers.base, "plan", spy)
     layer = bn.BatchNorm(3, backend="numpy")
     x = rng.standard_normal((8, 3))
     layer(x)

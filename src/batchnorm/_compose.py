@@ -21,10 +21,9 @@ from ._inputs import (
     inputs,
     reducer_of,
 )
-from ._validation import cached_layout
-from .backends import NUMPY, select
+from .backends import NUMPY, plan
 from .core import coef
-from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer, attempt
+from .core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, Reducer
 from .core.stats import BatchStats
 
 __all__ = [
@@ -32,7 +31,9 @@ __all__ = [
     "BatchNormCache",
     "Inputs",
     "backward_args",
+    "backward_local",
     "backward_pass",
+    "backward_synced",
     "check_backward",
     "check_synchronized",
     "eval_pass",
@@ -43,7 +44,9 @@ __all__ = [
     "merged_stats",
     "normalize",
     "reducer_of",
+    "train_local",
     "train_pass",
+    "train_synced",
 ]
 
 
@@ -123,43 +126,45 @@ def normalize(
     return y, _cache(inp, xw, mean, var, inv, True, m, synchronized, g, b)
 
 
-def merged_stats(inp: Inputs | None, reducer: Reducer, call: Call, error=None):
-    """This participant's statistics merged by ``reducer`` (``error`` raised everywhere):
-    ``(mean, var, stats, split)`` with mean/var in the backend's arrays and ``split`` the
-    unrounded mean of local NumPy statistics (None after a merge)."""
-    if not reducer.distributed:
-        if error is not None:
-            raise error
-        st, split = local_moments(inp)
-        return st.mean, st.var, st, split
+def merged_stats(reducer: Reducer, call: Call, error, inp: Inputs | None):
+    """This participant's statistics merged by a distributed ``reducer`` (``error`` raised
+    everywhere): ``(mean, var, stats)`` with mean/var in the backend's arrays."""
     local = None
     if error is None:
-        local, error = attempt(reducer, local_stats, inp)
+        local, error = reducer.attempt(local_stats, inp)
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
-    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st, None
+    return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
 
 
-def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call: Call | None = None, error=None):
+def train_pass(inp: Inputs | None, reducer: Reducer = LOCAL, call=None, error=None):
     """Training forward on validated inputs: ``(y, cache, stats)``.
 
-    With a local reducer one fused pass forms the statistics and the output; otherwise the
-    local statistics are merged by ``reducer`` first (``error``: this participant's
-    validation error, raised on every participant).
+    The reducer runs :func:`train_local` (one fused pass forms the statistics and the
+    output) or :func:`train_synced` (the local statistics merged first; ``error``: this
+    participant's validation error, raised on every participant).
     """
-    if not reducer.distributed:
-        if error is not None:
-            raise error
-        be, lay = inp.be, inp.lay
-        xw = be.work(inp.x)
-        with _quiet():
-            g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
-            b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
-            y, mean, var, inv = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
-        check_scale(inp, inv, inp.gamma)
-        stats = BatchStats(lay.count, mean, var)
-        return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
-    call = call or Call("batch_norm_train", KIND_TRAIN)
-    mean, var, st, _ = merged_stats(inp, reducer, call, error)
+    return reducer.dispatch(train_local, train_synced, call or _TRAIN_CALL, error, inp)
+
+
+_TRAIN_CALL = Call("batch_norm_train", KIND_TRAIN)
+
+
+def train_local(inp: Inputs):
+    """The single-process training forward: one fused pass, ``(y, cache, stats)``."""
+    be, lay = inp.be, inp.lay
+    xw = be.work(inp.x)
+    with _quiet():
+        g1 = be.ones(lay.fshape) if inp.gamma is None else inp.gamma
+        b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
+        y, mean, var, inv = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
+    check_scale(inp, inv, inp.gamma)
+    stats = BatchStats(lay.count, mean, var)
+    return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
+
+
+def train_synced(reducer: Reducer, call: Call, error, inp: Inputs | None):
+    """The synchronized training forward: merged statistics, then the output pass."""
+    mean, var, st = merged_stats(reducer, call, error, inp)
     y, cache = normalize(inp, mean, var, count=st.count, synchronized=True)
     return y, cache, st
 
@@ -185,36 +190,56 @@ def backward_pass(
 ):
     """Gradients on a validated ``dy`` (and ``out``): ``(dx, dgamma, dbeta)``.
 
-    Local: one fused pass gives the two gradient sums and ``dx``. Synchronized: the local
-    sums are summed over the participants (in order, identical everywhere), then this
-    participant's ``dx`` is formed from them; ``error`` (this participant's validation
-    error) is raised on every participant instead.
+    The reducer runs :func:`backward_local` (one fused pass gives the two gradient sums
+    and ``dx``) or :func:`backward_synced` (the local sums summed over the participants,
+    in order, identical everywhere, then this participant's ``dx``); ``error`` (this
+    participant's validation error) is raised on every participant instead.
     """
-    call = call or Call("batch_norm_backward", KIND_BACKWARD)
+    args = (dy, cache, backend, out)
+    return reducer.dispatch(backward_local, backward_synced, call or _BACKWARD_CALL, error, *args)
+
+
+_BACKWARD_CALL = Call("batch_norm_backward", KIND_BACKWARD)
+
+
+def backward_local(dy, cache: BatchNormCache, backend="auto", out=None):
+    """The single-process backward: one fused pass."""
+    be = plan(backend, cache.x, cache.axis).backend
+    xw = cache.work
+    dyw = be.work_dy(dy, xw)
+    if be.xp is not None:  # the composed array-API pass
+        return _xp_local_backward(be, xw, dyw, cache)
+    inv_std, mean = cache.inv_std, cache.mean
+    with _quiet():
+        k = inv_std if cache.gamma is None else inv_std * cache.gamma
+        var = cache.var if cache.batch_stats else be.zeros(cache.var.shape)
+        h = be.overflow(mean, var, cache.count, xw)
+        dx, sum_dy, sum_dy_xc = be.backward(
+            xw, dyw, cache.axis, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
+        )
+        dgamma = inv_std * sum_dy_xc
+    return dx, (None if cache.gamma is None else dgamma), (sum_dy if cache.has_beta else None)
+
+
+def backward_synced(reducer: Reducer, call: Call, error, dy, cache, backend="auto", out=None):
+    """The synchronized backward: local gradient sums, ``reducer.sum``, ``dx``."""
     if error is not None:
         reducer.sum(call, [], error)  # raises, on every participant
         raise error
-    be = select(backend, cache.x, cached_layout(tuple(cache.x.shape), cache.axis))
+    be = plan(backend, cache.x, cache.axis).backend
     inv_std, mean, axes, xw = cache.inv_std, cache.mean, cache.axis, cache.work
     dyw = be.work_dy(dy, xw)
     with _quiet():
         k = inv_std if cache.gamma is None else inv_std * cache.gamma
         var = cache.var if cache.batch_stats else be.zeros(cache.var.shape)
         h = be.overflow(mean, var, cache.count, xw)
-        if not reducer.distributed and be.xp is not None:  # the composed array-API pass
-            return _xp_local_backward(be, xw, dyw, cache)
-        if not reducer.distributed:
-            dx, sum_dy, sum_dy_xc = be.backward(
-                xw, dyw, axes, mean, inv_std, k, h, cache.batch_stats, cache.x.dtype, out
-            )
+        sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
+        sum_dy, sum_dy_xc = (be.from_host(a) for a in reducer.sum(call, [sum_dy, sum_dy_xc]))
+        if cache.batch_stats:
+            p, q = coef.backward_coef(sum_dy, sum_dy_xc, inv_std, k, cache.count)
         else:
-            sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
-            sum_dy, sum_dy_xc = (be.from_host(a) for a in reducer.sum(call, [sum_dy, sum_dy_xc]))
-            if cache.batch_stats:
-                p, q = coef.backward_coef(sum_dy, sum_dy_xc, inv_std, k, cache.count)
-            else:
-                p = q = be.zeros(k.shape)
-            dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
+            p = q = be.zeros(k.shape)
+        dx = be.input_grad(xw, dyw, axes, mean, k, p, q, cache.x.dtype, out, h)
         dgamma = inv_std * sum_dy_xc
     return dx, (None if cache.gamma is None else dgamma), (sum_dy if cache.has_beta else None)
 

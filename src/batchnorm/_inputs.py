@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._cache import BatchNormCache, ensure_pytree
-from ._validation import Layout, as_float_array, as_input, check_eps, check_out, layout
-from .backends import check_backend, select
+from ._validation import Layout, as_float_array, as_input, check_eps, check_out
+from .backends import check_backend, plan
 from .core.reduce import LOCAL, Reducer
 
 __all__ = [
@@ -69,10 +69,10 @@ def inputs(
     participant may hold no rows of a synchronized batch)."""
     check_backend(backend)
     raw, x = x, as_input(x)
-    lay = layout(x.shape, axis)
+    p = plan(backend, x, axis)
+    lay, be = p.layout, p.backend
     if math.prod(x.shape) == 0 and not (empty_ok or getattr(reducer, "distributed", False)):
         raise ValueError(f"cannot normalize an empty batch: x has shape {x.shape}")
-    be = select(backend, x, lay)
     if be.xp is not None:
         ensure_pytree(be.xp)
     g = None if gamma is None else be.feature(gamma, "gamma", lay, x)

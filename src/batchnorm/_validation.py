@@ -7,12 +7,13 @@ Nothing here mutates its arguments.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._plans import PLANS, cached
 
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -285,11 +286,11 @@ class Layout:
     count: int
 
 
-@functools.lru_cache(maxsize=4096)
-def cached_layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout:
-    """The :class:`Layout` of a shape and an already valid ``axis`` (hashable), computed
-    once per distinct pair (an lru_cache): what every later call with that input reuses."""
-    axes = normalize_axes(axis, len(shape))
+def _make_layout(shape: tuple[int, ...], axis: object) -> Layout:
+    if isinstance(axis, (tuple, list)) and not axis:
+        normalize_axes(axis, len(shape))  # raises: no feature axis
+    key = check_axis(axis)
+    axes = normalize_axes(tuple(key) if isinstance(key, list) else key, len(shape))
     red = reduce_axes(len(shape), axes)
     return Layout(
         shape,
@@ -301,13 +302,27 @@ def cached_layout(shape: tuple[int, ...], axis: int | tuple[int, ...]) -> Layout
     )
 
 
+def axis_key(axis: object) -> tuple:
+    """What identifies a feature ``axis`` in a plan key: the value and its type (``True``
+    hashes like ``1`` but is refused), element types for a sequence."""
+    if axis.__class__ is int:
+        return (axis, int)
+    if isinstance(axis, (tuple, list)):
+        return (tuple(axis), axis.__class__, *map(type, axis))
+    return (axis, axis.__class__)
+
+
 def layout(shape: tuple[int, ...], axis: object) -> Layout:
-    """The :class:`Layout` of data of ``shape`` with feature ``axis`` (computed once per
-    distinct pair; the cache is thread-safe). Raises like :func:`normalize_axes`."""
-    if isinstance(axis, (tuple, list)) and not axis:
-        normalize_axes(axis, len(shape))  # raises: no feature axis
-    key = check_axis(axis)
-    return cached_layout(tuple(shape), tuple(key) if isinstance(key, list) else key)
+    """The :class:`Layout` of data of ``shape`` with feature ``axis``, from the plan cache
+    (:mod:`batchnorm._plans`: computed once per distinct pair). Raises like
+    :func:`normalize_axes`."""
+    shape = tuple(shape)
+    key = ("layout", shape, *axis_key(axis))
+    try:
+        lay = PLANS.get(key)
+    except TypeError:  # an unhashable axis: refused with its own message
+        return _make_layout(shape, axis)
+    return lay if lay is not None else cached(key, _make_layout, shape, axis)
 
 
 # ----------------------------------------------------------------------------- state arrays

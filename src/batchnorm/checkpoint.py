@@ -21,7 +21,7 @@ Writing
     link stays. Saving over a folder or another non-regular file (a FIFO, a device) is
     refused. Temporaries left behind by a killed save are removed by the next save of the
     same path once their writer process is gone and they are a minute old, or once they are a
-    day old (see :func:`batchnorm._checkpoint_io.remove_stale_temporaries`); loading opens
+    day old (see :func:`batchnorm._checkpoint_write.remove_stale_temporaries`); loading opens
     only the exact path, never a temporary. The size cap applies to reading only: a state
     over :data:`MAX_BYTES` is saved, and read back with a larger ``max_bytes``.
 
@@ -37,14 +37,23 @@ state read by :func:`load_state` is written back identically by :func:`save_stat
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from . import _checkpoint_io as _io
+from . import _checkpoint_write as _write
+from ._checkpoint_meta import (  # what the metadata record: configuration, state version
+    MAX_FEATURES,
+    MIGRATIONS,  # noqa: F401 - batchnorm.checkpoint.MIGRATIONS (documented)
+    STATE_VERSION,
+    check_version,
+    layer_config,
+    migrate,
+    state_version,
+)
 from ._statedict import check_state_dict  # the layer state-dict checks live beside these
 from ._validation import check_state_array  # the one check of arrays entering as state
 
@@ -70,9 +79,6 @@ META_KEY = "__meta__"
 #: Default cap (bytes) on the array data a checkpoint may declare: 256 MiB, room for 32
 #: million float64 features times four per-feature vectors. Pass ``max_bytes=`` to change it.
 MAX_BYTES = 256 << 20
-#: Cap on the number of features (product of ``num_features``) :func:`layer_config` accepts.
-MAX_FEATURES = 1 << 24
-_MAX_FEATURE_DIMS = 32
 
 
 # ----------------------------------------------------------------------------- saving
@@ -146,7 +152,7 @@ def save_npz(path: str | os.PathLike, state: Mapping, meta: dict | None = None) 
     text = _meta_text(path, meta)
     if text is not None:
         arrays[META_KEY] = np.array(text)
-    return _io.atomic_write(path, lambda fh: _io.write_npz(fh, arrays))
+    return _write.atomic_write(path, lambda fh: _write.write_npz(fh, arrays))
 
 
 def _safetensors():
@@ -178,7 +184,7 @@ def save_safetensors(path: str | os.PathLike, state: Mapping, meta: dict | None 
         arrays[key] = np.array(arr, dtype=little, order="C")  # keeps 0-d
     text = _meta_text(path, meta)
     data = stn.save(arrays, metadata=None if text is None else {META_KEY: text})
-    return _io.atomic_write(path, lambda fh: fh.write(data))
+    return _write.atomic_write(path, lambda fh: fh.write(data))
 
 
 def save_state(path: str | os.PathLike, state: Mapping, meta: dict | None = None) -> Path:
@@ -303,116 +309,3 @@ def load_state(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> tuple[
     if str(path).endswith(".safetensors"):
         return load_safetensors(path, max_bytes=max_bytes)
     return load_npz(path, max_bytes=max_bytes)
-
-
-def layer_config(meta: dict | None, path: str | os.PathLike, state: Mapping | None = None) -> dict:
-    """The layer configuration a layer's ``save`` stored, checked before anything is built.
-
-    Parameters
-    ----------
-    meta : dict or None
-        The metadata returned by :func:`load_state`.
-    path : str or os.PathLike
-        The checkpoint, for error messages.
-    state : Mapping or None
-        The state returned by :func:`load_state`. If given, every array in it that is not 0-d
-        must have the shape ``num_features`` declares, so a header cannot make the caller
-        allocate a layer larger than the arrays actually stored.
-
-    Returns
-    -------
-    dict
-        A copy of ``meta["batchnorm"]``, with ``"class"`` a str and ``"num_features"`` a
-        non-empty list of at most 32 positive ints whose product is at most
-        :data:`MAX_FEATURES`. Other keys are left for the caller to check.
-
-    Raises
-    ------
-    ValueError
-        Naming ``path`` and the missing or bad field.
-    """
-    cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
-    if cfg is None:
-        raise ValueError(
-            f"{path} holds no layer configuration (no 'batchnorm' entry in its metadata; was it "
-            "written by a layer's save()?)"
-        )
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: metadata 'batchnorm' must be an object; got {cfg!r:.80}")
-    cls = cfg.get("class")
-    if not isinstance(cls, str) or not cls:
-        raise ValueError(f"{path}: metadata 'batchnorm.class' must be a class name; got {cls!r}")
-    nf = cfg.get("num_features")
-    ok = (
-        isinstance(nf, list)
-        and 0 < len(nf) <= _MAX_FEATURE_DIMS
-        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in nf)
-    )
-    if not ok:
-        raise ValueError(
-            f"{path}: metadata 'batchnorm.num_features' must be a list of 1 to "
-            f"{_MAX_FEATURE_DIMS} positive ints; got {nf!r:.80}"
-        )
-    if math.prod(nf) > MAX_FEATURES:
-        raise ValueError(
-            f"{path}: metadata 'batchnorm.num_features' {nf} declares {math.prod(nf)} "
-            f"features; at most MAX_FEATURES={MAX_FEATURES} are accepted"
-        )
-    if state is not None:
-        for key, value in state.items():
-            shape = np.shape(value)
-            if shape != () and shape != tuple(nf):
-                raise ValueError(
-                    f"{path}: state[{key!r}] has shape {shape} but metadata "
-                    f"'batchnorm.num_features' declares {tuple(nf)}"
-                )
-    return dict(cfg)
-
-
-# ----------------------------------------------------------------------------- versions
-#: The layer state-dict format this library writes. 0 is the format of batchnorm 0.1.0
-#: (no version recorded); 1 is identical in content and records its version.
-STATE_VERSION = 1
-
-#: ``MIGRATIONS[v]`` turns a state dict of version ``v`` into version ``v + 1`` (a future
-#: change of keys or meaning adds one here, so every checkpoint ever written keeps loading).
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {0: lambda state: dict(state)}
-
-
-def check_version(version: object) -> int:
-    """A state version this library can read (0 .. :data:`STATE_VERSION`)."""
-    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
-        raise TypeError(f"state version must be an integer; got {version!r}")
-    if not 0 <= int(version) <= STATE_VERSION:
-        raise ValueError(
-            f"state version {int(version)} is not supported: this library reads versions 0 "
-            f"to {STATE_VERSION} (written by a newer batchnorm?)"
-        )
-    return int(version)
-
-
-def migrate(state: dict, version: int) -> dict:
-    """``state`` of ``version`` in the current format (the input is never modified)."""
-    v = check_version(version)
-    out = state
-    while v < STATE_VERSION:
-        out = MIGRATIONS[v](out)
-        v += 1
-    return out
-
-
-def state_version(meta: dict | None, path: str | os.PathLike | None = None) -> int:
-    """The state version a checkpoint's metadata record (0 when none: batchnorm 0.1.0).
-
-    Raises
-    ------
-    ValueError
-        Naming ``path`` when the recorded version is not one this library can read.
-    """
-    if not isinstance(meta, dict) or "state_version" not in meta:
-        return 0
-    try:
-        return check_version(meta["state_version"])
-    except (TypeError, ValueError) as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}unusable state_version in the metadata: {exc}") from None

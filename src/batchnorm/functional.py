@@ -36,17 +36,19 @@ Results come back in the input dtype. The kernels never write to their inputs (a
 that shares memory with any argument is refused), and NaN/Inf propagate without raising.
 
 Backends. Every pass is made of four primitives (moments, the affine map, the two gradient
-sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the output
-pass of the NumPy backend and of every other array library is
-:func:`batchnorm.core.passes.scale_shift`, and the compiled kernels compile the formulas of
-:mod:`batchnorm.core.coef`, so the maths lives in one place.
+sums, the input gradient) behind one contract (see :mod:`batchnorm.backends`); the NumPy
+backend and every other array library centre with :func:`batchnorm.core.passes.centred`
+and share the output and input-gradient passes of :mod:`batchnorm.core.passes`, and the
+compiled kernels compile the formulas of :mod:`batchnorm.core.coef`, so the maths lives in
+one place.
 
 Synchronization. ``comm=`` (an mpi4py communicator) or ``reducer=`` (any
 :class:`batchnorm.core.reduce.Reducer`) makes a call collective: local statistics, then
 the reducer merges them across processes, then the output (see
 :mod:`batchnorm.distributed`). The same code runs either way: a participant's local step
-goes through :func:`batchnorm.core.reduce.attempt`, and the reducer raises any
-participant's error on every participant. The cache of such a forward records that it was
+goes through :func:`batchnorm.core.reduce.attempt`, the reducer raises any participant's
+error on every participant, and ``reducer.dispatch`` picks the fused single-process pass
+or the one that merges in between. The cache of such a forward records that it was
 synchronized (never the communicator): its backward needs the same ``comm``/``reducer``.
 """
 
@@ -67,7 +69,7 @@ from ._compose import (
     train_pass,
 )
 from .backends import BACKENDS, check_backend, numba_available
-from .core.reduce import KIND_BACKWARD, KIND_MOMENTS, KIND_TRAIN, Call, Reducer, attempt
+from .core.reduce import KIND_MOMENTS, Call, Reducer, attempt
 
 __all__ = [
     "BACKENDS",
@@ -195,7 +197,7 @@ def batch_norm_train(
     """
     red = reducer_of(comm, reducer, timeout)
     inp, error = attempt(red, inputs, x, gamma, beta, axis, eps, backend, out, reducer=red)
-    y, cache, _ = train_pass(inp, red, Call("batch_norm_train", KIND_TRAIN), error)
+    y, cache, _ = train_pass(inp, red, None, error)  # the call record "batch_norm_train"
     return y, cache
 
 
@@ -304,5 +306,4 @@ def batch_norm_backward(
     # every participant checks dy (and out) before any participant reduces
     args, error = attempt(red, backward_args, dy, cache, out, red, "batch_norm_backward")
     dy, out = args if args is not None else (None, None)
-    call = Call("batch_norm_backward", KIND_BACKWARD)
-    return backward_pass(dy, cache, backend, out, red, call, error)
+    return backward_pass(dy, cache, backend, out, red, None, error)  # "batch_norm_backward"

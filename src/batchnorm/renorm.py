@@ -29,7 +29,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._compose import LOCAL, eval_pass, inputs, merged_stats, normalize, reducer_of
+from ._compose import (
+    LOCAL,
+    eval_pass,
+    inputs,
+    local_moments,
+    merged_stats,
+    normalize,
+    reducer_of,
+)
 from ._validation import check_renorm_limits
 from .conventions import BatchStats, RunningStats, get_convention, update_running_unchecked
 from .core.ops import sqrt, where
@@ -153,10 +161,27 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
     dmax)``, and the output is the BN output pass with scale ``gamma r`` and shift
     ``beta + gamma d``.
     """
-    inp, mu, sigma, (rmax, dmax) = args if args is not None else (None, None, None, (1, 0))
-    mean_b, var_b, st, split = merged_stats(
-        inp, reducer, call or Call("batch_renorm_train", KIND_TRAIN), error
-    )
+    return reducer.dispatch(renorm_local, renorm_synced, call or _RENORM_CALL, error, args)
+
+
+_RENORM_CALL = Call("batch_renorm_train", KIND_TRAIN)
+
+
+def renorm_local(args):
+    """:func:`renorm_pass` of a single process (local statistics, ``args`` validated)."""
+    st, split = local_moments(args[0])
+    return _renorm_output(args, st.mean, st.var, st, False, split)
+
+
+def renorm_synced(reducer, call, error, args):
+    """:func:`renorm_pass` over participants (``args`` None where this one failed)."""
+    inp = None if args is None else args[0]
+    mean_b, var_b, st = merged_stats(reducer, call, error, inp)
+    return _renorm_output(args, mean_b, var_b, st, True, None)
+
+
+def _renorm_output(args, mean_b, var_b, st, synchronized, split):
+    inp, mu, sigma, (rmax, dmax) = args
     be, lay = inp.be, inp.lay
     with np.errstate(invalid="ignore", divide="ignore"):
         sigma_b = sqrt(var_b + inp.eps)
@@ -166,7 +191,7 @@ def renorm_pass(args, reducer=LOCAL, call=None, error=None):
         b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
         # y = (gamma r) x_hat + (beta + gamma d): the BN output pass on the statistics above
         y, bn_cache = normalize(
-            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, reducer.distributed, split
+            inp, mean_b, var_b, g1 * r, b0 + g1 * d, st.count, synchronized, split
         )
     return y, RenormCache(bn_cache, r, d, inp.gamma is not None, inp.beta is not None), st
 
@@ -344,15 +369,16 @@ class BatchRenorm(BatchStatsLayer):
             return check_renorm_limits(*self.schedule(self.num_batches_tracked))
         return self.rmax, self.dmax
 
-    def _forward_batch(self, inp, reducer, call, error):
-        if not reducer.distributed:
-            self._check_count(inp)
+    def _forward_batch(self, inp):
+        self._check_count(inp)
+        return renorm_local(self._renorm_args(inp))
+
+    def _forward_merged(self, inp, reducer, call, error):
         args = None
         if inp is not None:  # a schedule may fail (or give invalid limits) on one rank only
-            args, own = attempt(reducer, self._renorm_args, inp)
+            args, own = reducer.attempt(self._renorm_args, inp)
             error = error or own
-        y, cache, st = renorm_pass(args if error is None else None, reducer, call, error)
-        return y, cache, st
+        return renorm_synced(reducer, call, error, args if error is None else None)
 
     def _renorm_args(self, inp) -> tuple:
         """``(inputs, running mean, running std, (rmax, dmax))`` for :func:`renorm_pass`."""

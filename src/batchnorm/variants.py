@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._compose import Inputs, backward_pass, train_pass
+from ._compose import Inputs, backward_local, train_local
 from ._validation import as_float_array, check_count, check_state_array, layout
-from .backends import select
+from .backends import plan, select
 from .conventions import BatchStats, RunningStats, update_running_unchecked
 from .layers import ConventionLayer, NormLayer
 from .layers.args import Argument, Constant, library_layer
@@ -110,7 +110,7 @@ class GhostBatchNorm(ConventionLayer):
             )
         self._args.add("virtual_batch_size", vbs)
 
-    def _forward_batch(self, inp, reducer, call, error):
+    def _forward_batch(self, inp):
         x, axes = inp.x, inp.lay.axes
         if 0 in axes:
             raise ValueError(f"GhostBatchNorm splits axis 0, which is a feature axis {axes}")
@@ -127,9 +127,9 @@ class GhostBatchNorm(ConventionLayer):
         outs, caches, stats = [], [], []
         for sl in parts:  # the input was validated once: each slice only gets its layout
             xs = x[sl, ...]  # the Array API indexes every axis or names the rest (...)
-            lay = layout(tuple(xs.shape), axes)
-            part = Inputs(xs, lay, select(self.backend, xs, lay), inp.gamma, inp.beta, inp.eps)
-            y, cache, st = train_pass(part)
+            p = plan(self.backend, xs, axes)
+            part = Inputs(xs, p.layout, p.backend, inp.gamma, inp.beta, inp.eps)
+            y, cache, st = train_local(part)
             outs.append(y)
             caches.append((sl, cache))
             stats.append(st)
@@ -166,7 +166,7 @@ class GhostBatchNorm(ConventionLayer):
             raise ValueError(
                 f"dy has shape {tuple(dy.shape)} but the forward input x had shape {shape}"
             )
-        results = [backward_pass(dy[sl, ...], c, self.backend) for sl, c in cache]
+        results = [backward_local(dy[sl, ...], c, self.backend) for sl, c in cache]
         be = select(self.backend, results[0][0], first_layout(first))
         dx = be.concat([r[0] for r in results], 0)
         if not self.affine:

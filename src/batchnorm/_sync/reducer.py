@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from ..core.reduce import Call, SyncBatchStats, collect
+from ..core.reduce import Call, SyncBatchStats, collect, resolve
 from ..core.stats import BatchStats
 from . import protocol as P
 
@@ -131,10 +131,15 @@ class MpiReducer:
         (the next :meth:`agree` / :meth:`merge` / :meth:`sum` raises it on every rank)."""
         return collect(fn, *args, **kwargs)
 
+    def dispatch(self, local, synchronized, call, error, /, *args):
+        """``synchronized(self, call, error, *args)``: the pass that merges across ranks
+        (``local``, the fused single-process pass, is not for a distributed reducer)."""
+        return synchronized(self, resolve(call), error, *args)
+
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
-        return P.agree(self, call, error, **fields)
+        return P.agree(self, resolve(call), error, **fields)
 
     def merge(
         self, call: Call, local: BatchStats | None, error: BaseException | None, dtype: object
@@ -145,6 +150,7 @@ class MpiReducer:
         (the ranks must agree on it). A merge in which no rank holds a value gives NaN
         statistics with count 0.
         """
+        call = resolve(call)
         fields = {}
         if local is not None:
             mean, var = _to_host(local.mean), _to_host(local.var)
@@ -177,6 +183,7 @@ class MpiReducer:
 
     def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
         """Agree, then per-feature float64 sums over ranks, added in rank order."""
+        call = resolve(call)
         fields = {}
         flat = np.zeros(0)
         if error is None:
@@ -199,6 +206,7 @@ class MpiReducer:
     ) -> tuple[list[int], list]:
         """Agree (with ``fields``, e.g. ``count``), then every rank's float64 ``vector``
         (the same length on every rank: put the length in ``nfeat``)."""
+        call = resolve(call)
         if error is None:
             vector = np.ascontiguousarray(vector, np.float64)
             fields.setdefault("nfeat", int(vector.size))

@@ -8,11 +8,12 @@ signatures. :func:`select` picks one for an array.
 
 from __future__ import annotations
 
-import functools
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from .._plans import PLANS, cached
+from .._validation import Layout, axis_key, layout
 from .numpy import NumpyBackend
 
 BACKENDS = ("auto", "numpy", "numba")
@@ -78,27 +79,57 @@ def select(name: str, x: object, lay=None):
         return xp_backend(x)
     if name == "numpy" or x.size == 0:
         return NUMPY
-    key = (x.shape, x.strides, x.itemsize, lay.axes)
-    return _numpy_route(name, *key, AUTO_NUMBA_MIN_SIZE, _load_kernels)
+    return plan(name, x, lay.axes).backend
 
 
-@functools.lru_cache(maxsize=1024)
-def _numpy_route(name, shape, strides, itemsize, axes, min_size, load_kernels):
-    """The backend of a non-empty NumPy array of this shape, memory layout (strides,
-    itemsize) and feature axes, decided once per distinct signature: what every later call
-    with such an input reuses. ``min_size`` and ``load_kernels`` are the module's settings
-    at the call (part of the key, so changing them takes effect)."""
-    kern = load_kernels()
+@dataclass(frozen=True)
+class Plan:
+    """What a call does with inputs of one signature: the checked :class:`Layout` and
+    the backend that runs them (cached in :mod:`batchnorm._plans`).
+
+    Attributes
+    ----------
+    layout : Layout
+    backend : NumpyBackend, NumbaBackend or XpBackend
+    """
+
+    layout: Layout
+    backend: object
+
+
+def plan(name: str, x: object, axis: object) -> Plan:
+    """The :class:`Plan` of the array ``x`` with feature ``axis`` run by backend ``name``:
+    the one validation of the axis against the shape, the layout and the backend choice of
+    :func:`select`, made once per NumPy signature (shape, strides, dtype, axis, backend
+    name; with the module's settings ``AUTO_NUMBA_MIN_SIZE`` and ``_load_kernels``, so
+    changing them takes effect). Arrays of other libraries get their layout from the cache
+    and their backend (namespace and device) per call."""
+    if x.__class__ is not np.ndarray:
+        lay = layout(x.shape, axis)
+        return Plan(lay, select(name, x, lay))
+    ak = (axis, int) if axis.__class__ is int else axis_key(axis)  # (the common case inline)
+    key = (name, x.shape, x.strides, x.dtype, *ak, AUTO_NUMBA_MIN_SIZE, _load_kernels)
+    try:
+        found = PLANS.get(key)
+    except TypeError:  # an unhashable name or axis: refused with its own message
+        return _numpy_plan(name, x, axis)
+    return found if found is not None else cached(key, _numpy_plan, name, x, axis)
+
+
+def _numpy_plan(name: object, x: np.ndarray, axis: object) -> Plan:
+    check_backend(name)
+    lay = layout(x.shape, axis)
+    if name == "numpy" or x.size == 0:
+        return Plan(lay, NUMPY)
+    kern = _load_kernels()
     if kern is None:
         if name == "numba":
             raise ImportError("backend='numba' needs numba: pip install numba")
-        return NUMPY
+        return Plan(lay, NUMPY)
     backend = kern.NumbaBackend
-    if not backend.supports(axes):
-        return NUMPY
-    if name == "auto" and math.prod(shape) < min_size:
-        # an array of that layout over no memory (its strides are all memory_shape reads)
-        base = np.empty(0, np.dtype(f"f{itemsize}"))
-        like = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
-        return backend if kern.small_fused(*kern.memory_shape(like, axes)) else NUMPY
-    return backend
+    if not backend.supports(lay.axes):
+        return Plan(lay, NUMPY)
+    if name == "auto" and x.size < AUTO_NUMBA_MIN_SIZE:
+        small = kern.small_fused(*kern.memory_shape(x, lay.axes))
+        return Plan(lay, backend if small else NUMPY)
+    return Plan(lay, backend)

@@ -74,72 +74,59 @@ def _geometry(shape: tuple[int, ...], axes: tuple[int, ...]):
     return red, bshape, fshape, math.prod(shape[i] for i in red)
 
 
-def _centre(x: np.ndarray, mean_b: np.ndarray, h_b=None, delta=0.0):
-    """Return ``d = x*h - s*h`` in working precision and ``mean - s`` in float64.
+def _moments(x, red, m):
+    """Per-feature ``(ref, delta, var, d)`` in float64 (broadcast shape): the mean is
+    ``ref + delta``, held unrounded, ``var`` the biased variance, and ``d = x - ref`` the
+    centred data in working precision (None when a feature had to be rescued), which the
+    output pass reuses.
 
-    The mean is ``mean_b + delta`` (``delta`` 0, or the unrounded offset of a shifted
-    mean, see :func:`_np_moments`); ``s`` is the mean rounded to the working precision.
-    ``x - s`` is exact when x and s are close (Sterbenz) and correctly rounded otherwise,
-    so ``d/h - (mean - s)`` is ``x - mean`` to working precision without a float64 copy of
-    ``x``. ``h`` (a power of two per feature, see :func:`overflow_scale_or_none`) is 1 unless
-    ``x - s`` could overflow.
+    Two passes: a float64 first mean ``m0``, then the centring of the library
+    (:func:`batchnorm.core.passes.centred`: ``d = x - s`` with ``s = ref`` the first mean
+    rounded to working precision) and the sums of ``d`` and ``d^2``
+    (:func:`batchnorm.core.coef.moments_from_shifted_sums`). For float64 input ``d`` is
+    exact near the mean, so ``delta = sum(d)/n`` repairs the summation error of ``m0``
+    (NumPy sums naively along non-contiguous axes) and keeps the digits a float64 mean of
+    1e12 cannot hold; for float16/32 input ``delta = m0 - s`` (``m0`` is exact to float64
+    round-off).
+
+    The rescue rule of NumPy arrays (the compiled kernels' too). Overflow: if a feature's
+    statistics come out non-finite they are computed again on a float64 copy (squares of
+    float32 data cannot overflow there), for float64 data scaled by :data:`RESCALE`; a
+    feature whose data are not finite stays non-finite. Underflow: float16/32 data are
+    squared in float32, which loses deviations below ~1e-19 (squares below the smallest
+    float32); features whose variance comes out below :data:`TINY_VAR` are computed again
+    on a float64 copy.
     """
-    wt = work_dtype(x.dtype)
-    shift = (mean_b + delta).astype(wt)
-    if h_b is None or not (h_b != 1.0).any():
-        d = np.subtract(x, shift, dtype=wt)
-    else:
-        d = np.multiply(x, h_b.astype(wt), dtype=wt)
-        d -= (shift * h_b).astype(wt)
-    return d, coef.mean_offset(mean_b, delta, shift.astype(np.float64))
-
-
-def _np_moments(x, axes):
-    """Per-feature ``(ref, delta, var)`` in float64 and the broadcast shape: the mean is
-    ``ref + delta``, held unrounded, and ``var`` the biased variance.
-
-    Two passes: a float64 mean ``m0``, then the mean ``delta`` and mean square of ``d = x
-    - s`` with ``s`` = ``m0`` rounded to working precision (``ref = s``), less
-    ``delta^2``. For float64 input ``d`` is exact near the mean, so ``delta`` repairs the
-    summation error of ``m0`` (NumPy sums naively along non-contiguous axes) and keeps the
-    digits a float64 mean of 1e12 cannot hold; for float16/32 input ``delta = m0 - s``
-    (``m0`` is exact to float64 round-off).
-
-    Overflow: if a feature's statistics come out non-finite they are computed again on a
-    float64 copy (squares of float32 data cannot overflow there), for float64 data scaled
-    by :data:`RESCALE`; a feature whose data are not finite stays non-finite.
-
-    Underflow: float16/32 data are squared in float32, which loses deviations below ~1e-19
-    (squares below the smallest float32); features whose variance comes out below
-    :data:`TINY_VAR` are computed again on a float64 copy, as the compiled kernels do.
-    """
-    red, _, _, m = _geometry(x.shape, axes)
-    ref, delta, var = _np_moments_once(x, red, m)
+    ref, delta, var, d = _moments_once(x, red, m)
     # fast exit: the O(C) sums are finite (and no float32 variance is tiny) -> all good
     s = float(np.add.reduce(delta, axis=None)) + float(np.add.reduce(var, axis=None))
     if math.isfinite(s) and (x.dtype == np.float64 or float(np.min(var)) >= TINY_VAR):
-        return ref, delta, var
+        return ref, delta, var, d
     with np.errstate(all="ignore"):
         bad = ~(np.isfinite(ref + delta) & np.isfinite(var))
         if x.dtype != np.float64:
             bad |= var < TINY_VAR
-        if bad.any():
-            h = RESCALE if x.dtype == np.float64 else 1.0
-            r2, d2, v2 = _np_moments_once(x.astype(np.float64) * h, red, m)
-            ref, delta = np.where(bad, r2 / h, ref), np.where(bad, d2 / h, delta)
-            var = np.where(bad, (v2 / h) / h, var)
-    return ref, delta, var
+        if not bad.any():
+            return ref, delta, var, d
+        h = RESCALE if x.dtype == np.float64 else 1.0
+        r2, d2, v2, _ = _moments_once(x.astype(np.float64) * h, red, m)
+        ref, delta = np.where(bad, r2 / h, ref), np.where(bad, d2 / h, delta)
+        var = np.where(bad, (v2 / h) / h, var)
+    return ref, delta, var, None
 
 
-def _np_moments_once(x, red, m):
+def _moments_once(x, red, m):
     m0 = np.add.reduce(x, axis=red, dtype=np.float64, keepdims=True) / m
-    d, delta = _centre(x, m0)
-    if d.dtype == np.float64:
-        delta = np.add.reduce(d, axis=red, keepdims=True) / m
-    msq = np.add.reduce(np.square(d, out=d), axis=red, dtype=np.float64, keepdims=True) / m
-    ref = m0 if d.dtype == np.float64 else m0.astype(d.dtype).astype(np.float64)
-    var = msq - delta * delta
-    return ref, delta, np.maximum(var, 0.0, out=var)
+    ref, d = passes.centred(np, x, m0, 1.0)
+    if d.dtype == np.float64:  # delta repairs the float64 sum of pass 1
+        t1 = np.add.reduce(d, axis=red, keepdims=True)
+        delta = t1 / m
+    else:  # m0 is exact to float64 round-off: delta = m0 - s
+        delta = coef.mean_offset(m0, 0.0, ref)
+        t1 = delta * m
+    t2 = np.add.reduce(np.square(d), axis=red, dtype=np.float64, keepdims=True)
+    _, var = coef.moments_from_shifted_sums(ref, t1, t2, m, 1.0)
+    return ref, delta, var, d
 
 
 def _finish(d: np.ndarray, dtype, out) -> np.ndarray:
@@ -244,15 +231,15 @@ class NumpyBackend(NumpyArrays):
     @staticmethod
     def moments_shifted(xw: np.ndarray, axes: tuple[int, ...]):
         """Per-feature float64 ``(ref, delta, var)``: the mean ``ref + delta`` unrounded."""
-        fshape = tuple(xw.shape[a] for a in axes)
-        return tuple(v.reshape(fshape) for v in _np_moments(xw, axes))
+        red, _, fshape, m = _geometry(xw.shape, axes)
+        return tuple(v.reshape(fshape) for v in _moments(xw, red, m)[:3])
 
     @staticmethod
     def affine(xw, axes, mean, scale, bias, dtype, out=None, h=None, delta=0.0) -> np.ndarray:
         """``y = (x - mean) * scale + bias`` per feature, returned in ``dtype`` (into
         ``out`` when given); ``h`` the per-feature overflow scale (default 1); with
         ``delta`` the mean is ``mean + delta`` held unrounded."""
-        b = _bshape(xw, axes)
+        b = _geometry(xw.shape, axes)[1]
         hb = 1.0 if h is None else h.reshape(b)
         db = delta if np.ndim(delta) == 0 else delta.reshape(b)
         wt = work_dtype(xw.dtype) if out is not None else dtype
@@ -262,19 +249,22 @@ class NumpyBackend(NumpyArrays):
     @staticmethod
     def train(xw, axes, gamma, beta, eps, dtype, out=None):
         """Training forward: ``(y, mean, var, inv_std)``: the statistics of
-        :meth:`moments_shifted`,
-        then the output pass of :meth:`affine` with the unrounded mean (written out here
-        in the broadcast shape: small arrays pay for every NumPy call)."""
-        _, b, fshape, m = _geometry(xw.shape, axes)
-        ref, delta, var = _np_moments(xw, axes)
+        :meth:`moments_shifted`, then the output pass on the centred data ``d = x - s`` of
+        the statistics, with the mean's offset ``delta`` from the shift in the bias
+        (:func:`batchnorm.core.passes.affine_centred`; :meth:`affine` with the unrounded
+        mean where a feature needs the overflow scale or was rescued)."""
+        red, b, fshape, m = _geometry(xw.shape, axes)
+        ref, delta, var, d = _moments(xw, red, m)
         mean = ref + delta
         inv = coef.inv_std(var, eps)
         wt = work_dtype(xw.dtype)
         h = overflow_scale_or_none(mean, var, m, wt)
-        y = passes.scale_shift(
-            np, xw, ref, inv * gamma.reshape(b), beta.reshape(b), 1.0 if h is None else h,
-            wt if out is not None else dtype, delta,
-        )  # fmt: skip
+        a, c = inv * gamma.reshape(b), beta.reshape(b)
+        to = wt if out is not None else dtype
+        if d is None or h is not None:
+            y = passes.scale_shift(np, xw, ref, a, c, 1.0 if h is None else h, to, delta)
+        else:
+            y = passes.affine_centred(np, d, delta, a, c, 1.0, to)
         y = _finish(y, dtype, out)
         return y, mean.reshape(fshape), var.reshape(fshape), inv.reshape(fshape)
 
@@ -299,40 +289,23 @@ class NumpyBackend(NumpyArrays):
 
     @staticmethod
     def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, dtype, out=None):
-        """Backward: ``(dx, sum_dy, sum_dy_xc)``; ``x`` is centred once for both the sums
-        and ``dx = k dy + p (x - mean) + q``."""
+        """Backward: ``(dx, sum_dy, sum_dy_xc)``; ``x`` is centred once
+        (:func:`batchnorm.core.passes.centred`) for the sums and for ``dx = k dy + p (x -
+        mean) + q`` (:func:`batchnorm.core.passes.dx_centred`)."""
         red, b, fshape, m = _geometry(xw.shape, axes)
-        hb = None if h is None else h.reshape(b)
-        mb = mean.reshape(b)
-        if xw.dtype == np.float64 and hb is None:
-            d, delta = xw - mb, None
-        else:
-            d, delta = _centre(xw, mb, hb)
-        wt = d.dtype
+        hb = 1.0 if h is None else h.reshape(b)
+        mb, kb = mean.reshape(b), k.reshape(b)
+        shift, d = passes.centred(np, xw, mb, hb)
         sum_dy = np.add.reduce(dyw, axis=red, dtype=np.float64, keepdims=True)
-        wide_dy = dyw.dtype.itemsize > wt.itemsize  # float64 dy with float32 x: in float64
-        prod = np.multiply(d, dyw, dtype=dyw.dtype if wide_dy else wt)
+        wide = dyw.dtype.itemsize > d.dtype.itemsize  # float64 dy with float32 x: in float64
+        prod = np.multiply(d, dyw, dtype=dyw.dtype if wide else d.dtype)
         s2 = np.add.reduce(prod, axis=red, dtype=np.float64, keepdims=True)
-        h1 = 1.0 if hb is None else hb
-        d0 = 0.0 if delta is None else delta
-        if delta is not None or hb is not None:  # (0 * inf would turn an inf sum into NaN)
-            s2 = coef.centred_grad_sum(s2, sum_dy, d0, 0.0, h1)
-        kb = k.reshape(b)
+        if d.dtype != np.float64 or h is not None:  # (0 * inf would make an inf sum NaN)
+            s2 = coef.centred_grad_sum(s2, sum_dy, mb, shift, hb)
         if batch_stats:
             p, q = coef.backward_coef(sum_dy, s2, inv.reshape(b), kb, m)
-            p, q = coef.input_grad_coef(p, q, d0, 0.0, h1)
-            if wt != np.float64:
-                p, q = p.astype(wt), q.astype(wt)
-            d *= p
-            d += q
-        else:  # dx = k dy; 0 * (x - mean) keeps NaN/Inf of x flowing into dx as before
-            d *= 0.0
-        if wide_dy:
-            d += np.multiply(dyw, kb, out=prod)
-        else:
-            d += np.multiply(dyw, kb if wt == np.float64 else kb.astype(wt), out=prod)
-        return _finish(d, dtype, out), sum_dy.reshape(fshape), s2.reshape(fshape)
-
-
-def _bshape(x: np.ndarray, axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(n if i in axes else 1 for i, n in enumerate(x.shape))
+        else:  # dx = k dy; 0 * (x - mean) keeps NaN/Inf of x flowing into dx
+            p = q = np.zeros(mb.shape)
+        p_h, q_s = coef.input_grad_coef(p, q, mb, shift, hb)
+        dx = passes.dx_centred(np, d, dyw, kb, p_h, q_s, dtype)
+        return _finish(dx, dtype, out), sum_dy.reshape(fshape), s2.reshape(fshape)

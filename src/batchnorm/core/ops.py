@@ -64,6 +64,11 @@ def rounded(v, like):
     The shift of the rounding-safe form: ``s = rounded(mean, x)`` is the mean as the data
     can hold it, so ``x - s`` is exact (Sterbenz) for data near their mean.
     """
+    if v.__class__ is np.ndarray and like.__class__ is np.ndarray:  # the common case
+        if like.dtype == np.float64 and v.dtype == np.float64:
+            return v  # already as the data hold it
+        wt = np.float64 if like.dtype == np.float64 else np.float32
+        return v.astype(wt).astype(v.dtype)
     if _is_numpy(v) and _is_numpy(like):
         wt = np.float64 if np.asarray(like).dtype == np.float64 else np.float32
         return np.asarray(v).astype(wt).astype(np.asarray(v).dtype)

@@ -1,8 +1,6 @@
-r"""The passes of batch normalization for arrays of any Array API namespace.
-
-Used for every array that is not a NumPy array (NumPy keeps its compiled and NumPy
-backends). Pure functions of standard Array API calls only: no data-dependent Python
-branching, no ``float(array)``; shapes, axes and dtypes are static Python values, so every
+r"""The passes of batch normalization for arrays of any Array API namespace (NumPy's
+backend uses the centring, output and input-gradient passes too). Pure functions of standard
+Array API calls only: no data-dependent Python branching, no ``float(array)``; every
 function traces under ``jax.jit``. The formulas come from :mod:`batchnorm.core.coef`.
 
 Conventions. ``x`` has any shape; the *feature axes* ``axes`` index the features and the
@@ -66,7 +64,10 @@ from .sums import shifted_sums
 
 __all__ = [
     "Layout",
+    "affine_centred",
     "backward",
+    "centred",
+    "dx_centred",
     "evaluate",
     "grad_sums",
     "input_grad",
@@ -90,39 +91,35 @@ def _big(xp, wt) -> float:
 
 
 def _work(xp, x):
-    return xp.astype(x, work_dtype(xp, x.dtype), copy=False)
+    return _as(xp, x, work_dtype(xp, x.dtype))
+
+
+def _as(xp, v, dtype):
+    """``v`` (an array) in ``dtype``: itself when it already is (no call into ``xp``)."""
+    return v if v.dtype == dtype else xp.astype(v, dtype)
 
 
 def moments(xp, x, red: tuple[int, ...], sdt):
-    """Per-feature mean and biased variance by the shifted two-pass (module notes).
-
-    Parameters
-    ----------
-    xp : array namespace of ``x``
-    x : array, any shape, float16/bfloat16/float32/float64
-    red : tuple of int
-        The reduced axes (non-negative).
-    sdt : dtype of ``xp``
-        The statistics dtype.
-
-    Returns
-    -------
-    mean, var : arrays in the broadcast shape (reduced axes of size 1), dtype ``sdt``
-    """
+    """Per-feature mean and biased variance of ``x`` (float16/bfloat16/float32/float64)
+    over the axes ``red`` by the shifted two-pass (module notes): ``(mean, var)`` in the
+    broadcast shape (reduced axes of size 1) and the statistics dtype ``sdt``."""
     n = math.prod(x.shape[i] for i in red)
     shift, _, t1, t2 = shifted_sums(xp, _work(xp, x), red, sdt, n)
     return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
 
 
-def _centred(xp, xw, mean, h, delta=0.0):
-    """``(shift, d)``: the shift (the mean ``mean + delta`` rounded to the working dtype,
-    in the dtype of ``mean``) and ``d = x h - s h`` (exact near the mean, and safe from
-    overflow). ``h`` the Python float 1.0 (a static value, not data) skips the scaling."""
-    shift = rounded(mean + delta, xw)
+def centred(xp, xw, mean, h):
+    """The one centring of the library: ``(shift, d)``, the shift (``mean`` rounded to the
+    working dtype, in the dtype of ``mean``) and ``d = x h - s h``
+    (exact near the mean, and safe from overflow). ``h`` the Python float 1.0 (a static
+    value, not data) skips the scaling. ``d`` is in the working dtype (also for float16
+    NumPy data, which NumPy's backend reads as they are)."""
+    wt = work_dtype(xp, xw.dtype)
+    shift = rounded(mean, xw)
     if isinstance(h, float) and h == 1.0:
-        return shift, xw - xp.astype(shift, xw.dtype)
-    d = xw * xp.astype(h, xw.dtype)
-    d -= xp.astype(shift * h, xw.dtype)
+        return shift, xw - _as(xp, shift, wt)
+    d = xw * _as(xp, h, wt)
+    d -= _as(xp, shift * h, wt)
     return shift, d
 
 
@@ -130,8 +127,8 @@ def _affine(xp, d, a, c):
     """``d * a + c`` written into ``d`` (a temporary of ours): in-place operators are in
     the standard and rebind immutable arrays (JAX); each full-size temporary saved is a
     fresh allocation, and its page faults, saved."""
-    d *= xp.astype(a, d.dtype)
-    d += xp.astype(c, d.dtype)
+    d *= _as(xp, a, d.dtype)
+    d += _as(xp, c, d.dtype)
     return d
 
 
@@ -166,7 +163,8 @@ def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
     """``y = (x - mean) * a + beta`` per feature in the rounding-safe form, with the
     overflow scale ``h`` given (the output pass of :func:`normalize`; NumPy's too). With
     ``delta`` the mean is ``mean + delta`` held unrounded (a shift and the mean's offset
-    from it: :func:`batchnorm.core.coef.mean_offset`).
+    from it: :func:`batchnorm.core.coef.mean_offset`): the data are centred on ``mean``
+    and ``delta`` enters the bias, as in NumPy's fused training pass.
 
     Parameters
     ----------
@@ -182,10 +180,15 @@ def scale_shift(xp, x, mean, a, beta, h, out_dtype, delta=0.0):
     -------
     y : array, shape of ``x``, dtype ``out_dtype``
     """
-    xw = _work(xp, x)
-    shift, d = _centred(xp, xw, mean, h, delta)
-    a_h, c = output_coef(mean_offset(mean, delta, shift), a, 1.0, _beta(beta), 0.0, h)
-    return xp.astype(_affine(xp, d, a_h, c), out_dtype, copy=False)
+    shift, d = centred(xp, _work(xp, x), mean, h)  # delta only enters the bias
+    return affine_centred(xp, d, mean_offset(mean, delta, shift), a, beta, h, out_dtype)
+
+
+def affine_centred(xp, d, offset, a, beta, h, out_dtype):
+    """The output pass on centred data ``d = x h - s h`` (:func:`centred`, overwritten):
+    ``y = d a/h + (beta - offset a)`` with ``offset = mean - s``, in ``out_dtype``."""
+    a_h, c = output_coef(offset, a, 1.0, _beta(beta), 0.0, h)
+    return _as(xp, _affine(xp, d, a_h, c), out_dtype)
 
 
 def _beta(beta):
@@ -211,7 +214,7 @@ def grad_sums(xp, x, dy, mean, red: tuple[int, ...], sdt, h):
     sum_dy, sum_dy_xc : arrays in the broadcast shape, dtype ``sdt``
     """
     xw, dyw = _work(xp, x), _work(xp, dy)
-    shift, d = _centred(xp, xw, mean, h)
+    shift, d = centred(xp, xw, mean, h)
     sum_dy = _sum(xp, dyw, red, sdt)
     sum_dy_d = _sum(xp, dyw * d, red, sdt)
     return sum_dy, centred_grad_sum(sum_dy_d, sum_dy, mean, shift, h)
@@ -234,20 +237,22 @@ def input_grad(xp, x, dy, mean, k, p, q, out_dtype, h):
     dx : array, shape of ``x``, dtype ``out_dtype``
     """
     xw, dyw = _work(xp, x), _work(xp, dy)
-    shift, d = _centred(xp, xw, mean, h)
+    shift, d = centred(xp, xw, mean, h)
     p_h, q_s = input_grad_coef(p, q, mean, shift, h)
-    return _dx(xp, d, dyw, k, p_h, q_s, out_dtype)
+    return dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype)
 
 
-def _dx(xp, d, dyw, k, p_h, q_s, out_dtype):
-    """``dx = (d p_h + q_s) + k dy``, overwriting the temporary ``d``."""
+def dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype):
+    """``dx = (d p_h + q_s) + k dy`` on centred data ``d`` (:func:`centred`, overwritten);
+    ``(p_h, q_s)`` from :func:`batchnorm.core.coef.input_grad_coef`."""
     dx = _affine(xp, d, p_h, q_s)
-    k_dy = dyw * xp.astype(k, dyw.dtype)  # float64 dy with float32 x: the product in float64
+    # float64 dy with float32 x: the product in float64; float16 dy (NumPy): in float32
+    k_dy = dyw * _as(xp, k, xp.result_type(dyw.dtype, dx.dtype))
     if k_dy.dtype == dx.dtype:
         dx += k_dy
     else:
         dx = dx + k_dy
-    return xp.astype(dx, out_dtype, copy=False)
+    return _as(xp, dx, out_dtype)
 
 
 def _per_feature(xp, v, sdt, bshape):
@@ -377,7 +382,7 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
         d = xw - xp.astype(shift, xw.dtype)
     else:
         h = overflow_scale(mean_b, var_b, shift, 0, _big(xp, xw.dtype))
-        _, d = _centred(xp, xw, mean_b, h)
+        _, d = centred(xp, xw, mean_b, h)
     sum_dy = _sum(xp, dyw, lay.red, sdt)
     sum_dy_d = _sum(xp, dyw * d, lay.red, sdt)
     m_rel, s_rel = mean_b, shift  # the mean relative to the shift: (mean, s) or (delta, 0)
@@ -387,7 +392,7 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
     if batch_stats:
         p, q = backward_coef(sum_dy, sum_dy_xc, inv_b, k, n)
         p_h, q_s = input_grad_coef(p, q, m_rel, s_rel, h)
-        dx = _dx(xp, d, dyw, k, p_h, q_s, x.dtype)
+        dx = dx_centred(xp, d, dyw, k, p_h, q_s, x.dtype)
     else:
         dx = xp.astype(dyw * xp.astype(k, dyw.dtype), x.dtype, copy=False)
     return dx, xp.reshape(inv_b * sum_dy_xc, lay.fshape), xp.reshape(sum_dy, lay.fshape)

@@ -5,7 +5,10 @@ reducer and hands it what it computed locally. The protocol, for every synchroni
 
 1. every participant does its local work through :func:`attempt` (``value, error =
    attempt(reducer, fn, *args)``): the single-process reducer raises an error at once,
-   a distributed one hands it back instead of raising it;
+   a distributed one hands it back instead of raising it; a call with a fused
+   single-process pass hands both of its implementations to :meth:`Reducer.dispatch`,
+   which runs the one the reducer needs (the single-process reducer the fused pass, a
+   distributed one the pass that merges in between);
 2. :meth:`Reducer.agree` (or :meth:`Reducer.merge` / :meth:`Reducer.sum`, which agree
    first) with that error: if any participant failed, or they disagree about the call,
    the same error is raised on every participant before any data moves;
@@ -13,11 +16,11 @@ reducer and hands it what it computed locally. The protocol, for every synchroni
    bit-identical results.
 
 So no caller catches errors or asks whether it is distributed: agreeing on an error is
-the reducer's business. :class:`LocalReducer` is the single-process reducer (an error is
-simply raised). The MPI reducer lives in :mod:`batchnorm._sync`; framework reducers
-(torch.distributed, a JAX axis name) implement the same four methods, and may implement
-``attempt`` (otherwise :func:`attempt` collects errors for every reducer whose
-``distributed`` is true).
+the reducer's business. The :class:`Call` record a distributed reducer sends may be given
+as a function that builds it (:func:`resolve`): the single-process reducer never builds
+it. :class:`LocalReducer` is the single-process reducer (an error is simply raised). The
+MPI reducer lives in :mod:`batchnorm._sync`; framework reducers (torch.distributed) derive
+from it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from .stats import BatchStats
 
-__all__ = ["KIND_NAMES", "Call", "LocalReducer", "Reducer", "SyncBatchStats", "LOCAL", "attempt"]
+__all__ = [
+    "KIND_NAMES",
+    "LOCAL",
+    "Call",
+    "LocalReducer",
+    "Reducer",
+    "SyncBatchStats",
+    "attempt",
+    "resolve",
+]
 
 T = TypeVar("T")
 
@@ -90,11 +102,26 @@ class SyncBatchStats(BatchStats):
 
 @runtime_checkable
 class Reducer(Protocol):
-    """The four operations a cross-process reducer provides (see the module docstring)."""
+    """The operations a cross-process reducer provides (see the module docstring).
 
-    #: False for the single-process reducer (the layers may then fuse statistics and output
-    #: into one pass, since nothing has to be merged in between).
+    ``call`` arguments are a :class:`Call` or a function without arguments returning one.
+    """
+
+    #: False for the single-process reducer (read only by the reducers and the checks of
+    #: a reducer assignment; callers use :meth:`dispatch`).
     distributed: bool
+
+    def attempt(
+        self, fn: Callable[..., T], /, *args, **kwargs
+    ) -> tuple[T | None, BaseException | None]:
+        """This participant's local step: ``(fn(*args, **kwargs), None)``; an error is
+        raised at once (single process) or returned as ``(None, error)``."""
+
+    def dispatch(
+        self, local: Callable[..., T], synchronized: Callable[..., T], call, error, /, *args
+    ) -> T:
+        """``local(*args)`` for the single process (``error`` raised), else
+        ``synchronized(self, call, error, *args)`` with ``call`` built."""
 
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> object:
         """Raise on every participant if any failed or the participants disagree."""
@@ -129,8 +156,16 @@ class LocalReducer:
         """``(fn(*args, **kwargs), None)``; an error is raised at once."""
         return fn(*args, **kwargs), None
 
+    @staticmethod
+    def dispatch(local: Callable[..., T], synchronized, call, error, /, *args) -> T:
+        """``local(*args)``: the fused single-process pass (``error`` raised; ``call`` and
+        ``synchronized`` unused)."""
+        if error is not None:
+            raise error
+        return local(*args)
+
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> None:
-        """Raise ``error`` if there is one."""
+        """Raise ``error`` if there is one (nothing to agree on)."""
         if error is not None:
             raise error
 
@@ -174,14 +209,15 @@ def attempt(
 ) -> tuple[T | None, BaseException | None]:
     """This participant's local step of a collective call: ``(value, None)``, or with a
     distributed reducer ``(None, error)`` when ``fn`` failed, for ``reducer.merge`` /
-    ``sum`` / ``agree`` to raise on every participant. Uses ``reducer.attempt`` when the
-    reducer has one."""
+    ``sum`` / ``agree`` to raise on every participant (``reducer.attempt``)."""
     if reducer is LOCAL:  # the common case, without a lookup
         return fn(*args, **kwargs), None
-    own = getattr(reducer, "attempt", None)
-    if own is not None:
-        return own(fn, *args, **kwargs)
-    return collect(fn, *args, **kwargs) if reducer.distributed else (fn(*args, **kwargs), None)
+    return reducer.attempt(fn, *args, **kwargs)
+
+
+def resolve(call: Call | Callable[[], Call]) -> Call:
+    """The :class:`Call` record itself (a distributed reducer builds a lazy one here)."""
+    return call if isinstance(call, Call) else call()
 
 
 #: The shared single-process reducer (it holds no state).

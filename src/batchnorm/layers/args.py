@@ -143,6 +143,20 @@ class Arguments:
         self._values[name] = value
         self._shown[name] = value
 
+    def describe(self) -> str:
+        """The arguments as a layer's ``repr`` shows them (``8, eps=1e-05, ...``)."""
+        parts = []
+        for key, value in self.items():
+            if key == "num_features":
+                parts.append(repr(value[0] if len(value) == 1 else value))
+            elif isinstance(value, float):
+                parts.append(f"{key}={value:g}")
+            elif isinstance(value, np.dtype):
+                parts.append(f"{key}={value.name!r}")
+            else:
+                parts.append(f"{key}={value!r}")
+        return ", ".join(parts)
+
     def config(self) -> dict[str, object]:
         """The JSON-friendly arguments, in constructor order."""
         return {k: json_value(v) for k, v in self.items()}
@@ -175,7 +189,7 @@ class Argument:
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        return obj._args[self.name]
+        return obj._args._values[self.name]
 
     def __set__(self, obj: Any, value: object) -> None:
         if self.check is None:

@@ -99,6 +99,17 @@ class Placement:
         self.placed = True
         return out
 
+    def settle(self, ok: bool, state: Any) -> None:
+        """After a forward: keep the placement it made (``ok``) or put ``state``'s arrays
+        back exactly as :attr:`undo` holds them."""
+        undo, self.undo = self.undo, None
+        if undo is None or ok:
+            return
+        for key, value in undo.items():
+            setattr(state, key, value)
+        self.xp = self.device = None
+        self.placed = False
+
     def check(self, x: object, owner: str, fresh: bool) -> bool:
         """Whether ``x`` is in the layer's namespace and on its device; False when the layer
         is fresh and should move to ``x`` first; TypeError naming both otherwise."""

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from .._compose import Inputs, eval_pass
-from .._validation import SUPPORTED_DTYPES, as_input, check_eps, layout
-from ..backends import check_backend, select
-from ..core.reduce import KIND_EVAL, Call, attempt
+from .._validation import SUPPORTED_DTYPES, as_input, check_eps
+from ..backends import check_backend, plan
+from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
 from . import state as state_io
 from .args import Argument, Arguments, Constant, build, config_name
@@ -190,17 +190,7 @@ class NormLayer(Module):
         return build(cls, config)
 
     def __repr__(self) -> str:
-        parts = []
-        for key, value in self._args.items():
-            if key == "num_features":
-                parts.append(repr(value[0] if len(value) == 1 else value))
-            elif isinstance(value, float):
-                parts.append(f"{key}={value:g}")
-            elif isinstance(value, np.dtype):
-                parts.append(f"{key}={value.name!r}")
-            else:
-                parts.append(f"{key}={value!r}")
-        return f"{type(self).__name__}({', '.join(parts)}, training={self.training})"
+        return f"{type(self).__name__}({self._args.describe()}, training={self.training})"
 
     # ------------------------------------------------------------------ arrays
     def host(self, name: str) -> np.ndarray | None:
@@ -221,31 +211,11 @@ class NormLayer(Module):
             self._state.cache = None
         return self
 
-    def _fresh(self) -> bool:
-        """Whether the layer has never run nor been loaded (it may still move)."""
-        st = self._state
-        return (
-            st.cache is None
-            and st.num_batches_tracked == 0
-            and st.last_batch_stats is None
-            and st.dgamma is None
-        )
-
     def _check_namespace(self, x: object) -> None:
         """``x`` must be in the layer's namespace and device (a fresh layer moves to it)."""
-        if not self.place.check(x, type(self).__name__, self._fresh()):
+        if not self.place.check(x, type(self).__name__, self._state.fresh()):
             self.place.undo = {**self._state.arrays(), "cache": self._state.cache}
             self.to(x)
-
-    def _settle_placement(self, ok: bool) -> None:
-        """After a forward: keep the placement it made (``ok``) or undo it exactly."""
-        undo, self.place.undo = self.place.undo, None
-        if undo is None or ok:
-            return
-        for key, value in undo.items():
-            setattr(self._state, key, value)
-        self.place.xp = self.place.device = None
-        self.place.placed = False
 
     # ------------------------------------------------------------------ input checks
     def _inputs(self, x: object) -> Inputs:
@@ -253,14 +223,14 @@ class NormLayer(Module):
         if type(x) is not np.ndarray or x.dtype not in _SUPPORTED or x.ndim < 2:
             x = as_input(x)
         self._check_namespace(x)
-        lay = layout(x.shape, self.axis)
+        p = plan(self.backend, x, self.axis)
+        lay = p.layout
         if lay.fshape != self.feature_shape:
             raise ValueError(
                 f"x with shape {tuple(x.shape)} has {lay.fshape} features along axis "
                 f"{self.axis!r}, but the layer was built for num_features={self.feature_shape}"
             )
-        be = select(self.backend, x, lay)
-        st = self._state
+        be, st = p.backend, self._state
         return Inputs(x, lay, be, be.param(st.gamma), be.param(st.beta), self.eps)
 
     def check_input(self, x: object) -> tuple[object, tuple[int, ...]]:
@@ -289,29 +259,29 @@ class NormLayer(Module):
         try:
             y = self._forward(x, training, update_stats)
         except BaseException:
-            self._settle_placement(False)
+            self.place.settle(False, self._state)
             raise
-        self._settle_placement(True)
+        self.place.settle(True, self._state)
         return y
 
     def _forward(self, x, training: bool, update_stats: bool):
         """Evaluation with the running statistics (every participant agrees first)."""
-        red = self._sync.reducer
-        if not red.distributed:
-            y, cache = self._forward_running(self._inputs(x))
-        else:
-            call = Call(
-                f"{self._label()} evaluation forward",
-                KIND_EVAL,
-                training,
-                False,
-                args_hash(self.config()),
-            )
-            inp, error = attempt(red, self._inputs, x)
-            red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
-            y, cache = self._forward_running(inp)
+
+        def call() -> Call:  # built only by a distributed reducer
+            label = f"{self._label()} evaluation forward"
+            return Call(label, KIND_EVAL, training, False, args_hash(self.config()))
+
+        y, cache = self._sync.reducer.dispatch(self._eval_local, self._eval_synced, call, None, x)
         self._commit_forward(cache, None)
         return y
+
+    def _eval_local(self, x) -> tuple[object, object]:
+        return self._forward_running(self._inputs(x))
+
+    def _eval_synced(self, red, call: Call, error, x) -> tuple[object, object]:
+        inp, error = red.attempt(self._inputs, x)
+        red.agree(call, error, nfeat=int(np.prod(self.feature_shape)))
+        return self._forward_running(inp)
 
     def _forward_running(self, inp: Inputs) -> tuple[object, object]:
         """Evaluation mode: normalize with the running statistics (constants)."""
@@ -350,10 +320,10 @@ class NormLayer(Module):
 
     def _backward(self, dy, cache) -> tuple:
         """``(dx, dgamma, dbeta)`` of the last forward."""
-        from .._compose import backward_pass, check_backward
+        from .._compose import backward_local, check_backward
 
         dy, _ = check_backward(dy, cache, None)
-        return backward_pass(dy, cache, self.backend, None)
+        return backward_local(dy, cache, self.backend, None)
 
     # ------------------------------------------------------------------ state
     def state_keys(self) -> list[str]:

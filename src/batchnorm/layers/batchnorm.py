@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._compose import Inputs, train_pass
+from .._compose import Inputs, train_local, train_synced
 from .._validation import dense, same_layout
 from ..conventions import (
     BatchStats,
@@ -194,12 +194,15 @@ class BatchNorm(ConventionLayer):
             self._buffers[key] = buf
         return buf
 
-    def _forward_batch(self, inp: Inputs, reducer, call, error):
-        if not reducer.distributed:
-            self._check_count(inp)
+    def _forward_batch(self, inp: Inputs):
+        self._check_count(inp)
+        inp.out = self._buffer("y", inp.x)
+        return train_local(inp)
+
+    def _forward_merged(self, inp: Inputs | None, reducer, call, error):
         if inp is not None:
             inp.out = self._buffer("y", inp.x)
-        return train_pass(inp, reducer, call, error)
+        return train_synced(reducer, call, error, inp)
 
     def _forward_running(self, inp: Inputs):
         inp.out = self._buffer("y", inp.x)

@@ -59,6 +59,15 @@ class LayerState:
     gradients_reduced: bool = False
     cache: Any = None
 
+    def fresh(self) -> bool:
+        """Whether the layer has never run nor been loaded (it may still move)."""
+        return (
+            self.cache is None
+            and self.num_batches_tracked == 0
+            and self.last_batch_stats is None
+            and self.dgamma is None
+        )
+
     def arrays(self) -> dict[str, Any]:
         """The per-feature arrays and gradients by name (absent ones included as None)."""
         return {k: getattr(self, k) for k in (*ARRAYS, "dgamma", "dbeta")}

@@ -33,7 +33,7 @@ import numpy as np
 from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
-from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, attempt
+from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
 from .args import Argument, Constant
 from .base import NormLayer
 from .checks import check_nonfinite
@@ -149,34 +149,28 @@ class BatchStatsLayer(NormLayer):
         if not (training or not self.track_running_stats):
             return super()._forward(x, training, update_stats)
         update = bool(training and update_stats and self.track_running_stats)
-        red = self._sync.reducer
-        call = inp = error = None
-        if red.distributed:  # every participant checks, agrees and merges together
-            call = Call(
-                f"{self._label()} training forward",
-                KIND_TRAIN,
-                training,
-                update,
-                args_hash(self.config()),
-            )
-            inp, error = attempt(red, self._inputs, x)
-        else:
-            inp = self._inputs(x)
-        y, cache, stats = self._forward_batch(inp, red, call, error)
-        if red.distributed:
-            self._check_merged_count(stats, call)
+
+        def call() -> Call:  # built only by a distributed reducer
+            label = f"{self._label()} training forward"
+            return Call(label, KIND_TRAIN, training, update, args_hash(self.config()))
+
+        y, cache, stats = self._sync.reducer.dispatch(
+            self._train_local, self._train_synced, call, None, x
+        )
         with self._lock:  # read-smooth-write of the running statistics is atomic
             if update:
-                self._commit_running(self._new_running(stats, call))
+                self._commit_running(self._new_running(stats))
             self._commit_forward(cache, stats)
         return y
 
-    def _forward_batch(self, inp: Inputs, reducer, call, error) -> tuple:
-        """Training maths: ``(y, cache, stats)``; with a distributed ``reducer`` the local
-        statistics go through ``reducer.merge`` (which raises ``error`` everywhere)."""
-        raise NotImplementedError
+    def _train_local(self, x) -> tuple:
+        """The training maths of a single process: ``(y, cache, stats)``."""
+        return self._forward_batch(self._inputs(x))
 
-    def _check_merged_count(self, stats: BatchStats, call: Call) -> None:
+    def _train_synced(self, reducer, call: Call, error, x) -> tuple:
+        """Every participant checks, agrees and merges together: ``(y, cache, stats)``."""
+        inp, error = reducer.attempt(self._inputs, x)
+        y, cache, stats = self._forward_merged(inp, reducer, call, error)
         if stats.count < 2 and not (stats.count == 0 and self.nonfinite == "skip"):
             from .._sync.protocol import DistributedError
 
@@ -186,6 +180,16 @@ class BatchStatsLayer(NormLayer):
                 f"all ranks; the ranks hold {counts} (total {stats.count}); "
                 "raised on every rank, nothing changed"
             )
+        return y, cache, stats
+
+    def _forward_batch(self, inp: Inputs) -> tuple:
+        """Training maths of a single process: ``(y, cache, stats)``."""
+        raise NotImplementedError
+
+    def _forward_merged(self, inp: Inputs | None, reducer, call: Call, error) -> tuple:
+        """Training maths whose local statistics go through ``reducer.merge`` (which raises
+        ``error`` everywhere): ``(y, cache, stats)``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot synchronize its statistics")
 
     # ------------------------------------------------------------------ running statistics
     def _running_update(self, running: RunningStats, stats: BatchStats) -> RunningStats:
@@ -202,7 +206,7 @@ class BatchStatsLayer(NormLayer):
             host(st.running_mean), host(st.running_var), int(st.num_batches_tracked)
         )
 
-    def _new_running(self, stats: BatchStats, call: Call | None) -> RunningStats | None:
+    def _new_running(self, stats: BatchStats) -> RunningStats | None:
         """The running statistics after ``stats``, or None to skip; raises before any change."""
         st = self._state
         running = RunningStats(st.running_mean, st.running_var, st.num_batches_tracked)
@@ -211,8 +215,8 @@ class BatchStatsLayer(NormLayer):
         except NonFiniteStatisticsError as exc:
             if self.nonfinite == "skip":
                 return None
-            if call is not None:  # the merged statistics are identical on every rank
-                bad = getattr(stats, "nonfinite_ranks", ())
+            bad = getattr(stats, "nonfinite_ranks", None)
+            if bad is not None:  # merged statistics: identical on every rank
                 where = (
                     f"non-finite local statistics on {'rank' if len(bad) == 1 else 'ranks'} "
                     f"{bad[0] if len(bad) == 1 else list(bad)}"
@@ -220,7 +224,7 @@ class BatchStatsLayer(NormLayer):
                     else "the merged statistics overflowed"
                 )
                 raise NonFiniteStatisticsError(
-                    f"{call.label}: {where} (raised on every rank): {exc}"
+                    f"{self._label()} training forward: {where} (raised on every rank): {exc}"
                 ) from None
             raise NonFiniteStatisticsError(
                 f"{exc}; running statistics left unchanged. Pass nonfinite='skip' to skip such "
@@ -293,16 +297,22 @@ class BatchStatsLayer(NormLayer):
     def _backward(self, dy, cache) -> tuple:
         """``(dx, dgamma, dbeta)``: check ``dy`` once, gradient sums, ``reducer.sum`` (after
         a synchronized forward), input gradient."""
-        from .._compose import backward_pass, check_backward
-
         red = self._sync.reducer if getattr(cache, "synchronized", False) else LOCAL
-        if not red.distributed:
-            dy, out = check_backward(dy, cache, None)
-            return backward_pass(dy, cache, self.backend, self._dx_buffer(cache, dy))
-        call = Call(f"{self._label()} backward", KIND_BACKWARD)
-        args, error = attempt(red, self._backward_args, dy, cache)
+        call = lambda: Call(f"{self._label()} backward", KIND_BACKWARD)  # noqa: E731
+        return red.dispatch(self._backward_local, self._backward_synced, call, None, dy, cache)
+
+    def _backward_local(self, dy, cache) -> tuple:
+        from .._compose import backward_local, check_backward
+
+        dy, _ = check_backward(dy, cache, None)
+        return backward_local(dy, cache, self.backend, self._dx_buffer(cache, dy))
+
+    def _backward_synced(self, red, call: Call, error, dy, cache) -> tuple:
+        from .._compose import backward_synced
+
+        args, error = red.attempt(self._backward_args, dy, cache)
         dy, out = args if args is not None else (dy, None)
-        return backward_pass(dy, cache, self.backend, out, red, call, error)
+        return backward_synced(red, call, error, dy, cache, self.backend, out)
 
     def _backward_args(self, dy, cache) -> tuple:
         """``(dy, dx buffer)`` after the one check of ``dy`` against the forward's cache."""

@@ -68,14 +68,13 @@ _LAYOUTS: dict = {}
 
 
 def layout(x: torch.Tensor) -> Layout:
-    """The cached :class:`Layout` of ``x``'s signature."""
-    key = (x.shape, x.stride(), x.dtype)
-    lay = _LAYOUTS.get(key)
-    if lay is None:
-        if len(_LAYOUTS) > 512:
-            _LAYOUTS.clear()
-        lay = _LAYOUTS[key] = _make_layout(x)
-    return lay
+    """The cached :class:`Layout` of ``x``'s signature (the library's one plan cache,
+    :mod:`batchnorm._plans`)."""
+    from batchnorm._plans import PLANS, cached  # absolute: no per-call name resolution
+
+    key = ("torch", x.shape, x.stride(), x.dtype)
+    lay = PLANS.get(key)
+    return lay if lay is not None else cached(key, _make_layout, x)
 
 
 def _make_layout(x: torch.Tensor) -> Layout:
