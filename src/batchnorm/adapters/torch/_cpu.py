@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..._plans import PLANS, cached
 from ...backends.numba import kernels as K
 from ...backends.numba import small as S
 from ...backends.numpy import OVERFLOW_LIMIT
@@ -64,14 +65,9 @@ class Layout:
     fmt: torch.memory_format
 
 
-_LAYOUTS: dict = {}
-
-
 def layout(x: torch.Tensor) -> Layout:
     """The cached :class:`Layout` of ``x``'s signature (the library's one plan cache,
     :mod:`batchnorm._plans`)."""
-    from batchnorm._plans import PLANS, cached  # absolute: no per-call name resolution
-
     key = ("torch", x.shape, x.stride(), x.dtype)
     lay = PLANS.get(key)
     return lay if lay is not None else cached(key, _make_layout, x)
