@@ -97,11 +97,11 @@ def _clip(v, lo, hi):
 
 
 def _centred(x, s, sdt):
-    """``x - s`` in the working dtype (``s`` in the broadcast shape)."""
+    """``x - s`` in the working dtype (``s`` in the broadcast shape; None: ``x``)."""
     xw = jnp.astype(x, work_dtype(jnp, x.dtype))
     if sdt == jnp.float64:
         xw = jnp.astype(xw, sdt)
-    return xw - jnp.astype(s, xw.dtype)
+    return xw if s is None else xw - jnp.astype(s, xw.dtype)
 
 
 def sample(x, lay: Layout, which: int, sdt):
@@ -149,14 +149,42 @@ def shifted_sums(x, lay: Layout, sdt):
     return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
 
 
-def _stats(spec: Spec, x, lay: Layout, sdt):
-    """``(s, delta, var, n)``: the shift, ``mean - s``, the biased variance and the count,
-    merged over ``spec.axis_name`` when given."""
+# A feature is well conditioned for the plain sums when mean**2 <= WELL * var: then
+# sum(x**2)/n - mean**2 loses at most a factor 1 + WELL of relative accuracy (about 1e-6 in
+# float32), the same order as the shifted sums' own factor (module notes).
+WELL = 4.0
+
+
+def plain_sums(x, lay: Layout):
+    """``(sum(x), sum(x * x))`` per feature in the broadcast shape, in ``x``'s dtype: the
+    two reductions XLA CPU emits as its fastest kernels (no elementwise work before the
+    sum), as Flax's ``BatchNorm`` does."""
+    s1 = jnp.sum(x, axis=lay.red, keepdims=True)
+    return s1, jnp.sum(x * x, axis=lay.red, keepdims=True)
+
+
+def well_conditioned(s1, s2, n: int):
+    """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
+    sums, so that they give its statistics to float accuracy; False when any feature
+    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
+    q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+    q = jnp.ravel(q)
+    rows = -(-q.size // _TREE)
+    q = jnp.reshape(jnp.pad(q, (0, rows * _TREE - q.size)), (rows, _TREE))
+    return jnp.sum(jnp.max(q, axis=1)) <= 0.0  # NaN fails the comparison
+
+
+_TREE = 32
+
+
+def _plain_stats(s1, s2, n: int):
+    mean = s1 / n
+    return jnp.zeros_like(mean), mean, jnp.maximum(s2 / n - mean * mean, 0.0)
+
+
+def _shifted_stats(x, lay: Layout, sdt):
     s, delta, m2 = shifted_sums(x, lay, sdt)
-    n = lay.count
-    if spec.axis_name is not None:
-        return coll.merge_stats(s, delta, m2, n, spec.axis_name)
-    return s, delta, m2 / n, n
+    return s, delta, m2 / lay.count
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -168,9 +196,40 @@ def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
 
 
 def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
+    """The statistics, then :func:`_finish`. With ``axis_name``: the shifted sums merged
+    over the axis. Locally, where the statistics dtype is ``x``'s: the plain sums, and
+    ``jax.lax.cond`` keeps them where every feature is well conditioned
+    (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
+    over ``x``); with a wider statistics dtype (float32 data under x64, float16 data):
+    the shifted sums."""
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
-    s, delta, var, _ = _stats(spec, x, lay, sdt)
+    args = (spec, x, lay, sdt, gamma, beta, mu, sigma, lim)
+    if spec.axis_name is not None:
+        s, delta, m2 = shifted_sums(x, lay, sdt)
+        s, delta, var, _ = coll.merge_stats(s, delta, m2, lay.count, spec.axis_name)
+        out, res = _finish(*args, s, delta, var, shift="given")
+    elif x.dtype != sdt:
+        out, res = _finish(*args, *_shifted_stats(x, lay, sdt))
+    else:
+        s1, s2 = plain_sums(x, lay)
+        out, res = jax.lax.cond(
+            well_conditioned(s1, s2, lay.count),
+            lambda: _finish(*args, *_plain_stats(s1, s2, lay.count), shift="none"),
+            lambda: _finish(*args, *_shifted_stats(x, lay, sdt)),
+        )
+    se, de, inv, g, r, d = res  # the inputs stay out of the cond (no copy of x)
+    return out, (x, se, de, inv, g, gamma, beta, mu, sigma, lim, r, d)
+
+
+def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, s, delta, var, shift="sample"):
+    """The output, the statistics and the residuals from ``mean = s + delta`` and ``var``.
+
+    The elementwise pass is ``y = (x - s_e) a + c``. ``shift``: ``"sample"`` shifts by a
+    sample of its own (:func:`sample`, 3), whose ``x - s_e`` no reduction shares; ``"given"``
+    (with ``axis_name``) by the merged reference sample ``s``; ``"none"`` (the plain sums,
+    ``s = 0``, a mean within two standard deviations of zero) not at all, ``y = x a + c``:
+    the fewest operations per value."""
     inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
     r = d = None
@@ -179,23 +238,17 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
     a = inv if g is None else g * inv
-    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
+    se, de = s, delta
+    if shift == "sample":
+        se = sample(x, lay, 3, sdt)
+        de = (s - se) + delta
     c = (0.0 if b is None else b) - de * a
-    xc = _centred(x, se, sdt)
+    xc = _centred(x, None if shift == "none" else se, sdt)
     y = jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
     mean, var_f = (jnp.reshape(v, lay.fshape) for v in (s + delta, var))
     if spec.axis_name is not None:
         mean, var_f = coll.invariant(mean, spec.axis_name), coll.invariant(var_f, spec.axis_name)
-    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, lim, r, d)
-
-
-def _pass_shift(spec: Spec, x, lay: Layout, s, delta, sdt):
-    """The shift of the elementwise passes and the mean relative to it: a sample of its
-    own (see :func:`sample`) locally, the merged reference sample with ``axis_name``."""
-    if spec.axis_name is not None:
-        return s, delta
-    se = sample(x, lay, 3, sdt)
-    return se, (s - se) + delta
+    return (y, mean, var_f), (se, de, inv, g, r, d)
 
 
 def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
@@ -211,16 +264,15 @@ def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
 
 def _train_bwd(spec: Spec, res, cts):
     dy = cts[0]  # the statistics' cotangents: no gradient flows through them (module notes)
-    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res
+    x, se, de, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res  # mean = se + de
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
-    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
     xc = _centred(x, se, sdt)
     dyw = jnp.astype(dy, xc.dtype)
     sum_dy = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
     s3 = sample(x, lay, 2, sdt)  # x - s3 shared with no other pass (see sample)
     sum_dy_d = jnp.sum(dyw * _centred(x, s3, sdt), axis=lay.red, keepdims=True, dtype=sdt)
-    sum_dy_xc = sum_dy_d - ((s - s3) + delta) * sum_dy  # sum(dy (x - mean))
+    sum_dy_xc = sum_dy_d - ((se - s3) + de) * sum_dy  # sum(dy (x - mean))
     loc_dy, loc_dy_xc, n = sum_dy, sum_dy_xc, lay.count
     if spec.axis_name is not None:
         n = lay.count * _bound_size(spec.axis_name)
