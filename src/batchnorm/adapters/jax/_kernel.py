@@ -177,16 +177,6 @@ def well_conditioned(s1, s2, n: int):
 _TREE = 32
 
 
-def _plain_stats(s1, s2, n: int):
-    mean = s1 / n
-    return jnp.zeros_like(mean), mean, jnp.maximum(s2 / n - mean * mean, 0.0)
-
-
-def _shifted_stats(x, lay: Layout, sdt):
-    s, delta, m2 = shifted_sums(x, lay, sdt)
-    return s, delta, m2 / lay.count
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
     """Training forward: ``(y, mean, var)`` (statistics of the feature shape, in the
@@ -201,72 +191,97 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     ``jax.lax.cond`` keeps them where every feature is well conditioned
     (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
     over ``x``); with a wider statistics dtype (float32 data under x64, float16 data):
-    the shifted sums."""
+    the shifted sums.
+
+    Residuals: ``x``, the elementwise passes' shift ``se`` (0 on the plain path) and
+    ``de = mean - se``, ``inv``, renorm's ``r`` and ``d``, and the inputs. Only what the
+    branches compute leaves the ``cond`` (an input passed through it would be copied)."""
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
     args = (spec, x, lay, sdt, gamma, beta, mu, sigma, lim)
     if spec.axis_name is not None:
         s, delta, m2 = shifted_sums(x, lay, sdt)
-        s, delta, var, _ = coll.merge_stats(s, delta, m2, lay.count, spec.axis_name)
-        out, res = _finish(*args, s, delta, var, shift="given")
+        se, de, var, _ = coll.merge_stats(s, delta, m2, lay.count, spec.axis_name)
+        (y, var), res = _finish(*args, se, de, var)
     elif x.dtype != sdt:
-        out, res = _finish(*args, *_shifted_stats(x, lay, sdt))
+        se = sample(x, lay, 3, sdt)
+        (y, var), res = _finish(*args, se, *_shifted(x, lay, sdt, se))
     else:
         s1, s2 = plain_sums(x, lay)
-        out, res = jax.lax.cond(
-            well_conditioned(s1, s2, lay.count),
-            lambda: _finish(*args, *_plain_stats(s1, s2, lay.count), shift="none"),
-            lambda: _finish(*args, *_shifted_stats(x, lay, sdt)),
-        )
-    se, de, inv, g, r, d = res  # the inputs stay out of the cond (no copy of x)
-    return out, (x, se, de, inv, g, gamma, beta, mu, sigma, lim, r, d)
+
+        def plain():
+            m, var = _plain_stats(s1, s2, lay.count)
+            se = sample(x, lay, 3, sdt)
+            return _finish(*args, se, m - se, var, mean=m)
+
+        def shifted():
+            se = sample(x, lay, 3, sdt)
+            return _finish(*args, se, *_shifted(x, lay, sdt, se))
+
+        # Each branch slices its own shift (an operand of the cond would be materialized)
+        # and so does what follows (the same value, fused where it is used).
+        ok = well_conditioned(s1, s2, lay.count)
+        (y, var), res = jax.lax.cond(ok, plain, shifted)
+        se = sample(x, lay, 3, sdt)
+    de, inv, r, d = res
+    mean, var = (jnp.reshape(v, lay.fshape) for v in (se + de, var))
+    if spec.axis_name is not None:
+        mean, var = coll.invariant(mean, spec.axis_name), coll.invariant(var, spec.axis_name)
+    return (y, mean, var), (x, se, de, inv, gamma, beta, mu, sigma, lim, r, d)
 
 
-def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, s, delta, var, shift="sample"):
-    """The output, the statistics and the residuals from ``mean = s + delta`` and ``var``.
+def _shifted(x, lay: Layout, sdt, se):
+    """``(mean - se, var)`` from the shifted sums, for a shift ``se`` of the elementwise
+    passes that no reduction shares (:func:`sample`)."""
+    s, delta, m2 = shifted_sums(x, lay, sdt)
+    return (s - se) + delta, m2 / lay.count
 
-    The elementwise pass is ``y = (x - s_e) a + c``. ``shift``: ``"sample"`` shifts by a
-    sample of its own (:func:`sample`, 3), whose ``x - s_e`` no reduction shares; ``"given"``
-    (with ``axis_name``) by the merged reference sample ``s``; ``"none"`` (the plain sums,
-    ``s = 0``, a mean within two standard deviations of zero) not at all, ``y = x a + c``:
-    the fewest operations per value."""
+
+def _plain_stats(s1, s2, n: int):
+    mean = s1 / n
+    return mean, jnp.maximum(s2 / n - mean * mean, 0.0)
+
+
+def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=None):
+    """``y = (x - se) a + c`` from ``mean = se + de`` and ``var``, one elementwise pass;
+    given ``mean`` (the plain path's, within two standard deviations of zero),
+    ``y = x a + c`` instead: the fewest operations per value. Returns ``(y, var)`` and the
+    residuals ``(de, inv, r, d)``."""
     inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
     r = d = None
     if spec.renorm:
-        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lim, lay)
+        mu_b = _bcast(mu, lay.bshape, sdt)
+        dmu = (se - mu_b) + de  # mean - mu, no rounded mean
+        r, d = _renorm_rd(spec, dmu, var, sigma, lim, lay)
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
     a = inv if g is None else g * inv
-    se, de = s, delta
-    if shift == "sample":
-        se = sample(x, lay, 3, sdt)
-        de = (s - se) + delta
-    c = (0.0 if b is None else b) - de * a
-    xc = _centred(x, None if shift == "none" else se, sdt)
+    c = (0.0 if b is None else b) - (de if mean is None else mean) * a
+    xc = _centred(x, se if mean is None else None, sdt)
     y = jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
-    mean, var_f = (jnp.reshape(v, lay.fshape) for v in (s + delta, var))
-    if spec.axis_name is not None:
-        mean, var_f = coll.invariant(mean, spec.axis_name), coll.invariant(var_f, spec.axis_name)
-    return (y, mean, var_f), (se, de, inv, g, r, d)
+    return (y, var), (de, inv, r, d)
 
 
-def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
-    """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``,
-    with ``mu_B - mu`` formed as ``(s - mu) + delta`` (no float32 rounding of the mean)."""
+def _renorm_rd(spec: Spec, dmu, var, sigma, lim, lay):
+    """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``
+    with ``dmu = mu_B - mu``."""
     sdt = var.dtype
     rmax, dmax = jnp.astype(lim[0], sdt), jnp.astype(lim[1], sdt)
     sig = _bcast(sigma, lay.bshape, sdt)
     r = _clip(jnp.sqrt(var + spec.eps) / sig, 1.0 / rmax, rmax)
-    d = _clip(((s - mu) + delta) / sig, -dmax, dmax)
+    d = _clip(dmu / sig, -dmax, dmax)
     return r, d
 
 
 def _train_bwd(spec: Spec, res, cts):
     dy = cts[0]  # the statistics' cotangents: no gradient flows through them (module notes)
-    x, se, de, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res  # mean = se + de
+    x, se, de, inv, gamma, beta, mu, sigma, lim, r, d = res  # mean = se + de
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
+    g_eff = _bcast(gamma, lay.bshape, sdt)
+    if r is not None:
+        g_eff = r if g_eff is None else g_eff * r
     xc = _centred(x, se, sdt)
     dyw = jnp.astype(dy, xc.dtype)
     sum_dy = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
