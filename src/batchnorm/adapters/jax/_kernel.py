@@ -85,11 +85,27 @@ def _sdt():
 
 
 def _cast(v, like):
-    return None if like is None else jnp.astype(v, like.dtype)
+    """A gradient ``v`` (the feature shape) as ``like``'s: its dtype, and summed over the
+    leading feature axes that ``like`` lacks (a per-feature array shared by every group of
+    ghost batch norm)."""
+    if like is None:
+        return None
+    extra = v.ndim - like.ndim
+    if extra:
+        v = jnp.sum(v, axis=tuple(range(extra)))
+    return jnp.astype(v, like.dtype)
 
 
-def _bcast(v, bshape, sdt):
-    return None if v is None else jnp.reshape(jnp.astype(v, sdt), bshape)
+def _bcast(v, lay: Layout, sdt):
+    """A per-feature array in the broadcast shape of ``lay``, in ``sdt``. An array of the
+    last feature axes only (ghost batch norm's gamma, shared by every group) broadcasts
+    along the leading ones."""
+    if v is None:
+        return None
+    shape = list(lay.bshape)
+    for ax in lay.axes[: len(lay.fshape) - v.ndim]:
+        shape[ax] = 1
+    return jnp.reshape(jnp.astype(v, sdt), shape)
 
 
 def _clip(v, lo, hi):
@@ -248,12 +264,12 @@ def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=No
     ``y = x a + c`` instead: the fewest operations per value. Returns ``(y, var)`` and the
     residuals ``(de, inv, r, d)``."""
     inv = jax.lax.rsqrt(var + spec.eps)
-    g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
+    g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     r = d = None
     if spec.renorm:
-        mu_b = _bcast(mu, lay.bshape, sdt)
+        mu_b = _bcast(mu, lay, sdt)
         dmu = (se - mu_b) + de  # mean - mu, no rounded mean
-        r, d = _renorm_rd(spec, dmu, var, sigma, lim, lay)
+        r, d = _renorm_rd(spec, dmu, (var + spec.eps) * inv, sigma, lim, lay)
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
     a = inv if g is None else g * inv
@@ -263,13 +279,14 @@ def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=No
     return (y, var), (de, inv, r, d)
 
 
-def _renorm_rd(spec: Spec, dmu, var, sigma, lim, lay):
+def _renorm_rd(spec: Spec, dmu, sigma_b, sigma, lim, lay):
     """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``
-    with ``dmu = mu_B - mu``."""
-    sdt = var.dtype
+    with ``dmu = mu_B - mu`` and ``sigma_B = (var + eps) inv`` (no second square root: XLA
+    computes it within the passes that use it)."""
+    sdt = sigma_b.dtype
     rmax, dmax = jnp.astype(lim[0], sdt), jnp.astype(lim[1], sdt)
-    sig = _bcast(sigma, lay.bshape, sdt)
-    r = _clip(jnp.sqrt(var + spec.eps) / sig, 1.0 / rmax, rmax)
+    sig = _bcast(sigma, lay, sdt)
+    r = _clip(sigma_b / sig, 1.0 / rmax, rmax)
     d = _clip(dmu / sig, -dmax, dmax)
     return r, d
 
@@ -279,7 +296,7 @@ def _train_bwd(spec: Spec, res, cts):
     x, se, de, inv, gamma, beta, mu, sigma, lim, r, d = res  # mean = se + de
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
-    g_eff = _bcast(gamma, lay.bshape, sdt)
+    g_eff = _bcast(gamma, lay, sdt)
     if r is not None:
         g_eff = r if g_eff is None else g_eff * r
     xc = _centred(x, se, sdt)
@@ -329,7 +346,7 @@ train.defvjp(_train_fwd, _train_bwd)
 
 def _given(spec: Spec, x, mean, var, sdt):
     lay = layout(tuple(x.shape), spec.axes)
-    m, v = _bcast(mean, lay.bshape, sdt), _bcast(var, lay.bshape, sdt)
+    m, v = _bcast(mean, lay, sdt), _bcast(var, lay, sdt)
     return lay, m, jax.lax.rsqrt(v + spec.eps)
 
 
@@ -339,7 +356,7 @@ def evaluate(spec: Spec, x, gamma, beta, mean, var):
     (eps always added), one elementwise pass."""
     sdt = _sdt()
     lay, m, inv = _given(spec, x, mean, var, sdt)
-    g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
+    g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     a = inv if g is None else g * inv
     xc = _centred(x, m, sdt)  # x - mean before scaling: no cancellation at a large offset
     y = xc * jnp.astype(a, xc.dtype)
@@ -358,7 +375,7 @@ def _eval_bwd(spec: Spec, res, dy):
     x, gamma, beta, mean, var = res
     sdt = _sdt()
     lay, m, inv = _given(spec, x, mean, var, sdt)
-    g = 1.0 if gamma is None else _bcast(gamma, lay.bshape, sdt)
+    g = 1.0 if gamma is None else _bcast(gamma, lay, sdt)
     k = g * inv
     xc = _centred(x, m, sdt)
     dyw = jnp.astype(dy, xc.dtype)

@@ -309,7 +309,6 @@ def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
     (shape of ``x``) and the mean over the groups of their means and variances."""
     xg = jnp.reshape(x, (groups, x.shape[0] // groups, *x.shape[1:]))
     gspec = Spec((0, *(a + 1 for a in spec.axes)), spec.eps)
-    fshape = (groups, *lay.fshape)
-    g, b = (None if v is None else jnp.broadcast_to(v, fshape) for v in (gamma, beta))
-    y, m, v = train(gspec, xg, g, b, None, None, None)
-    return jnp.reshape(y, x.shape), jnp.mean(m, axis=0), jnp.mean(v, axis=0)
+    y, m, v = train(gspec, xg, gamma, beta, None, None, None)  # gamma, beta shared by groups
+    mv = jnp.mean(jnp.stack([m, v]), axis=1)  # one reduction for both
+    return jnp.reshape(y, x.shape), mv[0], mv[1]
