@@ -91,8 +91,8 @@ def _cast(v, like):
     if like is None:
         return None
     extra = v.ndim - like.ndim
-    if extra:
-        v = jnp.sum(v, axis=tuple(range(extra)))
+    if extra:  # the barrier: XLA would otherwise sum dy over x's values again for dbeta
+        v = jnp.sum(jax.lax.optimization_barrier(v), axis=tuple(range(extra)))
     return jnp.astype(v, like.dtype)
 
 
@@ -184,10 +184,27 @@ def well_conditioned(s1, s2, n: int):
     sums, so that they give its statistics to float accuracy; False when any feature
     does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
     q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+    return _all_instances(_all_features(q))
+
+
+def _all_features(q):
     q = jnp.ravel(q)
     rows = -(-q.size // _TREE)
     q = jnp.reshape(jnp.pad(q, (0, rows * _TREE - q.size)), (rows, _TREE))
     return jnp.sum(jnp.max(q, axis=1)) <= 0.0  # NaN fails the comparison
+
+
+@jax.custom_batching.custom_vmap
+def _all_instances(ok):
+    """``ok``, and under ``jax.vmap`` the AND over the mapped instances, unbatched: the
+    ``cond`` on it stays a conditional (a batched predicate would turn it into a select
+    that computes both branches)."""
+    return ok
+
+
+@_all_instances.def_vmap
+def _all_instances_vmap(axis_size, in_batched, ok):
+    return (jnp.all(ok) if in_batched[0] else ok), False
 
 
 _TREE = 32
