@@ -26,8 +26,10 @@ may be either (a schedule computes them from a step count under ``jit``). Runnin
 statistics in float16 are refused (a variance above 65504 would be stored as inf).
 
 Under ``jax.jit`` each direction compiles to the passes over ``x`` of Flax's own
-``BatchNorm`` or fewer: forward, two reductions (``sum(x - s)`` and ``sum((x - s')**2)``
-with samples ``s``, ``s'`` of the batch) and one elementwise pass; backward, two reductions
+``BatchNorm`` or fewer: forward, two reductions (``sum(x)`` and ``sum(x * x)``, kept where
+every feature's mean is within two standard deviations of zero; elsewhere a ``jax.lax.cond``
+takes the shifted sums ``sum(x - s)`` and ``sum((x - s')**2)`` with samples ``s``, ``s'``
+of the batch, two more reductions) and one elementwise pass; backward, two reductions
 (``sum(dy)``, ``sum(dy (x - s''))``) and one elementwise pass (see the kernel module).
 
 A feature whose batch statistics are not finite keeps its running statistics (a
