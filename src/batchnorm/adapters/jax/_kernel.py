@@ -261,20 +261,27 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     else:
         s1, s2 = plain_sums(x, lay)
 
+        # Renorm's branches return its coefficients (a, c), computed once per feature
+        # there, and y is formed after the cond: XLA would otherwise compute r, d, a and c
+        # again for every value of x inside the elementwise pass.
+        late = spec.renorm
+
         def plain():
             m, var = _plain_stats(s1, s2, lay.count)
             se = sample(x, lay, 3, sdt)
-            return _finish(*args, se, m - se, var, mean=m)
+            return _finish(*args, se, m - se, var, mean=None if late else m, late=late)
 
         def shifted():
             se = sample(x, lay, 3, sdt)
-            return _finish(*args, se, *_shifted(x, lay, sdt, se))
+            return _finish(*args, se, *_shifted(x, lay, sdt, se), late=late)
 
         # Each branch slices its own shift (an operand of the cond would be materialized)
         # and so does what follows (the same value, fused where it is used).
         ok = well_conditioned(s1, s2, lay.count)
         (y, var), res = jax.lax.cond(ok, plain, shifted)
         se = sample(x, lay, 3, sdt)
+        if late:
+            y = _apply(x, se, *y, sdt)
     de, inv, r, d = res
     mean, var = (jnp.reshape(v, lay.fshape) for v in (se + de, var))
     if spec.axis_name is not None:
@@ -294,11 +301,11 @@ def _plain_stats(s1, s2, n: int):
     return mean, jnp.maximum(s2 / n - mean * mean, 0.0)
 
 
-def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=None):
+def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=None, late=False):
     """``y = (x - se) a + c`` from ``mean = se + de`` and ``var``, one elementwise pass;
     given ``mean`` (the plain path's, within two standard deviations of zero),
     ``y = x a + c`` instead: the fewest operations per value. Returns ``(y, var)`` and the
-    residuals ``(de, inv, r, d)``."""
+    residuals ``(de, inv, r, d)``; ``late``: ``(a, c)`` in place of ``y``."""
     inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     r = d = None
@@ -310,9 +317,15 @@ def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=No
         g = r if g is None else g * r
     a = inv if g is None else g * inv
     c = (0.0 if b is None else b) - (de if mean is None else mean) * a
-    xc = _centred(x, se if mean is None else None, sdt)
-    y = jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
-    return (y, var), (de, inv, r, d)
+    if late:
+        return ((a, c), var), (de, inv, r, d)
+    return (_apply(x, se if mean is None else None, a, c, sdt), var), (de, inv, r, d)
+
+
+def _apply(x, se, a, c, sdt):
+    """The elementwise pass ``y = (x - se) a + c`` (``se`` None: ``x a + c``)."""
+    xc = _centred(x, se, sdt)
+    return jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
 
 
 def _renorm_rd(spec: Spec, dmu, sigma_b, sigma, lim, lay):
