@@ -204,13 +204,18 @@ def well_conditioned(s1, s2, n: int):
 
 
 def _all_features(q):
-    """``all(q <= 0)`` as one small kernel: a max over rows of ``_TREE`` values, then a sum
-    (XLA CPU splits a longer reduction to a scalar into two kernels; a NaN propagates
-    through the max and fails the comparison)."""
+    """``all(q <= 0)`` as one small kernel where ``q`` has at most ``_TREE**2`` values: a
+    max over blocks of ``_TREE`` (or ``_TREE**k``) values, then a sum over at most
+    ``_TREE`` blocks (XLA CPU splits a longer reduction to a scalar into two kernels; a
+    NaN propagates through the max and fails the comparison)."""
     q = jnp.ravel(q)
-    rows = -(-q.size // _TREE)
-    q = jnp.reshape(jnp.pad(q, (0, rows * _TREE - q.size)), (rows, _TREE))
-    return jnp.sum(jnp.max(q, axis=1)) <= 0.0
+    inner = _TREE
+    while q.size > inner * _TREE:
+        inner *= _TREE
+    rows = -(-q.size // inner)
+    q = jnp.pad(q, (0, rows * inner - q.size))
+    q = jnp.reshape(q, (rows, *[_TREE] * round(np.log(inner) / np.log(_TREE))))
+    return jnp.sum(jnp.max(q, axis=tuple(range(1, q.ndim)))) <= 0.0
 
 
 @jax.custom_batching.custom_vmap
