@@ -35,8 +35,9 @@ batch (a few units of ``sigma`` away at most, unlike ``E[x^2] - E[x]^2`` whose f
 ``x - s`` shared by two reductions out in full (one more pass); with separate samples each
 reduction reads ``x`` once. That path makes two more reductions over ``x`` than the plain
 one (``benchmarks/jax_flax.py`` counts the passes of both in the compiled HLO). With
-``axis_name``, and where the statistics dtype is wider than ``x``'s (float32 data under
-x64, half-precision data), the shifted sums are always used. Under ``jax.vmap`` the check
+``axis_name``, and for half-precision data, the shifted sums are always used; float32
+data under x64 takes the plain sums in float64 (converted within the reductions, slower
+than float32 sums but far more accurate). Under ``jax.vmap`` the check
 is the AND over the mapped instances (:func:`_all_instances`), so the ``cond`` stays a
 conditional rather than a select that would compute both paths.
 
@@ -187,10 +188,13 @@ def shifted_sums(x, lay: Layout, sdt):
 WELL = 4.0
 
 
-def plain_sums(x, lay: Layout):
+def plain_sums(x, lay: Layout, sdt=None):
     """``(sum(x), sum(x * x))`` per feature in the broadcast shape, in ``x``'s dtype: the
     two reductions XLA CPU emits as its fastest kernels (no elementwise work before the
-    sum), as Flax's ``BatchNorm`` does."""
+    sum), as Flax's ``BatchNorm`` does. With a wider ``sdt`` (float32 data under x64):
+    ``x`` converted to it and summed there."""
+    if sdt is not None and sdt != x.dtype:
+        x = jnp.astype(x, sdt)
     s1 = jnp.sum(x, axis=lay.red, keepdims=True)
     return s1, jnp.sum(x * x, axis=lay.red, keepdims=True)
 
@@ -247,8 +251,8 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     over the axis. Locally, where the statistics dtype is ``x``'s: the plain sums, and
     ``jax.lax.cond`` keeps them where every feature is well conditioned
     (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
-    over ``x``); with a wider statistics dtype (float32 data under x64, float16 data):
-    the shifted sums.
+    over ``x``), both in the statistics dtype (float64 for float32 data under x64); for
+    half-precision data: the shifted sums.
 
     Residuals: ``x``, the elementwise passes' shift ``se`` (0 on the plain path) and
     ``de = mean - se``, ``inv``, renorm's ``r`` and ``d``, and the inputs. Only what the
@@ -260,11 +264,11 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
         s, delta, m2 = shifted_sums(x, lay, sdt)
         se, de, var, _ = coll.merge_stats(s, delta, m2, lay.count, spec.axis_name)
         (y, var), res = _finish(*args, se, de, var)
-    elif x.dtype != sdt:
+    elif x.dtype not in (sdt, jnp.float32):  # half precision
         se = sample(x, lay, 3, sdt)
         (y, var), res = _finish(*args, se, *_shifted(x, lay, sdt, se))
     else:
-        s1, s2 = plain_sums(x, lay)
+        s1, s2 = plain_sums(x, lay, sdt)
 
         # Renorm's branches return its coefficients (a, c), computed once per feature
         # there, and y is formed after the cond: XLA would otherwise compute r, d, a and c
