@@ -270,15 +270,16 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     else:
         s1, s2 = plain_sums(x, lay, sdt)
 
-        # Renorm's branches return its coefficients (a, c), computed once per feature
-        # there, and y is formed after the cond: XLA would otherwise compute r, d, a and c
-        # again for every value of x inside the elementwise pass.
-        late = spec.renorm
+        # The branches return the coefficients (a, c), computed once per feature there,
+        # and y is formed after the cond: XLA would otherwise compute them (renorm's r and
+        # d included) again for every value of x inside the elementwise pass; and batch
+        # norm and renorm with r = 1, d = 0 form y by the same operations (bit for bit).
+        late = True
 
         def plain():
             m, var = _plain_stats(s1, s2, lay.count)
             se = sample(x, lay, 3, sdt)
-            return _finish(*args, se, m - se, var, mean=None if late else m, late=late)
+            return _finish(*args, se, m - se, var, mean=m, late=late)
 
         def shifted():
             se = sample(x, lay, 3, sdt)
@@ -289,8 +290,9 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
         ok = well_conditioned(s1, s2, lay.count)
         (y, var), res = jax.lax.cond(ok, plain, shifted)
         se = sample(x, lay, 3, sdt)
-        if late:
-            y = _apply(x, se, *y, sdt)
+        if late:  # (a, c, 0 or 1): y = (x - 0 se) a + c on the plain path
+            a, c, on = y
+            y = _apply(x, se * on, a, c, sdt)
     de, inv, r, d = res
     mean, var = (jnp.reshape(v, lay.fshape) for v in (se + de, var))
     if spec.axis_name is not None:
@@ -314,7 +316,8 @@ def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=No
     """``y = (x - se) a + c`` from ``mean = se + de`` and ``var``, one elementwise pass;
     given ``mean`` (the plain path's, within two standard deviations of zero),
     ``y = x a + c`` instead: the fewest operations per value. Returns ``(y, var)`` and the
-    residuals ``(de, inv, r, d)``; ``late``: ``(a, c)`` in place of ``y``."""
+    residuals ``(de, inv, r, d)``; ``late``: ``(a, c, shifted)`` in place of ``y``, with
+    ``shifted`` 1.0 where ``c`` is relative to ``se`` and 0.0 where to 0."""
     inv = jax.lax.rsqrt(var + spec.eps)
     g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     r = d = None
@@ -327,7 +330,7 @@ def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=No
     a = inv if g is None else g * inv
     c = (0.0 if b is None else b) - (de if mean is None else mean) * a
     if late:
-        return ((a, c), var), (de, inv, r, d)
+        return ((a, c, jnp.asarray(1.0 if mean is None else 0.0, sdt)), var), (de, inv, r, d)
     return (_apply(x, se if mean is None else None, a, c, sdt), var), (de, inv, r, d)
 
 
