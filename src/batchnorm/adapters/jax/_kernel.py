@@ -248,13 +248,13 @@ def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
 
 def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     """The statistics, then :func:`_finish`. With ``axis_name``: the shifted sums merged
-    over the axis. Locally, where the statistics dtype is ``x``'s: the plain sums, and
+    over the axis. Locally, for float32 and float64 data: the plain sums, and
     ``jax.lax.cond`` keeps them where every feature is well conditioned
     (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
     over ``x``), both in the statistics dtype (float64 for float32 data under x64); for
     half-precision data: the shifted sums.
 
-    Residuals: ``x``, the elementwise passes' shift ``se`` (0 on the plain path) and
+    Residuals: ``x``, a sample ``se`` of the batch (:func:`sample`, 3) and
     ``de = mean - se``, ``inv``, renorm's ``r`` and ``d``, and the inputs. Only what the
     branches compute leaves the ``cond`` (an input passed through it would be copied)."""
     sdt = _sdt()
