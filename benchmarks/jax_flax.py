@@ -131,17 +131,13 @@ def _reduces(line: str, comps: dict[str, str], size: int, depth: int = 0) -> boo
     return False
 
 
-def count_passes(hlo: str, size: int) -> dict[str, int]:
-    """Passes over arrays of ``size`` elements in the ENTRY computation of a compiled HLO
-    module. Every instruction (a fusion, or an unfused op) with an operand of that size
-    counts: a ``reduction`` when it reduces (its fused computation holds a ``reduce``),
-    an ``elementwise`` pass when it writes an array of that size, and otherwise (a slice
-    that reads one row) not at all."""
-    comps = _computations(hlo)
-    entry = hlo[hlo.index("\nENTRY") :]
+def _passes(body: str, comps: dict[str, str], size: int) -> list[dict[str, int]]:
+    """The passes over arrays of ``size`` elements of one computation, one dict per path
+    through it: a ``conditional`` contributes each of its branches (a path per branch)."""
     sizes: dict[str, int] = {}
     counts = {"reduction": 0, "elementwise": 0}
-    for line in entry.splitlines()[1:]:
+    branches: list[list[dict[str, int]]] = []
+    for line in body.splitlines():
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (.+?) ([\w\-]+)\(", line)
         if not m:
             continue
@@ -151,6 +147,11 @@ def count_passes(hlo: str, size: int) -> dict[str, int]:
         sizes[name] = max(out) if out else 0
         if op in _SKIP:
             continue
+        if op == "conditional":
+            names = re.search(r"branch_computations=\{([^}]*)\}", line).group(1)
+            bodies = [comps[b.strip().lstrip("%")] for b in names.split(",")]
+            branches.append([p for body_b in bodies for p in _passes(body_b, comps, size)])
+            continue
         args = line[m.end() :].split(")", 1)[0]
         if not any(sizes.get(o, 0) == size for o in re.findall(r"%([\w.\-]+)", args)):
             continue
@@ -158,7 +159,24 @@ def count_passes(hlo: str, size: int) -> dict[str, int]:
             counts["reduction"] += 1
         elif sizes[name] == size:
             counts["elementwise"] += 1
-    return counts
+    paths = [counts]
+    for options in branches:
+        paths = [{k: p[k] + o[k] for k in p} for p in paths for o in options]
+    return paths
+
+
+def count_passes(hlo: str, size: int) -> dict:
+    """Passes over arrays of ``size`` elements in the ENTRY computation of a compiled HLO
+    module. Every instruction (a fusion, or an unfused op) with an operand of that size
+    counts: a ``reduction`` when it reduces (its fused computation holds a ``reduce``),
+    an ``elementwise`` pass when it writes an array of that size, and otherwise (a slice
+    that reads one row) not at all. A ``conditional`` runs one of its branches: the
+    result counts the path with the fewest passes, and ``fallback`` (a dict of the same
+    keys) the one with the most (equal to it where there is no conditional)."""
+    comps = _computations(hlo)
+    paths = _passes(hlo[hlo.index("\nENTRY") :].split("\n", 2)[2], comps, size)
+    order = sorted(paths, key=lambda p: (sum(p.values()), p["reduction"]))
+    return {**order[0], "fallback": dict(order[-1])}
 
 
 def _data(shape, offset: float = 0.0, seed: int = 0):
@@ -218,8 +236,12 @@ def measure(shape, repeats: int) -> dict:
     return res
 
 
-def _fmt_passes(p: dict[str, int]) -> str:
-    return f"{p['reduction']}R+{p['elementwise']}E"
+def _fmt_passes(p: dict) -> str:
+    text = f"{p['reduction']}R+{p['elementwise']}E"
+    f = p.get("fallback", p)
+    if (f["reduction"], f["elementwise"]) != (p["reduction"], p["elementwise"]):
+        text += f", else {f['reduction']}R+{f['elementwise']}E"
+    return text
 
 
 def table(results: list[dict]) -> str:

@@ -1,9 +1,20 @@
-r"""The custom-VJP kernels of :mod:`batchnorm.jax`: a shifted one-pass forward and a
-hand-written backward, written so that XLA compiles each direction to no more passes over
-the data than Flax's own ``BatchNorm``: forward two reductions and one elementwise pass,
-backward two reductions and one elementwise pass.
+r"""The custom-VJP kernels of :mod:`batchnorm.jax`: a forward that takes XLA CPU's fastest
+reductions where they are exact and the shifted sums where they are not, and a hand-written
+backward, so that each direction compiles to no more passes over the data than Flax's own
+``BatchNorm``: forward two reductions and one elementwise pass, backward two reductions and
+one elementwise pass.
 
-Forward (training). Per feature, samples ``s`` and ``s'`` of the batch (values of ``x``
+Forward (training), locally. XLA CPU hands a plain ``sum(x)`` and ``sum(x * x)`` to its
+library reductions (YNNPACK's sum and sum of squares); any elementwise work before a sum
+(``x - s``, ``x * 2``) takes a slower route, about 1.5x the time of a plain sum on this
+project's machine. So the forward first forms the plain sums (:func:`plain_sums`), as Flax
+does, and checks every feature (:func:`well_conditioned`): where ``mean**2 <= WELL * var``
+(``WELL = 4``: a mean within two standard deviations of zero) ``sum(x**2)/n - mean**2``
+loses at most a factor ``1 + WELL`` of relative accuracy, no more than the shifted sums'
+own (measured: variance within 1e-6 of float64 for float32 data, the shifted sums' 1e-6
+to 2.5e-6). Then ``y = x a + (beta - mean a)`` is one elementwise pass. Where any feature
+is not (its mean far from zero, or a sum NaN or infinite), a ``jax.lax.cond`` computes the
+shifted sums instead: per feature, samples ``s`` and ``s'`` of the batch (values of ``x``
 along the reduced axes, :func:`sample`) are subtracted and ``x - s`` and ``(x - s')**2``
 are summed (:func:`shifted_sums`), in the statistics dtype (float64 with x64, else
 float32):
@@ -22,8 +33,13 @@ whose rounding alone is 0.03). The subtraction of the squared offset loses at mo
 batch (a few units of ``sigma`` away at most, unlike ``E[x^2] - E[x]^2`` whose factor is
 ``1 + mean**2 / var``). Each reduction has its own sample because XLA CPU writes an
 ``x - s`` shared by two reductions out in full (one more pass); with separate samples each
-reduction reads ``x`` once (``benchmarks/jax_flax.py`` counts the passes in the compiled
-HLO).
+reduction reads ``x`` once. That path makes two more reductions over ``x`` than the plain
+one (``benchmarks/jax_flax.py`` counts the passes of both in the compiled HLO). With
+``axis_name``, and for half-precision data, the shifted sums are always used; float32
+data under x64 takes the plain sums in float64 (converted within the reductions, slower
+than float32 sums but far more accurate). Under ``jax.vmap`` the check
+is the AND over the mapped instances (:func:`_all_instances`), so the ``cond`` stays a
+conditional rather than a select that would compute both paths.
 
 Backward. Two reductions give ``sum(dy)`` and ``sum(dy (x - s''))``, then
 ``sum(dy (x - mean)) = sum(dy (x - s'')) - (mu_B - s'') sum(dy)``, and one elementwise pass
@@ -39,7 +55,8 @@ ignored; the public functions stop their gradient).
 
 Range: squares of ``x - s`` are formed in float32 for float32 data, so a feature whose
 values spread over more than about ``1.8e19`` gets an infinite variance (and NaN or zero
-outputs); NaN and Inf propagate feature by feature.
+outputs); NaN and Inf propagate feature by feature. (A value whose square overflows makes
+a plain sum infinite, which sends the batch to the shifted sums.)
 """
 
 from __future__ import annotations
@@ -85,11 +102,27 @@ def _sdt():
 
 
 def _cast(v, like):
-    return None if like is None else jnp.astype(v, like.dtype)
+    """A gradient ``v`` (the feature shape) as ``like``'s: its dtype, and summed over the
+    leading feature axes that ``like`` lacks (a per-feature array shared by every group of
+    ghost batch norm)."""
+    if like is None:
+        return None
+    extra = v.ndim - like.ndim
+    if extra:  # the barrier: XLA would otherwise sum dy over x's values again for dbeta
+        v = jnp.sum(jax.lax.optimization_barrier(v), axis=tuple(range(extra)))
+    return jnp.astype(v, like.dtype)
 
 
-def _bcast(v, bshape, sdt):
-    return None if v is None else jnp.reshape(jnp.astype(v, sdt), bshape)
+def _bcast(v, lay: Layout, sdt):
+    """A per-feature array in the broadcast shape of ``lay``, in ``sdt``. An array of the
+    last feature axes only (ghost batch norm's gamma, shared by every group) broadcasts
+    along the leading ones."""
+    if v is None:
+        return None
+    shape = list(lay.bshape)
+    for ax in lay.axes[: len(lay.fshape) - v.ndim]:
+        shape[ax] = 1
+    return jnp.reshape(jnp.astype(v, sdt), shape)
 
 
 def _clip(v, lo, hi):
@@ -97,11 +130,11 @@ def _clip(v, lo, hi):
 
 
 def _centred(x, s, sdt):
-    """``x - s`` in the working dtype (``s`` in the broadcast shape)."""
+    """``x - s`` in the working dtype (``s`` in the broadcast shape; None: ``x``)."""
     xw = jnp.astype(x, work_dtype(jnp, x.dtype))
     if sdt == jnp.float64:
         xw = jnp.astype(xw, sdt)
-    return xw - jnp.astype(s, xw.dtype)
+    return xw if s is None else xw - jnp.astype(s, xw.dtype)
 
 
 def sample(x, lay: Layout, which: int, sdt):
@@ -149,14 +182,60 @@ def shifted_sums(x, lay: Layout, sdt):
     return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
 
 
-def _stats(spec: Spec, x, lay: Layout, sdt):
-    """``(s, delta, var, n)``: the shift, ``mean - s``, the biased variance and the count,
-    merged over ``spec.axis_name`` when given."""
-    s, delta, m2 = shifted_sums(x, lay, sdt)
-    n = lay.count
-    if spec.axis_name is not None:
-        return coll.merge_stats(s, delta, m2, n, spec.axis_name)
-    return s, delta, m2 / n, n
+# A feature is well conditioned for the plain sums when mean**2 <= WELL * var: then
+# sum(x**2)/n - mean**2 loses at most a factor 1 + WELL of relative accuracy (about 1e-6 in
+# float32), the same order as the shifted sums' own factor (module notes).
+WELL = 4.0
+
+
+def plain_sums(x, lay: Layout, sdt=None):
+    """``(sum(x), sum(x * x))`` per feature in the broadcast shape, in ``x``'s dtype: the
+    two reductions XLA CPU emits as its fastest kernels (no elementwise work before the
+    sum), as Flax's ``BatchNorm`` does. With a wider ``sdt`` (float32 data under x64):
+    ``x`` converted to it and summed there."""
+    if sdt is not None and sdt != x.dtype:
+        x = jnp.astype(x, sdt)
+    s1 = jnp.sum(x, axis=lay.red, keepdims=True)
+    return s1, jnp.sum(x * x, axis=lay.red, keepdims=True)
+
+
+def well_conditioned(s1, s2, n: int):
+    """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
+    sums, so that they give its statistics to float accuracy; False when any feature
+    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
+    q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+    return _all_instances(_all_features(q))
+
+
+def _all_features(q):
+    """``all(q <= 0)`` as one small kernel where ``q`` has at most ``_TREE**2`` values: a
+    max over blocks of ``_TREE`` (or ``_TREE**k``) values, then a sum over at most
+    ``_TREE`` blocks (XLA CPU splits a longer reduction to a scalar into two kernels; a
+    NaN propagates through the max and fails the comparison)."""
+    q = jnp.ravel(q)
+    inner = _TREE
+    while q.size > inner * _TREE:
+        inner *= _TREE
+    rows = -(-q.size // inner)
+    q = jnp.pad(q, (0, rows * inner - q.size))
+    q = jnp.reshape(q, (rows, *[_TREE] * round(np.log(inner) / np.log(_TREE))))
+    return jnp.sum(jnp.max(q, axis=tuple(range(1, q.ndim)))) <= 0.0
+
+
+@jax.custom_batching.custom_vmap
+def _all_instances(ok):
+    """``ok``, and under ``jax.vmap`` the AND over the mapped instances, unbatched: the
+    ``cond`` on it stays a conditional (a batched predicate would turn it into a select
+    that computes both branches)."""
+    return ok
+
+
+@_all_instances.def_vmap
+def _all_instances_vmap(axis_size, in_batched, ok):
+    return (jnp.all(ok) if in_batched[0] else ok), False
+
+
+_TREE = 32
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -168,59 +247,125 @@ def train(spec: Spec, x, gamma, beta, mu, sigma, lim):
 
 
 def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
+    """The statistics, then :func:`_finish`. With ``axis_name``: the shifted sums merged
+    over the axis. Locally, for float32 and float64 data: the plain sums, and
+    ``jax.lax.cond`` keeps them where every feature is well conditioned
+    (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
+    over ``x``), both in the statistics dtype (float64 for float32 data under x64); for
+    half-precision data: the shifted sums.
+
+    Residuals: ``x``, a sample ``se`` of the batch (:func:`sample`, 3) and
+    ``de = mean - se``, ``inv``, renorm's ``r`` and ``d``, and the inputs. Only what the
+    branches compute leaves the ``cond`` (an input passed through it would be copied)."""
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
-    s, delta, var, _ = _stats(spec, x, lay, sdt)
+    args = (spec, x, lay, sdt, gamma, beta, mu, sigma, lim)
+    if spec.axis_name is not None:
+        s, delta, m2 = shifted_sums(x, lay, sdt)
+        se, de, var, _ = coll.merge_stats(s, delta, m2, lay.count, spec.axis_name)
+        (y, var), res = _finish(*args, se, de, var)
+    elif x.dtype not in (sdt, jnp.float32):  # half precision
+        se = sample(x, lay, 3, sdt)
+        (y, var), res = _finish(*args, se, *_shifted(x, lay, sdt, se))
+    else:
+        s1, s2 = plain_sums(x, lay, sdt)
+
+        # The branches return the coefficients (a, c), computed once per feature there,
+        # and y is formed after the cond: XLA would otherwise compute them (renorm's r and
+        # d included) again for every value of x inside the elementwise pass; and batch
+        # norm and renorm with r = 1, d = 0 form y by the same operations (bit for bit).
+        late = True
+
+        def plain():
+            m, var = _plain_stats(s1, s2, lay.count)
+            se = sample(x, lay, 3, sdt)
+            return _finish(*args, se, m - se, var, mean=m, late=late)
+
+        def shifted():
+            se = sample(x, lay, 3, sdt)
+            return _finish(*args, se, *_shifted(x, lay, sdt, se), late=late)
+
+        # Each branch slices its own shift (an operand of the cond would be materialized)
+        # and so does what follows (the same value, fused where it is used).
+        ok = well_conditioned(s1, s2, lay.count)
+        (y, var), res = jax.lax.cond(ok, plain, shifted)
+        se = sample(x, lay, 3, sdt)
+        if late:  # (a, c, 0 or 1): y = (x - 0 se) a + c on the plain path
+            a, c, on = y
+            y = _apply(x, se * on, a, c, sdt)
+    de, inv, r, d = res
+    mean, var = (jnp.reshape(v, lay.fshape) for v in (se + de, var))
+    if spec.axis_name is not None:
+        mean, var = coll.invariant(mean, spec.axis_name), coll.invariant(var, spec.axis_name)
+    return (y, mean, var), (x, se, de, inv, gamma, beta, mu, sigma, lim, r, d)
+
+
+def _shifted(x, lay: Layout, sdt, se):
+    """``(mean - se, var)`` from the shifted sums, for a shift ``se`` of the elementwise
+    passes that no reduction shares (:func:`sample`)."""
+    s, delta, m2 = shifted_sums(x, lay, sdt)
+    return (s - se) + delta, m2 / lay.count
+
+
+def _plain_stats(s1, s2, n: int):
+    mean = s1 / n
+    return mean, jnp.maximum(s2 / n - mean * mean, 0.0)
+
+
+def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=None, late=False):
+    """``y = (x - se) a + c`` from ``mean = se + de`` and ``var``, one elementwise pass;
+    given ``mean`` (the plain path's, within two standard deviations of zero),
+    ``y = x a + c`` instead: the fewest operations per value. Returns ``(y, var)`` and the
+    residuals ``(de, inv, r, d)``; ``late``: ``(a, c, shifted)`` in place of ``y``, with
+    ``shifted`` 1.0 where ``c`` is relative to ``se`` and 0.0 where to 0."""
     inv = jax.lax.rsqrt(var + spec.eps)
-    g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
+    g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     r = d = None
     if spec.renorm:
-        r, d = _renorm_rd(spec, s, delta, var, _bcast(mu, lay.bshape, sdt), sigma, lim, lay)
+        mu_b = _bcast(mu, lay, sdt)
+        dmu = (se - mu_b) + de  # mean - mu, no rounded mean
+        r, d = _renorm_rd(spec, dmu, (var + spec.eps) * inv, sigma, lim, lay)
         b = (0.0 if b is None else b) + (d if g is None else g * d)
         g = r if g is None else g * r
     a = inv if g is None else g * inv
-    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
-    c = (0.0 if b is None else b) - de * a
+    c = (0.0 if b is None else b) - (de if mean is None else mean) * a
+    if late:
+        return ((a, c, jnp.asarray(1.0 if mean is None else 0.0, sdt)), var), (de, inv, r, d)
+    return (_apply(x, se if mean is None else None, a, c, sdt), var), (de, inv, r, d)
+
+
+def _apply(x, se, a, c, sdt):
+    """The elementwise pass ``y = (x - se) a + c`` (``se`` None: ``x a + c``)."""
     xc = _centred(x, se, sdt)
-    y = jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
-    mean, var_f = (jnp.reshape(v, lay.fshape) for v in (s + delta, var))
-    if spec.axis_name is not None:
-        mean, var_f = coll.invariant(mean, spec.axis_name), coll.invariant(var_f, spec.axis_name)
-    return (y, mean, var_f), (x, s, delta, inv, g, gamma, beta, mu, sigma, lim, r, d)
+    return jnp.astype(xc * jnp.astype(a, xc.dtype) + jnp.astype(c, xc.dtype), x.dtype)
 
 
-def _pass_shift(spec: Spec, x, lay: Layout, s, delta, sdt):
-    """The shift of the elementwise passes and the mean relative to it: a sample of its
-    own (see :func:`sample`) locally, the merged reference sample with ``axis_name``."""
-    if spec.axis_name is not None:
-        return s, delta
-    se = sample(x, lay, 3, sdt)
-    return se, (s - se) + delta
-
-
-def _renorm_rd(spec: Spec, s, delta, var, mu, sigma, lim, lay):
-    """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``,
-    with ``mu_B - mu`` formed as ``(s - mu) + delta`` (no float32 rounding of the mean)."""
-    sdt = var.dtype
+def _renorm_rd(spec: Spec, dmu, sigma_b, sigma, lim, lay):
+    """``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu)/sigma, +-dmax)``
+    with ``dmu = mu_B - mu`` and ``sigma_B = (var + eps) inv`` (no second square root: XLA
+    computes it within the passes that use it)."""
+    sdt = sigma_b.dtype
     rmax, dmax = jnp.astype(lim[0], sdt), jnp.astype(lim[1], sdt)
-    sig = _bcast(sigma, lay.bshape, sdt)
-    r = _clip(jnp.sqrt(var + spec.eps) / sig, 1.0 / rmax, rmax)
-    d = _clip(((s - mu) + delta) / sig, -dmax, dmax)
+    sig = _bcast(sigma, lay, sdt)
+    r = _clip(sigma_b / sig, 1.0 / rmax, rmax)
+    d = _clip(dmu / sig, -dmax, dmax)
     return r, d
 
 
 def _train_bwd(spec: Spec, res, cts):
     dy = cts[0]  # the statistics' cotangents: no gradient flows through them (module notes)
-    x, s, delta, inv, g_eff, gamma, beta, mu, sigma, lim, r, d = res
+    x, se, de, inv, gamma, beta, mu, sigma, lim, r, d = res  # mean = se + de
     sdt = _sdt()
     lay = layout(tuple(x.shape), spec.axes)
-    se, de = _pass_shift(spec, x, lay, s, delta, sdt)
+    g_eff = _bcast(gamma, lay, sdt)
+    if r is not None:
+        g_eff = r if g_eff is None else g_eff * r
     xc = _centred(x, se, sdt)
     dyw = jnp.astype(dy, xc.dtype)
     sum_dy = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
     s3 = sample(x, lay, 2, sdt)  # x - s3 shared with no other pass (see sample)
     sum_dy_d = jnp.sum(dyw * _centred(x, s3, sdt), axis=lay.red, keepdims=True, dtype=sdt)
-    sum_dy_xc = sum_dy_d - ((s - s3) + delta) * sum_dy  # sum(dy (x - mean))
+    sum_dy_xc = sum_dy_d - ((se - s3) + de) * sum_dy  # sum(dy (x - mean))
     loc_dy, loc_dy_xc, n = sum_dy, sum_dy_xc, lay.count
     if spec.axis_name is not None:
         n = lay.count * _bound_size(spec.axis_name)
@@ -262,7 +407,7 @@ train.defvjp(_train_fwd, _train_bwd)
 
 def _given(spec: Spec, x, mean, var, sdt):
     lay = layout(tuple(x.shape), spec.axes)
-    m, v = _bcast(mean, lay.bshape, sdt), _bcast(var, lay.bshape, sdt)
+    m, v = _bcast(mean, lay, sdt), _bcast(var, lay, sdt)
     return lay, m, jax.lax.rsqrt(v + spec.eps)
 
 
@@ -272,7 +417,7 @@ def evaluate(spec: Spec, x, gamma, beta, mean, var):
     (eps always added), one elementwise pass."""
     sdt = _sdt()
     lay, m, inv = _given(spec, x, mean, var, sdt)
-    g, b = _bcast(gamma, lay.bshape, sdt), _bcast(beta, lay.bshape, sdt)
+    g, b = _bcast(gamma, lay, sdt), _bcast(beta, lay, sdt)
     a = inv if g is None else g * inv
     xc = _centred(x, m, sdt)  # x - mean before scaling: no cancellation at a large offset
     y = xc * jnp.astype(a, xc.dtype)
@@ -291,7 +436,7 @@ def _eval_bwd(spec: Spec, res, dy):
     x, gamma, beta, mean, var = res
     sdt = _sdt()
     lay, m, inv = _given(spec, x, mean, var, sdt)
-    g = 1.0 if gamma is None else _bcast(gamma, lay.bshape, sdt)
+    g = 1.0 if gamma is None else _bcast(gamma, lay, sdt)
     k = g * inv
     xc = _centred(x, m, sdt)
     dyw = jnp.astype(dy, xc.dtype)

@@ -26,8 +26,10 @@ may be either (a schedule computes them from a step count under ``jit``). Runnin
 statistics in float16 are refused (a variance above 65504 would be stored as inf).
 
 Under ``jax.jit`` each direction compiles to the passes over ``x`` of Flax's own
-``BatchNorm`` or fewer: forward, two reductions (``sum(x - s)`` and ``sum((x - s')**2)``
-with samples ``s``, ``s'`` of the batch) and one elementwise pass; backward, two reductions
+``BatchNorm`` or fewer: forward, two reductions (``sum(x)`` and ``sum(x * x)``, kept where
+every feature's mean is within two standard deviations of zero; elsewhere a ``jax.lax.cond``
+takes the shifted sums ``sum(x - s)`` and ``sum((x - s')**2)`` with samples ``s``, ``s'``
+of the batch, two more reductions) and one elementwise pass; backward, two reductions
 (``sum(dy)``, ``sum(dy (x - s''))``) and one elementwise pass (see the kernel module).
 
 A feature whose batch statistics are not finite keeps its running statistics (a
@@ -309,7 +311,9 @@ def _ghost_equal(spec: Spec, x, gamma, beta, groups: int, lay):
     (shape of ``x``) and the mean over the groups of their means and variances."""
     xg = jnp.reshape(x, (groups, x.shape[0] // groups, *x.shape[1:]))
     gspec = Spec((0, *(a + 1 for a in spec.axes)), spec.eps)
-    fshape = (groups, *lay.fshape)
-    g, b = (None if v is None else jnp.broadcast_to(v, fshape) for v in (gamma, beta))
-    y, m, v = train(gspec, xg, g, b, None, None, None)
-    return jnp.reshape(y, x.shape), jnp.mean(m, axis=0), jnp.mean(v, axis=0)
+    y, m, v = train(gspec, xg, gamma, beta, None, None, None)  # gamma, beta shared by groups
+    if groups <= 8:  # a few adds, fused where the means are used (no reduction kernel)
+        m, v = (sum(u[i] for i in range(1, groups)) + u[0] for u in (m, v))
+        return jnp.reshape(y, x.shape), m / groups, v / groups
+    mv = jnp.mean(jnp.stack([m, v]), axis=1)  # one reduction for both
+    return jnp.reshape(y, x.shape), mv[0], mv[1]
