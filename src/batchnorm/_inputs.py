@@ -13,7 +13,7 @@ import numpy as np
 from ._cache import BatchNormCache, ensure_pytree
 from ._validation import Layout, as_float_array, as_input, check_eps, check_out
 from .backends import check_backend, plan
-from .core.reduce import LOCAL, Reducer
+from .core.reduce import LOCAL, Reducer, check_reducer
 
 __all__ = [
     "Inputs",
@@ -33,11 +33,7 @@ def reducer_of(comm: object = None, reducer: object = None, timeout=None) -> Red
     if reducer is not None:
         if comm is not None:
             raise TypeError("pass comm= or reducer=, not both")
-        if not isinstance(reducer, Reducer):
-            raise TypeError(
-                f"reducer must implement batchnorm.core.reduce.Reducer; got {reducer!r}"
-            )
-        return reducer
+        return check_reducer(reducer)
     if comm is None:
         if timeout is not None:
             raise TypeError("timeout= needs comm=")

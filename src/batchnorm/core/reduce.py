@@ -39,6 +39,7 @@ __all__ = [
     "Reducer",
     "SyncBatchStats",
     "attempt",
+    "check_reducer",
     "resolve",
 ]
 
@@ -139,6 +140,21 @@ class Reducer(Protocol):
     ) -> tuple[list[int], list]:
         """Agree, then every participant's ``count`` field and 1-D float64 ``vector``."""
 
+
+_MEMBERS = ("distributed", "attempt", "dispatch", "agree", "merge", "sum")
+
+
+def check_reducer(value: object) -> Reducer:
+    """``value`` when it implements :class:`Reducer`; else a TypeError naming what it lacks
+    (a reducer written for the earlier four-method protocol lacks ``attempt`` and
+    ``dispatch``: derive it from :class:`LocalReducer` or implement them as documented)."""
+    if isinstance(value, Reducer):
+        return value
+    missing = [m for m in _MEMBERS if not hasattr(value, m)]
+    raise TypeError(
+        f"reducer must implement batchnorm.core.reduce.Reducer; {value!r} lacks "
+        f"{', '.join(missing) or 'none of its members but is not a Reducer'}"
+    )
 
 class LocalReducer:
     """The reducer of a single process: local results are already global.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from ..core.reduce import LOCAL, Reducer
+from ..core.reduce import LOCAL, check_reducer
 
 __all__ = ["Sync", "args_hash"]
 
@@ -45,8 +45,7 @@ class Sync:
         """Install ``value`` (None: local) after checking it is a usable reducer."""
         if value is None:
             value = LOCAL
-        if not isinstance(value, Reducer):
-            raise TypeError(f"reducer must implement batchnorm.core.reduce.Reducer; got {value!r}")
+        check_reducer(value)
         if value.distributed and not self.synchronizable:
             raise ValueError(f"{self.owner} cannot synchronize its statistics")
         self.reducer = value
