@@ -41,7 +41,7 @@ _COMPILED = (torch.float32, torch.float64)  # buffer dtypes running_update compi
 def use_ops(x: torch.Tensor) -> bool:
     """Whether this call goes through the custom operators (see the module docstring)."""
     return (
-        x.device.type != "cpu"
+        not x.is_cpu
         or type(x) not in _PLAIN
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
@@ -89,12 +89,12 @@ class _Lean(torch.autograd.Function):
             dx, dw, db = O.call_backward(dy, x, weight, mean, var, st.eps, st.batch)
         elif st.views is not None:  # the one-call backward, gradients in the params' dtypes
             need_dx = ctx.needs_input_grad[0]
-            c = st.mean.shape[0]
-            gw, gb = (None if d is None else np.empty(c, _cpu.NP_DTYPES[d]) for d in ctx.dtypes)
-            sums = np.empty((2, c)) if gw is None or gb is None else None
-            dya = _cpu.arrange(dy, st.lay)
+            wd, bd = ctx.dtypes  # (a parameter's dtype is its NumPy view's)
+            gw = None if wd is None else np.empty_like(st.views[0])
+            gb = None if bd is None else np.empty_like(st.views[1])
+            sums = np.empty((2, st.mean.shape[0])) if gw is None or gb is None else None
             dx = _cpu.backward_small(
-                dya,
+                dy,
                 st.xa,
                 st.lay,
                 st.mean,
@@ -122,6 +122,20 @@ class _Lean(torch.autograd.Function):
             wd, bd = ctx.dtypes
             return dx, _grad(gw, wd), _grad(s1, bd), None, None, None
         return dx, *O.param_grads(dw, db, ctx.dtypes), None, None, None
+
+
+# torch's C ``apply`` of the Function: ``Function.apply`` (Python) first maps
+# ``unwrap_dead_wrappers`` over the arguments, a microsecond or more per call, which only
+# matters for functorch-wrapped tensors (sent to ``Function.apply`` below).
+_C_APPLY = super(torch.autograd.Function, _Lean).apply
+_IS_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _lean_apply(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
+    """``_Lean.apply`` by the shortest call."""
+    if _IS_WRAPPED(x):
+        return _Lean.apply(x, weight, bias, st, rm, rv)
+    return _C_APPLY(x, weight, bias, st, rm, rv)
 
 
 def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
@@ -183,7 +197,7 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    y = _Lean.apply(x, weight, bias, st, rm, rv) if grads else _forward(x, weight, bias, st, rm, rv)
+    y = _lean_apply(x, weight, bias, st, rm, rv) if grads else _forward(x, weight, bias, st, rm, rv)
     if batch:
         spread = lay.count * float(np.add.reduce(st.var))
         if _cpu.needs_general(st.mean, spread, lay.compute, eps):
@@ -192,10 +206,19 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     return y, None, None
 
 
-def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
+def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> torch.Tensor:
     """``module``'s forward on ``x`` (checked by the caller): batch statistics when
-    ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``."""
-    eps, weight, bias = module.eps, module.weight, module.bias
+    ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``.
+
+    ``params``: ``(weight, bias, num_batches_tracked)`` when the caller has read them
+    already (from the module's parameter and buffer dicts: an attribute read through
+    ``Module.__getattr__`` costs about half a microsecond each); None: read here."""
+    eps = module.eps
+    if params is None:
+        weight, bias = module.weight, module.bias
+        nbt = module.num_batches_tracked if rm is not None else None
+    else:
+        weight, bias, nbt = params
     if x.numel() == 0:
         return _empty(module, x, update)
     if use_ops(x):
@@ -208,7 +231,7 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
     lay = _cpu.layout(x)
     k = _cpu.kind(lay)
     if k and x.dtype is lay.compute and not lay.copy:
-        views = _views(module, weight, bias, rm, rv)
+        views = _views(module, weight, bias, rm, rv, nbt)
         if views is not None:
             y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
             if y is not None:
@@ -236,7 +259,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
         return None
     st = _Step(lay, eps, True, views)
     y = (
-        _Lean.apply(x, weight, bias, st, None, None)
+        _lean_apply(x, weight, bias, st, None, None)
         if grads
         else _forward(x, weight, bias, st, None, None)
     )
@@ -253,12 +276,13 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _views(module, weight, bias, rm, rv):
+def _views(module, weight, bias, rm, rv, nbt):
     """NumPy views ``(g, b, running_mean, running_var, num_batches_tracked)`` of the module's
     tensors (ones / zeros for a missing weight / bias; None for missing buffers), cached
     while the module holds the same tensors on the same memory; None when one of them
     cannot be viewed (bfloat16, another device)."""
-    nbt = module.num_batches_tracked if rm is not None else None
+    if rm is None:
+        nbt = None
     ts = (weight, bias, rm, rv, nbt)
     ptrs = (
         0 if weight is None else weight.data_ptr(),
@@ -295,16 +319,21 @@ def _make_views(ts, c: int):
         weight = _cpu.feature64(None, c, 1.0)
     if bias is None:
         bias = _cpu.feature64(None, c, 0.0)
-    return weight, bias, rm, rv, nbt
+    compiled = (  # running_update compiles for these buffers (checked once, not per call)
+        rm is not None
+        and rv is not None
+        and nbt is not None
+        and rm.dtype == rv.dtype
+        and rm.dtype in (np.float32, np.float64)
+    )
+    return weight, bias, rm, rv, nbt, compiled
 
 
 def _update_views(module, views, mean, var, count: int, shape) -> None:
     """:func:`update_running` on the cached views of the buffers."""
+    if not views[5]:
+        return update_running(module, mean, var, count, shape)
     m_np, v_np, n_np = views[2], views[3], views[4]
-    if m_np is None or v_np is None or n_np is None or m_np.dtype != v_np.dtype:
-        return update_running(module, mean, var, count, shape)
-    if m_np.dtype not in (np.float32, np.float64):
-        return update_running(module, mean, var, count, shape)
     n_new = int(n_np) + 1
     w = module.momentum if module.momentum is not None else 1.0 / n_new
     if not running_update(
