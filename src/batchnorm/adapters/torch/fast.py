@@ -216,7 +216,7 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> tor
     eps = module.eps
     if params is None:
         weight, bias = module.weight, module.bias
-        nbt = module.num_batches_tracked if rm is not None else None
+        nbt = getattr(module, "num_batches_tracked", None) if update else None
     else:
         weight, bias, nbt = params
     if x.numel() == 0:
