@@ -130,7 +130,11 @@ _IS_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _lean_apply(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     """``_Lean.apply`` by the shortest call."""
-    if _IS_WRAPPED(x):
+    if (
+        _IS_WRAPPED(x)
+        or (weight is not None and _IS_WRAPPED(weight))
+        or (bias is not None and _IS_WRAPPED(bias))
+    ):
         return _Lean.apply(x, weight, bias, st, rm, rv)
     return _C_APPLY(x, weight, bias, st, rm, rv)
 
