@@ -214,11 +214,21 @@ def kview(t: torch.Tensor, lay: Layout) -> np.ndarray:
     """The one-call kernels' view of an arranged tensor: ``(O, K)`` for ``ROWS``, ``(N, C,
     I)`` for ``WIDE``; float16 as its bits."""
     a = t.numpy(force=True)
+    if a.ndim == 2 and lay.compute is not torch.float16:
+        return a  # an (N, C) tensor: its own view (the common small case, no reshape)
     if lay.perm is not None:
         a = a.transpose(lay.perm)
     vs = lay.view_shape
     a = a.reshape(vs if len(vs) == 2 or vs[2] != 1 else vs[:2])
     return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def grad_kview(dy: torch.Tensor, lay: Layout) -> np.ndarray:
+    """:func:`kview` of an incoming gradient, arranged first only when its dtype or
+    memory format differs from the layout's (an expanded or transposed gradient)."""
+    if dy.dtype is lay.compute and not lay.copy and dy.is_contiguous(memory_format=lay.fmt):
+        return kview(dy, lay)
+    return kview(arrange(dy, lay), lay)
 
 
 def train_small(xa, lay: Layout, g, b, eps: float):
@@ -243,7 +253,7 @@ def train_small(xa, lay: Layout, g, b, eps: float):
 
 def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):
     """``dx`` (None unless ``need_dx``) of a ``ROWS`` input in one serial call (``WIDE``:
-    the fused kernels);
+    the fused kernels); ``dya`` the incoming gradient, arranged here if it must be;
     ``gw``, ``gb`` receive the weight and bias gradients ``sum(dy * x_hat)`` and ``sum(dy)``
     (each in its own dtype)."""
     dx = torch.empty_like(xa) if need_dx else None
@@ -252,9 +262,11 @@ def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_d
         xv = kview(xa, lay)
         out = xv[:0] if dx is None else kview(dx, lay)
         coef = np.empty((5, c), _WORK[lay.compute])
-        S.backward_rows(xv, kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb)
+        S.backward_rows(
+            xv, grad_kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb
+        )
         return dx
-    xv, dyv = view(xa, lay), view(dya, lay)
+    xv, dyv = view(xa, lay), view(arrange(dya, lay), lay)
     if dx is None:
         s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
     else:

@@ -19,29 +19,26 @@ other.
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import numpy as np
 import torch
 
-from ...backends.numba.small import running_update
-from ...conventions import NonFiniteStatisticsError
 from . import _composed as T
 from . import _cpu
 from . import ops as O
+from ._running import host64, update_running, update_traced, update_views
 from .function import BatchNormOp, apply
 
-__all__ = ["batch_norm", "use_ops"]
+__all__ = ["batch_norm", "update_running", "use_ops"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_COMPILED = (torch.float32, torch.float64)  # buffer dtypes running_update compiles for
 
 
 def use_ops(x: torch.Tensor) -> bool:
     """Whether this call goes through the custom operators (see the module docstring)."""
     return (
-        x.device.type != "cpu"
+        not x.is_cpu
         or type(x) not in _PLAIN
         or torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
@@ -89,12 +86,12 @@ class _Lean(torch.autograd.Function):
             dx, dw, db = O.call_backward(dy, x, weight, mean, var, st.eps, st.batch)
         elif st.views is not None:  # the one-call backward, gradients in the params' dtypes
             need_dx = ctx.needs_input_grad[0]
-            c = st.mean.shape[0]
-            gw, gb = (None if d is None else np.empty(c, _cpu.NP_DTYPES[d]) for d in ctx.dtypes)
-            sums = np.empty((2, c)) if gw is None or gb is None else None
-            dya = _cpu.arrange(dy, st.lay)
+            wd, bd = ctx.dtypes  # (a parameter's dtype is its NumPy view's)
+            gw = None if wd is None else np.empty_like(st.views[0])
+            gb = None if bd is None else np.empty_like(st.views[1])
+            sums = np.empty((2, st.mean.shape[0])) if gw is None or gb is None else None
             dx = _cpu.backward_small(
-                dya,
+                dy,
                 st.xa,
                 st.lay,
                 st.mean,
@@ -124,6 +121,24 @@ class _Lean(torch.autograd.Function):
         return dx, *O.param_grads(dw, db, ctx.dtypes), None, None, None
 
 
+# torch's C ``apply`` of the Function: ``Function.apply`` (Python) first maps
+# ``unwrap_dead_wrappers`` over the arguments, a microsecond or more per call, which only
+# matters for functorch-wrapped tensors (sent to ``Function.apply`` below).
+_C_APPLY = super(torch.autograd.Function, _Lean).apply
+_IS_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _lean_apply(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
+    """``_Lean.apply`` by the shortest call."""
+    if (
+        _IS_WRAPPED(x)
+        or (weight is not None and _IS_WRAPPED(weight))
+        or (bias is not None and _IS_WRAPPED(bias))
+    ):
+        return _Lean.apply(x, weight, bias, st, rm, rv)
+    return _C_APPLY(x, weight, bias, st, rm, rv)
+
+
 def _grad(g: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor | None:
     """A float64 per-feature gradient as a tensor of the parameter's dtype."""
     if dtype is None:
@@ -146,19 +161,11 @@ def _forward(x, weight, bias, st: _Step, rm, rv) -> torch.Tensor:
     if st.batch:
         y, mean, var, inv = _cpu.train(xa, lay, g, b, st.eps)
     else:
-        mean, var = st.mean, _host64(rv)  # st.mean: the running mean, read by _lean
+        mean, var = st.mean, host64(rv)  # st.mean: the running mean, read by _lean
         inv = _cpu.inv_std(var, st.eps)
         y = _cpu.evaluate(xa, lay, g, b, mean, inv)
     st.xa, st.mean, st.var, st.inv, st.g = xa, mean, var, inv, g
     return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def _host64(t: torch.Tensor) -> np.ndarray:
-    """A per-feature tensor as a float64 NumPy copy."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().astype(np.float64)
 
 
 def _general(x, weight, bias, batch: bool, rm, rv, eps: float):
@@ -175,7 +182,7 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     lay = _cpu.layout(x)
     st = _Step(lay, eps, batch)
     if not batch:
-        st.mean = _host64(rm)
+        st.mean = host64(rm)
         if _cpu.needs_general(st.mean, 0.0, lay.compute, eps):
             return _general(x, weight, bias, batch, rm, rv, eps)
     grads = torch.is_grad_enabled() and (
@@ -183,7 +190,7 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    y = _Lean.apply(x, weight, bias, st, rm, rv) if grads else _forward(x, weight, bias, st, rm, rv)
+    y = _lean_apply(x, weight, bias, st, rm, rv) if grads else _forward(x, weight, bias, st, rm, rv)
     if batch:
         spread = lay.count * float(np.add.reduce(st.var))
         if _cpu.needs_general(st.mean, spread, lay.compute, eps):
@@ -192,10 +199,19 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     return y, None, None
 
 
-def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
+def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> torch.Tensor:
     """``module``'s forward on ``x`` (checked by the caller): batch statistics when
-    ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``."""
-    eps, weight, bias = module.eps, module.weight, module.bias
+    ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``.
+
+    ``params``: ``(weight, bias, num_batches_tracked)`` when the caller has read them
+    already (from the module's parameter and buffer dicts: an attribute read through
+    ``Module.__getattr__`` costs about half a microsecond each); None: read here."""
+    eps = module.eps
+    if params is None:
+        weight, bias = module.weight, module.bias
+        nbt = getattr(module, "num_batches_tracked", None) if update else None
+    else:
+        weight, bias, nbt = params
     if x.numel() == 0:
         return _empty(module, x, update)
     if use_ops(x):
@@ -203,12 +219,12 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv) -> torch.Tensor:
             return O.call_eval(x, weight, bias, rm, rv, eps)
         y, mean, var = O.call_train(x, weight, bias, eps)
         if update:
-            _update_traced(module, mean, var, x.numel() // x.shape[1])
+            update_traced(module, mean, var, x.numel() // x.shape[1])
         return y
     lay = _cpu.layout(x)
     k = _cpu.kind(lay)
     if k and x.dtype is lay.compute and not lay.copy:
-        views = _views(module, weight, bias, rm, rv)
+        views = _views(module, weight, bias, rm, rv, nbt)
         if views is not None:
             y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
             if y is not None:
@@ -236,7 +252,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
         return None
     st = _Step(lay, eps, True, views)
     y = (
-        _Lean.apply(x, weight, bias, st, None, None)
+        _lean_apply(x, weight, bias, st, None, None)
         if grads
         else _forward(x, weight, bias, st, None, None)
     )
@@ -246,19 +262,20 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
             update_running(module, mean, var, lay.count, tuple(x.shape))
         return y
     if update:
-        _update_views(module, views, st.mean, st.var, lay.count, tuple(x.shape))
+        update_views(module, views, st.mean, st.var, lay.count, tuple(x.shape))
     return y
 
 
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _views(module, weight, bias, rm, rv):
+def _views(module, weight, bias, rm, rv, nbt):
     """NumPy views ``(g, b, running_mean, running_var, num_batches_tracked)`` of the module's
     tensors (ones / zeros for a missing weight / bias; None for missing buffers), cached
     while the module holds the same tensors on the same memory; None when one of them
     cannot be viewed (bfloat16, another device)."""
-    nbt = module.num_batches_tracked if rm is not None else None
+    if rm is None:
+        nbt = None
     ts = (weight, bias, rm, rv, nbt)
     ptrs = (
         0 if weight is None else weight.data_ptr(),
@@ -295,24 +312,14 @@ def _make_views(ts, c: int):
         weight = _cpu.feature64(None, c, 1.0)
     if bias is None:
         bias = _cpu.feature64(None, c, 0.0)
-    return weight, bias, rm, rv, nbt
-
-
-def _update_views(module, views, mean, var, count: int, shape) -> None:
-    """:func:`update_running` on the cached views of the buffers."""
-    m_np, v_np, n_np = views[2], views[3], views[4]
-    if m_np is None or v_np is None or n_np is None or m_np.dtype != v_np.dtype:
-        return update_running(module, mean, var, count, shape)
-    if m_np.dtype not in (np.float32, np.float64):
-        return update_running(module, mean, var, count, shape)
-    n_new = int(n_np) + 1
-    w = module.momentum if module.momentum is not None else 1.0 / n_new
-    if not running_update(
-        m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
-    ):
-        return update_running(module, mean, var, count, shape)  # raises, changes nothing
-    n_np[...] = n_new
-    return None
+    compiled = (  # running_update compiles for these buffers (checked once, not per call)
+        rm is not None
+        and rv is not None
+        and nbt is not None
+        and rm.dtype == rv.dtype
+        and rm.dtype in (np.float32, np.float64)
+    )
+    return weight, bias, rm, rv, nbt, compiled
 
 
 def _empty(module, x, update: bool) -> torch.Tensor:
@@ -324,83 +331,3 @@ def _empty(module, x, update: bool) -> torch.Tensor:
             module.num_batches_tracked.add_(1)
     fmt = _cpu.layout(x).fmt if x.device.type == "cpu" else torch.contiguous_format
     return y.contiguous(memory_format=fmt)
-
-
-def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
-    """torch's running update from float64 batch statistics, refusing non-finite ones.
-
-    Raises
-    ------
-    NonFiniteStatisticsError
-        When the batch statistics, or the new running statistics in the buffers' dtype, are
-        not finite; nothing is changed then.
-    """
-    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
-        return _update_tensors(module, mean, var, count, shape)
-    m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
-    n_new = int(n_np) + 1
-    w = module.momentum if module.momentum is not None else 1.0 / n_new
-    if (
-        rm.dtype in _COMPILED
-        and type(mean) is np.ndarray
-        and running_update(
-            m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
-        )
-    ):  # the expressions below, in one compiled call; False: a value is not finite
-        n_np[...] = n_new
-        return None
-    with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
-        keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
-        new_m = (m_np * keep + w * mean).astype(m_np.dtype)
-        new_v = (v_np * keep + (w * count / (count - 1)) * var).astype(v_np.dtype)
-    total = float(np.add.reduce(new_m, dtype=np.float64) + np.add.reduce(new_v, dtype=np.float64))
-    if not math.isfinite(total):  # (a finite sum proves every value finite)
-        _check_finite(mean, var, new_m, new_v, shape)
-    m_np[...] = new_m
-    v_np[...] = new_v
-    n_np[...] = n_new
-
-
-def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
-    """:func:`update_running` for buffers NumPy cannot view (bfloat16, other devices)."""
-    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    n_new = int(nbt) + 1
-    w = module.momentum if module.momentum is not None else 1.0 / n_new
-    with np.errstate(all="ignore"):
-        new_m = _host64(rm) * (1.0 - w) + w * mean
-        new_v = _host64(rv) * (1.0 - w) + (w * count / (count - 1)) * var
-    tm, tv = torch.from_numpy(new_m).to(rm.dtype), torch.from_numpy(new_v).to(rv.dtype)
-    _check_finite(mean, var, tm.double().numpy(), tv.double().numpy(), shape)
-    with torch.no_grad():
-        rm.copy_(tm)
-        rv.copy_(tv)
-        nbt.add_(1)
-
-
-def _check_finite(mean, var, new_m, new_v, shape) -> None:
-    bad = ~(np.isfinite(mean) & np.isfinite(var) & np.isfinite(new_m) & np.isfinite(new_v))
-    if bad.any():
-        where = np.flatnonzero(bad)
-        raise NonFiniteStatisticsError(
-            f"the batch of shape {shape} gives non-finite statistics (or running statistics "
-            f"that overflow their dtype) for features {where[:8].tolist()}; the running "
-            "statistics and num_batches_tracked are left unchanged"
-        )
-
-
-def _update_traced(module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """The running update in torch operations (compiled, exported or transformed calls)."""
-    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    with torch.no_grad():
-        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if module.momentum is None:
-            w = 1.0 / (nbt + 1).to(mean.dtype)
-        else:
-            w = module.momentum
-        # the same float64 operations, in the same order, as update_running
-        new_m = rm.to(mean.dtype) * (1.0 - w) + w * mean
-        new_v = rv.to(var.dtype) * (1.0 - w) + (w * count / max(count - 1, 1)) * var
-        rm.copy_(torch.where(ok, new_m.to(rm.dtype), rm))
-        rv.copy_(torch.where(ok, new_v.to(rv.dtype), rv))
-        nbt.add_(ok.to(nbt.dtype))

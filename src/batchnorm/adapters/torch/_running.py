@@ -1,0 +1,121 @@
+"""The running-statistics update of the torch modules' eager route (:mod:`.fast`): torch's
+rule (momentum the weight of the new value, None a cumulative average, unbiased variance)
+from float64 batch statistics, refusing non-finite ones with nothing changed; and the
+same rule in torch operations for traced calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ...backends.numba.small import running_update
+from ...conventions import NonFiniteStatisticsError
+from . import _cpu
+
+_COMPILED = (torch.float32, torch.float64)  # buffer dtypes running_update compiles for
+
+
+def host64(t: torch.Tensor) -> np.ndarray:
+    """A per-feature tensor as a float64 NumPy copy."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy().astype(np.float64)
+
+
+def update_views(module, views, mean, var, count: int, shape) -> None:
+    """:func:`update_running` on the cached views of the buffers."""
+    if not views[5]:
+        return update_running(module, mean, var, count, shape)
+    m_np, v_np, n_np = views[2], views[3], views[4]
+    n_new = int(n_np) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    if not running_update(
+        m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
+    ):
+        return update_running(module, mean, var, count, shape)  # raises, changes nothing
+    n_np[...] = n_new
+    return None
+
+
+def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
+    """torch's running update from float64 batch statistics, refusing non-finite ones.
+
+    Raises
+    ------
+    NonFiniteStatisticsError
+        When the batch statistics, or the new running statistics in the buffers' dtype, are
+        not finite; nothing is changed then.
+    """
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
+        return _update_tensors(module, mean, var, count, shape)
+    m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
+    n_new = int(n_np) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    if (
+        rm.dtype in _COMPILED
+        and type(mean) is np.ndarray
+        and running_update(
+            m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
+        )
+    ):  # the expressions below, in one compiled call; False: a value is not finite
+        n_np[...] = n_new
+        return None
+    with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
+        keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
+        new_m = (m_np * keep + w * mean).astype(m_np.dtype)
+        new_v = (v_np * keep + (w * count / (count - 1)) * var).astype(v_np.dtype)
+    total = float(np.add.reduce(new_m, dtype=np.float64) + np.add.reduce(new_v, dtype=np.float64))
+    if not math.isfinite(total):  # (a finite sum proves every value finite)
+        _check_finite(mean, var, new_m, new_v, shape)
+    m_np[...] = new_m
+    v_np[...] = new_v
+    n_np[...] = n_new
+
+
+def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
+    """:func:`update_running` for buffers NumPy cannot view (bfloat16, other devices)."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    n_new = int(nbt) + 1
+    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    with np.errstate(all="ignore"):
+        new_m = host64(rm) * (1.0 - w) + w * mean
+        new_v = host64(rv) * (1.0 - w) + (w * count / (count - 1)) * var
+    tm, tv = torch.from_numpy(new_m).to(rm.dtype), torch.from_numpy(new_v).to(rv.dtype)
+    _check_finite(mean, var, tm.double().numpy(), tv.double().numpy(), shape)
+    with torch.no_grad():
+        rm.copy_(tm)
+        rv.copy_(tv)
+        nbt.add_(1)
+
+
+def _check_finite(mean, var, new_m, new_v, shape) -> None:
+    bad = ~(np.isfinite(mean) & np.isfinite(var) & np.isfinite(new_m) & np.isfinite(new_v))
+    if bad.any():
+        where = np.flatnonzero(bad)
+        raise NonFiniteStatisticsError(
+            f"the batch of shape {shape} gives non-finite statistics (or running statistics "
+            f"that overflow their dtype) for features {where[:8].tolist()}; the running "
+            "statistics and num_batches_tracked are left unchanged"
+        )
+
+
+def update_traced(module, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """The running update in torch operations (compiled, exported or transformed calls)."""
+    rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
+    with torch.no_grad():
+        ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        if module.momentum is None:
+            w = 1.0 / (nbt + 1).to(mean.dtype)
+        else:
+            w = module.momentum
+        # the same float64 operations, in the same order, as update_running
+        new_m = rm.to(mean.dtype) * (1.0 - w) + w * mean
+        new_v = rv.to(var.dtype) * (1.0 - w) + (w * count / max(count - 1, 1)) * var
+        rm.copy_(torch.where(ok, new_m.to(rm.dtype), rm))
+        rv.copy_(torch.where(ok, new_v.to(rv.dtype), rv))
+        nbt.add_(ok.to(nbt.dtype))
