@@ -149,6 +149,47 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
             bnj.ghost_batch_norm(x, None, None, rm, rv, training=True, virtual_batch_size=1)
 
 
+@pytest.mark.parametrize(
+    ("shape", "vbs", "view"), [((16, 6, 5, 3), 4, (4, 60, 2, 3)), ((6, 7, 3), 2, None)]
+)
+def test_ghost_split_sums_match_each_virtual_batch(rng, monkeypatch, shape, vbs, view):
+    """The plain sums of large ghost inputs split the reduced block into partial sums
+    (``_kernel._split``, enabled here at any size): the statistics and output stay each
+    virtual batch's own, and a count with no divisor in range keeps one reduction."""
+    from batchnorm._validation import layout
+    from batchnorm.adapters.jax import _kernel
+
+    monkeypatch.setattr(_kernel, "_SPLIT_MIN", 0)
+    groups = shape[0] // vbs
+    lay = layout((groups, vbs, *shape[1:]), tuple(range(len(shape) + 1))[:: len(shape)])
+    split = _kernel._split(lay)
+    assert (split and split[0]) == view
+    assert _kernel._split(layout(shape, -1)) is None  # whole-batch: a leading reduced block
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape) * 2 + 1)
+        c = shape[-1]
+        g, b = jnp.asarray(rng.uniform(0.5, 2, c)), jnp.asarray(rng.standard_normal(c))
+        step = jax.jit(
+            lambda x: bnj.ghost_batch_norm(
+                x,
+                g,
+                b,
+                jnp.zeros(c),
+                jnp.ones(c),
+                training=True,
+                virtual_batch_size=vbs,
+                momentum=0.0,
+            )
+        )
+        y, (m, v) = step(x)
+        xn = np.asarray(x).reshape(groups, vbs, -1, c)
+        mean, var = xn.mean((1, 2), keepdims=True), xn.var((1, 2), keepdims=True)
+        want = (xn - mean) / np.sqrt(var + 1e-5) * np.asarray(g) + np.asarray(b)
+        _close(y, want.reshape(shape), 1e-12)
+        _close(m, mean.mean(0).ravel(), 1e-13)
+        _close(v, var.mean(0).ravel(), 1e-13)
+
+
 def _offset_data(rng):
     return (rng.standard_normal((4096, 64)) + 1e6).astype(np.float32)
 
