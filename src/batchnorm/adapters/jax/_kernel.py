@@ -47,9 +47,9 @@ leading axis on large inputs (it finds less parallel work; at 32x56x56x64 the fo
 1.45x Flax's time) and with more overhead on small ones. So from ``_SPLIT_MIN`` values the
 reduced block is split into ``q`` (about ``_PARTS``) parts, ``(groups, q, n/q, C)``, summed
 over ``n/q`` and then over ``q``, which XLA keeps in one YNNPACK kernel (:func:`_split`);
-up to ``_FUSED_MAX`` values both sums are one variadic ``jax.lax.reduce``, a single loop
-that reads ``x`` once (slower than YNNPACK above a few ten thousand values). Both only
-regroup the additions of the plain sums.
+up to ``_FUSED_MAX`` values both sums, and the backward's two, are one variadic
+``jax.lax.reduce`` each, a single loop that reads the data once (:func:`_sum_pair`; slower
+than YNNPACK above a few ten thousand values). Both only regroup the additions.
 
 Backward. Two reductions give ``sum(dy)`` and ``sum(dy (x - s''))``, then
 ``sum(dy (x - mean)) = sum(dy (x - s'')) - (mu_B - s'') sum(dy)``, and one elementwise pass
@@ -206,10 +206,8 @@ def plain_sums(x, lay: Layout, sdt=None):
     ``x`` converted to it and summed there."""
     if sdt is not None and sdt != x.dtype:
         x = jnp.astype(x, sdt)
-    if _middle(lay) and math.prod(lay.shape) <= _FUSED_MAX:
-        zero = jnp.zeros((), x.dtype)
-        s1, s2 = jax.lax.reduce((x, x * x), (zero, zero), _add2, lay.red)
-        return jnp.reshape(s1, lay.bshape), jnp.reshape(s2, lay.bshape)
+    if _fused(lay):
+        return _sum_pair(x, x * x, lay, x.dtype)
     split = _split(lay)
     if split is None:
         s1 = jnp.sum(x, axis=lay.red, keepdims=True)
@@ -233,6 +231,21 @@ _FUSED_MAX = 1 << 14
 def _middle(lay: Layout) -> bool:
     """Whether the reduced axes are one contiguous block after a feature axis."""
     return lay.red[0] > 0 and lay.red[-1] - lay.red[0] == len(lay.red) - 1
+
+
+def _fused(lay: Layout) -> bool:
+    return _middle(lay) and math.prod(lay.shape) <= _FUSED_MAX
+
+
+def _sum_pair(a, b, lay: Layout, sdt):
+    """``sum(a)`` and ``sum(b)`` over the reduced axes in ``sdt`` (broadcast shape): one
+    variadic reduction that reads both once where :func:`_fused`, else two sums."""
+    if not _fused(lay):
+        kw = {"axis": lay.red, "keepdims": True, "dtype": sdt}
+        return jnp.sum(a, **kw), jnp.sum(b, **kw)
+    zero = jnp.zeros((), sdt)
+    sums = jax.lax.reduce((jnp.astype(a, sdt), jnp.astype(b, sdt)), (zero, zero), _add2, lay.red)
+    return tuple(jnp.reshape(v, lay.bshape) for v in sums)
 
 
 def _add2(a, b):
@@ -422,9 +435,8 @@ def _train_bwd(spec: Spec, res, cts):
         g_eff = r if g_eff is None else g_eff * r
     xc = _centred(x, se, sdt)
     dyw = jnp.astype(dy, xc.dtype)
-    sum_dy = jnp.sum(dyw, axis=lay.red, keepdims=True, dtype=sdt)
     s3 = sample(x, lay, 2, sdt)  # x - s3 shared with no other pass (see sample)
-    sum_dy_d = jnp.sum(dyw * _centred(x, s3, sdt), axis=lay.red, keepdims=True, dtype=sdt)
+    sum_dy, sum_dy_d = _sum_pair(dyw, dyw * _centred(x, s3, sdt), lay, sdt)
     sum_dy_xc = sum_dy_d - ((se - s3) + de) * sum_dy  # sum(dy (x - mean))
     loc_dy, loc_dy_xc, n = sum_dy, sum_dy_xc, lay.count
     if spec.axis_name is not None:
