@@ -149,6 +149,57 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
             bnj.ghost_batch_norm(x, None, None, rm, rv, training=True, virtual_batch_size=1)
 
 
+@pytest.mark.parametrize(
+    ("shape", "vbs", "path"),
+    [((16, 6, 5, 3), 4, (4, 60, 2, 3)), ((6, 7, 3), 2, None), ((16, 6, 5, 3), 4, "fused")],
+)
+def test_ghost_middle_axis_sums_match_each_virtual_batch(rng, monkeypatch, shape, vbs, path):
+    """Ghost batch norm's plain sums over the middle axes of ``(groups, n, C)``: one
+    variadic reduction for small inputs (``path`` "fused"), partial sums for large ones
+    (``_kernel._split``, enabled here at any size; ``path`` its view, None where the count
+    has no divisor in range and one reduction stays). Statistics and output stay each
+    virtual batch's own."""
+    from batchnorm._validation import layout
+    from batchnorm.adapters.jax import _kernel
+
+    fused = path == "fused"
+    monkeypatch.setattr(_kernel, "_SPLIT_MIN", 1 << 62 if fused else 0)
+    monkeypatch.setattr(_kernel, "_FUSED_MAX", 1 << 62 if fused else -1)
+    groups = shape[0] // vbs
+    lay = layout((groups, vbs, *shape[1:]), (0, len(shape)))
+    split = _kernel._split(lay)
+    assert (split and split[0]) == (None if fused else path)
+    assert not _kernel._middle(layout(shape, -1))  # whole batch: a leading reduced block
+    # the sums themselves (wrong sums would only send the layer to its shifted fallback)
+    xg = rng.standard_normal(lay.shape).astype(np.float32)
+    s1, s2 = _kernel.plain_sums(jnp.asarray(xg), lay)
+    _close(s1, xg.sum((1, 2, 3)[: len(shape) - 1], keepdims=True), 1e-5)
+    _close(s2, (xg * xg).sum((1, 2, 3)[: len(shape) - 1], keepdims=True), 1e-5)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape) * 2 + 1)
+        c = shape[-1]
+        g, b = jnp.asarray(rng.uniform(0.5, 2, c)), jnp.asarray(rng.standard_normal(c))
+        step = jax.jit(
+            lambda x: bnj.ghost_batch_norm(
+                x,
+                g,
+                b,
+                jnp.zeros(c),
+                jnp.ones(c),
+                training=True,
+                virtual_batch_size=vbs,
+                momentum=0.0,
+            )
+        )
+        y, (m, v) = step(x)
+        xn = np.asarray(x).reshape(groups, vbs, -1, c)
+        mean, var = xn.mean((1, 2), keepdims=True), xn.var((1, 2), keepdims=True)
+        want = (xn - mean) / np.sqrt(var + 1e-5) * np.asarray(g) + np.asarray(b)
+        _close(y, want.reshape(shape), 1e-12)
+        _close(m, mean.mean(0).ravel(), 1e-13)
+        _close(v, var.mean(0).ravel(), 1e-13)
+
+
 def _offset_data(rng):
     return (rng.standard_normal((4096, 64)) + 1e6).astype(np.float32)
 
