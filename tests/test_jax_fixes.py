@@ -241,3 +241,19 @@ def test_vmap_keeps_one_conditional_and_each_instance_its_result():
         x64 = np.asarray(xs[i], np.float64)
         ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
         assert np.max(np.abs(np.asarray(ys[i], np.float64) - ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("n_features", [64, 96, 2048])
+def test_one_feature_far_from_zero_is_seen_beside_blocks_of_wide_features(n_features):
+    """The check combines its blocks' maxima without letting one block's wide features
+    (very negative margins) hide another block's feature far from zero: a sum of the
+    maxima did, and normalized that feature from the plain sums, 9e2 off."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, n_features)).astype(np.float32)
+    x[:, 0] += 1e4  # one feature far from zero, alone in its block
+    x[:, 32:] *= 1e5  # every feature of the other blocks wide
+    ones, zeros = jnp.ones(n_features), jnp.zeros(n_features)
+    y = bnj.batch_norm(jnp.asarray(x), ones, zeros, zeros, ones, training=True)[0]
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= 1e-5

@@ -156,20 +156,20 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
 def test_ghost_middle_axis_sums_match_each_virtual_batch(rng, monkeypatch, shape, vbs, path):
     """Ghost batch norm's plain sums over the middle axes of ``(groups, n, C)``: one
     variadic reduction for small inputs (``path`` "fused"), partial sums for large ones
-    (``_kernel._split``, enabled here at any size; ``path`` its view, None where the count
+    (``_sums._split``, enabled here at any size; ``path`` its view, None where the count
     has no divisor in range and one reduction stays). Statistics and output stay each
     virtual batch's own."""
     from batchnorm._validation import layout
-    from batchnorm.adapters.jax import _kernel
+    from batchnorm.adapters.jax import _kernel, _sums
 
     fused = path == "fused"
-    monkeypatch.setattr(_kernel, "_SPLIT_MIN", 1 << 62 if fused else 0)
-    monkeypatch.setattr(_kernel, "_FUSED_MAX", 1 << 62 if fused else -1)
+    monkeypatch.setattr(_sums, "_SPLIT_MIN", 1 << 62 if fused else 0)
+    monkeypatch.setattr(_sums, "_FUSED_MAX", 1 << 62 if fused else -1)
     groups = shape[0] // vbs
     lay = layout((groups, vbs, *shape[1:]), (0, len(shape)))
-    split = _kernel._split(lay)
+    split = _sums._split(lay)
     assert (split and split[0]) == (None if fused else path)
-    assert not _kernel._middle(layout(shape, -1))  # whole batch: a leading reduced block
+    assert not _sums._middle(layout(shape, -1))  # whole batch: a leading reduced block
     # the sums themselves (wrong sums would only send the layer to its shifted fallback)
     xg = rng.standard_normal(lay.shape).astype(np.float32)
     s1, s2 = _kernel.plain_sums(jnp.asarray(xg), lay)

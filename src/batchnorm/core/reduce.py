@@ -156,6 +156,7 @@ def check_reducer(value: object) -> Reducer:
         f"{', '.join(missing) or 'none of its members but is not a Reducer'}"
     )
 
+
 class LocalReducer:
     """The reducer of a single process: local results are already global.
 

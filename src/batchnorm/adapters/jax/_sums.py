@@ -1,0 +1,208 @@
+"""The reductions of :mod:`batchnorm.adapters.jax._kernel`'s forward: the plain sums XLA
+CPU runs fastest, the shifted sums that keep a mean far from zero out of the result, and the
+check that picks between them (the module notes of ``_kernel`` say why and when).
+
+Ghost batch norm's plain sums reduce the middle axis of ``(groups, n, C)`` (the groups
+are a leading feature axis), which XLA CPU's YNNPACK does at about half the speed of a
+leading axis on large inputs (it finds less parallel work; at 32x56x56x64 the forward took
+1.45x Flax's time) and with more overhead on small ones. So from ``_SPLIT_MIN`` values the
+reduced block is split into ``q`` (about ``_PARTS``) parts, ``(groups, q, n/q, C)``, summed
+over ``n/q`` and then over ``q``, which XLA keeps in one YNNPACK kernel (:func:`_split`);
+up to ``_FUSED_MAX`` values both sums, and the backward's two, are one variadic
+``jax.lax.reduce`` each, a single loop that reads the data once (:func:`_sum_pair`; slower
+than YNNPACK above a few ten thousand values). Both only regroup the additions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..._validation import Layout
+from ..._xp import work_dtype
+
+__all__ = [
+    "WELL",
+    "centred",
+    "plain_sums",
+    "sample",
+    "shifted_sums",
+    "sum_pair",
+    "well_conditioned",
+]
+
+
+def centred(x, s, sdt):
+    """``x - s`` in the working dtype (``s`` in the broadcast shape; None: ``x``)."""
+    xw = jnp.astype(x, work_dtype(jnp, x.dtype))
+    if sdt == jnp.float64:
+        xw = jnp.astype(xw, sdt)
+    return xw if s is None else xw - jnp.astype(s, xw.dtype)
+
+
+def sample(x, lay: Layout, which: int, sdt):
+    """One value of each feature of ``x`` (broadcast shape, dtype ``sdt``): at flat
+    position 0, n-1, n/2 or n/4 of the reduced axes for ``which`` 0, 1, 2, 3.
+
+    Each reduction over ``x - s`` gets its own sample (0 and 1 the forward's, 2 the
+    backward's, 3 the elementwise passes'): XLA CPU writes an ``x - s`` that two
+    consumers share out in full, since its YNNPACK reductions do not recompute a shared
+    producer; with distinct samples every reduction recomputes ``x - s`` as it reads
+    ``x``, and a pass over ``x`` stays one pass. (With fewer than four values per feature
+    samples coincide: the results are the same, only a copy is made.)
+    """
+    red_shape = [x.shape[i] for i in lay.red]
+    pos = (0, lay.count - 1, lay.count // 2, lay.count // 4)[which]
+    index = dict(zip(lay.red, np.unravel_index(pos, red_shape), strict=True))
+    sl = tuple(
+        slice(int(index[i]), int(index[i]) + 1) if i in index else slice(None)
+        for i in range(x.ndim)
+    )
+    return jnp.astype(jnp.astype(x[sl], work_dtype(jnp, x.dtype)), sdt)
+
+
+def shifted_sums(x, lay: Layout, sdt):
+    """``(s, delta, m2)`` per feature in the broadcast shape, dtype ``sdt``: a sample
+    ``s`` of the batch, ``delta = mean - s`` and ``m2 = sum((x - mean)**2)``, from two
+    reductions over ``x`` shifted by two samples ``s`` and ``s2``:
+    ``delta = sum(x - s)/n`` and ``m2 = sum((x - s2)**2) - n (mean - s2)**2`` with
+    ``mean - s2 = (s - s2) + delta``.
+
+    Parameters
+    ----------
+    x : jax.Array, any shape
+    lay : Layout
+        The layout of ``x`` (feature and reduced axes).
+    sdt : dtype
+        The statistics dtype.
+    """
+    s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
+    d2 = centred(x, s2, sdt)
+    n = lay.count
+    delta = jnp.sum(centred(x, s, sdt), axis=lay.red, keepdims=True, dtype=sdt) / n
+    t2 = jnp.sum(d2 * d2, axis=lay.red, keepdims=True, dtype=sdt)
+    delta2 = (s - s2) + delta
+    return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
+
+
+# A feature is well conditioned for the plain sums when mean**2 <= WELL * var: then
+# sum(x**2)/n - mean**2 loses at most a factor 1 + WELL of relative accuracy (about 1e-6 in
+# float32), the same order as the shifted sums' own factor (module notes).
+WELL = 4.0
+
+
+def plain_sums(x, lay: Layout, sdt=None):
+    """``(sum(x), sum(x * x))`` per feature in the broadcast shape, in ``x``'s dtype: the
+    two reductions XLA CPU emits as its fastest kernels (no elementwise work before the
+    sum), as Flax's ``BatchNorm`` does. With a wider ``sdt`` (float32 data under x64):
+    ``x`` converted to it and summed there."""
+    if sdt is not None and sdt != x.dtype:
+        x = jnp.astype(x, sdt)
+    if _fused(lay):
+        return sum_pair(x, x * x, lay, x.dtype)
+    split = _split(lay)
+    if split is None:
+        s1 = jnp.sum(x, axis=lay.red, keepdims=True)
+        return s1, jnp.sum(x * x, axis=lay.red, keepdims=True)
+    shape, inner = split
+    xs = jnp.reshape(x, shape)
+    # the barrier: XLA would merge the two sums back into one middle-axis reduction
+    p1, p2 = jax.lax.optimization_barrier((jnp.sum(xs, axis=inner), jnp.sum(xs * xs, axis=inner)))
+    s1, s2 = jnp.sum(p1, axis=inner - 1), jnp.sum(p2, axis=inner - 1)
+    return jnp.reshape(s1, lay.bshape), jnp.reshape(s2, lay.bshape)
+
+
+# Middle-axis reductions (ghost batch norm's (groups, n, C) view) are split into _PARTS
+# partial sums when x has at least _SPLIT_MIN values (module notes).
+_PARTS = 64
+_SPLIT_MIN = 1 << 20
+# Up to _FUSED_MAX values, both middle-axis sums are one variadic reduction (module notes).
+_FUSED_MAX = 1 << 14
+
+
+def _middle(lay: Layout) -> bool:
+    """Whether the reduced axes are one contiguous block after a feature axis."""
+    return lay.red[0] > 0 and lay.red[-1] - lay.red[0] == len(lay.red) - 1
+
+
+def _fused(lay: Layout) -> bool:
+    return _middle(lay) and math.prod(lay.shape) <= _FUSED_MAX
+
+
+def sum_pair(a, b, lay: Layout, sdt):
+    """``sum(a)`` and ``sum(b)`` over the reduced axes in ``sdt`` (broadcast shape): one
+    variadic reduction that reads both once where :func:`_fused`, else two sums."""
+    if not _fused(lay):
+        kw = {"axis": lay.red, "keepdims": True, "dtype": sdt}
+        return jnp.sum(a, **kw), jnp.sum(b, **kw)
+    zero = jnp.zeros((), sdt)
+    sums = jax.lax.reduce((jnp.astype(a, sdt), jnp.astype(b, sdt)), (zero, zero), _add2, lay.red)
+    return tuple(jnp.reshape(v, lay.bshape) for v in sums)
+
+
+def _add2(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _split(lay: Layout):
+    """The view ``(lead, q, n/q, trail)`` of ``x`` and the axis of ``n/q`` for plain sums
+    over reduced axes that are one contiguous block after a feature axis (ghost batch
+    norm's groups): XLA CPU's YNNPACK reduces the middle axis of ``(lead, n, trail)`` on
+    fewer threads than a leading axis (about half the speed on this project's 2-core
+    machine), and ``(lead * q)`` output rows give it the parallel work back; the ``q``
+    partial sums are then added (a small reduction). None: no split (a leading reduced
+    block, reduced axes apart, fewer than ``_SPLIT_MIN`` values or no divisor ``q`` of
+    ``n`` in ``[_PARTS / 2, _PARTS]``)."""
+    red, shape = lay.red, lay.shape
+    if not _middle(lay) or math.prod(shape) < _SPLIT_MIN:
+        return None
+    n = lay.count
+    q = next((q for q in range(_PARTS, _PARTS // 2 - 1, -1) if n % q == 0), None)
+    if q is None:
+        return None
+    view = (*shape[: red[0]], q, n // q, *shape[red[-1] + 1 :])
+    return view, red[0] + 1
+
+
+def well_conditioned(s1, s2, n: int):
+    """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
+    sums, so that they give its statistics to float accuracy; False when any feature
+    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
+    q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+    return _all_instances(_all_features(q))
+
+
+def _all_features(q):
+    """``all(q <= 0)`` as one small kernel where ``q`` has at most ``_TREE**2`` values: a
+    max over blocks of ``_TREE`` (or ``_TREE**k``) values, then a sum over at most
+    ``_TREE`` blocks of their positive parts (XLA CPU splits a longer reduction to a scalar
+    into two kernels; a NaN propagates through the max and fails the comparison)."""
+    q = jnp.ravel(q)
+    inner = _TREE
+    while q.size > inner * _TREE:
+        inner *= _TREE
+    rows = -(-q.size // inner)
+    q = jnp.pad(q, (0, rows * inner - q.size))
+    q = jnp.reshape(q, (rows, *[_TREE] * round(np.log(inner) / np.log(_TREE))))
+    # the blocks' maxima combined by a sum of their positive parts (never a plain sum: a
+    # block of very negative margins would hide a positive one in another block)
+    return jnp.sum(jnp.maximum(jnp.max(q, axis=tuple(range(1, q.ndim))), 0.0)) <= 0.0
+
+
+@jax.custom_batching.custom_vmap
+def _all_instances(ok):
+    """``ok``, and under ``jax.vmap`` the AND over the mapped instances, unbatched: the
+    ``cond`` on it stays a conditional (a batched predicate would turn it into a select
+    that computes both branches)."""
+    return ok
+
+
+@_all_instances.def_vmap
+def _all_instances_vmap(axis_size, in_batched, ok):
+    return (jnp.all(ok) if in_batched[0] else ok), False
+
+
+_TREE = 32
