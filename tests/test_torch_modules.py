@@ -441,3 +441,44 @@ def test_cached_views_follow_every_change_of_the_state():
         for m in (ours, ref):
             m.weight.mul_(-1.0)
     same()
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("size", [4, 8])
+@pytest.mark.parametrize("shape", [(8, 6), (4096, 6), (2, 6, 3, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_state_tensor_of_the_wrong_size_is_refused_as_torch_refuses(name, size, shape, training):
+    """A tensor swapped in by ``.data =`` with another number of features is refused on
+    every route, as torch.nn refuses it (the compiled kernels would read past its end);
+    our module's state is unchanged."""
+    import batchnorm.torch as bt
+
+    cls = bt.BatchNorm1d if len(shape) == 2 else bt.BatchNorm2d
+    ref_cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
+    x = torch.randn(shape)
+    for m in (cls(6), ref_cls(6)):
+        m.train(training)
+        with torch.no_grad():
+            getattr(m, name).data = torch.ones(size)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(RuntimeError, match=f"{name} should contain 6"):
+            m(x)
+        if isinstance(m, cls):  # (torch.nn counts the refused batch in num_batches_tracked)
+            for k, v in m.state_dict().items():
+                assert torch.equal(v, before[k]), k
+
+
+def test_a_swap_to_the_same_address_with_other_strides_is_seen():
+    """The cached NumPy views follow a ``.data`` swap that keeps the address but changes
+    the strides (a view of every second value, then the first six values)."""
+    import batchnorm.torch as bt
+
+    x = torch.randn(8, 6)
+    base = torch.arange(12, dtype=torch.float32)
+    ours, ref = bt.BatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        ours.weight.data = base[::2]
+        ours(x)
+        ours.weight.data = base[:6]
+        ref.weight.data = base[:6].clone()
+        torch.testing.assert_close(ours(x), ref(x))

@@ -223,8 +223,8 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> tor
         return y
     lay = _cpu.layout(x)
     k = _cpu.kind(lay)
+    views = _views(module, weight, bias, rm, rv, nbt)  # checks the sizes, on every route
     if k and x.dtype is lay.compute and not lay.copy:
-        views = _views(module, weight, bias, rm, rv, nbt)
         if views is not None:
             y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
             if y is not None:
@@ -277,13 +277,9 @@ def _views(module, weight, bias, rm, rv, nbt):
     if rm is None:
         nbt = None
     ts = (weight, bias, rm, rv, nbt)
-    ptrs = (
-        0 if weight is None else weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        0 if rm is None else rm.data_ptr(),
-        0 if rv is None else rv.data_ptr(),
-        0 if nbt is None else nbt.data_ptr(),
-    )
+    # the memory each view reads: address, shape and strides (a .data swap can keep the
+    # address and change the strides or the size)
+    ptrs = tuple(0 if t is None else (t.data_ptr(), t.shape, t.stride()) for t in ts)
     hit = _VIEWS.get(module)
     if hit is not None:
         old, old_ptrs, arrays = hit
@@ -301,9 +297,19 @@ def _views(module, weight, bias, rm, rv, nbt):
     return arrays
 
 
+_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
 def _make_views(ts, c: int):
-    for t in ts[:4]:
-        if t is not None and not (t.device.type == "cpu" and t.dtype in _cpu.NP_DTYPES):
+    for name, t in zip(_NAMES, ts[:4], strict=False):
+        if t is not None and tuple(t.shape) != (c,):  # swapped by .data = (never read past)
+            raise RuntimeError(
+                f"{name} should contain {c} elements (num_features) not "
+                f"{t.numel()} (shape {tuple(t.shape)})"
+            )
+        if t is not None and not (
+            t.device.type == "cpu" and t.dtype in _cpu.NP_DTYPES and t.is_contiguous()
+        ):
             return None
     if ts[4] is not None and not (ts[4].device.type == "cpu" and ts[4].dtype == torch.long):
         return None
