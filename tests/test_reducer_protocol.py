@@ -25,7 +25,11 @@ class SpyReducer(LocalReducer):
 
     def dispatch(self, local, synchronized, call, error, /, *args):
         self.calls.append(call)
-        return super().dispatch(local, synchronized, call, error, *args)
+        reads = self.reads  # the reducer's own reads (LocalReducer.dispatch) do not count
+        try:
+            return super().dispatch(local, synchronized, call, error, *args)
+        finally:
+            self.reads = reads
 
 
 def test_a_layer_dispatches_through_its_reducer_without_asking(rng):
@@ -78,3 +82,35 @@ def test_a_reducer_without_dispatch_is_refused_clearly():
     with pytest.raises(TypeError, match="Reducer"):
         layer.reducer = FourMethods()
     assert isinstance(layer.reducer, LocalReducer)  # the refused assignment changed nothing
+
+
+class Merging(LocalReducer):
+    """A user reducer derived from LocalReducer that declares itself distributed."""
+
+    distributed = True
+
+    def __init__(self) -> None:
+        self.merges = 0
+
+    def merge(self, call, local, error, dtype):
+        self.merges += 1
+        assert isinstance(call, Call)  # built for a distributed reducer
+        return super().merge(call, local, error, dtype)
+
+
+def test_a_distributed_subclass_of_the_local_reducer_merges_through_its_methods(rng):
+    x = rng.standard_normal((8, 3))
+    red = Merging()
+    y, cache = bn.batch_norm_train(x, None, None, reducer=red)
+    assert red.merges == 1
+    dx, _, _ = bn.batch_norm_backward(np.ones_like(x), cache, reducer=red)
+    ref, ref_cache = bn.batch_norm_train(x, None, None)
+    np.testing.assert_allclose(y, ref, atol=1e-12)
+    layer = bn.BatchNorm(3, reducer=Merging())
+    layer.forward(x)
+    assert layer.reducer.merges == 1  # the constructor kept the reducer it was given
+
+
+def test_a_timeout_beside_a_reducer_is_refused_not_ignored():
+    with pytest.raises(TypeError, match="timeout=3 applies to comm="):
+        bn.batch_norm_train(np.ones((4, 3)), None, None, reducer=LocalReducer(), timeout=3)

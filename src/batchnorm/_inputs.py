@@ -33,6 +33,11 @@ def reducer_of(comm: object = None, reducer: object = None, timeout=None) -> Red
     if reducer is not None:
         if comm is not None:
             raise TypeError("pass comm= or reducer=, not both")
+        if timeout is not None:  # it would be ignored: a reducer keeps its own timeout
+            raise TypeError(
+                f"timeout={timeout!r} applies to comm=; a reducer carries its own timeout "
+                "(e.g. batchnorm.distributed.MpiReducer(comm, timeout))"
+            )
         return check_reducer(reducer)
     if comm is None:
         if timeout is not None:

@@ -141,19 +141,19 @@ class Reducer(Protocol):
         """Agree, then every participant's ``count`` field and 1-D float64 ``vector``."""
 
 
-_MEMBERS = ("distributed", "attempt", "dispatch", "agree", "merge", "sum")
+_MEMBERS = ("distributed", "attempt", "dispatch", "agree", "merge", "sum", "gather")
 
 
 def check_reducer(value: object) -> Reducer:
     """``value`` when it implements :class:`Reducer`; else a TypeError naming what it lacks
     (a reducer written for the earlier four-method protocol lacks ``attempt`` and
     ``dispatch``: derive it from :class:`LocalReducer` or implement them as documented)."""
-    if isinstance(value, Reducer):
+    if isinstance(value, Reducer) and not isinstance(value, type):
         return value
     missing = [m for m in _MEMBERS if not hasattr(value, m)]
     raise TypeError(
         f"reducer must implement batchnorm.core.reduce.Reducer; {value!r} lacks "
-        f"{', '.join(missing) or 'none of its members but is not a Reducer'}"
+        f"{', '.join(missing) or 'nothing, but is a class: pass an instance'}"
     )
 
 
@@ -168,15 +168,21 @@ class LocalReducer:
     comm = None
     timeout = None
 
-    @staticmethod
-    def attempt(fn: Callable[..., T], /, *args, **kwargs) -> tuple[T, None]:
-        """``(fn(*args, **kwargs), None)``; an error is raised at once."""
+    def attempt(self, fn: Callable[..., T], /, *args, **kwargs) -> tuple[T | None, object]:
+        """``(fn(*args, **kwargs), None)``; an error is raised at once. A subclass that
+        sets ``distributed = True`` gets ``(None, error)`` instead (:func:`collect`), for
+        its own :meth:`agree` / :meth:`merge` / :meth:`sum` to raise everywhere."""
+        if self.distributed:
+            return collect(fn, *args, **kwargs)
         return fn(*args, **kwargs), None
 
-    @staticmethod
-    def dispatch(local: Callable[..., T], synchronized, call, error, /, *args) -> T:
+    def dispatch(self, local: Callable[..., T], synchronized, call, error, /, *args) -> T:
         """``local(*args)``: the fused single-process pass (``error`` raised; ``call`` and
-        ``synchronized`` unused)."""
+        ``synchronized`` unused). A subclass that sets ``distributed = True`` (and
+        overrides :meth:`merge` and the others) gets ``synchronized(self, call, error,
+        *args)`` with ``call`` built: the pass that merges through its methods."""
+        if self.distributed:
+            return synchronized(self, resolve(call), error, *args)
         if error is not None:
             raise error
         return local(*args)

@@ -93,7 +93,8 @@ class BatchStatsLayer(NormLayer):
             if comm is not None:
                 raise TypeError("pass comm= or reducer=, not both")
             self._sync.set_reducer(reducer)
-        self._sync.set_comm(comm)
+        else:  # (set_comm(None) would replace an MPI reducer passed as reducer= by LOCAL)
+            self._sync.set_comm(comm)
         self._sync.set_timeout(timeout)
 
     # ------------------------------------------------------------------ synchronization
