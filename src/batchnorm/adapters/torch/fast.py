@@ -223,7 +223,7 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> tor
         return y
     lay = _cpu.layout(x)
     k = _cpu.kind(lay)
-    views = _views(module, weight, bias, rm, rv, nbt)  # checks the sizes, on every route
+    views = _views(module, weight, bias, rm, rv, nbt, x.shape[1])  # checks sizes, every route
     if k and x.dtype is lay.compute and not lay.copy:
         if views is not None:
             y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
@@ -269,7 +269,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
 _VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _views(module, weight, bias, rm, rv, nbt):
+def _views(module, weight, bias, rm, rv, nbt, c: int):
     """NumPy views ``(g, b, running_mean, running_var, num_batches_tracked)`` of the module's
     tensors (ones / zeros for a missing weight / bias; None for missing buffers), cached
     while the module holds the same tensors on the same memory; None when one of them
@@ -277,9 +277,9 @@ def _views(module, weight, bias, rm, rv, nbt):
     if rm is None:
         nbt = None
     ts = (weight, bias, rm, rv, nbt)
-    # the memory each view reads: address, shape and strides (a .data swap can keep the
-    # address and change the strides or the size)
-    ptrs = tuple(0 if t is None else (t.data_ptr(), t.shape, t.stride()) for t in ts)
+    # the channels checked and the memory each view reads: address, shape and strides (a
+    # .data swap can keep the address and change the strides or the size)
+    ptrs = (c, *(0 if t is None else (t.data_ptr(), t.shape, t.stride()) for t in ts))
     hit = _VIEWS.get(module)
     if hit is not None:
         old, old_ptrs, arrays = hit
@@ -292,7 +292,7 @@ def _views(module, weight, bias, rm, rv, nbt):
             and old_ptrs == ptrs
         ):
             return arrays
-    arrays = _make_views(ts, module.num_features)
+    arrays = _make_views(ts, c)
     _VIEWS[module] = (ts, ptrs, arrays)
     return arrays
 
@@ -304,7 +304,7 @@ def _make_views(ts, c: int):
     for name, t in zip(_NAMES, ts[:4], strict=False):
         if t is not None and tuple(t.shape) != (c,):  # swapped by .data = (never read past)
             raise RuntimeError(
-                f"{name} should contain {c} elements (num_features) not "
+                f"{name} should contain {c} elements (the input's dimension 1) not "
                 f"{t.numel()} (shape {tuple(t.shape)})"
             )
         if t is not None and not (
