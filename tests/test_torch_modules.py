@@ -482,3 +482,25 @@ def test_a_swap_to_the_same_address_with_other_strides_is_seen():
         ours.weight.data = base[:6]
         ref.weight.data = base[:6].clone()
         torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape", [(8, 4), (4096, 4), (2, 4, 3, 3), (0, 4)])
+def test_without_a_batch_counter_the_running_statistics_update_as_torchs(momentum, shape):
+    """``num_batches_tracked = None`` (torch allows it): torch still updates the running
+    statistics with ``momentum`` (a cumulative average, ``momentum=None``, weighs the batch
+    0) and counts nothing; ours did not update at all."""
+    import batchnorm.torch as bt
+
+    cls = bt.BatchNorm1d if len(shape) == 2 else bt.BatchNorm2d
+    ref_cls = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
+    ours, ref = cls(4, momentum=momentum), ref_cls(4, momentum=momentum)
+    ours.num_batches_tracked = ref.num_batches_tracked = None
+    x = torch.randn(shape) * 2 + 1
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked is None
+    if momentum is not None and shape[0]:
+        assert not torch.equal(ours.running_var, torch.ones(4))  # it did update

@@ -26,6 +26,15 @@ def host64(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.float64)
 
 
+def weight(momentum: float | None, nbt) -> tuple[float, int | None]:
+    """torch's weight of the new value and the new batch count (None: no counter, as when
+    ``num_batches_tracked`` is set to None; a cumulative average then weighs 0)."""
+    if nbt is None:
+        return (0.0 if momentum is None else momentum), None
+    n_new = int(nbt) + 1
+    return (momentum if momentum is not None else 1.0 / n_new), n_new
+
+
 def update_views(module, views, mean, var, count: int, shape) -> None:
     """:func:`update_running` on the cached views of the buffers."""
     if not views[5]:
@@ -53,9 +62,9 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
     if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
         return _update_tensors(module, mean, var, count, shape)
-    m_np, v_np, n_np = rm.detach().numpy(), rv.detach().numpy(), nbt.detach().numpy()
-    n_new = int(n_np) + 1
-    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    m_np, v_np = rm.detach().numpy(), rv.detach().numpy()
+    n_np = None if nbt is None else nbt.detach().numpy()
+    w, n_new = weight(module.momentum, n_np)
     if (
         rm.dtype in _COMPILED
         and type(mean) is np.ndarray
@@ -63,7 +72,8 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
             m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
         )
     ):  # the expressions below, in one compiled call; False: a value is not finite
-        n_np[...] = n_new
+        if n_np is not None:
+            n_np[...] = n_new
         return None
     with np.errstate(all="ignore"):  # (1 - w) old + w new, in float64, then the buffer dtype
         keep = np.float64(1.0 - w)  # a float64 scalar: the products are float64
@@ -74,14 +84,14 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
         _check_finite(mean, var, new_m, new_v, shape)
     m_np[...] = new_m
     v_np[...] = new_v
-    n_np[...] = n_new
+    if n_np is not None:
+        n_np[...] = n_new
 
 
 def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
     """:func:`update_running` for buffers NumPy cannot view (bfloat16, other devices)."""
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
-    n_new = int(nbt) + 1
-    w = module.momentum if module.momentum is not None else 1.0 / n_new
+    w, _ = weight(module.momentum, nbt)
     with np.errstate(all="ignore"):
         new_m = host64(rm) * (1.0 - w) + w * mean
         new_v = host64(rv) * (1.0 - w) + (w * count / (count - 1)) * var
@@ -90,7 +100,8 @@ def _update_tensors(module, mean: np.ndarray, var: np.ndarray, count: int, shape
     with torch.no_grad():
         rm.copy_(tm)
         rv.copy_(tv)
-        nbt.add_(1)
+        if nbt is not None:
+            nbt.add_(1)
 
 
 def _check_finite(mean, var, new_m, new_v, shape) -> None:
@@ -109,13 +120,16 @@ def update_traced(module, mean: torch.Tensor, var: torch.Tensor, count: int) -> 
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
     with torch.no_grad():
         ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if module.momentum is None:
-            w = 1.0 / (nbt + 1).to(mean.dtype)
-        else:
+        if module.momentum is not None:
             w = module.momentum
+        elif nbt is None:  # torch: no counter, a cumulative average weighs the batch 0
+            w = 0.0
+        else:
+            w = 1.0 / (nbt + 1).to(mean.dtype)
         # the same float64 operations, in the same order, as update_running
         new_m = rm.to(mean.dtype) * (1.0 - w) + w * mean
         new_v = rv.to(var.dtype) * (1.0 - w) + (w * count / max(count - 1, 1)) * var
         rm.copy_(torch.where(ok, new_m.to(rm.dtype), rm))
         rv.copy_(torch.where(ok, new_v.to(rv.dtype), rv))
-        nbt.add_(ok.to(nbt.dtype))
+        if nbt is not None:
+            nbt.add_(ok.to(nbt.dtype))

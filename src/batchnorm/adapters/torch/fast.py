@@ -332,8 +332,9 @@ def _empty(module, x, update: bool) -> torch.Tensor:
     """A batch of no samples: an empty output (torch counts the batch; the statistics stay)."""
     c = x.shape[1]
     y = T.affine(x, module.weight, module.bias, x.new_zeros(c), x.new_ones(c), 0.0)
-    if update:
+    nbt = getattr(module, "num_batches_tracked", None)
+    if update and nbt is not None:
         with torch.no_grad():
-            module.num_batches_tracked.add_(1)
+            nbt.add_(1)
     fmt = _cpu.layout(x).fmt if x.device.type == "cpu" else torch.contiguous_format
     return y.contiguous(memory_format=fmt)

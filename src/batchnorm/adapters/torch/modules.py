@@ -155,7 +155,7 @@ class NormBase(_BatchNorm):
         track = not training or self.track_running_stats
         rm = rm0 if track else None
         rv = rv0 if track else None
-        update = training and self.track_running_stats and nbt is not None
+        update = training and self.track_running_stats  # (nbt None: torch still updates)
         return batch_norm(self, input, batch, update and rm is not None, rm, rv, (w, b, nbt))
 
     def _tensors(self):
