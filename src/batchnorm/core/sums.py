@@ -15,7 +15,10 @@ data-dependent branching, so it traces under ``jax.jit``):
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 from .._xp import is_jax, is_torch, work_dtype
 from .ops import where
@@ -141,6 +144,8 @@ def accurate_sum(xp, v, red: tuple[int, ...], sdt):
     array, ``v.shape`` with the axes ``red`` of size 1, dtype ``sdt`` (``v``'s dtype for
     float32 ``sdt``)
     """
+    if xp is np and sdt == np.float64:  # NumPy's own module (its fallback backend): direct
+        return np.add.reduce(v, axis=red, dtype=np.float64, keepdims=True)
     if sdt != xp.float64:
         return pairwise_sum(xp, v, red)
     if v.dtype == sdt:
@@ -167,13 +172,23 @@ def _two_pass(xp, xw, red: tuple[int, ...], sdt, n: int):
     if wide:
         m1 = accurate_sum(xp, xw, red, sdt) / n
     else:
-        sample = xw[tuple(slice(0, 1) if i in red else slice(None) for i in range(xw.ndim))]
-        sample = sample if sample.dtype == wt else xp.astype(sample, wt)
-        m1 = xp.astype(sample, sdt) + accurate_sum(xp, xw - sample, red, sdt) / n
-    shift = xp.astype(m1, wt)  # the first mean as the working precision can hold it
+        sample = _as(xp, xw[_first(xw.ndim, red)], wt)
+        m1 = _as(xp, sample, sdt) + accurate_sum(xp, xw - sample, red, sdt) / n
+    shift = _as(xp, m1, wt)  # the first mean as the working precision can hold it
     d = xw - shift
-    s = xp.astype(shift, sdt)
+    s = _as(xp, shift, sdt)
     return s, d, (m1 - s) * n if wide else accurate_sum(xp, d, red, sdt)
+
+
+@functools.lru_cache(maxsize=256)
+def _first(ndim: int, red: tuple[int, ...]) -> tuple:
+    """The index of one sample per feature (the first along every reduced axis)."""
+    return tuple(slice(0, 1) if i in red else slice(None) for i in range(ndim))
+
+
+def _as(xp, v, dtype):
+    """``v`` in ``dtype``: itself when it already is (no copy, no call into ``xp``)."""
+    return v if v.dtype == dtype else xp.astype(v, dtype)
 
 
 def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
@@ -197,8 +212,10 @@ def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
         h = square_scale(xp, d, red, sdt)
         return shift, d, t1, accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h), 1.0
     t2 = accurate_sum(xp, d * d, red, sdt)
-    tiny = 0.0 if d.dtype == xp.float64 else TINY_VAR * n
-    if bool(xp.all((t2 >= tiny) & xp.isfinite(t1 + t2))):  # the O(C) check
+    ok = xp.all(xp.isfinite(t1 + t2))  # the O(C) check
+    if d.dtype != xp.float64:
+        ok = ok & xp.all(t2 >= TINY_VAR * n)
+    if bool(ok):
         return shift, d, t1, t2, 1.0
     hs = range_scale(xp, xw, red, sdt)
     xs = xw * xp.astype(hs, d.dtype)
