@@ -78,7 +78,7 @@ def plan(name: str, x: object, axis: object) -> Plan:
     ``AUTO_NUMBA_MIN_SIZE`` and ``_load_kernels``, so changing them takes effect). Arrays
     of other libraries get their layout from the cache and their backend (namespace and
     device) per call."""
-    if not isinstance(x, np.ndarray):
+    if x.__class__ is not np.ndarray and not isinstance(x, np.ndarray):
         return Plan(layout(x.shape, axis), _xp_backend(name, x))
     ak = (axis, int) if axis.__class__ is int else axis_key(axis)  # (the common case inline)
     key = (name, x.shape, x.strides, x.dtype, *ak, AUTO_NUMBA_MIN_SIZE, _load_kernels)
