@@ -14,10 +14,12 @@ order). Per-feature values are in the statistics dtype ``sdt``
 (float32 for float16/bfloat16/float32 data, float64 for float64), and ``y`` / ``dx`` come
 back in the input dtype, namespace and device.
 
-Statistics: a shifted two-pass. Pass 1 subtracts one sample ``x_0`` of each feature (so an
-offset far from zero cancels exactly) and sums, giving a first mean ``m_1``; pass 2 centres
-on ``s = m_1`` rounded to ``wt`` (``d = x - s`` is exact for data near their mean:
-Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
+Statistics: a shifted two-pass (:func:`batchnorm.core.sums.shifted_sums`, NumPy's fallback
+backend's too). Pass 1 subtracts one sample ``x_0`` of each feature (so an offset far from
+zero cancels exactly) and sums, giving a first mean ``m_1`` (float16/32 data summed in
+float64 by the namespace's own sum, i.e. not torch's blocks, are summed as they are: each
+value is exact there); pass 2 centres on ``s = m_1`` rounded to ``wt`` (``d = x - s`` is
+exact for data near their mean: Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
 ``var = sum(d^2)/n - (sum(d)/n)^2`` with ``sum(d)/n`` tiny: never
 :math:`E[x^2]-E[x]^2` on the raw data. The sums:
 
@@ -36,8 +38,11 @@ Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
 Range: the squares are formed in ``wt``; where ``max|x - mean|`` exceeds what their squares
 allow (``2^60`` in float32 work, ``2^500`` in float64) the centred data are scaled by an
 exact power of two first, so the statistics stay finite wherever ``sdt`` can hold them
-(under JAX always, branch-free; for eager libraries only after a check of the O(C) sums
-found an overflow). NaN and Inf propagate, feature by feature, and never raise.
+(under JAX always, branch-free). For eager libraries one O(C) check of the sums decides
+instead: a sum that is not finite (a difference or a square overflowed) or, in float32
+work, squares lost to underflow send the statistics again over the data scaled by a power
+of two (:func:`batchnorm.core.sums.range_scale`). NaN and Inf propagate, feature by
+feature, and never raise.
 """
 
 from __future__ import annotations
