@@ -309,6 +309,28 @@ def test_moments_keep_the_variance_of_tiny_float32_data(ns, rng):
     np.testing.assert_allclose(ns.np(mean).ravel(), x64.mean(0), rtol=1e-6)
 
 
+def test_a_constant_float32_feature_is_not_rescaled(ns, rng, monkeypatch):
+    """A feature whose values are all equal (a dead channel) has both sums exactly 0: it is
+    constant, not underflowed, so the range rule leaves the batch alone (a re-sum per call
+    would triple the cost)."""
+    if _xp.is_jax(ns.xp):
+        pytest.skip("JAX takes the traced rule")
+
+    def boom(*args):
+        raise AssertionError("range_scale called")
+
+    monkeypatch.setattr(sums, "range_scale", boom)
+    xn = np.stack([np.zeros(64), np.full(64, 0.75), rng.standard_normal(64)], 1)
+    mean, var = passes.moments(ns.xp, ns.arr(xn), (0,), ns.sdt)
+    x64 = ns.np(ns.arr(xn))
+    np.testing.assert_array_equal(ns.np(var).ravel()[:2], [0.0, 0.0])
+    np.testing.assert_allclose(ns.np(mean).ravel(), x64.mean(0), rtol=1e-6, atol=1e-7)
+    if ns.name == "numpy":  # NumPy's fallback backend takes the same sums
+        bn = pytest.importorskip("batchnorm")
+        _, var = bn.moments(xn.astype(np.float32), backend="numpy")
+        np.testing.assert_array_equal(var[:2], [0.0, 0.0])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_and_inf_propagate_feature_by_feature(case, rng):
     xn = rng.standard_normal((64, 5))

@@ -202,7 +202,8 @@ def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
     The range rule, one for every eager library (NumPy's fallback included): when an O(C)
     check of the sums finds one not finite (a difference or a square overflowed the
     working dtype: data near ``finfo.max``) or, in float32 work, a sum of squares below
-    ``n`` :data:`TINY_VAR` (squares lost to underflow: data near 1e-20), the sums are
+    ``n`` :data:`TINY_VAR` (squares lost to underflow: data near 1e-20; a feature whose
+    both sums are exactly 0 counts as constant, so a dead channel costs nothing), the sums are
     formed again on ``x hs`` with ``hs`` the per-feature power of two of
     :func:`range_scale` (exact; bit-identical results for the features that did not need
     it). Under JAX (traced: no data-dependent branch) the squares are scaled always
@@ -213,8 +214,8 @@ def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
         return shift, d, t1, accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h), 1.0
     t2 = accurate_sum(xp, d * d, red, sdt)
     ok = xp.all(xp.isfinite(t1 + t2))  # the O(C) check
-    if d.dtype != xp.float64:
-        ok = ok & xp.all(t2 >= TINY_VAR * n)
+    if d.dtype != xp.float64:  # (both sums exactly 0: a constant feature, d = 0, not tiny)
+        ok = ok & xp.all((t2 >= TINY_VAR * n) | ((t2 == 0.0) & (t1 == 0.0)))
     if bool(ok):
         return shift, d, t1, t2, 1.0
     hs = range_scale(xp, xw, red, sdt)
