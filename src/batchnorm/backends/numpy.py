@@ -75,10 +75,11 @@ def _moments(x, red, m):
     output pass reuses.
 
     The statistics passes of every eager library, :func:`batchnorm.core.sums.shifted_sums`
-    (the centring on a per-feature sample, then on the first mean rounded to working
-    precision; the range rule against overflow and, for float16/32 data, underflow of the
-    squares), accumulated in float64; ``delta = sum(d)/n`` keeps the digits a float64 mean
-    of 1e12 cannot hold.
+    (a first mean from the data shifted by a per-feature sample, or for float16/32 data
+    their float64 sum, each value exact there; then the centring on that mean rounded to
+    working precision; the range rule against overflow and, for float16/32 data, underflow
+    of the squares), accumulated in float64; ``delta = sum(d)/n`` keeps the digits a
+    float64 mean of 1e12 cannot hold.
     """
     shift, d, t1, t2, hs = sums.shifted_sums(np, x, red, np.float64, m)
     _, var = coef.moments_from_shifted_sums(shift, t1, t2, m, hs)
