@@ -7,8 +7,12 @@ not installed). Each step runs twice first (compilation, caches), then once unde
 profiler. Only calls of functions defined in ``batchnorm`` count as library calls; the
 total (NumPy, numba dispatch, torch included) is printed beside them.
 
-Usage: ``python benchmarks/call_counts.py [--list]`` (``--list``: every library function
-with its call count).
+For the forward and the backward it also prints how many library calls lead from the
+public call to the first compiled kernel (the library functions on the stack when the kernel
+is entered, the public call included, the kernel itself not).
+
+Usage: ``python benchmarks/call_counts.py [--list]`` (``--list``: those paths, and every
+library function with its call count).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +38,7 @@ def _numpy_step() -> Callable[[], None]:
         layer.forward(x)
         layer.backward(dy)
 
+    step.parts = (lambda: layer.forward(x), lambda: layer.backward(dy))
     return step
 
 
@@ -47,11 +53,16 @@ def _torch_step() -> Callable[[], None] | None:
     x = torch.randn(64, 256, requires_grad=True)
     dy = torch.randn(64, 256)
     layer = bt.BatchNorm1d(256)
+    held = []
 
     def step():
         y = layer(x)
         y.backward(dy)
 
+    def forward():
+        held[:] = [layer(x)]
+
+    step.parts = (forward, lambda: held.pop().backward(dy))
     return step
 
 
@@ -79,6 +90,41 @@ def count(step: Callable[[], None]) -> tuple[int, int, dict[str, int], list[str]
     return lib, total, per_module, sorted(rows, reverse=True)
 
 
+def _kernel_codes() -> set:
+    """The code objects of the library's compiled kernels (numba dispatchers' functions)."""
+    codes = set()
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("batchnorm."):
+            for obj in vars(mod).values():
+                if type(obj).__module__.startswith("numba") and hasattr(obj, "py_func"):
+                    codes.add(obj.py_func.__code__)
+    return codes
+
+
+def chain(part: Callable[[], None]) -> list[str]:
+    """The library functions on the stack when ``part`` first enters a compiled kernel,
+    from the public call to the kernel (``module:function``)."""
+    stack: list = []
+    found: list[list] = []
+    kernels = _kernel_codes()
+
+    def prof(frame, event, arg):
+        if event == "call":
+            stack.append(frame.f_code)
+            if not found and frame.f_code in kernels:
+                found.append([c for c in stack if "/batchnorm/" in c.co_filename])
+        elif event == "return" and stack:
+            stack.pop()
+
+    sys.setprofile(prof)
+    try:
+        part()
+    finally:
+        sys.setprofile(None)
+    codes = found[0] if found else []
+    return [f"{c.co_filename.split('/batchnorm/', 1)[1]}:{c.co_name}" for c in codes]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the counts."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -98,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: {lib} library calls in {len(per_module)} modules "
             f"({total} calls in all), forward + backward"
         )
+        for what, part in zip(("forward", "backward"), step.parts, strict=True):
+            path = chain(part)
+            print(f"  {what}: {len(path) - 1} calls from the public call to the kernel")
+            if a.list:
+                print("      " + " > ".join(path))
         if a.list:
             print("\n".join("    " + r for r in rows))
     return 0

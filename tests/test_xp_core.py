@@ -273,6 +273,64 @@ def test_eval_scales_data_that_would_overflow_the_working_precision(ns):
     ns.close(y, ref, 1e-6, "y")
 
 
+def _eager_float64_stats(ns):
+    if _xp.is_jax(ns.xp):
+        pytest.skip("JAX takes the traced rule (squares scaled always, no rescaled re-sum)")
+    if ns.sdt != ns.xp.float64:
+        pytest.skip("these statistics need float64")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_train_rescales_data_whose_differences_overflow(ns):
+    """float32 data spanning [-3.4e38, 3.4e38]: x - sample overflows float32, so the sums
+    are formed again on data scaled by a power of two (the range rule): exact statistics
+    and a finite y (the second feature, far from the range's ends, is unaffected)."""
+    _eager_float64_stats(ns)
+    big = float(np.float32(3.4e38))
+    xn = np.array([[big, 1.0], [big, 2.0], [-big, 4.0]] * 2, np.float32)
+    y, mean, var, _ = passes.train(ns.xp, ns.arr(xn), 1, None, None, 0.0)
+    x64 = xn.astype(np.float64)
+    # float32 work: to a few float32 ulp of the data's spread (x - shift is not exact there)
+    np.testing.assert_allclose(ns.np(mean), x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(ns.np(var), x64.var(0), rtol=1e-6)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0))
+    ns.close(y, ref, what="y")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_moments_keep_the_variance_of_tiny_float32_data(ns, rng):
+    """float32 data of scale 1e-25: their squares underflow float32, so the sums are formed
+    again on data scaled up by a power of two (exact)."""
+    _eager_float64_stats(ns)
+    xn = (rng.standard_normal((64, 3)) * 1e-25).astype(np.float32)
+    mean, var = passes.moments(ns.xp, ns.arr(xn), (0,), ns.sdt)
+    x64 = xn.astype(np.float64)
+    np.testing.assert_allclose(ns.np(var).ravel(), x64.var(0), rtol=1e-6)
+    np.testing.assert_allclose(ns.np(mean).ravel(), x64.mean(0), rtol=1e-6)
+
+
+def test_a_constant_float32_feature_is_not_rescaled(ns, rng, monkeypatch):
+    """A feature whose values are all equal (a dead channel) has both sums exactly 0: it is
+    constant, not underflowed, so the range rule leaves the batch alone (a re-sum per call
+    would triple the cost)."""
+    if _xp.is_jax(ns.xp):
+        pytest.skip("JAX takes the traced rule")
+
+    def boom(*args):
+        raise AssertionError("range_scale called")
+
+    monkeypatch.setattr(sums, "range_scale", boom)
+    xn = np.stack([np.zeros(64), np.full(64, 0.75), rng.standard_normal(64)], 1)
+    mean, var = passes.moments(ns.xp, ns.arr(xn), (0,), ns.sdt)
+    x64 = ns.np(ns.arr(xn))
+    np.testing.assert_array_equal(ns.np(var).ravel()[:2], [0.0, 0.0])
+    np.testing.assert_allclose(ns.np(mean).ravel(), x64.mean(0), rtol=1e-6, atol=1e-7)
+    if ns.name == "numpy":  # NumPy's fallback backend takes the same sums
+        bn = pytest.importorskip("batchnorm")
+        _, var = bn.moments(xn.astype(np.float32), backend="numpy")
+        np.testing.assert_array_equal(var[:2], [0.0, 0.0])
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_and_inf_propagate_feature_by_feature(case, rng):
     xn = rng.standard_normal((64, 5))

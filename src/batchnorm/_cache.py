@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._xp import is_jax
-from .backends import select
+from .backends import plan
 
 __all__ = ["BatchNormCache", "ensure_pytree", "register_pytree"]
 
@@ -64,9 +64,8 @@ class BatchNormCache:
     @property
     def x_hat(self):
         """The normalized input, recomputed in the statistics dtype (for inspection)."""
-        be = select("numpy", self.x)
-        bshape = tuple(n if i in self.axis else 1 for i, n in enumerate(self.x.shape))
-        return be.x_hat(self.x, self.mean, self.inv_std, bshape)
+        p = plan("numpy", self.x, self.axis)
+        return p.backend.x_hat(self.x, self.mean, self.inv_std, p.layout.bshape)
 
 
 _PYTREE_DONE: list[bool] = []

@@ -44,7 +44,7 @@ from .core.ops import sqrt, where
 from .core.reduce import KIND_TRAIN, Call, attempt
 from .functional import BatchNormCache, batch_norm_backward
 from .layers import BatchStatsLayer
-from .layers.args import Argument, library_layer
+from .layers.args import Argument, by_value, library_layer
 from .layers.checks import check_positive_eps
 from .layers.schedule import RenormSchedule, schedule_from_config
 
@@ -250,10 +250,6 @@ def batch_renorm_eval(
     return eval_pass(inp, mu, std * std, return_cache=False)
 
 
-def _eps(layer: BatchRenorm, value: object) -> float:
-    return check_positive_eps(value)
-
-
 def _rmax(layer: BatchRenorm, value: object) -> float:
     return check_renorm_limits(value, layer.dmax)[0]
 
@@ -292,7 +288,7 @@ class BatchRenorm(BatchStatsLayer):
         Read-only: the "seed" convention, whose momentum weighs the old value.
     """
 
-    eps = Argument(_eps, doc="Added to the variance; > 0.")
+    eps = Argument(by_value(check_positive_eps), doc="Added to the variance; > 0.")
     rmax = Argument(_rmax, doc="Fixed limit of r (>= 1).")
     dmax = Argument(_dmax, doc="Fixed limit of d (>= 0).")
     schedule = Argument(doc="The schedule of (rmax, dmax) (fixed).")

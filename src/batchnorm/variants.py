@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._compose import Inputs, backward_local, train_local
-from ._validation import as_float_array, check_count, check_state_array, layout
-from .backends import plan, select
+from ._validation import as_float_array, check_count, check_state_array
+from .backends import plan
 from .conventions import BatchStats, RunningStats, update_running_unchecked
 from .layers import ConventionLayer, NormLayer
-from .layers.args import Argument, Constant, library_layer
+from .layers.args import Argument, Constant, by_value, library_layer
 from .layers.arrays import Placement
 from .renorm import (
     BatchRenorm,
@@ -77,10 +77,6 @@ class GhostBatchStats(BatchStats):
     parts: tuple[BatchStats, ...] = ()
 
 
-def _vbs(layer: GhostBatchNorm, value: object) -> int:
-    return check_count(value, "virtual_batch_size")
-
-
 @library_layer
 class GhostBatchNorm(ConventionLayer):
     """Ghost batch norm (Hoffer et al. 2017): statistics per virtual batch along axis 0.
@@ -99,7 +95,9 @@ class GhostBatchNorm(ConventionLayer):
     """
 
     synchronizable = Constant(False, "Ghost batch norm is not synchronized (see above).")
-    virtual_batch_size = Argument(_vbs, doc="Samples per virtual batch.")
+    virtual_batch_size = Argument(
+        by_value(check_count, "virtual_batch_size"), doc="Samples per virtual batch."
+    )
 
     def __init__(self, num_features, *, virtual_batch_size: int, **kwargs):
         vbs = check_count(virtual_batch_size, "virtual_batch_size")
@@ -167,16 +165,11 @@ class GhostBatchNorm(ConventionLayer):
                 f"dy has shape {tuple(dy.shape)} but the forward input x had shape {shape}"
             )
         results = [backward_local(dy[sl, ...], c, self.backend) for sl, c in cache]
-        be = select(self.backend, results[0][0], first_layout(first))
+        be = plan(self.backend, results[0][0], first.axis).backend
         dx = be.concat([r[0] for r in results], 0)
         if not self.affine:
             return dx, None, None
         return dx, sum(r[1] for r in results), sum(r[2] for r in results)
-
-
-def first_layout(cache):
-    """The layout of a cached forward input."""
-    return layout(tuple(cache.x.shape), cache.axis)
 
 
 # ----------------------------------------------------------------------------- frozen

@@ -3,7 +3,8 @@
 Both backends are classes with one contract (:class:`batchnorm.backends.numpy.NumpyBackend`
 and :class:`batchnorm.backends.numba.backend.NumbaBackend`): ``work``, ``work_dy`` and the four
 primitives ``moments``, ``affine``, ``grad_sums`` and ``input_grad``, with the same
-signatures. :func:`select` picks one for an array.
+signatures. :func:`plan` picks one for an array (once per NumPy signature), with the
+checked layout: the one path from a call to its backend.
 """
 
 from __future__ import annotations
@@ -53,35 +54,6 @@ def check_backend(name: object) -> str:
     return name
 
 
-def select(name: str, x: object, lay=None):
-    """The backend object to run the array ``x`` (of layout ``lay``) on.
-
-    Arrays that are not NumPy arrays take the array-API passes of their own namespace
-    (:class:`batchnorm.backends.xp.XpBackend`; ``name`` is then ignored unless it is
-    "numba", which is refused). For NumPy arrays, ``"auto"`` picks numba when it is
-    importable and either the array has at least ``AUTO_NUMBA_MIN_SIZE`` elements
-    (parallel kernels) or it is small and its layout is one the serial kernels do in a
-    single pass (NCHW-like channel blocks, ``(N, D)`` and channels-last: the demo's
-    (60, 100) batches), judged in the array's memory order (a channels-last view of NCHW
-    memory counts as NCHW); feature axes that are not adjacent always take the NumPy path,
-    and so do empty arrays (a rank holding no rows of a synchronized batch).
-    """
-    if name.__class__ is not str or name not in BACKENDS:
-        check_backend(name)
-    if not isinstance(x, np.ndarray):
-        from .xp import xp_backend
-
-        if name == "numba":
-            raise ValueError(
-                f"backend='numba' runs NumPy arrays only; got a {type(x).__name__} (its own "
-                "library's arrays take the array-API path: use backend='auto')"
-            )
-        return xp_backend(x)
-    if name == "numpy" or x.size == 0:
-        return NUMPY
-    return plan(name, x, lay.axes).backend
-
-
 @dataclass(frozen=True)
 class Plan:
     """What a call does with inputs of one signature: the checked :class:`Layout` and
@@ -99,14 +71,15 @@ class Plan:
 
 def plan(name: str, x: object, axis: object) -> Plan:
     """The :class:`Plan` of the array ``x`` with feature ``axis`` run by backend ``name``:
-    the one validation of the axis against the shape, the layout and the backend choice of
-    :func:`select`, made once per NumPy signature (shape, strides, dtype, axis, backend
-    name; with the module's settings ``AUTO_NUMBA_MIN_SIZE`` and ``_load_kernels``, so
-    changing them takes effect). Arrays of other libraries get their layout from the cache
-    and their backend (namespace and device) per call."""
-    if x.__class__ is not np.ndarray:
-        lay = layout(x.shape, axis)
-        return Plan(lay, select(name, x, lay))
+    the one validation of the axis against the shape, the layout and the backend choice
+    (:func:`_numpy_plan`; arrays of other libraries take the array-API passes of their own
+    namespace, :class:`batchnorm.backends.xp.XpBackend`), made once per NumPy signature
+    (shape, strides, dtype, axis, backend name; with the module's settings
+    ``AUTO_NUMBA_MIN_SIZE`` and ``_load_kernels``, so changing them takes effect). Arrays
+    of other libraries get their layout from the cache and their backend (namespace and
+    device) per call."""
+    if x.__class__ is not np.ndarray and not isinstance(x, np.ndarray):
+        return Plan(layout(x.shape, axis), _xp_backend(name, x))
     ak = (axis, int) if axis.__class__ is int else axis_key(axis)  # (the common case inline)
     key = (name, x.shape, x.strides, x.dtype, *ak, AUTO_NUMBA_MIN_SIZE, _load_kernels)
     try:
@@ -116,7 +89,28 @@ def plan(name: str, x: object, axis: object) -> Plan:
     return found if found is not None else cached(key, _numpy_plan, name, x, axis)
 
 
+def _xp_backend(name: object, x: object):
+    """The array-API backend of an array that is not a NumPy array (``name`` checked, and
+    ignored unless it is "numba", which is refused)."""
+    from .xp import xp_backend
+
+    check_backend(name)
+    if name == "numba":
+        raise ValueError(
+            f"backend='numba' runs NumPy arrays only; got a {type(x).__name__} (its own "
+            "library's arrays take the array-API path: use backend='auto')"
+        )
+    return xp_backend(x)
+
+
 def _numpy_plan(name: object, x: np.ndarray, axis: object) -> Plan:
+    """The plan of a NumPy array: ``"auto"`` picks numba when it is importable and either
+    the array has at least ``AUTO_NUMBA_MIN_SIZE`` elements (parallel kernels) or it is
+    small and its layout is one the serial kernels do in a single pass (NCHW-like channel
+    blocks, ``(N, D)`` and channels-last: the demo's (60, 100) batches), judged in the
+    array's memory order (a channels-last view of NCHW memory counts as NCHW); feature
+    axes that are not adjacent always take the NumPy path, and so do empty arrays (a rank
+    holding no rows of a synchronized batch)."""
     check_backend(name)
     lay = layout(x.shape, axis)
     if name == "numpy" or x.size == 0:

@@ -15,13 +15,7 @@ import numpy as np
 
 from .._validation import SUPPORTED_DTYPES, as_feature_vector, reduce_axes
 from .._xp import work_dtype as _xp_work_dtype
-from ..core import coef, passes
-
-RESCALE = coef.RESCALE  # the rescale of an overflowed float64 sum (one constant, in coef)
-
-#: Variance below which float16/32 statistics are recomputed from float64 squares (their
-#: float32 squares would have lost precision to underflow).
-TINY_VAR = 2.0**-90
+from ..core import coef, passes, sums
 
 
 def work_dtype(dtype: np.dtype) -> np.dtype:
@@ -77,56 +71,21 @@ def _geometry(shape: tuple[int, ...], axes: tuple[int, ...]):
 def _moments(x, red, m):
     """Per-feature ``(ref, delta, var, d)`` in float64 (broadcast shape): the mean is
     ``ref + delta``, held unrounded, ``var`` the biased variance, and ``d = x - ref`` the
-    centred data in working precision (None when a feature had to be rescued), which the
+    centred data in working precision (None when the data were rescaled), which the
     output pass reuses.
 
-    Two passes: a float64 first mean ``m0``, then the centring of the library
-    (:func:`batchnorm.core.passes.centred`: ``d = x - s`` with ``s = ref`` the first mean
-    rounded to working precision) and the sums of ``d`` and ``d^2``
-    (:func:`batchnorm.core.coef.moments_from_shifted_sums`). For float64 input ``d`` is
-    exact near the mean, so ``delta = sum(d)/n`` repairs the summation error of ``m0``
-    (NumPy sums naively along non-contiguous axes) and keeps the digits a float64 mean of
-    1e12 cannot hold; for float16/32 input ``delta = m0 - s`` (``m0`` is exact to float64
-    round-off).
-
-    The rescue rule of NumPy arrays (the compiled kernels' too). Overflow: if a feature's
-    statistics come out non-finite they are computed again on a float64 copy (squares of
-    float32 data cannot overflow there), for float64 data scaled by :data:`RESCALE`; a
-    feature whose data are not finite stays non-finite. Underflow: float16/32 data are
-    squared in float32, which loses deviations below ~1e-19 (squares below the smallest
-    float32); features whose variance comes out below :data:`TINY_VAR` are computed again
-    on a float64 copy.
+    The statistics passes of every eager library, :func:`batchnorm.core.sums.shifted_sums`
+    (a first mean from the data shifted by a per-feature sample, or for float16/32 data
+    their float64 sum, each value exact there; then the centring on that mean rounded to
+    working precision; the range rule against overflow and, for float16/32 data, underflow
+    of the squares), accumulated in float64; ``delta = sum(d)/n`` keeps the digits a
+    float64 mean of 1e12 cannot hold.
     """
-    ref, delta, var, d = _moments_once(x, red, m)
-    # fast exit: the O(C) sums are finite (and no float32 variance is tiny) -> all good
-    s = float(np.add.reduce(delta, axis=None)) + float(np.add.reduce(var, axis=None))
-    if math.isfinite(s) and (x.dtype == np.float64 or float(np.min(var)) >= TINY_VAR):
-        return ref, delta, var, d
-    with np.errstate(all="ignore"):
-        bad = ~(np.isfinite(ref + delta) & np.isfinite(var))
-        if x.dtype != np.float64:
-            bad |= var < TINY_VAR
-        if not bad.any():
-            return ref, delta, var, d
-        h = RESCALE if x.dtype == np.float64 else 1.0
-        r2, d2, v2, _ = _moments_once(x.astype(np.float64) * h, red, m)
-        ref, delta = np.where(bad, r2 / h, ref), np.where(bad, d2 / h, delta)
-        var = np.where(bad, (v2 / h) / h, var)
-    return ref, delta, var, None
-
-
-def _moments_once(x, red, m):
-    m0 = np.add.reduce(x, axis=red, dtype=np.float64, keepdims=True) / m
-    ref, d = passes.centred(np, x, m0, 1.0)
-    if d.dtype == np.float64:  # delta repairs the float64 sum of pass 1
-        t1 = np.add.reduce(d, axis=red, keepdims=True)
-        delta = t1 / m
-    else:  # m0 is exact to float64 round-off: delta = m0 - s
-        delta = coef.mean_offset(m0, 0.0, ref)
-        t1 = delta * m
-    t2 = np.add.reduce(np.square(d), axis=red, dtype=np.float64, keepdims=True)
-    _, var = coef.moments_from_shifted_sums(ref, t1, t2, m, 1.0)
-    return ref, delta, var, d
+    shift, d, t1, t2, hs = sums.shifted_sums(np, x, red, np.float64, m)
+    _, var = coef.moments_from_shifted_sums(shift, t1, t2, m, hs)
+    if d is None:  # rescaled data: ref and delta back on the data's scale (exact)
+        return shift / hs, (t1 / m) / hs, var, None
+    return shift, t1 / m, var, d
 
 
 def _finish(d: np.ndarray, dtype, out) -> np.ndarray:

@@ -6,8 +6,8 @@ Same contract as :class:`batchnorm.backends.numpy.NumpyBackend` (``moments``, ``
 :func:`batchnorm.core.passes.backward` itself), with
 per-feature arrays in the statistics dtype of the device (:func:`batchnorm._xp.stats_dtype`)
 and the overflow scale always applied (no data-dependent branch: multiplying by 1 is exact).
-``out=`` is not supported (the caller refuses it first). NumPy-only rescues (the float64
-re-summation of overflowed statistics, the NaN refit) do not happen here.
+``out=`` is not supported (the caller refuses it first). The statistics take the range
+rule of every eager library (:func:`batchnorm.core.sums.shifted_sums`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import _xp
 from .._validation import layout
-from ..core import coef, passes
+from ..core import passes
 
 _CACHE: dict = {}
 _LOCK = threading.Lock()
@@ -105,10 +105,7 @@ class XpBackend:
 
     def overflow(self, mean, var, count: int, xw):
         """The per-feature overflow scale ``h`` (always an array here)."""
-        wt = _xp.work_dtype(self.xp, xw.dtype)
-        shift = self.xp.astype(self.xp.astype(mean, wt), mean.dtype)
-        big = coef.overflow_limit(float(self.xp.finfo(wt).max))
-        return coef.overflow_scale(mean, var, shift, count, big)
+        return passes.overflow_h(self.xp, mean, var, count, xw)
 
     def x_hat(self, x, mean, inv_std, bshape):
         """The normalized input in the statistics dtype (for inspection)."""

@@ -28,9 +28,11 @@ from .ops import sqrt, where
 #: spanning the whole float range back inside it.
 OVERFLOW_H = 1.0 / 16.0
 
-#: Power of two float64 statistics are summed on again when a float64 sum overflowed while
-#: the data are finite (|x| near 1e308): multiplying by it is exact, and (1e308 * 2^-600)^2
-#: times any realistic count stays far below the float64 limit (NumPy arrays only).
+#: Power of two the compiled kernels sum float64 data on again when a float64 sum
+#: overflowed while the data are finite (|x| near 1e308): multiplying by it is exact, and
+#: (1e308 * 2^-600)^2 times any realistic count stays far below the float64 limit. (The
+#: same power-of-two rule as :func:`batchnorm.core.sums.range_scale`, with one scale for
+#: every feature, which the kernels take as a scalar.)
 RESCALE = 2.0**-600
 
 

@@ -14,10 +14,12 @@ order). Per-feature values are in the statistics dtype ``sdt``
 (float32 for float16/bfloat16/float32 data, float64 for float64), and ``y`` / ``dx`` come
 back in the input dtype, namespace and device.
 
-Statistics: a shifted two-pass. Pass 1 subtracts one sample ``x_0`` of each feature (so an
-offset far from zero cancels exactly) and sums, giving a first mean ``m_1``; pass 2 centres
-on ``s = m_1`` rounded to ``wt`` (``d = x - s`` is exact for data near their mean:
-Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
+Statistics: a shifted two-pass (:func:`batchnorm.core.sums.shifted_sums`, NumPy's fallback
+backend's too). Pass 1 subtracts one sample ``x_0`` of each feature (so an offset far from
+zero cancels exactly) and sums, giving a first mean ``m_1`` (float16/32 data summed in
+float64 by the namespace's own sum, i.e. not torch's blocks, are summed as they are: each
+value is exact there); pass 2 centres on ``s = m_1`` rounded to ``wt`` (``d = x - s`` is
+exact for data near their mean: Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
 ``var = sum(d^2)/n - (sum(d)/n)^2`` with ``sum(d)/n`` tiny: never
 :math:`E[x^2]-E[x]^2` on the raw data. The sums:
 
@@ -36,8 +38,11 @@ Sterbenz) and sums ``d`` and ``d^2``, so ``mean = s + sum(d)/n`` and
 Range: the squares are formed in ``wt``; where ``max|x - mean|`` exceeds what their squares
 allow (``2^60`` in float32 work, ``2^500`` in float64) the centred data are scaled by an
 exact power of two first, so the statistics stay finite wherever ``sdt`` can hold them
-(under JAX always, branch-free; for eager libraries only after a check of the O(C) sums
-found an overflow). NaN and Inf propagate, feature by feature, and never raise.
+(under JAX always, branch-free). For eager libraries one O(C) check of the sums decides
+instead: a sum that is not finite (a difference or a square overflowed) or, in float32
+work, squares lost to underflow send the statistics again over the data scaled by a power
+of two (:func:`batchnorm.core.sums.range_scale`). NaN and Inf propagate, feature by
+feature, and never raise.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ __all__ = [
     "layout",
     "moments",
     "normalize",
+    "overflow_h",
     "scale_shift",
     "train",
 ]
@@ -85,9 +91,15 @@ def layout(shape: tuple[int, ...], axes: int | tuple[int, ...]) -> Layout:
     return _layout(tuple(shape), axes)
 
 
-def _big(xp, wt) -> float:
-    """The ``big`` of the overflow rule for the working dtype ``wt``."""
-    return overflow_limit(float(xp.finfo(wt).max))
+def overflow_h(xp, mean, var, count: int, x):
+    """The per-feature overflow scale ``h`` of the rounding-safe form for data ``x`` (the
+    one overflow rule, :func:`batchnorm.core.coef.overflow_scale`, with ``big`` from the
+    largest finite value of the working dtype: :func:`batchnorm.core.coef.overflow_limit`).
+    ``mean``/``var`` in the broadcast shape (or the feature shape), ``count`` the values per
+    feature they came from (0 for given statistics)."""
+    wt = work_dtype(xp, x.dtype)
+    shift = _as(xp, _as(xp, mean, wt), mean.dtype)
+    return overflow_scale(mean, var, shift, count, overflow_limit(float(xp.finfo(wt).max)))
 
 
 def _work(xp, x):
@@ -104,8 +116,8 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     over the axes ``red`` by the shifted two-pass (module notes): ``(mean, var)`` in the
     broadcast shape (reduced axes of size 1) and the statistics dtype ``sdt``."""
     n = math.prod(x.shape[i] for i in red)
-    shift, _, t1, t2 = shifted_sums(xp, _work(xp, x), red, sdt, n)
-    return moments_from_shifted_sums(shift, t1, t2, n, 1.0)
+    shift, _, t1, t2, hs = shifted_sums(xp, _work(xp, x), red, sdt, n)
+    return moments_from_shifted_sums(shift, t1, t2, n, hs)
 
 
 def centred(xp, xw, mean, h):
@@ -153,8 +165,7 @@ def normalize(xp, x, mean, var, inv, gamma, beta, count: int, out_dtype):
     -------
     y : array, shape of ``x``, dtype ``out_dtype``
     """
-    xw = _work(xp, x)
-    h = overflow_scale(mean, var, rounded(mean, xw), count, _big(xp, xw.dtype))
+    h = overflow_h(xp, mean, var, count, x)
     a = inv if gamma is None else inv * gamma
     return scale_shift(xp, x, mean, a, beta, h, out_dtype)
 
@@ -298,12 +309,15 @@ def train(xp, x, axes, gamma=None, beta=None, eps=1e-5, sdt=None):
     lay = layout(tuple(x.shape), _axes(axes))
     sdt = _sdt(xp, x, sdt)
     xw = _work(xp, x)
-    shift, d, t1, t2 = shifted_sums(xp, xw, lay.red, sdt, lay.count)
-    mean, var = moments_from_shifted_sums(shift, t1, t2, lay.count, 1.0)
+    shift, d, t1, t2, hs = shifted_sums(xp, xw, lay.red, sdt, lay.count)
+    mean, var = moments_from_shifted_sums(shift, t1, t2, lay.count, hs)
     inv = _inv_std(var, eps)
-    delta = t1 / lay.count  # mean - shift, exactly as the sums give it
     g = _per_feature(xp, gamma, sdt, lay.bshape)
     b = _per_feature(xp, beta, sdt, lay.bshape)
+    if d is None:  # rescaled statistics (data near the ends of the range): the scaled pass
+        y = normalize(xp, x, mean, var, inv, g, b, lay.count, x.dtype)
+        return y, *(xp.reshape(v, lay.fshape) for v in (mean, var, inv))
+    delta = t1 / lay.count  # mean - shift, exactly as the sums give it
     a, c = output_coef(delta, inv, 1.0 if g is None else g, _beta(b), 0.0, 1.0)
     y = xp.astype(_affine(xp, d, a, c), x.dtype, copy=False)
     return y, *(xp.reshape(v, lay.fshape) for v in (mean, var, inv))
@@ -381,7 +395,7 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
         h = 1.0
         d = xw - xp.astype(shift, xw.dtype)
     else:
-        h = overflow_scale(mean_b, var_b, shift, 0, _big(xp, xw.dtype))
+        h = overflow_h(xp, mean_b, var_b, 0, xw)
         _, d = centred(xp, xw, mean_b, h)
     sum_dy = _sum(xp, dyw, lay.red, sdt)
     sum_dy_d = _sum(xp, dyw * d, lay.red, sdt)

@@ -15,19 +15,26 @@ data-dependent branching, so it traces under ``jax.jit``):
 
 from __future__ import annotations
 
+import functools
 import math
 
-from .._xp import is_jax, is_torch
+import numpy as np
+
+from .._xp import is_jax, is_torch, work_dtype
 from .ops import where
 
 __all__ = [
     "BLOCK",
     "SMALL",
+    "RANGE_LIMIT",
+    "RANGE_UP",
     "SQUARE_LIMIT",
+    "TINY_VAR",
     "accurate_sum",
     "blocked_sum",
     "cut",
     "pairwise_sum",
+    "range_scale",
     "shifted_sums",
     "square_scale",
     "squares",
@@ -137,6 +144,8 @@ def accurate_sum(xp, v, red: tuple[int, ...], sdt):
     array, ``v.shape`` with the axes ``red`` of size 1, dtype ``sdt`` (``v``'s dtype for
     float32 ``sdt``)
     """
+    if xp is np and sdt == np.float64:  # NumPy's own module (its fallback backend): direct
+        return np.add.reduce(v, axis=red, dtype=np.float64, keepdims=True)
     if sdt != xp.float64:
         return pairwise_sum(xp, v, red)
     if v.dtype == sdt:
@@ -146,27 +155,112 @@ def accurate_sum(xp, v, red: tuple[int, ...], sdt):
     return xp.sum(v, axis=red, dtype=sdt, keepdims=True)
 
 
+def _two_pass(xp, xw, red: tuple[int, ...], sdt, n: int):
+    """``(shift, d, sum(d))`` of the one centring: a first mean ``m1``, then ``d = x -
+    shift`` with ``shift`` = ``m1`` rounded to the working dtype (exact near the mean:
+    Sterbenz). ``d`` is in the working dtype also when ``xw`` is not (float16 NumPy data
+    are read as they are), ``shift`` in ``sdt``.
+
+    Pass 1 subtracts one sample of each feature and sums, so offsets far from zero cancel
+    exactly, with one exception: float16/32 data accumulated in float64 by the library's
+    own float64 sum (every namespace but torch, whose float32 block sums would not be
+    exact) are summed as they are, since each value is exact in the accumulator; ``m1``
+    is then the float64 mean and ``sum(d) = n (m1 - shift)`` (``m1 - shift`` exact), one
+    pass fewer and no rounding of ``x - sample`` in float32."""
+    wt = work_dtype(xp, xw.dtype)
+    wide = wt != sdt and sdt == xp.float64 and not is_torch(xp)
+    if wide:
+        m1 = accurate_sum(xp, xw, red, sdt) / n
+    else:
+        sample = _as(xp, xw[_first(xw.ndim, red)], wt)
+        m1 = _as(xp, sample, sdt) + accurate_sum(xp, xw - sample, red, sdt) / n
+    shift = _as(xp, m1, wt)  # the first mean as the working precision can hold it
+    d = xw - shift
+    s = _as(xp, shift, sdt)
+    return s, d, (m1 - s) * n if wide else accurate_sum(xp, d, red, sdt)
+
+
+@functools.lru_cache(maxsize=256)
+def _first(ndim: int, red: tuple[int, ...]) -> tuple:
+    """The index of one sample per feature (the first along every reduced axis)."""
+    return tuple(slice(0, 1) if i in red else slice(None) for i in range(ndim))
+
+
+def _as(xp, v, dtype):
+    """``v`` in ``dtype``: itself when it already is (no copy, no call into ``xp``)."""
+    return v if v.dtype == dtype else xp.astype(v, dtype)
+
+
 def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
-    """The two passes: ``(shift, d, sum(d), sum(d*d))`` with ``d = x - shift`` in the
-    working dtype and ``shift`` (per feature, broadcast shape) in ``sdt``."""
-    sample = xw[tuple(slice(0, 1) if i in red else slice(None) for i in range(xw.ndim))]
-    # pass 1: offsets from one sample per feature cancel exactly, whatever the mean
-    m1 = xp.astype(sample, sdt) + accurate_sum(xp, xw - sample, red, sdt) / n
-    shift = xp.astype(m1, xw.dtype)  # the first mean as the data can hold it
-    d = xw - shift  # pass 2: exact near the mean (Sterbenz)
+    """The statistics passes of the library: ``(shift, d, t1, t2, hs)`` with ``t1 =
+    sum(d)``, ``t2 = sum(d*d)`` over the ``n`` values of ``d = x hs - shift`` per feature
+    (:func:`batchnorm.core.coef.moments_from_shifted_sums` turns them into moments);
+    ``shift`` and ``hs`` in ``sdt`` (broadcast shape; ``hs`` the Python float 1.0 unless
+    the data were rescaled), ``d`` in the working dtype, or None when the data were
+    rescaled (callers then form the output with the overflow scale).
+
+    The range rule, one for every eager library (NumPy's fallback included): when an O(C)
+    check of the sums finds one not finite (a difference or a square overflowed the
+    working dtype: data near ``finfo.max``) or, in float32 work, a sum of squares below
+    ``n`` :data:`TINY_VAR` (squares lost to underflow: data near 1e-20; a feature whose
+    both sums are exactly 0 counts as constant, so a dead channel costs nothing), the sums are
+    formed again on ``x hs`` with ``hs`` the per-feature power of two of
+    :func:`range_scale` (exact; bit-identical results for the features that did not need
+    it). Under JAX (traced: no data-dependent branch) the squares are scaled always
+    (:func:`square_scale`)."""
+    shift, d, t1 = _two_pass(xp, xw, red, sdt, n)
     if is_jax(xp):  # traceable: the scale is always applied (arithmetic, no branch)
         h = square_scale(xp, d, red, sdt)
-        t2 = accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h)
-    else:  # eager libraries: scale only when a square overflowed (an O(C) check)
-        t2 = accurate_sum(xp, d * d, red, sdt)
-        if not bool(xp.all(xp.isfinite(t2))):
-            h = square_scale(xp, d, red, sdt)
-            t2 = accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h)
-    return xp.astype(shift, sdt), d, accurate_sum(xp, d, red, sdt), t2
+        return shift, d, t1, accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h), 1.0
+    t2 = accurate_sum(xp, d * d, red, sdt)
+    ok = xp.all(xp.isfinite(t1 + t2))  # the O(C) check
+    if d.dtype != xp.float64:  # (both sums exactly 0: a constant feature, d = 0, not tiny)
+        ok = ok & xp.all((t2 >= TINY_VAR * n) | ((t2 == 0.0) & (t1 == 0.0)))
+    if bool(ok):
+        return shift, d, t1, t2, 1.0
+    hs = range_scale(xp, xw, red, sdt)
+    xs = xw * xp.astype(hs, d.dtype)
+    shift, d, t1 = _two_pass(xp, xs, red, sdt, n)
+    return shift, None, t1, accurate_sum(xp, d * d, red, sdt), hs
 
+
+#: Variance below which float32 work squares are formed again on rescaled data (their
+#: squares would have lost precision to underflow).
+TINY_VAR = 2.0**-90
 
 #: Largest |d| (a power of two) whose square the working dtype still holds with room to sum.
 SQUARE_LIMIT = {4: 2.0**60, 8: 2.0**500}
+
+#: The magnitude (a power of two) :func:`range_scale` brings each feature's data to: their
+#: differences and squares then stay finite in the working dtype and their sums in any
+#: statistics dtype, and the squares of float32 work stay clear of underflow.
+RANGE_LIMIT = {4: 2.0**40, 8: 2.0**400}
+
+#: The largest upward scale of :func:`range_scale` (representable in float32).
+RANGE_UP = 2.0**100
+
+
+def _top(xp, v, red, sdt):
+    """Per feature ``max|v|`` in ``sdt`` (broadcast shape)."""
+    top = xp.maximum(xp.max(v, axis=red, keepdims=True), -xp.min(v, axis=red, keepdims=True))
+    return xp.astype(top, sdt)
+
+
+def _power_of_two(xp, top, limit: float, scale):
+    """``2^-e`` with ``e = ceil(log2 top) - log2 limit`` where ``scale``, else 1."""
+    e = xp.ceil(xp.log2(where(scale, top, 1.0))) - math.log2(limit)
+    return where(scale, 2.0 ** (-e), 1.0)
+
+
+def range_scale(xp, v, red: tuple[int, ...], sdt):
+    """Per feature, the power of two ``h`` (in ``sdt``) that brings ``max|v|`` to about
+    :data:`RANGE_LIMIT` of the working dtype, at most :data:`RANGE_UP`; 1 for a feature
+    that is all zero or not finite (its NaN/Inf propagate as they are)."""
+    wt = work_dtype(xp, v.dtype)
+    limit = RANGE_LIMIT[8 if wt == xp.float64 else 4]
+    top = _top(xp, v, red, sdt)
+    h = _power_of_two(xp, top, limit, (top > 0.0) & xp.isfinite(top))
+    return where(h > RANGE_UP, RANGE_UP, h)
 
 
 def square_scale(xp, d, red: tuple[int, ...], sdt):
@@ -175,12 +269,8 @@ def square_scale(xp, d, red: tuple[int, ...], sdt):
     than ~1e18 in float32), then the exact power of two that brings it below. No branch:
     the scale is arithmetic, so the pass still traces under ``jax.jit``."""
     limit = SQUARE_LIMIT[8 if d.dtype == xp.float64 else 4]
-    top = xp.maximum(xp.max(d, axis=red, keepdims=True), -xp.min(d, axis=red, keepdims=True))
-    top = xp.astype(top, sdt)
-    over = top > limit
-    safe = where(over, top, 1.0)  # log2 of the features that need a scale only
-    e = xp.ceil(xp.log2(safe)) - math.log2(limit)
-    return where(over, 2.0 ** (-e), 1.0)
+    top = _top(xp, d, red, sdt)
+    return _power_of_two(xp, top, limit, top > limit)
 
 
 def squares(xp, d, h):

@@ -24,6 +24,7 @@ __all__ = [
     "Argument",
     "Arguments",
     "Constant",
+    "by_value",
     "layer_class",
     "library_layer",
     "qualified_name",
@@ -168,6 +169,18 @@ class Arguments:
             for k, v in self._shown.items()
             if not (k in self._omit and self._values[k] == self._omit[k])
         ]
+
+
+def by_value(check: Callable[..., object], *args: object) -> Callable[[Any, object], object]:
+    """The check of an :class:`Argument` whose value is checked on its own (not against the
+    layer's other arguments): ``check(value, *args)``, the very function (and message) the
+    constructor calls."""
+
+    def run(layer: Any, value: object) -> object:
+        return check(value, *args)
+
+    run.__qualname__ = run.__name__ = f"by_value({getattr(check, '__name__', check)})"
+    return run
 
 
 class Argument:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -41,21 +40,13 @@ from ..backends import check_backend, plan
 from ..core.reduce import KIND_EVAL, Call
 from ..module import Module
 from . import state as state_io
-from .args import Argument, Arguments, Constant, build, config_name
+from .args import Argument, Arguments, Constant, build, by_value, config_name
 from .arrays import Placement
 from .checks import as_feature_shape, check_dtype, check_flag, feature_axis
 from .state import LayerState, ReadOnly, StateArray, StateCount, StateFlag
 from .sync import Sync, args_hash
 
 _SUPPORTED = frozenset(SUPPORTED_DTYPES)
-
-
-def _eps(layer: Any, value: object) -> float:
-    return check_eps(value)
-
-
-def _backend(layer: Any, value: object) -> str:
-    return check_backend(value)
 
 
 class NormLayer(Module):
@@ -87,10 +78,10 @@ class NormLayer(Module):
     synchronizable = Constant(False, "Whether the layer can merge statistics across processes.")
 
     axis = Argument(doc="Feature axis (fixed).")
-    eps = Argument(_eps, doc="Added to the variance.")
+    eps = Argument(by_value(check_eps), doc="Added to the variance.")
     affine = Argument(doc="Whether the layer has gamma and beta (fixed).")
     dtype = Argument(doc="Dtype of the parameters and running statistics (fixed).")
-    backend = Argument(_backend, doc="Kernels for NumPy arrays.")
+    backend = Argument(by_value(check_backend), doc="Kernels for NumPy arrays.")
     gamma = StateArray()
     beta = StateArray()
     running_mean = StateArray()

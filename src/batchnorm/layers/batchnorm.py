@@ -20,7 +20,7 @@ from ..conventions import (
     update_running_unchecked,
 )
 from ..core.reduce import Reducer
-from .args import Argument, library_layer
+from .args import Argument, by_value, library_layer
 from .checks import check_flag
 from .training import BatchStatsLayer
 
@@ -34,10 +34,6 @@ ORDER = (
 )  # fmt: skip
 
 
-def _flag(layer: Any, value: object) -> bool:
-    return check_flag(value, "unbiased")
-
-
 class ConventionLayer(BatchStatsLayer):
     """A batch-statistics layer configured by a convention (``"seed"``, ``"torch"``,
     ``"keras"``, ``"flax"`` or a :class:`~batchnorm.conventions.Convention`): its defaults
@@ -45,7 +41,10 @@ class ConventionLayer(BatchStatsLayer):
     See :class:`BatchNorm` for the arguments."""
 
     convention = Argument(doc="The convention (fixed).")
-    unbiased = Argument(_flag, doc="Feed the running variance the unbiased batch variance.")
+    unbiased = Argument(
+        by_value(check_flag, "unbiased"),
+        doc="Feed the running variance the unbiased batch variance.",
+    )
     track_running_stats = Argument(doc="Whether running statistics are kept (fixed).")
 
     def __init__(
@@ -96,10 +95,6 @@ class ConventionLayer(BatchStatsLayer):
             self.convention.momentum_weights,
             unbiased=self.unbiased,
         )
-
-
-def _reuse(layer: Any, value: object) -> bool:
-    return check_flag(value, "reuse_buffers")
 
 
 @library_layer
@@ -160,7 +155,9 @@ class BatchNorm(ConventionLayer):
     >>> y_eval = layer.eval()(x)  # the running statistics; no state changes
     """
 
-    reuse_buffers = Argument(_reuse, doc="Write outputs into buffers the layer keeps.")
+    reuse_buffers = Argument(
+        by_value(check_flag, "reuse_buffers"), doc="Write outputs into buffers the layer keeps."
+    )
 
     def __init__(
         self, num_features: int | Sequence[int], *, reuse_buffers: bool = False, **kwargs: Any

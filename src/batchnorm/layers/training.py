@@ -34,19 +34,11 @@ from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
 from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
-from .args import Argument, Constant
+from .args import Argument, Constant, by_value
 from .base import NormLayer
 from .checks import check_nonfinite
 from .state import ReadOnly, StateCount
 from .sync import args_hash
-
-
-def _momentum(layer: Any, value: object) -> float | None:
-    return check_momentum(value)
-
-
-def _nonfinite(layer: Any, value: object) -> str:
-    return check_nonfinite(value)
 
 
 class BatchStatsLayer(NormLayer):
@@ -75,8 +67,10 @@ class BatchStatsLayer(NormLayer):
     uses_batch_stats = Constant(True, "Whether the layer ever uses batch statistics.")
     synchronizable = Constant(True, "Whether the layer can merge statistics across processes.")
 
-    momentum = Argument(_momentum, doc="Smoothing of the running statistics.")
-    nonfinite = Argument(_nonfinite, doc="What a batch with non-finite statistics does.")
+    momentum = Argument(by_value(check_momentum), doc="Smoothing of the running statistics.")
+    nonfinite = Argument(
+        by_value(check_nonfinite), doc="What a batch with non-finite statistics does."
+    )
     skipped_updates = StateCount()
     dgamma = ReadOnly()
     dbeta = ReadOnly()

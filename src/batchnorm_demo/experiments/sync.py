@@ -38,7 +38,7 @@ from ..data import Dataset
 from .sync_model import LocalRenorm, SyncConfig, batches, build_model, train_step
 from .sync_small import assignment, small_batches
 
-__all__ = ["ARMS", "SyncConfig", "build_model", "run", "total_work", "train_step"]
+__all__ = ["ARMS", "SyncConfig", "build_model", "run", "total_work", "train_step", "world"]
 
 #: The arms of the equivalence part: SyncBN vs one process, local BN vs GhostBatchNorm,
 #: local BatchRenorm vs its one-process emulation.
@@ -209,7 +209,7 @@ def _cost(config: SyncConfig, data: Dataset, comm, tick) -> dict:
     return out
 
 
-def _world():
+def world():
     """MPI.COMM_WORLD, or a one-rank stand-in when mpi4py is missing."""
     try:
         from mpi4py import MPI
@@ -238,7 +238,7 @@ def run(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict | None:
     """Run the three parts on every rank of ``comm``; the results dict on rank 0, else None."""
-    comm = comm if comm is not None else _world()
+    comm = comm if comm is not None else world()
     try:  # one BLAS thread per rank: the ranks already use the cores
         from threadpoolctl import threadpool_limits
 

@@ -58,11 +58,11 @@ def run_sync_demo(args: argparse.Namespace) -> int:
     """
     from .._ranks import collectively
     from ..data import load_dataset
-    from ..experiments.sync import SyncConfig, _world, run
+    from ..experiments.sync import SyncConfig, run, world
     from ..report.sync import write_sync_report
     from ..warmup import notices_through
 
-    comm = _world()
+    comm = world()
     rank0 = comm.Get_rank() == 0
     # rank 0 checks --out before any work, every rank loads the data; a failure anywhere is
     # the same error on every rank (no rank is left waiting in a collective), printed once
