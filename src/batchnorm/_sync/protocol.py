@@ -271,14 +271,22 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
             f"rank {r}: " + bytes(texts[r]).rstrip(b"\0").decode("utf-8", "replace") for r in failed
         ]
         msg = (
-            f"{label} failed on {_ranks(failed)} (synchronized call {seq}; raised on "
+            f"{label} failed on {_ranks(failed)} ({_calls(table)}; raised on "
             f"every rank, nothing changed): " + "; ".join(parts)
         )
         raise DistributedError(msg) from error
     problems = _problems(table)
     if problems:
         raise DistributedError(
-            f"{label}: {'; '.join(problems)} (synchronized call {seq}; raised on every "
+            f"{label}: {'; '.join(problems)} ({_calls(table)}; raised on every "
             "rank, nothing changed)"
         )
     return table
+
+
+def _calls(table: np.ndarray) -> str:
+    """The call number for messages, the same words on every rank (the ranks' numbers
+    when they are out of step)."""
+    if len(set(table[:, COL_SEQ].tolist())) == 1:
+        return f"synchronized call {int(table[0, COL_SEQ])}"
+    return f"synchronized calls {table[:, COL_SEQ].tolist()} on ranks 0 to {len(table) - 1}"

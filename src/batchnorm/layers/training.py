@@ -33,7 +33,7 @@ import numpy as np
 from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
-from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
+from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, check_reducer
 from .args import Argument, Constant
 from .base import NormLayer
 from .checks import check_nonfinite
@@ -90,12 +90,19 @@ class BatchStatsLayer(NormLayer):
         self._args.add("momentum", momentum)
         self._args.add("nonfinite", nonfinite)
         if reducer is not None:
+            # the checks of the functional calls (reducer_of): a reducer keeps its own timeout
+            check_reducer(reducer)
             if comm is not None:
                 raise TypeError("pass comm= or reducer=, not both")
+            if timeout is not None:
+                raise TypeError(
+                    f"timeout={timeout!r} applies to comm=; a reducer carries its own timeout "
+                    "(e.g. batchnorm.distributed.MpiReducer(comm, timeout))"
+                )
             self._sync.set_reducer(reducer)
         else:  # (set_comm(None) would replace an MPI reducer passed as reducer= by LOCAL)
+            self._sync.set_timeout(timeout)  # checked before the layer is numbered
             self._sync.set_comm(comm)
-        self._sync.set_timeout(timeout)
 
     # ------------------------------------------------------------------ synchronization
     @property
@@ -118,8 +125,10 @@ class BatchStatsLayer(NormLayer):
 
     @property
     def timeout(self) -> float | None:
-        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
-        return self._sync.timeout
+        """Seconds a synchronized call waits for missing ranks before aborting (None: never):
+        the distributed reducer's own; assigning it sets the reducer's (refused, with
+        nothing changed, when the reducer does not let it be set)."""
+        return self._sync.get_timeout()
 
     @timeout.setter
     def timeout(self, value: float | None) -> None:

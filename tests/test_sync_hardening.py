@@ -1,0 +1,172 @@
+"""Hardening of synchronization from a hostile probe: a layer's position in synchronized
+calls whichever way its reducer was installed, a layer's timeout against its reducer's, and
+the checks of what a user reducer returns. Refused calls and assignments change nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from test_distributed import SCENARIOS, _ok, mpirun, needs_mpi
+
+import batchnorm as bn
+from batchnorm import distributed
+from batchnorm.core.reduce import LocalReducer
+from batchnorm.nn import Sequential
+
+
+class Recording(LocalReducer):
+    """A distributed reducer of one participant that records the calls it merges."""
+
+    distributed = True
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.labels: list[str] = []
+        self.timeout = timeout
+
+    def merge(self, call, local, error, dtype):
+        self.labels.append(call.label)
+        return super().merge(call, local, error, dtype)
+
+
+def _label(layer, x) -> str:
+    layer.forward(x)
+    return layer.reducer.labels[-1].split()[0]
+
+
+# --------------------------------------------------------------------------- positions
+def test_every_route_that_synchronizes_a_layer_numbers_it(rng):
+    """reducer= and an assigned reducer number the layer like comm= does (they all kept
+    position 0: two such layers looked alike to the other ranks, a split brain)."""
+    x = rng.standard_normal((6, 3))
+    a, b = bn.BatchNorm(3), bn.BatchNorm(3)
+    a.forward(x)  # ran locally first
+    a.reducer, b.reducer = Recording(), Recording()
+    c, d = bn.BatchNorm(3, reducer=Recording()), bn.BatchNorm(3, reducer=Recording())
+    layers = [a, b, c, d]
+    positions = [m.sync_position for m in layers]
+    assert positions == sorted(positions) and len(set(positions)) == 4
+    assert len({_label(m, x) for m in layers}) == 4  # the names other ranks compare
+
+
+def test_a_layer_keeps_its_position_across_reducers_and_unsynchronized(rng):
+    x = rng.standard_normal((6, 3))
+    layer = bn.BatchNorm(3, reducer=Recording())
+    pos = layer.sync_position
+    layer.reducer = Recording()  # a new reducer: a new call sequence, the same name
+    layer.reducer = None
+    layer.reducer = Recording()
+    assert layer.sync_position == pos
+    other = bn.BatchNorm(3)
+    model = Sequential(layer, other)
+    red = Recording()
+    layer.reducer = other.reducer = red
+    layer.sync_position, other.sync_position = 7, 8
+    before = bn.BatchNorm(3, reducer=Recording()).sync_position
+    with distributed.unsynchronized(model):
+        model.forward(x)
+    assert (layer.sync_position, other.sync_position) == (7, 8)
+    assert layer.reducer is red and other.reducer is red
+    # the block drew no position: the next layer is numbered right after the one before it
+    assert bn.BatchNorm(3, reducer=Recording()).sync_position == before + 1
+
+
+def test_a_copy_is_a_new_layer_numbered_when_synchronized(rng):
+    layer = bn.BatchNorm(3, reducer=Recording())
+    layer.reducer = None
+    twin = copy.deepcopy(layer)
+    twin.reducer = Recording()
+    assert twin.sync_position > layer.sync_position
+
+
+def test_refused_reducers_and_positions_change_nothing():
+    layer = bn.BatchNorm(3, reducer=Recording())
+    pos, red = layer.sync_position, layer.reducer
+    for bad in (object(), LocalReducer, "mpi"):
+        with pytest.raises(TypeError):
+            layer.reducer = bad
+    with pytest.raises(ValueError, match="sync_position"):
+        layer.sync_position = -1
+    with pytest.raises(ValueError, match="cannot synchronize"):
+        bn.GhostBatchNorm(3, virtual_batch_size=2).reducer = Recording()
+    assert layer.reducer is red and layer.sync_position == pos
+
+
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_assigned_reducers_are_refused_at_different_layers_under_mpi(tmp_path, n):
+    _ok(mpirun(n, str(SCENARIOS / "reassign.py"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    for r in ranks:
+        assert r["positions_assigned"] == [r["positions_assigned"][0] + i for i in range(2)]
+        for case in ("assigned", "constructed"):
+            assert r[case]["error"] == "DistributedError", r[case]
+            assert "different layers" in r[case]["message"]
+            assert r[case]["unchanged"]
+        assert r["reassigned_on_one_rank"]["error"] == "DistributedError"
+        assert "out of step" in r["reassigned_on_one_rank"]["message"]
+        assert r["reassigned_on_one_rank"]["unchanged"]
+        assert r["positions_reassigned"] == ranks[0]["positions_reassigned"]
+        assert r["position_last"] == ranks[0]["position_last"]
+        assert r["agreeing"]["error"] is None  # the ranks are still in step
+        assert r["running_mean"] == ranks[0]["running_mean"]
+    # the out-of-step error reads the same on every rank
+    assert len({r["reassigned_on_one_rank"]["message"].split(": ", 1)[1] for r in ranks}) == 1
+
+
+# --------------------------------------------------------------------------- timeout
+class ReadOnlyTimeout(LocalReducer):
+    distributed = True
+
+    @property
+    def timeout(self) -> float:
+        return 7.0
+
+
+class NoTimeout(LocalReducer):
+    distributed = True
+    timeout = property(lambda self: (_ for _ in ()).throw(AttributeError("no timeout")))
+
+
+def test_a_reducer_with_a_read_only_timeout_is_accepted_and_kept():
+    layer = bn.BatchNorm(3, reducer=ReadOnlyTimeout())  # crashed: AttributeError
+    assert layer.timeout == 7.0
+    with pytest.raises(TypeError, match="does not let its timeout be set.*nothing changed"):
+        layer.timeout = 5
+    assert layer.timeout == 7.0 and layer._sync.timeout is None  # nothing changed
+    layer.reducer = None  # local again: the timeout waits for a later comm=
+    layer.timeout = 5
+    assert layer.timeout == 5.0
+
+
+def test_a_reducer_without_a_timeout_refuses_one():
+    layer = bn.BatchNorm(3, reducer=NoTimeout())
+    assert layer.timeout is None
+    with pytest.raises(TypeError, match="has no timeout"):
+        layer.timeout = 5
+    assert layer._sync.timeout is None
+
+
+def test_a_layer_keeps_its_reducers_timeout_and_refuses_one_beside_it():
+    red = Recording(timeout=30.0)
+    layer = bn.BatchNorm(3, reducer=red)
+    assert red.timeout == 30.0 and layer.timeout == 30.0  # was set to None: a hang
+    with pytest.raises(TypeError, match="timeout=5 applies to comm="):
+        bn.BatchNorm(3, reducer=Recording(), timeout=5)
+    layer.timeout = 12
+    assert red.timeout == 12.0 and layer.timeout == 12.0
+    for bad in (-1, 0, float("nan"), "5", True):
+        with pytest.raises((TypeError, ValueError)):
+            layer.timeout = bad
+        assert red.timeout == 12.0 and layer.timeout == 12.0
+
+
+def test_the_mpi_reducer_keeps_its_timeout_in_a_layer():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    red = distributed.MpiReducer(MPI.COMM_WORLD, 30)
+    layer = bn.BatchNorm(3, reducer=red)
+    assert red.timeout == 30.0 and layer.timeout == 30.0
+    built = bn.BatchNorm(3, comm=MPI.COMM_WORLD, timeout=4)
+    assert built.timeout == 4.0 and built.reducer.timeout == 4.0
