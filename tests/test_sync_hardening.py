@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 from test_distributed import SCENARIOS, _ok, mpirun, needs_mpi
 
 import batchnorm as bn
 from batchnorm import distributed
-from batchnorm.core.reduce import LocalReducer
+from batchnorm.core.reduce import LocalReducer, SyncBatchStats
 from batchnorm.nn import Sequential
 
 
@@ -170,3 +171,90 @@ def test_the_mpi_reducer_keeps_its_timeout_in_a_layer():
     assert red.timeout == 30.0 and layer.timeout == 30.0
     built = bn.BatchNorm(3, comm=MPI.COMM_WORLD, timeout=4)
     assert built.timeout == 4.0 and built.reducer.timeout == 4.0
+
+
+# --------------------------------------------------------------------------- merge results
+def _returning(fn):
+    class Custom(LocalReducer):
+        distributed = True
+
+        def merge(self, call, local, error, dtype):
+            st = super().merge(call, local, error, dtype)
+            return fn(st)
+
+    return Custom()
+
+
+BAD_MERGES = [
+    (
+        lambda st: SyncBatchStats(st.count, st.mean, -st.var - 1.0, st.counts),
+        ValueError,
+        r"Custom\(\) returned a negative variance: features \[0, 1, 2\] have var \[-",
+    ),
+    (lambda st: (st.mean, st.var), TypeError, "returned tuple .* expected statistics"),
+    (
+        lambda st: SyncBatchStats(st.count, st.mean[:2], st.var, st.counts),
+        TypeError,
+        r"mean of shape \(2,\)",
+    ),
+    (
+        lambda st: SyncBatchStats(st.count, st.mean.astype(int), st.var, st.counts),
+        TypeError,
+        "dtype int64",
+    ),
+    (
+        lambda st: SyncBatchStats(st.count, "mean", st.var, st.counts),
+        TypeError,
+        "mean of (type|shape)",
+    ),
+    (lambda st: SyncBatchStats(1.5, st.mean, st.var, st.counts), TypeError, "count=1.5"),
+    (lambda st: SyncBatchStats(2, st.mean, st.var, st.counts), ValueError, "fewer than"),
+    (
+        lambda st: SyncBatchStats(st.count, st.mean + np.nan, st.var, st.counts),
+        ValueError,
+        "non-finite statistics from finite local ones",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fn", "error", "match"), BAD_MERGES)
+def test_what_a_reducer_merges_is_checked_and_changes_nothing(rng, fn, error, match):
+    x = rng.standard_normal((8, 3))
+    layer = bn.BatchNorm(3, reducer=_returning(fn))
+    before = layer.state_dict()
+    with pytest.raises(error, match=match):
+        layer.forward(x)
+    after = layer.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert layer.last_batch_stats is None and layer._cache is None
+    with pytest.raises(error, match=match):
+        bn.batch_norm_train(x, None, None, reducer=_returning(fn))
+    with pytest.raises(error, match=match):
+        bn.moments(x, reducer=_returning(fn))
+
+
+def test_good_merges_pass_the_check(rng):
+    """Negative control: the same reducer returning what it merged, and non-finite
+    statistics a reducer attributes to a participant, are accepted."""
+    x = rng.standard_normal((8, 3))
+    y, _ = bn.batch_norm_train(x, None, None, reducer=_returning(lambda st: st))
+    np.testing.assert_allclose(y, bn.batch_norm_train(x, None, None)[0], atol=1e-12)
+    nan = _returning(lambda st: SyncBatchStats(st.count, st.mean + np.nan, st.var, st.counts, (1,)))
+    layer = bn.BatchNorm(3, reducer=nan, nonfinite="skip")
+    layer.forward(x)
+    assert layer.skipped_updates == 1
+
+
+def test_what_a_reducer_sums_is_checked(rng):
+    class Short(LocalReducer):
+        distributed = True
+
+        def sum(self, call, arrays, error=None):
+            return [arrays[0]]
+
+    x = rng.standard_normal((8, 3))
+    layer = bn.BatchNorm(3, reducer=Short())
+    layer.forward(x)
+    with pytest.raises(TypeError, match=r"Short\(\) returned 1 sums for 2 arrays"):
+        layer.backward(np.ones_like(x))
+    assert layer.dgamma is None
