@@ -30,6 +30,10 @@ class Recording(LocalReducer):
         self.labels.append(call.label)
         return super().merge(call, local, error, dtype)
 
+    def sum(self, call, arrays, error=None):
+        self.labels.append(call.label)
+        return super().sum(call, arrays, error)
+
 
 def _label(layer, x) -> str:
     layer.forward(x)
@@ -115,6 +119,40 @@ def test_assigned_reducers_are_refused_at_different_layers_under_mpi(tmp_path, n
         assert r["running_mean"] == ranks[0]["running_mean"]
     # the out-of-step error reads the same on every rank
     assert len({r["reassigned_on_one_rank"]["message"].split(": ", 1)[1] for r in ranks}) == 1
+
+
+# --------------------------------------------------------------------------- backward
+@pytest.mark.parametrize("cls", [bn.BatchNorm, bn.BatchRenorm])
+def test_the_backward_of_a_synchronized_forward_sums_through_its_reducer(rng, cls):
+    """A reducer removed or replaced between forward and backward (an unsynchronized block,
+    comm = None) made the backward local: partial sums reported as global sums
+    (gradients_reduced), the other ranks left waiting in theirs."""
+    x = rng.standard_normal((8, 3))
+    ref = cls(3)
+    ref.forward(x)
+    want = ref.backward(np.ones_like(x) + x)
+    for replacement in (None, Recording()):
+        first = Recording()
+        layer = cls(3, reducer=first)
+        layer.forward(x)
+        layer.reducer = replacement
+        dx = layer.backward(np.ones_like(x) + x)
+        assert [lab.split()[-1] for lab in first.labels] == ["forward", "backward"]
+        assert replacement is None or replacement.labels == []
+        assert layer.gradients_reduced
+        np.testing.assert_allclose(dx, want, atol=1e-12)
+
+
+def test_a_copy_made_after_a_synchronized_forward_refuses_its_backward(rng):
+    x = rng.standard_normal((8, 3))
+    layer = bn.BatchNorm(3, reducer=Recording())
+    layer.forward(x)
+    layer.reducer = None  # a synchronized layer cannot be copied
+    twin = copy.deepcopy(layer)
+    with pytest.raises(ValueError, match="does not hold the reducer it merged through"):
+        twin.backward(np.ones_like(x))
+    assert twin.dgamma is None
+    layer.backward(np.ones_like(x))  # the original still can
 
 
 # --------------------------------------------------------------------------- timeout

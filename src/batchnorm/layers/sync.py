@@ -43,6 +43,11 @@ class Sync:
         self.timeout: float | None = None
         self.tag = 0
         self.numbered = False
+        #: The reducer of the last training forward: the backward of a synchronized forward
+        #: sums its gradients over the same participants, whatever reducer is installed now
+        #: (an ``unsynchronized`` block or ``comm = None`` in between once made it local:
+        #: partial sums reported as global, the other ranks left waiting).
+        self.forward_reducer: Any = None
 
     def __getstate__(self) -> dict:
         if self.reducer is not LOCAL:
@@ -50,7 +55,19 @@ class Sync:
                 f"a synchronized {self.owner} (reducer {self.reducer!r}) cannot be copied; copy "
                 "it with comm=None and set comm on the copy"
             )
-        return self.__dict__.copy()
+        return {**self.__dict__, "forward_reducer": None}  # a copy's forward was not its own
+
+    def backward_reducer(self) -> Any:
+        """The reducer the backward of a synchronized forward sums through: the forward's.
+        A layer without it (a copy made after the forward) refuses: a local sum would be a
+        partial one."""
+        if self.forward_reducer is None or not self.forward_reducer.distributed:
+            raise ValueError(
+                f"{self.owner}.backward: the last forward was synchronized, but this layer "
+                "does not hold the reducer it merged through (a copy made after the "
+                "forward?); run the forward again"
+            )
+        return self.forward_reducer
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

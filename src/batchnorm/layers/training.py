@@ -164,13 +164,15 @@ class BatchStatsLayer(NormLayer):
             label = f"{self._label()} training forward"
             return Call(label, KIND_TRAIN, training, update, args_hash(self.config()))
 
-        y, cache, stats = self._sync.reducer.dispatch(
-            self._train_local, self._train_synced, call, None, x
-        )
+        red = self._sync.reducer
+        y, cache, stats = red.dispatch(self._train_local, self._train_synced, call, None, x)
         with self._lock:  # read-smooth-write of the running statistics is atomic
             if update:
                 self._commit_running(self._new_running(stats))
             self._commit_forward(cache, stats)
+            synced = getattr(getattr(cache, "bn", cache), "synchronized", False)
+            if self._state.cache is cache and synced:
+                self._sync.forward_reducer = red  # the backward sums through the same one
         return y
 
     def _train_local(self, x) -> tuple:
@@ -307,7 +309,7 @@ class BatchStatsLayer(NormLayer):
     def _backward(self, dy, cache) -> tuple:
         """``(dx, dgamma, dbeta)``: check ``dy`` once, gradient sums, ``reducer.sum`` (after
         a synchronized forward), input gradient."""
-        red = self._sync.reducer if getattr(cache, "synchronized", False) else LOCAL
+        red = self._sync.backward_reducer() if getattr(cache, "synchronized", False) else LOCAL
         call = lambda: Call(f"{self._label()} backward", KIND_BACKWARD)  # noqa: E731
         return red.dispatch(self._backward_local, self._backward_synced, call, None, dy, cache)
 
