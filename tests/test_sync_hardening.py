@@ -296,3 +296,61 @@ def test_what_a_reducer_sums_is_checked(rng):
     with pytest.raises(TypeError, match=r"Short\(\) returned 1 sums for 2 arrays"):
         layer.backward(np.ones_like(x))
     assert layer.dgamma is None
+
+
+# --------------------------------------------------------------------------- odd inputs
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_odd_dtypes_and_huge_values_across_ranks_are_refused_everywhere(tmp_path, n):
+    """A torch bfloat16 batch failed on its rank alone (NumPy has no bfloat16) while the
+    others waited; 1e308 on one rank and -1e308 on another overflowed the merge's mean."""
+    _ok(mpirun(n, str(SCENARIOS / "odd_inputs.py"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    for r in ranks:
+        assert r["dtypes"]["error"] == "DistributedError"
+        assert "rank 0: float32" in r["dtypes"]["message"]
+        assert r["overflow_across_ranks"]["error"] == "ValueError"
+        assert "overflows float64" in r["overflow_across_ranks"]["message"]
+        if "bfloat16_on_rank_0" in r:
+            assert r["bfloat16_on_rank_0"]["error"] == "DistributedError"
+            assert "rank 0: bfloat16" in r["bfloat16_on_rank_0"]["message"]
+            assert r["bfloat16_everywhere"]["error"] is None
+        assert all(v["unchanged"] for v in r.values() if v["error"])
+        assert r["agreeing"]["error"] is None
+
+
+def test_the_merge_of_opposite_huge_means_keeps_a_finite_mean():
+    from batchnorm.core.stats import merge
+
+    with np.errstate(over="ignore"):  # the variance overflows
+        n, mean, m2 = merge(4, np.array([1e308, 1.0]), np.zeros(2), 4, np.array([-1e308, 3.0]), 0)
+    np.testing.assert_array_equal(mean, [0.0, 2.0])
+    assert m2[0] == np.inf and m2[1] == 8.0  # the variance 1e616 overflows, as it must
+    with np.errstate(over="ignore"):  # negative control: the textbook difference overflows
+        assert np.isinf(np.float64(-1e308) - np.float64(1e308))
+
+
+def test_the_merge_equals_the_textbook_form_bit_for_bit(rng):
+    from batchnorm.core.stats import merge
+
+    for _ in range(200):
+        scale = 10.0 ** rng.uniform(-100, 100)
+        ma, mb = rng.standard_normal((2, 20)) * scale
+        m2a, m2b = np.abs(rng.standard_normal((2, 20))) * scale**2
+        na, nb = (int(v) for v in rng.integers(1, 10**6, 2))
+        delta = mb - ma
+        n, mean, m2 = merge(na, ma, m2a, nb, mb, m2b)
+        np.testing.assert_array_equal(mean, ma + delta * (nb / (na + nb)))
+        np.testing.assert_array_equal(m2, m2a + m2b + delta * delta * (na * nb / (na + nb)))
+
+
+def test_an_mpi_reducers_timeout_is_checked_when_assigned():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    red = distributed.MpiReducer(MPI.COMM_WORLD, 3)
+    for bad in ("5", -1, 0, float("nan"), True):
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            red.timeout = bad  # was stored, and failed inside the next synchronized call
+        assert red.timeout == 3.0
+    red.timeout = None
+    assert red.timeout is None

@@ -79,6 +79,25 @@ def text_hash(text: str) -> int:
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
+#: Header codes of the data dtypes (the bits of the float dtypes; bfloat16, which NumPy
+#: lacks, its own code).
+DTYPE_CODES = {"float16": 16, "float32": 32, "float64": 64, "bfloat16": 1016}
+
+
+def dtype_code(dtype: object) -> int:
+    """The header word of a data dtype of any library (``torch.bfloat16``, ``float32``,
+    ...): never raises, so a rank with an odd dtype still reaches the agreement that
+    reports it on every rank."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    return DTYPE_CODES.get(name) or text_hash(name) or 1
+
+
+def dtype_name(code: int) -> str:
+    """The dtype a header word names (the words of :func:`dtype_code`)."""
+    names = {v: k for k, v in DTYPE_CODES.items()}
+    return names.get(int(code), f"another dtype (code {int(code)})")
+
+
 def _ranks(rs) -> str:
     rs = list(rs)
     return f"rank {rs[0]}" if len(rs) == 1 else f"ranks {rs}"
@@ -213,11 +232,7 @@ def _problems(table: np.ndarray) -> list[str]:
             + ")"
         )
     if len(set(table[:, COL_DTYPE].tolist())) > 1:
-        out.append(
-            "the ranks have different dtypes ("
-            + _group(table, COL_DTYPE, lambda d: f"float{d}")
-            + ")"
-        )
+        out.append("the ranks have different dtypes (" + _group(table, COL_DTYPE, dtype_name) + ")")
     if len(set(table[:, COL_EXTRA].tolist())) > 1:
         out.append(
             "the ranks call with different arguments (e.g. a layer's eps, momentum or "

@@ -106,6 +106,17 @@ class MpiReducer:
     def __repr__(self) -> str:
         return f"MpiReducer(rank={self.rank}, size={self.size}, timeout={self.timeout})"
 
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a waiting rank waits for missing ranks before aborting the job (None:
+        never); checked when assigned (a bad value found inside a synchronized call would
+        leave this rank's exchange half done)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: object) -> None:
+        self._timeout = check_timeout(value)
+
     def __getstate__(self):
         raise TypeError("an MpiReducer (a live communicator) cannot be copied or pickled")
 
@@ -160,7 +171,7 @@ class MpiReducer:
                 "count": int(local.count),
                 "nfeat": int(mean.size),
                 "fhash": P.text_hash(repr(tuple(fshape))),
-                "dtype": 8 * np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize,
+                "dtype": P.dtype_code(dtype),
                 "finite": int(finite),
             }
         table = self.agree(call, error, **fields)
@@ -174,7 +185,8 @@ class MpiReducer:
             BatchStats(n, recv[r, :c].reshape(fshape), recv[r, c:].reshape(fshape))
             for r, n in enumerate(counts)
         ]
-        whole = BatchStats.combine(parts)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is data here
+            whole = BatchStats.combine(parts)
         mean, var = whole.mean, whole.var
         if whole.count == 0:  # no rank holds a value: the statistics of nothing are undefined
             mean, var = np.full(fshape, np.nan), np.full(fshape, np.nan)
