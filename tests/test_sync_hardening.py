@@ -354,3 +354,40 @@ def test_an_mpi_reducers_timeout_is_checked_when_assigned():
         assert red.timeout == 3.0
     red.timeout = None
     assert red.timeout is None
+
+
+# --------------------------------------------------------------------------- threads
+def test_a_synchronized_exchange_holds_the_process_lock_throughout(monkeypatch, rng):
+    """Threads take turns: a thread's header agreement and payload exchange are one
+    critical section (MPI matches collectives by order, so two threads' exchanges on one
+    communicator could swap payloads between layers)."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    import threading
+
+    from batchnorm._sync import protocol
+
+    seen = []
+    real = protocol.allgather
+
+    def spy(red, send, call, seq):
+        # another thread cannot take the lock while this exchange runs
+        box = []
+
+        def probe():
+            box.append(protocol.EXCHANGE_LOCK.acquire(False))
+            if box[0]:
+                protocol.EXCHANGE_LOCK.release()
+
+        t = threading.Thread(target=probe)
+        t.start()
+        t.join()
+        seen.append((call.label, not box[0]))
+        return real(red, send, call, seq)
+
+    monkeypatch.setattr(protocol, "allgather", spy)
+    layer = bn.BatchNorm(3, comm=MPI.COMM_WORLD)
+    x = rng.standard_normal((6, 3))
+    layer.forward(x)
+    layer.backward(np.ones_like(x))
+    distributed.allreduce_gradients(Sequential(bn.nn.Linear(3, 2, rng=rng)), MPI.COMM_WORLD)
+    assert [held for _, held in seen] == [True] * 3, seen  # forward, backward, gradients

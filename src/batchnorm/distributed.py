@@ -267,13 +267,14 @@ def broadcast_parameters(
     (root, arrays, fields), error = _or_empty(
         attempt(red, _broadcast_arrays, model, root, red.size), (root, [], {})
     )
-    table = red.agree(call, error, **fields)
     flat = (
         np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
         if arrays
         else (np.zeros(0))
     )
-    red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
+    with P.EXCHANGE_LOCK:  # one exchange: no other thread's in between
+        table = red.agree(call, error, **fields)
+        red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
     pos = 0
     for a in arrays:
         a[...] = flat[pos : pos + a.size].reshape(a.shape)

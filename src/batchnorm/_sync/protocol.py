@@ -26,6 +26,7 @@ the communicator, the timeout, the call counter and the traffic counters.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -67,6 +68,12 @@ COL_LABEL, COL_EXTRA = 11, 12
 HEADER_WORDS = 13
 
 _MESSAGE_BYTES = 480
+
+#: Held through each synchronized exchange of this process (header agreement and payload):
+#: threads take turns, so the exchanges of one thread never interleave with another's on
+#: the same communicator (MPI matches collectives by order); ranks whose threads take
+#: turns in different orders are refused on every rank (different layers, out of step).
+EXCHANGE_LOCK = threading.RLock()
 
 #: Bytes this process has sent and received through every MPI reducer (headers and
 #: payloads), and the number of synchronized calls: a process-wide total for reports; each
