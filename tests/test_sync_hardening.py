@@ -316,7 +316,10 @@ def test_odd_dtypes_and_huge_values_across_ranks_are_refused_everywhere(tmp_path
             assert r["bfloat16_on_rank_0"]["error"] == "DistributedError"
             assert "rank 0: bfloat16" in r["bfloat16_on_rank_0"]["message"]
             assert r["bfloat16_everywhere"]["error"] is None
-        assert all(v["unchanged"] for v in r.values() if v["error"])
+        assert r["count_too_big"]["error"] == "DistributedError"  # was rank 0's alone
+        assert "does not fit in a 64-bit integer" in r["count_too_big"]["message"]
+        assert r["weight_of_huge_counts"] == 1 / n  # the int64 total wrapped around
+        assert all(v["unchanged"] for v in r.values() if isinstance(v, dict) and v["error"])
         assert r["agreeing"]["error"] is None
 
 
@@ -391,3 +394,23 @@ def test_a_synchronized_exchange_holds_the_process_lock_throughout(monkeypatch, 
     layer.backward(np.ones_like(x))
     distributed.allreduce_gradients(Sequential(bn.nn.Linear(3, 2, rng=rng)), MPI.COMM_WORLD)
     assert [held for _, held in seen] == [True] * 3, seen  # forward, backward, gradients
+
+
+def test_the_stall_warning_period_is_checked_and_a_refusal_changes_nothing(monkeypatch):
+    from batchnorm._sync import protocol
+
+    monkeypatch.setattr(protocol, "STALL_WARNING_SECONDS", 60.0)
+    for bad in ("x", -1, 0, float("nan"), float("inf"), None, True):
+        with pytest.raises((TypeError, ValueError), match="STALL_WARNING_SECONDS"):
+            distributed.STALL_WARNING_SECONDS = bad  # NaN never warned, -1 at every poll
+        assert protocol.STALL_WARNING_SECONDS == 60.0
+    distributed.STALL_WARNING_SECONDS = 0.5
+    assert protocol.STALL_WARNING_SECONDS == 0.5
+    distributed.STALL_WARNING_SECONDS = 60.0
+
+
+def test_a_header_field_beyond_int64_is_refused_through_the_agreement():
+    MPI = pytest.importorskip("mpi4py.MPI")
+    with pytest.raises(distributed.DistributedError, match="does not fit in a 64-bit integer"):
+        distributed.local_weight(2**63, MPI.COMM_WORLD)  # was a raw OverflowError, alone
+    assert distributed.local_weight(2**62, MPI.COMM_WORLD) == 1.0

@@ -47,6 +47,10 @@ if torch is not None:
     d = bn.BatchNorm(3, comm=comm, timeout=30)
     attempt("bfloat16_everywhere", lambda: d.forward(t.bfloat16()), d)
 e = bn.BatchNorm(3, comm=comm, timeout=30)
+# counts that do not fit the int64 header (rank 0 alone), and whose sum overflows int64
+big = 2**63 if rank == 0 else 1
+attempt("count_too_big", lambda: bn.distributed.local_weight(big, comm, timeout=30), e)
+out["weight_of_huge_counts"] = bn.distributed.local_weight(2**62, comm, timeout=30)
 attempt("agreeing", lambda: e.forward(x), e)
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as fh:
     json.dump(out, fh)

@@ -248,6 +248,14 @@ def _problems(table: np.ndarray) -> list[str]:
     return out
 
 
+def _fits(v: object) -> bool:
+    """Whether a header field fits an int64 word."""
+    try:
+        return -(1 << 63) <= int(v) < (1 << 63)
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
     """Steps 2-3 of the protocol: exchange headers, raise on every rank if anything is wrong.
 
@@ -275,8 +283,14 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
         "finite": COL_FINITE,
         "extra": COL_EXTRA,
     }
+    bad = [(k, v) for k, v in fields.items() if not _fits(v)]
+    if bad and error is None:  # reported on every rank, never raised here alone
+        k, v = bad[0]
+        error = ValueError(f"{call.label}: {k}={v!r} does not fit in a 64-bit integer")
+    if error is not None:
+        h[COL_STATUS] = 1
     for k, v in fields.items():
-        h[names[k]] = v
+        h[names[k]] = v if _fits(v) else 0
     table = _exchange_headers(red, h, call, seq)
     # the same words on every rank: the full label only when every rank is in the same call
     label = (

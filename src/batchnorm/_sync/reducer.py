@@ -106,6 +106,16 @@ class MpiReducer:
     def __repr__(self) -> str:
         return f"MpiReducer(rank={self.rank}, size={self.size}, timeout={self.timeout})"
 
+    @staticmethod
+    def check_seconds(value: object, name: str) -> float:
+        """A number of seconds > 0 and finite (``name`` in the error)."""
+        if value is None:
+            raise TypeError(f"{name} must be a number of seconds > 0; got None")
+        try:
+            return check_timeout(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(str(exc).replace("timeout", name, 1).replace(" or None", "")) from None
+
     @property
     def timeout(self) -> float | None:
         """Seconds a waiting rank waits for missing ranks before aborting the job (None:
