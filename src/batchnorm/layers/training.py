@@ -136,8 +136,9 @@ class BatchStatsLayer(NormLayer):
 
     @property
     def sync_position(self) -> int:
-        """The layer's position among the synchronized layers of its process (set by
-        ``comm=`` in construction order, or by :func:`batchnorm.distributed.convert_sync`)."""
+        """The layer's position among the synchronized layers of its process: drawn the
+        first time it gets a distributed reducer (``comm=``, ``reducer=`` or an assignment),
+        kept afterwards; :func:`batchnorm.distributed.convert_sync` sets model order."""
         return self._sync.tag
 
     @sync_position.setter
