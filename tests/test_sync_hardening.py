@@ -414,3 +414,26 @@ def test_a_header_field_beyond_int64_is_refused_through_the_agreement():
     with pytest.raises(distributed.DistributedError, match="does not fit in a 64-bit integer"):
         distributed.local_weight(2**63, MPI.COMM_WORLD)  # was a raw OverflowError, alone
     assert distributed.local_weight(2**62, MPI.COMM_WORLD) == 1.0
+
+
+# --------------------------------------------------------------------------- state files
+@pytest.mark.parametrize("cls", [bn.BatchNorm, bn.BatchRenorm])
+def test_a_layer_never_counts_past_what_its_checkpoint_can_hold(rng, tmp_path, cls):
+    """num_batches_tracked = 2**63 - 1 then one more batch gave 2**63: saved (as uint64)
+    into a file that load refused."""
+    x = rng.standard_normal((8, 3))
+    layer = cls(3)
+    state = layer.state_dict()
+    state["num_batches_tracked"] = 2**63 - 1
+    layer.load_state_dict(state)
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="would reach 2\\*\\*63"):
+        layer.forward(x)
+    after = layer.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    layer.save(tmp_path / "full.npz")
+    assert cls(3).load(tmp_path / "full.npz").num_batches_tracked == 2**63 - 1
+    state["num_batches_tracked"] = 2**63 - 2  # negative control: one more batch fits
+    layer.load_state_dict(state)
+    layer.forward(x)
+    assert layer.num_batches_tracked == 2**63 - 1
