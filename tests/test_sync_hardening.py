@@ -437,3 +437,16 @@ def test_a_layer_never_counts_past_what_its_checkpoint_can_hold(rng, tmp_path, c
     layer.load_state_dict(state)
     layer.forward(x)
     assert layer.num_batches_tracked == 2**63 - 1
+
+
+def test_a_refused_constructor_draws_no_position():
+    """A bad timeout beside comm= was checked after the layer had been numbered: a rank
+    whose constructor failed (and was retried) numbered its later layers differently."""
+    MPI = pytest.importorskip("mpi4py.MPI")
+    first = bn.BatchNorm(3, reducer=Recording()).sync_position
+    for bad in (-1, "5"):
+        with pytest.raises((TypeError, ValueError)):
+            bn.BatchNorm(3, comm=MPI.COMM_WORLD, timeout=bad)
+    with pytest.raises(TypeError, match="applies to comm="):
+        bn.BatchNorm(3, reducer=Recording(), timeout=5)
+    assert bn.BatchNorm(3, reducer=Recording()).sync_position == first + 1
