@@ -450,3 +450,19 @@ def test_a_refused_constructor_draws_no_position():
     with pytest.raises(TypeError, match="applies to comm="):
         bn.BatchNorm(3, reducer=Recording(), timeout=5)
     assert bn.BatchNorm(3, reducer=Recording()).sync_position == first + 1
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_a_reducers_own_timeout_aborts_a_job_with_a_missing_rank():
+    import time
+
+    start = time.monotonic()
+    res = mpirun(2, str(SCENARIOS / "stall_reducer.py"), timeout=60)
+    elapsed = time.monotonic() - start
+    text = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert elapsed < 25, elapsed  # the missing rank sleeps 30 s
+    assert "rank 1 has not arrived" in text
+    assert "timeout=2 s reached: aborting the job" in text
+    assert "rank 0 was not stopped" not in text
