@@ -29,8 +29,6 @@ HUGE_CASES = [
         [8 * np.float64(np.float32(3.4e38)) ** 2 / 9],
         np.array([[1.0], [1.0], [-2.0]] * 2) / np.sqrt(2.0),
     ),
-    # the variance (1e616) overflows float64: inf is the correctly rounded answer
-    (np.array([[1e308], [-1e308]] * 3), [0.0], [np.inf], None),
 ]
 
 
@@ -49,13 +47,33 @@ def test_huge_finite_data_exact_on_both_backends(case):
 
 
 @pytest.mark.usefixtures("backend")
+def test_a_variance_that_overflows_float64_is_refused_not_zeroed():
+    """Finite data whose variance (1e616) overflows float64: y would be 0 (beta) instead of
+    values of order 1, so the kernels and the layer refuse, naming the features; data with
+    an inf still propagate NaN."""
+    x = np.array([[1e308, 1.0], [-1e308, 2.0]] * 3)
+    with pytest.raises(ValueError, match=r"variance of features \[0\] overflows float64"):
+        bn.batch_norm_train(x, None, None)
+    layer = bn.BatchNorm(2, nonfinite="skip")
+    with pytest.raises(ValueError, match="overflows float64"):
+        layer(x)
+    assert layer.skipped_updates == 0 and layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_var, 1.0)
+    # the same data scaled by an exact power of two are fine
+    y, _ = bn.batch_norm_train(x * 2.0**-600, None, None)
+    np.testing.assert_allclose(y[:, 0], [1.0, -1.0] * 3, rtol=1e-12)
+    y, cache = bn.batch_norm_train(np.array([[np.inf], [1.0], [2.0]]), None, None)
+    assert np.isnan(y).all()  # non-finite data propagate, never refused
+
+
+@pytest.mark.usefixtures("backend")
 def test_huge_float64_layer_agrees():
     """The layer accepts (or refuses) the same batches on both backends."""
     layer = bn.BatchNorm(3)
     y = layer(np.full((6, 3), 1.5e308))
     np.testing.assert_array_equal(y, 0.0)
     np.testing.assert_allclose(layer.last_batch_stats.mean, 1.5e308)
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="overflows float64"):
         bn.BatchNorm(1)(np.array([[1e308], [-1e308]] * 3))
 
 

@@ -16,8 +16,11 @@ from ._inputs import (
     Inputs,
     backward_args,
     check_backward,
+    check_merged,
     check_scale,
+    check_sums,
     check_synchronized,
+    check_variance,
     inputs,
     reducer_of,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "backward_pass",
     "backward_synced",
     "check_backward",
+    "check_merged",
     "check_synchronized",
     "eval_pass",
     "inputs",
@@ -117,6 +121,7 @@ def normalize(
     with _quiet():
         inv = coef.inv_std(var, inp.eps)
         check_scale(inp, inv, g)
+        check_variance(inp, mean, var)
         scale = inv if g is None else inv * g
         m = lay.count if count is None else count
         h = be.overflow(mean, var, m, xw)
@@ -133,6 +138,9 @@ def merged_stats(reducer: Reducer, call: Call, error, inp: Inputs | None):
     if error is None:
         local, error = reducer.attempt(local_stats, inp)
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
+    if error is not None:  # the reducer returned although this participant failed
+        raise error
+    check_merged(reducer, call.label, local, st, inp.lay.fshape)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
 
 
@@ -158,6 +166,7 @@ def train_local(inp: Inputs):
         b0 = be.zeros(lay.fshape) if inp.beta is None else inp.beta
         y, mean, var, inv = be.train(xw, lay.axes, g1, b0, inp.eps, inp.x.dtype, inp.out)
     check_scale(inp, inv, inp.gamma)
+    check_variance(inp, mean, var)
     stats = BatchStats(lay.count, mean, var)
     return y, _cache(inp, xw, mean, var, inv, True, lay.count), stats
 
@@ -234,7 +243,10 @@ def backward_synced(reducer: Reducer, call: Call, error, dy, cache, backend="aut
         var = cache.var if cache.batch_stats else be.zeros(cache.var.shape)
         h = be.overflow(mean, var, cache.count, xw)
         sum_dy, sum_dy_xc = be.grad_sums(xw, dyw, axes, mean, h)
-        sum_dy, sum_dy_xc = (be.from_host(a) for a in reducer.sum(call, [sum_dy, sum_dy_xc]))
+        sums = check_sums(
+            reducer, call.label, [sum_dy, sum_dy_xc], reducer.sum(call, [sum_dy, sum_dy_xc])
+        )
+        sum_dy, sum_dy_xc = (be.from_host(a) for a in sums)
         if cache.batch_stats:
             p, q = coef.backward_coef(sum_dy, sum_dy_xc, inv_std, k, cache.count)
         else:

@@ -20,8 +20,11 @@ __all__ = [
     "backward_args",
     "check_backward",
     "check_dy",
+    "check_merged",
     "check_scale",
+    "check_sums",
     "check_synchronized",
+    "check_variance",
     "inputs",
     "reducer_of",
 ]
@@ -136,6 +139,28 @@ def check_scale(inp: Inputs, inv, gamma) -> None:
         )
 
 
+def check_variance(inp: Inputs, mean, var) -> None:
+    """Refuse float64 NumPy data whose batch variance overflows float64 although the data
+    are finite (a spread beyond ~1.3e154, e.g. 1e308 and -1e308 mixed): the variance is
+    +inf, so ``1/sqrt(var + eps)`` is 0 and the output would be ``beta`` everywhere instead
+    of values of order 1, and the cache could not give a gradient. Non-finite data (a NaN or
+    inf mean) propagate as always. An O(C) check of NumPy float64 inputs (float16/32 data
+    are summed in float64 and cannot overflow it)."""
+    if inp.be.xp is not None or inp.x.dtype != np.float64:
+        return
+    if float(np.add.reduce(var, axis=None)) < np.inf:  # the fast exit (a sum bounds the max)
+        return
+    bad = (var == np.inf) & np.isfinite(mean)
+    if bad.any():
+        at = np.flatnonzero(bad)
+        raise ValueError(
+            f"x with shape {tuple(inp.x.shape)}: the batch variance of features "
+            f"{at[:8].tolist()} overflows float64 (the data are finite but spread over more "
+            "than ~1.3e154, e.g. 1e308 and -1e308 mixed), so the output would be beta "
+            "everywhere; scale x by a power of two (e.g. x * 2.0**-600, exact) first"
+        )
+
+
 def backward_args(dy, cache, out, reducer: Reducer, what: str):
     """Validate the arguments of a backward pass with ``reducer``: ``(dy, out)``."""
     dy, out = check_backward(dy, cache, out)
@@ -161,3 +186,98 @@ def check_synchronized(cache: BatchNormCache, reducer: Reducer, what: str) -> No
         )
     if reducer.distributed and not cache.synchronized:
         raise ValueError(f"{what}: comm=/reducer= given, but the forward was not synchronized")
+
+
+def _reducer_name(reducer: object) -> str:
+    text, name = repr(reducer), type(reducer).__name__
+    return text if text.startswith(name) else f"{name} {text}"
+
+
+def _host_stat(reducer: object, label: str, name: str, value: object, fshape) -> np.ndarray:
+    """A merged per-feature array as NumPy, refused unless real floating of ``fshape``."""
+    from ._xp import to_numpy
+
+    try:
+        a = value if isinstance(value, np.ndarray) else to_numpy(value)
+    except Exception as exc:  # noqa: BLE001 - whatever the reducer returned is not an array
+        raise TypeError(
+            f"{label}: reducer {_reducer_name(reducer)} returned {name} of type "
+            f"{type(value).__name__}, not an array ({type(exc).__name__}: {exc})"
+        ) from None
+    if a.dtype.kind != "f" or tuple(a.shape) != tuple(fshape):
+        raise TypeError(
+            f"{label}: reducer {_reducer_name(reducer)} returned {name} of shape "
+            f"{tuple(a.shape)} and dtype {a.dtype}; expected real floating values of the "
+            f"feature shape {tuple(fshape)}"
+        )
+    return a
+
+
+def check_merged(reducer: object, label: str, local, merged, fshape) -> object:
+    """``merged`` (what ``reducer.merge`` returned for this participant's ``local``
+    statistics) when it is usable: statistics with an integer ``count`` >= the local count,
+    ``mean`` and ``var`` real floating arrays of the feature shape, ``var >= 0``, and finite
+    unless a participant's statistics were not (the local ones, or those the reducer names
+    in ``nonfinite_ranks``), the merged count is 0, or the variance overflowed (+inf with a
+    finite mean). Else a TypeError/ValueError naming the reducer and the values; nothing
+    has changed (the caller has not stored anything yet)."""
+    who = f"{label}: reducer {_reducer_name(reducer)}"
+    if not all(hasattr(merged, k) for k in ("count", "mean", "var")):
+        raise TypeError(
+            f"{who} returned {type(merged).__name__} {str(merged)[:80]!r} from merge(); "
+            "expected statistics with count, mean and var (e.g. SyncBatchStats)"
+        )
+    count = merged.count
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"{who} returned count={count!r}; expected an integer")
+    least = int(local.count) if local is not None else 0
+    if count < least:
+        raise ValueError(f"{who} returned count={count}, fewer than the local {least} values")
+    mean = _host_stat(reducer, label, "mean", merged.mean, fshape)
+    var = _host_stat(reducer, label, "var", merged.var, fshape)
+    with np.errstate(invalid="ignore"):
+        negative = var < 0
+    if negative.any():
+        at = np.flatnonzero(negative)
+        raise ValueError(
+            f"{who} returned a negative variance: features {at[:8].tolist()} have var "
+            f"{var.ravel()[at[:4]].tolist()}"
+        )
+    finite = np.isfinite(mean) & (np.isfinite(var) | (var == np.inf))
+    if count and not finite.all() and not getattr(merged, "nonfinite_ranks", ()):
+        loc = local is None or not (
+            np.all(np.isfinite(to_host(local.mean))) and np.all(np.isfinite(to_host(local.var)))
+        )
+        if not loc:
+            at = np.flatnonzero(~finite)
+            raise ValueError(
+                f"{who} returned non-finite statistics from finite local ones without naming "
+                f"a participant in nonfinite_ranks: features {at[:8].tolist()} have mean "
+                f"{mean.ravel()[at[:4]].tolist()}, var {var.ravel()[at[:4]].tolist()}"
+            )
+    return merged
+
+
+def check_sums(reducer: object, label: str, arrays: list, sums) -> list:
+    """What ``reducer.sum`` returned for ``arrays``: a sequence of as many arrays, each of
+    its array's shape; else a TypeError naming the reducer (values may be non-finite: a
+    non-finite ``dy`` propagates)."""
+    who = f"{label}: reducer {_reducer_name(reducer)}"
+    try:
+        sums = list(sums)
+    except TypeError:
+        raise TypeError(
+            f"{who} returned {type(sums).__name__} from sum(); expected a list of arrays"
+        ) from None
+    if len(sums) != len(arrays):
+        raise TypeError(f"{who} returned {len(sums)} sums for {len(arrays)} arrays")
+    for i, (a, s) in enumerate(zip(arrays, sums, strict=True)):
+        _host_stat(reducer, label, f"sum {i}", s, tuple(a.shape))
+    return sums
+
+
+def to_host(a) -> np.ndarray:
+    """A per-feature array as NumPy (validation)."""
+    from ._xp import to_numpy
+
+    return np.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else to_numpy(a)

@@ -254,6 +254,10 @@ def update_running(
     )
 
 
+#: One more than the largest ``num_batches_tracked`` a state dict holds (an int64).
+_MAX_TRACKED = 2**63
+
+
 def update_running_unchecked(
     running: RunningStats,
     batch: BatchStats,
@@ -295,6 +299,12 @@ def update_running_unchecked(
                 )
             var = var * (batch.count / (batch.count - 1))
         t = running.num_batches_tracked + 1
+        if t >= _MAX_TRACKED:  # a state dict (and a checkpoint) holds it as an int64
+            raise ValueError(
+                f"num_batches_tracked={running.num_batches_tracked} cannot count another "
+                "batch: it would reach 2**63, which no state dict or checkpoint can hold; "
+                "running statistics left unchanged"
+            )
         w = new_value_weight(momentum, momentum_weights, t)
         dtype = running.mean.dtype
         if smooth == "var" and dtype in _COMPILED and running.var.dtype == dtype:

@@ -209,7 +209,7 @@ def local_weight(local_count: int, comm: object, *, timeout: float | None = None
     red = _reducer(comm, timeout)
     count, error = attempt(red, check_count, local_count, "local_count", minimum=0)
     table = red.agree(Call("local_weight", KIND_METRICS), error, count=count or 0)
-    total = int(table[:, P.COL_COUNT].sum())
+    total = sum(int(n) for n in table[:, P.COL_COUNT])  # Python ints: no int64 overflow
     if total == 0:
         raise DistributedError("local_weight: no rank holds any sample (raised on every rank)")
     return count / total
@@ -267,13 +267,14 @@ def broadcast_parameters(
     (root, arrays, fields), error = _or_empty(
         attempt(red, _broadcast_arrays, model, root, red.size), (root, [], {})
     )
-    table = red.agree(call, error, **fields)
     flat = (
         np.concatenate([np.ravel(a).astype(np.float64) for a in arrays])
         if arrays
         else (np.zeros(0))
     )
-    red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
+    with P.EXCHANGE_LOCK:  # one exchange: no other thread's in between
+        table = red.agree(call, error, **fields)
+        red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
     pos = 0
     for a in arrays:
         a[...] = flat[pos : pos + a.size].reshape(a.shape)
@@ -326,8 +327,9 @@ class _Facade(types.ModuleType):
     """Assigning ``STALL_WARNING_SECONDS`` on this module sets the protocol's."""
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name == "STALL_WARNING_SECONDS":
-            P.STALL_WARNING_SECONDS = float(value)
+        if name == "STALL_WARNING_SECONDS":  # checked: NaN never warned, -1 at every poll
+            value = MpiReducer.check_seconds(value, name)
+            P.STALL_WARNING_SECONDS = value
         super().__setattr__(name, value)
 
 

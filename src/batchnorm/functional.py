@@ -62,6 +62,7 @@ from ._compose import (
     BatchNormCache,
     backward_args,
     backward_pass,
+    check_merged,
     eval_pass,
     inputs,
     local_moments_of,
@@ -69,7 +70,7 @@ from ._compose import (
     train_pass,
 )
 from .backends import BACKENDS, check_backend, numba_available
-from .core.reduce import KIND_MOMENTS, Call, Reducer, attempt
+from .core.reduce import KIND_MOMENTS, LOCAL, Call, Reducer, attempt
 
 __all__ = [
     "BACKENDS",
@@ -131,7 +132,12 @@ def moments(
     red = reducer_of(comm, reducer, timeout)
     local, error = attempt(red, local_moments_of, x, axis, backend, red)
     inp, st = local if local is not None else (None, None)
+    local = st
     st = red.merge(Call("moments", KIND_MOMENTS), st, error, inp.x.dtype if inp else None)
+    if red is not LOCAL:
+        if error is not None:  # the reducer returned although this participant failed
+            raise error
+        check_merged(red, "moments", local, st, inp.lay.fshape)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var)
 
 

@@ -26,6 +26,7 @@ the communicator, the timeout, the call counter and the traffic counters.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -68,6 +69,12 @@ HEADER_WORDS = 13
 
 _MESSAGE_BYTES = 480
 
+#: Held through each synchronized exchange of this process (header agreement and payload):
+#: threads take turns, so the exchanges of one thread never interleave with another's on
+#: the same communicator (MPI matches collectives by order); ranks whose threads take
+#: turns in different orders are refused on every rank (different layers, out of step).
+EXCHANGE_LOCK = threading.RLock()
+
 #: Bytes this process has sent and received through every MPI reducer (headers and
 #: payloads), and the number of synchronized calls: a process-wide total for reports; each
 #: reducer also counts its own (``MpiReducer.traffic``).
@@ -77,6 +84,25 @@ TOTAL_TRAFFIC = {"sent": 0, "received": 0, "calls": 0}
 def text_hash(text: str) -> int:
     """A non-negative 31-bit hash of ``text`` (CRC-32), the same in every process."""
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+#: Header codes of the data dtypes (the bits of the float dtypes; bfloat16, which NumPy
+#: lacks, its own code).
+DTYPE_CODES = {"float16": 16, "float32": 32, "float64": 64, "bfloat16": 1016}
+
+
+def dtype_code(dtype: object) -> int:
+    """The header word of a data dtype of any library (``torch.bfloat16``, ``float32``,
+    ...): never raises, so a rank with an odd dtype still reaches the agreement that
+    reports it on every rank."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    return DTYPE_CODES.get(name) or text_hash(name) or 1
+
+
+def dtype_name(code: int) -> str:
+    """The dtype a header word names (the words of :func:`dtype_code`)."""
+    names = {v: k for k, v in DTYPE_CODES.items()}
+    return names.get(int(code), f"another dtype (code {int(code)})")
 
 
 def _ranks(rs) -> str:
@@ -213,17 +239,21 @@ def _problems(table: np.ndarray) -> list[str]:
             + ")"
         )
     if len(set(table[:, COL_DTYPE].tolist())) > 1:
-        out.append(
-            "the ranks have different dtypes ("
-            + _group(table, COL_DTYPE, lambda d: f"float{d}")
-            + ")"
-        )
+        out.append("the ranks have different dtypes (" + _group(table, COL_DTYPE, dtype_name) + ")")
     if len(set(table[:, COL_EXTRA].tolist())) > 1:
         out.append(
             "the ranks call with different arguments (e.g. a layer's eps, momentum or "
             "convention differ between ranks)"
         )
     return out
+
+
+def _fits(v: object) -> bool:
+    """Whether a header field fits an int64 word."""
+    try:
+        return -(1 << 63) <= int(v) < (1 << 63)
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
@@ -253,8 +283,14 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
         "finite": COL_FINITE,
         "extra": COL_EXTRA,
     }
+    bad = [(k, v) for k, v in fields.items() if not _fits(v)]
+    if bad and error is None:  # reported on every rank, never raised here alone
+        k, v = bad[0]
+        error = ValueError(f"{call.label}: {k}={v!r} does not fit in a 64-bit integer")
+    if error is not None:
+        h[COL_STATUS] = 1
     for k, v in fields.items():
-        h[names[k]] = v
+        h[names[k]] = v if _fits(v) else 0
     table = _exchange_headers(red, h, call, seq)
     # the same words on every rank: the full label only when every rank is in the same call
     label = (
@@ -271,14 +307,22 @@ def agree(red, call: Call, error: BaseException | None, **fields: int) -> np.nda
             f"rank {r}: " + bytes(texts[r]).rstrip(b"\0").decode("utf-8", "replace") for r in failed
         ]
         msg = (
-            f"{label} failed on {_ranks(failed)} (synchronized call {seq}; raised on "
+            f"{label} failed on {_ranks(failed)} ({_calls(table)}; raised on "
             f"every rank, nothing changed): " + "; ".join(parts)
         )
         raise DistributedError(msg) from error
     problems = _problems(table)
     if problems:
         raise DistributedError(
-            f"{label}: {'; '.join(problems)} (synchronized call {seq}; raised on every "
+            f"{label}: {'; '.join(problems)} ({_calls(table)}; raised on every "
             "rank, nothing changed)"
         )
     return table
+
+
+def _calls(table: np.ndarray) -> str:
+    """The call number for messages, the same words on every rank (the ranks' numbers
+    when they are out of step)."""
+    if len(set(table[:, COL_SEQ].tolist())) == 1:
+        return f"synchronized call {int(table[0, COL_SEQ])}"
+    return f"synchronized calls {table[:, COL_SEQ].tolist()} on ranks 0 to {len(table) - 1}"

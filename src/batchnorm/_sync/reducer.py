@@ -106,6 +106,27 @@ class MpiReducer:
     def __repr__(self) -> str:
         return f"MpiReducer(rank={self.rank}, size={self.size}, timeout={self.timeout})"
 
+    @staticmethod
+    def check_seconds(value: object, name: str) -> float:
+        """A number of seconds > 0 and finite (``name`` in the error)."""
+        if value is None:
+            raise TypeError(f"{name} must be a number of seconds > 0; got None")
+        try:
+            return check_timeout(value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(str(exc).replace("timeout", name, 1).replace(" or None", "")) from None
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a waiting rank waits for missing ranks before aborting the job (None:
+        never); checked when assigned (a bad value found inside a synchronized call would
+        leave this rank's exchange half done)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: object) -> None:
+        self._timeout = check_timeout(value)
+
     def __getstate__(self):
         raise TypeError("an MpiReducer (a live communicator) cannot be copied or pickled")
 
@@ -139,7 +160,15 @@ class MpiReducer:
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
-        return P.agree(self, resolve(call), error, **fields)
+        with P.EXCHANGE_LOCK:
+            return P.agree(self, resolve(call), error, **fields)
+
+    def _exchange(self, call: Call, error, send: np.ndarray, **fields: int) -> tuple:
+        """``(table, recv)``: agree, then every rank's ``send``, as one exchange of this
+        process (threads take turns: their exchanges must not interleave)."""
+        with P.EXCHANGE_LOCK:
+            table = P.agree(self, call, error, **fields)
+            return table, P.allgather(self, send, call, int(table[0, P.COL_SEQ]))
 
     def merge(
         self, call: Call, local: BatchStats | None, error: BaseException | None, dtype: object
@@ -151,30 +180,16 @@ class MpiReducer:
         statistics with count 0.
         """
         call = resolve(call)
-        fields = {}
-        if local is not None:
-            mean, var = _to_host(local.mean), _to_host(local.var)
-            fshape = mean.shape
-            finite = bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
-            fields = {
-                "count": int(local.count),
-                "nfeat": int(mean.size),
-                "fhash": P.text_hash(repr(tuple(fshape))),
-                "dtype": 8 * np.dtype(str(dtype).rsplit(".", 1)[-1]).itemsize,
-                "finite": int(finite),
-            }
-        table = self.agree(call, error, **fields)
+        (send, fshape, fields), error = _payload(error, _merge_payload, local, dtype)
+        table, recv = self._exchange(call, error, send, **fields)
         c = int(table[0, P.COL_NFEAT])
-        send = np.empty(2 * c)
-        send[:c] = np.ravel(mean)
-        send[c:] = np.ravel(var)
-        recv = P.allgather(self, send, call, int(table[0, P.COL_SEQ]))
         counts = tuple(int(n) for n in table[:, P.COL_COUNT])
         parts = [
             BatchStats(n, recv[r, :c].reshape(fshape), recv[r, c:].reshape(fshape))
             for r, n in enumerate(counts)
         ]
-        whole = BatchStats.combine(parts)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is data here
+            whole = BatchStats.combine(parts)
         mean, var = whole.mean, whole.var
         if whole.count == 0:  # no rank holds a value: the statistics of nothing are undefined
             mean, var = np.full(fshape, np.nan), np.full(fshape, np.nan)
@@ -184,21 +199,16 @@ class MpiReducer:
     def sum(self, call: Call, arrays: list, error: BaseException | None = None) -> list:
         """Agree, then per-feature float64 sums over ranks, added in rank order."""
         call = resolve(call)
-        fields = {}
-        flat = np.zeros(0)
-        if error is None:
-            host = [_to_host(a) for a in arrays]
-            flat = np.concatenate([np.ravel(a) for a in host]) if host else np.zeros(0)
-            fields = {"nfeat": int(flat.size), "fhash": P.text_hash(repr([a.shape for a in host]))}
-        table = self.agree(call, error, **fields)
-        recv = P.allgather(self, flat, call, int(table[0, P.COL_SEQ]))
+        (flat, shapes, fields), error = _payload(error, _sum_payload, arrays)
+        table, recv = self._exchange(call, error, flat, **fields)
         total = recv[0].copy()
         for r in range(1, recv.shape[0]):
             total += recv[r]
         out, pos = [], 0
-        for a in host:
-            out.append(total[pos : pos + a.size].reshape(a.shape))
-            pos += a.size
+        for shape in shapes:
+            size = int(np.prod(shape))
+            out.append(total[pos : pos + size].reshape(shape))
+            pos += size
         return out
 
     def gather(
@@ -207,11 +217,8 @@ class MpiReducer:
         """Agree (with ``fields``, e.g. ``count``), then every rank's float64 ``vector``
         (the same length on every rank: put the length in ``nfeat``)."""
         call = resolve(call)
-        if error is None:
-            vector = np.ascontiguousarray(vector, np.float64)
-            fields.setdefault("nfeat", int(vector.size))
-        table = self.agree(call, error, **fields)
-        recv = P.allgather(self, vector, call, int(table[0, P.COL_SEQ]))
+        (vector, _, fields), error = _payload(error, _gather_payload, vector, fields)
+        table, recv = self._exchange(call, error, vector, **fields)
         return [int(n) for n in table[:, P.COL_COUNT]], list(recv)
 
     def bcast(self, call: Call, flat: np.ndarray, root: int, seq: int) -> None:
@@ -223,3 +230,40 @@ class MpiReducer:
                 self.count_traffic(flat.nbytes, 0)
             else:
                 self.count_traffic(0, flat.nbytes)
+
+
+def _payload(error, build, *args) -> tuple:
+    """``(build(*args), error)``: what this rank sends and the header fields it declares;
+    nothing (and the error that stopped it) when it failed, so that it still takes part in
+    the agreement that raises the error on every rank."""
+    if error is None:
+        try:
+            return build(*args), None
+        except Exception as exc:  # noqa: BLE001 - every error must reach every rank
+            error = exc
+    return (np.zeros(0), (), {}), error
+
+
+def _merge_payload(local: BatchStats, dtype: object) -> tuple:
+    mean, var = _to_host(local.mean), _to_host(local.var)
+    finite = bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
+    fields = {
+        "count": int(local.count),
+        "nfeat": int(mean.size),
+        "fhash": P.text_hash(repr(tuple(mean.shape))),
+        "dtype": P.dtype_code(dtype),
+        "finite": int(finite),
+    }
+    return np.concatenate([np.ravel(mean), np.ravel(var)]), mean.shape, fields
+
+
+def _sum_payload(arrays: list) -> tuple:
+    host = [_to_host(a) for a in arrays]
+    flat = np.concatenate([np.ravel(a) for a in host]) if host else np.zeros(0)
+    shapes = [a.shape for a in host]
+    return flat, shapes, {"nfeat": int(flat.size), "fhash": P.text_hash(repr(shapes))}
+
+
+def _gather_payload(vector: object, fields: dict) -> tuple:
+    vector = np.ascontiguousarray(vector, np.float64)
+    return vector, vector.shape, {"nfeat": int(vector.size), **fields}

@@ -215,7 +215,7 @@ class LocalReducer:
         return [int(fields.get("count", 0))], [vector]
 
     def __repr__(self) -> str:
-        return "LocalReducer()"
+        return f"{type(self).__name__}()"
 
 
 def collect(fn: Callable[..., T], /, *args, **kwargs) -> tuple[T | None, BaseException | None]:

@@ -21,9 +21,12 @@ def merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     Works on per-feature arrays of any namespace (and on scalars); counts are numbers.
     """
     n = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+    # half the difference of the means: it cannot overflow (means 1e308 and -1e308), and
+    # since halving and doubling are exact, the results are bit for bit those of the
+    # textbook form delta = mean_b - mean_a (outside the subnormal range)
+    half = mean_b / 2 - mean_a / 2
+    mean = mean_a + half * (2 * n_b / n)
+    m2 = m2_a + m2_b + half * half * (4 * n_a * n_b / n)
     return n, mean, m2
 
 

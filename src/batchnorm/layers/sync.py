@@ -3,6 +3,7 @@ across processes (``reducer=``; ``comm=``/``timeout=`` install an MPI reducer)."
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from typing import Any
 
@@ -13,6 +14,19 @@ __all__ = ["Sync", "args_hash"]
 
 class Sync:
     """One layer's synchronization settings: the reducer, its timeout, the layer's position.
+
+    The position names the layer in its synchronized calls, so ranks that reach different
+    layers are refused instead of merged. A layer is numbered the first time it gets a
+    distributed reducer, by any route (``comm=``, ``reducer=``, assigning ``reducer`` or
+    ``comm``), with the next position of the process
+    (:func:`batchnorm._sync.reducer.next_layer_tag`): ranks running the same program number
+    their layers alike. It keeps that number when it gets another reducer later (so taking
+    a layer out of synchronization on one rank, e.g. in
+    :func:`batchnorm.distributed.unsynchronized`, shifts nobody's numbering), until
+    ``sync_position`` is assigned (:func:`batchnorm.distributed.convert_sync` numbers a
+    model's layers in model order). A new reducer numbers its calls from 1 on every rank,
+    so a rank that installs it at another point of the program than the others is refused
+    as out of step. A copy of a layer is a new layer: it is numbered when synchronized.
 
     Parameters
     ----------
@@ -28,6 +42,12 @@ class Sync:
         self.reducer: Any = LOCAL
         self.timeout: float | None = None
         self.tag = 0
+        self.numbered = False
+        #: The reducer of the last training forward: the backward of a synchronized forward
+        #: sums its gradients over the same participants, whatever reducer is installed now
+        #: (an ``unsynchronized`` block or ``comm = None`` in between once made it local:
+        #: partial sums reported as global, the other ranks left waiting).
+        self.forward_reducer: Any = None
 
     def __getstate__(self) -> dict:
         if self.reducer is not LOCAL:
@@ -35,11 +55,24 @@ class Sync:
                 f"a synchronized {self.owner} (reducer {self.reducer!r}) cannot be copied; copy "
                 "it with comm=None and set comm on the copy"
             )
-        return self.__dict__.copy()
+        return {**self.__dict__, "forward_reducer": None}  # a copy's forward was not its own
+
+    def backward_reducer(self) -> Any:
+        """The reducer the backward of a synchronized forward sums through: the forward's.
+        A layer without it (a copy made after the forward) refuses: a local sum would be a
+        partial one."""
+        if self.forward_reducer is None or not self.forward_reducer.distributed:
+            raise ValueError(
+                f"{self.owner}.backward: the last forward was synchronized, but this layer "
+                "does not hold the reducer it merged through (a copy made after the "
+                "forward?); run the forward again"
+            )
+        return self.forward_reducer
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.reducer = LOCAL
+        self.tag, self.numbered = 0, False  # a new layer: numbered when synchronized
 
     def set_reducer(self, value: object) -> None:
         """Install ``value`` (None: local) after checking it is a usable reducer."""
@@ -48,6 +81,8 @@ class Sync:
         check_reducer(value)
         if value.distributed and not self.synchronizable:
             raise ValueError(f"{self.owner} cannot synchronize its statistics")
+        if value.distributed:
+            self._number()
         self.reducer = value
 
     def set_comm(self, value: object) -> None:
@@ -58,24 +93,63 @@ class Sync:
             return
         if not self.synchronizable:
             raise ValueError(f"{self.owner} cannot synchronize its statistics (comm=)")
-        from .._sync.reducer import MpiReducer, next_layer_tag
+        from .._sync.reducer import MpiReducer
 
         reducer = MpiReducer(value, self.timeout)
-        self.reducer, self.tag = reducer, next_layer_tag()
+        self._number()
+        self.reducer = reducer
+
+    def get_timeout(self) -> float | None:
+        """The timeout that applies: a distributed reducer's own, else the one a later
+        ``comm=`` will use."""
+        if self.reducer.distributed:
+            return getattr(self.reducer, "timeout", None)
+        return self.timeout
 
     def set_timeout(self, value: object) -> None:
-        """Seconds a synchronized call waits for missing ranks (None: never)."""
+        """Seconds a synchronized call waits for missing ranks (None: never); set on a
+        distributed reducer too. Refused, with nothing changed, when the reducer has no
+        timeout or does not let it be set (it would be ignored: a missing rank would hang)."""
         from .._sync.reducer import check_timeout
 
-        self.timeout = check_timeout(value)
-        if hasattr(self.reducer, "timeout") and self.reducer is not LOCAL:
-            self.reducer.timeout = self.timeout
+        value = check_timeout(value)
+        red = self.reducer
+        if red.distributed:
+            if not hasattr(red, "timeout"):
+                raise TypeError(
+                    f"{self.owner}.timeout: the reducer {red!r} has no timeout; set the "
+                    "timeout on the reducer itself (nothing changed)"
+                )
+            old = red.timeout
+            try:
+                red.timeout = value
+            except Exception as exc:  # noqa: BLE001 - any refusal of the reducer's
+                raise TypeError(
+                    f"{self.owner}.timeout = {value!r}: the reducer {red!r} does not let its "
+                    f"timeout be set ({type(exc).__name__}: {exc}); nothing changed"
+                ) from exc
+            kept = getattr(red, "timeout", None)
+            if kept != value:  # a setter that ignored or changed it
+                with contextlib.suppress(Exception):
+                    red.timeout = old
+                raise TypeError(
+                    f"{self.owner}.timeout = {value!r}: the reducer {red!r} kept timeout "
+                    f"{kept!r}; nothing changed"
+                )
+        self.timeout = value
 
     def set_tag(self, value: object) -> None:
         """The layer's position among the synchronized layers of its process."""
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"sync_position must be an integer >= 0; got {value!r}")
-        self.tag = value
+        self.tag, self.numbered = value, True
+
+    def _number(self) -> None:
+        """Give the layer the next position of the process, unless it has one."""
+        if not self.numbered:
+            from .._sync.reducer import next_layer_tag
+
+            self.tag, self.numbered = next_layer_tag(), True
 
 
 def args_hash(config: dict) -> int:

@@ -33,7 +33,7 @@ import numpy as np
 from .. import _xp
 from .._compose import Inputs
 from ..conventions import BatchStats, NonFiniteStatisticsError, RunningStats, check_momentum
-from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call
+from ..core.reduce import KIND_BACKWARD, KIND_TRAIN, LOCAL, Call, check_reducer
 from .args import Argument, Constant, by_value
 from .base import NormLayer
 from .checks import check_nonfinite
@@ -84,12 +84,19 @@ class BatchStatsLayer(NormLayer):
         self._args.add("momentum", momentum)
         self._args.add("nonfinite", nonfinite)
         if reducer is not None:
+            # the checks of the functional calls (reducer_of): a reducer keeps its own timeout
+            check_reducer(reducer)
             if comm is not None:
                 raise TypeError("pass comm= or reducer=, not both")
+            if timeout is not None:
+                raise TypeError(
+                    f"timeout={timeout!r} applies to comm=; a reducer carries its own timeout "
+                    "(e.g. batchnorm.distributed.MpiReducer(comm, timeout))"
+                )
             self._sync.set_reducer(reducer)
         else:  # (set_comm(None) would replace an MPI reducer passed as reducer= by LOCAL)
+            self._sync.set_timeout(timeout)  # checked before the layer is numbered
             self._sync.set_comm(comm)
-        self._sync.set_timeout(timeout)
 
     # ------------------------------------------------------------------ synchronization
     @property
@@ -112,8 +119,10 @@ class BatchStatsLayer(NormLayer):
 
     @property
     def timeout(self) -> float | None:
-        """Seconds a synchronized call waits for missing ranks before aborting (None: never)."""
-        return self._sync.timeout
+        """Seconds a synchronized call waits for missing ranks before aborting (None: never):
+        the distributed reducer's own; assigning it sets the reducer's (refused, with
+        nothing changed, when the reducer does not let it be set)."""
+        return self._sync.get_timeout()
 
     @timeout.setter
     def timeout(self, value: float | None) -> None:
@@ -121,8 +130,9 @@ class BatchStatsLayer(NormLayer):
 
     @property
     def sync_position(self) -> int:
-        """The layer's position among the synchronized layers of its process (set by
-        ``comm=`` in construction order, or by :func:`batchnorm.distributed.convert_sync`)."""
+        """The layer's position among the synchronized layers of its process: drawn the
+        first time it gets a distributed reducer (``comm=``, ``reducer=`` or an assignment),
+        kept afterwards; :func:`batchnorm.distributed.convert_sync` sets model order."""
         return self._sync.tag
 
     @sync_position.setter
@@ -149,13 +159,15 @@ class BatchStatsLayer(NormLayer):
             label = f"{self._label()} training forward"
             return Call(label, KIND_TRAIN, training, update, args_hash(self.config()))
 
-        y, cache, stats = self._sync.reducer.dispatch(
-            self._train_local, self._train_synced, call, None, x
-        )
+        red = self._sync.reducer
+        y, cache, stats = red.dispatch(self._train_local, self._train_synced, call, None, x)
         with self._lock:  # read-smooth-write of the running statistics is atomic
             if update:
                 self._commit_running(self._new_running(stats))
             self._commit_forward(cache, stats)
+            synced = getattr(getattr(cache, "bn", cache), "synchronized", False)
+            if self._state.cache is cache and synced:
+                self._sync.forward_reducer = red  # the backward sums through the same one
         return y
 
     def _train_local(self, x) -> tuple:
@@ -292,7 +304,7 @@ class BatchStatsLayer(NormLayer):
     def _backward(self, dy, cache) -> tuple:
         """``(dx, dgamma, dbeta)``: check ``dy`` once, gradient sums, ``reducer.sum`` (after
         a synchronized forward), input gradient."""
-        red = self._sync.reducer if getattr(cache, "synchronized", False) else LOCAL
+        red = self._sync.backward_reducer() if getattr(cache, "synchronized", False) else LOCAL
         call = lambda: Call(f"{self._label()} backward", KIND_BACKWARD)  # noqa: E731
         return red.dispatch(self._backward_local, self._backward_synced, call, None, dy, cache)
 
