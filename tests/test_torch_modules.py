@@ -504,3 +504,40 @@ def test_without_a_batch_counter_the_running_statistics_update_as_torchs(momentu
     assert ours.num_batches_tracked is None
     if momentum is not None and shape[0]:
         assert not torch.equal(ours.running_var, torch.ones(4))  # it did update
+
+
+@pytest.mark.parametrize("impl", ["torch.nn", "ours"])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 4), (4, 4, 2, 2)],
+    ids=["one-call route", "lean route"],  # (4, 4, 2, 2): 4 values per row, the lean route
+)
+def test_forwards_from_several_threads_lose_no_update(impl, shape):
+    """One module trained from 4 threads at once (50 batches each) counts all 200 batches,
+    as torch.nn does; ours also keeps each update whole, so with a cumulative average
+    (momentum=None) its running mean is the mean of the 200 batch means, whatever the
+    order (float64 buffers). torch.nn's is not: it reads the counter and blends in two
+    steps (seen here off by up to 76% of the value), so only its count is checked."""
+    import threading
+
+    ns = torch.nn if impl == "torch.nn" else bt
+    cls = ns.BatchNorm1d if len(shape) == 2 else ns.BatchNorm2d
+    m = cls(shape[1], momentum=None, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(shape, generator=g, dtype=torch.float64) + i for i in range(200)]
+
+    def work(part):
+        for x in part:
+            m(x)
+
+    threads = [threading.Thread(target=work, args=(batches[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert int(m.num_batches_tracked) == 200
+    if impl == "torch.nn":
+        return
+    dims = [d for d in range(len(shape)) if d != 1]
+    expected = torch.stack([x.mean(dims) for x in batches]).mean(0)
+    torch.testing.assert_close(m.running_mean, expected, rtol=1e-12, atol=1e-12)

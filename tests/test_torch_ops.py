@@ -150,6 +150,47 @@ def test_gradgradcheck_sees_a_wrong_double_backward(monkeypatch):
         torch.autograd.gradgradcheck(lambda x: m(x), (x,))
 
 
+@pytest.mark.parametrize(
+    "shape, fmt, fused",
+    [
+        ((16, 5), None, "eval_rows"),  # (N, C): one serial call
+        ((4, 5, 6, 6), None, "eval_wide"),  # NCHW, 36 values per row: one serial call
+        ((4, 5, 6, 6), torch.channels_last, "eval_rows"),  # NHWC viewed (M, C)
+        ((8, 4, 32, 32), None, None),  # 32768 values: coefficients, then the parallel pass
+    ],
+    ids=["2D", "NCHW", "NHWC", "parallel"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_direct_evaluation_equals_the_operators(shape, fmt, fused, dtype, monkeypatch):
+    """Evaluation without gradients (the one-call route: the fused coefficient-and-pass
+    kernels below the parallel size) gives the operators' bits, with running statistics
+    far from zero; the fused kernel is the one that ran (counted)."""
+    from batchnorm.backends.numba import small
+
+    x = (_x(shape) + 3e3).to(dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    m = bt.BatchNorm2d(shape[1]) if len(shape) == 4 else bt.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        m.running_mean.copy_(torch.linspace(2.9e3, 3.1e3, shape[1]))
+        m.running_var.copy_(torch.linspace(0.5, 4.0, shape[1]))
+        m.weight.copy_(torch.linspace(-2.0, 2.0, shape[1]))
+        m.bias.copy_(torch.linspace(0.25, 1.0, shape[1]))
+    m.eval()
+    calls = []
+    if fused is not None:
+        real = getattr(small, fused)
+        monkeypatch.setattr(small, fused, lambda *a: calls.append(1) or real(*a))
+    out = []
+    for route in (False, True):
+        monkeypatch.setattr(fast, "use_ops", lambda x, r=route: r)
+        with torch.no_grad():
+            out.append(m(x))
+    assert calls == ([1] if fused is not None else [])
+    assert out[0].dtype == dtype and out[0].stride() == x.stride()
+    assert torch.equal(out[0], out[1])
+
+
 @pytest.mark.parametrize("shape", [(16, 5), (4, 5, 3, 3)], ids=["2D", "4D"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

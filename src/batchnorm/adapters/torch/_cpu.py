@@ -283,12 +283,16 @@ def evaluate_direct(xa, lay: Layout, g, b, rm, rv, eps: float) -> torch.Tensor |
     """Evaluation with the running statistics in one coefficient call and one pass
     (``ROWS``/``WIDE`` layouts); every per-feature vector in its own dtype. None when the
     running mean is too large for the plain form (the caller takes the general path)."""
-    c = rm.shape[0]
-    coef = np.empty((4, c), _WORK[lay.compute])
-    if not S.eval_coef(g, b, rm, rv, float(eps), _BIG_LIMIT[lay.compute], coef):
-        return None
+    coef = np.empty((4, rm.shape[0]), _WORK[lay.compute])
     y = torch.empty_like(xa)
-    K.affine_pass(kview(xa, lay), coef, kview(y, lay))
+    xk, yk = kview(xa, lay), kview(y, lay)
+    limit = _BIG_LIMIT[lay.compute]
+    if xk.size < K.SERIAL_MAX:  # coefficients and pass in one serial call
+        run = S.eval_rows if xk.ndim == 2 else S.eval_wide
+        return y if run(xk, g, b, rm, rv, float(eps), limit, coef, yk) else None
+    if not S.eval_coef(g, b, rm, rv, float(eps), limit, coef):
+        return None
+    K.affine_pass(xk, coef, yk)
     return y
 
 

@@ -2,11 +2,17 @@
 rule (momentum the weight of the new value, None a cumulative average, unbiased variance)
 from float64 batch statistics, refusing non-finite ones with nothing changed; and the
 same rule in torch operations for traced calls.
+
+Each update (read the batch counter, blend, write the buffers and the counter) holds
+:data:`UPDATE_LOCK`, so forwards of one module from several threads at once lose no
+update (as torch.nn's own counter, which one in-place add keeps, loses none): the compiled
+blend releases the GIL, and without the lock two threads read the same count.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -16,6 +22,10 @@ from ...conventions import NonFiniteStatisticsError
 from . import _cpu
 
 _COMPILED = (torch.float32, torch.float64)  # buffer dtypes running_update compiles for
+
+#: Held by every eager running update of the torch modules (one update is a pass over
+#: ``C`` values; reentrant, as the fallbacks call each other).
+UPDATE_LOCK = threading.RLock()
 
 
 def host64(t: torch.Tensor) -> np.ndarray:
@@ -37,6 +47,11 @@ def weight(momentum: float | None, nbt) -> tuple[float, int | None]:
 
 def update_views(module, views, mean, var, count: int, shape) -> None:
     """:func:`update_running` on the cached views of the buffers."""
+    with UPDATE_LOCK:
+        _update_views(module, views, mean, var, count, shape)
+
+
+def _update_views(module, views, mean, var, count: int, shape) -> None:
     if not views[5]:
         return update_running(module, mean, var, count, shape)
     m_np, v_np, n_np = views[2], views[3], views[4]
@@ -59,6 +74,11 @@ def update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape)
         When the batch statistics, or the new running statistics in the buffers' dtype, are
         not finite; nothing is changed then.
     """
+    with UPDATE_LOCK:
+        _update_running(module, mean, var, count, shape)
+
+
+def _update_running(module, mean: np.ndarray, var: np.ndarray, count: int, shape) -> None:
     rm, rv, nbt = module.running_mean, module.running_var, module.num_batches_tracked
     if not (rm.device.type == "cpu" and rm.dtype in _cpu.NP_DTYPES and rv.dtype == rm.dtype):
         return _update_tensors(module, mean, var, count, shape)

@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...conventions import RunningStats, update_running
 from . import _bridge as B
+from ._running import UPDATE_LOCK
 from .fast import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormBase"]
@@ -123,17 +124,17 @@ class NormBase(_BatchNorm):
     def update_running(self, stats, *, unbiased: bool = True, smooth: str = "var") -> None:
         """One update of the running statistics from a forward's batch statistics (the
         variants' rule, through :func:`batchnorm.update_running`)."""
-        nbt = int(self.num_batches_tracked)
-        new = update_running(
-            RunningStats(_host(self.running_mean), _host(self.running_var), nbt),
-            stats,
-            momentum=self.momentum,
-            momentum_weights="new",
-            unbiased=unbiased,
-            smooth=smooth,
-            eps=self.eps if smooth == "std" else 0.0,
-        )
-        with torch.no_grad():
+        with UPDATE_LOCK, torch.no_grad():  # (read, blend, write: one update at a time)
+            nbt = int(self.num_batches_tracked)
+            new = update_running(
+                RunningStats(_host(self.running_mean), _host(self.running_var), nbt),
+                stats,
+                momentum=self.momentum,
+                momentum_weights="new",
+                unbiased=unbiased,
+                smooth=smooth,
+                eps=self.eps if smooth == "std" else 0.0,
+            )
             self.running_mean.copy_(B.tensor(new.mean, self.running_mean))
             self.running_var.copy_(B.tensor(new.var, self.running_var))
             self.num_batches_tracked.add_(1)

@@ -133,8 +133,8 @@ def _train_wide(x, g, b, eps, big, rescale, coef, out, mean, var, inv):  # pragm
     n = O * I
     for c in prange(C):
         hs = 1.0
-        a1 = np.zeros(I, np.float64)
-        a2 = np.zeros(I, np.float64)
+        a1 = np.empty(I, np.float64)  # (zeroed below, once per summation)
+        a2 = np.empty(I, np.float64)
         while True:
             sh = np.float64(ld(x[0, c, 0])) * hs
             a1[:] = 0.0

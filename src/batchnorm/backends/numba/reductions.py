@@ -31,13 +31,20 @@ def total(a):  # pragma: no cover - compiled
     one serial chain of dependent additions, since reassociation is off)."""
     n = a.size
     n8 = n - n % 8
-    p = np.zeros(8, np.float64)
+    # eight scalars, not an array: no allocation per call (a call per feature per kernel)
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
     for i in range(0, n8, 8):
-        for j in range(8):
-            p[j] += a[i + j]
+        p0 += a[i]
+        p1 += a[i + 1]
+        p2 += a[i + 2]
+        p3 += a[i + 3]
+        p4 += a[i + 4]
+        p5 += a[i + 5]
+        p6 += a[i + 6]
+        p7 += a[i + 7]
     for i in range(n8, n):
-        p[0] += a[i]
-    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
+        p0 += a[i]
+    return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
 
 
 @njit(cache=True, error_model="numpy")

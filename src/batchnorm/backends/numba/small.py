@@ -7,7 +7,8 @@ NumPy float32/float64 statistics and the torch adapter for its buffers. It is co
 without fast-math: every operation is the IEEE operation NumPy would perform, in the same
 order, so the results are bit for bit those of the NumPy expressions it replaces.
 
-The one-call kernels (:func:`train_rows`, :func:`backward_rows`, :func:`eval_coef`) serve
+The one-call kernels (:func:`train_rows`, :func:`backward_rows`, :func:`eval_coef`,
+:func:`eval_rows`, :func:`eval_wide`) serve
 the torch adapter's per-call route for small inputs (see below).
 """
 
@@ -23,7 +24,7 @@ from .options import SERIAL_OPTS
 from .passes import grad_coef, strip_sums, train_coef
 from .reductions import finish_moments
 
-__all__ = ["backward_rows", "eval_coef", "running_update", "train_rows"]
+__all__ = ["backward_rows", "eval_coef", "eval_rows", "eval_wide", "running_update", "train_rows"]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -187,4 +188,38 @@ def eval_coef(g, b, rm, rv, eps, limit, coef):  # pragma: no cover - compiled
         coef[1, i] = a_h
         coef[2, i] = bias
         coef[3, i] = 1.0
+    return True
+
+
+@njit(**SERIAL_OPTS)
+def eval_rows(x, g, b, rm, rv, eps, limit, coef, out):  # pragma: no cover - compiled
+    """Evaluation of an ``(O, K)`` array in one call: :func:`eval_coef`, then
+    ``out = (x - s) a + b'`` (``h = 1``: the same values as the affine pass with the
+    coefficient rows of :func:`eval_coef`). Returns :func:`eval_coef`'s flag (False:
+    nothing written)."""
+    if not eval_coef(g, b, rm, rv, eps, limit, coef):
+        return False
+    O, K = x.shape
+    s, a, bb = coef[0], coef[1], coef[2]
+    for o in range(O):
+        xr = x[o]
+        yr = out[o]
+        for k in range(K):
+            yr[k] = st((ld(xr[k]) - s[k]) * a[k] + bb[k], out)
+    return True
+
+
+@njit(**SERIAL_OPTS)
+def eval_wide(x, g, b, rm, rv, eps, limit, coef, out):  # pragma: no cover - compiled
+    """:func:`eval_rows` for an ``(N, C, I)`` array (features on axis 1)."""
+    if not eval_coef(g, b, rm, rv, eps, limit, coef):
+        return False
+    N, C, I = x.shape
+    for n in range(N):
+        for c in range(C):
+            sc, ac, bc = coef[0, c], coef[1, c], coef[2, c]
+            xr = x[n, c]
+            yr = out[n, c]
+            for i in range(I):
+                yr[i] = st((ld(xr[i]) - sc) * ac + bc, out)
     return True
