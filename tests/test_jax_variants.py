@@ -248,3 +248,54 @@ def test_pmap_and_shard_map_on_four_devices_match_one_device():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("OK") == 3, out.stdout
+
+
+@pytest.mark.parametrize("unroll", [32, 0])
+def test_ghost_parameter_gradients_sum_the_groups_on_both_paths(rng, monkeypatch, unroll):
+    """dgamma and dbeta of ghost batch norm are the sums over the virtual batches of each
+    one's batch-norm gradients, whether the groups are added one by one (up to
+    ``_kernel._UNROLL`` groups) or by a reduction (``unroll`` 0); negative control: the
+    whole batch's dgamma differs."""
+    from batchnorm.adapters.jax import _kernel
+
+    monkeypatch.setattr(_kernel, "_UNROLL", unroll)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((12, 5)) * 2 + 1)
+        g, b = jnp.asarray(rng.uniform(0.5, 2, 5)), jnp.asarray(rng.standard_normal(5))
+        rm, rv = jnp.zeros(5), jnp.ones(5)
+        w = jnp.asarray(rng.standard_normal(x.shape))
+
+        def loss(fn, x, g, b, sl=slice(None), **kw):
+            return jnp.sum(fn(x, g, b, rm, rv, training=True, **kw)[0] * w[sl])
+
+        got = jax.jit(
+            jax.grad(
+                lambda g, b: loss(bnj.ghost_batch_norm, x, g, b, virtual_batch_size=3),
+                argnums=(0, 1),
+            )  # fmt: skip
+        )(g, b)
+        parts = [slice(i, i + 3) for i in range(0, 12, 3)]
+        each = [jax.grad(lambda g, b, sl=sl: loss(bnj.batch_norm, x[sl], g, b, sl),
+                         argnums=(0, 1))(g, b) for sl in parts]  # fmt: skip
+        for k in range(2):
+            _close(got[k], sum(p[k] for p in each), 1e-12)
+        whole = jax.grad(lambda g: loss(bnj.batch_norm, x, g, b))(g)
+        assert np.max(np.abs(np.asarray(got[0] - whole))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unfused_changes_no_value(dtype):
+    """The backward's sums pass through ``_kernel._unfused`` (a reduce_precision to their
+    own format): every value, subnormal, infinite and NaN included, comes out bit for bit;
+    negative control: one fewer mantissa bit changes values."""
+    from batchnorm.adapters.jax import _kernel
+
+    fi = np.finfo(dtype)
+    special = [0.0, -0.0, fi.tiny, fi.tiny / 7, -fi.smallest_subnormal, fi.max, np.inf, np.nan]
+    with jax.enable_x64(dtype == np.float64):
+        v = np.concatenate([np.random.default_rng(0).standard_normal(1000), special])
+        v = v.astype(dtype)
+        got = np.asarray(jax.jit(_kernel._unfused)(jnp.asarray(v)))
+        assert got.dtype == v.dtype and got.tobytes() == v.tobytes()
+        fewer = jax.lax.reduce_precision(jnp.asarray(v), fi.nexp, fi.nmant - 1)
+        assert np.asarray(fewer).tobytes() != v.tobytes()
