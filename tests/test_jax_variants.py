@@ -151,24 +151,34 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
 
 @pytest.mark.parametrize(
     ("shape", "vbs", "path"),
-    [((16, 6, 5, 3), 4, (4, 60, 2, 3)), ((6, 7, 3), 2, None), ((16, 6, 5, 3), 4, "fused")],
+    [
+        ((16, 6, 5, 3), 4, (4, 60, 2, 3)),
+        ((6, 7, 3), 2, None),
+        ((16, 6, 5, 3), 4, "fused"),
+        ((16, 6, 5, 3), 4, "blocks"),
+    ],
 )
 def test_ghost_middle_axis_sums_match_each_virtual_batch(rng, monkeypatch, shape, vbs, path):
     """Ghost batch norm's plain sums over the middle axes of ``(groups, n, C)``: one
-    variadic reduction for small inputs (``path`` "fused"), partial sums for large ones
-    (``_sums._split``, enabled here at any size; ``path`` its view, None where the count
-    has no divisor in range and one reduction stays). Statistics and output stay each
-    virtual batch's own."""
+    variadic reduction for small inputs (``path`` "fused"), one over blocks of rows
+    (``_sums._blocks``, "blocks"), partial sums for large ones (``_sums._split``, enabled
+    here at any size; ``path`` its view, None where the count has no divisor in range and
+    one reduction stays). Statistics and output stay each virtual batch's own."""
     from batchnorm._validation import layout
     from batchnorm.adapters.jax import _kernel, _sums
 
-    fused = path == "fused"
-    monkeypatch.setattr(_sums, "_SPLIT_MIN", 1 << 62 if fused else 0)
+    fused, blocks = path == "fused", path == "blocks"
+    monkeypatch.setattr(_sums, "_SPLIT_MIN", 1 << 62 if fused or blocks else 0)
     monkeypatch.setattr(_sums, "_FUSED_MAX", 1 << 62 if fused else -1)
+    monkeypatch.setattr(_sums, "_ROWS", 1 << 62 if blocks else 0)  # 0: no blocks
     groups = shape[0] // vbs
     lay = layout((groups, vbs, *shape[1:]), (0, len(shape)))
     split = _sums._split(lay)
-    assert (split and split[0]) == (None if fused else path)
+    if not blocks:
+        assert (split and split[0]) == (None if fused else path)
+        assert _sums._blocks(lay, _sums._BLOCKS_MAX) is None
+    else:
+        assert _sums._blocks(lay, _sums._BLOCKS_MAX)[0] == (groups, 4, 30, 3)
     assert not _sums._middle(layout(shape, -1))  # whole batch: a leading reduced block
     # the sums themselves (wrong sums would only send the layer to its shifted fallback)
     xg = rng.standard_normal(lay.shape).astype(np.float32)
