@@ -8,11 +8,12 @@ trail)``: batch norm's leading axes, ghost batch norm's middle ones) and ``n`` s
 ``jax.lax.reduce`` over the rows of each block, ``(lead, q, n/q, trail)``, followed by the
 adds of the ``q`` partial sums (:func:`_blocks`, :func:`sum_pair`): it reads ``x`` once
 where YNNPACK's two sums read it twice. Measured against the two sums on one pinned core
-(CPU time per call, ratio to ``flax.linen.BatchNorm``, load 3-5): forward 64x256 1.07x ->
-0.85x, 256x1024 1.06x -> 0.87x, 1024x256 1.02x -> 0.84x; larger blocks or one variadic
-reduction of the whole axis were slower (2x at 1024x256 with blocks of 128 rows). The
-backward's sums take at most 8 blocks: XLA adds the partial sums again inside the
-elementwise pass that uses them, and 16 or 32 blocks made the gradient 1.1-2.4x slower.
+(CPU time per call, ratio to ``flax.linen.BatchNorm``, load 3-5): forward 64x256
+1.04-1.07x -> 0.78-0.85x, 256x1024 1.03-1.06x -> 0.85-0.89x, 1024x256 1.02x -> 0.84x;
+larger blocks or one variadic reduction of the whole axis were slower (2x at 1024x256
+with blocks of 128 rows). The backward's sums take at most 8 blocks: XLA adds the
+partial sums again inside the elementwise pass that uses them, and 16 or 32 blocks made
+the gradient 1.1-2.4x slower.
 
 Ghost batch norm's plain sums reduce the middle axis of ``(groups, n, C)`` (the groups
 are a leading feature axis), which XLA CPU's YNNPACK does at about half the speed of a
