@@ -267,3 +267,44 @@ def test_nonfinite_batch_statistics_leave_the_running_statistics(rng):
         assert np.isnan(np.asarray(y)[:, 1]).all() and np.isfinite(np.asarray(y)[:, [0, 2]]).all()
         assert float(m[1]) == 0.25 and float(v[1]) == 2.0  # kept exactly
         assert float(m[0]) != 0.5 and float(v[2]) != 3.0  # the finite features moved
+
+
+@pytest.mark.parametrize(
+    ("shape", "fwd_blocks", "bwd_blocks"),
+    [
+        ((128, 8), 4, 4),
+        ((1024, 8), 32, None),
+        ((32, 3, 4), 4, 4),
+        ((96, 3, 4), 9, None),
+        ((61, 8), None, None),
+    ],
+)
+def test_blocked_sums_give_flax_results_and_gradients(rng, shape, fwd_blocks, bwd_blocks):
+    """The sums over blocks of rows (``_sums._blocks``: up to 32 blocks for the forward,
+    8 for the backward, else two plain sums) give Flax's output and autodiff gradients;
+    the shapes take each path (asserted). Negative control: another scale of ``w``
+    changes the gradient."""
+    from batchnorm._validation import layout
+    from batchnorm.adapters.jax import _sums
+
+    lay = layout(shape, -1)
+    for most, want in ((_sums._BLOCKS_MAX, fwd_blocks), (_sums._PAIR_BLOCKS_MAX, bwd_blocks)):
+        got = _sums._blocks(lay, most)
+        assert (got and got[0][0]) == want
+    with jax.enable_x64(True):
+        x, g, b, rm, rv = _data(rng, shape, -1)
+        w = jnp.asarray(rng.standard_normal(x.shape))
+
+        def ours(x, g, b, s=1.0):
+            return jnp.sum(bnj.batch_norm(x, g, b, rm, rv, training=True)[0] * w * s)
+
+        def ref(x, g, b):
+            kw = {"axis": -1, "momentum": 0.99, "eps": 1e-5}
+            return jnp.sum(flax_reference(x, g, b, rm, rv, training=True, **kw)[0] * w)
+
+        _close(ours(x, g, b), ref(x, g, b), 1e-10)
+        got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(x, g, b)
+        for a, e in zip(got, jax.grad(ref, argnums=(0, 1, 2))(x, g, b), strict=True):
+            _close(a, e, 1e-10)
+        other = jax.grad(ours)(x, g, b, 1.01)
+        assert np.max(np.abs(np.asarray(other - got[0]))) > 1e-6

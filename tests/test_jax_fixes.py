@@ -257,3 +257,25 @@ def test_one_feature_far_from_zero_is_seen_beside_blocks_of_wide_features(n_feat
     x64 = x.astype(np.float64)
     ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
     assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("n_features", [4096, 40000])
+def test_a_square_overflow_among_many_features_takes_the_shifted_path(n_features):
+    """The check sees a NaN margin among thousands of features (XLA CPU's YNNPACK maximum
+    drops NaNs: from 4096 features the batch took the plain sums, whose variance was
+    inf - inf, and the feature came out NaN); here that feature (values near 1e19, whose
+    squares overflow float32) is normalized from the shifted sums. The other features'
+    results are checked too (negative control: the plain sums give NaN there)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, n_features)).astype(np.float32)
+    x[:, 5] = (1e19 + 1e18 * rng.standard_normal(16)).astype(np.float32)
+    ones, zeros = jnp.ones(n_features), jnp.zeros(n_features)
+    y = jax.jit(lambda x: bnj.batch_norm(x, ones, zeros, zeros, ones, training=True)[0])(x)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    assert np.max(np.abs(np.asarray(y, np.float64) - ref)) <= 1e-5
+    from batchnorm._validation import layout
+    from batchnorm.adapters.jax import _kernel
+
+    s1, s2 = _kernel.plain_sums(jnp.asarray(x), layout(x.shape, -1))
+    assert not np.isfinite(np.asarray(s2)[0, 5])  # the plain sums cannot give feature 5

@@ -151,24 +151,34 @@ def test_ghost_batch_norm_normalizes_each_virtual_batch(rng):
 
 @pytest.mark.parametrize(
     ("shape", "vbs", "path"),
-    [((16, 6, 5, 3), 4, (4, 60, 2, 3)), ((6, 7, 3), 2, None), ((16, 6, 5, 3), 4, "fused")],
+    [
+        ((16, 6, 5, 3), 4, (4, 60, 2, 3)),
+        ((6, 7, 3), 2, None),
+        ((16, 6, 5, 3), 4, "fused"),
+        ((16, 6, 5, 3), 4, "blocks"),
+    ],
 )
 def test_ghost_middle_axis_sums_match_each_virtual_batch(rng, monkeypatch, shape, vbs, path):
     """Ghost batch norm's plain sums over the middle axes of ``(groups, n, C)``: one
-    variadic reduction for small inputs (``path`` "fused"), partial sums for large ones
-    (``_sums._split``, enabled here at any size; ``path`` its view, None where the count
-    has no divisor in range and one reduction stays). Statistics and output stay each
-    virtual batch's own."""
+    variadic reduction for small inputs (``path`` "fused"), one over blocks of rows
+    (``_sums._blocks``, "blocks"), partial sums for large ones (``_sums._split``, enabled
+    here at any size; ``path`` its view, None where the count has no divisor in range and
+    one reduction stays). Statistics and output stay each virtual batch's own."""
     from batchnorm._validation import layout
     from batchnorm.adapters.jax import _kernel, _sums
 
-    fused = path == "fused"
-    monkeypatch.setattr(_sums, "_SPLIT_MIN", 1 << 62 if fused else 0)
+    fused, blocks = path == "fused", path == "blocks"
+    monkeypatch.setattr(_sums, "_SPLIT_MIN", 1 << 62 if fused or blocks else 0)
     monkeypatch.setattr(_sums, "_FUSED_MAX", 1 << 62 if fused else -1)
+    monkeypatch.setattr(_sums, "_ROWS", 1 << 62 if blocks else 0)  # 0: no blocks
     groups = shape[0] // vbs
     lay = layout((groups, vbs, *shape[1:]), (0, len(shape)))
     split = _sums._split(lay)
-    assert (split and split[0]) == (None if fused else path)
+    if not blocks:
+        assert (split and split[0]) == (None if fused else path)
+        assert _sums._blocks(lay, _sums._BLOCKS_MAX) is None
+    else:
+        assert _sums._blocks(lay, _sums._BLOCKS_MAX)[0] == (groups, 4, 30, 3)
     assert not _sums._middle(layout(shape, -1))  # whole batch: a leading reduced block
     # the sums themselves (wrong sums would only send the layer to its shifted fallback)
     xg = rng.standard_normal(lay.shape).astype(np.float32)
@@ -248,3 +258,54 @@ def test_pmap_and_shard_map_on_four_devices_match_one_device():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("OK") == 3, out.stdout
+
+
+@pytest.mark.parametrize("unroll", [32, 0])
+def test_ghost_parameter_gradients_sum_the_groups_on_both_paths(rng, monkeypatch, unroll):
+    """dgamma and dbeta of ghost batch norm are the sums over the virtual batches of each
+    one's batch-norm gradients, whether the groups are added one by one (up to
+    ``_kernel._UNROLL`` groups) or by a reduction (``unroll`` 0); negative control: the
+    whole batch's dgamma differs."""
+    from batchnorm.adapters.jax import _kernel
+
+    monkeypatch.setattr(_kernel, "_UNROLL", unroll)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((12, 5)) * 2 + 1)
+        g, b = jnp.asarray(rng.uniform(0.5, 2, 5)), jnp.asarray(rng.standard_normal(5))
+        rm, rv = jnp.zeros(5), jnp.ones(5)
+        w = jnp.asarray(rng.standard_normal(x.shape))
+
+        def loss(fn, x, g, b, sl=slice(None), **kw):
+            return jnp.sum(fn(x, g, b, rm, rv, training=True, **kw)[0] * w[sl])
+
+        got = jax.jit(
+            jax.grad(
+                lambda g, b: loss(bnj.ghost_batch_norm, x, g, b, virtual_batch_size=3),
+                argnums=(0, 1),
+            )  # fmt: skip
+        )(g, b)
+        parts = [slice(i, i + 3) for i in range(0, 12, 3)]
+        each = [jax.grad(lambda g, b, sl=sl: loss(bnj.batch_norm, x[sl], g, b, sl),
+                         argnums=(0, 1))(g, b) for sl in parts]  # fmt: skip
+        for k in range(2):
+            _close(got[k], sum(p[k] for p in each), 1e-12)
+        whole = jax.grad(lambda g: loss(bnj.batch_norm, x, g, b))(g)
+        assert np.max(np.abs(np.asarray(got[0] - whole))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unfused_changes_no_value(dtype):
+    """The backward's sums pass through ``_kernel._unfused`` (a reduce_precision to their
+    own format): every value, subnormal, infinite and NaN included, comes out bit for bit;
+    negative control: one fewer mantissa bit changes values."""
+    from batchnorm.adapters.jax import _kernel
+
+    fi = np.finfo(dtype)
+    special = [0.0, -0.0, fi.tiny, fi.tiny / 7, -fi.smallest_subnormal, fi.max, np.inf, np.nan]
+    with jax.enable_x64(dtype == np.float64):
+        v = np.concatenate([np.random.default_rng(0).standard_normal(1000), special])
+        v = v.astype(dtype)
+        got = np.asarray(jax.jit(_kernel._unfused)(jnp.asarray(v)))
+        assert got.dtype == v.dtype and got.tobytes() == v.tobytes()
+        fewer = jax.lax.reduce_precision(jnp.asarray(v), fi.nexp, fi.nmant - 1)
+        assert np.asarray(fewer).tobytes() != v.tobytes()
