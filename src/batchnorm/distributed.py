@@ -38,7 +38,7 @@ import numpy as np
 
 from ._sync import protocol as P
 from ._sync.protocol import DistributedError
-from ._sync.reducer import MpiReducer
+from ._sync.reducer import LAYER_POSITIONS, MpiReducer
 from ._validation import check_count
 from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats, attempt
 from .walk import modules, norm_layers
@@ -91,11 +91,16 @@ def _partial_gradients(model) -> list[tuple[str, np.ndarray | None]]:
 def convert_sync(model: object, comm: object, *, timeout: float | None = None) -> object:
     """Set ``comm`` (and ``timeout``) on every norm layer of ``model`` that uses batch statistics.
 
+    The layers get a block of fresh positions of the process (``sync_position``) in model
+    order: ranks running the same program name them alike, and no other layer of the
+    process (numbered by ``comm=``, ``reducer=`` or another ``convert_sync``) shares a name
+    with them.
+
     Parameters
     ----------
     model : NormLayer or container with ``.modules`` (e.g. :class:`batchnorm.nn.Sequential`)
     comm : mpi4py communicator or None
-        None makes the layers local again.
+        None makes the layers local again (they keep their positions).
     timeout : float, optional
         Seconds after which a rank waiting for missing ranks aborts the job.
 
@@ -111,9 +116,14 @@ def convert_sync(model: object, comm: object, *, timeout: float | None = None) -
             f"convert_sync: {type(bad[0]).__name__} cannot synchronize its statistics; "
             "nothing was changed"
         )
+    # a block of fresh positions of the process, in model order: the same on every rank
+    # running the same program, and never a position another layer of the process holds
+    # (numbering a model 0..k collided with layers numbered by comm= or reducer=)
+    first = None if reducer is None else LAYER_POSITIONS.reserve(len(layers))
     for i, layer in enumerate(layers):  # one reducer per model: calls numbered together
+        if first is not None:  # made local, a layer keeps its position
+            layer.sync_position = first + i
         layer.reducer = reducer
-        layer.sync_position = i  # the rank-independent name of the layer in its calls
         layer.timeout = None if reducer is None else reducer.timeout
     return model
 
