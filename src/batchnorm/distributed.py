@@ -16,7 +16,10 @@ header protocol of :mod:`batchnorm._sync.protocol`: each rank does its local wor
 agree (any failure or disagreement raises the same :class:`DistributedError` on every rank
 before any state changes), and only then does the O(C) payload move. A rank that never
 arrives is reported on stderr every :data:`STALL_WARNING_SECONDS` (60 s); with ``timeout=T``
-the waiting ranks abort the job after T seconds with that message.
+the waiting ranks abort the job with that message once the call has taken T seconds (a
+deadline for the whole call: headers and payload together). A partner compiling the numba
+kernels on its first call counts against it: compile them first (``batchnorm warmup``) or
+give the first calls a timeout above the compile time.
 
 Only the uppercase (buffer) methods of mpi4py are used, on NumPy arrays: nothing is pickled.
 Only :mod:`batchnorm._sync` imports :mod:`mpi4py`, and only when a communicator is used.
@@ -282,7 +285,7 @@ def broadcast_parameters(
         if arrays
         else (np.zeros(0))
     )
-    with P.EXCHANGE_LOCK:  # one exchange: no other thread's in between
+    with P.exchange():  # one call: no other thread's exchange in between, one deadline
         table = red.agree(call, error, **fields)
         red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
     pos = 0

@@ -139,8 +139,10 @@ class MpiReducer:
     ----------
     comm : mpi4py intracommunicator
     timeout : float, optional
-        Seconds after which a rank waiting for missing ranks aborts the job (None: warn on
-        stderr every :data:`batchnorm.distributed.STALL_WARNING_SECONDS`, never abort).
+        Seconds a synchronized call may take, waiting for missing ranks, before this rank
+        aborts the job: one deadline for the whole call (headers and payload), counted
+        from the moment this rank entered it (None: warn on stderr every
+        :data:`batchnorm.distributed.STALL_WARNING_SECONDS`, never abort).
 
     Attributes
     ----------
@@ -218,13 +220,13 @@ class MpiReducer:
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
-        with P.EXCHANGE_LOCK:
+        with P.exchange():
             return P.agree(self, resolve(call), error, **fields)
 
     def _exchange(self, call: Call, error, send: np.ndarray, **fields: int) -> tuple:
         """``(table, recv)``: agree, then every rank's ``send``, as one exchange of this
         process (threads take turns: their exchanges must not interleave)."""
-        with P.EXCHANGE_LOCK:
+        with P.exchange():
             table = P.agree(self, call, error, **fields)
             return table, P.allgather(self, send, call, int(table[0, P.COL_SEQ]))
 
