@@ -27,3 +27,15 @@ def test_a_call_within_the_deadline_completes():
     res = mpirun(2, str(SCENARIOS / "deadline.py"), "1.0", timeout=60)
     _ok(res)
     assert "rank 0 completed" in res.stdout and "rank 1 completed" in res.stdout
+
+
+@needs_mpi
+@pytest.mark.mpi
+def test_a_partner_compiling_on_its_first_call_is_named_as_the_likely_cause(tmp_path):
+    res = mpirun(2, str(SCENARIOS / "compiling.py"), str(tmp_path), timeout=120)
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, text
+    assert "rank 1 has not arrived" in text
+    assert "synchronized call 1 " in text or "synchronized call 2 " in text
+    assert "still compiling the numba kernels" in text
+    assert "rank 0 was not stopped" not in text
