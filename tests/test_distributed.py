@@ -225,6 +225,7 @@ def test_a_missing_rank_is_reported_and_the_job_aborted():
     assert "rank 2 has not arrived" in text
     assert "synchronized call 3" in text
     assert "timeout=2 s reached: aborting the job" in text
+    assert "compiling" not in text  # call 3: the first-call hint is not given
     assert "still waiting" in text  # the periodic stall report came first
     assert "rank 0 was not stopped" not in text and "rank 1 was not stopped" not in text
 

@@ -67,11 +67,12 @@ def test_a_layer_keeps_its_position_across_reducers_and_unsynchronized(rng):
     model = Sequential(layer, other)
     red = Recording()
     layer.reducer = other.reducer = red
-    layer.sync_position, other.sync_position = 7, 8
+    free = bn.BatchNorm(3, reducer=Recording()).sync_position + 100  # held by no layer
+    layer.sync_position, other.sync_position = free, free + 1
     before = bn.BatchNorm(3, reducer=Recording()).sync_position
     with distributed.unsynchronized(model):
         model.forward(x)
-    assert (layer.sync_position, other.sync_position) == (7, 8)
+    assert (layer.sync_position, other.sync_position) == (free, free + 1)
     assert layer.reducer is red and other.reducer is red
     # the block drew no position: the next layer is numbered right after the one before it
     assert bn.BatchNorm(3, reducer=Recording()).sync_position == before + 1
@@ -119,6 +120,67 @@ def test_assigned_reducers_are_refused_at_different_layers_under_mpi(tmp_path, n
         assert r["running_mean"] == ranks[0]["running_mean"]
     # the out-of-step error reads the same on every rank
     assert len({r["reassigned_on_one_rank"]["message"].split(": ", 1)[1] for r in ranks}) == 1
+
+
+def test_positions_are_one_namespace_for_every_route(rng):
+    """convert_sync numbered a model 0..k, positions comm=/reducer= layers of the same
+    process had drawn: two layers with one name, merged with each other across ranks."""
+    alone = bn.BatchNorm(3, reducer=Recording())
+    model = Sequential(bn.BatchNorm(3), bn.BatchNorm(3), bn.BatchNorm(3))
+    distributed.convert_sync(model, _FakeComm())
+    later = bn.BatchNorm(3, reducer=Recording())
+    positions = [alone.sync_position, *(m.sync_position for m in model.modules)]
+    positions.append(later.sync_position)
+    assert len(set(positions)) == len(positions)
+    block = positions[1:4]
+    assert block == list(range(block[0], block[0] + 3))  # model order, consecutive
+    assert later.sync_position > max(block)
+    distributed.convert_sync(model, None)  # made local: the positions are kept
+    assert [m.sync_position for m in model.modules] == block
+
+
+def test_an_assigned_position_held_by_another_layer_is_refused():
+    alone = bn.BatchNorm(3, reducer=Recording())
+    other = bn.BatchNorm(3, reducer=Recording())
+    pos, red = other.sync_position, other.reducer
+    with pytest.raises(ValueError, match=f"holds position {alone.sync_position}"):
+        other.sync_position = alone.sync_position
+    assert other.sync_position == pos and other.reducer is red  # nothing changed
+    # the control: a free position is taken, and the next draw comes after it
+    free = bn.BatchNorm(3, reducer=Recording()).sync_position + 50
+    other.sync_position = free
+    assert other.sync_position == free
+    assert bn.BatchNorm(3, reducer=Recording()).sync_position > free
+    other.sync_position = free  # its own position again: fine
+    alone.sync_position = pos  # the position other gave up is free again
+    assert alone.sync_position == pos
+
+
+class _FakeComm:
+    """Enough of a one-rank communicator for a reducer that is never called."""
+
+    def Get_rank(self) -> int:  # noqa: N802
+        return 0
+
+    def Get_size(self) -> int:  # noqa: N802
+        return 1
+
+    Iallgather = Isend = None  # noqa: N815
+
+
+@needs_mpi
+@pytest.mark.mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_convert_sync_and_comm_layers_never_share_a_name_under_mpi(tmp_path, n):
+    _ok(mpirun(n, str(SCENARIOS / "positions.py"), str(tmp_path)))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    for r in ranks:
+        assert r["positions"] == ranks[0]["positions"]
+        assert len(set(r["positions"])) == 3
+        assert r["control_counts"] == [6 * n, 6 * n]
+        assert r["crossed"]["error"] == "DistributedError", r["crossed"]
+        assert "different layers" in r["crossed"]["message"]
+        assert r["unchanged"]
 
 
 # --------------------------------------------------------------------------- backward

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _xp
 from ._cache import BatchNormCache, ensure_pytree
 from ._validation import Layout, as_float_array, as_input, check_eps, check_out
 from .backends import check_backend, plan
@@ -144,13 +145,27 @@ def check_variance(inp: Inputs, mean, var) -> None:
     are finite (a spread beyond ~1.3e154, e.g. 1e308 and -1e308 mixed): the variance is
     +inf, so ``1/sqrt(var + eps)`` is 0 and the output would be ``beta`` everywhere instead
     of values of order 1, and the cache could not give a gradient. Non-finite data (a NaN or
-    inf mean) propagate as always. An O(C) check of NumPy float64 inputs (float16/32 data
-    are summed in float64 and cannot overflow it)."""
-    if inp.be.xp is not None or inp.x.dtype != np.float64:
-        return
-    if float(np.add.reduce(var, axis=None)) < np.inf:  # the fast exit (a sum bounds the max)
-        return
-    bad = (var == np.inf) & np.isfinite(mean)
+    inf mean) propagate as always. An O(C) check of float64 inputs (float16/32 data are
+    summed in float64 and cannot overflow it) of NumPy and of every eager array library
+    (torch, CuPy, array-api-strict: one sum of the C variances and a host read); not of
+    JAX, whose passes never branch on data, so a program gives the same results eagerly and
+    under ``jax.jit`` (there the variance is inf and the output ``beta``)."""
+    xp = inp.be.xp
+    if xp is None:
+        if inp.x.dtype != np.float64:
+            return
+        if float(np.add.reduce(var, axis=None)) < np.inf:  # the fast exit (a sum bounds the max)
+            return
+        bad = (var == np.inf) & np.isfinite(mean)
+    else:
+        if _xp.is_jax(xp) or inp.x.dtype != xp.float64:
+            return
+        if float(xp.sum(var)) < math.inf:  # the same fast exit: one reduction, one read
+            return
+        found = (var == xp.inf) & xp.isfinite(mean)
+        if not bool(xp.any(found)):
+            return
+        bad = np.asarray(_xp.to_numpy(found))
     if bad.any():
         at = np.flatnonzero(bad)
         raise ValueError(

@@ -16,7 +16,10 @@ header protocol of :mod:`batchnorm._sync.protocol`: each rank does its local wor
 agree (any failure or disagreement raises the same :class:`DistributedError` on every rank
 before any state changes), and only then does the O(C) payload move. A rank that never
 arrives is reported on stderr every :data:`STALL_WARNING_SECONDS` (60 s); with ``timeout=T``
-the waiting ranks abort the job after T seconds with that message.
+the waiting ranks abort the job with that message once the call has taken T seconds (a
+deadline for the whole call: headers and payload together). A partner compiling the numba
+kernels on its first call counts against it: compile them first (``batchnorm warmup``) or
+give the first calls a timeout above the compile time.
 
 Only the uppercase (buffer) methods of mpi4py are used, on NumPy arrays: nothing is pickled.
 Only :mod:`batchnorm._sync` imports :mod:`mpi4py`, and only when a communicator is used.
@@ -38,7 +41,7 @@ import numpy as np
 
 from ._sync import protocol as P
 from ._sync.protocol import DistributedError
-from ._sync.reducer import MpiReducer
+from ._sync.reducer import LAYER_POSITIONS, MpiReducer
 from ._validation import check_count
 from .core.reduce import KIND_BCAST, KIND_GRADS, KIND_METRICS, Call, SyncBatchStats, attempt
 from .walk import modules, norm_layers
@@ -91,11 +94,16 @@ def _partial_gradients(model) -> list[tuple[str, np.ndarray | None]]:
 def convert_sync(model: object, comm: object, *, timeout: float | None = None) -> object:
     """Set ``comm`` (and ``timeout``) on every norm layer of ``model`` that uses batch statistics.
 
+    The layers get a block of fresh positions of the process (``sync_position``) in model
+    order: ranks running the same program name them alike, and no other layer of the
+    process (numbered by ``comm=``, ``reducer=`` or another ``convert_sync``) shares a name
+    with them.
+
     Parameters
     ----------
     model : NormLayer or container with ``.modules`` (e.g. :class:`batchnorm.nn.Sequential`)
     comm : mpi4py communicator or None
-        None makes the layers local again.
+        None makes the layers local again (they keep their positions).
     timeout : float, optional
         Seconds after which a rank waiting for missing ranks aborts the job.
 
@@ -111,9 +119,14 @@ def convert_sync(model: object, comm: object, *, timeout: float | None = None) -
             f"convert_sync: {type(bad[0]).__name__} cannot synchronize its statistics; "
             "nothing was changed"
         )
+    # a block of fresh positions of the process, in model order: the same on every rank
+    # running the same program, and never a position another layer of the process holds
+    # (numbering a model 0..k collided with layers numbered by comm= or reducer=)
+    first = None if reducer is None else LAYER_POSITIONS.reserve(len(layers))
     for i, layer in enumerate(layers):  # one reducer per model: calls numbered together
+        if first is not None:  # made local, a layer keeps its position
+            layer.sync_position = first + i
         layer.reducer = reducer
-        layer.sync_position = i  # the rank-independent name of the layer in its calls
         layer.timeout = None if reducer is None else reducer.timeout
     return model
 
@@ -272,7 +285,7 @@ def broadcast_parameters(
         if arrays
         else (np.zeros(0))
     )
-    with P.EXCHANGE_LOCK:  # one exchange: no other thread's in between
+    with P.exchange():  # one call: no other thread's exchange in between, one deadline
         table = red.agree(call, error, **fields)
         red.bcast(call, flat, root, int(table[0, P.COL_SEQ]))
     pos = 0

@@ -16,7 +16,10 @@ Protocol of one synchronized call (a forward, a backward, a recalibration, a gra
 A rank that never arrives is not a silent hang: every wait polls non-blocking requests, and
 after :data:`STALL_WARNING_SECONDS` (60 s) the waiting ranks print on stderr which ranks are
 missing and at which call, again every 60 s; with a timeout on the reducer they call
-``comm.Abort(1)`` after that many seconds with that message.
+``comm.Abort(1)`` once the call has taken that many seconds (a deadline for the whole call:
+headers, error texts and payload together, from the moment this rank entered it), with that
+message; on a reducer's first calls the message names the likely cause, a rank still
+compiling the numba kernels.
 
 Only the uppercase (buffer) methods of mpi4py are used, on NumPy arrays: nothing is pickled.
 The functions take the reducer (:class:`batchnorm._sync.reducer.MpiReducer`), which holds
@@ -29,7 +32,8 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -123,11 +127,63 @@ def _stall_message(red, call: Call, seq: int, elapsed: float, missing) -> str:
     )
 
 
+class _Clock(threading.local):
+    """The clock of the synchronized call this thread is in: when it began and when the
+    next stall report is due (None outside a call)."""
+
+    start: float | None = None
+    warn_at: float = 0.0
+
+
+_CLOCK = _Clock()
+
+
+@contextmanager
+def exchange() -> Iterator[None]:
+    """One synchronized call of this process (header agreement, error texts, payload):
+    holds :data:`EXCHANGE_LOCK` (threads take turns) and starts the call's clock, so a
+    reducer's timeout is a deadline for the whole call, not for each wait in it (a call
+    once waited up to twice the timeout: the headers, then the payload). Nested calls
+    share the outer clock."""
+    with EXCHANGE_LOCK:
+        outer = _CLOCK.start is not None
+        if not outer:
+            _CLOCK.start = time.monotonic()
+            _CLOCK.warn_at = _CLOCK.start + STALL_WARNING_SECONDS
+        try:
+            yield
+        finally:
+            if not outer:
+                _CLOCK.start = None
+
+
+#: A reducer's calls up to this number are its first forward and backward: a partner may
+#: still be compiling the numba kernels then (seconds without the disk cache).
+FIRST_CALLS = 2
+
+
+def _abort_message(red, call: Call, seq: int, elapsed: float, missing) -> str:
+    msg = _stall_message(red, call, seq, elapsed, missing)
+    msg += f"; timeout={red.timeout:g} s reached: aborting the job"
+    if seq <= FIRST_CALLS:
+        msg += (
+            ". This is among the first synchronized calls of this reducer: the likely cause "
+            "is a rank still compiling the numba kernels (about 5-20 s per kind of call "
+            "without the disk cache). Compile them first (`batchnorm warmup`, or one local "
+            "forward and backward of each layer before synchronizing) or use a timeout "
+            "above the compile time"
+        )
+    return msg
+
+
 def poll(red, pending: dict, call: Call, seq: int, *, know_ranks: bool) -> None:
-    """Wait for non-blocking requests; report stalls, abort after the call's timeout."""
-    start = time.monotonic()
-    warn_at = start + STALL_WARNING_SECONDS
-    timeout = red.timeout
+    """Wait for non-blocking requests; report stalls, abort once the call has taken the
+    reducer's timeout (measured from the start of the call: :func:`exchange`)."""
+    clock = _CLOCK if _CLOCK.start is not None else _Clock()
+    if clock.start is None:  # a wait outside a call: its own clock
+        clock.start = time.monotonic()
+        clock.warn_at = clock.start + STALL_WARNING_SECONDS
+    start, timeout = clock.start, red.timeout
     while True:
         for r in [r for r, req in pending.items() if req.Test()]:
             del pending[r]
@@ -136,18 +192,14 @@ def poll(red, pending: dict, call: Call, seq: int, *, know_ranks: bool) -> None:
         now = time.monotonic()
         elapsed = now - start
         if timeout is not None and elapsed >= timeout:
-            msg = _stall_message(red, call, seq, elapsed, sorted(pending) if know_ranks else None)
-            print(
-                f"{msg}; timeout={timeout:g} s reached: aborting the job",
-                file=sys.stderr,
-                flush=True,
-            )
+            missing = sorted(pending) if know_ranks else None
+            print(_abort_message(red, call, seq, elapsed, missing), file=sys.stderr, flush=True)
             time.sleep(0.5)  # let mpiexec forward the message before the job is torn down
             red.comm.Abort(1)
-        if now >= warn_at:
+        if now >= clock.warn_at:
             msg = _stall_message(red, call, seq, elapsed, sorted(pending) if know_ranks else None)
             print(f"{msg}; still waiting", file=sys.stderr, flush=True)
-            warn_at = now + STALL_WARNING_SECONDS
+            clock.warn_at = now + STALL_WARNING_SECONDS
         # poll for SPIN_SECONDS (a partner running on another core answers within
         # microseconds), then yield the core (the ranks may share cores), then back off: at
         # most 5% of the time waited, at most 5 ms

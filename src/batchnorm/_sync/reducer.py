@@ -14,8 +14,8 @@ the caller moves it back to its device.
 
 from __future__ import annotations
 
-import itertools
 import threading
+import weakref
 
 import numpy as np
 
@@ -23,16 +23,74 @@ from ..core.reduce import Call, SyncBatchStats, collect, resolve
 from ..core.stats import BatchStats
 from . import protocol as P
 
-_LAYER_TAGS = itertools.count()
+
+class _Positions:
+    """The one process-wide namespace of layer positions (``sync_position``), for every
+    route that names a layer: drawn (``comm=``, ``reducer=``, an assigned reducer), a block
+    drawn in model order (:func:`batchnorm.distributed.convert_sync`), or assigned. A
+    position is held by one live layer at a time, so two layers of a process never share
+    a name in synchronized calls (ranks reaching different layers could then be merged
+    with each other: a split brain). Draws never return a position drawn or assigned
+    before; an assigned position moves the next draw past it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 0
+        self._holders: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._held: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def draw(self, holder: object) -> int:
+        """The next position, now held by ``holder``."""
+        with self._lock:
+            value = self._next
+            self._next += 1
+            self._hold(holder, value)
+            return value
+
+    def reserve(self, count: int) -> int:
+        """The first of ``count`` consecutive positions no draw will return (a block for
+        :func:`batchnorm.distributed.convert_sync`, claimed one by one)."""
+        with self._lock:
+            first = self._next
+            self._next += count
+            return first
+
+    def claim(self, holder: object, value: int, owner: str) -> None:
+        """``holder`` holds ``value``; refused, with nothing changed, when another live
+        layer holds it."""
+        with self._lock:
+            other = self._holders.get(value)
+            if other is not None and other is not holder:
+                raise ValueError(
+                    f"sync_position={value}: another {getattr(other, 'owner', 'layer')} of "
+                    f"this process holds position {value} (two layers of one name could be "
+                    f"merged with each other across ranks); {owner} keeps its position. Use "
+                    "an unused position, or batchnorm.distributed.convert_sync to number a "
+                    "model's layers"
+                )
+            self._hold(holder, value)
+            self._next = max(self._next, value + 1)
+
+    def _hold(self, holder: object, value: int) -> None:
+        old = self._held.get(holder)
+        if old is not None and self._holders.get(old) is holder:
+            del self._holders[old]
+        self._holders[value] = holder
+        self._held[holder] = value
 
 
-def next_layer_tag() -> int:
-    """The next position among the layers synchronized with ``comm=`` in this process.
+#: The process-wide positions of the synchronized layers (see :class:`_Positions`).
+LAYER_POSITIONS = _Positions()
+
+
+def next_layer_tag(holder: object) -> int:
+    """The next position among the synchronized layers of this process, held by
+    ``holder`` (a layer's synchronization record).
 
     Ranks run the same program, so they number their layers alike; a rank whose forward
     reaches a different layer than the others is then reported, never merged silently.
     """
-    return next(_LAYER_TAGS)
+    return LAYER_POSITIONS.draw(holder)
 
 
 def check_comm(comm: object) -> object:
@@ -81,8 +139,10 @@ class MpiReducer:
     ----------
     comm : mpi4py intracommunicator
     timeout : float, optional
-        Seconds after which a rank waiting for missing ranks aborts the job (None: warn on
-        stderr every :data:`batchnorm.distributed.STALL_WARNING_SECONDS`, never abort).
+        Seconds a synchronized call may take, waiting for missing ranks, before this rank
+        aborts the job: one deadline for the whole call (headers and payload), counted
+        from the moment this rank entered it (None: warn on stderr every
+        :data:`batchnorm.distributed.STALL_WARNING_SECONDS`, never abort).
 
     Attributes
     ----------
@@ -160,13 +220,13 @@ class MpiReducer:
     def agree(self, call: Call, error: BaseException | None, **fields: int) -> np.ndarray:
         """Exchange headers; raise :class:`DistributedError` on every rank if any failed or
         the ranks disagree. Returns the header table (one row per rank)."""
-        with P.EXCHANGE_LOCK:
+        with P.exchange():
             return P.agree(self, resolve(call), error, **fields)
 
     def _exchange(self, call: Call, error, send: np.ndarray, **fields: int) -> tuple:
         """``(table, recv)``: agree, then every rank's ``send``, as one exchange of this
         process (threads take turns: their exchanges must not interleave)."""
-        with P.EXCHANGE_LOCK:
+        with P.exchange():
             table = P.agree(self, call, error, **fields)
             return table, P.allgather(self, send, call, int(table[0, P.COL_SEQ]))
 

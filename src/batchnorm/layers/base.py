@@ -359,5 +359,15 @@ class NormLayer(Module):
 
     def load(self, path: str | os.PathLike) -> NormLayer:
         """Load state written by :meth:`save` (any version); validated like
-        :meth:`load_state_dict`."""
+        :meth:`load_state_dict`.
+
+        The file's configuration is checked, not restored: every field must pass the
+        constructor's own checks (garbage is refused naming the field), and the fields that
+        decide what the state means or how it evolves (``eps``, ``momentum``,
+        ``convention``, ``unbiased``, ``affine``, ``track_running_stats``, ``nonfinite``,
+        a variant's own arguments) must equal this layer's; ``backend``, ``dtype``,
+        ``axis``, ``reuse_buffers`` and ``schedule`` may differ (the arrays are stored in
+        this layer's dtype). A field an older file lacks counts as the constructor's
+        default. A refused load changes nothing; to take the file's configuration, build
+        the layer with :func:`batchnorm.diagnostics.layer_from_checkpoint`."""
         return state_io.load(self, path)

@@ -237,4 +237,36 @@ def load(layer: Any, path: str | os.PathLike) -> Any:
         )
     if cfg is not None:  # a file whose configuration contradicts its own arrays lies
         checkpoint.layer_config(meta, path, state)
+        check_file_config(layer, cfg, path)
     return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))
+
+
+#: Fields of a file's configuration that may differ from the loading layer's: how and where
+#: it computes (the per-feature state means the same); arrays are stored in the layer's
+#: dtype, checked there. ``num_features`` is checked against the arrays' shapes.
+MAY_DIFFER = ("backend", "reuse_buffers", "schedule", "dtype", "axis", "num_features")
+
+
+def check_file_config(layer: Any, cfg: dict, path: str | os.PathLike) -> None:
+    """Refuse a file whose configuration is not valid (the constructor's own checks, naming
+    the field) or differs from ``layer``'s in a field that decides what the state means or
+    how it evolves (eps, momentum, convention, unbiased, affine, ...): ``load`` restores the
+    state, never the configuration. Fields the file lacks (an older file) count as the
+    constructor's defaults."""
+    name = type(layer).__name__
+    try:
+        mine = build(object, cfg).config()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: the file's configuration is not a valid {name}'s ({exc}); nothing changed"
+        ) from None
+    ours = layer.config()
+    for key in [k for k in {**mine, **ours} if k not in MAY_DIFFER]:
+        if mine.get(key) != ours.get(key):
+            raise ValueError(
+                f"{path}: the file's {key}={mine.get(key)!r} differs from this {name}'s "
+                f"{key}={ours.get(key)!r}; load restores the state, not the configuration "
+                "(nothing changed): build the file's layer with "
+                "batchnorm.diagnostics.layer_from_checkpoint, or load the arrays alone with "
+                "load_state_dict(batchnorm.checkpoint.load_state(path)[0])"
+            )

@@ -24,9 +24,13 @@ class Sync:
     a layer out of synchronization on one rank, e.g. in
     :func:`batchnorm.distributed.unsynchronized`, shifts nobody's numbering), until
     ``sync_position`` is assigned (:func:`batchnorm.distributed.convert_sync` numbers a
-    model's layers in model order). A new reducer numbers its calls from 1 on every rank,
-    so a rank that installs it at another point of the program than the others is refused
-    as out of step. A copy of a layer is a new layer: it is numbered when synchronized.
+    model's layers in model order, with a block of fresh positions). Positions come from
+    one process-wide namespace (:data:`batchnorm._sync.reducer.LAYER_POSITIONS`): a
+    position is held by one live layer at a time, whichever route gave it, so two layers
+    of a process never share a name (an assignment of a held position is refused). A new
+    reducer numbers its calls from 1 on every rank, so a rank that installs it at another
+    point of the program than the others is refused as out of step. A copy of a layer is
+    a new layer: it is numbered when synchronized.
 
     Parameters
     ----------
@@ -139,17 +143,21 @@ class Sync:
         self.timeout = value
 
     def set_tag(self, value: object) -> None:
-        """The layer's position among the synchronized layers of its process."""
+        """The layer's position among the synchronized layers of its process; refused,
+        with nothing changed, when another live layer of the process holds it."""
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"sync_position must be an integer >= 0; got {value!r}")
-        self.tag, self.numbered = value, True
+        from .._sync.reducer import LAYER_POSITIONS
+
+        LAYER_POSITIONS.claim(self, int(value), self.owner)
+        self.tag, self.numbered = int(value), True
 
     def _number(self) -> None:
         """Give the layer the next position of the process, unless it has one."""
         if not self.numbered:
             from .._sync.reducer import next_layer_tag
 
-            self.tag, self.numbered = next_layer_tag(), True
+            self.tag, self.numbered = next_layer_tag(self), True
 
 
 def args_hash(config: dict) -> int:
