@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -133,19 +134,21 @@ def _number(*fns: Callable[[], None]) -> int:
     return max(1, min(200, int(0.002 / max(t, 1e-7))))
 
 
-def compare(ours: torch.nn.Module, theirs: torch.nn.Module, x, repeat: int) -> dict:
-    """``{mode: (ours_s, torch_s)}``: minimum seconds per call over ``repeat`` interleaved
-    repeats."""
+def compare(
+    ours: torch.nn.Module, theirs: torch.nn.Module, x, repeat: int, median: bool = False
+) -> dict:
+    """``{mode: (ours_s, torch_s)}``: minimum (``median``: median) seconds per call over
+    ``repeat`` interleaved repeats."""
     a, b = _steps(ours, x), _steps(theirs, x)
     out = {}
     for mode in ("train", "eval"):
         n = _number(a[mode], b[mode])
-        best = [float("inf"), float("inf")]
+        times: tuple[list, list] = ([], [])
         for r in range(repeat):
             order = ((0, a[mode]), (1, b[mode])) if r % 2 == 0 else ((1, b[mode]), (0, a[mode]))
             for i, fn in order:
-                best[i] = min(best[i], _time(fn, n))
-        out[mode] = tuple(best)
+                times[i].append(_time(fn, n))
+        out[mode] = tuple(statistics.median(t) if median else min(t) for t in times)
     return out
 
 
@@ -172,12 +175,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="only the three small layers")
     p.add_argument("--no-network", action="store_true", help="skip the ResNet-18 rows")
     p.add_argument("--only-network", action="store_true", help="only the ResNet-18 rows")
+    p.add_argument(
+        "--median",
+        action="store_true",
+        help="the median over repeats instead of the minimum (on a loaded machine the "
+        "minimum hides the wait of a parallel launch for a free core)",
+    )
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU, "
-        f"{os.cpu_count()} cores, load average {load:.1f} at the start"
+        f"{os.cpu_count()} cores, load average {load:.1f} at the start, "
+        f"{'median' if args.median else 'minimum'} of repeats"
     )
     print(
         "| input | train ours / torch (ms) | ratio | eval ours / torch (ms) | ratio "
@@ -188,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     network = not (args.no_network or args.quick)
     for name, ours, theirs, x in _cases(args.quick, network, not args.only_network):
         rep = max(3, args.repeat // 12) if "ResNet" in name else args.repeat
-        res = compare(ours, theirs, x, rep)
+        res = compare(ours, theirs, x, rep, args.median)
         row = {"case": name}
         cells = []
         for mode, (a, b) in res.items():

@@ -431,3 +431,49 @@ def test_variant_gradcheck_with_batched_grad(kind, training, monkeypatch):
         return torch.func.functional_call(m, state, (x,))
 
     assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 32, 16, 16), (2, 3, 8, 8), (8, 1, 64, 64)],
+    ids=["parallel", "serial", "one-channel"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_wide_training_backward_equals_the_plan_driver(shape, dtype, monkeypatch):
+    """The backward of a small NCHW input with at least WIDE_INNER values per row (the
+    one-call route: the fused kernel called on the one-call views, serial or parallel by
+    size, serial below two channels) gives, far from zero, the bits of the same step with
+    that call replaced by the general driver ``kernels.backward`` (its plan, its arrays),
+    and the direct call is the one that ran (counted)."""
+    import numpy as np
+
+    from batchnorm.backends.numba import kernels
+
+    real = kernels.backward_wide_direct
+    calls = []
+
+    def via_plan(xk, dyk, mean, inv, k, batch, coef, out, s1, s2):
+        half = (lambda a: a.view(np.float16)) if xk.dtype == np.uint16 else (lambda a: a)
+        ones = np.ones(mean.shape[0])
+        res = kernels.backward(
+            half(xk), half(dyk), (1,), mean, inv, k, ones, batch, None, half(out)
+        )
+        s1[...], s2[...] = res[1], res[2]
+
+    # far from zero (float16: within the plain route's bound on sum(|mean|))
+    x = (_x(shape) + (1e2 if dtype == torch.float16 else 3e3)).to(dtype)
+    dy = _x(shape, seed=5).to(dtype)
+    out = []
+    for direct in (lambda *a: calls.append(1) or real(*a), via_plan):
+        monkeypatch.setattr(kernels, "backward_wide_direct", direct)
+        m = bt.BatchNorm2d(shape[1])
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(-2.0, 2.0, shape[1]))
+        xi = x.detach().clone().requires_grad_()
+        y = m(xi)
+        y.backward(dy)
+        out.append((y, xi.grad, m.weight.grad, m.bias.grad, m.running_mean, m.running_var))
+    assert calls == [1]
+    for a, b in zip(*out, strict=True):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)

@@ -266,14 +266,21 @@ def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_d
             xv, grad_kview(dya, lay), mean, inv, g, bool(batch_stats), coef, out, gw, gb
         )
         return dx
-    xv, dyv = view(xa, lay), view(arrange(dya, lay), lay)
-    if dx is None:
-        s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
-    else:
-        h = feature64(None, c, 1.0)
-        _, s1, s2 = K.backward(
-            xv, dyv, _AXES, mean, inv, inv * g, h, batch_stats, None, view(dx, lay)
-        )
+    s1, s2 = np.empty((2, c))
+    if dx is not None:  # the fused kernel on the one-call views: no plan, no copies
+        coef = np.empty((5, c), _WORK[lay.compute])
+        xk, dyk, dxk = kview(xa, lay), grad_kview(dya, lay), kview(dx, lay)
+        args = (mean, inv, inv * g, bool(batch_stats), coef, dxk, s1, s2)
+        done = K.backward_wide_direct(xk, dyk, *args)
+    if dx is None or not done:
+        xv, dyv = view(xa, lay), view(arrange(dya, lay), lay)
+        if dx is None:
+            s1, s2 = K.grad_sums(xv, dyv, _AXES, mean)
+        else:
+            h = feature64(None, c, 1.0)
+            _, s1, s2 = K.backward(
+                xv, dyv, _AXES, mean, inv, inv * g, h, batch_stats, None, view(dx, lay)
+            )
     gb[...] = s1
     gw[...] = s2 * inv
     return dx

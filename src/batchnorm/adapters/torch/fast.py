@@ -273,7 +273,7 @@ def _views(module, weight, bias, rm, rv, nbt, c: int):
     """NumPy views ``(g, b, running_mean, running_var, num_batches_tracked)`` of the module's
     tensors (ones / zeros for a missing weight / bias; None for missing buffers), cached
     while the module holds the same tensors on the same memory; None when one of them
-    cannot be viewed (bfloat16, another device)."""
+    cannot be viewed (float16, bfloat16, another device)."""
     if rm is None:
         nbt = None
     ts = (weight, bias, rm, rv, nbt)
@@ -306,6 +306,9 @@ def _views(module, weight, bias, rm, rv, nbt, c: int):
 
 
 _NAMES = ("weight", "bias", "running_mean", "running_var")
+# dtypes of parameters and buffers the one-call kernels read in place (numba takes no
+# float16 array: a float16 module, ``.half()``, takes the lean route, which converts)
+_VIEWED = (torch.float32, torch.float64)
 
 
 def _make_views(ts, c: int):
@@ -316,7 +319,7 @@ def _make_views(ts, c: int):
                 f"{t.numel()} (shape {tuple(t.shape)})"
             )
         if t is not None and not (
-            t.device.type == "cpu" and t.dtype in _cpu.NP_DTYPES and t.is_contiguous()
+            t.device.type == "cpu" and t.dtype in _VIEWED and t.is_contiguous()
         ):
             return None
     if ts[4] is not None and not (ts[4].device.type == "cpu" and ts[4].dtype == torch.long):

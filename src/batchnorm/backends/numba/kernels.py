@@ -71,6 +71,7 @@ __all__ = [
     "Plan",
     "affine",
     "backward",
+    "backward_wide_direct",
     "float_to_half",
     "affine_pass",
     "grad_sums",
@@ -318,6 +319,39 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
                 plan.view(xw), plan.view(dyw), *args, plan.width, coef, plan.view(out), s1, s2
             )
     return out, s1, s2
+
+
+def backward_wide_direct(xk, dyk, mean, inv, k, batch_stats, coef, out, s1, s2) -> bool:
+    """The fused backward of an ``(N, C, I)`` view (``I >= WIDE_INNER``, each channel block
+    within :data:`FUSE_BYTES`) with ``h = 1`` into caller-made arrays: the torch adapter's
+    one-call route, without :func:`backward`'s plan and allocations (the same kernel as
+    :func:`backward` picks, so the same bits). ``coef`` (5, C) in the working precision
+    is scratch; ``s1``, ``s2`` (float64) receive ``sum(dy)`` and ``sum(dy * (x - mean))``.
+    Serial below :data:`SERIAL_MAX` elements, parallel over the channels above; returns
+    False, doing nothing, where :func:`backward` would not fuse (fewer channels than
+    threads above :data:`SERIAL_MAX`: it then makes two passes)."""
+    h = _ones(xk.shape[1])
+    if xk.size < SERIAL_MAX:
+        _SER._backward_wide(xk, dyk, mean, inv, k, h, batch_stats, coef, out, s1, s2)
+        return True
+    if xk.shape[1] < threads():
+        return False
+    with guard():
+        _PAR._backward_wide(xk, dyk, mean, inv, k, h, batch_stats, coef, out, s1, s2)
+    return True
+
+
+_ONES: dict = {}
+
+
+def _ones(c: int) -> np.ndarray:
+    """A cached float64 vector of ``c`` ones (read only by the kernels)."""
+    a = _ONES.get(c)
+    if a is None:
+        if len(_ONES) > 256:
+            _ONES.clear()
+        a = _ONES[c] = np.ones(c)
+    return a
 
 
 # name -> dispatcher of every kernel the drivers call (a kernel set holds one of each)
