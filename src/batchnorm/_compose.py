@@ -140,7 +140,7 @@ def merged_stats(reducer: Reducer, call: Call, error, inp: Inputs | None):
     st = reducer.merge(call, local, error, None if inp is None else inp.x.dtype)
     if error is not None:  # the reducer returned although this participant failed
         raise error
-    check_merged(reducer, call.label, local, st, inp.lay.fshape)
+    check_merged(reducer, call.label, local, st, inp.lay.fshape, inp.x.dtype)
     return inp.be.from_host(st.mean), inp.be.from_host(st.var), st
 
 

@@ -228,7 +228,7 @@ def _host_stat(reducer: object, label: str, name: str, value: object, fshape) ->
     return a
 
 
-def check_merged(reducer: object, label: str, local, merged, fshape) -> object:
+def check_merged(reducer: object, label: str, local, merged, fshape, dtype=None) -> object:
     """``merged`` (what ``reducer.merge`` returned for this participant's ``local``
     statistics) when it is usable: statistics with an integer ``count`` >= the local count,
     ``mean`` and ``var`` real floating arrays of the feature shape, ``var >= 0``, and finite
@@ -248,6 +248,8 @@ def check_merged(reducer: object, label: str, local, merged, fshape) -> object:
     least = int(local.count) if local is not None else 0
     if count < least:
         raise ValueError(f"{who} returned count={count}, fewer than the local {least} values")
+    if count >= 2**63:
+        raise ValueError(f"{who} returned count={count}; counts are below 2**63")
     mean = _host_stat(reducer, label, "mean", merged.mean, fshape)
     var = _host_stat(reducer, label, "var", merged.var, fshape)
     with np.errstate(invalid="ignore"):
@@ -258,6 +260,7 @@ def check_merged(reducer: object, label: str, local, merged, fshape) -> object:
             f"{who} returned a negative variance: features {at[:8].tolist()} have var "
             f"{var.ravel()[at[:4]].tolist()}"
         )
+    _check_narrow(who, dtype, mean, var)
     finite = np.isfinite(mean) & (np.isfinite(var) | (var == np.inf))
     if count and not finite.all() and not getattr(merged, "nonfinite_ranks", ()):
         loc = local is None or not (
@@ -271,6 +274,27 @@ def check_merged(reducer: object, label: str, local, merged, fshape) -> object:
                 f"{mean.ravel()[at[:4]].tolist()}, var {var.ravel()[at[:4]].tolist()}"
             )
     return merged
+
+
+def _check_narrow(who: str, dtype, mean: np.ndarray, var: np.ndarray) -> None:
+    """Statistics no float16/32 (or bfloat16) data can have: a finite mean beyond the data
+    dtype's range, or an infinite variance with a finite mean."""
+    try:
+        info = np.finfo(dtype) if dtype is not None else None
+    except (TypeError, ValueError):  # a dtype NumPy does not know (torch's): its item size tells
+        size = getattr(dtype, "itemsize", 8)
+        info = None if size >= 8 else np.finfo(np.float32 if size == 4 else np.float16)
+    if info is None or info.bits >= 64:
+        return
+    limit = float(np.finfo(np.float32).max) if info.bits < 32 else float(info.max)
+    with np.errstate(invalid="ignore"):
+        bad = (np.isfinite(mean) & (np.abs(mean) > limit)) | (np.isfinite(mean) & (var == np.inf))
+    if bad.any():
+        at = np.flatnonzero(bad)
+        raise ValueError(
+            f"{who} returned statistics no {dtype} data can have: features {at[:8].tolist()} "
+            f"have mean {mean.ravel()[at[:4]].tolist()}, var {var.ravel()[at[:4]].tolist()}"
+        )
 
 
 def check_sums(reducer: object, label: str, arrays: list, sums) -> list:

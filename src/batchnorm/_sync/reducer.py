@@ -14,6 +14,7 @@ the caller moves it back to its device.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 
@@ -117,7 +118,10 @@ def check_timeout(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"timeout must be a number of seconds or None; got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float's range
+        v = math.inf
     if not (v > 0 and np.isfinite(v)):
         raise ValueError(f"timeout must be > 0 seconds or None; got {value!r}")
     return v

@@ -7,6 +7,8 @@ import contextlib
 import zlib
 from typing import Any
 
+import numpy as np
+
 from ..core.reduce import LOCAL, check_reducer
 
 __all__ = ["Sync", "args_hash"]
@@ -145,7 +147,9 @@ class Sync:
     def set_tag(self, value: object) -> None:
         """The layer's position among the synchronized layers of its process; refused,
         with nothing changed, when another live layer of the process holds it."""
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"sync_position must be an integer >= 0; got {value!r}")
+        if value < 0:
             raise ValueError(f"sync_position must be an integer >= 0; got {value!r}")
         from .._sync.reducer import LAYER_POSITIONS
 

@@ -36,12 +36,25 @@ def host64(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.float64)
 
 
+def next_count(nbt) -> int:
+    """``num_batches_tracked + 1``, refused (ValueError, nothing changed) where it would
+    reach 2**63, which the int64 buffer cannot hold (torch.nn wraps it to -2**63)."""
+    n_new = int(nbt) + 1
+    if n_new >= 2**63:
+        raise ValueError(
+            f"num_batches_tracked={n_new - 1} cannot count another batch: it would reach "
+            "2**63, which its int64 buffer cannot hold; the running statistics and "
+            "num_batches_tracked are left unchanged"
+        )
+    return n_new
+
+
 def weight(momentum: float | None, nbt) -> tuple[float, int | None]:
     """torch's weight of the new value and the new batch count (None: no counter, as when
     ``num_batches_tracked`` is set to None; a cumulative average then weighs 0)."""
     if nbt is None:
         return (0.0 if momentum is None else momentum), None
-    n_new = int(nbt) + 1
+    n_new = next_count(nbt)
     return (momentum if momentum is not None else 1.0 / n_new), n_new
 
 
@@ -55,7 +68,7 @@ def _update_views(module, views, mean, var, count: int, shape) -> None:
     if not views[5]:
         return update_running(module, mean, var, count, shape)
     m_np, v_np, n_np = views[2], views[3], views[4]
-    n_new = int(n_np) + 1
+    n_new = next_count(n_np)
     w = module.momentum if module.momentum is not None else 1.0 / n_new
     if not running_update(
         m_np, v_np, mean, var, float(1.0 - w), float(w), float(w * count / (count - 1))
