@@ -37,11 +37,14 @@ import numpy as np
 
 from ..._validation import Layout
 from ..._xp import work_dtype
+from ...core.sums import TINY_VAR, in_range, range_scale
 
 __all__ = [
     "WELL",
     "centred",
+    "path_index",
     "plain_sums",
+    "rescaled_sums",
     "sample",
     "shifted_sums",
     "sum_pair",
@@ -78,12 +81,22 @@ def sample(x, lay: Layout, which: int, sdt):
     return jnp.astype(jnp.astype(x[sl], work_dtype(jnp, x.dtype)), sdt)
 
 
-def shifted_sums(x, lay: Layout, sdt):
+def shifted_sums(x, lay: Layout, sdt, per_value: bool = False, checked: bool = True):
     """``(s, delta, m2)`` per feature in the broadcast shape, dtype ``sdt``: a sample
     ``s`` of the batch, ``delta = mean - s`` and ``m2 = sum((x - mean)**2)``, from two
     reductions over ``x`` shifted by two samples ``s`` and ``s2``:
     ``delta = sum(x - s)/n`` and ``m2 = sum((x - s2)**2) - n (mean - s2)**2`` with
-    ``mean - s2 = (s - s2) + delta``.
+    ``mean - s2 = (s - s2) + delta``. ``per_value``: ``m2 / n`` (the variance) in place
+    of ``m2``, which may overflow where the variance does not.
+
+    Range (``checked``): where the differences are formed in float32 (float32 data
+    without x64) or float64 (float64 data), an O(C) check
+    (:func:`batchnorm.core.sums.in_range`) finds a sum that is not finite (a difference
+    or a square overflowed) or, in float32, squares lost to underflow, and a
+    ``jax.lax.cond`` then takes :func:`rescaled_sums`. Half-precision data in float32,
+    and float32 data in float64 (x64), can do neither. (The local kernel checks the
+    plain sums instead, :func:`path_index`: a cond nested in its own made the plain path
+    10% slower at 64x256.)
 
     Parameters
     ----------
@@ -93,6 +106,40 @@ def shifted_sums(x, lay: Layout, sdt):
     sdt : dtype
         The statistics dtype.
     """
+    s, delta, m2 = _shifted(x, lay, sdt)
+    out = (s, delta, m2 / lay.count if per_value else m2)
+    if not checked or not _ranged(x.dtype, sdt):
+        return out
+    ok = _all_instances(in_range(jnp, delta, m2, lay.count, _wt(x.dtype, sdt)))
+    return jax.lax.cond(ok, lambda: out, lambda: rescaled_sums(x, lay, sdt, per_value))
+
+
+def rescaled_sums(x, lay: Layout, sdt, per_value: bool = False):
+    """:func:`shifted_sums` formed on ``x h`` with the per-feature power of two ``h`` of
+    :func:`batchnorm.core.sums.range_scale` (exact; ``max|x h|`` about ``2^40`` in
+    float32): ``s = s_h / h``, ``delta = delta_h / h``, ``m2 = m2_h / h**2`` (infinite
+    only where the variance itself overflows ``sdt``). Three passes over ``x``: the
+    maximum (a NaN counts as infinite, ``h = 1``) and the two sums."""
+    h = range_scale(jnp, x, lay.red, sdt)
+    sh, dh, m2h = _shifted(x * jnp.astype(h, x.dtype), lay, sdt)
+    # times 1/h (exact): XLA turns (v / h) / h into v / (h * h), inf for h = 2^100
+    ih = 1.0 / h
+    return sh * ih, dh * ih, ((m2h / lay.count if per_value else m2h) * ih) * ih
+
+
+def _wt(dtype, sdt):
+    """The dtype the shifted sums form their differences in."""
+    return jnp.dtype(sdt) if jnp.dtype(sdt) == jnp.float64 else work_dtype(jnp, dtype)
+
+
+def _ranged(dtype, sdt) -> bool:
+    """Whether sums of ``dtype`` data formed in :func:`_wt` can overflow or underflow
+    (not half precision in float32, nor float32 in float64)."""
+    return jnp.dtype(dtype).itemsize >= jnp.dtype(_wt(dtype, sdt)).itemsize
+
+
+def _shifted(x, lay: Layout, sdt):
+    """The sums of :func:`shifted_sums` as they come (no range check)."""
     s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
     d2 = centred(x, s2, sdt)
     n = lay.count
@@ -223,20 +270,45 @@ def well_conditioned(s1, s2, n: int):
     """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
     sums, so that they give its statistics to float accuracy; False when any feature
     does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
-    q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
-    return _all_instances(_all_features(q))
+    return _all_instances(_all_features(_margin(s1, s2, n)))
+
+
+def _margin(s1, s2, n: int):
+    return (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+
+
+def path_index(s1, s2, n: int):
+    """The local kernel's path from its plain sums (a 0-d int32 array): 0, the plain
+    sums (:func:`well_conditioned`); 1, the shifted sums; 2, :func:`rescaled_sums`, where
+    a feature's ``sum(x * x)`` is not finite or above ``finfo.max / (2 n + 2)`` (then
+    ``sum((x - s)**2) <= 2 sum(x**2) + 2 n max(x**2)`` could overflow) or, for float32
+    sums, below ``n`` :data:`~batchnorm.core.sums.TINY_VAR` with the feature not all zero
+    (squares lost to underflow: data of scale 1e-19 and below). A NaN takes path 2 (its
+    feature's results are NaN on every path)."""
+    big = float(jnp.finfo(s2.dtype).max) / (2 * n + 2)
+    out = ~(s2 <= big)
+    if s2.dtype == jnp.float32:
+        out = out | ((s2 < TINY_VAR * n) & ((s2 != 0.0) | (s1 != 0.0)))
+    r = jnp.where(out, 2.0, jnp.where(_margin(s1, s2, n) <= 0.0, 0.0, 1.0))
+    return _worst_instance(jnp.astype(_worst(r.astype(s2.dtype)), jnp.int32))
 
 
 def _all_features(q):
-    """``all(q <= 0)`` as one small kernel where ``q`` has at most ``_TREE**3`` values.
-    Each value becomes 0 (``q <= 0``) or 1 (else, NaN included: XLA CPU's YNNPACK
-    maximum drops NaNs, so a NaN margin must not reach it). More than ``_TREE**2`` values
-    are folded to ``_TREE**2`` by elementwise maxima of up to ``_TREE`` rows (fused into
-    the same kernel; a reduction over the rows became a YNNPACK kernel of its own, 4 us
-    for ghost batch norm's 4 x 1024), then a max over blocks of ``_TREE`` (or
-    ``_TREE**k``) values and a sum over at most ``_TREE`` blocks (XLA CPU splits a longer
-    reduction to a scalar into two kernels)."""
-    q = jnp.where(jnp.ravel(q) <= 0.0, 0.0, 1.0).astype(q.dtype)
+    """``all(q <= 0)`` as one small kernel (:func:`_worst` of 0 where ``q <= 0`` and 1
+    else, NaN included: XLA CPU's YNNPACK maximum drops NaNs, so a NaN margin must not
+    reach it)."""
+    return _worst(jnp.where(q <= 0.0, 0.0, 1.0).astype(q.dtype), jnp.sum) <= 0.0
+
+
+def _worst(q, final=jnp.max):
+    """``max(q)`` of values ``q >= 0`` (no NaN), as one small kernel where ``q`` has at
+    most ``_TREE**3`` values. More than ``_TREE**2`` values are folded to ``_TREE**2`` by
+    elementwise maxima of up to ``_TREE`` rows (fused into the same kernel; a reduction
+    over the rows became a YNNPACK kernel of its own, 4 us for ghost batch norm's 4 x
+    1024), then a max over blocks of ``_TREE`` (or ``_TREE**k``) values and ``final``
+    (``jnp.sum``: 0 exactly where the max is) over at most ``_TREE`` blocks (XLA CPU
+    splits a longer reduction to a scalar into two kernels)."""
+    q = jnp.ravel(q)
     block = _TREE * _TREE
     if block < q.size <= block * _TREE:
         rows = -(-q.size // block)
@@ -248,7 +320,7 @@ def _all_features(q):
     rows = -(-q.size // inner)
     q = jnp.pad(q, (0, rows * inner - q.size))
     q = jnp.reshape(q, (rows, *[_TREE] * round(np.log(inner) / np.log(_TREE))))
-    return jnp.sum(jnp.max(q, axis=tuple(range(1, q.ndim)))) <= 0.0
+    return final(jnp.max(q, axis=tuple(range(1, q.ndim))))
 
 
 @jax.custom_batching.custom_vmap
@@ -265,3 +337,15 @@ def _all_instances_vmap(axis_size, in_batched, ok):
 
 
 _TREE = 32
+
+
+@jax.custom_batching.custom_vmap
+def _worst_instance(index):
+    """``index``, and under ``jax.vmap`` the largest over the mapped instances, unbatched
+    (as :func:`_all_instances`: the ``switch`` stays a conditional)."""
+    return index
+
+
+@_worst_instance.def_vmap
+def _worst_instance_vmap(axis_size, in_batched, index):
+    return (jnp.max(index) if in_batched[0] else index), False
