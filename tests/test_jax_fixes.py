@@ -98,12 +98,11 @@ def test_compiled_passes_are_no_more_than_flax(shape):
     pytest.importorskip("flax")
     size = int(np.prod(shape))
     x, scale, bias, w = jax_flax._data(shape)
-    counts, paths = {}, {}
+    counts = {}
     for name, fwd in jax_flax.contenders(shape).items():
         f = jax.jit(fwd).lower(x, scale, bias).compile().as_text()
         g = jax.jit(jax_flax._grad_of(fwd)).lower(x, scale, bias, w).compile().as_text()
         counts[name] = (jax_flax.count_passes(f, size), jax_flax.count_passes(g, size))
-        paths[name] = (_paths(f, size), _paths(g, size))
     flax_fwd, flax_grad = counts["flax.linen"]
     assert flax_fwd["reduction"] >= 1 and flax_fwd["elementwise"] >= 1  # the counter sees
     assert flax_fwd["fallback"] == {k: flax_fwd[k] for k in ("reduction", "elementwise")}
@@ -112,19 +111,9 @@ def test_compiled_passes_are_no_more_than_flax(shape):
         assert fwd["reduction"] <= flax_fwd["reduction"], counts
         assert fwd["elementwise"] <= flax_fwd["elementwise"], counts
         assert _total(grad) <= _total(flax_grad), counts
-        # the shifted sums, taken where a mean is far from zero: two more reductions; the
-        # worst path, the rescaled sums (data near the ends of the range): three more
-        f_paths, g_paths = paths[name]
-        assert {"reduction": fwd["reduction"] + 2, "elementwise": 1} in f_paths, paths
-        assert fwd["fallback"]["reduction"] == fwd["reduction"] + 3, counts
-        assert grad["reduction"] + 2 in [p["reduction"] for p in g_paths], paths
-        assert grad["fallback"]["reduction"] == grad["reduction"] + 3, counts
-
-
-def _paths(hlo: str, size: int) -> list[dict]:
-    """Every path's passes through a compiled module (count_passes keeps the extremes)."""
-    entry = hlo[hlo.index("\nENTRY") :].split("\n", 2)[2]
-    return jax_flax._passes(entry, jax_flax._computations(hlo), size)
+        # the shifted sums, taken where a mean is far from zero: two more reductions
+        assert fwd["fallback"] == {"reduction": fwd["reduction"] + 2, "elementwise": 1}, counts
+        assert grad["fallback"]["reduction"] == grad["reduction"] + 2, counts
 
 
 def _total(p) -> int:

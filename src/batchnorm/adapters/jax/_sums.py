@@ -37,12 +37,12 @@ import numpy as np
 
 from ..._validation import Layout
 from ..._xp import work_dtype
-from ...core.sums import TINY_VAR, in_range, range_scale
+from ...core.sums import RANGE_LIMIT, RANGE_UP, TINY_VAR, in_range, range_scale
 
 __all__ = [
     "WELL",
     "centred",
-    "path_index",
+    "plain_scale",
     "plain_sums",
     "rescaled_sums",
     "sample",
@@ -58,6 +58,14 @@ def centred(x, s, sdt):
     if sdt == jnp.float64:
         xw = jnp.astype(xw, sdt)
     return xw if s is None else xw - jnp.astype(s, xw.dtype)
+
+
+def _centred_h(x, s, sdt, h):
+    """:func:`centred` of ``x h`` (``h`` None: of ``x``)."""
+    if h is None:
+        return centred(x, s, sdt)
+    xw = centred(x, None, sdt)
+    return xw * jnp.astype(h, xw.dtype) - jnp.astype(s, xw.dtype)
 
 
 def sample(x, lay: Layout, which: int, sdt):
@@ -95,8 +103,8 @@ def shifted_sums(x, lay: Layout, sdt, per_value: bool = False, checked: bool = T
     or a square overflowed) or, in float32, squares lost to underflow, and a
     ``jax.lax.cond`` then takes :func:`rescaled_sums`. Half-precision data in float32,
     and float32 data in float64 (x64), can do neither. (The local kernel checks the
-    plain sums instead, :func:`path_index`: a cond nested in its own made the plain path
-    10% slower at 64x256.)
+    plain sums instead, :func:`plain_scale`: a cond nested in its own, or a third branch,
+    made the plain path 6-14% slower at 64x256.)
 
     Parameters
     ----------
@@ -114,14 +122,17 @@ def shifted_sums(x, lay: Layout, sdt, per_value: bool = False, checked: bool = T
     return jax.lax.cond(ok, lambda: out, lambda: rescaled_sums(x, lay, sdt, per_value))
 
 
-def rescaled_sums(x, lay: Layout, sdt, per_value: bool = False):
+def rescaled_sums(x, lay: Layout, sdt, per_value: bool = False, h=None):
     """:func:`shifted_sums` formed on ``x h`` with the per-feature power of two ``h`` of
     :func:`batchnorm.core.sums.range_scale` (exact; ``max|x h|`` about ``2^40`` in
     float32): ``s = s_h / h``, ``delta = delta_h / h``, ``m2 = m2_h / h**2`` (infinite
     only where the variance itself overflows ``sdt``). Three passes over ``x``: the
-    maximum (a NaN counts as infinite, ``h = 1``) and the two sums."""
-    h = range_scale(jnp, x, lay.red, sdt)
-    sh, dh, m2h = _shifted(x * jnp.astype(h, x.dtype), lay, sdt)
+    maximum (a NaN counts as infinite, ``h = 1``) and the two sums; given ``h``
+    (:func:`plain_scale`), the two sums."""
+    if h is None:
+        h = range_scale(jnp, x, lay.red, sdt)
+    h = jnp.astype(h, sdt)
+    sh, dh, m2h = _shifted(x, lay, sdt, h)
     # times 1/h (exact): XLA turns (v / h) / h into v / (h * h), inf for h = 2^100
     ih = 1.0 / h
     return sh * ih, dh * ih, ((m2h / lay.count if per_value else m2h) * ih) * ih
@@ -138,12 +149,22 @@ def _ranged(dtype, sdt) -> bool:
     return jnp.dtype(dtype).itemsize >= jnp.dtype(_wt(dtype, sdt)).itemsize
 
 
-def _shifted(x, lay: Layout, sdt):
-    """The sums of :func:`shifted_sums` as they come (no range check)."""
+def _shifted(x, lay: Layout, sdt, h=None):
+    """The sums of :func:`shifted_sums` as they come (no range check); of ``x h`` for a
+    per-feature power of two ``h``, formed within each reduction (``x h`` written out
+    once for its four readers took a temporary the size of ``x``, and the plain path
+    was slower for it)."""
     s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
-    d2 = centred(x, s2, sdt)
+    h2 = h
+    if h is not None:
+        s, s2 = s * h, s2 * h
+        # the same h through a no-op XLA does not merge: x h shared by both reductions
+        # would be written out in full (as x - s would, see sample)
+        fi = jnp.finfo(h.dtype)
+        h2 = jax.lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    d2 = _centred_h(x, s2, sdt, h2)
     n = lay.count
-    delta = jnp.sum(centred(x, s, sdt), axis=lay.red, keepdims=True, dtype=sdt) / n
+    delta = jnp.sum(_centred_h(x, s, sdt, h), axis=lay.red, keepdims=True, dtype=sdt) / n
     t2 = jnp.sum(d2 * d2, axis=lay.red, keepdims=True, dtype=sdt)
     delta2 = (s - s2) + delta
     return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
@@ -269,28 +290,40 @@ def _split(lay: Layout):
 def well_conditioned(s1, s2, n: int):
     """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
     sums, so that they give its statistics to float accuracy; False when any feature
-    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
-    return _all_instances(_all_features(_margin(s1, s2, n)))
+    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then), or float32
+    squares were lost to underflow (data of scale 1e-19 and below)."""
+    q = _margin(s1, s2, n)
+    if s2.dtype == jnp.float32:  # squares lost to underflow: the shifted sums rescale
+        q = jnp.where(_tiny(s1, s2, n), 1.0, q)
+    return _all_instances(_all_features(q))
 
 
 def _margin(s1, s2, n: int):
     return (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
 
 
-def path_index(s1, s2, n: int):
-    """The local kernel's path from its plain sums (a 0-d int32 array): 0, the plain
-    sums (:func:`well_conditioned`); 1, the shifted sums; 2, :func:`rescaled_sums`, where
-    a feature's ``sum(x * x)`` is not finite or above ``finfo.max / (2 n + 2)`` (then
-    ``sum((x - s)**2) <= 2 sum(x**2) + 2 n max(x**2)`` could overflow) or, for float32
-    sums, below ``n`` :data:`~batchnorm.core.sums.TINY_VAR` with the feature not all zero
-    (squares lost to underflow: data of scale 1e-19 and below). A NaN takes path 2 (its
-    feature's results are NaN on every path)."""
-    big = float(jnp.finfo(s2.dtype).max) / (2 * n + 2)
-    out = ~(s2 <= big)
+def plain_scale(s1, s2, n: int):
+    """Per feature, the power of two ``h`` (``s2``'s dtype) for the shifted sums of
+    ``x h``, from the plain sums in ``x``'s dtype: 1 where ``sum((x - s)**2) <=
+    2 sum(x**2) + 2 n max(x**2) <= (2n + 2) s2`` stays finite and, for float32, the
+    squares were not lost to underflow; else the one that brings ``max|x|`` (at most
+    ``sqrt(s2)``, or ``finfo.max`` where ``s2`` is infinite, or in float32 at least
+    ``2^-63``, below which a square flushes to 0) to about ``2^40`` (``2^400`` for
+    float64), at most :data:`~batchnorm.core.sums.RANGE_UP`. 1 where ``s2`` is NaN."""
+    fi = jnp.finfo(s2.dtype)
+    need = ~(s2 <= float(fi.max) / (2 * n + 2))
+    limit = RANGE_LIMIT[fi.bits // 8]
+    top = jnp.where(s2 < jnp.inf, jnp.sqrt(jnp.abs(s2)), float(fi.max))
     if s2.dtype == jnp.float32:
-        out = out | ((s2 < TINY_VAR * n) & ((s2 != 0.0) | (s1 != 0.0)))
-    r = jnp.where(out, 2.0, jnp.where(_margin(s1, s2, n) <= 0.0, 0.0, 1.0))
-    return _worst_instance(jnp.astype(_worst(r.astype(s2.dtype)), jnp.int32))
+        need = need | _tiny(s1, s2, n)
+        top = jnp.maximum(top, 2.0**-63)
+    h = 2.0 ** (math.log2(limit) - jnp.ceil(jnp.log2(top)))  # exact (XLA's exp2 is not)
+    return jnp.where(need & (s2 == s2), jnp.minimum(h, RANGE_UP), 1.0).astype(s2.dtype)
+
+
+def _tiny(s1, s2, n: int):
+    """Float32 squares lost to underflow: ``s2`` below ``n TINY_VAR``, feature not all 0."""
+    return (s2 < TINY_VAR * n) & ((s2 != 0.0) | (s1 != 0.0))
 
 
 def _all_features(q):
@@ -337,15 +370,3 @@ def _all_instances_vmap(axis_size, in_batched, ok):
 
 
 _TREE = 32
-
-
-@jax.custom_batching.custom_vmap
-def _worst_instance(index):
-    """``index``, and under ``jax.vmap`` the largest over the mapped instances, unbatched
-    (as :func:`_all_instances`: the ``switch`` stays a conditional)."""
-    return index
-
-
-@_worst_instance.def_vmap
-def _worst_instance_vmap(axis_size, in_batched, index):
-    return (jnp.max(index) if in_batched[0] else index), False
