@@ -54,16 +54,17 @@ The batch statistics returned by :func:`train` carry no gradient (their cotangen
 ignored; the public functions stop their gradient).
 
 Range: where the plain sums are in ``x``'s dtype (float32 data without x64, float64 data),
-the shifted branch sums ``x h`` with a per-feature power of two ``h`` from the plain sums
-(:func:`plain_scale`: 1 unless ``sum(x * x)`` is not finite or above ``finfo.max / (2n +
-2)``, where the shifted squares could overflow, or, for float32, below ``n TINY_VAR``:
-squares lost to underflow, data of scale 1e-19 and below, which :func:`well_conditioned`
-sends there). Scaling by a power of two is exact, so ``h = 1`` and any other ``h`` give
-the same results where both are in range. (A third branch, or a ``cond`` nested in the
-shifted one, made the plain path 6-14% slower at 64x256.) So the statistics are exact
-wherever the statistics dtype holds the variance; a variance that overflows it (float32
-data spread over more than about ``1.8e19`` without x64) is infinite and the feature's
-outputs are NaN. NaN and Inf propagate feature by feature.
+the shifted branch forms its squares on ``(x - s') h`` with a per-feature power of two
+``h`` from the plain sums (:func:`plain_scale`: 1 unless ``sum(x * x)`` is not finite or
+above ``finfo.max / (2n + 2)``, where the shifted squares could overflow, or, for
+float32, below ``n TINY_VAR``: squares lost to underflow, data of scale 1e-19 and below,
+which :func:`well_conditioned` sends there). Scaling by a power of two is exact, so every
+``h`` in range gives the same results. (A third branch, or a ``cond`` nested in the
+shifted one, made the plain path 6-14% slower at 64x256; the multiply costs the shifted
+path 3-13%.) So the statistics are exact wherever the statistics dtype holds the
+variance; a variance that overflows it (float32 data spread over more than about
+``1.8e19`` without x64) is infinite and the feature's outputs are NaN. NaN and Inf
+propagate feature by feature.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
     (:func:`well_conditioned`) and else computes the shifted sums (two more reductions
     over ``x``), both in the statistics dtype (float64 for float32 data under x64); for
     half-precision data: the shifted sums. Where the plain sums may leave their range, the
-    shifted sums are of ``x h`` (:func:`plain_scale`).
+    shifted squares are of ``(x - s') h`` (:func:`plain_scale`).
 
     Residuals: ``x``, a sample ``se`` of the batch (:func:`sample`, 3) and
     ``de = mean - se``, ``inv``, renorm's ``r`` and ``d``, and the inputs. Only what the
@@ -216,7 +217,7 @@ def _train_fwd(spec: Spec, x, gamma, beta, mu, sigma, lim):
         # Each branch slices its own shift (an operand of the cond would be materialized)
         # and so does what follows (the same value, fused where it is used). Plain sums in
         # x's dtype may leave its range: a third branch, the rescaled sums (path_index).
-        def ranged():  # the shifted sums of x h, h from the plain sums (plain_scale)
+        def ranged():  # squares of (x - s2) h, h from the plain sums (plain_scale)
             h = plain_scale(s1, s2, lay.count)
             return shifted(partial(rescaled_sums, h=h))
 

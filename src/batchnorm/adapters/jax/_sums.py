@@ -60,14 +60,6 @@ def centred(x, s, sdt):
     return xw if s is None else xw - jnp.astype(s, xw.dtype)
 
 
-def _centred_h(x, s, sdt, h):
-    """:func:`centred` of ``x h`` (``h`` None: of ``x``)."""
-    if h is None:
-        return centred(x, s, sdt)
-    xw = centred(x, None, sdt)
-    return xw * jnp.astype(h, xw.dtype) - jnp.astype(s, xw.dtype)
-
-
 def sample(x, lay: Layout, which: int, sdt):
     """One value of each feature of ``x`` (broadcast shape, dtype ``sdt``): at flat
     position 0, n-1, n/2 or n/4 of the reduced axes for ``which`` 0, 1, 2, 3.
@@ -123,19 +115,20 @@ def shifted_sums(x, lay: Layout, sdt, per_value: bool = False, checked: bool = T
 
 
 def rescaled_sums(x, lay: Layout, sdt, per_value: bool = False, h=None):
-    """:func:`shifted_sums` formed on ``x h`` with the per-feature power of two ``h`` of
-    :func:`batchnorm.core.sums.range_scale` (exact; ``max|x h|`` about ``2^40`` in
-    float32): ``s = s_h / h``, ``delta = delta_h / h``, ``m2 = m2_h / h**2`` (infinite
-    only where the variance itself overflows ``sdt``). Three passes over ``x``: the
-    maximum (a NaN counts as infinite, ``h = 1``) and the two sums; given ``h``
-    (:func:`plain_scale`), the two sums."""
+    """:func:`shifted_sums` with the squares formed on ``(x - s2) h``, ``h`` a per-feature
+    power of two (exact): from :func:`batchnorm.core.sums.range_scale` (``max|x h|``
+    about ``2^40`` in float32; a NaN counts as infinite, ``h = 1``), one more pass over
+    ``x``, or given (:func:`plain_scale`). ``m2 = m2_h / h**2`` is infinite only where the
+    variance itself overflows ``sdt``. The differences ``x - s`` are not scaled: they
+    overflow only where the variance does (a spread beyond ``finfo.max``), and their sum
+    only for ``n`` beyond 1e12."""
     if h is None:
         h = range_scale(jnp, x, lay.red, sdt)
     h = jnp.astype(h, sdt)
-    sh, dh, m2h = _shifted(x, lay, sdt, h)
+    s, delta, m2h = _shifted(x, lay, sdt, h)
     # times 1/h (exact): XLA turns (v / h) / h into v / (h * h), inf for h = 2^100
     ih = 1.0 / h
-    return sh * ih, dh * ih, ((m2h / lay.count if per_value else m2h) * ih) * ih
+    return s, delta, ((m2h / lay.count if per_value else m2h) * ih) * ih
 
 
 def _wt(dtype, sdt):
@@ -150,23 +143,18 @@ def _ranged(dtype, sdt) -> bool:
 
 
 def _shifted(x, lay: Layout, sdt, h=None):
-    """The sums of :func:`shifted_sums` as they come (no range check); of ``x h`` for a
-    per-feature power of two ``h``, formed within each reduction (``x h`` written out
-    once for its four readers took a temporary the size of ``x``, and the plain path
-    was slower for it)."""
+    """The sums of :func:`shifted_sums` as they come (no range check); given a power of
+    two ``h``, ``m2`` of ``x h`` (the squares of ``(x - s2) h``)."""
     s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
-    h2 = h
+    d2 = centred(x, s2, sdt)
     if h is not None:
-        s, s2 = s * h, s2 * h
-        # the same h through a no-op XLA does not merge: x h shared by both reductions
-        # would be written out in full (as x - s would, see sample)
-        fi = jnp.finfo(h.dtype)
-        h2 = jax.lax.reduce_precision(h, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
-    d2 = _centred_h(x, s2, sdt, h2)
+        d2 = d2 * jnp.astype(h, d2.dtype)
     n = lay.count
-    delta = jnp.sum(_centred_h(x, s, sdt, h), axis=lay.red, keepdims=True, dtype=sdt) / n
+    delta = jnp.sum(centred(x, s, sdt), axis=lay.red, keepdims=True, dtype=sdt) / n
     t2 = jnp.sum(d2 * d2, axis=lay.red, keepdims=True, dtype=sdt)
     delta2 = (s - s2) + delta
+    if h is not None:
+        delta2 = delta2 * h
     return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
 
 
@@ -303,9 +291,10 @@ def _margin(s1, s2, n: int):
 
 
 def plain_scale(s1, s2, n: int):
-    """Per feature, the power of two ``h`` (``s2``'s dtype) for the shifted sums of
-    ``x h``, from the plain sums in ``x``'s dtype: 1 where ``sum((x - s)**2) <=
-    2 sum(x**2) + 2 n max(x**2) <= (2n + 2) s2`` stays finite and, for float32, the
+    """Per feature, the power of two ``h`` (``s2``'s dtype) of the shifted squares
+    ``((x - s') h)**2`` (:func:`rescaled_sums`), from the plain sums in ``x``'s dtype: 1
+    where ``sum((x - s)**2) <= 2 sum(x**2) + 2 n max(x**2) <= (2n + 2) s2`` stays finite
+    and, for float32, the
     squares were not lost to underflow; else the one that brings ``max|x|`` (at most
     ``sqrt(s2)``, or ``finfo.max`` where ``s2`` is infinite, or in float32 at least
     ``2^-63``, below which a square flushes to 0) to about ``2^40`` (``2^400`` for
