@@ -273,9 +273,7 @@ def test_eval_scales_data_that_would_overflow_the_working_precision(ns):
     ns.close(y, ref, 1e-6, "y")
 
 
-def _eager_float64_stats(ns):
-    if _xp.is_jax(ns.xp):
-        pytest.skip("JAX takes the traced rule (squares scaled always, no rescaled re-sum)")
+def _float64_stats(ns):
     if ns.sdt != ns.xp.float64:
         pytest.skip("these statistics need float64")
 
@@ -285,7 +283,7 @@ def test_train_rescales_data_whose_differences_overflow(ns):
     """float32 data spanning [-3.4e38, 3.4e38]: x - sample overflows float32, so the sums
     are formed again on data scaled by a power of two (the range rule): exact statistics
     and a finite y (the second feature, far from the range's ends, is unaffected)."""
-    _eager_float64_stats(ns)
+    _float64_stats(ns)
     big = float(np.float32(3.4e38))
     xn = np.array([[big, 1.0], [big, 2.0], [-big, 4.0]] * 2, np.float32)
     y, mean, var, _ = passes.train(ns.xp, ns.arr(xn), 1, None, None, 0.0)
@@ -301,7 +299,7 @@ def test_train_rescales_data_whose_differences_overflow(ns):
 def test_moments_keep_the_variance_of_tiny_float32_data(ns, rng):
     """float32 data of scale 1e-25: their squares underflow float32, so the sums are formed
     again on data scaled up by a power of two (exact)."""
-    _eager_float64_stats(ns)
+    _float64_stats(ns)
     xn = (rng.standard_normal((64, 3)) * 1e-25).astype(np.float32)
     mean, var = passes.moments(ns.xp, ns.arr(xn), (0,), ns.sdt)
     x64 = xn.astype(np.float64)
@@ -314,7 +312,7 @@ def test_a_constant_float32_feature_is_not_rescaled(ns, rng, monkeypatch):
     constant, not underflowed, so the range rule leaves the batch alone (a re-sum per call
     would triple the cost)."""
     if _xp.is_jax(ns.xp):
-        pytest.skip("JAX takes the traced rule")
+        pytest.skip("JAX traces both branches of its lax.cond (range_scale included)")
 
     def boom(*args):
         raise AssertionError("range_scale called")

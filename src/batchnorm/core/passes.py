@@ -35,14 +35,10 @@ exact for data near their mean: Sterbenz) and sums ``d`` and ``d^2``, so ``mean 
   to first order; the returned mean is the float32 rounding of the mean (its error up to
   ``u |mean|`` is inherent to float32 and is kept out of ``y``, see :func:`train`).
 
-Range: the squares are formed in ``wt``; where ``max|x - mean|`` exceeds what their squares
-allow (``2^60`` in float32 work, ``2^500`` in float64) the centred data are scaled by an
-exact power of two first, so the statistics stay finite wherever ``sdt`` can hold them
-(under JAX always, branch-free). For eager libraries one O(C) check of the sums decides
-instead: a sum that is not finite (a difference or a square overflowed) or, in float32
-work, squares lost to underflow send the statistics again over the data scaled by a power
-of two (:func:`batchnorm.core.sums.range_scale`). NaN and Inf propagate, feature by
-feature, and never raise.
+Range: one O(C) check of the sums decides: a sum that is not finite (a difference or a
+square overflowed) or, in float32 work, squares lost to underflow send the statistics
+again over the data scaled by a power of two (:func:`batchnorm.core.sums.range_scale`),
+under JAX by a ``jax.lax.cond``. NaN and Inf propagate, feature by feature, and never raise.
 """
 
 from __future__ import annotations
@@ -57,15 +53,14 @@ from .coef import (
     centred_grad_sum,
     input_grad_coef,
     mean_offset,
-    moments_from_shifted_sums,
     output_coef,
     overflow_limit,
     overflow_scale,
 )
 from .coef import inv_std as _inv_std
-from .ops import rounded
+from .ops import rounded, where
 from .sums import accurate_sum as _sum
-from .sums import shifted_sums
+from .sums import moments_of, shifted_sums
 
 __all__ = [
     "Layout",
@@ -117,7 +112,7 @@ def moments(xp, x, red: tuple[int, ...], sdt):
     broadcast shape (reduced axes of size 1) and the statistics dtype ``sdt``."""
     n = math.prod(x.shape[i] for i in red)
     shift, _, t1, t2, hs = shifted_sums(xp, _work(xp, x), red, sdt, n)
-    return moments_from_shifted_sums(shift, t1, t2, n, hs)
+    return moments_of(shift, t1, t2, n, hs)
 
 
 def centred(xp, xw, mean, h):
@@ -310,7 +305,7 @@ def train(xp, x, axes, gamma=None, beta=None, eps=1e-5, sdt=None):
     sdt = _sdt(xp, x, sdt)
     xw = _work(xp, x)
     shift, d, t1, t2, hs = shifted_sums(xp, xw, lay.red, sdt, lay.count)
-    mean, var = moments_from_shifted_sums(shift, t1, t2, lay.count, hs)
+    mean, var = moments_of(shift, t1, t2, lay.count, hs)
     inv = _inv_std(var, eps)
     g = _per_feature(xp, gamma, sdt, lay.bshape)
     b = _per_feature(xp, beta, sdt, lay.bshape)
@@ -318,7 +313,12 @@ def train(xp, x, axes, gamma=None, beta=None, eps=1e-5, sdt=None):
         y = normalize(xp, x, mean, var, inv, g, b, lay.count, x.dtype)
         return y, *(xp.reshape(v, lay.fshape) for v in (mean, var, inv))
     delta = t1 / lay.count  # mean - shift, exactly as the sums give it
-    a, c = output_coef(delta, inv, 1.0 if g is None else g, _beta(b), 0.0, 1.0)
+    if isinstance(hs, float):
+        a, c = output_coef(delta, inv, 1.0 if g is None else g, _beta(b), 0.0, 1.0)
+    else:  # JAX: d = x hs - shift (hs is 1 unless rescaled); a variance that overflowed
+        # sdt gives NaN outputs, as a non-finite one does (not beta from inv = 0)
+        a, c = output_coef(delta / hs, inv, 1.0 if g is None else g, _beta(b), 0.0, hs)
+        a = where(xp.isfinite(var), a, math.nan)
     y = xp.astype(_affine(xp, d, a, c), x.dtype, copy=False)
     return y, *(xp.reshape(v, lay.fshape) for v in (mean, var, inv))
 

@@ -21,6 +21,7 @@ import math
 import numpy as np
 
 from .._xp import is_jax, is_torch, work_dtype
+from .coef import moments_from_shifted_sums
 from .ops import where
 
 __all__ = [
@@ -28,16 +29,15 @@ __all__ = [
     "SMALL",
     "RANGE_LIMIT",
     "RANGE_UP",
-    "SQUARE_LIMIT",
     "TINY_VAR",
     "accurate_sum",
     "blocked_sum",
     "cut",
+    "in_range",
+    "moments_of",
     "pairwise_sum",
     "range_scale",
     "shifted_sums",
-    "square_scale",
-    "squares",
 ]
 
 #: Values per float32 partial sum before the partial sums are added in float64 (torch).
@@ -199,24 +199,20 @@ def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
     the data were rescaled), ``d`` in the working dtype, or None when the data were
     rescaled (callers then form the output with the overflow scale).
 
-    The range rule, one for every eager library (NumPy's fallback included): when an O(C)
-    check of the sums finds one not finite (a difference or a square overflowed the
-    working dtype: data near ``finfo.max``) or, in float32 work, a sum of squares below
-    ``n`` :data:`TINY_VAR` (squares lost to underflow: data near 1e-20; a feature whose
-    both sums are exactly 0 counts as constant, so a dead channel costs nothing), the sums are
-    formed again on ``x hs`` with ``hs`` the per-feature power of two of
-    :func:`range_scale` (exact; bit-identical results for the features that did not need
-    it). Under JAX (traced: no data-dependent branch) the squares are scaled always
-    (:func:`square_scale`)."""
+    The range rule, one for every library (NumPy's fallback included): when an O(C)
+    check of the sums (:func:`in_range`) finds one not finite (a difference or a square
+    overflowed the working dtype: data near ``finfo.max``) or, in float32 work, a sum of
+    squares below ``n`` :data:`TINY_VAR` (squares lost to underflow: data near 1e-20; a
+    feature whose both sums are exactly 0 counts as constant, so a dead channel costs
+    nothing), the sums are formed again on ``x hs`` with ``hs`` the per-feature power of
+    two of :func:`range_scale` (exact; bit-identical results for the features that did
+    not need it). Under JAX (traced) the choice is a ``jax.lax.cond``
+    (:func:`_traced_sums`)."""
+    if is_jax(xp):
+        return _traced_sums(xp, xw, red, sdt, n)
     shift, d, t1 = _two_pass(xp, xw, red, sdt, n)
-    if is_jax(xp):  # traceable: the scale is always applied (arithmetic, no branch)
-        h = square_scale(xp, d, red, sdt)
-        return shift, d, t1, accurate_sum(xp, squares(xp, d, h), red, sdt) / (h * h), 1.0
     t2 = accurate_sum(xp, d * d, red, sdt)
-    ok = xp.all(xp.isfinite(t1 + t2))  # the O(C) check
-    if d.dtype != xp.float64:  # (both sums exactly 0: a constant feature, d = 0, not tiny)
-        ok = ok & xp.all((t2 >= TINY_VAR * n) | ((t2 == 0.0) & (t1 == 0.0)))
-    if bool(ok):
+    if bool(in_range(xp, t1, t2, n, d.dtype)):
         return shift, d, t1, t2, 1.0
     hs = range_scale(xp, xw, red, sdt)
     xs = xw * xp.astype(hs, d.dtype)
@@ -224,12 +220,59 @@ def shifted_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
     return shift, None, t1, accurate_sum(xp, d * d, red, sdt), hs
 
 
+def moments_of(shift, t1, t2, n: int, hs):
+    """:func:`batchnorm.core.coef.moments_from_shifted_sums` of :func:`shifted_sums`'s
+    results; for JAX's array ``hs`` the unscaled moments times ``1 / hs`` (exact), since
+    XLA turns ``(var / hs) / hs`` into ``var / (hs * hs)``, which overflows float32 for
+    ``hs = 2^100`` (tiny data)."""
+    if isinstance(hs, float):
+        return moments_from_shifted_sums(shift, t1, t2, n, hs)
+    mean, var = moments_from_shifted_sums(shift, t1, t2, n, 1.0)
+    ih = 1.0 / hs
+    return mean * ih, (var * ih) * ih
+
+
+def in_range(xp, t1, t2, n: int, wt):
+    """The O(C) check of the range rule (:func:`shifted_sums`), a 0-d boolean array: every
+    sum finite and, in float32 work (``wt``), every sum of squares at least ``n``
+    :data:`TINY_VAR` or both sums exactly 0 (a constant feature, ``d = 0``, not tiny).
+    ``xp.all`` of booleans: no maximum that could drop a NaN."""
+    ok = xp.all(xp.isfinite(t1 + t2))
+    if wt != xp.float64:
+        ok = ok & xp.all((t2 >= TINY_VAR * n) | ((t2 == 0.0) & (t1 == 0.0)))
+    return ok
+
+
+def _traced_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
+    """:func:`shifted_sums` under JAX: the same sums and check, and a ``jax.lax.cond``
+    (no Python branch on data) that keeps them or forms them again on ``x hs``. Only
+    per-feature values leave the ``cond``; ``d = x hs - shift`` is formed after it, an
+    elementwise expression XLA fuses into its consumers (``hs`` is exactly 1 on the kept
+    branch: the same ``d`` bit for bit). ``hs`` is an array here, so callers take ``d``
+    with ``hs`` (:func:`batchnorm.core.passes.train`). Ordinary data cost the check only;
+    the rescaled branch reads ``x`` three more times (its maximum and two sums)."""
+    import jax  # only reached with JAX arrays
+
+    wt = work_dtype(xp, xw.dtype)
+    shift, d, t1 = _two_pass(xp, xw, red, sdt, n)
+    t2 = accurate_sum(xp, d * d, red, sdt)
+
+    def keep():
+        return shift, t1, t2, xp.ones_like(shift)
+
+    def rescale():
+        hs = range_scale(xp, xw, red, sdt)
+        s, ds, u1 = _two_pass(xp, xw * xp.astype(hs, wt), red, sdt, n)
+        return s, u1, accurate_sum(xp, ds * ds, red, sdt), hs
+
+    shift, t1, t2, hs = jax.lax.cond(in_range(xp, t1, t2, n, wt), keep, rescale)
+    d = xw * _as(xp, hs, wt) - _as(xp, shift, wt)
+    return shift, d, t1, t2, hs
+
+
 #: Variance below which float32 work squares are formed again on rescaled data (their
 #: squares would have lost precision to underflow).
 TINY_VAR = 2.0**-90
-
-#: Largest |d| (a power of two) whose square the working dtype still holds with room to sum.
-SQUARE_LIMIT = {4: 2.0**60, 8: 2.0**500}
 
 #: The magnitude (a power of two) :func:`range_scale` brings each feature's data to: their
 #: differences and squares then stay finite in the working dtype and their sums in any
@@ -241,7 +284,11 @@ RANGE_UP = 2.0**100
 
 
 def _top(xp, v, red, sdt):
-    """Per feature ``max|v|`` in ``sdt`` (broadcast shape)."""
+    """Per feature ``max|v|`` in ``sdt`` (broadcast shape); under JAX a NaN counts as
+    infinite (XLA CPU's maximum reduction drops NaNs; NumPy's and torch's keep them)."""
+    if is_jax(xp):
+        v = xp.abs(v)
+        return xp.astype(xp.max(where(v == v, v, math.inf), axis=red, keepdims=True), sdt)
     top = xp.maximum(xp.max(v, axis=red, keepdims=True), -xp.min(v, axis=red, keepdims=True))
     return xp.astype(top, sdt)
 
@@ -261,20 +308,3 @@ def range_scale(xp, v, red: tuple[int, ...], sdt):
     top = _top(xp, v, red, sdt)
     h = _power_of_two(xp, top, limit, (top > 0.0) & xp.isfinite(top))
     return where(h > RANGE_UP, RANGE_UP, h)
-
-
-def square_scale(xp, d, red: tuple[int, ...], sdt):
-    """Per feature, the power of two ``h`` (in ``sdt``) that keeps ``(h d)^2`` finite in the
-    working dtype: 1 unless ``max|d|`` exceeds :data:`SQUARE_LIMIT` (data spanning more
-    than ~1e18 in float32), then the exact power of two that brings it below. No branch:
-    the scale is arithmetic, so the pass still traces under ``jax.jit``."""
-    limit = SQUARE_LIMIT[8 if d.dtype == xp.float64 else 4]
-    top = _top(xp, d, red, sdt)
-    return _power_of_two(xp, top, limit, top > limit)
-
-
-def squares(xp, d, h):
-    """``(h d)^2`` in the working dtype (``h`` exactly a power of two, or 1)."""
-    hd = d * xp.astype(h, d.dtype)
-    hd *= hd
-    return hd

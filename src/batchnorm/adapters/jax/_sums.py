@@ -37,11 +37,14 @@ import numpy as np
 
 from ..._validation import Layout
 from ..._xp import work_dtype
+from ...core.sums import RANGE_LIMIT, RANGE_UP, TINY_VAR, in_range, range_scale
 
 __all__ = [
     "WELL",
     "centred",
+    "plain_scale",
     "plain_sums",
+    "rescaled_sums",
     "sample",
     "shifted_sums",
     "sum_pair",
@@ -78,12 +81,22 @@ def sample(x, lay: Layout, which: int, sdt):
     return jnp.astype(jnp.astype(x[sl], work_dtype(jnp, x.dtype)), sdt)
 
 
-def shifted_sums(x, lay: Layout, sdt):
+def shifted_sums(x, lay: Layout, sdt, per_value: bool = False, checked: bool = True):
     """``(s, delta, m2)`` per feature in the broadcast shape, dtype ``sdt``: a sample
     ``s`` of the batch, ``delta = mean - s`` and ``m2 = sum((x - mean)**2)``, from two
     reductions over ``x`` shifted by two samples ``s`` and ``s2``:
     ``delta = sum(x - s)/n`` and ``m2 = sum((x - s2)**2) - n (mean - s2)**2`` with
-    ``mean - s2 = (s - s2) + delta``.
+    ``mean - s2 = (s - s2) + delta``. ``per_value``: ``m2 / n`` (the variance) in place
+    of ``m2``, which may overflow where the variance does not.
+
+    Range (``checked``): where the differences are formed in float32 (float32 data
+    without x64) or float64 (float64 data), an O(C) check
+    (:func:`batchnorm.core.sums.in_range`) finds a sum that is not finite (a difference
+    or a square overflowed) or, in float32, squares lost to underflow, and a
+    ``jax.lax.cond`` then takes :func:`rescaled_sums`. Half-precision data in float32,
+    and float32 data in float64 (x64), can do neither. (The local kernel checks the
+    plain sums instead, :func:`plain_scale`: a cond nested in its own, or a third branch,
+    made the plain path 6-14% slower at 64x256.)
 
     Parameters
     ----------
@@ -93,12 +106,55 @@ def shifted_sums(x, lay: Layout, sdt):
     sdt : dtype
         The statistics dtype.
     """
+    s, delta, m2 = _shifted(x, lay, sdt)
+    out = (s, delta, m2 / lay.count if per_value else m2)
+    if not checked or not _ranged(x.dtype, sdt):
+        return out
+    ok = _all_instances(in_range(jnp, delta, m2, lay.count, _wt(x.dtype, sdt)))
+    return jax.lax.cond(ok, lambda: out, lambda: rescaled_sums(x, lay, sdt, per_value))
+
+
+def rescaled_sums(x, lay: Layout, sdt, per_value: bool = False, h=None):
+    """:func:`shifted_sums` with the squares formed on ``(x - s2) h``, ``h`` a per-feature
+    power of two (exact): from :func:`batchnorm.core.sums.range_scale` (``max|x h|``
+    about ``2^40`` in float32; a NaN counts as infinite, ``h = 1``), one more pass over
+    ``x``, or given (:func:`plain_scale`). ``m2 = m2_h / h**2`` is infinite only where the
+    variance itself overflows ``sdt``. The differences ``x - s`` are not scaled: they
+    overflow only where the variance does (a spread beyond ``finfo.max``), and their sum
+    only for ``n`` beyond 1e12."""
+    if h is None:
+        h = range_scale(jnp, x, lay.red, sdt)
+    h = jnp.astype(h, sdt)
+    s, delta, m2h = _shifted(x, lay, sdt, h)
+    # times 1/h (exact): XLA turns (v / h) / h into v / (h * h), inf for h = 2^100
+    ih = 1.0 / h
+    return s, delta, ((m2h / lay.count if per_value else m2h) * ih) * ih
+
+
+def _wt(dtype, sdt):
+    """The dtype the shifted sums form their differences in."""
+    return jnp.dtype(sdt) if jnp.dtype(sdt) == jnp.float64 else work_dtype(jnp, dtype)
+
+
+def _ranged(dtype, sdt) -> bool:
+    """Whether sums of ``dtype`` data formed in :func:`_wt` can overflow or underflow
+    (not half precision in float32, nor float32 in float64)."""
+    return jnp.dtype(dtype).itemsize >= jnp.dtype(_wt(dtype, sdt)).itemsize
+
+
+def _shifted(x, lay: Layout, sdt, h=None):
+    """The sums of :func:`shifted_sums` as they come (no range check); given a power of
+    two ``h``, ``m2`` of ``x h`` (the squares of ``(x - s2) h``)."""
     s, s2 = sample(x, lay, 0, sdt), sample(x, lay, 1, sdt)
     d2 = centred(x, s2, sdt)
+    if h is not None:
+        d2 = d2 * jnp.astype(h, d2.dtype)
     n = lay.count
     delta = jnp.sum(centred(x, s, sdt), axis=lay.red, keepdims=True, dtype=sdt) / n
     t2 = jnp.sum(d2 * d2, axis=lay.red, keepdims=True, dtype=sdt)
     delta2 = (s - s2) + delta
+    if h is not None:
+        delta2 = delta2 * h
     return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
 
 
@@ -222,21 +278,59 @@ def _split(lay: Layout):
 def well_conditioned(s1, s2, n: int):
     """True (a 0-d array) when every feature has ``mean**2 <= WELL * var`` by the plain
     sums, so that they give its statistics to float accuracy; False when any feature
-    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then)."""
-    q = (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+    does not, or when a sum is NaN or infinite (``s2 - s2`` is NaN then), or float32
+    squares were lost to underflow (data of scale 1e-19 and below)."""
+    q = _margin(s1, s2, n)
+    if s2.dtype == jnp.float32:  # squares lost to underflow: the shifted sums rescale
+        q = jnp.where(_tiny(s1, s2, n), 1.0, q)
     return _all_instances(_all_features(q))
 
 
+def _margin(s1, s2, n: int):
+    return (1.0 + WELL) * (s1 * s1) - (WELL * n) * s2 + (s2 - s2)  # n**2 (mean**2 - WELL var)
+
+
+def plain_scale(s1, s2, n: int):
+    """Per feature, the power of two ``h`` (``s2``'s dtype) of the shifted squares
+    ``((x - s') h)**2`` (:func:`rescaled_sums`), from the plain sums in ``x``'s dtype: 1
+    where ``sum((x - s)**2) <= 2 sum(x**2) + 2 n max(x**2) <= (2n + 2) s2`` stays finite
+    and, for float32, the
+    squares were not lost to underflow; else the one that brings ``max|x|`` (at most
+    ``sqrt(s2)``, or ``finfo.max`` where ``s2`` is infinite, or in float32 at least
+    ``2^-63``, below which a square flushes to 0) to about ``2^40`` (``2^400`` for
+    float64), at most :data:`~batchnorm.core.sums.RANGE_UP`. 1 where ``s2`` is NaN."""
+    fi = jnp.finfo(s2.dtype)
+    need = ~(s2 <= float(fi.max) / (2 * n + 2))
+    limit = RANGE_LIMIT[fi.bits // 8]
+    top = jnp.where(s2 < jnp.inf, jnp.sqrt(jnp.abs(s2)), float(fi.max))
+    if s2.dtype == jnp.float32:
+        need = need | _tiny(s1, s2, n)
+        top = jnp.maximum(top, 2.0**-63)
+    h = 2.0 ** (math.log2(limit) - jnp.ceil(jnp.log2(top)))  # exact (XLA's exp2 is not)
+    return jnp.where(need & (s2 == s2), jnp.minimum(h, RANGE_UP), 1.0).astype(s2.dtype)
+
+
+def _tiny(s1, s2, n: int):
+    """Float32 squares lost to underflow: ``s2`` below ``n TINY_VAR``, feature not all 0."""
+    return (s2 < TINY_VAR * n) & ((s2 != 0.0) | (s1 != 0.0))
+
+
 def _all_features(q):
-    """``all(q <= 0)`` as one small kernel where ``q`` has at most ``_TREE**3`` values.
-    Each value becomes 0 (``q <= 0``) or 1 (else, NaN included: XLA CPU's YNNPACK
-    maximum drops NaNs, so a NaN margin must not reach it). More than ``_TREE**2`` values
-    are folded to ``_TREE**2`` by elementwise maxima of up to ``_TREE`` rows (fused into
-    the same kernel; a reduction over the rows became a YNNPACK kernel of its own, 4 us
-    for ghost batch norm's 4 x 1024), then a max over blocks of ``_TREE`` (or
-    ``_TREE**k``) values and a sum over at most ``_TREE`` blocks (XLA CPU splits a longer
-    reduction to a scalar into two kernels)."""
-    q = jnp.where(jnp.ravel(q) <= 0.0, 0.0, 1.0).astype(q.dtype)
+    """``all(q <= 0)`` as one small kernel (:func:`_worst` of 0 where ``q <= 0`` and 1
+    else, NaN included: XLA CPU's YNNPACK maximum drops NaNs, so a NaN margin must not
+    reach it)."""
+    return _worst(jnp.where(q <= 0.0, 0.0, 1.0).astype(q.dtype), jnp.sum) <= 0.0
+
+
+def _worst(q, final=jnp.max):
+    """``max(q)`` of values ``q >= 0`` (no NaN), as one small kernel where ``q`` has at
+    most ``_TREE**3`` values. More than ``_TREE**2`` values are folded to ``_TREE**2`` by
+    elementwise maxima of up to ``_TREE`` rows (fused into the same kernel; a reduction
+    over the rows became a YNNPACK kernel of its own, 4 us for ghost batch norm's 4 x
+    1024), then a max over blocks of ``_TREE`` (or ``_TREE**k``) values and ``final``
+    (``jnp.sum``: 0 exactly where the max is) over at most ``_TREE`` blocks (XLA CPU
+    splits a longer reduction to a scalar into two kernels)."""
+    q = jnp.ravel(q)
     block = _TREE * _TREE
     if block < q.size <= block * _TREE:
         rows = -(-q.size // block)
@@ -248,7 +342,7 @@ def _all_features(q):
     rows = -(-q.size // inner)
     q = jnp.pad(q, (0, rows * inner - q.size))
     q = jnp.reshape(q, (rows, *[_TREE] * round(np.log(inner) / np.log(_TREE))))
-    return jnp.sum(jnp.max(q, axis=tuple(range(1, q.ndim)))) <= 0.0
+    return final(jnp.max(q, axis=tuple(range(1, q.ndim))))
 
 
 @jax.custom_batching.custom_vmap
