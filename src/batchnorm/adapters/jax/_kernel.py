@@ -81,6 +81,7 @@ from . import _collective as coll
 from ._sums import (
     WELL,
     centred,
+    nonnegative,
     plain_scale,
     plain_sums,
     rescaled_sums,
@@ -247,7 +248,7 @@ def _shifted(x, lay: Layout, sdt, se, sums=shifted_sums):
 
 def _plain_stats(s1, s2, n: int):
     mean = s1 / n
-    return mean, jnp.maximum(s2 / n - mean * mean, 0.0)
+    return mean, nonnegative(s2 / n - mean * mean)
 
 
 def _finish(spec, x, lay, sdt, gamma, beta, mu, sigma, lim, se, de, var, mean=None, late=False):

@@ -42,6 +42,7 @@ from ...core.sums import RANGE_LIMIT, RANGE_UP, TINY_VAR, in_range, range_scale
 __all__ = [
     "WELL",
     "centred",
+    "nonnegative",
     "plain_scale",
     "plain_sums",
     "rescaled_sums",
@@ -155,7 +156,14 @@ def _shifted(x, lay: Layout, sdt, h=None):
     delta2 = (s - s2) + delta
     if h is not None:
         delta2 = delta2 * h
-    return s, delta, jnp.maximum(t2 - n * (delta2 * delta2), 0.0)
+    return s, delta, nonnegative(t2 - n * (delta2 * delta2))
+
+
+def nonnegative(v):
+    """``max(v, 0)`` that keeps a NaN (an inf in the data makes ``inf - inf``): XLA CPU's
+    fused maximum can return 0 for a NaN operand, which gave -inf outputs (``x - inf``
+    scaled by ``1/sqrt(eps)``) where the statistics are NaN."""
+    return jnp.where(v < 0.0, jnp.zeros_like(v), v)
 
 
 # A feature is well conditioned for the plain sums when mean**2 <= WELL * var: then

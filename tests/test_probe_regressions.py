@@ -1,6 +1,7 @@
-"""Reproducers from a hostile probe of the day's changes (branch probe).
+"""Reproducers from a hostile probe of round 4's changes (2026-12-07), now regression tests.
 
-Each test states the expected behaviour; each fails on the tree it was written against.
+Each test states the expected behaviour and what was seen before the fix ("Seen: ..."); each
+failed on the tree it was written against (f0275f2 plus that day's merges) and passes since.
 """
 
 from __future__ import annotations
