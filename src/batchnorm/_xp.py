@@ -28,6 +28,7 @@ __all__ = [
     "SUPPORTED",
     "check_float",
     "check_same_device",
+    "cond",
     "device",
     "from_numpy",
     "is_jax",
@@ -109,6 +110,17 @@ def is_torch(xp) -> bool:
 def is_jax(xp) -> bool:
     """Whether ``xp`` is ``jax.numpy``."""
     return _compat.is_jax_namespace(xp)
+
+
+def cond(xp, pred, keep, other):
+    """``keep()`` if ``pred`` else ``other()``, without a Python branch on data where the
+    library traces (``jax.lax.cond`` for JAX; both functions take no arguments and return
+    the same structure); for other libraries a Python branch on ``bool(pred)``."""
+    if is_jax(xp):
+        import jax  # only reached with JAX arrays
+
+        return jax.lax.cond(pred, keep, other)
+    return keep() if bool(pred) else other()
 
 
 def is_strict(xp) -> bool:

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .._xp import is_jax, is_torch, work_dtype
+from .._xp import cond, is_jax, is_torch, work_dtype
 from .coef import moments_from_shifted_sums
 from .ops import where
 
@@ -251,8 +251,6 @@ def _traced_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
     branch: the same ``d`` bit for bit). ``hs`` is an array here, so callers take ``d``
     with ``hs`` (:func:`batchnorm.core.passes.train`). Ordinary data cost the check only;
     the rescaled branch reads ``x`` three more times (its maximum and two sums)."""
-    import jax  # only reached with JAX arrays
-
     wt = work_dtype(xp, xw.dtype)
     shift, d, t1 = _two_pass(xp, xw, red, sdt, n)
     t2 = accurate_sum(xp, d * d, red, sdt)
@@ -265,7 +263,7 @@ def _traced_sums(xp, xw, red: tuple[int, ...], sdt, n: int):
         s, ds, u1 = _two_pass(xp, xw * xp.astype(hs, wt), red, sdt, n)
         return s, u1, accurate_sum(xp, ds * ds, red, sdt), hs
 
-    shift, t1, t2, hs = jax.lax.cond(in_range(xp, t1, t2, n, wt), keep, rescale)
+    shift, t1, t2, hs = cond(xp, in_range(xp, t1, t2, n, wt), keep, rescale)
     d = xw * _as(xp, hs, wt) - _as(xp, shift, wt)
     return shift, d, t1, t2, hs
 
