@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _xp
 from ._cache import BatchNormCache, ensure_pytree
-from ._validation import Layout, as_float_array, as_input, check_eps, check_out
+from ._validation import COUNT_LIMIT, Layout, as_float_array, as_input, check_eps, check_out
 from .backends import check_backend, plan
 from .core.reduce import LOCAL, Reducer, check_reducer
 
@@ -248,7 +248,7 @@ def check_merged(reducer: object, label: str, local, merged, fshape, dtype=None)
     least = int(local.count) if local is not None else 0
     if count < least:
         raise ValueError(f"{who} returned count={count}, fewer than the local {least} values")
-    if count >= 2**63:
+    if count >= COUNT_LIMIT:
         raise ValueError(f"{who} returned count={count}; counts are below 2**63")
     mean = _host_stat(reducer, label, "mean", merged.mean, fshape)
     var = _host_stat(reducer, label, "var", merged.var, fshape)

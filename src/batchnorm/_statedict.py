@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ._validation import check_state_array
+from ._validation import COUNT_LIMIT, check_state_array
 
 __all__ = ["check_state_dict"]
 
@@ -78,7 +78,7 @@ def _batch_count(nbt: object) -> int:
         arr = check_state_array(nbt, "state['num_batches_tracked']", kinds="iu")
     except TypeError:
         arr = None
-    if arr is None or arr.shape != () or not 0 <= int(arr) < 2**63:
+    if arr is None or arr.shape != () or not 0 <= int(arr) < COUNT_LIMIT:
         raise ValueError(
             f"state['num_batches_tracked'] must be a non-negative integer below 2**63; got {nbt!r}"
         )

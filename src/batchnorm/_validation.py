@@ -17,6 +17,10 @@ from ._plans import PLANS, cached
 
 SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: Counts (batch counters, merged value counts) are int64 in state dicts, checkpoints and
+#: torch buffers: every count stays below this.
+COUNT_LIMIT = 2**63
+
 
 def as_float_array(x: object, name: str) -> np.ndarray:
     """Return ``x`` as an ndarray of a supported floating dtype, without copying.

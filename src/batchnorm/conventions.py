@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from ._validation import check_count, check_eps, check_real
+from ._validation import COUNT_LIMIT, check_count, check_eps, check_real
 from .core.stats import BatchStats, RunningStats
 
 __all__ = [
@@ -254,10 +254,6 @@ def update_running(
     )
 
 
-#: One more than the largest ``num_batches_tracked`` a state dict holds (an int64).
-_MAX_TRACKED = 2**63
-
-
 def update_running_unchecked(
     running: RunningStats,
     batch: BatchStats,
@@ -299,7 +295,7 @@ def update_running_unchecked(
                 )
             var = var * (batch.count / (batch.count - 1))
         t = running.num_batches_tracked + 1
-        if t >= _MAX_TRACKED:  # a state dict (and a checkpoint) holds it as an int64
+        if t >= COUNT_LIMIT:  # a state dict (and a checkpoint) holds it as an int64
             raise ValueError(
                 f"num_batches_tracked={running.num_batches_tracked} cannot count another "
                 "batch: it would reach 2**63, which no state dict or checkpoint can hold; "

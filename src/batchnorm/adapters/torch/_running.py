@@ -17,6 +17,7 @@ import threading
 import numpy as np
 import torch
 
+from ..._validation import COUNT_LIMIT
 from ...backends.numba.small import running_update
 from ...conventions import NonFiniteStatisticsError
 from . import _cpu
@@ -40,7 +41,7 @@ def next_count(nbt) -> int:
     """``num_batches_tracked + 1``, refused (ValueError, nothing changed) where it would
     reach 2**63, which the int64 buffer cannot hold (torch.nn wraps it to -2**63)."""
     n_new = int(nbt) + 1
-    if n_new >= 2**63:
+    if n_new >= COUNT_LIMIT:
         raise ValueError(
             f"num_batches_tracked={n_new - 1} cannot count another batch: it would reach "
             "2**63, which its int64 buffer cannot hold; the running statistics and "
