@@ -12,6 +12,7 @@ import json
 import sys
 
 import numpy as np
+from _record import attempt
 from mpi4py import MPI
 
 import batchnorm as bn
@@ -21,20 +22,6 @@ comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
 x = np.random.default_rng(rank).normal(size=(6, 3))
 out = {}
-
-
-def attempt(name, fn, layers):
-    before = [layer.state_dict() for layer in layers]
-    try:
-        fn()
-        out[name] = {"error": None}
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        out[name] = {"error": type(exc).__name__, "message": str(exc)}
-    after = [layer.state_dict() for layer in layers]
-    out[name]["unchanged"] = all(
-        all(np.array_equal(np.asarray(b[k]), np.asarray(a[k])) for k in b)
-        for b, a in zip(before, after, strict=True)
-    )
 
 
 def crossed(a, b):
@@ -51,25 +38,25 @@ b.forward(x)
 a.reducer = MpiReducer(comm, 30)
 b.reducer = MpiReducer(comm, 30)
 out["positions_assigned"] = [a.sync_position, b.sync_position]
-attempt("assigned", lambda: crossed(a, b), [a, b])
+attempt(out, "assigned", lambda: crossed(a, b), a, b)
 # layers built with reducer=
 c = bn.BatchNorm(3, reducer=MpiReducer(comm, 30))
 d = bn.BatchNorm(3, reducer=MpiReducer(comm, 30))
 out["positions_constructed"] = [c.sync_position, d.sync_position]
-attempt("constructed", lambda: crossed(c, d), [c, d])
+attempt(out, "constructed", lambda: crossed(c, d), c, d)
 # a layer that already ran synchronized gets a new reducer on rank 0 only, then runs
 e = bn.BatchNorm(3, reducer=MpiReducer(comm, 30))
 e.forward(x)
 if rank == 0:
     e.reducer = MpiReducer(comm, 30)
-attempt("reassigned_on_one_rank", lambda: e.forward(x), [e])
+attempt(out, "reassigned_on_one_rank", lambda: e.forward(x), e)
 # a layer keeps its position when it gets another reducer: the ranks still number their
 # layers alike, and a layer built alike everywhere agrees (the ranks are in step)
 out["positions_reassigned"] = e.sync_position
 f = bn.BatchNorm(3)
 f.reducer = MpiReducer(comm, 30)
 out["position_last"] = f.sync_position
-attempt("agreeing", lambda: f.forward(x), [f])
+attempt(out, "agreeing", lambda: f.forward(x), f)
 out["running_mean"] = np.asarray(f.running_mean).tolist()
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as fh:
     json.dump(out, fh)

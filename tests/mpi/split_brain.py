@@ -10,6 +10,7 @@ import json
 import sys
 
 import numpy as np
+from _record import attempt
 from mpi4py import MPI
 
 import batchnorm as bn
@@ -22,29 +23,15 @@ x = np.random.default_rng(rank).normal(size=(6, 3))
 out = {}
 
 
-def attempt(name, fn, layers):
-    before = [layer.state_dict() for layer in layers]
-    try:
-        fn()
-        out[name] = {"error": None}
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        out[name] = {"error": type(exc).__name__, "message": str(exc)}
-    after = [layer.state_dict() for layer in layers]
-    out[name]["unchanged"] = all(
-        all(np.array_equal(np.asarray(b[k]), np.asarray(a[k])) for k in b)
-        for b, a in zip(before, after, strict=True)
-    )
-
-
 a, b = bn.BatchNorm(3), bn.BatchNorm(3)
 distributed.convert_sync(Sequential(a, b), comm, timeout=30)
 first, second = (a, b) if rank == 0 else (b, a)
-attempt("order", lambda: (first.forward(x + 100), second.forward(x)), [a, b])
+attempt(out, "order", lambda: (first.forward(x + 100), second.forward(x)), a, b)
 c = bn.BatchNorm(3, momentum=0.9 if rank == 0 else 0.5, comm=comm, timeout=30)
-attempt("momentum", lambda: c.forward(x), [c])
+attempt(out, "momentum", lambda: c.forward(x), c)
 d = bn.BatchNorm(3, eps=1e-5 if rank == 0 else 1e-3, comm=comm, timeout=30)
-attempt("eps", lambda: d.forward(x), [d])
+attempt(out, "eps", lambda: d.forward(x), d)
 e = bn.BatchNorm(3, comm=comm, timeout=30)
-attempt("agreeing", lambda: e.forward(x), [])
+attempt(out, "agreeing", lambda: e.forward(x))
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(out, f)
