@@ -53,6 +53,10 @@ class Layout:
     count : int
         Values per feature.
     fmt : torch.memory_format
+    kind : int
+        What the one-call route does with it (:func:`kind`).
+    native : bool
+        The kernels read the tensor itself (no copy, no conversion).
     """
 
     copy: bool
@@ -63,6 +67,8 @@ class Layout:
     np_dtype: type
     count: int
     fmt: torch.memory_format
+    kind: int = 0
+    native: bool = False
 
 
 def layout(x: torch.Tensor) -> Layout:
@@ -86,7 +92,9 @@ def _make_layout(x: torch.Tensor) -> Layout:
             perm = (0, 2, 3, 1) if x.dim() == 4 else (0, 2, 3, 4, 1)
     copy = not cl and not x.is_contiguous()
     view = (n * inner, c) if cl else (n, c, inner)
-    return Layout(copy, cl, view, perm, compute, NP_DTYPES[compute], n * inner, fmt)
+    k = _kind(view, NP_DTYPES[compute])
+    native = not copy and compute is x.dtype
+    return Layout(copy, cl, view, perm, compute, NP_DTYPES[compute], n * inner, fmt, k, native)
 
 
 def arrange(t: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -143,7 +151,7 @@ def needs_general(mean: np.ndarray, spread: float, dtype: torch.dtype, eps: floa
 def train(xa: torch.Tensor, lay: Layout, g: np.ndarray, b: np.ndarray, eps: float):
     """``(y, mean, var, inv_std)``: the training forward (y in the compute dtype and
     layout; ``inv_std`` the one the kernel computed and used)."""
-    if kind(lay) in SMALL:  # (separate vectors: an operator's outputs must not alias)
+    if lay.kind in SMALL:  # (separate vectors: an operator's outputs must not alias)
         y, stats, _ = train_small(xa, lay, g, b, eps)
         return y, stats[0].copy(), stats[1].copy(), stats[2]
     y, yv = empty(xa, lay)
@@ -161,7 +169,7 @@ def evaluate(xa, lay: Layout, g, b, mean: np.ndarray, inv: np.ndarray) -> torch.
 def backward(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool = True):
     """``(dx or None, sum_dy, sum_dy_xhat)``: the input gradient and the bias and weight
     gradients (float64 vectors)."""
-    if kind(lay) in SMALL:  # (separate vectors: an operator's outputs must not alias)
+    if lay.kind in SMALL:  # (separate vectors: an operator's outputs must not alias)
         gw, gb = np.empty(mean.shape[0]), np.empty(mean.shape[0])
         dx = backward_small(dya, xa, lay, mean, inv, g, batch_stats, need_dx, gw, gb)
         return dx, gb, gw
@@ -187,27 +195,21 @@ SMALL = (ROWS, WIDE)
 #: Largest input the serial one-call kernels take (bytes): it stays in the core's caches,
 #: where one thread is as fast as a parallel launch on few cores and needs no launch.
 SMALL_BYTES = 1 << 21
-_KINDS: dict = {}
 _BIG_LIMIT = {t: v / 4 for t, v in _BIG.items()}  # needs_general's bound
 
 
 def kind(lay: Layout) -> int:
-    """``OTHER``, ``ROWS``, ``WIDE`` or ``LARGE`` (see above) for a layout (cached)."""
-    key = (lay.view_shape, lay.compute)
-    k = _KINDS.get(key)
-    if k is None:
-        vs = lay.view_shape
-        size = int(np.prod(vs)) * np.dtype(lay.np_dtype).itemsize
-        if vs[0] == 0 or (len(vs) == 3 and 1 < vs[2] < K.WIDE_INNER):
-            k = OTHER
-        elif size > SMALL_BYTES:
-            k = LARGE
-        else:
-            k = ROWS if len(vs) == 2 or vs[2] == 1 else WIDE
-        if len(_KINDS) > 512:
-            _KINDS.clear()
-        _KINDS[key] = k
-    return k
+    """``OTHER``, ``ROWS``, ``WIDE`` or ``LARGE`` (see above) for a layout."""
+    return lay.kind
+
+
+def _kind(vs: tuple, np_dtype) -> int:
+    size = int(np.prod(vs)) * np.dtype(np_dtype).itemsize
+    if vs[0] == 0 or vs[1] == 0 or (len(vs) == 3 and 1 < vs[2] < K.WIDE_INNER):
+        return OTHER
+    if size > SMALL_BYTES:
+        return LARGE
+    return ROWS if len(vs) == 2 or vs[2] == 1 else WIDE
 
 
 def kview(t: torch.Tensor, lay: Layout) -> np.ndarray:
@@ -232,23 +234,25 @@ def grad_kview(dy: torch.Tensor, lay: Layout) -> np.ndarray:
 
 
 def train_small(xa, lay: Layout, g, b, eps: float):
-    """``(y, stats, plain)``: the training forward of a ``ROWS`` input in one serial call,
-    of a ``WIDE`` one through the fused kernels (``stats`` rows: mean, biased var,
-    inv_std, float64; ``plain``: not :func:`needs_general`); ``g``, ``b`` per-feature
-    vectors of any float dtype."""
+    """``(y, stats, plain)``: the training forward of a ``ROWS`` or ``WIDE`` input in one
+    call of the fused kernels (``stats`` rows: mean, biased var, inv_std, float64;
+    ``plain``: not :func:`needs_general`); ``g``, ``b`` per-feature vectors of any float
+    dtype."""
     y = torch.empty_like(xa)
     c = g.shape[0]
     stats = np.empty((3, c))
     coef = np.empty((4, c), _WORK[lay.compute])
-    big, limit = _OVERFLOW[lay.compute], _BIG_LIMIT[lay.compute]
-    if kind(lay) == ROWS:
-        xv, yv = kview(xa, lay), kview(y, lay)
-        plain = S.train_rows(xv, g, b, float(eps), big, limit, coef, yv, stats)
-        return y, stats, plain and eps >= TINY_EPS
-    res = K.train(view(xa, lay), _AXES, g, b, eps, None, view(y, lay), return_inv=True)
-    stats[0], stats[1], stats[2] = res[1:]
-    spread = lay.count * float(np.add.reduce(stats[1]))
-    return y, stats, not needs_general(stats[0], spread, lay.compute, eps)
+    limit = _BIG_LIMIT[lay.compute]
+    xk, yk = kview(xa, lay), kview(y, lay)
+    if lay.kind == ROWS:
+        plain = S.train_rows(xk, g, b, float(eps), _OVERFLOW[lay.compute], limit, coef, yk, stats)
+    elif K.train_wide_direct(xk, g, b, float(eps), coef, yk, stats):
+        plain = S.plain_stats(stats, lay.count, limit)
+    else:  # one channel on several threads: the plan driver's two passes
+        res = K.train(view(xa, lay), _AXES, g, b, eps, None, view(y, lay), return_inv=True)
+        stats[0], stats[1], stats[2] = res[1:]
+        plain = S.plain_stats(stats, lay.count, limit)
+    return y, stats, plain and eps >= TINY_EPS
 
 
 def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_dx: bool, gw, gb):
@@ -258,7 +262,7 @@ def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_d
     (each in its own dtype)."""
     dx = torch.empty_like(xa) if need_dx else None
     c = mean.shape[0]
-    if kind(lay) == ROWS:
+    if lay.kind == ROWS:
         xv = kview(xa, lay)
         out = xv[:0] if dx is None else kview(dx, lay)
         coef = np.empty((5, c), _WORK[lay.compute])

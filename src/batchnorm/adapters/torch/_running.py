@@ -143,7 +143,7 @@ def _check_finite(mean, var, new_m, new_v, shape) -> None:
     if bad.any():
         where = np.flatnonzero(bad)
         raise NonFiniteStatisticsError(
-            f"the batch of shape {shape} gives non-finite statistics (or running statistics "
+            f"the batch of shape {tuple(shape)} gives non-finite statistics (or running statistics "
             f"that overflow their dtype) for features {where[:8].tolist()}; the running "
             "statistics and num_batches_tracked are left unchanged"
         )

@@ -32,7 +32,8 @@ from .function import BatchNormOp, apply
 
 __all__ = ["batch_norm", "update_running", "use_ops"]
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: The tensor types the eager route takes as they are (subclasses go to the operators).
+PLAIN_TYPES = _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def use_ops(x: torch.Tensor) -> bool:
@@ -199,19 +200,27 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     return y, None, None
 
 
-def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> torch.Tensor:
+def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None, lay=None) -> torch.Tensor:
     """``module``'s forward on ``x`` (checked by the caller): batch statistics when
     ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``.
 
     ``params``: ``(weight, bias, num_batches_tracked)`` when the caller has read them
     already (from the module's parameter and buffer dicts: an attribute read through
-    ``Module.__getattr__`` costs about half a microsecond each); None: read here."""
+    ``Module.__getattr__`` costs about half a microsecond each); None: read here.
+    ``lay``: the input's :class:`._cpu.Layout` when the caller has it (a plain tensor)."""
     eps = module.eps
     if params is None:
         weight, bias = module.weight, module.bias
         nbt = getattr(module, "num_batches_tracked", None) if update else None
     else:
         weight, bias, nbt = params
+    if lay is not None and lay.native and lay.kind and not use_ops(x):
+        # the one-call route: parameters and buffers read in place by the kernels
+        views = _views(module, weight, bias, rm, rv, nbt, lay.view_shape[1])
+        if views is not None:
+            y = _direct(module, x, weight, bias, batch, update, lay, views, eps)
+            if y is not None:
+                return y
     if x.numel() == 0:
         return _empty(module, x, update)
     if use_ops(x):
@@ -221,21 +230,16 @@ def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None) -> tor
         if update:
             update_traced(module, mean, var, x.numel() // x.shape[1])
         return y
-    lay = _cpu.layout(x)
-    k = _cpu.kind(lay)
-    views = _views(module, weight, bias, rm, rv, nbt, x.shape[1])  # checks sizes, every route
-    if k and x.dtype is lay.compute and not lay.copy:
-        if views is not None:
-            y = _direct(module, x, weight, bias, batch, update, lay, k, views, eps)
-            if y is not None:
-                return y
+    if lay is None:
+        lay = _cpu.layout(x)
+    _views(module, weight, bias, rm, rv, nbt, x.shape[1])  # checks sizes, every route
     y, mean, var = _lean(x, weight, bias, batch, rm, rv, eps)
     if update:
         update_running(module, mean, var, x.numel() // x.shape[1], tuple(x.shape))
     return y
 
 
-def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
+def _direct(module, x, weight, bias, batch, update, lay, views, eps):
     """The one-call route (:func:`batchnorm.adapters.torch._cpu.kind`): evaluation without
     gradients at any size, training of small ``ROWS`` and ``WIDE`` inputs; None where it
     does not apply (the caller then takes :func:`_lean`)."""
@@ -248,7 +252,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
         if grads or eps < _cpu.TINY_EPS:
             return None
         return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
-    if k not in _cpu.SMALL:
+    if lay.kind not in _cpu.SMALL:
         return None
     st = _Step(lay, eps, True, views)
     y = (
@@ -262,7 +266,7 @@ def _direct(module, x, weight, bias, batch, update, lay, k, views, eps):
             update_running(module, mean, var, lay.count, tuple(x.shape))
         return y
     if update:
-        update_views(module, views, st.mean, st.var, lay.count, tuple(x.shape))
+        update_views(module, views, st.mean, st.var, lay.count, x.shape)
     return y
 
 

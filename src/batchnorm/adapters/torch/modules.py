@@ -28,9 +28,12 @@ import sys
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..._plans import PLANS, cached
 from ...conventions import RunningStats, update_running
 from . import _bridge as B
+from ._cpu import Layout, layout
 from ._running import UPDATE_LOCK
+from .fast import PLAIN_TYPES as _PLAIN
 from .fast import batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormBase"]
@@ -76,6 +79,21 @@ def _host(t: torch.Tensor):
     if t.dtype == torch.bfloat16:
         t = t.float()
     return t.numpy() if t.device.type == "cpu" else t
+
+
+def _checked(module: NormBase, x: torch.Tensor) -> Layout | None:
+    """:meth:`NormBase.check_input` of ``x``, once per (module class, shape, strides,
+    dtype) for a plain tensor: its :class:`._cpu.Layout` (None for other types, checked
+    on every call, as under ``torch.compile``)."""
+    if type(x) not in _PLAIN or torch.compiler.is_compiling():
+        module.check_input(x)
+        return None
+    key = ("torch-in", type(module), x.shape, x.stride(), x.dtype)
+    lay = PLANS.get(key)
+    if lay is None or x.shape[1] != module.num_features:
+        module.check_input(x)
+        lay = cached(key, layout, x)
+    return lay
 
 
 def _check_eps(eps: float, batch: bool) -> None:
@@ -146,18 +164,18 @@ class NormBase(_BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalize ``input`` (see the module docstring); in training mode with running
         statistics, update them."""
-        self.check_input(input)
+        lay = _checked(self, input)
         training = self.training
         w, b, rm0, rv0, nbt = self._tensors()
         batch = training or (rm0 is None and rv0 is None)
         _check_eps(self.eps, batch)
-        if batch:
+        if batch and (lay is None or lay.count < 2 or not lay.view_shape[1]):
             self.check_batch(input)
         track = not training or self.track_running_stats
         rm = rm0 if track else None
         rv = rv0 if track else None
         update = training and self.track_running_stats  # (nbt None: torch still updates)
-        return batch_norm(self, input, batch, update and rm is not None, rm, rv, (w, b, nbt))
+        return batch_norm(self, input, batch, update and rm is not None, rm, rv, (w, b, nbt), lay)
 
     def _tensors(self):
         """``(weight, bias, running_mean, running_var, num_batches_tracked)``, read from

@@ -82,6 +82,7 @@ __all__ = [
     "small_fused",
     "supported",
     "train",
+    "train_wide_direct",
 ]
 
 
@@ -319,6 +320,25 @@ def backward(xw, dyw, axes, mean, inv, k, h, batch_stats, out_dtype, out=None):
                 plan.view(xw), plan.view(dyw), *args, plan.width, coef, plan.view(out), s1, s2
             )
     return out, s1, s2
+
+
+def train_wide_direct(xk, g, b, eps, coef, out, stats) -> bool:
+    """The fused training forward of an ``(N, C, I)`` view (``I >= WIDE_INNER``, each
+    channel block within :data:`FUSE_BYTES`) into caller-made arrays: the torch adapter's
+    one-call route, without :func:`train`'s plan and allocations (the kernel :func:`train`
+    picks, with its arguments: the same bits). ``coef`` (4, C) in the working precision is
+    scratch; ``stats`` (3, C) float64 receives the mean, biased variance and inv_std.
+    Returns False, doing nothing, where :func:`train` would not fuse (fewer channels than
+    threads above :data:`SERIAL_MAX`)."""
+    args = (g, b, eps, OVERFLOW_LIMIT[coef.itemsize], _rescale(xk), coef, out)
+    if xk.size < SERIAL_MAX:
+        _SER._train_wide(xk, *args, stats[0], stats[1], stats[2])
+        return True
+    if xk.shape[1] < threads():
+        return False
+    with guard():
+        _PAR._train_wide(xk, *args, stats[0], stats[1], stats[2])
+    return True
 
 
 def backward_wide_direct(xk, dyk, mean, inv, k, batch_stats, coef, out, s1, s2) -> bool:

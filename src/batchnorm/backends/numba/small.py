@@ -24,7 +24,15 @@ from .options import SERIAL_OPTS
 from .passes import grad_coef, strip_sums, train_coef
 from .reductions import finish_moments
 
-__all__ = ["backward_rows", "eval_coef", "eval_rows", "eval_wide", "running_update", "train_rows"]
+__all__ = [
+    "backward_rows",
+    "eval_coef",
+    "eval_rows",
+    "eval_wide",
+    "plain_stats",
+    "running_update",
+    "train_rows",
+]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -100,12 +108,19 @@ def train_rows(x, g, b, eps, big, limit, coef, out, stats):  # pragma: no cover 
         yr = out[o]
         for j in range(K):
             yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
+    return plain_stats(stats, O, limit)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def plain_stats(stats, count, limit):  # pragma: no cover - compiled
+    """Whether ``sum(|mean|)`` and ``count * sum(var)`` (``stats`` rows 0 and 1) stay
+    below ``limit`` and ``limit**2``; False for non-finite statistics."""
     m1 = 0.0
     v1 = 0.0
-    for k in range(K):
-        m1 += abs(mean[k])
-        v1 += var[k]
-    return m1 < limit and O * v1 < limit * limit
+    for k in range(stats.shape[1]):
+        m1 += abs(stats[0, k])
+        v1 += stats[1, k]
+    return m1 < limit and count * v1 < limit * limit
 
 
 @njit(**SERIAL_OPTS)
