@@ -564,3 +564,39 @@ def test_float16_module_matches_torch(shape, training, grad):
     for a, b in zip(*res, strict=True):
         assert a.dtype == b.dtype == torch.float16
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_input_checks_cached_per_signature_still_refuse_every_bad_call():
+    """The checks an input's signature passed once are not redone (the per-signature
+    cache of the forward), but every call that would now fail them still fails: channels
+    changed by assigning ``num_features``, another number of dimensions, another class
+    with stricter checks, and a tensor subclass (checked on every call)."""
+    m = bt.BatchNorm2d(4)
+    x = torch.randn(3, 4, 5, 5)
+    m(x)  # the signature is now cached
+    m.num_features = 5
+    with pytest.raises(ValueError, match="num_features=5"):
+        m(x)
+    m.num_features = 4
+    with pytest.raises(ValueError, match="expected 4D input"):
+        m(torch.randn(3, 4, 25))
+
+    class Strict(bt.BatchNorm2d):
+        def _check_input_dim(self, input):
+            raise ValueError("strict refuses every input")
+
+    with pytest.raises(ValueError, match="strict refuses"):
+        Strict(4)(x)
+    assert m(x).shape == x.shape  # the first class's cache entry is untouched
+
+    class Sub(torch.Tensor):
+        pass
+
+    with pytest.raises(ValueError, match="expected 4D input"):
+        m(torch.randn(3, 4, 25).as_subclass(Sub))
+    single = torch.randn(1, 4, 1, 1)
+    m(torch.randn(2, 4, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(single)
+    m.eval()
+    assert m(single).shape == single.shape  # evaluation takes a single value
