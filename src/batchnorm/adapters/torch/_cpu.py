@@ -285,8 +285,7 @@ def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_d
             _, s1, s2 = K.backward(
                 xv, dyv, _AXES, mean, inv, inv * g, h, batch_stats, None, view(dx, lay)
             )
-    gb[...] = s1
-    gw[...] = s2 * inv
+    S.param_grads(s1, s2, inv, gw, gb)
     return dx
 
 

@@ -73,7 +73,7 @@ def _train_setup(ctx, inputs, output):
 
 def param_dtypes(weight: Tensor | None, bias: Tensor | None) -> tuple:
     """The dtypes of ``weight`` and ``bias`` (None for a missing one)."""
-    return tuple(None if p is None else p.dtype for p in (weight, bias))
+    return (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
 
 def param_grads(dw: Tensor, db: Tensor, dtypes: tuple) -> tuple:

@@ -29,6 +29,7 @@ __all__ = [
     "eval_coef",
     "eval_rows",
     "eval_wide",
+    "param_grads",
     "plain_stats",
     "running_update",
     "train_rows",
@@ -109,6 +110,16 @@ def train_rows(x, g, b, eps, big, limit, coef, out, stats):  # pragma: no cover 
         for j in range(K):
             yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
     return plain_stats(stats, O, limit)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def param_grads(s1, s2, inv, gw, gb):  # pragma: no cover - compiled
+    """``gb = sum(dy)`` and ``gw = sum(dy * (x - mean)) * inv_std`` from the float64 sums
+    ``s1``, ``s2``, each rounded once to its own dtype (NumPy's ``gb[...] = s1``,
+    ``gw[...] = s2 * inv`` in one call)."""
+    for k in range(s1.shape[0]):
+        gb[k] = s1[k]
+        gw[k] = s2[k] * inv[k]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
