@@ -1,0 +1,102 @@
+"""Round-4 probe of the NumPy layers and the torch modules as a hostile user would call
+them, torch.nn as the oracle. Each test states the expected behaviour. Tests of defects
+fixed on this branch pass; the reproducers of defects in files this probe could not change
+(the torch adapter's fast path and the compiled kernels, being edited at the time) fail by
+design until they are fixed, and say where the defect lies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import batchnorm as bn  # noqa: E402
+import batchnorm.torch as bt  # noqa: E402
+
+VARIANTS = {
+    "BatchRenorm": lambda: bt.BatchRenorm(4),
+    "GhostBatchNorm": lambda: bt.GhostBatchNorm(4, virtual_batch_size=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("training", [True, False])
+def test_variants_moved_to_bfloat16_run_like_their_float32_selves(name, training):
+    """``model.to(torch.bfloat16)`` works for every module (docs/guide/torch.md): the
+    variants' bfloat16 parameters were handed to NumPy, which has no bfloat16
+    (``TypeError: Got unsupported ScalarType BFloat16``), in training and evaluation. They
+    compute in float32 like ``BatchNorm2d``; gradients come back in the parameters' dtype."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 4, 3, 3, generator=gen) * 2 + 1).to(torch.bfloat16)
+    dy = torch.randn(8, 4, 3, 3, generator=gen).to(torch.bfloat16)
+    ref = VARIANTS[name]().train(training)  # float32 parameters: the control
+    ours = VARIANTS[name]().to(torch.bfloat16).train(training)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    grads = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.backward(dy)
+        assert y.dtype == torch.bfloat16
+        grads.append((y, xi.grad, m.weight.grad, m.bias.grad))
+    assert ours.weight.grad.dtype == ours.bias.grad.dtype == torch.bfloat16
+    assert ours.running_mean.dtype == ours.running_var.dtype == torch.bfloat16
+    for a, b in zip(grads[0], grads[1], strict=True):  # bfloat16 rounding apart at most
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        ours.running_var.float(), ref.running_var.float(), rtol=1e-2, atol=1e-2
+    )
+
+
+# --------------------------------------------------------------- evaluation-mode gradients
+def _eval_input(shape):
+    x = np.random.default_rng(0).standard_normal(shape)
+    x[(0,) * len(shape)] = np.inf  # one infinite input element
+    return x
+
+
+def test_numpy_layer_eval_input_gradient_is_finite_beside_an_infinite_input():
+    """In evaluation ``dx = dy * gamma / sqrt(running_var + eps)``, which does not depend
+    on ``x``: an infinite element of ``x`` gives an infinite ``y`` there and a finite
+    ``dx`` (torch.nn: finite everywhere). Seen: ``dx`` is NaN at that element; the kernels
+    write ``dx = k dy + p (x - mean) + q`` with ``p = q = 0`` in evaluation, and
+    ``0 * inf`` is NaN (batchnorm.core.coef.input_grad_coef and the compiled backward)."""
+    x = _eval_input((6, 4))
+    dy = np.random.default_rng(1).standard_normal(x.shape)
+    layer = bn.BatchNorm(4)
+    layer.eval()
+    layer(x)
+    dx = layer.backward(dy)
+    expected = dy * (layer.gamma / np.sqrt(layer.running_var + layer.eps))
+    assert np.isfinite(dx[:, 1:]).all()  # control: the other features are right
+    np.testing.assert_allclose(dx[:, 1:], expected[:, 1:], rtol=1e-12)
+    np.testing.assert_allclose(dx, expected, rtol=1e-12)  # fails: dx[0, 0] is NaN
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3, 3)])
+def test_torch_module_eval_input_gradient_is_finite_beside_an_infinite_input(shape):
+    """The same through ``batchnorm.torch.BatchNorm1d/2d`` in evaluation, with
+    ``torch.nn.BatchNorm*d`` as the oracle: its ``dx`` is ``dy * weight / sqrt(running_var
+    + eps)``, finite everywhere. Seen: NaN at the infinite element (the lean path's
+    backward, adapters/torch/_cpu.py and backends/numba/small.py, and the operators')."""
+    x = torch.from_numpy(_eval_input(shape)).float()
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    pair = (
+        (bt.BatchNorm1d, torch.nn.BatchNorm1d)
+        if len(shape) == 2
+        else (bt.BatchNorm2d, torch.nn.BatchNorm2d)
+    )
+    grads = []
+    for cls in pair:
+        m = cls(4).eval()
+        xi = x.clone().requires_grad_(True)
+        m(xi).backward(dy)
+        grads.append(xi.grad)
+    ours, theirs = grads
+    assert torch.isfinite(theirs).all()  # the oracle's answer
+    torch.testing.assert_close(ours[:, 1:], theirs[:, 1:])  # control: other features agree
+    torch.testing.assert_close(ours, theirs)  # fails: NaN at the infinite element
