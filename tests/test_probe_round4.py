@@ -6,6 +6,8 @@ design until they are fixed, and say where the defect lies."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,18 @@ def test_torch_module_weight_of_c_elements_in_another_shape_runs_like_torch():
         m.weight = torch.nn.Parameter(torch.linspace(0.5, 2.0, 4).reshape(4, 1))
         outs.append(m(x))
     torch.testing.assert_close(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 3), (8, 4, 0)])
+def test_torch_ghost_refuses_an_empty_batch_saying_so(shape):
+    """An empty batch in training is refused by ``GhostBatchNorm`` (as by ``BatchRenorm``
+    and the NumPy ``GhostBatchNorm``: 'cannot normalize an empty batch'), nothing changed.
+    Seen: 'gives virtual batches with 1 value per channel ...; use a larger
+    virtual_batch_size', a count and an advice that do not apply to 0 values."""
+    m = bt.GhostBatchNorm(4, virtual_batch_size=4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"empty batch.*" + re.escape(str(shape))):
+        m(torch.randn(shape))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="1 value per channel"):  # control: one value
+        m(torch.randn(1, 4))
