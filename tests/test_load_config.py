@@ -168,3 +168,17 @@ def test_a_file_without_a_configuration_is_refused_naming_what_is_missing(
     source.save(tmp_path / f"saved{suffix}")
     twin = bn.BatchNorm(3, eps=1e-3, momentum=0.5, convention="keras")
     assert _same(_snapshot(twin.load(tmp_path / f"saved{suffix}")), _snapshot(source))
+
+
+def test_a_configuration_without_a_class_is_refused_naming_the_field(rng, tmp_path):
+    """A configuration that lacks ``class`` (or has a non-string one) is refused naming
+    'batchnorm.class' (it read "the file holds a None layer, not a BatchNorm")."""
+    source = _trained(bn.BatchNorm(3), rng)
+    target = bn.BatchNorm(3)
+    before = _snapshot(target)
+    for cls in (None, 7):
+        with pytest.raises(ValueError, match=r"'batchnorm\.class' must be a class name"):
+            target.load(_file(tmp_path, source, **{"class": cls}))
+        assert _same(_snapshot(target), before)
+    target.load(_file(tmp_path, source))  # the control: the class given, it loads
+    assert _same(_snapshot(target), _snapshot(source))

@@ -237,13 +237,13 @@ def load(layer: Any, path: str | os.PathLike) -> Any:
             "momentum, convention ... are this layer's; nothing changed. To take the arrays "
             "alone, use load_state_dict(batchnorm.checkpoint.load_state(path)[0])"
         )
-    saved = cfg.get("class") if isinstance(cfg, dict) else None
-    if isinstance(cfg, dict) and saved != config_name(type(layer)):
+    # a configuration naming no class, or contradicting its own arrays, is refused first
+    cfg = checkpoint.layer_config(meta, path, state)
+    if cfg["class"] != config_name(type(layer)):
         raise ValueError(
-            f"{path}: the file holds a {saved!r} layer, not a {type(layer).__name__}; "
+            f"{path}: the file holds a {cfg['class']!r} layer, not a {type(layer).__name__}; "
             "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
         )
-    checkpoint.layer_config(meta, path, state)  # a configuration contradicting its arrays lies
     check_file_config(layer, cfg, path)
     return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))
 
