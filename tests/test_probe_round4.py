@@ -193,3 +193,30 @@ def test_torch_ghost_refuses_an_empty_batch_saying_so(shape):
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     with pytest.raises(ValueError, match="1 value per channel"):  # control: one value
         m(torch.randn(1, 4))
+
+
+# --------------------------------------------------------------- torch recalibrate
+@pytest.mark.parametrize("case", ["half overflow", "inf in a batch"])
+def test_torch_recalibrate_refuses_estimates_that_are_not_finite(case):
+    """``batchnorm.torch.recalibrate`` of a ``torch.nn.BatchNorm2d`` model (whose forward
+    lets non-finite values into its buffers) wrote them into the running statistics: a
+    float16 layer got ``running_var = inf`` from data of scale 1000 (variance 1e6 > 65504),
+    a batch holding +inf gave ``running_mean = nan``. Like ``batchnorm.recalibrate`` for the
+    NumPy layers, an estimate that is not finite in a layer's dtype is refused naming the
+    layer, and no layer changes (the control: the same data in float32 recalibrate)."""
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 4, 3, 3, generator=gen) * 2 + 1 for _ in range(3)]
+    if case == "half overflow":
+        data = [(d * 1000).half() for d in data]
+    else:
+        data[0][0, 0, 0, 0] = float("inf")
+    dtype = data[0].dtype
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not finite"):
+        bt.recalibrate(model, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if case == "half overflow":  # the control: float32 buffers hold the same estimates
+        control = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+        bt.recalibrate(control, [d.float() for d in data])
+        assert torch.isfinite(control[0].running_var).all()
