@@ -61,19 +61,28 @@ def _eval_input(shape):
     return x
 
 
-def test_numpy_layer_eval_input_gradient_is_finite_beside_an_infinite_input():
-    """In evaluation ``dx = dy * gamma / sqrt(running_var + eps)``, which does not depend
-    on ``x``: an infinite element of ``x`` gives an infinite ``y`` there and a finite
+FIXED_STATS = {
+    "BatchNorm in evaluation": lambda: bn.BatchNorm(4).eval(),
+    "FrozenBatchNorm": lambda: bn.FrozenBatchNorm.from_statistics(
+        np.linspace(-1.0, 1.0, 4), np.linspace(0.5, 2.0, 4)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_STATS))
+def test_numpy_layer_eval_input_gradient_is_finite_beside_an_infinite_input(name):
+    """With given statistics ``dx = dy * gamma / sqrt(running_var + eps)``, which does not
+    depend on ``x``: an infinite element of ``x`` gives an infinite ``y`` there and a finite
     ``dx`` (torch.nn: finite everywhere). Seen: ``dx`` is NaN at that element; the kernels
     write ``dx = k dy + p (x - mean) + q`` with ``p = q = 0`` in evaluation, and
     ``0 * inf`` is NaN (batchnorm.core.coef.input_grad_coef and the compiled backward)."""
     x = _eval_input((6, 4))
     dy = np.random.default_rng(1).standard_normal(x.shape)
-    layer = bn.BatchNorm(4)
-    layer.eval()
+    layer = FIXED_STATS[name]()
     layer(x)
     dx = layer.backward(dy)
-    expected = dy * (layer.gamma / np.sqrt(layer.running_var + layer.eps))
+    gamma = 1.0 if layer.gamma is None else layer.gamma
+    expected = dy * (gamma / np.sqrt(layer.running_var + layer.eps))
     assert np.isfinite(dx[:, 1:]).all()  # control: the other features are right
     np.testing.assert_allclose(dx[:, 1:], expected[:, 1:], rtol=1e-12)
     np.testing.assert_allclose(dx, expected, rtol=1e-12)  # fails: dx[0, 0] is NaN
