@@ -139,3 +139,46 @@ def test_files_of_0_1_0_still_load(name):
     expected = json.loads((FIXTURES / f"v0_1_0_{name}.expected.json").read_text())
     layer = bn.NormLayer.from_config(expected["config"]).load(FIXTURES / f"v0_1_0_{name}.npz")
     assert layer.num_batches_tracked == expected["state"]["num_batches_tracked"]
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"batchnorm": None}, {"state_version": 1}])
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_file_without_a_configuration_is_refused_naming_what_is_missing(
+    rng, tmp_path, meta, suffix
+):
+    """A hand-made or edited file without the 'batchnorm' metadata used to load into a
+    layer of any configuration (the check was skipped): a file whose eps, momentum or
+    convention cannot be compared is refused, naming the missing entry and the way to load
+    the arrays alone; the layer is unchanged. Every file ``save`` writes has the entry."""
+    if suffix == ".safetensors":
+        pytest.importorskip("safetensors")
+    source = _trained(bn.BatchNorm(3, eps=1e-3, momentum=0.5, convention="keras"), rng)
+    target = _trained(bn.BatchNorm(3), np.random.default_rng(7))
+    before = _snapshot(target)
+    path = tmp_path / f"bare{suffix}"
+    checkpoint.save_state(path, source.state_dict(), meta=meta)
+    with pytest.raises(ValueError, match=r"no 'batchnorm' entry.*load_state_dict") as info:
+        target.load(path)
+    assert str(path) in str(info.value)
+    assert _same(_snapshot(target), before)
+    # the arrays alone load through the documented route, on purpose
+    target.load_state_dict(checkpoint.load_state(path)[0])
+    assert _same(_snapshot(target), _snapshot(source))
+    # the control: what save writes (npz and safetensors) round-trips into its configuration
+    source.save(tmp_path / f"saved{suffix}")
+    twin = bn.BatchNorm(3, eps=1e-3, momentum=0.5, convention="keras")
+    assert _same(_snapshot(twin.load(tmp_path / f"saved{suffix}")), _snapshot(source))
+
+
+def test_a_configuration_without_a_class_is_refused_naming_the_field(rng, tmp_path):
+    """A configuration that lacks ``class`` (or has a non-string one) is refused naming
+    'batchnorm.class' (it read "the file holds a None layer, not a BatchNorm")."""
+    source = _trained(bn.BatchNorm(3), rng)
+    target = bn.BatchNorm(3)
+    before = _snapshot(target)
+    for cls in (None, 7):
+        with pytest.raises(ValueError, match=r"'batchnorm\.class' must be a class name"):
+            target.load(_file(tmp_path, source, **{"class": cls}))
+        assert _same(_snapshot(target), before)
+    target.load(_file(tmp_path, source))  # the control: the class given, it loads
+    assert _same(_snapshot(target), _snapshot(source))

@@ -528,3 +528,56 @@ def test_a_reducers_own_timeout_aborts_a_job_with_a_missing_rank():
     assert "rank 1 has not arrived" in text
     assert "timeout=2 s reached: aborting the job" in text
     assert "rank 0 was not stopped" not in text
+
+
+@pytest.mark.parametrize("big", [2**63, 2**63 + 5, 2**100, np.uint64(2**63)])
+def test_a_position_beyond_int64_is_refused_naming_it(big):
+    """Positions are int64 like every count of the library; 2**63 and beyond were taken
+    (and moved every later draw of the process past int64). Refused naming the value, with
+    the layer's position and the process's next draw unchanged."""
+    layer = bn.BatchNorm(3, reducer=Recording())
+    pos, red = layer.sync_position, layer.reducer
+    with pytest.raises(ValueError, match=f"sync_position.*{int(big)}"):
+        layer.sync_position = big
+    assert layer.sync_position == pos and layer.reducer is red
+    assert bn.BatchNorm(3, reducer=Recording()).sync_position == pos + 1  # draws unmoved
+    layer.sync_position = pos + 100  # the control: an int64 position is taken
+    assert layer.sync_position == pos + 100
+
+
+def test_the_last_int64_position_is_taken_and_then_no_draw_is_left():
+    """2**63 - 1 is a position; after it no draw can give an int64 one: a layer that would
+    need one, and a convert_sync block, are refused naming the reason, nothing changed.
+    In a process of its own (the namespace is process-wide)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import batchnorm as bn\n"
+        "from batchnorm import distributed\n"
+        "from batchnorm.core.reduce import LocalReducer\n"
+        "from batchnorm.nn import Sequential\n"
+        "class R(LocalReducer):\n    distributed = True\n"
+        "last = bn.BatchNorm(3, reducer=R())\n"
+        "last.sync_position = 2**63 - 1\n"
+        "assert last.sync_position == 2**63 - 1\n"
+        "layer = bn.BatchNorm(3)\n"
+        "acts = (lambda: setattr(layer, 'reducer', R()), lambda: bn.BatchNorm(3, reducer=R()))\n"
+        "for act in acts:\n"
+        "    try:\n        act()\n    except ValueError as e:\n        print('refused:', e)\n"
+        "assert not layer.reducer.distributed\n"
+        "model = Sequential(bn.BatchNorm(3), bn.BatchNorm(3))\n"
+        "class C:\n"
+        "    def Get_rank(self): return 0\n"
+        "    def Get_size(self): return 1\n"
+        "    Iallgather = Isend = None\n"
+        "try:\n    distributed.convert_sync(model, C())\n"
+        "except ValueError as e:\n    print('refused:', e)\n"
+        "assert not any(m.reducer.distributed for m in model.modules)\n"
+        "print('done')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done" in res.stdout, res.stderr
+    refusals = [line for line in res.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 3, res.stdout
+    assert all("no sync position" in line and "2**63" in line for line in refusals), refusals

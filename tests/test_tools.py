@@ -253,7 +253,8 @@ def test_safetensors_round_trip_and_rejections(rng, tmp_path):
     with pytest.raises(ValueError, match="not a readable safetensors"):
         target.load(tmp_path / "junk.safetensors")
     bad = dict(state, running_var=np.array([1.0, -2.0, 1.0]))
-    checkpoint.save_safetensors(tmp_path / "neg.safetensors", bad)
+    meta = {"batchnorm": target.config()}  # a file without one is refused before its arrays
+    checkpoint.save_safetensors(tmp_path / "neg.safetensors", bad, meta=meta)
     with pytest.raises(ValueError, match="negative"):
         target.load(tmp_path / "neg.safetensors")
     bn.BatchNorm(4).save(tmp_path / "four.safetensors")

@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 
+from .._validation import COUNT_LIMIT
 from ..core.reduce import Call, SyncBatchStats, collect, resolve
 from ..core.stats import BatchStats
 from . import protocol as P
@@ -32,7 +33,11 @@ class _Positions:
     position is held by one live layer at a time, so two layers of a process never share
     a name in synchronized calls (ranks reaching different layers could then be merged
     with each other: a split brain). Draws never return a position drawn or assigned
-    before; an assigned position moves the next draw past it."""
+    before; an assigned position moves the next draw past it. Positions are int64
+    (``0 .. 2**63 - 1``); a draw past the last one is refused."""
+
+    #: One past the last position (positions are int64, like every count of the library).
+    LIMIT = COUNT_LIMIT
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -44,6 +49,7 @@ class _Positions:
         """The next position, now held by ``holder``."""
         with self._lock:
             value = self._next
+            self._check_left(1)
             self._next += 1
             self._hold(holder, value)
             return value
@@ -53,8 +59,19 @@ class _Positions:
         :func:`batchnorm.distributed.convert_sync`, claimed one by one)."""
         with self._lock:
             first = self._next
+            self._check_left(count)
             self._next += count
             return first
+
+    def _check_left(self, count: int) -> None:
+        """Refuse, with nothing changed, a draw of ``count`` positions past the last one."""
+        if self._next + count > self.LIMIT:
+            raise ValueError(
+                f"no sync position is left for {count} more layer(s): positions are int64 "
+                f"(0 to 2**63 - 1) and the next free one is {self._next} (an assigned "
+                "sync_position moves every later draw past it); assign smaller positions "
+                "(nothing changed)"
+            )
 
     def claim(self, holder: object, value: int, owner: str) -> None:
         """``holder`` holds ``value``; refused, with nothing changed, when another live

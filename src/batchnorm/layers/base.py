@@ -368,6 +368,8 @@ class NormLayer(Module):
         a variant's own arguments) must equal this layer's; ``backend``, ``dtype``,
         ``axis``, ``reuse_buffers`` and ``schedule`` may differ (the arrays are stored in
         this layer's dtype). A field an older file lacks counts as the constructor's
-        default. A refused load changes nothing; to take the file's configuration, build
-        the layer with :func:`batchnorm.diagnostics.layer_from_checkpoint`."""
+        default. A file without a configuration (not written by :meth:`save`) is refused:
+        load its arrays with ``load_state_dict(batchnorm.checkpoint.load_state(path)[0])``.
+        A refused load changes nothing; to take the file's configuration, build the layer
+        with :func:`batchnorm.diagnostics.layer_from_checkpoint`."""
         return state_io.load(self, path)

@@ -226,18 +226,25 @@ def save(layer: Any, path: str | os.PathLike) -> None:
 
 
 def load(layer: Any, path: str | os.PathLike) -> Any:
-    """``layer.load(path)``: state written by a layer of the same class, validated."""
+    """``layer.load(path)``: state written by a layer of the same class and configuration,
+    validated; a file without a configuration (not written by ``save``) is refused."""
     state, meta = checkpoint.load_state(path)
     cfg = meta.get("batchnorm") if isinstance(meta, dict) else None
-    saved = cfg.get("class") if isinstance(cfg, dict) else None
-    if isinstance(cfg, dict) and saved != config_name(type(layer)):
+    if cfg is None:  # every file save writes has one: without it, nothing can be compared
         raise ValueError(
-            f"{path}: the file holds a {saved!r} layer, not a {type(layer).__name__}; "
+            f"{path} holds no layer configuration (no 'batchnorm' entry in its metadata, "
+            "which every file written by save() has), so load cannot check that its eps, "
+            "momentum, convention ... are this layer's; nothing changed. To take the arrays "
+            "alone, use load_state_dict(batchnorm.checkpoint.load_state(path)[0])"
+        )
+    # a configuration naming no class, or contradicting its own arrays, is refused first
+    cfg = checkpoint.layer_config(meta, path, state)
+    if cfg["class"] != config_name(type(layer)):
+        raise ValueError(
+            f"{path}: the file holds a {cfg['class']!r} layer, not a {type(layer).__name__}; "
             "rebuild it with batchnorm.diagnostics.layer_from_checkpoint"
         )
-    if cfg is not None:  # a file whose configuration contradicts its own arrays lies
-        checkpoint.layer_config(meta, path, state)
-        check_file_config(layer, cfg, path)
+    check_file_config(layer, cfg, path)
     return layer.load_state_dict(state, version=checkpoint.state_version(meta, path))
 
 

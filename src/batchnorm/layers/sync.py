@@ -149,9 +149,13 @@ class Sync:
         with nothing changed, when another live layer of the process holds it."""
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"sync_position must be an integer >= 0; got {value!r}")
-        if value < 0:
-            raise ValueError(f"sync_position must be an integer >= 0; got {value!r}")
         from .._sync.reducer import LAYER_POSITIONS
+
+        if not 0 <= value < LAYER_POSITIONS.LIMIT:  # an int64, like the other counts
+            raise ValueError(
+                f"sync_position must be an integer from 0 to 2**63 - 1 (an int64); got "
+                f"{int(value)}; {self.owner} keeps its position"
+            )
 
         LAYER_POSITIONS.claim(self, int(value), self.owner)
         self.tag, self.numbered = int(value), True

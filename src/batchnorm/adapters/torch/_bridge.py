@@ -99,10 +99,13 @@ def empty(x: torch.Tensor, v: View) -> tuple[torch.Tensor, object]:
 
 
 def feature(p: torch.Tensor | None, v: View, dtype=None):
-    """A per-feature tensor as the kernels read it (NumPy on CPU), or None."""
+    """A per-feature tensor as the kernels read it (NumPy on CPU), or None. bfloat16 is
+    read as float32 on CPU (NumPy has no bfloat16: ``model.to(torch.bfloat16)``)."""
     if p is None:
         return None
     p = p.detach()
+    if dtype is None and v.cpu and p.dtype == torch.bfloat16:
+        dtype = torch.float32
     if dtype is not None:
         p = p.to(dtype)
     return p.numpy() if v.cpu else p

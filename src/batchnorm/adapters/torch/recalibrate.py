@@ -73,7 +73,9 @@ def recalibrate(
     Raises
     ------
     ValueError
-        When no batch was seen or ``method`` is unknown; then nothing has changed.
+        When no batch was seen, ``method`` is unknown, or an estimate is not finite in its
+        layer's dtype (a batch holding inf or NaN, a float16 variance beyond 65504); then
+        nothing has changed.
     """
     if method not in ("population", "ioffe"):
         raise ValueError(f"method must be 'population' or 'ioffe'; got {method!r}")
@@ -98,6 +100,7 @@ def recalibrate(
             raise ValueError("recalibrate saw no batches (an empty loader?)")
         unused = [m for m in layers if acc[m].count == 0]
         estimates = {m: _estimate(m, acc[m], method) for m in layers if acc[m].count > 0}
+        _check_finite(model, estimates)
     except BaseException:
         _restore(saved)
         raise
@@ -120,6 +123,20 @@ def recalibrate(
             stacklevel=2,
         )
     return list(estimates)
+
+
+def _check_finite(model: torch.nn.Module, estimates: dict) -> None:
+    """Refuse estimates that are not finite in their layer's buffers' dtype (a torch.nn
+    layer's own forward lets inf and NaN into its buffers; they never come out of here)."""
+    for m, (mean, var) in estimates.items():
+        cast = (B.tensor(mean, m.running_mean), B.tensor(var, m.running_var))
+        if not all(bool(torch.isfinite(torch.as_tensor(a)).all()) for a in (mean, var, *cast)):
+            name = next((n for n, mod in model.named_modules() if mod is m), "") or "(the model)"
+            raise ValueError(
+                f"recalibrate: the statistics of layer {name} are not finite in its dtype "
+                f"{m.running_var.dtype} (max |mean| {float(np.max(np.abs(mean)))!r}, max var "
+                f"{float(np.max(var))!r}); nothing was changed"
+            )
 
 
 def _state(m) -> list[torch.Tensor]:

@@ -187,6 +187,11 @@ class GhostBatchNorm(_AnyRank, NormBase):
             op = BatchNormOp(self.eps, self.running_mean, self.running_var)
             return apply(op, input, self.weight, self.bias)
         per_sample = input.numel() // max(input.shape[0] * input.shape[1], 1)
+        if input.numel() == 0:  # (not "1 value per channel": there is none)
+            raise ValueError(
+                f"GhostBatchNorm cannot normalize an empty batch: input has shape "
+                f"{tuple(input.shape)}"
+            )
         if input.shape[0] * per_sample < 2 or self.virtual_batch_size * per_sample < 2:
             raise ValueError(
                 f"GhostBatchNorm with virtual_batch_size={self.virtual_batch_size} on input of "
