@@ -263,8 +263,8 @@ class NumpyBackend(NumpyArrays):
             s2 = coef.centred_grad_sum(s2, sum_dy, mb, shift, hb)
         if batch_stats:
             p, q = coef.backward_coef(sum_dy, s2, inv.reshape(b), kb, m)
-        else:  # dx = k dy; 0 * (x - mean) keeps NaN/Inf of x flowing into dx
-            p = q = np.zeros(mb.shape)
-        p_h, q_s = coef.input_grad_coef(p, q, mb, shift, hb)
-        dx = passes.dx_centred(np, d, dyw, kb, p_h, q_s, dtype)
+            p_h, q_s = coef.input_grad_coef(p, q, mb, shift, hb)
+            dx = passes.dx_centred(np, d, dyw, kb, p_h, q_s, dtype)
+        else:  # dx = k dy, independent of x (an infinite x leaves it finite)
+            dx = passes.dx_given(np, dyw, kb, d.dtype, dtype)
         return _finish(dx, dtype, out), sum_dy.reshape(fshape), s2.reshape(fshape)

@@ -248,12 +248,20 @@ def input_grad(xp, x, dy, mean, k, p, q, out_dtype, h):
     return dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype)
 
 
+def _k_dy(xp, dyw, k, work):  # float64 dy, float32 x: in float64; float16 dy: float32
+    return dyw * _as(xp, k, xp.result_type(dyw.dtype, work))
+
+
+def dx_given(xp, dyw, k, work, out_dtype):
+    """``dx = k dy`` with given statistics: free of ``x`` (an infinite ``x`` stays out)."""
+    return _as(xp, _k_dy(xp, dyw, k, work), out_dtype)
+
+
 def dx_centred(xp, d, dyw, k, p_h, q_s, out_dtype):
     """``dx = (d p_h + q_s) + k dy`` on centred data ``d`` (:func:`centred`, overwritten);
     ``(p_h, q_s)`` from :func:`batchnorm.core.coef.input_grad_coef`."""
     dx = _affine(xp, d, p_h, q_s)
-    # float64 dy with float32 x: the product in float64; float16 dy (NumPy): in float32
-    k_dy = dyw * _as(xp, k, xp.result_type(dyw.dtype, dx.dtype))
+    k_dy = _k_dy(xp, dyw, k, dx.dtype)
     if k_dy.dtype == dx.dtype:
         dx += k_dy
     else:
@@ -408,5 +416,5 @@ def backward(xp, x, dy, axes, mean, var, inv_std, gamma, batch_stats: bool, coun
         p_h, q_s = input_grad_coef(p, q, m_rel, s_rel, h)
         dx = dx_centred(xp, d, dyw, k, p_h, q_s, x.dtype)
     else:
-        dx = xp.astype(dyw * xp.astype(k, dyw.dtype), x.dtype, copy=False)
+        dx = dx_given(xp, dyw, k, dyw.dtype, x.dtype)
     return dx, xp.reshape(inv_b * sum_dy_xc, lay.fshape), xp.reshape(sum_dy, lay.fshape)

@@ -200,15 +200,19 @@ def _lean(x, weight, bias, batch: bool, rm, rv, eps: float):
     return y, None, None
 
 
-def batch_norm(module, x, batch: bool, update: bool, rm, rv, params=None, lay=None) -> torch.Tensor:
+def batch_norm(
+    module, x, batch: bool, update: bool, rm, rv, params=None, lay=None, eps=None
+) -> torch.Tensor:
     """``module``'s forward on ``x`` (checked by the caller): batch statistics when
     ``batch`` (updating the running statistics when ``update``), else ``rm``/``rv``.
 
     ``params``: ``(weight, bias, num_batches_tracked)`` when the caller has read them
     already (from the module's parameter and buffer dicts: an attribute read through
     ``Module.__getattr__`` costs about half a microsecond each); None: read here.
-    ``lay``: the input's :class:`._cpu.Layout` when the caller has it (a plain tensor)."""
-    eps = module.eps
+    ``lay``: the input's :class:`._cpu.Layout` when the caller has it (a plain tensor);
+    ``eps``: the module's, checked and as a float (None: read here)."""
+    if eps is None:
+        eps = module.eps
     if params is None:
         weight, bias = module.weight, module.bias
         nbt = getattr(module, "num_batches_tracked", None) if update else None

@@ -103,6 +103,56 @@ def _check_eps(eps: float, batch: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def eps_value(eps, batch: bool) -> float:
+    """``eps`` as a float (an int, a NumPy scalar or a one-element tensor read as torch
+    reads it), checked (:func:`_check_eps`)."""
+    if type(eps) is not float:
+        if isinstance(eps, (str, bytes, complex)) or eps is None:
+            raise TypeError(f"batch_norm eps must be a real number, got {eps!r}")
+        try:
+            eps = float(eps)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"batch_norm eps must be a real number, got {eps!r}") from err
+    _check_eps(eps, batch)
+    return eps
+
+
+_INF = float("inf")
+
+
+def check_momentum(momentum) -> None:
+    """``momentum`` must be None or a finite real number (a NaN or infinite one would write
+    non-finite running statistics; raised before anything changes)."""
+    if isinstance(momentum, (str, bytes, complex)):
+        raise TypeError(f"momentum must be None or a real number, got {momentum!r}")
+    try:
+        value = float(momentum)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"momentum must be None or a real number, got {momentum!r}") from err
+    if not -_INF < value < _INF:
+        raise ValueError(
+            f"momentum must be finite, got {value}: the running statistics would become "
+            "non-finite (they are left unchanged)"
+        )
+
+
+def _one_missing(training: bool, rm) -> None:
+    """Refuse a module with one running statistic set to None, as torch.nn refuses it."""
+    if training:
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    name = "running_mean" if rm is None else "running_var"
+    raise RuntimeError(f"{name} must be defined in evaluation mode")
+
+
+def _flat(p, x):
+    """A weight or bias of ``C`` elements in another shape (torch.nn checks only the number
+    of elements) as the ``(C,)`` view the kernels read; the gradient flows back through
+    the view. Other sizes are left for the size check, which names the shape."""
+    if p is None or p.dim() == 1 or p.numel() != x.shape[1]:
+        return p
+    return p.reshape(-1)
+
+
 class NormBase(_BatchNorm):
     """What this library's torch batch-norm modules share: torch's ``_BatchNorm`` with the
     forward of ``batchnorm.adapters.torch.fast``, and the checks and running update the
@@ -168,14 +218,25 @@ class NormBase(_BatchNorm):
         training = self.training
         w, b, rm0, rv0, nbt = self._tensors()
         batch = training or (rm0 is None and rv0 is None)
-        _check_eps(self.eps, batch)
+        eps = self.eps
+        if type(eps) is not float or not eps > 0:
+            eps = eps_value(eps, batch)
         if batch and (lay is None or lay.count < 2 or not lay.view_shape[1]):
             self.check_batch(input)
         track = not training or self.track_running_stats
         rm = rm0 if track else None
         rv = rv0 if track else None
+        if (rm is None) is not (rv is None):
+            _one_missing(training, rm)
         update = training and self.track_running_stats  # (nbt None: torch still updates)
-        return batch_norm(self, input, batch, update and rm is not None, rm, rv, (w, b, nbt), lay)
+        if update and rm is not None:
+            m = self.momentum
+            if m is not None and (type(m) is not float or not -_INF < m < _INF):
+                check_momentum(m)
+        if (w is not None and w.dim() != 1) or (b is not None and b.dim() != 1):
+            w, b = _flat(w, input), _flat(b, input)
+        params = (w, b, nbt)
+        return batch_norm(self, input, batch, update and rm is not None, rm, rv, params, lay, eps)
 
     def _tensors(self):
         """``(weight, bias, running_mean, running_var, num_batches_tracked)``, read from

@@ -49,6 +49,15 @@ def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, inv, c):  # pragma:
     coef[3, c] = h
 
 
+@njit(inline="always")
+def xterm(p, d):  # pragma: no cover - compiled
+    """``p * d``, the input gradient's term in ``x``, or ``p`` itself (a zero) where ``p`` is
+    zero: with given statistics (``p = 0``) ``dx = k dy`` does not depend on ``x``, and an
+    infinite ``x`` must not turn it into NaN (``0 * inf``). Same dtype as ``p * d``."""
+    z = p * d
+    return p if p == 0 else z
+
+
 @njit(cache=True, error_model="numpy")
 def _grad_coef(s1, s2, mean, inv, k, h, m, batch_stats, coef, c):  # pragma: no cover
     """Input-gradient coefficients of one feature from its two gradient sums.
@@ -105,7 +114,7 @@ def _dx_rows(x, dy, coef, out, nchunks):  # pragma: no cover - compiled
         o1 = (t + 1) * O // nchunks
         for o in range(o0, o1):
             for j in range(K):
-                v = k[j] * ld(dy[o, j]) + p[j] * (ld(x[o, j]) * h[j] - s[j]) + q[j]
+                v = k[j] * ld(dy[o, j]) + xterm(p[j], ld(x[o, j]) * h[j] - s[j]) + q[j]
                 out[o, j] = st(v, out)
 
 
@@ -117,7 +126,7 @@ def _dx_wide(x, dy, coef, out):  # pragma: no cover - compiled
         c = task % C
         sc, kc, pc, qc, hc = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
         for i in range(I):
-            v = kc * ld(dy[o, c, i]) + pc * (ld(x[o, c, i]) * hc - sc) + qc
+            v = kc * ld(dy[o, c, i]) + xterm(pc, ld(x[o, c, i]) * hc - sc) + qc
             out[o, c, i] = st(v, out)
 
 
@@ -286,7 +295,7 @@ def _backward_wide(x, dy, mean, inv, k, h, batch_stats, coef, out, s1, s2):  # p
         sc, kc, pc, qc, hw = coef[0, c], coef[1, c], coef[2, c], coef[3, c], coef[4, c]
         for o in range(O):
             for i in range(I):
-                v = kc * ld(dy[o, c, i]) + pc * (ld(x[o, c, i]) * hw - sc) + qc
+                v = kc * ld(dy[o, c, i]) + xterm(pc, ld(x[o, c, i]) * hw - sc) + qc
                 out[o, c, i] = st(v, out)
 
 
@@ -327,7 +336,7 @@ def _backward_rows(x, dy, mean, inv, k, h, batch_stats, width, coef, out, s1, s2
             gr = dy[o, k0 : k0 + w]
             dr = out[o, k0 : k0 + w]
             for j in range(w):
-                v = kk[j] * ld(gr[j]) + p[j] * (ld(xr[j]) * hw[j] - s[j]) + q[j]
+                v = kk[j] * ld(gr[j]) + xterm(p[j], ld(xr[j]) * hw[j] - s[j]) + q[j]
                 dr[j] = st(v, out)
 
 

@@ -21,7 +21,7 @@ from ...core import coef as F
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
 from .half import ld, st
 from .options import SERIAL_OPTS
-from .passes import grad_coef, strip_sums, train_coef
+from .passes import grad_coef, strip_sums, train_coef, xterm
 from .reductions import finish_moments
 
 __all__ = [
@@ -182,7 +182,7 @@ def backward_rows(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb):  # pragm
         gr = dy[o]
         dr = out[o]
         for j in range(K):
-            v = kk[j] * ld(gr[j]) + p[j] * (ld(xr[j]) * hw[j] - s[j]) + q[j]
+            v = kk[j] * ld(gr[j]) + xterm(p[j], ld(xr[j]) * hw[j] - s[j]) + q[j]
             dr[j] = st(v, out)
 
 
