@@ -218,6 +218,8 @@ def batch_norm(
         nbt = getattr(module, "num_batches_tracked", None) if update else None
     else:
         weight, bias, nbt = params
+    if lay is None and not use_ops(x):  # (a caller without the layout: the variants)
+        lay = _cpu.layout(x)
     if lay is not None and lay.native and lay.kind and not use_ops(x):
         # the one-call route: parameters and buffers read in place by the kernels
         views = _views(module, weight, bias, rm, rv, nbt, lay.view_shape[1])
@@ -234,8 +236,6 @@ def batch_norm(
         if update:
             update_traced(module, mean, var, x.numel() // x.shape[1])
         return y
-    if lay is None:
-        lay = _cpu.layout(x)
     _views(module, weight, bias, rm, rv, nbt, x.shape[1])  # checks sizes, every route
     y, mean, var = _lean(x, weight, bias, batch, rm, rv, eps)
     if update:
