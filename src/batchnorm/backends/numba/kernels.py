@@ -82,6 +82,7 @@ __all__ = [
     "small_fused",
     "supported",
     "train",
+    "serial",
     "train_wide_direct",
 ]
 
@@ -379,3 +380,9 @@ _KERNELS = {k.py_func.__name__: k for k in (*reductions.KERNELS, *passes.KERNELS
 _PAR = _Kernels(serial=False)
 _SER = _Kernels(serial=True)
 _NO_GUARD = contextlib.nullcontext()
+
+
+def serial(name: str):
+    """The serial compilation of the kernel ``name`` (e.g. ``"_train_wide"``), for callers
+    that are compiled themselves (:mod:`.centry`)."""
+    return getattr(_SER, name)
