@@ -50,6 +50,7 @@ SOURCE = Path(__file__).with_name("csrc") / "lean.cpp"
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _EXT = None  # the loaded extension module
+_PARALLEL = False  # whether the entry points may call the parallel kernels (centry)
 
 
 def cache_dir() -> Path:
@@ -71,7 +72,7 @@ def build(verbose: bool = False, use_ninja: bool | None = None):
     the C++ compiler directly; None: ninja when it is installed. Returns the extension
     module. Raises the compiler's error (RuntimeError, OSError) when the build fails; the
     route is then left off."""
-    global _EXT, route
+    global _EXT, _PARALLEL, route
     if _EXT is None:
         ext = _load(verbose, use_ninja)
         from ...backends.numba import centry  # compiles the entry points (disk-cached)
@@ -83,6 +84,7 @@ def build(verbose: bool = False, use_ninja: bool | None = None):
                 index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale
             )
         ext.set_fallback(_backward_op)
+        _PARALLEL = centry.parallel_safe()
         _EXT = ext
     route = train
     return _EXT
@@ -166,9 +168,12 @@ def train(module, x, weight, bias, lay, views, eps: float, update: bool):
     if lay.kind == _cpu.ROWS:
         a0, a1, a2 = vs[0], vs[1], 1
     else:  # WIDE: as the Python route, which fuses unless a channel takes several threads,
-        # and sums the gradients alone (another order) where no input gradient is wanted
+        # and sums the gradients alone (another order) where no input gradient is wanted;
+        # the parallel kernels (from SERIAL_MAX elements) only without the Python lock
         a0, a1, a2 = vs
-        if not x.requires_grad or (a0 * a1 * a2 >= SERIAL_MAX and a1 < threads()):
+        if not x.requires_grad or (
+            a0 * a1 * a2 >= SERIAL_MAX and (not _PARALLEL or a1 < threads())
+        ):
             return None
     y, stats, plain = _EXT.train(x, weight, bias, lay.kind, a0, a1, a2, lay.channels_last, eps)
     if not plain:

@@ -82,7 +82,7 @@ __all__ = [
     "small_fused",
     "supported",
     "train",
-    "serial",
+    "kernel",
     "train_wide_direct",
 ]
 
@@ -382,7 +382,7 @@ _SER = _Kernels(serial=True)
 _NO_GUARD = contextlib.nullcontext()
 
 
-def serial(name: str):
-    """The serial compilation of the kernel ``name`` (e.g. ``"_train_wide"``), for callers
-    that are compiled themselves (:mod:`.centry`)."""
-    return getattr(_SER, name)
+def kernel(name: str, serial: bool):
+    """The compiled kernel ``name`` (e.g. ``"_train_wide"``), its serial copy or the parallel
+    one, for callers that are compiled themselves (:mod:`.centry`)."""
+    return getattr(_SER if serial else _PAR, name)
