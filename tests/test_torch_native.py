@@ -293,3 +293,52 @@ def test_build_without_ninja(ext, tmp_path):
     assert out.returncode == 0, out.stderr
     node, where = out.stdout.split()[-2:]
     assert node == NATIVE_NODE and where.startswith(str(tmp_path))
+
+
+def _train_net(on: bool, threads: int = 1):
+    """A few SGD steps of a small network with two batch-norm layers (ROWS and WIDE), in
+    ``threads`` threads at once (each its own copy); the parameters and buffers after."""
+    import threading
+
+    (native.build() if on else native.disable())
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv1d(3, 8, 3, padding=1),
+            bt.BatchNorm1d(8),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8 * 40, 16),
+            bt.BatchNorm1d(16),
+        )
+
+    nets = [net() for _ in range(threads)]
+    nodes = set()
+
+    def run(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(4):
+            x = torch.randn(12, 3, 40, generator=gen)
+            opt.zero_grad()
+            y = model(x)
+            nodes.add(type(y.grad_fn).__name__)
+            (y * torch.randn(y.shape, generator=gen)).sum().backward()
+            opt.step()
+
+    ts = [threading.Thread(target=run, args=(m,)) for m in nets]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return [list(m.state_dict().values()) for m in nets], nodes
+
+
+def test_training_a_network_in_threads_gives_the_python_routes_values(ext):
+    (ref,), nodes = _train_net(False)
+    assert nodes == {PYTHON_NODE}
+    states, nodes = _train_net(True, threads=3)
+    assert nodes == {NATIVE_NODE}
+    for state in states:
+        assert _same(state, ref)
