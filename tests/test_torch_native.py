@@ -342,3 +342,38 @@ def test_training_a_network_in_threads_gives_the_python_routes_values(ext):
     assert nodes == {NATIVE_NODE}
     for state in states:
         assert _same(state, ref)
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (4, 3, 40)])
+def test_frozen_parameters(ext, shape):
+    res = []
+    for on in (True, False):
+        (native.build() if on else native.disable())
+        m = _module(shape, torch.float64)
+        m.weight.requires_grad_(False)
+        m.bias.requires_grad_(False)
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        x.requires_grad_()
+        y = m(x)
+        assert type(y.grad_fn).__name__ == (NATIVE_NODE if on else PYTHON_NODE)
+        y.backward(torch.cos(y.detach()))
+        assert m.weight.grad is None and m.bias.grad is None
+        res.append([y.detach(), x.grad, m.running_mean, m.running_var])
+    assert _same(*res)
+
+
+def test_input_gradient_not_asked_for_on_a_wide_input(ext):
+    # x requires grad but only the parameters' gradients are asked for: both routes sum with
+    # the fused kernel (the Python node's needs_input_grad is the forward's; the native one
+    # writes a dx it discards), so the bits agree
+    out = []
+    for on in (True, False):
+        (native.build() if on else native.disable())
+        m = _module((8, 32, 16, 16), torch.float64)
+        x = torch.randn(
+            8, 32, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6)
+        )
+        y = m((x * 3 + 2).requires_grad_())
+        assert type(y.grad_fn).__name__ == (NATIVE_NODE if on else PYTHON_NODE)
+        out.append(torch.autograd.grad((y * torch.sin(y.detach())).sum(), (m.weight, m.bias)))
+    assert _same(*out)
