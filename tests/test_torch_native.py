@@ -377,3 +377,18 @@ def test_input_gradient_not_asked_for_on_a_wide_input(ext):
         assert type(y.grad_fn).__name__ == (NATIVE_NODE if on else PYTHON_NODE)
         out.append(torch.autograd.grad((y * torch.sin(y.detach())).sum(), (m.weight, m.bias)))
     assert _same(*out)
+
+
+def test_two_backwards_through_one_graph(ext):
+    res = []
+    for on in (True, False):
+        (native.build() if on else native.disable())
+        m = _module((2, 16, 64), torch.float32)
+        x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(7)).requires_grad_()
+        y = m(x)
+        assert type(y.grad_fn).__name__ == (NATIVE_NODE if on else PYTHON_NODE)
+        y.backward(torch.sin(y.detach()), retain_graph=True)
+        first = x.grad.clone()
+        y.backward(torch.cos(y.detach()))
+        res.append([first, x.grad, m.weight.grad, m.bias.grad])
+    assert _same(*res)
