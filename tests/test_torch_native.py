@@ -392,3 +392,22 @@ def test_two_backwards_through_one_graph(ext):
         y.backward(torch.cos(y.detach()))
         res.append([first, x.grad, m.weight.grad, m.bias.grad])
     assert _same(*res)
+
+
+def test_the_extension_refuses_arguments_that_do_not_fit(ext):
+    x = torch.randn(8, 5)
+    w = torch.ones(5)
+    ok = ext.train(x, w, w, 1, 8, 5, 1, 0, 1e-5)
+    assert ok[0].shape == x.shape and ok[2]  # the control: these arguments are accepted
+    bad = [
+        ((x, w, w, 1, 8, 6, 1, 0, 1e-5), "does not fit"),  # view larger than the input
+        ((x, w, w, 3, 8, 5, 1, 0, 1e-5), "kind 1"),
+        ((x, torch.ones(6), w, 1, 8, 5, 1, 0, 1e-5), "weight and bias"),
+        ((x, w, w.double(), 1, 8, 5, 1, 0, 1e-5), "weight and bias"),
+        ((x.t().contiguous().t(), w, w, 1, 8, 5, 1, 0, 1e-5), "not dense"),
+        ((x.half(), None, None, 1, 8, 5, 1, 0, 1e-5), "float32/float64"),
+        ((torch.randn(2, 4, 3, 3), None, None, 2, 2, 4, 9, 1, 1e-5), "not dense"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            ext.train(*args)

@@ -191,10 +191,37 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
 // (y, stats, plain): the training forward through the native node. stats (3, C) float64:
 // mean, biased variance, 1/sqrt(var + eps); plain: the kernels' flag (false: the caller
 // must take the general path and ignore y).
+// The kernels read raw memory: every argument that sizes a read is checked first.
+void check_args(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+                int64_t kind, int64_t a0, int64_t a1, int64_t a2, int64_t channels_last) {
+  TORCH_CHECK(kind == 1 || kind == 2, "batchnorm native: kind 1 (ROWS) or 2 (WIDE), got ",
+              kind);
+  TORCH_CHECK(x.device().is_cpu() && x.layout() == at::kStrided &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "batchnorm native: a dense float32/float64 CPU input, got ", x.toString());
+  TORCH_CHECK(a0 > 0 && a1 > 0 && a2 > 0 && (kind == 2 || a2 == 1) &&
+                  x.numel() == a0 * a1 * a2 && x.dim() >= 2 && x.size(1) == a1,
+              "batchnorm native: view (", a0, ", ", a1, ", ", a2, ") of kind ", kind,
+              " does not fit an input of shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && (channels_last == 0 || kind == 1),
+              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
+              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
+              " order of its view");
+  for (const std::optional<Tensor>* p : {&w, &b}) {
+    if (!p->has_value() || !(*p)->defined()) continue;
+    const Tensor& t = p->value();
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() &&
+                    t.dim() == 1 && t.size(0) == a1 && t.is_contiguous(),
+                "batchnorm native: weight and bias must be contiguous (", a1, ",) ",
+                x.scalar_type(), " CPU tensors, got ", t.toString(), " of shape ", t.sizes());
+  }
+}
+
 std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tensor>& w,
                                        const std::optional<Tensor>& b, int64_t kind,
                                        int64_t a0, int64_t a1, int64_t a2,
                                        int64_t channels_last, double eps) {
+  check_args(x, w, b, kind, a0, a1, a2, channels_last);
   variable_list r = LeanFn::apply(x, w, b, kind, a0, a1, a2, channels_last, eps);
   return {r[0], r[1], PLAIN};
 }
