@@ -24,6 +24,7 @@ ROWS = [
     ("BatchNorm1d (256, 1024)", (256, 1024), None),
     ("BatchNorm2d (8, 32, 16, 16)", (8, 32, 16, 16), None),
     ("BatchNorm2d (32, 256, 14, 14) channels_last", (32, 256, 14, 14), CL),
+    ("BatchNorm2d (16, 64, 8, 8) channels_last", (16, 64, 8, 8), CL),
 ]
 
 
