@@ -293,6 +293,13 @@ def test_build_without_ninja(ext, tmp_path):
     assert out.returncode == 0, out.stderr
     node, where = out.stdout.split()[-2:]
     assert node == NATIVE_NODE and where.startswith(str(tmp_path))
+    assert "building the native torch node" in out.stderr  # the cold build says so
+    again = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[-2] == NATIVE_NODE
+    assert "building the native torch node" not in again.stderr  # loaded from the cache
 
 
 def _train_net(on: bool, threads: int = 1):

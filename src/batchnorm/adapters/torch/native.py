@@ -98,11 +98,18 @@ def _load(verbose: bool, use_ninja: bool | None):
     where.mkdir(parents=True, exist_ok=True)
     if use_ninja is None:
         use_ninja = ce.is_ninja_available()
+    so = where / (name + (".so" if use_ninja else sysconfig.get_config_var("EXT_SUFFIX")))
+    if not so.exists():  # a cold build: say why the call waits (once, on stderr)
+        print(
+            f"batchnorm: building the native torch node, a one-off wait of about 30-60 s "
+            f"(cached in {where})",
+            file=sys.stderr,
+            flush=True,
+        )
     if use_ninja:
         return ce.load(
             name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(where), verbose=verbose
         )
-    so = where / (name + sysconfig.get_config_var("EXT_SUFFIX"))
     if not so.exists():
         _compile(ce, name, so, verbose)
     spec = importlib.util.spec_from_file_location(name, so)
