@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import native
 from .convert import convert_batchnorm, revert_batchnorm
 from .function import BatchNormOp, GhostOp, NormFunction, RenormOp
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, NormBase
@@ -25,6 +26,7 @@ __all__ = [
     "SyncTimeoutError",
     "TorchDistReducer",
     "convert_batchnorm",
+    "native",
     "recalibrate",
     "revert_batchnorm",
 ]

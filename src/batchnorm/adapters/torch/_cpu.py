@@ -310,6 +310,12 @@ _WORK = {torch.float16: np.float32, torch.float32: np.float32, torch.float64: np
 _OVERFLOW = {t: OVERFLOW_LIMIT[np.dtype(w).itemsize] for t, w in _WORK.items()}
 
 
+def kernel_limits(dtype: torch.dtype) -> tuple[float, float]:
+    """``(big, limit)``: the overflow bound of the working precision and
+    :func:`needs_general`'s bound, as :func:`train_small` hands them to the kernels."""
+    return _OVERFLOW[dtype], _BIG_LIMIT[dtype]
+
+
 def inv_std(var: np.ndarray, eps: float) -> np.ndarray:
     """``1 / sqrt(var + eps)`` (float64; :func:`batchnorm.core.coef.inv_std`)."""
     if eps > 0:  # var >= 0 or NaN: no warning to silence

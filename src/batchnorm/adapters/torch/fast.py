@@ -26,6 +26,7 @@ import torch
 
 from . import _composed as T
 from . import _cpu
+from . import native as N
 from . import ops as O
 from ._running import host64, update_running, update_traced, update_views
 from .function import BatchNormOp, apply
@@ -258,6 +259,10 @@ def _direct(module, x, weight, bias, batch, update, lay, views, eps):
         return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
     if lay.kind not in _cpu.SMALL:
         return None
+    if grads and N.route is not None:  # the opt-in compiled node (.native)
+        y = N.route(module, x, weight, bias, lay, views, eps, update)
+        if y is not None:
+            return y
     st = _Step(lay, eps, True, views)
     y = (
         _lean_apply(x, weight, bias, st, None, None)

@@ -82,6 +82,7 @@ __all__ = [
     "small_fused",
     "supported",
     "train",
+    "kernel",
     "train_wide_direct",
 ]
 
@@ -379,3 +380,9 @@ _KERNELS = {k.py_func.__name__: k for k in (*reductions.KERNELS, *passes.KERNELS
 _PAR = _Kernels(serial=False)
 _SER = _Kernels(serial=True)
 _NO_GUARD = contextlib.nullcontext()
+
+
+def kernel(name: str, serial: bool):
+    """The compiled kernel ``name`` (e.g. ``"_train_wide"``), its serial copy or the parallel
+    one, for callers that are compiled themselves (:mod:`.centry`)."""
+    return getattr(_SER if serial else _PAR, name)

@@ -1,0 +1,252 @@
+// The opt-in native autograd node of batchnorm.torch's eager CPU training route
+// (batchnorm/adapters/torch/native.py builds and loads this file).
+//
+// A torch::autograd::Function (a C++ node: no Python in the step) whose forward and
+// backward call the library's compiled numba kernels through their C entry points
+// (batchnorm/backends/numba/centry.py), whose addresses Python hands over once
+// (set_kernels). No maths here: only allocation, argument plumbing and the fallbacks.
+//
+// Layouts (the Python route's one-call views): kind 1 = ROWS, the input viewed (a0, a1) =
+// (O, K); kind 2 = WIDE, viewed (a0, a1, a2) = (N, C, I). The input is float32 or float64
+// and dense in that view; weight and bias are of its dtype or absent.
+//
+// Double backward (the backward run with grad mode on) and a batched or wrapped incoming
+// gradient are handed to a Python function (set_fallback): the custom operator's backward,
+// which is differentiable and has a vmap rule.
+#include <torch/extension.h>
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TrainRows = int32_t (*)(void*, void*, void*, double, double, double, void*, void*,
+                              double*, int64_t, int64_t);
+using TrainWide = int32_t (*)(void*, void*, void*, double, double, double, double, void*,
+                              void*, double*, int64_t, int64_t, int64_t);
+using Backward = int32_t (*)(void*, void*, double*, void*, void*, void*, void*, void*,
+                             int64_t, int64_t, int64_t);
+
+struct Kernels {
+  TrainRows train_rows = nullptr;
+  TrainWide train_wide = nullptr;
+  Backward backward_rows = nullptr;
+  Backward backward_wide = nullptr;
+  double big = 0.0, limit = 0.0, rescale = 1.0;
+};
+
+Kernels KERNELS[2];  // [0]: float32, [1]: float64
+pybind11::object* FALLBACK = nullptr;  // never freed: outlives the interpreter's teardown
+thread_local bool PLAIN = false;  // the last forward's flag, read by train() right after
+
+constexpr int64_t ROWS = 1;
+
+const Kernels& kernels_for(const Tensor& x) {
+  const Kernels& k = KERNELS[x.scalar_type() == at::kDouble ? 1 : 0];
+  TORCH_CHECK(k.train_rows != nullptr, "batchnorm native: kernels not registered for ",
+              x.scalar_type());
+  return k;
+}
+
+// A per-feature vector of `fill` in x's dtype (a missing weight or bias: slots 0, 1) or
+// scratch (slots 2, 3: gradients nobody asked for), per thread.
+void* filled(const Tensor& x, int64_t c, double fill, int slot) {
+  thread_local std::vector<double> store[8];
+  bool f64 = x.scalar_type() == at::kDouble;
+  std::vector<double>& v = store[slot + (f64 ? 4 : 0)];
+  int64_t n = f64 ? c : (c + 1) / 2;  // float32: two to a double
+  if (static_cast<int64_t>(v.size()) < n) {
+    v.assign(n, f64 ? fill : 0.0);
+    if (!f64) {
+      float* f = reinterpret_cast<float*>(v.data());
+      for (int64_t i = 0; i < 2 * n; ++i) f[i] = static_cast<float>(fill);
+    }
+  }
+  return v.data();
+}
+
+void* scratch(int64_t n) {  // the kernels' coefficient scratch (5 * C values)
+  thread_local std::vector<double> s;
+  if (static_cast<int64_t>(s.size()) < n) s.resize(n);
+  return s.data();
+}
+
+// A dense CPU gradient that is no vmap's, no functorch wrapper's and no Python subclass's.
+bool plain_gradient(const Tensor& dy) {
+  static const c10::DispatchKeySet odd({c10::DispatchKey::FuncTorchBatched,
+                                        c10::DispatchKey::Batched,
+                                        c10::DispatchKey::FuncTorchGradWrapper,
+                                        c10::DispatchKey::Python,
+                                        c10::DispatchKey::Functionalize});
+  return dy.layout() == at::kStrided && dy.device().is_cpu() && !dy.is_conj() &&
+         !dy.is_neg() && (dy.key_set() & odd).empty();
+}
+
+at::MemoryFormat format_of(const Tensor& x, int64_t channels_last) {
+  if (!channels_last) return at::MemoryFormat::Contiguous;
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// Releases the GIL around a kernel call when this thread holds it.
+struct NoGil {
+  PyThreadState* state = nullptr;
+  NoGil() {
+    if (PyGILState_Check()) state = PyEval_SaveThread();
+  }
+  ~NoGil() {
+    if (state != nullptr) PyEval_RestoreThread(state);
+  }
+};
+
+constexpr size_t N_ARGS = 9;  // x, weight, bias, kind, a0, a1, a2, channels_last, eps
+
+struct LeanFn : public torch::autograd::Function<LeanFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x,
+                               const std::optional<Tensor>& wo,
+                               const std::optional<Tensor>& bo, int64_t kind, int64_t a0, int64_t a1,
+                               int64_t a2, int64_t channels_last, double eps) {
+    const Kernels& k = kernels_for(x);
+    Tensor w = wo.value_or(Tensor()), b = bo.value_or(Tensor());
+    Tensor y = at::empty_like(x);
+    Tensor stats = at::empty({3, a1}, x.options().dtype(at::kDouble));
+    void* g = w.defined() ? w.data_ptr() : filled(x, a1, 1.0, 0);
+    void* bb = b.defined() ? b.data_ptr() : filled(x, a1, 0.0, 1);
+    void* coef = scratch(5 * a1);
+    int32_t plain;
+    {
+      NoGil nogil;  // the kernels hold no Python object
+      plain = kind == ROWS
+                  ? k.train_rows(x.data_ptr(), g, bb, eps, k.big, k.limit, coef,
+                                 y.data_ptr(), stats.data_ptr<double>(), a0, a1)
+                  : k.train_wide(x.data_ptr(), g, bb, eps, k.big, k.limit, k.rescale, coef,
+                                 y.data_ptr(), stats.data_ptr<double>(), a0, a1, a2);
+    }
+    PLAIN = plain != 0;
+    ctx->save_for_backward({x, w});  // in-place changes before the backward are detected
+    ctx->saved_data["stats"] = stats;
+    ctx->saved_data["b"] = b.defined();
+    ctx->saved_data["dims"] = std::vector<int64_t>{kind, a0, a1, a2, channels_last};
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({stats});
+    ctx->set_materialize_grads(false);  // no zeros for the statistics' gradient (5 us)
+    return {y, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& w = saved[1];
+    Tensor stats = ctx->saved_data["stats"].toTensor();
+    bool has_b = ctx->saved_data["b"].toBool();
+    std::vector<int64_t> d = ctx->saved_data["dims"].toIntVector();  // kind, a0, a1, a2, cl
+    Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);  // as materialized
+    variable_list out(N_ARGS);
+    if (at::GradMode::is_enabled() || !plain_gradient(dy)) {
+      // double backward, or a vmap over the gradient: the operator's backward (Python)
+      pybind11::gil_scoped_acquire gil;
+      TORCH_CHECK(FALLBACK != nullptr, "batchnorm native: no fallback backward registered");
+      pybind11::object wo = w.defined() ? pybind11::cast(w) : pybind11::none();
+      pybind11::tuple r =
+          (*FALLBACK)(dy, x, wo, has_b, stats, ctx->saved_data["eps"].toDouble());
+      for (size_t i = 0; i < 3; ++i)
+        if (!r[i].is_none()) out[i] = r[i].cast<Tensor>();
+      return out;
+    }
+    const Kernels& k = kernels_for(x);
+    if (dy.scalar_type() != x.scalar_type()) dy = dy.to(x.scalar_type());
+    at::MemoryFormat fmt = format_of(x, d[4]);
+    if (!dy.is_contiguous(fmt)) dy = dy.contiguous(fmt);
+    // the node's edges: x, then weight and bias where present
+    bool need_dx = ctx->needs_input_grad(0);
+    bool need_w = w.defined() && ctx->needs_input_grad(1);
+    bool need_b = has_b && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    int64_t c = d[2];
+    // WIDE: the fused kernel always writes dx (without need_dx, into a discarded tensor)
+    Tensor dx = (need_dx || d[0] != ROWS) ? at::empty_like(x, fmt) : Tensor();
+    Tensor gw = need_w ? at::empty({c}, x.options()) : Tensor();
+    Tensor gb = need_b ? at::empty({c}, x.options()) : Tensor();
+    void* g = w.defined() ? w.data_ptr() : filled(x, c, 1.0, 0);
+    void* gwp = need_w ? gw.data_ptr() : filled(x, c, 0.0, 2);
+    void* gbp = need_b ? gb.data_ptr() : filled(x, c, 0.0, 3);
+    void* coef = scratch(5 * c);
+    void* dxp = dx.defined() ? dx.data_ptr() : nullptr;
+    if (d[0] == ROWS)
+      k.backward_rows(x.data_ptr(), dy.data_ptr(), stats.data_ptr<double>(), g, coef, dxp, gwp,
+                      gbp, d[1], c, need_dx ? d[1] : 0);
+    else
+      k.backward_wide(x.data_ptr(), dy.data_ptr(), stats.data_ptr<double>(), g, coef, dxp, gwp,
+                      gbp, d[1], c, d[3]);
+    if (need_dx) out[0] = dx;
+    out[1] = gw;
+    out[2] = gb;
+    return out;
+  }
+};
+
+// (y, stats, plain): the training forward through the native node. stats (3, C) float64:
+// mean, biased variance, 1/sqrt(var + eps); plain: the kernels' flag (false: the caller
+// must take the general path and ignore y).
+// The kernels read raw memory: every argument that sizes a read is checked first.
+void check_args(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+                int64_t kind, int64_t a0, int64_t a1, int64_t a2, int64_t channels_last) {
+  TORCH_CHECK(kind == 1 || kind == 2, "batchnorm native: kind 1 (ROWS) or 2 (WIDE), got ",
+              kind);
+  TORCH_CHECK(x.device().is_cpu() && x.layout() == at::kStrided &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "batchnorm native: a dense float32/float64 CPU input, got ", x.toString());
+  TORCH_CHECK(a0 > 0 && a1 > 0 && a2 > 0 && (kind == 2 || a2 == 1) &&
+                  x.numel() == a0 * a1 * a2 && x.dim() >= 2 && x.size(1) == a1,
+              "batchnorm native: view (", a0, ", ", a1, ", ", a2, ") of kind ", kind,
+              " does not fit an input of shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && (channels_last == 0 || kind == 1),
+              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
+              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
+              " order of its view");
+  for (const std::optional<Tensor>* p : {&w, &b}) {
+    if (!p->has_value() || !(*p)->defined()) continue;
+    const Tensor& t = p->value();
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == x.scalar_type() &&
+                    t.dim() == 1 && t.size(0) == a1 && t.is_contiguous(),
+                "batchnorm native: weight and bias must be contiguous (", a1, ",) ",
+                x.scalar_type(), " CPU tensors, got ", t.toString(), " of shape ", t.sizes());
+  }
+}
+
+std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tensor>& w,
+                                       const std::optional<Tensor>& b, int64_t kind,
+                                       int64_t a0, int64_t a1, int64_t a2,
+                                       int64_t channels_last, double eps) {
+  check_args(x, w, b, kind, a0, a1, a2, channels_last);
+  variable_list r = LeanFn::apply(x, w, b, kind, a0, a1, a2, channels_last, eps);
+  return {r[0], r[1], PLAIN};
+}
+
+void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
+                 double rescale) {
+  TORCH_CHECK(index == 0 || index == 1, "set_kernels: index 0 (float32) or 1 (float64)");
+  TORCH_CHECK(addrs.size() == 4, "set_kernels: four addresses, got ", addrs.size());
+  Kernels& k = KERNELS[index];
+  k.train_rows = reinterpret_cast<TrainRows>(addrs[0]);
+  k.train_wide = reinterpret_cast<TrainWide>(addrs[1]);
+  k.backward_rows = reinterpret_cast<Backward>(addrs[2]);
+  k.backward_wide = reinterpret_cast<Backward>(addrs[3]);
+  k.big = big;
+  k.limit = limit;
+  k.rescale = rescale;
+}
+
+void set_fallback(pybind11::object f) { FALLBACK = new pybind11::object(std::move(f)); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("train", &train, "training forward through the native autograd node");
+  m.def("set_kernels", &set_kernels, "register the C entry points of one dtype");
+  m.def("set_fallback", &set_fallback, "register the Python backward for the fallbacks");
+}

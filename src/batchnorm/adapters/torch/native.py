@@ -1,0 +1,213 @@
+"""An opt-in compiled autograd node for eager CPU training of small inputs (experimental).
+
+The eager route (:mod:`.fast`) runs a Python ``torch.autograd.Function`` around the compiled
+kernels; at small sizes its Python node costs more than the kernels. This module builds a
+C++ ``torch::autograd::Function`` (``csrc/lean.cpp``) whose forward and backward call the
+same kernels through their C entry points (:mod:`batchnorm.backends.numba.centry`): the
+same values, bit for bit, with no Python in the training step but the module's call.
+
+Opt-in, never at import:
+
+* :func:`build` compiles the extension (a C++ compiler and torch's headers; about a minute
+  once per torch version, into the user's cache directory, :func:`cache_dir`) or loads it
+  from there, compiles the kernels' entry points (cached on disk by numba) and turns the
+  route on; :func:`disable` turns it off again.
+* ``BATCHNORM_TORCH_NATIVE=1`` in the environment: the first call that can take the route
+  builds (a failed build warns once and leaves the route off).
+
+The route takes training calls with gradients of float32 / float64 inputs whose one-call
+layout is ``ROWS`` or ``WIDE`` (:func:`batchnorm.adapters.torch._cpu.kind`) and whose weight
+and bias have the input's dtype; every other call, and a batch whose statistics need the
+overflow-scaled general path (non-finite ones included), takes the Python route as before.
+A double backward (``create_graph=True``) and a batched or wrapped incoming gradient are
+handed back to Python: the custom operator's backward, which is differentiable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+import torch
+
+from ...backends.numba.plan import SERIAL_MAX, threads
+from ...core.coef import RESCALE
+from . import _cpu
+from . import ops as O
+from ._running import update_views
+
+__all__ = ["ENV", "build", "cache_dir", "disable", "enabled", "train"]
+
+#: The environment variable that turns the route on (value ``1``).
+ENV = "BATCHNORM_TORCH_NATIVE"
+SOURCE = Path(__file__).with_name("csrc") / "lean.cpp"
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+_WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
+_EXT = None  # the loaded extension module
+_PARALLEL = False  # whether the entry points may call the parallel kernels (centry)
+
+
+def cache_dir() -> Path:
+    """Where the extension is built: ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/batchnorm/torch-native/<torch version>-<python>-<source hash>``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{_digest()}"
+    return Path(base) / "batchnorm" / "torch-native" / tag.replace("+", "_")
+
+
+def _digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def build(verbose: bool = False, use_ninja: bool | None = None):
+    """Compile (or load from :func:`cache_dir`) the native node and turn its route on.
+
+    ``use_ninja``: build through ``torch.utils.cpp_extension.load`` (ninja) or by calling
+    the C++ compiler directly; None: ninja when it is installed. Returns the extension
+    module. Raises the compiler's error (RuntimeError, OSError) when the build fails; the
+    route is then left off."""
+    global _EXT, _PARALLEL, route
+    if _EXT is None:
+        ext = _load(verbose, use_ninja)
+        from ...backends.numba import centry  # compiles the entry points (disk-cached)
+
+        for dtype, index in _DTYPES.items():
+            big, limit = _cpu.kernel_limits(dtype)
+            rescale = RESCALE if dtype == torch.float64 else 1.0
+            ext.set_kernels(
+                index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale
+            )
+        ext.set_fallback(_backward_op)
+        _PARALLEL = centry.parallel_safe()
+        _EXT = ext
+    route = train
+    return _EXT
+
+
+def _load(verbose: bool, use_ninja: bool | None):
+    from torch.utils import cpp_extension as ce
+
+    name = "batchnorm_native_" + _digest()
+    where = cache_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    if use_ninja is None:
+        use_ninja = ce.is_ninja_available()
+    so = where / (name + (".so" if use_ninja else sysconfig.get_config_var("EXT_SUFFIX")))
+    if not so.exists():  # a cold build: say why the call waits (once, on stderr)
+        print(
+            f"batchnorm: building the native torch node, a one-off wait of about 30-60 s "
+            f"(cached in {where})",
+            file=sys.stderr,
+            flush=True,
+        )
+    if use_ninja:
+        return ce.load(
+            name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(where), verbose=verbose
+        )
+    if not so.exists():
+        _compile(ce, name, so, verbose)
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _compile(ce, name: str, so: Path, verbose: bool) -> None:
+    """The C++ compiler on the source, without ninja; written atomically (temp + rename)."""
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    tmp = so.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [
+        os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+        f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{p}" for p in ce.include_paths()), f"-I{sysconfig.get_paths()['include']}",
+        str(SOURCE), "-o", str(tmp),
+        f"-L{lib}", "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", f"-Wl,-rpath,{lib}",
+    ]  # fmt: skip
+    if verbose:
+        print(" ".join(cmd))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building {SOURCE.name} failed:\n{res.stderr[-4000:]}")
+    os.replace(tmp, so)
+
+
+def disable() -> None:
+    """Turn the route off (the Python route serves every call again)."""
+    global route
+    route = None
+
+
+def enabled() -> bool:
+    """Whether training calls take the native route now."""
+    return route is train
+
+
+def _backward_op(dy, x, weight, has_bias: bool, stats, eps: float):
+    """The fallback backward (double backward, batched or wrapped gradients): the custom
+    operator's, which is differentiable; the parameter gradients in their dtypes."""
+    dx, dw, db = O.call_backward(dy, x, weight, stats[0], stats[1], eps, True)
+    dtypes = (None if weight is None else weight.dtype, x.dtype if has_bias else None)
+    return dx, *O.param_grads(dw, db, dtypes)
+
+
+def train(module, x, weight, bias, lay, views, eps: float, update: bool):
+    """The training forward of ``module`` on ``x`` through the native node (``lay`` its
+    layout, ``views`` the module's cached NumPy views, :func:`.fast.batch_norm`), updating
+    the running statistics when ``update``; None where the route does not apply (nothing
+    done: the caller takes the Python route)."""
+    dt = x.dtype
+    if (
+        dt not in _DTYPES
+        or (weight is not None and (weight.dtype is not dt or _WRAPPED(weight)))
+        or (bias is not None and (bias.dtype is not dt or _WRAPPED(bias)))
+        or eps < _cpu.TINY_EPS
+    ):
+        return None
+    vs = lay.view_shape
+    if lay.kind == _cpu.ROWS:
+        a0, a1, a2 = vs[0], vs[1], 1
+    else:  # WIDE: as the Python route, which fuses unless a channel takes several threads,
+        # and sums the gradients alone (another order) where no input gradient is wanted;
+        # the parallel kernels (from SERIAL_MAX elements) only without the Python lock
+        a0, a1, a2 = vs
+        if not x.requires_grad or (
+            a0 * a1 * a2 >= SERIAL_MAX and (not _PARALLEL or a1 < threads())
+        ):
+            return None
+    y, stats, plain = _EXT.train(x, weight, bias, lay.kind, a0, a1, a2, lay.channels_last, eps)
+    if not plain:
+        return None
+    if update:
+        s = stats.numpy()
+        update_views(module, views, s[0], s[1], lay.count, x.shape)
+    return y
+
+
+def _first(*args):
+    """The route's first call under ``BATCHNORM_TORCH_NATIVE=1``: build, then route."""
+    global route
+    try:
+        build()
+    except Exception as exc:  # noqa: BLE001 - any build failure leaves the Python route
+        route = None
+        warnings.warn(
+            f"{ENV}=1: the native batch-norm node could not be built ({exc!s:.300}); the "
+            "Python route serves every call",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return train(*args)
+
+
+#: What :func:`.fast.batch_norm`'s one-call route calls for training with gradients: None
+#: (off), :func:`train`, or the building first call under ``BATCHNORM_TORCH_NATIVE=1``.
+route = _first if os.environ.get(ENV) == "1" else None

@@ -1,0 +1,157 @@
+"""C entry points of the one-call kernels, for compiled callers (the torch adapter's opt-in
+native autograd node, :mod:`batchnorm.adapters.torch.native`).
+
+Each entry point takes raw pointers and sizes, views them as arrays (``numba.carray``, no
+copy) and calls the compiled kernels the Python route calls, with the same arguments: the
+serial fused kernels of :mod:`.small` (``train_rows``, ``backward_rows``) and the serial
+copies of :mod:`.passes`' ``_train_wide`` / ``_backward_wide`` (:func:`.kernels.kernel`),
+and their parallel compilations from :data:`~.plan.SERIAL_MAX` elements, as
+:func:`.kernels.train_wide_direct` and :func:`.kernels.backward_wide_direct` choose (the
+caller sends the Python route inputs with fewer channels than threads there, and calls
+the parallel kernels only where :func:`parallel_safe`)).
+There is no second implementation of the maths here, only the argument plumbing.
+
+Nothing is compiled at import: :func:`addresses` compiles the entry points of one dtype
+(``numba.cfunc``, cached on disk like the kernels) and returns their machine addresses.
+
+Layouts (C-contiguous, features on axis 1): ``ROWS`` ``(O, K)``, ``WIDE`` ``(N, C, I)``.
+Per-feature vectors (``g``, ``b``, ``gw``, ``gb``) are in the input's dtype; ``stats``
+``(3, C)`` float64 holds the mean, the biased variance and ``1/sqrt(var + eps)``;
+``coef`` is scratch of ``5 * C`` values in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import carray, cfunc, types
+
+from . import kernels
+from .plan import SERIAL_MAX, guard
+from .small import backward_rows, param_grads, plain_stats, train_rows
+
+__all__ = ["NAMES", "addresses", "parallel_safe"]
+
+#: The entry points, in the order :func:`addresses` returns them.
+NAMES = ("train_rows", "train_wide", "backward_rows", "backward_wide")
+
+_TRAIN_WIDE = kernels.kernel("_train_wide", serial=True)
+_BACKWARD_WIDE = kernels.kernel("_backward_wide", serial=True)
+_TRAIN_WIDE_PAR = kernels.kernel("_train_wide", serial=False)
+_BACKWARD_WIDE_PAR = kernels.kernel("_backward_wide", serial=False)
+
+
+def _train_rows_c(x, g, b, eps, big, limit, coef, y, stats, o, k):  # pragma: no cover
+    """``train_rows`` on an ``(o, k)`` input; returns 1 when the plain form serves."""
+    xa = carray(x, (o, k))
+    ya = carray(y, (o, k))
+    ga = carray(g, (k,))
+    ba = carray(b, (k,))
+    ca = carray(coef, (4, k))
+    sa = carray(stats, (3, k))
+    return 1 if train_rows(xa, ga, ba, eps, big, limit, ca, ya, sa) else 0
+
+
+def _train_wide_c(x, g, b, eps, big, limit, rescale, coef, y, stats, n, c, i):  # pragma: no cover
+    """``_train_wide`` (serial below ``SERIAL_MAX`` elements) on an ``(n, c, i)`` input,
+    then ``plain_stats``."""
+    xa = carray(x, (n, c, i))
+    ya = carray(y, (n, c, i))
+    ga = carray(g, (c,))
+    ba = carray(b, (c,))
+    ca = carray(coef, (4, c))
+    sa = carray(stats, (3, c))
+    if n * c * i < SERIAL_MAX:
+        _TRAIN_WIDE(xa, ga, ba, eps, big, rescale, ca, ya, sa[0], sa[1], sa[2])
+    else:
+        _TRAIN_WIDE_PAR(xa, ga, ba, eps, big, rescale, ca, ya, sa[0], sa[1], sa[2])
+    return 1 if plain_stats(sa, n * i, limit) else 0
+
+
+def _backward_rows_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out):  # pragma: no cover
+    """``backward_rows`` (batch statistics) on an ``(o, k)`` input; ``dx`` gets ``o_out``
+    rows (``o`` or 0: parameter gradients only)."""
+    xa = carray(x, (o, k))
+    dya = carray(dy, (o, k))
+    sa = carray(stats, (3, k))
+    backward_rows(
+        xa,
+        dya,
+        sa[0],
+        sa[2],
+        carray(g, (k,)),
+        True,
+        carray(coef, (5, k)),
+        carray(dx, (o_out, k)),
+        carray(gw, (k,)),
+        carray(gb, (k,)),
+    )
+    return 1
+
+
+def _backward_wide_c(x, dy, stats, g, coef, dx, gw, gb, n, c, i):  # pragma: no cover
+    """``_backward_wide`` (batch statistics, ``h = 1``; serial below ``SERIAL_MAX``
+    elements) on an ``(n, c, i)`` input, then ``param_grads``: the Python route's
+    ``backward_small`` with ``dx``."""
+    sa = carray(stats, (3, c))
+    ga = carray(g, (c,))
+    inv = sa[2]
+    k = np.empty(c, np.float64)
+    for j in range(c):
+        k[j] = inv[j] * np.float64(ga[j])
+    h = np.ones(c, np.float64)
+    s = np.empty((2, c), np.float64)
+    xa = carray(x, (n, c, i))
+    dya, dxa, ca = carray(dy, (n, c, i)), carray(dx, (n, c, i)), carray(coef, (5, c))
+    if n * c * i < SERIAL_MAX:
+        _BACKWARD_WIDE(xa, dya, sa[0], inv, k, h, True, ca, dxa, s[0], s[1])
+    else:
+        _BACKWARD_WIDE_PAR(xa, dya, sa[0], inv, k, h, True, ca, dxa, s[0], s[1])
+    param_grads(s[0], s[1], inv, carray(gw, (c,)), carray(gb, (c,)))
+    return 1
+
+
+def _signatures(dtype) -> dict:
+    t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    p, d, f, n, r = (
+        types.CPointer(t),
+        types.CPointer(types.float64),
+        types.float64,
+        types.int64,
+        types.int32,
+    )
+    return {  # fmt: skip
+        "train_rows": (_train_rows_c, r(p, p, p, f, f, f, p, p, d, n, n)),
+        "train_wide": (_train_wide_c, r(p, p, p, f, f, f, f, p, p, d, n, n, n)),
+        "backward_rows": (_backward_rows_c, r(p, p, d, p, p, p, p, p, n, n, n)),
+        "backward_wide": (_backward_wide_c, r(p, p, d, p, p, p, p, p, n, n, n)),
+    }
+
+
+_COMPILED: dict = {}
+
+
+def addresses(dtype) -> tuple[int, ...]:
+    """The addresses of the entry points (:data:`NAMES` order) for inputs of ``dtype``
+    (float32 or float64), compiled on the first call (cached on disk afterwards)."""
+    key = np.dtype(dtype)
+    if key not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"the C entry points take float32 or float64 inputs, not {key}")
+    if key not in _COMPILED:
+        # the parallel kernels' code links to numba's threading layer, which must be
+        # running before an entry point is compiled or loaded from the cache
+        parallel_safe()
+        sigs = _signatures(key)
+        _COMPILED[key] = [cfunc(sig, cache=True)(fn) for fn, sig in (sigs[n] for n in NAMES)]
+    return tuple(c.address for c in _COMPILED[key])
+
+
+def parallel_safe() -> bool:
+    """Whether the parallel kernels may be entered from compiled code without the lock of
+    :func:`.plan.guard`: numba's threading layer is not ``workqueue`` (learnt from one tiny
+    parallel call, made under the guard)."""
+    x = np.zeros((1, 1, 1))
+    out, stats, coef, one = np.empty_like(x), np.empty((3, 1)), np.empty((4, 1)), np.ones(1)
+    with guard():
+        _TRAIN_WIDE_PAR(x, one, one, 1.0, 1.0, 1.0, coef, out, stats[0], stats[1], stats[2])
+    return numba.threading_layer() != "workqueue"
