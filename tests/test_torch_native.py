@@ -267,14 +267,38 @@ print(built, type(y.grad_fn).__name__)
 """
 
 
-@pytest.mark.parametrize(("value", "node"), [("1", NATIVE_NODE), ("", PYTHON_NODE)])
-def test_environment_variable_builds_on_the_first_call(ext, value, node):
-    env = {**os.environ, "PYTHONPATH": str(SRC), native.ENV: value}
+@pytest.mark.parametrize(
+    ("value", "node"),
+    [("1", NATIVE_NODE), ("0", PYTHON_NODE), (None, NATIVE_NODE), ("", NATIVE_NODE)],
+    ids=["1", "0", "unset", "empty"],
+)
+def test_environment_variable_and_the_default(ext, value, node):
+    """``1`` builds on the first call, ``0`` never uses the node, and by default (unset or
+    any other value) a built extension (the ``ext`` fixture built it into this user's
+    cache) is loaded on the first call; nothing at import."""
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    env.pop(native.ENV, None)
+    if value is not None:
+        env[native.ENV] = value
     out = subprocess.run(
         [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", node]  # nothing built at import
+
+
+def test_by_default_nothing_is_built(ext, tmp_path):
+    """Without a built extension in the cache, the default never compiles: the Python node
+    serves, no build is announced and the cache directory is not even made."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop(native.ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", PYTHON_NODE]
+    assert "building" not in out.stderr
+    assert not (tmp_path / "batchnorm").exists()
 
 
 @pytest.mark.slow
@@ -418,3 +442,22 @@ def test_the_extension_refuses_arguments_that_do_not_fit(ext):
     for args, match in bad:
         with pytest.raises(RuntimeError, match=match):
             ext.train(*args)
+
+
+def test_warmup_torch_builds_or_reports(ext, monkeypatch, capsys):
+    """``batchnorm warmup --torch`` builds (here: loads) the node and says where; a failed
+    build is reported with exit status 1 and the route left off."""
+    from batchnorm_demo.warmup.command import _build_torch_node
+
+    native.disable()
+    assert _build_torch_node() == 0
+    assert native.enabled() and str(native.cache_dir()) in capsys.readouterr().out
+    native.disable()
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(native, "build", broken)
+    assert _build_torch_node() == 1
+    assert "no compiler here" in capsys.readouterr().out
+    assert not native.enabled()

@@ -444,10 +444,14 @@ def test_wide_training_backward_equals_the_plan_driver(shape, dtype, monkeypatch
     one-call route: the fused kernel called on the one-call views, serial or parallel by
     size, serial below two channels) gives, far from zero, the bits of the same step with
     that call replaced by the general driver ``kernels.backward`` (its plan, its arrays),
-    and the direct call is the one that ran (counted)."""
+    and the direct call is the one that ran (counted); the Python node's route, also when
+    the suite runs with the native node on."""
     import numpy as np
 
+    from batchnorm.adapters.torch import native
     from batchnorm.backends.numba import kernels
+
+    monkeypatch.setattr(native, "route", None)
 
     real = kernels.backward_wide_direct
     calls = []

@@ -23,6 +23,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "kernels from numba's on-disk cache in well under a second.",
     )
     warm.add_argument("--quiet", action="store_true", help="no progress output")
+    warm.add_argument(
+        "--torch",
+        action="store_true",
+        help="also build the torch modules' native autograd node (a C++ compiler and "
+        "torch's headers; 30-60 s once per torch version, into the user's cache; later "
+        "processes load it from there)",
+    )
     warm.set_defaults(func=run_warmup)
     return warm
 
@@ -33,12 +40,12 @@ def run_warmup(args: argparse.Namespace) -> int:
     Parameters
     ----------
     args : argparse.Namespace
-        The parsed arguments (``quiet``).
+        The parsed arguments (``quiet``, ``torch``).
 
     Returns
     -------
     int
-        The exit status, 0.
+        The exit status: 0, or 1 when ``--torch`` could not build the native node.
     """
     from batchnorm.backends import AUTO_NUMBA_MIN_SIZE
 
@@ -64,4 +71,26 @@ def run_warmup(args: argparse.Namespace) -> int:
             f"warmup: every kernel was already cached ({result['calls']} kernel calls: {what}"
             f"; {result['seconds']:.1f} s)"
         )
+    return _build_torch_node() if getattr(args, "torch", False) else 0
+
+
+def _build_torch_node() -> int:
+    """``--torch``: build (or load) :mod:`batchnorm.adapters.torch.native`; 1 on failure."""
+    import time
+
+    try:
+        from batchnorm.adapters.torch import native
+    except ImportError as err:
+        print(f"warmup --torch: torch cannot be imported ({err})")
+        return 1
+    start = time.perf_counter()
+    try:
+        native.build()
+    except Exception as err:  # noqa: BLE001 - a compiler's or loader's error, reported
+        print(f"warmup --torch: the native node could not be built: {err!s:.2000}")
+        return 1
+    print(
+        f"warmup --torch: the native torch node is ready in {native.cache_dir()} "
+        f"({time.perf_counter() - start:.1f} s); torch's BatchNorm drop-ins use it from now on"
+    )
     return 0

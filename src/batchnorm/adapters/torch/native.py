@@ -6,14 +6,18 @@ C++ ``torch::autograd::Function`` (``csrc/lean.cpp``) whose forward and backward
 same kernels through their C entry points (:mod:`batchnorm.backends.numba.centry`): the
 same values, bit for bit, with no Python in the training step but the module's call.
 
-Opt-in, never at import:
+Built only when asked, never at import:
 
-* :func:`build` compiles the extension (a C++ compiler and torch's headers; about a minute
-  once per torch version, into the user's cache directory, :func:`cache_dir`) or loads it
-  from there, compiles the kernels' entry points (cached on disk by numba) and turns the
-  route on; :func:`disable` turns it off again.
+* :func:`build` (or ``batchnorm warmup --torch``) compiles the extension (a C++ compiler and
+  torch's headers; 30-60 s once per torch version, into the user's cache directory,
+  :func:`cache_dir`) or loads it from there, compiles the kernels' entry points (cached on
+  disk by numba) and turns the route on; :func:`disable` turns it off again.
+* Once built, later processes use it: their first call that can take the route loads it
+  from the cache (about half a second) and never compiles; without a built extension
+  that call turns the route off for the process, and nothing else changes.
 * ``BATCHNORM_TORCH_NATIVE=1`` in the environment: the first call that can take the route
-  builds (a failed build warns once and leaves the route off).
+  builds if needed (a failed build warns once and leaves the route off);
+  ``BATCHNORM_TORCH_NATIVE=0``: never used.
 
 The route takes training calls with gradients of float32 / float64 inputs whose one-call
 layout is ``ROWS`` or ``WIDE`` (:func:`batchnorm.adapters.torch._cpu.kind`) and whose weight
@@ -31,6 +35,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import threading
 import warnings
 from pathlib import Path
 
@@ -42,7 +47,7 @@ from . import _cpu
 from . import ops as O
 from ._running import update_views
 
-__all__ = ["ENV", "build", "cache_dir", "disable", "enabled", "train"]
+__all__ = ["ENV", "build", "built", "cache_dir", "disable", "enabled", "train"]
 
 #: The environment variable that turns the route on (value ``1``).
 ENV = "BATCHNORM_TORCH_NATIVE"
@@ -51,6 +56,7 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _EXT = None  # the loaded extension module
 _PARALLEL = False  # whether the entry points may call the parallel kernels (centry)
+_BUILD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -73,21 +79,24 @@ def build(verbose: bool = False, use_ninja: bool | None = None):
     module. Raises the compiler's error (RuntimeError, OSError) when the build fails; the
     route is then left off."""
     global _EXT, _PARALLEL, route
-    if _EXT is None:
-        ext = _load(verbose, use_ninja)
-        from ...backends.numba import centry  # compiles the entry points (disk-cached)
-
-        for dtype, index in _DTYPES.items():
-            big, limit = _cpu.kernel_limits(dtype)
-            rescale = RESCALE if dtype == torch.float64 else 1.0
-            ext.set_kernels(
-                index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale
-            )
-        ext.set_fallback(_backward_op)
-        _PARALLEL = centry.parallel_safe()
-        _EXT = ext
+    with _BUILD_LOCK:  # (two threads' first calls build once)
+        if _EXT is None:
+            _EXT, _PARALLEL = _setup(verbose, use_ninja)
     route = train
     return _EXT
+
+
+def _setup(verbose: bool, use_ninja: bool | None):
+    """Load (or compile) the extension and hand it the kernels' entry points."""
+    ext = _load(verbose, use_ninja)
+    from ...backends.numba import centry  # compiles the entry points (disk-cached)
+
+    for dtype, index in _DTYPES.items():
+        big, limit = _cpu.kernel_limits(dtype)
+        rescale = RESCALE if dtype == torch.float64 else 1.0
+        ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
+    ext.set_fallback(_backward_op)
+    return ext, centry.parallel_safe()
 
 
 def _load(verbose: bool, use_ninja: bool | None):
@@ -192,15 +201,16 @@ def train(module, x, weight, bias, lay, views, eps: float, update: bool):
 
 
 def _first(*args):
-    """The route's first call under ``BATCHNORM_TORCH_NATIVE=1``: build, then route."""
+    """The route's first call under ``BATCHNORM_TORCH_NATIVE=1`` (build, then route) or,
+    by default, with a built extension (load, then route)."""
     global route
     try:
         build()
     except Exception as exc:  # noqa: BLE001 - any build failure leaves the Python route
         route = None
         warnings.warn(
-            f"{ENV}=1: the native batch-norm node could not be built ({exc!s:.300}); the "
-            "Python route serves every call",
+            f"the native batch-norm node could not be built or loaded ({exc!s:.300}); the "
+            f"Python route serves every call ({ENV}=0 turns the native node off)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -208,6 +218,32 @@ def _first(*args):
     return train(*args)
 
 
+def built() -> bool:
+    """Whether the extension of this torch, Python and source is in :func:`cache_dir`
+    (built by :func:`build`, with or without ninja)."""
+    where, name = cache_dir(), "batchnorm_native_" + _digest()
+    suffixes = (".so", sysconfig.get_config_var("EXT_SUFFIX"))
+    return any((where / (name + s)).exists() for s in suffixes)
+
+
+def _cached(*args):
+    """The route's first call by default: the extension loaded when it was built before
+    (never compiled here), else the route off for the process."""
+    global route
+    if not built():
+        route = None
+        return None
+    return _first(*args)
+
+
+def _initial(value: str | None):
+    """The route a process starts with, from ``BATCHNORM_TORCH_NATIVE``."""
+    if value == "1":
+        return _first
+    return None if value == "0" else _cached
+
+
 #: What :func:`.fast.batch_norm`'s one-call route calls for training with gradients: None
-#: (off), :func:`train`, or the building first call under ``BATCHNORM_TORCH_NATIVE=1``.
-route = _first if os.environ.get(ENV) == "1" else None
+#: (off), :func:`train`, the building first call under ``BATCHNORM_TORCH_NATIVE=1``, or
+#: by default the first call that loads a built extension (:func:`_cached`).
+route = _initial(os.environ.get(ENV))
