@@ -225,7 +225,7 @@ def batch_norm(
         # the one-call route: parameters and buffers read in place by the kernels
         views = _views(module, weight, bias, rm, rv, nbt, lay.view_shape[1])
         if views is not None:
-            y = _direct(module, x, weight, bias, batch, update, lay, views, eps)
+            y = _direct(module, x, (weight, bias, rm, rv), batch, update, lay, views, eps)
             if y is not None:
                 return y
     if x.numel() == 0:
@@ -244,10 +244,12 @@ def batch_norm(
     return y
 
 
-def _direct(module, x, weight, bias, batch, update, lay, views, eps):
+def _direct(module, x, tensors, batch, update, lay, views, eps):
     """The one-call route (:func:`batchnorm.adapters.torch._cpu.kind`): evaluation without
     gradients at any size, training of small ``ROWS`` and ``WIDE`` inputs; None where it
-    does not apply (the caller then takes :func:`_lean`)."""
+    does not apply (the caller then takes :func:`_lean`). ``tensors``: the weight, bias,
+    running mean and running variance."""
+    weight, bias, rm, rv = tensors
     grads = torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -256,6 +258,10 @@ def _direct(module, x, weight, bias, batch, update, lay, views, eps):
     if not batch:
         if grads or eps < _cpu.TINY_EPS:
             return None
+        if N.route is not None:  # the compiled extension (.native), without Python
+            y = N.evaluate(x, weight, bias, rm, rv, lay, views, eps)
+            if y is not N.SKIP:
+                return y
         return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
     if lay.kind not in _cpu.SMALL:
         return None

@@ -39,6 +39,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ...backends.numba.plan import SERIAL_MAX, threads
@@ -47,7 +48,7 @@ from . import _cpu
 from . import ops as O
 from ._running import update_views
 
-__all__ = ["ENV", "build", "built", "cache_dir", "disable", "enabled", "train"]
+__all__ = ["ENV", "SKIP", "build", "built", "cache_dir", "disable", "enabled", "evaluate", "train"]
 
 #: The environment variable that turns the route on (value ``1``).
 ENV = "BATCHNORM_TORCH_NATIVE"
@@ -200,9 +201,59 @@ def train(module, x, weight, bias, lay, views, eps: float, update: bool):
     return y
 
 
-def _first(*args):
-    """The route's first call under ``BATCHNORM_TORCH_NATIVE=1`` (build, then route) or,
-    by default, with a built extension (load, then route)."""
+#: :func:`evaluate`'s answer where the native route does not apply (the caller's Python
+#: route serves the call).
+SKIP = object()
+_X_CODES = {torch.float16: 0, torch.float32: 1, torch.float64: 2}
+_VEC_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+
+
+def evaluate(x, weight, bias, rm, rv, lay, views, eps: float):
+    """Evaluation with the running statistics ``rm``, ``rv`` (no gradients wanted; ``eps``
+    at least ``TINY_EPS``) through the extension, as :func:`._cpu.evaluate_direct`: the
+    output; None where the running mean is too large for the plain form (the caller takes
+    the general path); :data:`SKIP` where this route does not apply (the extension not
+    loaded, an empty input, the parallel pass without :func:`.centry.parallel_safe`).
+    ``views``: the module's NumPy views (:func:`.fast.batch_norm`), whose dtypes pick the
+    entry point (compiled on the first call of a dtype combination)."""
+    if _EXT is None and not _ready():
+        return SKIP
+    vs = lay.view_shape
+    a0, a1, a2 = (vs[0], vs[1], 0) if len(vs) == 2 or vs[2] == 1 else vs
+    size = a0 * a1 * (a2 or 1)
+    if size == 0 or (size >= SERIAL_MAX and not _PARALLEL):
+        return SKIP
+    nchunks = max(1, min(a0, threads())) if size >= SERIAL_MAX and a2 == 0 else 1
+    args = (x, weight, bias, rm, rv, a0, a1, a2, lay.channels_last, float(eps), nchunks)
+    y, status = _EXT.evaluate(*args)
+    if status < 0:  # the first call of these dtypes: compile and register its entry point
+        _register_eval(x.dtype, views)
+        y, status = _EXT.evaluate(*args)
+    return y if status == 1 else None
+
+
+def _register_eval(dtype: torch.dtype, views) -> None:
+    from ...backends.numba import centry
+
+    dts = [views[j].dtype for j in range(4)]
+    code = _X_CODES[dtype] * 16 + sum(_VEC_CODES[d] << (3 - j) for j, d in enumerate(dts))
+    address = centry.eval_address(_cpu.NP_DTYPES[dtype], *dts)
+    _EXT.set_eval(code, address, _cpu.kernel_limits(dtype)[1])
+
+
+def _ready() -> bool:
+    """Whether the extension is loaded for :func:`evaluate`: loaded (or built) here as the
+    training route's first call would, which turns that route on too."""
+    if route is None:
+        return False
+    if route is _cached and not built():
+        disable()
+        return False
+    return _load_or_warn()
+
+
+def _load_or_warn() -> bool:
+    """:func:`build`; a failure turns the route off with one warning."""
     global route
     try:
         build()
@@ -212,10 +263,16 @@ def _first(*args):
             f"the native batch-norm node could not be built or loaded ({exc!s:.300}); the "
             f"Python route serves every call ({ENV}=0 turns the native node off)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return None
-    return train(*args)
+        return False
+    return True
+
+
+def _first(*args):
+    """The route's first call under ``BATCHNORM_TORCH_NATIVE=1`` (build, then route) or,
+    by default, with a built extension (load, then route)."""
+    return train(*args) if _load_or_warn() else None
 
 
 def built() -> bool:

@@ -28,9 +28,17 @@ from numba import carray, cfunc, types
 
 from . import kernels
 from .plan import SERIAL_MAX, guard
-from .small import backward_rows, param_grads, plain_stats, train_rows
+from .small import (
+    backward_rows,
+    eval_coef,
+    eval_rows,
+    eval_wide,
+    param_grads,
+    plain_stats,
+    train_rows,
+)
 
-__all__ = ["NAMES", "addresses", "parallel_safe"]
+__all__ = ["NAMES", "addresses", "eval_address", "parallel_safe"]
 
 #: The entry points, in the order :func:`addresses` returns them.
 NAMES = ("train_rows", "train_wide", "backward_rows", "backward_wide")
@@ -39,6 +47,8 @@ _TRAIN_WIDE = kernels.kernel("_train_wide", serial=True)
 _BACKWARD_WIDE = kernels.kernel("_backward_wide", serial=True)
 _TRAIN_WIDE_PAR = kernels.kernel("_train_wide", serial=False)
 _BACKWARD_WIDE_PAR = kernels.kernel("_backward_wide", serial=False)
+_AFFINE_ROWS_PAR = kernels.kernel("_affine_rows", serial=False)
+_AFFINE_WIDE_PAR = kernels.kernel("_affine_wide", serial=False)
 
 
 def _train_rows_c(x, g, b, eps, big, limit, coef, y, stats, o, k):  # pragma: no cover
@@ -109,6 +119,66 @@ def _backward_wide_c(x, dy, stats, g, coef, dx, gw, gb, n, c, i):  # pragma: no 
         _BACKWARD_WIDE_PAR(xa, dya, sa[0], inv, k, h, True, ca, dxa, s[0], s[1])
     param_grads(s[0], s[1], inv, carray(gw, (c,)), carray(gb, (c,)))
     return 1
+
+
+def _eval_c(x, g, b, rm, rv, eps, limit, coef, y, n, c, i, nchunks):  # pragma: no cover
+    """Evaluation with the running statistics of an ``(n, c)`` (``i == 0``) or ``(n, c, i)``
+    input, as :func:`batchnorm.adapters.torch._cpu.evaluate_direct`: ``eval_rows`` /
+    ``eval_wide`` below ``SERIAL_MAX`` elements, else ``eval_coef`` and the parallel
+    affine pass (``nchunks`` row chunks); returns 0 (nothing written) where the running
+    mean is too large for the plain form."""
+    ga, ba, ma, va = carray(g, (c,)), carray(b, (c,)), carray(rm, (c,)), carray(rv, (c,))
+    ca = carray(coef, (4, c))
+    if i == 0:
+        xa, ya = carray(x, (n, c)), carray(y, (n, c))
+        if n * c < SERIAL_MAX:
+            return 1 if eval_rows(xa, ga, ba, ma, va, eps, limit, ca, ya) else 0
+        if not eval_coef(ga, ba, ma, va, eps, limit, ca):
+            return 0
+        _AFFINE_ROWS_PAR(xa, ca, ya, nchunks)
+        return 1
+    xw, yw = carray(x, (n, c, i)), carray(y, (n, c, i))
+    if n * c * i < SERIAL_MAX:
+        return 1 if eval_wide(xw, ga, ba, ma, va, eps, limit, ca, yw) else 0
+    if not eval_coef(ga, ba, ma, va, eps, limit, ca):
+        return 0
+    _AFFINE_WIDE_PAR(xw, ca, yw)
+    return 1
+
+
+_EVAL: dict = {}
+
+
+def eval_address(x_dtype, g_dtype, b_dtype, m_dtype, v_dtype) -> int:
+    """The address of the evaluation entry point for an input of ``x_dtype`` (float16,
+    float32 or float64; float16 read as its bits) with a weight, bias, running mean and
+    running variance of the given dtypes (float32 or float64), compiled on the first call
+    (cached on disk afterwards)."""
+    xd = np.dtype(x_dtype)
+    vec = [np.dtype(d) for d in (g_dtype, b_dtype, m_dtype, v_dtype)]
+    floats = (np.dtype(np.float32), np.dtype(np.float64))
+    if xd not in (np.dtype(np.float16), *floats) or any(d not in floats for d in vec):
+        raise TypeError(
+            f"the evaluation entry point takes a float16/32/64 input with float32/64 vectors, "
+            f"not {xd} with {[str(d) for d in vec]}"
+        )
+    key = (xd, *vec)
+    if key not in _EVAL:
+        parallel_safe()  # (the threading layer first, as in addresses)
+        x = (
+            types.uint16
+            if xd == np.float16
+            else types.float32
+            if xd == floats[0]
+            else types.float64
+        )
+        w = types.float32 if xd != floats[1] else types.float64  # the working precision
+        p = [types.CPointer(types.float32 if d == floats[0] else types.float64) for d in vec]
+        f, n = types.float64, types.int64
+        px, pw = types.CPointer(x), types.CPointer(w)
+        sig = types.int32(px, *p, f, f, pw, px, n, n, n, n)
+        _EVAL[key] = cfunc(sig, cache=True)(_eval_c)
+    return _EVAL[key].address
 
 
 def _signatures(dtype) -> dict:

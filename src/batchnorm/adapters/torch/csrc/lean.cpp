@@ -33,6 +33,11 @@ using TrainWide = int32_t (*)(void*, void*, void*, double, double, double, doubl
 using Backward = int32_t (*)(void*, void*, double*, void*, void*, void*, void*, void*,
                              int64_t, int64_t, int64_t);
 
+// The evaluation entry point (centry._eval_c) of one dtype combination: x, weight, bias,
+// running mean, running variance, eps, limit, coef, y, n, c, i (0: an (n, c) view), nchunks.
+using Eval = int32_t (*)(void*, void*, void*, void*, void*, double, double, void*, void*,
+                         int64_t, int64_t, int64_t, int64_t);
+
 struct Kernels {
   TrainRows train_rows = nullptr;
   TrainWide train_wide = nullptr;
@@ -42,6 +47,10 @@ struct Kernels {
 };
 
 Kernels KERNELS[2];  // [0]: float32, [1]: float64
+// [x * 16 + weight * 8 + bias * 4 + mean * 2 + var]: x 0/1/2 = float16/32/64, the vectors
+// 0/1 = float32/64 (a missing weight or bias: float64 ones or zeros, as the Python route's)
+Eval EVAL[48] = {};
+double EVAL_LIMIT[3] = {0.0, 0.0, 0.0};  // needs_general's bound per x dtype
 pybind11::object* FALLBACK = nullptr;  // never freed: outlives the interpreter's teardown
 thread_local bool PLAIN = false;  // the last forward's flag, read by train() right after
 
@@ -241,6 +250,88 @@ void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, d
   k.rescale = rescale;
 }
 
+int64_t x_code(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return 0;
+    case at::kFloat: return 1;
+    case at::kDouble: return 2;
+    default: return -1;
+  }
+}
+
+// A per-feature float64 vector of `fill` (a missing weight: ones; bias: zeros), per thread.
+double* filled64(int64_t c, double fill) {
+  thread_local std::vector<double> store[2];
+  std::vector<double>& v = store[fill == 0.0 ? 1 : 0];
+  if (static_cast<int64_t>(v.size()) < c) v.assign(c, fill);
+  return v.data();
+}
+
+// Every argument that sizes a read of evaluate() checked: a dense input viewed (a0, a1) (a2
+// == 0) or (a0, a1, a2), and per-feature float32/64 contiguous CPU vectors of a1 values.
+void check_eval(const Tensor& x, const std::vector<std::optional<Tensor>>& vecs, int64_t a0,
+                int64_t a1, int64_t a2, int64_t channels_last, int64_t nchunks) {
+  TORCH_CHECK(x.device().is_cpu() && x.layout() == at::kStrided && x_code(x) >= 0,
+              "batchnorm native: a dense float16/32/64 CPU input, got ", x.toString());
+  TORCH_CHECK(a0 > 0 && a1 > 0 && a2 >= 0 && x.numel() == a0 * a1 * (a2 == 0 ? 1 : a2) &&
+                  x.dim() >= 2 && x.size(1) == a1 && nchunks > 0,
+              "batchnorm native: view (", a0, ", ", a1, ", ", a2, ") (nchunks ", nchunks,
+              ") does not fit an input of shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && (channels_last == 0 || a2 == 0),
+              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
+              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
+              " order of its view");
+  for (const std::optional<Tensor>& p : vecs) {
+    if (!p.has_value() || !p->defined()) continue;
+    const Tensor& t = *p;
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
+                    t.dim() == 1 && t.size(0) == a1 && t.is_contiguous(),
+                "batchnorm native: weight, bias and running statistics must be contiguous (",
+                a1, ",) float32/float64 CPU tensors, got ", t.toString(), " of shape ",
+                t.sizes());
+  }
+  TORCH_CHECK(vecs[2].has_value() && vecs[2]->defined() && vecs[3].has_value() &&
+                  vecs[3]->defined(),
+              "batchnorm native: evaluation needs the running mean and variance");
+}
+
+// (y, status): evaluation with the running statistics through the entry point of the
+// arguments' dtypes. status 1: y served; 0: the running mean is too large for the plain
+// form (the caller takes the general path, y unwritten); -1: no entry point registered for
+// these dtypes (set_eval, then call again).
+std::tuple<Tensor, int64_t> evaluate(const Tensor& x, const std::optional<Tensor>& w,
+                                     const std::optional<Tensor>& b, const Tensor& rm,
+                                     const Tensor& rv, int64_t a0, int64_t a1, int64_t a2,
+                                     int64_t channels_last, double eps, int64_t nchunks) {
+  std::vector<std::optional<Tensor>> vecs{w, b, rm, rv};
+  check_eval(x, vecs, a0, a1, a2, channels_last, nchunks);
+  int64_t code = x_code(x) * 16;
+  void* ptr[4];
+  for (int j = 0; j < 4; ++j) {
+    bool have = vecs[j].has_value() && vecs[j]->defined();
+    code += (!have || vecs[j]->scalar_type() == at::kDouble ? 1 : 0) << (3 - j);
+    ptr[j] = have ? vecs[j]->data_ptr() : filled64(a1, j == 0 ? 1.0 : 0.0);
+  }
+  Eval fn = EVAL[code];
+  if (fn == nullptr) return {Tensor(), -1};
+  Tensor y = at::empty_like(x);
+  void* coef = scratch(4 * a1);
+  int32_t ok;
+  {
+    NoGil nogil;
+    ok = fn(x.data_ptr(), ptr[0], ptr[1], ptr[2], ptr[3], eps, EVAL_LIMIT[code / 16], coef,
+            y.data_ptr(), a0, a1, a2, nchunks);
+  }
+  return {y, ok != 0 ? 1 : 0};
+}
+
+void set_eval(int64_t code, int64_t address, double limit) {
+  TORCH_CHECK(code >= 0 && code < 48, "set_eval: a code in [0, 48), got ", code);
+  EVAL[code] = reinterpret_cast<Eval>(address);
+  EVAL_LIMIT[code / 16] = limit;
+}
+
 void set_fallback(pybind11::object f) { FALLBACK = new pybind11::object(std::move(f)); }
 
 }  // namespace
@@ -248,5 +339,7 @@ void set_fallback(pybind11::object f) { FALLBACK = new pybind11::object(std::mov
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train, "training forward through the native autograd node");
   m.def("set_kernels", &set_kernels, "register the C entry points of one dtype");
+  m.def("evaluate", &evaluate, "evaluation with the running statistics (no autograd node)");
+  m.def("set_eval", &set_eval, "register the evaluation entry point of one dtype combination");
   m.def("set_fallback", &set_fallback, "register the Python backward for the fallbacks");
 }
