@@ -25,6 +25,13 @@ and bias have the input's dtype; every other call, and a batch whose statistics 
 overflow-scaled general path (non-finite ones included), takes the Python route as before.
 A double backward (``create_graph=True``) and a batched or wrapped incoming gradient are
 handed back to Python: the custom operator's backward, which is differentiable.
+
+Evaluation without gradients (:func:`evaluate`, a plain C++ function, no autograd node) is
+served through the same extension while the route is on: ``_cpu.evaluate_direct``'s one
+coefficient call and one scale-and-shift pass, bit for bit, for float16/32/64 inputs with
+float32/64 parameters and buffers at every one-call size (the parallel pass only where
+:func:`.centry.parallel_safe`); the entry point of a dtype combination is compiled on its
+first call (disk-cached by numba).
 """
 
 from __future__ import annotations
