@@ -130,11 +130,32 @@ def test_the_comparison_sees_a_difference(counting):
 
 @pytest.mark.parametrize(("shape", "fmt"), [((256, 1024), None), ((32, 256, 14, 14), CL),
                                             ((16, 64, 32, 32), None)])  # fmt: skip
-def test_large_inputs_through_the_parallel_pass(counting, shape, fmt):
-    m = _module(shape)
-    y1, y0 = _both(m, _input(shape, F32, fmt))
+@pytest.mark.parametrize("xdt", [F16, F32, F64])
+def test_large_inputs_through_the_parallel_pass(counting, shape, fmt, xdt):
+    m = _module(shape, F64, F32)
+    y1, y0 = _both(m, _input(shape, xdt, fmt))
     assert _bits_equal(y1, y0)
     assert counting.served == (1 if native._PARALLEL else 0)
+
+
+def test_parallel_sizes_without_a_safe_threading_layer_take_the_python_route(counting, monkeypatch):
+    monkeypatch.setattr(native, "_PARALLEL", False)
+    m = _module((256, 1024))
+    y1, y0 = _both(m, _input((256, 1024), F16))
+    assert counting.served == counting.general == 0
+    assert _bits_equal(y1, y0)
+    _both(m, _input((16, 1024), F16))  # the serial sizes are still served
+    assert counting.served == 1
+
+
+def test_without_a_built_extension_nothing_is_loaded(ext, monkeypatch):
+    monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setattr(native, "route", native._cached)
+    monkeypatch.setattr(native, "built", lambda: False)
+    m = _module((64, 32))
+    with torch.no_grad():
+        m(_input((64, 32), F32))
+    assert native.route is None and native._EXT is None
 
 
 def test_a_large_running_mean_takes_the_general_path(counting):
