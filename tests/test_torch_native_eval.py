@@ -192,6 +192,18 @@ def test_served_where_the_training_route_is_not_loaded_yet(ext, monkeypatch):
         assert _bits_equal(y, m(_input((64, 32), F32)))
 
 
+def test_lazily_negated_tensors_take_the_python_route(counting):
+    """torch._neg_view: memory that is not the values (the kernels read raw memory)."""
+    m = _module((64, 32))
+    y1, y0 = _both(m, torch._neg_view(_input((64, 32), F32)))
+    assert counting.served == counting.general == 0
+    assert _bits_equal(y1, y0)
+    native.build()
+    x = torch._neg_view(torch.randn(8, 32, requires_grad=True))
+    y = m.train()(x)
+    assert type(y.grad_fn).__name__ == "_LeanBackward"  # training: the same hand-back
+
+
 def test_the_extension_refuses_arguments_that_do_not_fit(ext):
     x = torch.randn(8, 4)
     v = torch.ones(4)

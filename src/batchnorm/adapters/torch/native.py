@@ -220,7 +220,8 @@ def evaluate(x, weight, bias, rm, rv, lay, views, eps: float):
     at least ``TINY_EPS``) through the extension, as :func:`._cpu.evaluate_direct`: the
     output; None where the running mean is too large for the plain form (the caller takes
     the general path); :data:`SKIP` where this route does not apply (the extension not
-    loaded, an empty input, the parallel pass without :func:`.centry.parallel_safe`).
+    loaded, an empty input, the parallel pass without :func:`.centry.parallel_safe`, a
+    lazily negated tensor).
     ``views``: the module's NumPy views (:func:`.fast.batch_norm`), whose dtypes pick the
     entry point (compiled on the first call of a dtype combination)."""
     if _EXT is None and not _ready():
@@ -236,7 +237,7 @@ def evaluate(x, weight, bias, rm, rv, lay, views, eps: float):
     if status < 0:  # the first call of these dtypes: compile and register its entry point
         _register_eval(x.dtype, views)
         y, status = _EXT.evaluate(*args)
-    return y if status == 1 else None
+    return y if status == 1 else None if status == 0 else SKIP  # (2: lazily negated)
 
 
 def _register_eval(dtype: torch.dtype, views) -> None:

@@ -200,7 +200,7 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
 
 // (y, stats, plain): the training forward through the native node. stats (3, C) float64:
 // mean, biased variance, 1/sqrt(var + eps); plain: the kernels' flag (false: the caller
-// must take the general path and ignore y).
+// takes the Python route, which takes the general path where needed, and ignores y).
 // The kernels read raw memory: every argument that sizes a read is checked first.
 void check_args(const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
                 int64_t kind, int64_t a0, int64_t a1, int64_t a2, int64_t channels_last) {
@@ -227,11 +227,21 @@ void check_args(const Tensor& x, const std::optional<Tensor>& w, const std::opti
   }
 }
 
+// Whether a tensor's memory is not its values: a lazy negation or conjugation
+// (torch._neg_view, .conj()): the kernels read raw memory, so such calls are handed back
+// to the Python route, which resolves them (numpy(force=True)).
+bool lazy_bits(std::initializer_list<std::optional<Tensor>> ts) {
+  for (const std::optional<Tensor>& t : ts)
+    if (t.has_value() && t->defined() && (t->is_neg() || t->is_conj())) return true;
+  return false;
+}
+
 std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tensor>& w,
                                        const std::optional<Tensor>& b, int64_t kind,
                                        int64_t a0, int64_t a1, int64_t a2,
                                        int64_t channels_last, double eps) {
   check_args(x, w, b, kind, a0, a1, a2, channels_last);
+  if (lazy_bits({x, w, b})) return {Tensor(), Tensor(), false};  // the Python route's
   variable_list r = LeanFn::apply(x, w, b, kind, a0, a1, a2, channels_last, eps);
   return {r[0], r[1], PLAIN};
 }
@@ -299,13 +309,15 @@ void check_eval(const Tensor& x, const std::vector<std::optional<Tensor>>& vecs,
 // (y, status): evaluation with the running statistics through the entry point of the
 // arguments' dtypes. status 1: y served; 0: the running mean is too large for the plain
 // form (the caller takes the general path, y unwritten); -1: no entry point registered for
-// these dtypes (set_eval, then call again).
+// these dtypes (set_eval, then call again); 2: a lazily negated argument (the caller's
+// Python route).
 std::tuple<Tensor, int64_t> evaluate(const Tensor& x, const std::optional<Tensor>& w,
                                      const std::optional<Tensor>& b, const Tensor& rm,
                                      const Tensor& rv, int64_t a0, int64_t a1, int64_t a2,
                                      int64_t channels_last, double eps, int64_t nchunks) {
   std::vector<std::optional<Tensor>> vecs{w, b, rm, rv};
   check_eval(x, vecs, a0, a1, a2, channels_last, nchunks);
+  if (lazy_bits({x, w, b, rm, rv})) return {Tensor(), 2};
   int64_t code = x_code(x) * 16;
   void* ptr[4];
   for (int j = 0; j < 4; ++j) {
