@@ -20,6 +20,7 @@ from batchnorm.backends.numba import centry  # noqa: E402
 CL = torch.channels_last
 F32, F64, F16 = torch.float32, torch.float64, torch.float16
 _BITS = {F16: torch.int16, F32: torch.int32, F64: torch.int64}
+_TORCH = {torch.tensor(0.0, dtype=t).numpy().dtype: t for t in (F32, F64)}
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,12 @@ def ext():
         pytest.skip(f"the native extension cannot be built here: {exc!s:.200}")
     native.disable()
     return mod
+
+
+@pytest.fixture(autouse=True)
+def _route_off_after():
+    yield
+    native.disable()
 
 
 class _Counting:
@@ -202,6 +209,26 @@ def test_lazily_negated_tensors_take_the_python_route(counting):
     x = torch._neg_view(torch.randn(8, 32, requires_grad=True))
     y = m.train()(x)
     assert type(y.grad_fn).__name__ == "_LeanBackward"  # training: the same hand-back
+
+
+def test_prepared_combinations_are_not_compiled_on_their_first_call(ext, monkeypatch):
+    assert native.prepare_eval() == len(native.COMMON_EVAL)
+
+    def refuse(*args):
+        raise AssertionError(f"registered on a call: {args}")
+
+    monkeypatch.setattr(native, "_register_eval", refuse)
+    for dtype, (wdt, _, mdt, _) in native.COMMON_EVAL:
+        affine = wdt == mdt
+        m = _module((8, 16), _TORCH[wdt] if affine else F32, _TORCH[mdt], affine=affine)
+        y1, y0 = _both(m, _input((8, 16), dtype))
+        assert _bits_equal(y1, y0)
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="registered on a call"):  # negative control
+        native.build()
+        monkeypatch.setattr(native, "_register_eval", refuse)
+        native._EXT.set_eval(1 * 16 + 15, 0, 1.0)  # the all-float64-vectors float32 entry
+        _both(_module((8, 16), F64, F64), _input((8, 16), F32))
 
 
 def test_the_extension_refuses_arguments_that_do_not_fit(ext):

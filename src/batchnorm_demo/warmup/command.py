@@ -86,6 +86,7 @@ def _build_torch_node() -> int:
     start = time.perf_counter()
     try:
         native.build()
+        native.prepare_eval()  # the common evaluation entry points, compiled ahead
     except Exception as err:  # noqa: BLE001 - a compiler's or loader's error, reported
         print(f"warmup --torch: the native node could not be built: {err!s:.2000}")
         return 1

@@ -55,7 +55,19 @@ from . import _cpu
 from . import ops as O
 from ._running import update_views
 
-__all__ = ["ENV", "SKIP", "build", "built", "cache_dir", "disable", "enabled", "evaluate", "train"]
+__all__ = [
+    "COMMON_EVAL",
+    "prepare_eval",
+    "ENV",
+    "SKIP",
+    "build",
+    "built",
+    "cache_dir",
+    "disable",
+    "enabled",
+    "evaluate",
+    "train",
+]
 
 #: The environment variable that turns the route on (value ``1``).
 ENV = "BATCHNORM_TORCH_NATIVE"
@@ -235,18 +247,41 @@ def evaluate(x, weight, bias, rm, rv, lay, views, eps: float):
     args = (x, weight, bias, rm, rv, a0, a1, a2, lay.channels_last, float(eps), nchunks)
     y, status = _EXT.evaluate(*args)
     if status < 0:  # the first call of these dtypes: compile and register its entry point
-        _register_eval(x.dtype, views)
+        _register_eval(x.dtype, [views[j].dtype for j in range(4)])
         y, status = _EXT.evaluate(*args)
     return y if status == 1 else None if status == 0 else SKIP  # (2: lazily negated)
 
 
-def _register_eval(dtype: torch.dtype, views) -> None:
+def _register_eval(dtype: torch.dtype, dts) -> None:
+    """Register the evaluation entry point of an input of ``dtype`` with a weight, bias,
+    running mean and running variance of the NumPy dtypes ``dts``."""
     from ...backends.numba import centry
 
-    dts = [views[j].dtype for j in range(4)]
     code = _X_CODES[dtype] * 16 + sum(_VEC_CODES[d] << (3 - j) for j, d in enumerate(dts))
     address = centry.eval_address(_cpu.NP_DTYPES[dtype], *dts)
     _EXT.set_eval(code, address, _cpu.kernel_limits(dtype)[1])
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+#: The evaluation dtype combinations :func:`prepare_eval` registers ahead: ``(x, (weight,
+#: bias, running mean, running variance))``: float32 and float64 modules, a float32 module
+#: without weight and bias (float64 ones and zeros), a float16 input to a float32 module.
+COMMON_EVAL = (
+    (torch.float32, (_F32,) * 4),
+    (torch.float64, (_F64,) * 4),
+    (torch.float32, (_F64, _F64, _F32, _F32)),
+    (torch.float16, (_F32,) * 4),
+)
+
+
+def prepare_eval(combos=COMMON_EVAL) -> int:
+    """Build (or load) the extension and register the evaluation entry points of
+    ``combos`` (compiled once, then loaded from numba's disk cache), so that their first
+    calls wait for no compiler; returns how many were registered."""
+    build()
+    for dtype, dts in combos:
+        _register_eval(dtype, [np.dtype(d) for d in dts])
+    return len(combos)
 
 
 def _ready() -> bool:
