@@ -231,6 +231,27 @@ def test_prepared_combinations_are_not_compiled_on_their_first_call(ext, monkeyp
         _both(_module((8, 16), F64, F64), _input((8, 16), F32))
 
 
+def test_evaluation_in_threads_gives_the_python_routes_values(counting):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [((64, 32), None), ((8, 32, 16, 16), None), ((256, 1024), None), ((16, 64, 8, 8), CL)]
+    mods = [_module(shape) for shape, _ in cases]
+    xs = [_input(shape, F32, fmt) for shape, fmt in cases]
+
+    def run(i):
+        with torch.no_grad():
+            return [mods[i % 4](xs[i % 4]) for _ in range(20)]
+
+    native.build()
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, range(8)))
+    native.disable()
+    with torch.no_grad():
+        want = [m(x) for m, x in zip(mods, xs, strict=True)]
+    assert counting.served == 160
+    assert all(_bits_equal(y, want[i % 4]) for i, ys in enumerate(outs) for y in ys)
+
+
 def test_the_extension_refuses_arguments_that_do_not_fit(ext):
     x = torch.randn(8, 4)
     v = torch.ones(4)
