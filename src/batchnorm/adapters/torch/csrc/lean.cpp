@@ -50,7 +50,7 @@ Kernels KERNELS[2];  // [0]: float32, [1]: float64
 // [x * 16 + weight * 8 + bias * 4 + mean * 2 + var]: x 0/1/2 = float16/32/64, the vectors
 // 0/1 = float32/64 (a missing weight or bias: float64 ones or zeros, as the Python route's)
 Eval EVAL[48] = {};
-double EVAL_LIMIT[3] = {0.0, 0.0, 0.0};  // needs_general's bound per x dtype
+double EVAL_LIMIT[48] = {};  // needs_general's bound of the x dtype, per entry point
 pybind11::object* FALLBACK = nullptr;  // never freed: outlives the interpreter's teardown
 thread_local bool PLAIN = false;  // the last forward's flag, read by train() right after
 
@@ -332,7 +332,7 @@ std::tuple<Tensor, int64_t> evaluate(const Tensor& x, const std::optional<Tensor
   int32_t ok;
   {
     NoGil nogil;
-    ok = fn(x.data_ptr(), ptr[0], ptr[1], ptr[2], ptr[3], eps, EVAL_LIMIT[code / 16], coef,
+    ok = fn(x.data_ptr(), ptr[0], ptr[1], ptr[2], ptr[3], eps, EVAL_LIMIT[code], coef,
             y.data_ptr(), a0, a1, a2, nchunks);
   }
   return {y, ok != 0 ? 1 : 0};
@@ -341,7 +341,7 @@ std::tuple<Tensor, int64_t> evaluate(const Tensor& x, const std::optional<Tensor
 void set_eval(int64_t code, int64_t address, double limit) {
   TORCH_CHECK(code >= 0 && code < 48, "set_eval: a code in [0, 48), got ", code);
   EVAL[code] = reinterpret_cast<Eval>(address);
-  EVAL_LIMIT[code / 16] = limit;
+  EVAL_LIMIT[code] = limit;
 }
 
 void set_fallback(pybind11::object f) { FALLBACK = new pybind11::object(std::move(f)); }
