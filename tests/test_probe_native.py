@@ -48,7 +48,9 @@ def test_compiled_autograd_backward_through_the_native_node():
     """A backward under compiled autograd: the Python route (and torch.nn) run it; the
     native node fails torch's internal assert ``ctx_.non_differentiable_.empty()``
     (custom_function.h), because its forward marks the statistics output
-    non-differentiable, which compiled autograd's C++-function path does not accept."""
+    non-differentiable, which compiled autograd's C++-function path does not accept. The
+    documented switch (``torch._dynamo.config.compiled_autograd = True`` and the backward
+    inside a ``torch.compile``d function) fails the same way."""
     res = _run(
         """
         import torch._dynamo.compiled_autograd as ca
