@@ -205,7 +205,7 @@ def kind(lay: Layout) -> int:
 
 def _kind(vs: tuple, np_dtype) -> int:
     size = int(np.prod(vs)) * np.dtype(np_dtype).itemsize
-    if vs[0] == 0 or vs[1] == 0 or (len(vs) == 3 and 1 < vs[2] < K.WIDE_INNER):
+    if 0 in vs or (len(vs) == 3 and 1 < vs[2] < K.WIDE_INNER):  # (an empty input: OTHER)
         return OTHER
     if size > SMALL_BYTES:
         return LARGE

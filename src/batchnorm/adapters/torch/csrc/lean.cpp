@@ -53,6 +53,7 @@ Eval EVAL[48] = {};
 double EVAL_LIMIT[48] = {};  // needs_general's bound of the x dtype, per entry point
 pybind11::object* FALLBACK = nullptr;  // never freed: outlives the interpreter's teardown
 thread_local bool PLAIN = false;  // the last forward's flag, read by train() right after
+thread_local Tensor STATS;  // the last forward's statistics, read by train() likewise
 
 constexpr int64_t ROWS = 1;
 
@@ -142,9 +143,11 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
     ctx->saved_data["b"] = b.defined();
     ctx->saved_data["dims"] = std::vector<int64_t>{kind, a0, a1, a2, channels_last};
     ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({stats});
-    ctx->set_materialize_grads(false);  // no zeros for the statistics' gradient (5 us)
-    return {y, stats};
+    ctx->set_materialize_grads(false);
+    // the statistics leave through STATS, not as a second output: compiled autograd
+    // (torch._dynamo) asserts on a node with non-differentiable outputs
+    STATS = stats;
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -243,7 +246,9 @@ std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tens
   check_args(x, w, b, kind, a0, a1, a2, channels_last);
   if (lazy_bits({x, w, b})) return {Tensor(), Tensor(), false};  // the Python route's
   variable_list r = LeanFn::apply(x, w, b, kind, a0, a1, a2, channels_last, eps);
-  return {r[0], r[1], PLAIN};
+  Tensor stats = STATS;
+  STATS = Tensor();
+  return {r[0], stats, PLAIN};
 }
 
 void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
