@@ -18,6 +18,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _native import built_extension, route_off_after_each_test  # noqa: E402, F401
+
 import batchnorm.torch as bt  # noqa: E402
 from batchnorm.adapters.torch import native  # noqa: E402
 from batchnorm.conventions import NonFiniteStatisticsError  # noqa: E402
@@ -26,22 +28,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 CL = torch.channels_last
 NATIVE_NODE = "CppFunction"  # the Python name of a C++ autograd node
 PYTHON_NODE = "_LeanBackward"
-
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        mod = native.build()
-    except Exception as exc:  # noqa: BLE001 - no compiler, no headers: nothing to test
-        pytest.skip(f"the native node cannot be built here: {exc!s:.200}")
-    native.disable()
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _route_off_after():
-    yield
-    native.disable()
 
 
 def _module(shape, dtype, affine=True):

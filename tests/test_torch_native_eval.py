@@ -13,6 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _native import built_extension, route_off_after_each_test  # noqa: E402, F401
+
 import batchnorm.torch as bt  # noqa: E402
 from batchnorm.adapters.torch import native  # noqa: E402
 from batchnorm.backends.numba import centry  # noqa: E402
@@ -21,22 +23,6 @@ CL = torch.channels_last
 F32, F64, F16 = torch.float32, torch.float64, torch.float16
 _BITS = {F16: torch.int16, F32: torch.int32, F64: torch.int64}
 _TORCH = {torch.tensor(0.0, dtype=t).numpy().dtype: t for t in (F32, F64)}
-
-
-@pytest.fixture(scope="module")
-def ext():
-    try:
-        mod = native.build()
-    except Exception as exc:  # noqa: BLE001 - no compiler, no headers: nothing to test
-        pytest.skip(f"the native extension cannot be built here: {exc!s:.200}")
-    native.disable()
-    return mod
-
-
-@pytest.fixture(autouse=True)
-def _route_off_after():
-    yield
-    native.disable()
 
 
 class _Counting:

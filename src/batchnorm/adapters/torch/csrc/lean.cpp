@@ -201,6 +201,15 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
   }
 };
 
+// The kernels read x as one dense block in the memory order of its view (a channels-last
+// view only where the layout allows it: ``view_ok``).
+void check_dense(const Tensor& x, int64_t channels_last, bool view_ok) {
+  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && view_ok,
+              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
+              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
+              " order of its view");
+}
+
 // (y, stats, plain): the training forward through the native node. stats (3, C) float64:
 // mean, biased variance, 1/sqrt(var + eps); plain: the kernels' flag (false: the caller
 // takes the Python route, which takes the general path where needed, and ignores y).
@@ -216,10 +225,7 @@ void check_args(const Tensor& x, const std::optional<Tensor>& w, const std::opti
                   x.numel() == a0 * a1 * a2 && x.dim() >= 2 && x.size(1) == a1,
               "batchnorm native: view (", a0, ", ", a1, ", ", a2, ") of kind ", kind,
               " does not fit an input of shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && (channels_last == 0 || kind == 1),
-              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
-              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
-              " order of its view");
+  check_dense(x, channels_last, channels_last == 0 || kind == 1);
   for (const std::optional<Tensor>* p : {&w, &b}) {
     if (!p->has_value() || !(*p)->defined()) continue;
     const Tensor& t = p->value();
@@ -292,10 +298,7 @@ void check_eval(const Tensor& x, const std::vector<std::optional<Tensor>>& vecs,
                   x.dim() >= 2 && x.size(1) == a1 && nchunks > 0,
               "batchnorm native: view (", a0, ", ", a1, ", ", a2, ") (nchunks ", nchunks,
               ") does not fit an input of shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(format_of(x, channels_last)) && (channels_last == 0 || a2 == 0),
-              "batchnorm native: the input of shape ", x.sizes(), " and strides ", x.strides(),
-              " is not dense in the ", channels_last ? "channels-last" : "contiguous",
-              " order of its view");
+  check_dense(x, channels_last, channels_last == 0 || a2 == 0);
   for (const std::optional<Tensor>& p : vecs) {
     if (!p.has_value() || !p->defined()) continue;
     const Tensor& t = *p;
