@@ -73,6 +73,13 @@ def _ok(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == 0, f"{res.args} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
 
 
+def scenario_ranks(n: int, script: str, out) -> list:
+    """Run ``tests/mpi/<script>`` on ``n`` ranks (it must succeed) writing into ``out``; each
+    rank's ``rank<r>.json`` record, in rank order."""
+    _ok(mpirun(n, str(SCENARIOS / script), str(out)))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
 # --------------------------------------------------------------------------- equalities
 SPLITS = [(1, "9"), (2, "7,10"), (3, "0,9,8"), (4, "5,0,11,1")]
 
@@ -172,8 +179,7 @@ def test_synchronized_equals_single_process(tmp_path, n, sizes):
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 4])
 def test_errors_raise_on_every_rank_and_change_nothing(tmp_path, n):
-    _ok(mpirun(n, str(SCENARIOS / "errors.py"), str(tmp_path)))
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    res = scenario_ranks(n, "errors.py", tmp_path)
     bad = n - 1
     expected = {
         "wrong_features": ("DistributedError", ["layer was built for num_features=(4,)"]),
@@ -416,8 +422,7 @@ def test_synchronized_torch_tensors_equal_one_process(tmp_path, n):
 @needs_mpi
 @pytest.mark.mpi
 def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_path):
-    _ok(mpirun(2, str(SCENARIOS / "split_brain.py"), str(tmp_path)))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = scenario_ranks(2, "split_brain.py", tmp_path)
     for r in ranks:
         assert r["order"]["error"] == "DistributedError", r["order"]
         assert "different layers" in r["order"]["message"]
@@ -431,8 +436,7 @@ def test_different_layers_or_arguments_across_ranks_are_refused_everywhere(tmp_p
 @needs_mpi
 @pytest.mark.mpi
 def test_helpers_refuse_a_bad_argument_on_one_rank_on_every_rank(tmp_path):
-    _ok(mpirun(2, str(SCENARIOS / "helpers.py"), str(tmp_path)))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = scenario_ranks(2, "helpers.py", tmp_path)
     cases = [k for k in ranks[0] if k != "in_step"]
     for r in ranks:
         for case in cases:

@@ -5,11 +5,10 @@ the checks of what a user reducer returns. Refused calls and assignments change 
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
-from test_distributed import SCENARIOS, _ok, mpirun, needs_mpi
+from test_distributed import SCENARIOS, mpirun, needs_mpi, scenario_ranks
 
 import batchnorm as bn
 from batchnorm import distributed
@@ -103,8 +102,7 @@ def test_refused_reducers_and_positions_change_nothing():
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 3])
 def test_assigned_reducers_are_refused_at_different_layers_under_mpi(tmp_path, n):
-    _ok(mpirun(n, str(SCENARIOS / "reassign.py"), str(tmp_path)))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    ranks = scenario_ranks(n, "reassign.py", tmp_path)
     for r in ranks:
         assert r["positions_assigned"] == [r["positions_assigned"][0] + i for i in range(2)]
         for case in ("assigned", "constructed"):
@@ -172,8 +170,7 @@ class _FakeComm:
 @pytest.mark.mpi
 @pytest.mark.parametrize("n", [2, 3])
 def test_convert_sync_and_comm_layers_never_share_a_name_under_mpi(tmp_path, n):
-    _ok(mpirun(n, str(SCENARIOS / "positions.py"), str(tmp_path)))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    ranks = scenario_ranks(n, "positions.py", tmp_path)
     for r in ranks:
         assert r["positions"] == ranks[0]["positions"]
         assert len(set(r["positions"])) == 3
@@ -367,8 +364,7 @@ def test_what_a_reducer_sums_is_checked(rng):
 def test_odd_dtypes_and_huge_values_across_ranks_are_refused_everywhere(tmp_path, n):
     """A torch bfloat16 batch failed on its rank alone (NumPy has no bfloat16) while the
     others waited; 1e308 on one rank and -1e308 on another overflowed the merge's mean."""
-    _ok(mpirun(n, str(SCENARIOS / "odd_inputs.py"), str(tmp_path)))
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+    ranks = scenario_ranks(n, "odd_inputs.py", tmp_path)
     for r in ranks:
         assert r["dtypes"]["error"] == "DistributedError"
         assert "rank 0: float32" in r["dtypes"]["message"]
