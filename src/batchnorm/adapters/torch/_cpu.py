@@ -115,10 +115,26 @@ def view(t: torch.Tensor, lay: Layout) -> np.ndarray:
     return a.reshape(lay.view_shape)
 
 
+#: The allocator of large outputs: None (torch's), or the native extension's pool
+#: (``empty_pooled(x, dtype, memory_format)``, :mod:`.native`), which reuses freed blocks
+#: instead of paying their page faults again.
+POOLED = None
+_POOL_MIN = 1 << 20  # (smaller blocks: torch's allocator, glibc's heap serves them)
+
+
+def new_like(x: torch.Tensor, dtype=None, memory_format=torch.preserve_format) -> torch.Tensor:
+    """``torch.empty_like(x, dtype=dtype, memory_format=memory_format)`` for a CPU ``x``,
+    from :data:`POOLED` when set and the output takes at least a MiB."""
+    dtype = x.dtype if dtype is None else dtype
+    if POOLED is not None and x.numel() * dtype.itemsize >= _POOL_MIN:
+        return POOLED(x, dtype, memory_format)
+    return torch.empty_like(x, dtype=dtype, memory_format=memory_format)
+
+
 def empty(x: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, np.ndarray]:
-    """A new tensor shaped like ``x`` in the layout, and its NumPy view (``empty_like``
-    costs half of ``empty``'s microsecond or two)."""
-    t = torch.empty_like(x, dtype=lay.compute, memory_format=lay.fmt)  # x: on the CPU
+    """A new tensor shaped like ``x`` in the layout (:func:`new_like`), and its NumPy
+    view."""
+    t = new_like(x, lay.compute, lay.fmt)  # x: on the CPU
     return t, view(t, lay)
 
 
@@ -238,7 +254,7 @@ def train_small(xa, lay: Layout, g, b, eps: float):
     call of the fused kernels (``stats`` rows: mean, biased var, inv_std, float64;
     ``plain``: not :func:`needs_general`); ``g``, ``b`` per-feature vectors of any float
     dtype."""
-    y = torch.empty_like(xa)
+    y = new_like(xa)
     c = g.shape[0]
     stats = np.empty((3, c))
     coef = np.empty((4, c), _WORK[lay.compute])
@@ -260,7 +276,7 @@ def backward_small(dya, xa, lay: Layout, mean, inv, g, batch_stats: bool, need_d
     the fused kernels); ``dya`` the incoming gradient, arranged here if it must be;
     ``gw``, ``gb`` receive the weight and bias gradients ``sum(dy * x_hat)`` and ``sum(dy)``
     (each in its own dtype)."""
-    dx = torch.empty_like(xa) if need_dx else None
+    dx = new_like(xa) if need_dx else None
     c = mean.shape[0]
     if lay.kind == ROWS:
         xv = kview(xa, lay)
@@ -294,7 +310,7 @@ def evaluate_direct(xa, lay: Layout, g, b, rm, rv, eps: float) -> torch.Tensor |
     (``ROWS``/``WIDE`` layouts); every per-feature vector in its own dtype. None when the
     running mean is too large for the plain form (the caller takes the general path)."""
     coef = np.empty((4, rm.shape[0]), _WORK[lay.compute])
-    y = torch.empty_like(xa)
+    y = new_like(xa)
     xk, yk = kview(xa, lay), kview(y, lay)
     limit = _BIG_LIMIT[lay.compute]
     if xk.size < K.SERIAL_MAX:  # coefficients and pass in one serial call

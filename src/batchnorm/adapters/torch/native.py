@@ -65,13 +65,19 @@ __all__ = [
     "cache_dir",
     "disable",
     "enabled",
+    "empty_cache",
     "evaluate",
+    "pool_stats",
+    "set_pool_limit",
     "train",
 ]
 
 #: The environment variable that turns the route on (value ``1``).
 ENV = "BATCHNORM_TORCH_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "lean.cpp"
+POOL_HEADER = SOURCE.with_name("pool.h")
+#: The environment variable that sets the output pool's limit in MiB (``0``: off).
+POOL_ENV = "BATCHNORM_TORCH_POOL_MB"
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _EXT = None  # the loaded extension module
@@ -88,7 +94,10 @@ def cache_dir() -> Path:
 
 
 def _digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for f in (SOURCE, POOL_HEADER):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def build(verbose: bool = False, use_ninja: bool | None = None):
@@ -103,6 +112,7 @@ def build(verbose: bool = False, use_ninja: bool | None = None):
         if _EXT is None:
             _EXT, _PARALLEL = _setup(verbose, use_ninja)
     route = train
+    _cpu.POOLED = _EXT.empty_pooled
     return _EXT
 
 
@@ -116,6 +126,7 @@ def _setup(verbose: bool, use_ninja: bool | None):
         rescale = RESCALE if dtype == torch.float64 else 1.0
         ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
     ext.set_fallback(_backward_op)
+    ext.set_pool_limit(_pool_limit())
     return ext, centry.parallel_safe()
 
 
@@ -169,9 +180,59 @@ def _compile(ce, name: str, so: Path, verbose: bool) -> None:
 
 
 def disable() -> None:
-    """Turn the route off (the Python route serves every call again)."""
+    """Turn the route off (the Python route serves every call again, with torch's
+    allocator; the pool keeps its cached blocks until :func:`empty_cache`)."""
     global route
     route = None
+    _cpu.POOLED = None
+
+
+# ------------------------------------------------------------------- the output pool
+#: The pool's default limit: 1 GiB, or a sixteenth of the machine's memory if less.
+DEFAULT_POOL_BYTES = 1 << 30
+
+
+def _pool_limit() -> int:
+    """The pool's limit in bytes: ``BATCHNORM_TORCH_POOL_MB`` (MiB, ``0``: off) or the
+    default (:data:`DEFAULT_POOL_BYTES`, at most a sixteenth of the physical memory)."""
+    value = os.environ.get(POOL_ENV)
+    if value is not None:
+        try:
+            mib = float(value)
+        except ValueError:
+            mib = float("nan")
+        if not (mib >= 0 and mib < 2**40):  # (NaN fails too)
+            raise ValueError(f"{POOL_ENV} must be a number of MiB >= 0, got {value!r}")
+        return int(mib * (1 << 20))
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * DEFAULT_POOL_BYTES
+    return min(DEFAULT_POOL_BYTES, ram // 16)
+
+
+def pool_stats() -> dict:
+    """The output pool's counters (all zero while the extension is not loaded):
+    ``cached_bytes`` and ``cached_blocks`` (freed outputs kept for reuse), ``live_blocks``
+    (pooled outputs alive now), ``hits`` and ``misses`` (allocations served from the pool
+    or from the system), ``limit`` (bytes; 0: off)."""
+    keys = ("cached_bytes", "cached_blocks", "live_blocks", "hits", "misses", "limit")
+    return dict(zip(keys, (0,) * 6 if _EXT is None else _EXT.pool_stats(), strict=True))
+
+
+def set_pool_limit(nbytes: int) -> int:
+    """Set the output pool's limit in bytes (``0`` turns it off; cached blocks beyond the
+    new limit are freed now); returns the previous limit. Builds or loads the extension
+    (:func:`build`) if needed."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int | np.integer) or nbytes < 0:
+        raise ValueError(f"the pool limit must be an int number of bytes >= 0, got {nbytes!r}")
+    return int(build().set_pool_limit(int(nbytes)))
+
+
+def empty_cache() -> int:
+    """Free the output pool's cached blocks (as ``torch.cuda.empty_cache`` for CUDA's
+    caching allocator); returns the bytes freed (0 while the extension is not loaded)."""
+    return 0 if _EXT is None else int(_EXT.empty_cache())
 
 
 def enabled() -> bool:

@@ -17,6 +17,8 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "pool.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -123,7 +125,7 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
                                int64_t a2, int64_t channels_last, double eps) {
     const Kernels& k = kernels_for(x);
     Tensor w = wo.value_or(Tensor()), b = bo.value_or(Tensor());
-    Tensor y = at::empty_like(x);
+    Tensor y = bnpool::empty_like(x);
     Tensor stats = at::empty({3, a1}, x.options().dtype(at::kDouble));
     void* g = w.defined() ? w.data_ptr() : filled(x, a1, 1.0, 0);
     void* bb = b.defined() ? b.data_ptr() : filled(x, a1, 0.0, 1);
@@ -180,7 +182,7 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
     bool need_b = has_b && ctx->needs_input_grad(w.defined() ? 2 : 1);
     int64_t c = d[2];
     // WIDE: the fused kernel always writes dx (without need_dx, into a discarded tensor)
-    Tensor dx = (need_dx || d[0] != ROWS) ? at::empty_like(x, fmt) : Tensor();
+    Tensor dx = (need_dx || d[0] != ROWS) ? bnpool::empty_format(x, fmt) : Tensor();
     Tensor gw = need_w ? at::empty({c}, x.options()) : Tensor();
     Tensor gb = need_b ? at::empty({c}, x.options()) : Tensor();
     void* g = w.defined() ? w.data_ptr() : filled(x, c, 1.0, 0);
@@ -335,7 +337,7 @@ std::tuple<Tensor, int64_t> evaluate(const Tensor& x, const std::optional<Tensor
   }
   Eval fn = EVAL[code];
   if (fn == nullptr) return {Tensor(), -1};
-  Tensor y = at::empty_like(x);
+  Tensor y = bnpool::empty_like(x);
   void* coef = scratch(4 * a1);
   int32_t ok;
   {
@@ -362,4 +364,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("evaluate", &evaluate, "evaluation with the running statistics (no autograd node)");
   m.def("set_eval", &set_eval, "register the evaluation entry point of one dtype combination");
   m.def("set_fallback", &set_fallback, "register the Python backward for the fallbacks");
+  m.def("empty_pooled", &bnpool::empty_pooled, "a new tensor like x (pooled when large)");
+  m.def("pool_stats", &bnpool::stats, "the output pool's counters");
+  m.def("set_pool_limit", &bnpool::set_limit, "the output pool's byte limit (0: off)");
+  m.def("empty_cache", [] { return static_cast<int64_t>(bnpool::trim(0)); },
+        "free the output pool's cached blocks");
 }
