@@ -240,3 +240,29 @@ def test_a_forked_child_uses_the_pool(ext):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-1] == "0"
+
+
+# (BatchRenorm's outputs come from NumPy: batch_renorm_train takes no ``out``)
+@pytest.mark.parametrize("kind", ["GhostBatchNorm", "FrozenBatchNorm2d"])
+def test_the_variants_outputs_from_the_pool_are_the_same(pool, kind):
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, 32, 32) * 2 + 3  # 4 MiB
+    dy = torch.randn_like(x)
+    make = getattr(bt, kind)
+    results = {}
+    for limit in (0, 256 * MIB):
+        native.set_pool_limit(limit)
+        m = make(64, virtual_batch_size=8) if kind.startswith("Ghost") else make(64)
+        before = _hits()
+        runs = []
+        for _ in range(3):
+            xr = x.clone().requires_grad_()
+            y = m(xr)
+            y.backward(dy)
+            runs.append(_kept(y, xr.grad))
+        results[limit] = (runs, _hits() - before)
+    (off, off_hits), (on, on_hits) = results[0], results[256 * MIB]
+    assert off_hits == 0 and on_hits >= 2
+    for a, b in zip(off, on, strict=True):
+        for (u, su), (v, sv) in zip(a, b, strict=True):
+            assert su == sv and torch.equal(u, v)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._cpu import new_like
+
 _NATIVE = (torch.float16, torch.float32, torch.float64)
 _FLOATS = (*_NATIVE, torch.bfloat16)
 
@@ -93,8 +95,12 @@ def array(t: torch.Tensor, v: View):
 
 
 def empty(x: torch.Tensor, v: View) -> tuple[torch.Tensor, object]:
-    """A new tensor shaped like ``x`` in ``v``'s dtype and layout, and the array to write."""
-    t = torch.empty(x.shape, dtype=v.compute, device=x.device, memory_format=v.memory_format)
+    """A new tensor shaped like ``x`` in ``v``'s dtype and layout, and the array to write
+    (on CPU through :func:`._cpu.new_like`: the native extension's pool for large ones)."""
+    if v.cpu:
+        t = new_like(x, v.compute, v.memory_format)
+    else:
+        t = torch.empty(x.shape, dtype=v.compute, device=x.device, memory_format=v.memory_format)
     return t, array(t, v)
 
 
