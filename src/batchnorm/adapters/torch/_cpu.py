@@ -126,8 +126,9 @@ def new_like(x: torch.Tensor, dtype=None, memory_format=torch.preserve_format) -
     """``torch.empty_like(x, dtype=dtype, memory_format=memory_format)`` for a CPU ``x``,
     from :data:`POOLED` when set and the output takes at least a MiB."""
     dtype = x.dtype if dtype is None else dtype
-    if POOLED is not None and x.numel() * dtype.itemsize >= _POOL_MIN:
-        return POOLED(x, dtype, memory_format)
+    pooled = POOLED  # (read once: another thread may turn it off meanwhile)
+    if pooled is not None and x.numel() * dtype.itemsize >= _POOL_MIN:
+        return pooled(x, dtype, memory_format)
     return torch.empty_like(x, dtype=dtype, memory_format=memory_format)
 
 

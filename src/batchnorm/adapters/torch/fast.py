@@ -265,8 +265,9 @@ def _direct(module, x, tensors, batch, update, lay, views, eps):
         return _cpu.evaluate_direct(x, lay, views[0], views[1], views[2], views[3], eps)
     if lay.kind not in _cpu.SMALL:
         return None
-    if grads and N.route is not None:  # the opt-in compiled node (.native)
-        y = N.route(module, x, weight, bias, lay, views, eps, update)
+    route = N.route  # (read once: another thread may turn it off meanwhile)
+    if grads and route is not None:  # the compiled node (.native)
+        y = route(module, x, weight, bias, lay, views, eps, update)
         if y is not None:
             return y
     st = _Step(lay, eps, True, views)

@@ -126,7 +126,7 @@ def _setup(verbose: bool, use_ninja: bool | None):
         rescale = RESCALE if dtype == torch.float64 else 1.0
         ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
     ext.set_fallback(_backward_op)
-    ext.set_pool_limit(_pool_limit())
+    ext.set_pool_limit(_pool_limit() if _LIMIT is None else _LIMIT)
     return ext, centry.parallel_safe()
 
 
@@ -190,6 +190,8 @@ def disable() -> None:
 # ------------------------------------------------------------------- the output pool
 #: The pool's default limit: 1 GiB, or a sixteenth of the machine's memory if less.
 DEFAULT_POOL_BYTES = 1 << 30
+_MAX_LIMIT = 1 << 62
+_LIMIT = None  # the limit set by set_pool_limit (None: the environment's or the default)
 
 
 def _pool_limit() -> int:
@@ -201,7 +203,7 @@ def _pool_limit() -> int:
             mib = float(value)
         except ValueError:
             mib = float("nan")
-        if not (mib >= 0 and mib < 2**40):  # (NaN fails too)
+        if not (mib >= 0 and mib * (1 << 20) <= _MAX_LIMIT):  # (NaN fails too)
             raise ValueError(f"{POOL_ENV} must be a number of MiB >= 0, got {value!r}")
         return int(mib * (1 << 20))
     try:
@@ -222,11 +224,23 @@ def pool_stats() -> dict:
 
 def set_pool_limit(nbytes: int) -> int:
     """Set the output pool's limit in bytes (``0`` turns it off; cached blocks beyond the
-    new limit are freed now); returns the previous limit. Builds or loads the extension
-    (:func:`build`) if needed."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int | np.integer) or nbytes < 0:
-        raise ValueError(f"the pool limit must be an int number of bytes >= 0, got {nbytes!r}")
-    return int(build().set_pool_limit(int(nbytes)))
+    new limit are freed now); returns the previous limit. Where the extension is not
+    loaded yet, the limit is kept for when it is (the route is not turned on)."""
+    global _LIMIT
+    if (
+        isinstance(nbytes, bool)
+        or not isinstance(nbytes, int | np.integer)
+        or not 0 <= nbytes <= _MAX_LIMIT
+    ):
+        raise ValueError(
+            f"the pool limit must be an int number of bytes in [0, 2**62], got {nbytes!r}"
+        )
+    if _EXT is None:
+        old = _pool_limit() if _LIMIT is None else _LIMIT
+        _LIMIT = int(nbytes)
+        return old
+    _LIMIT = int(nbytes)
+    return int(_EXT.set_pool_limit(_LIMIT))
 
 
 def empty_cache() -> int:
