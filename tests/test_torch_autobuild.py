@@ -385,6 +385,15 @@ def test_an_unwritable_cache_directory(fake, tmp_path, monkeypatch, capsys, how)
     assert _call() == PYTHON_NODE and capsys.readouterr().err == ""
 
 
+def test_a_build_that_cannot_start_leaves_no_lock(fake, cache, monkeypatch, capsys):
+    monkeypatch.setattr(A, "command", lambda token: [str(cache / "no-such-python")])
+    assert _call() == PYTHON_NODE
+    err = capsys.readouterr().err
+    assert err.count("batchnorm:") == 1 and "cannot be built in the background" in err
+    assert native.route is None and not (cache / A.LOCK).exists()
+    assert not (cache / A.FAILED).exists()  # (not a failed build: a later process tries)
+
+
 def test_environment_1_builds_in_the_foreground_only(fake, cache, monkeypatch):
     """``BATCHNORM_TORCH_NATIVE=1``: the first call builds (here a failing build()), no
     background process, no lock."""

@@ -228,6 +228,9 @@ class Watcher:
             return WAIT
         try:
             state = self._look()
+        except OSError as exc:  # (an unreadable cache directory): the caller goes on
+            _say(f"the native torch node's cache cannot be read ({exc}); the Python route serves")
+            state = OFF
         finally:
             self.due = time.monotonic() + CHECK_S
             self._mutex.release()
@@ -263,6 +266,7 @@ class Watcher:
             if not acquire(where, token):
                 self._tried = False  # (that build may be stopped: this process may retry)
                 return WAIT
+            proc = None
             try:
                 with open(where / LOG, "w") as log:
                     proc = subprocess.Popen(
@@ -275,9 +279,12 @@ class Watcher:
                     )
                 _write(where / LOCK, _record(proc.pid, token))  # the builder's pid
             except BaseException:
+                if proc is not None:  # (the lock could not be given to it: no build)
+                    proc.kill()
+                    proc.wait()
                 release(where, token)
                 raise
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the caller goes on
             _say(
                 f"the native torch node cannot be built in the background ({exc}); the "
                 f"Python route serves ({_OFF_HINT})"

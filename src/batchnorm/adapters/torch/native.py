@@ -1,4 +1,4 @@
-"""An opt-in compiled autograd node for eager CPU training of small inputs (experimental).
+"""A compiled autograd node for eager CPU training of small inputs (experimental).
 
 The eager route (:mod:`.fast`) runs a Python ``torch.autograd.Function`` around the compiled
 kernels; at small sizes its Python node costs more than the kernels. This module builds a
