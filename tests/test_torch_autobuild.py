@@ -205,6 +205,29 @@ def test_one_build_while_the_lock_is_held(fake, cache, capsys):
     assert native._pickup() is True
 
 
+def test_threads_first_calls_at_once_start_one_build(fake, cache):
+    """Eight threads' first looks at once: one build (the watcher's mutex lets one thread
+    look, and the lock file would refuse a second; without both, 2-8 builds started)."""
+    import threading
+
+    gate = threading.Barrier(8)
+    states = []
+
+    def first():
+        gate.wait()
+        states.append(native._WATCH.poll())
+
+    threads = [threading.Thread(target=first) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert states == [A.WAIT] * 8
+    (cache / "go").touch()
+    _wait_for_the_build()
+    assert len(fake.starts()) == 1
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -185,6 +185,7 @@ def test_served_where_the_training_route_is_not_loaded_yet(ext, monkeypatch):
     (the default route, ``_cached``) and serves it; the route is on afterwards."""
     monkeypatch.setattr(native, "_EXT", None)
     monkeypatch.setattr(native, "route", native._cached)
+    monkeypatch.setattr(native, "_WATCH", type(native._WATCH)(native.built, native.cache_dir))
     m = _module((64, 32))
     with torch.no_grad():
         y = m(_input((64, 32), F32))
