@@ -273,20 +273,6 @@ def test_environment_variable_and_the_default(ext, value, node):
     assert out.stdout.split()[-2:] == ["False", node]  # nothing built at import
 
 
-def test_by_default_nothing_is_built(ext, tmp_path):
-    """Without a built extension in the cache, the default never compiles: the Python node
-    serves, no build is announced and the cache directory is not even made."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "XDG_CACHE_HOME": str(tmp_path)}
-    env.pop(native.ENV, None)
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-2:] == ["False", PYTHON_NODE]
-    assert "building" not in out.stderr
-    assert not (tmp_path / "batchnorm").exists()
-
-
 @pytest.mark.slow
 def test_build_without_ninja(ext, tmp_path):
     # the direct compiler call, into a fresh cache directory

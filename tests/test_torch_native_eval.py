@@ -142,13 +142,22 @@ def test_parallel_sizes_without_a_safe_threading_layer_take_the_python_route(cou
 
 
 def test_without_a_built_extension_nothing_is_loaded(ext, monkeypatch):
+    """The default route asks whether the extension may be loaded (the background build,
+    tests/test_torch_autobuild.py); while it may not, the Python route serves and nothing
+    is loaded."""
+    asked = []
+
+    def not_yet():
+        asked.append(1)
+        return False
+
     monkeypatch.setattr(native, "_EXT", None)
     monkeypatch.setattr(native, "route", native._cached)
-    monkeypatch.setattr(native, "built", lambda: False)
+    monkeypatch.setattr(native, "_pickup", not_yet)
     m = _module((64, 32))
     with torch.no_grad():
         m(_input((64, 32), F32))
-    assert native.route is None and native._EXT is None
+    assert asked and native.route is native._cached and native._EXT is None
 
 
 def test_a_large_running_mean_takes_the_general_path(counting):
@@ -176,6 +185,7 @@ def test_served_where_the_training_route_is_not_loaded_yet(ext, monkeypatch):
     (the default route, ``_cached``) and serves it; the route is on afterwards."""
     monkeypatch.setattr(native, "_EXT", None)
     monkeypatch.setattr(native, "route", native._cached)
+    monkeypatch.setattr(native, "_WATCH", type(native._WATCH)(native.built, native.cache_dir))
     m = _module((64, 32))
     with torch.no_grad():
         y = m(_input((64, 32), F32))

@@ -26,9 +26,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     warm.add_argument(
         "--torch",
         action="store_true",
-        help="also build the torch modules' native autograd node (a C++ compiler and "
-        "torch's headers; 30-60 s once per torch version, into the user's cache; later "
-        "processes load it from there)",
+        help="also build the torch modules' native autograd node now, in the foreground (a "
+        "C++ compiler and torch's headers; 30-60 s once per torch version, into the user's "
+        "cache; later processes load it from there). Without it, the first eligible call "
+        "builds it in the background; this shows a failed build's error and retries it",
     )
     warm.set_defaults(func=run_warmup)
     return warm

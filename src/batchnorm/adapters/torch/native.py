@@ -1,4 +1,4 @@
-"""An opt-in compiled autograd node for eager CPU training of small inputs (experimental).
+"""A compiled autograd node for eager CPU training of small inputs (experimental).
 
 The eager route (:mod:`.fast`) runs a Python ``torch.autograd.Function`` around the compiled
 kernels; at small sizes its Python node costs more than the kernels. This module builds a
@@ -6,18 +6,20 @@ C++ ``torch::autograd::Function`` (``csrc/lean.cpp``) whose forward and backward
 same kernels through their C entry points (:mod:`batchnorm.backends.numba.centry`): the
 same values, bit for bit, with no Python in the training step but the module's call.
 
-Built only when asked, never at import:
+Never built at import:
 
 * :func:`build` (or ``batchnorm warmup --torch``) compiles the extension (a C++ compiler and
   torch's headers; 30-60 s once per torch version, into the user's cache directory,
   :func:`cache_dir`) or loads it from there, compiles the kernels' entry points (cached on
   disk by numba) and turns the route on; :func:`disable` turns it off again.
-* Once built, later processes use it: their first call that can take the route loads it
-  from the cache (about half a second) and never compiles; without a built extension
-  that call turns the route off for the process, and nothing else changes.
+* By default the first call that can take the route loads a built extension from the
+  cache (about half a second, no compiler); where none is built, it starts one background
+  build (:mod:`._autobuild`: a low-priority process, one at a time across processes, its
+  log ``build.log`` in :func:`cache_dir`, one line on stderr) and takes the Python route;
+  later calls load the extension once that build is done. A failed one is not retried.
 * ``BATCHNORM_TORCH_NATIVE=1`` in the environment: the first call that can take the route
-  builds if needed (a failed build warns once and leaves the route off);
-  ``BATCHNORM_TORCH_NATIVE=0``: never used.
+  builds in the foreground if needed (a failed build warns once and leaves the route off);
+  ``BATCHNORM_TORCH_NATIVE=0``: never used nor built.
 
 The route takes training calls with gradients of float32 / float64 inputs whose one-call
 layout is ``ROWS`` or ``WIDE`` (:func:`batchnorm.adapters.torch._cpu.kind`) and whose weight
@@ -51,7 +53,7 @@ import torch
 
 from ...backends.numba.plan import SERIAL_MAX, threads
 from ...core.coef import RESCALE
-from . import _cpu
+from . import _autobuild, _cpu
 from . import ops as O
 from ._running import update_views
 
@@ -111,6 +113,7 @@ def build(verbose: bool = False, use_ninja: bool | None = None):
     with _BUILD_LOCK:  # (two threads' first calls build once)
         if _EXT is None:
             _EXT, _PARALLEL = _setup(verbose, use_ninja)
+            _autobuild.clear_failure(cache_dir())
     route = train
     _cpu.POOLED = _EXT.empty_pooled
     return _EXT
@@ -136,9 +139,10 @@ def _load(verbose: bool, use_ninja: bool | None):
     name = "batchnorm_native_" + _digest()
     where = cache_dir()
     where.mkdir(parents=True, exist_ok=True)
-    if use_ninja is None:
-        use_ninja = ce.is_ninja_available()
-    so = where / (name + (".so" if use_ninja else sysconfig.get_config_var("EXT_SUFFIX")))
+    direct = where / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    if use_ninja is None:  # the one built (the background build's is direct), else ninja
+        use_ninja = not direct.exists() and ce.is_ninja_available()
+    so = where / (name + ".so") if use_ninja else direct
     if not so.exists():  # a cold build: say why the call waits (once, on stderr)
         print(
             f"batchnorm: building the native torch node, a one-off wait of about 30-60 s "
@@ -364,8 +368,7 @@ def _ready() -> bool:
     training route's first call would, which turns that route on too."""
     if route is None:
         return False
-    if route is _cached and not built():
-        disable()
+    if route is _cached and not _pickup():
         return False
     return _load_or_warn()
 
@@ -402,13 +405,18 @@ def built() -> bool:
 
 
 def _cached(*args):
-    """The route's first call by default: the extension loaded when it was built before
-    (never compiled here), else the route off for the process."""
+    """The route's calls by default until the extension is loaded: loaded once built (never
+    compiled here; the background build, :mod:`._autobuild`), the Python route until then."""
+    return _first(*args) if _pickup() else None
+
+
+def _pickup() -> bool:
+    """Whether the extension may be loaded now (:meth:`._autobuild.Watcher.poll`: starts
+    the background build or waits for it; the route off where it cannot come)."""
     global route
-    if not built():
-        route = None
-        return None
-    return _first(*args)
+    state = _WATCH.poll()
+    route = None if state == _autobuild.OFF else route
+    return state == _autobuild.READY
 
 
 def _initial(value: str | None):
@@ -420,5 +428,6 @@ def _initial(value: str | None):
 
 #: What :func:`.fast.batch_norm`'s one-call route calls for training with gradients: None
 #: (off), :func:`train`, the building first call under ``BATCHNORM_TORCH_NATIVE=1``, or
-#: by default the first call that loads a built extension (:func:`_cached`).
+#: by default :func:`_cached` (loads a built extension, or builds it in the background).
 route = _initial(os.environ.get(ENV))
+_WATCH = _autobuild.Watcher(built, cache_dir)
