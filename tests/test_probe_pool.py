@@ -193,3 +193,18 @@ def test_a_reference_cycle_gives_its_outputs_back_on_collection(pool):
     h.node = h.y.grad_fn
     del h
     assert _live() == 0
+
+
+@pytest.mark.parametrize("limit", [0, 256 * MIB])  # 0: the control (torch's allocator)
+def test_defect_profile_memory_does_not_see_pooled_outputs(pool, limit):
+    """torch's CPU allocator reports each allocation to the profiler
+    (``c10::reportMemoryUsageToProfiler``); ``bnpool::Allocator`` does not, so
+    ``torch.profiler.profile(profile_memory=True)`` shows no memory for a pooled output
+    (about the whole activation memory of a large model's batch-norm layers)."""
+    native.set_pool_limit(limit)
+    m = bt.BatchNorm2d(64).eval()
+    x = torch.randn(SHAPE)
+    with torch.profiler.profile(profile_memory=True) as prof, torch.no_grad():
+        y = m(x)
+    allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= y.nbytes]
+    assert allocated, f"the profiler saw no allocation of y ({y.nbytes} bytes), limit {limit}"
