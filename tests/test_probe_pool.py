@@ -208,3 +208,27 @@ def test_defect_profile_memory_does_not_see_pooled_outputs(pool, limit):
         y = m(x)
     allocated = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= y.nbytes]
     assert allocated, f"the profiler saw no allocation of y ({y.nbytes} bytes), limit {limit}"
+
+
+def test_defect_disable_on_another_thread_can_break_new_like(pool):
+    """``_cpu.new_like`` reads the module global ``POOLED`` twice (``POOLED is not None``,
+    then ``POOLED(x, ...)``), so a ``native.disable()`` on another thread between the two
+    reads makes the call raise ``TypeError: 'NoneType' object is not callable``. Seen with
+    two threads (one allocating, one calling disable()/build(), ``sys.setswitchinterval
+    (1e-6)``) after about 55,000 allocations; here the thread switch is placed in the
+    window deterministically: a profile hook runs ``disable()`` when new_like calls
+    ``x.numel()``, as the other thread would."""
+    x = torch.empty(512, 1024)  # 2 MiB: the pooled branch
+    assert _cpu.POOLED is not None
+
+    def switch(frame, event, arg):
+        if event == "c_call" and getattr(arg, "__name__", "") == "numel":
+            sys.setprofile(None)
+            native.disable()  # what the other thread does
+
+    sys.setprofile(switch)
+    try:
+        y = _cpu.new_like(x)
+    finally:
+        sys.setprofile(None)
+    assert y.shape == x.shape
