@@ -232,3 +232,38 @@ def test_defect_disable_on_another_thread_can_break_new_like(pool):
     finally:
         sys.setprofile(None)
     assert y.shape == x.shape
+
+
+def test_defect_disable_on_another_thread_can_break_a_training_call(pool):
+    """The same race in ``fast._direct``: ``if grads and N.route is not None: y =
+    N.route(...)`` reads ``native.route`` twice, so a ``native.disable()`` on another
+    thread between the reads makes a training call raise ``TypeError: 'NoneType' object
+    is not callable``. The thread switch is placed in the window by a line trace."""
+    from batchnorm.adapters.torch import fast
+
+    m = bt.BatchNorm2d(64)
+    x = torch.randn(SHAPE, requires_grad=True)
+    m(x)  # (the route's first call, and the layout cached)
+    assert native.enabled()
+    code = fast._direct.__code__
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        if event == "line":
+            if "N.route(" in _source_line(frame):
+                native.disable()  # what the other thread does
+        return trace
+
+    sys.settrace(trace)
+    try:
+        y = m(x)
+    finally:
+        sys.settrace(None)
+    assert y.shape == x.shape
+
+
+def _source_line(frame) -> str:
+    import linecache
+
+    return linecache.getline(frame.f_code.co_filename, frame.f_lineno)
