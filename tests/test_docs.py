@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import json
 import pkgutil
 import re
 import shutil
@@ -105,17 +106,41 @@ SLOW_PAGES = {"guide/jax.md"}
     "page",
     [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p for p in PAGES_WITH_CODE],
 )
-def test_every_python_block_of_a_page_runs_in_order(page, tmp_path, monkeypatch):
-    """A page's ```python blocks, run in order in one namespace, as a reader would paste
-    them (skipped when a block needs an optional package that is not installed)."""
+def test_every_python_block_of_a_page_runs_in_order(page, tmp_path):
+    """A page's ```python blocks, run in order in one namespace of a fresh interpreter, as a
+    reader would paste them (skipped when a block needs an optional package that is not
+    installed). A fresh process: the state earlier tests leave in this one (torch's
+    thread-local modes, a gloo group) must not decide the outcome; a hang fails after
+    ``BLOCKS_TIMEOUT_S``."""
     blocks = _python_blocks((DOCS / page).read_text())
     absent = _absent_imports(blocks)
     if absent:
         pytest.skip(f"{page} needs {', '.join(absent)}")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "__docs__"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{page} python block {i}", "exec"), namespace)  # noqa: S102
+    proc = run_blocks(page, blocks, tmp_path)
+    assert proc.returncode == 0, f"{page}:\n{proc.stderr[-3000:]}"
+
+
+#: The seconds a page's blocks may take in their interpreter before the test fails.
+BLOCKS_TIMEOUT_S = 600
+_RUNNER = """
+import json, sys
+ns = {"__name__": "__docs__"}
+for i, block in enumerate(json.load(open(sys.argv[2]))):
+    exec(compile(block, f"{sys.argv[1]} python block {i}", "exec"), ns)
+"""
+
+
+def run_blocks(page: str, blocks: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``blocks`` in order in one namespace of a new interpreter in ``cwd``."""
+    src = cwd / "_blocks.json"
+    src.write_text(json.dumps(blocks))
+    cmd = [sys.executable, "-c", _RUNNER, page, str(src)]
+    try:
+        return subprocess.run(
+            cmd, capture_output=True, text=True, cwd=cwd, timeout=BLOCKS_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{page}: its blocks ran over {BLOCKS_TIMEOUT_S} s:\n{exc.stderr!s:.3000}")
 
 
 def test_the_guide_pages_have_code_to_run():
@@ -126,14 +151,15 @@ def test_the_guide_pages_have_code_to_run():
 
 
 def test_a_failing_block_would_fail(tmp_path):
-    """Negative control: the block extraction finds code and an error in it propagates."""
+    """Negative control: the block extraction finds code, the blocks share one namespace
+    and an error in one fails the run, naming the block."""
     text = "intro\n\n```python\nx = 1\n```\n\n```python\nassert x == 2\n```\n"
     blocks = _python_blocks(text)
     assert blocks == ["x = 1\n", "assert x == 2\n"]
-    namespace: dict = {}
-    exec(blocks[0], namespace)  # noqa: S102
-    with pytest.raises(AssertionError):
-        exec(blocks[1], namespace)  # noqa: S102
+    proc = run_blocks("page.md", blocks, tmp_path)
+    assert proc.returncode != 0 and "AssertionError" in proc.stderr
+    assert "page.md python block 1" in proc.stderr
+    assert run_blocks("page.md", [blocks[0], "assert x == 1\n"], tmp_path).returncode == 0
 
 
 # ------------------------------------------------------------------------- the API pages

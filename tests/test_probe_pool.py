@@ -1,8 +1,9 @@
 """Hostile probes of the native extension's output pool (csrc/pool.h, ``native.pool_stats``,
 ``set_pool_limit``, ``empty_cache``).
 
-The ``test_defect_*`` tests reproduce defects found by the probe and FAIL on the code they
-were written against (branch probe5, from main a9cdb12); each docstring names the cause.
+Eight tests reproduce defects the probe found, each fixed since (they failed on the code
+they were written against, branch probe5 from main a9cdb12); each docstring describes the
+defect and its cause as found.
 The other tests are probes that held, kept as regressions: a block is never handed out
 while anything (a NumPy view, a kept storage, a lazy clone) still uses it, a failed
 allocation leaves the counters as they were, and tracing never touches the pool.
@@ -45,8 +46,8 @@ def _live():
     return native.pool_stats()["live_blocks"]
 
 
-# ----------------------------------------------------------------------------- defects
-def test_defect_set_pool_limit_turns_a_disabled_route_back_on(pool):
+# ------------------------------------------------------------------ defects (fixed since)
+def test_set_pool_limit_leaves_a_disabled_route_off(pool):
     """``set_pool_limit`` calls ``build()``, which sets ``route = train`` and
     ``_cpu.POOLED`` every time, not only when it loads the extension: after
     ``native.disable()`` any limit change turns the native route (and the Python route's
@@ -66,7 +67,7 @@ print(native.enabled())
 """
 
 
-def test_defect_set_pool_limit_overrides_native_env_zero(ext):
+def test_set_pool_limit_keeps_native_env_zero(ext):
     """``BATCHNORM_TORCH_NATIVE=0`` is documented as "never used", but ``set_pool_limit``
     (even ``set_pool_limit(0)``, turning the pool off) turns the native route on (same
     cause: ``build()``)."""
@@ -78,7 +79,7 @@ def test_defect_set_pool_limit_overrides_native_env_zero(ext):
     assert res.stdout.split()[-1] == "False", "BATCHNORM_TORCH_NATIVE=0, yet the route is on"
 
 
-def test_defect_a_too_large_limit_is_refused_as_value_error_changing_nothing(pool):
+def test_a_too_large_limit_is_refused_as_value_error_changing_nothing(pool):
     """``set_pool_limit(2**63)`` passes the Python check (an int >= 0), calls ``build()``
     (the route turns on) and then fails in pybind's int64 conversion with a TypeError
     ("incompatible function arguments"), unlike every other bad limit (ValueError naming
@@ -91,7 +92,7 @@ def test_defect_a_too_large_limit_is_refused_as_value_error_changing_nothing(poo
     assert not native.enabled(), "a rejected set_pool_limit turned the route on"
 
 
-def test_defect_stale_blocks_starve_every_new_size(pool):
+def test_stale_blocks_are_evicted_for_a_new_size(pool):
     """The pool never evicts: once freed blocks of old sizes fill the limit, a freed block
     of a new size is returned to the system (``release``: ``cached + n <= limit`` fails),
     so after a shape change for good (another batch size, another resolution) every
@@ -115,7 +116,7 @@ def test_defect_stale_blocks_starve_every_new_size(pool):
     assert stale_hits > 0, "10 allocations of the new size, 0 hits: stale blocks block it"
 
 
-def test_defect_storage_resize_caches_blocks_below_the_minimum(pool):
+def test_storage_resize_never_caches_blocks_below_the_minimum(pool):
     """A pooled tensor's storage keeps the pool as its allocator, so ``resize_`` of the
     tensor or its storage allocates (and on free caches) blocks of any size through
     ``bnpool::Allocator`` (``release`` caches without checking ``MIN_BYTES``), against
@@ -196,7 +197,7 @@ def test_a_reference_cycle_gives_its_outputs_back_on_collection(pool):
 
 
 @pytest.mark.parametrize("limit", [0, 256 * MIB])  # 0: the control (torch's allocator)
-def test_defect_profile_memory_does_not_see_pooled_outputs(pool, limit):
+def test_profile_memory_sees_pooled_outputs(pool, limit):
     """torch's CPU allocator reports each allocation to the profiler
     (``c10::reportMemoryUsageToProfiler``); ``bnpool::Allocator`` does not, so
     ``torch.profiler.profile(profile_memory=True)`` shows no memory for a pooled output
@@ -210,7 +211,7 @@ def test_defect_profile_memory_does_not_see_pooled_outputs(pool, limit):
     assert allocated, f"the profiler saw no allocation of y ({y.nbytes} bytes), limit {limit}"
 
 
-def test_defect_disable_on_another_thread_can_break_new_like(pool):
+def test_disable_on_another_thread_never_breaks_new_like(pool):
     """``_cpu.new_like`` reads the module global ``POOLED`` twice (``POOLED is not None``,
     then ``POOLED(x, ...)``), so a ``native.disable()`` on another thread between the two
     reads makes the call raise ``TypeError: 'NoneType' object is not callable``. Seen with
@@ -234,7 +235,7 @@ def test_defect_disable_on_another_thread_can_break_new_like(pool):
     assert y.shape == x.shape
 
 
-def test_defect_disable_on_another_thread_can_break_a_training_call(pool):
+def test_disable_on_another_thread_never_breaks_a_training_call(pool):
     """The same race in ``fast._direct``: ``if grads and N.route is not None: y =
     N.route(...)`` reads ``native.route`` twice, so a ``native.disable()`` on another
     thread between the reads makes a training call raise ``TypeError: 'NoneType' object

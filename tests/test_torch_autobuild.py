@@ -333,6 +333,8 @@ def test_a_foreground_build_clears_the_failure_mark(cache, monkeypatch):
     cache.mkdir(parents=True)
     (cache / A.FAILED).write_text("failed")
     monkeypatch.setattr(native, "_EXT", None)
+    monkeypatch.setattr(native, "_PARALLEL", native._PARALLEL)  # (the fake build sets them)
+    monkeypatch.setattr(native._cpu, "POOLED", native._cpu.POOLED)
 
     def broken(verbose, use_ninja):
         raise RuntimeError("no compiler")

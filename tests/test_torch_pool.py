@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 from _native import built_extension, route_off_after_each_test  # noqa: E402, F401
 
 import batchnorm.torch as bt  # noqa: E402
-from batchnorm.adapters.torch import _cpu, native  # noqa: E402
+from batchnorm.adapters.torch import _cpu, _pool, native  # noqa: E402
 
 CL = torch.channels_last
 MIB = 1 << 20
@@ -161,14 +161,14 @@ def test_set_pool_limit_refuses_what_is_not_a_byte_count(pool, bad):
 @pytest.mark.parametrize(("value", "expect"), [("0", 0), ("64", 64 * MIB), ("0.5", MIB // 2)])
 def test_the_environment_sets_the_limit(monkeypatch, value, expect):
     monkeypatch.setenv(native.POOL_ENV, value)
-    assert native._pool_limit() == expect
+    assert _pool.env_limit() == expect
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf", ""])
 def test_the_environment_refuses_a_bad_limit_naming_it(monkeypatch, value):
     monkeypatch.setenv(native.POOL_ENV, value)
     with pytest.raises(ValueError, match=native.POOL_ENV):
-        native._pool_limit()
+        _pool.env_limit()
 
 
 def test_disable_returns_to_torchs_allocator(pool):

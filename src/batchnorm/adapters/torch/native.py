@@ -53,14 +53,16 @@ import torch
 
 from ...backends.numba.plan import SERIAL_MAX, threads
 from ...core.coef import RESCALE
-from . import _autobuild, _cpu
+from . import _autobuild, _cpu, _pool
 from . import ops as O
+from ._pool import POOL_ENV, empty_cache, pool_stats, set_pool_limit
 from ._running import update_views
 
 __all__ = [
     "COMMON_EVAL",
     "prepare_eval",
     "ENV",
+    "POOL_ENV",
     "SKIP",
     "build",
     "built",
@@ -78,8 +80,6 @@ __all__ = [
 ENV = "BATCHNORM_TORCH_NATIVE"
 SOURCE = Path(__file__).with_name("csrc") / "lean.cpp"
 POOL_HEADER = SOURCE.with_name("pool.h")
-#: The environment variable that sets the output pool's limit in MiB (``0``: off).
-POOL_ENV = "BATCHNORM_TORCH_POOL_MB"
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 _WRAPPED = torch._C._functorch.is_functorch_wrapped_tensor
 _EXT = None  # the loaded extension module
@@ -129,7 +129,7 @@ def _setup(verbose: bool, use_ninja: bool | None):
         rescale = RESCALE if dtype == torch.float64 else 1.0
         ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
     ext.set_fallback(_backward_op)
-    ext.set_pool_limit(_pool_limit() if _LIMIT is None else _LIMIT)
+    ext.set_pool_limit(_pool.configured())
     return ext, centry.parallel_safe()
 
 
@@ -189,68 +189,6 @@ def disable() -> None:
     global route
     route = None
     _cpu.POOLED = None
-
-
-# ------------------------------------------------------------------- the output pool
-#: The pool's default limit: 1 GiB, or a sixteenth of the machine's memory if less.
-DEFAULT_POOL_BYTES = 1 << 30
-_MAX_LIMIT = 1 << 62
-_LIMIT = None  # the limit set by set_pool_limit (None: the environment's or the default)
-
-
-def _pool_limit() -> int:
-    """The pool's limit in bytes: ``BATCHNORM_TORCH_POOL_MB`` (MiB, ``0``: off) or the
-    default (:data:`DEFAULT_POOL_BYTES`, at most a sixteenth of the physical memory)."""
-    value = os.environ.get(POOL_ENV)
-    if value is not None:
-        try:
-            mib = float(value)
-        except ValueError:
-            mib = float("nan")
-        if not (mib >= 0 and mib * (1 << 20) <= _MAX_LIMIT):  # (NaN fails too)
-            raise ValueError(f"{POOL_ENV} must be a number of MiB >= 0, got {value!r}")
-        return int(mib * (1 << 20))
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 16 * DEFAULT_POOL_BYTES
-    return min(DEFAULT_POOL_BYTES, ram // 16)
-
-
-def pool_stats() -> dict:
-    """The output pool's counters (all zero while the extension is not loaded):
-    ``cached_bytes`` and ``cached_blocks`` (freed outputs kept for reuse), ``live_blocks``
-    (pooled outputs alive now), ``hits`` and ``misses`` (allocations served from the pool
-    or from the system), ``limit`` (bytes; 0: off)."""
-    keys = ("cached_bytes", "cached_blocks", "live_blocks", "hits", "misses", "limit")
-    return dict(zip(keys, (0,) * 6 if _EXT is None else _EXT.pool_stats(), strict=True))
-
-
-def set_pool_limit(nbytes: int) -> int:
-    """Set the output pool's limit in bytes (``0`` turns it off; cached blocks beyond the
-    new limit are freed now); returns the previous limit. Where the extension is not
-    loaded yet, the limit is kept for when it is (the route is not turned on)."""
-    global _LIMIT
-    if (
-        isinstance(nbytes, bool)
-        or not isinstance(nbytes, int | np.integer)
-        or not 0 <= nbytes <= _MAX_LIMIT
-    ):
-        raise ValueError(
-            f"the pool limit must be an int number of bytes in [0, 2**62], got {nbytes!r}"
-        )
-    if _EXT is None:
-        old = _pool_limit() if _LIMIT is None else _LIMIT
-        _LIMIT = int(nbytes)
-        return old
-    _LIMIT = int(nbytes)
-    return int(_EXT.set_pool_limit(_LIMIT))
-
-
-def empty_cache() -> int:
-    """Free the output pool's cached blocks (as ``torch.cuda.empty_cache`` for CUDA's
-    caching allocator); returns the bytes freed (0 while the extension is not loaded)."""
-    return 0 if _EXT is None else int(_EXT.empty_cache())
 
 
 def enabled() -> bool:

@@ -21,6 +21,7 @@
 
 #include <pthread.h>
 
+#include <atomic>
 #include <cstdint>
 #include <iterator>
 #include <list>
@@ -42,14 +43,16 @@ struct State {
   std::unordered_map<void*, size_t> live;  // handed-out block -> size
   size_t cached = 0;                       // bytes in `idle`
   size_t in_use = 0;                       // bytes handed out
-  size_t limit = 0;                        // 0: the pool is off
+  std::atomic<size_t> limit{0};            // 0: the pool is off
   int64_t hits = 0, misses = 0;
 };
 
 inline State& state() {
   static State* s = [] {
     State* p = new State();  // never freed (see above)
-    pthread_atfork(nullptr, nullptr, [] { new (&state().lock) std::mutex(); });
+    // a fork waits for the lock, so the child's maps are whole; the child unlocks its copy
+    pthread_atfork([] { state().lock.lock(); }, [] { state().lock.unlock(); },
+                   [] { new (&state().lock) std::mutex(); });
     return p;
   }();
   return *s;
@@ -72,6 +75,8 @@ inline void* evict_oldest(State& s) {
 }
 
 // Frees the oldest blocks (outside the lock) until at most `keep` bytes stay cached.
+// (The lock is never held while calling into torch or Python, except the profiler's
+// report, which calls nothing of ours.)
 inline size_t trim(size_t keep) {
   State& s = state();
   std::vector<std::pair<size_t, void*>> drop;
@@ -202,8 +207,7 @@ inline int64_t set_limit(int64_t bytes) {
   size_t old;
   {
     std::lock_guard<std::mutex> g(state().lock);
-    old = state().limit;
-    state().limit = static_cast<size_t>(bytes);
+    old = state().limit.exchange(static_cast<size_t>(bytes));
   }
   trim(static_cast<size_t>(bytes));
   return static_cast<int64_t>(old);
@@ -216,7 +220,7 @@ inline std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> stats() 
   int64_t blocks = 0;
   for (auto& kv : s.idle) blocks += static_cast<int64_t>(kv.second.size());
   return {static_cast<int64_t>(s.cached), blocks, static_cast<int64_t>(s.live.size()),
-          s.hits, s.misses, static_cast<int64_t>(s.limit)};
+          s.hits, s.misses, static_cast<int64_t>(s.limit.load())};
 }
 
 }  // namespace bnpool
