@@ -114,7 +114,8 @@ def _setup(verbose: bool, use_ninja: bool | None):
     for dtype, index in _DTYPES.items():
         big, limit = _cpu.kernel_limits(dtype)
         rescale = RESCALE if dtype == torch.float64 else 1.0
-        ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
+        addrs = list(centry.addresses(_cpu.NP_DTYPES[dtype]))
+        ext.set_kernels(index, addrs, big, limit, rescale, SERIAL_MAX)
     ext.set_fallback(_backward_op)
     return ext, centry.parallel_safe()
 
