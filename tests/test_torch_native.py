@@ -112,6 +112,18 @@ def test_strips_on_torchs_threads_are_bit_identical(ext, shape, dtype, threads):
     assert _same(a, b) and _same(c, d)
 
 
+def test_the_strips_are_built_to_run_on_torchs_threads(ext):
+    # set_kernels says whether at::parallel_for was compiled with torch's threads (else
+    # every strip runs in the calling thread: right values, no speed-up, nothing failing)
+    from batchnorm.adapters.torch import _cpu
+    from batchnorm.backends.numba import centry
+    from batchnorm.backends.numba.plan import SERIAL_MAX
+
+    big, limit = _cpu.kernel_limits(torch.float32)
+    addrs = list(centry.addresses(_cpu.NP_DTYPES[torch.float32]))
+    assert ext.set_kernels(0, addrs, big, limit, 1.0, SERIAL_MAX) is True
+
+
 def test_strips_in_python_threads_at_once(ext):
     # two Python threads each training through the strips at once (each its own parallel
     # region); the modules and data made first (torch.manual_seed is global)

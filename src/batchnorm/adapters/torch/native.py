@@ -138,7 +138,12 @@ def _load(verbose: bool, use_ninja: bool | None):
         )
     if use_ninja:
         return ce.load(
-            name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(where), verbose=verbose
+            name,
+            [str(SOURCE)],
+            extra_cflags=["-O2", *_openmp()],
+            extra_ldflags=_openmp(),
+            build_directory=str(where),
+            verbose=verbose,
         )
     if not so.exists():
         _compile(ce, name, so, verbose)
@@ -148,13 +153,21 @@ def _load(verbose: bool, use_ninja: bool | None):
     return mod
 
 
+def _openmp() -> list[str]:
+    """Compiler flags for torch's threads: without them at::parallel_for (the strips of
+    columns of a ROWS input, lean.cpp) runs every strip in the calling thread. The OpenMP
+    runtime is torch's own (libgomp.so.1, loaded by torch before the extension). Read at
+    build time only (parallel_info starts torch's thread pools)."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def _compile(ce, name: str, so: Path, verbose: bool) -> None:
     """The C++ compiler on the source, without ninja; written atomically (temp + rename)."""
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     tmp = so.with_suffix(f".{os.getpid()}.tmp")
     cmd = [
-        os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+        os.environ.get("CXX", "c++"), "-O2", *_openmp(), "-std=c++17", "-shared", "-fPIC",
         f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in ce.include_paths()), f"-I{sysconfig.get_paths()['include']}",

@@ -313,7 +313,9 @@ std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tens
   return {r[0], stats, PLAIN};
 }
 
-void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
+// Returns whether at::parallel_for runs the strips on torch's threads (the extension built
+// with them: -fopenmp for torch's OpenMP backend) rather than all in the calling thread.
+bool set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
                  double rescale, int64_t serial_max) {
   TORCH_CHECK(index == 0 || index == 1, "set_kernels: index 0 (float32) or 1 (float64)");
   TORCH_CHECK(addrs.size() == 7, "set_kernels: seven addresses (centry.NAMES), got ",
@@ -331,6 +333,11 @@ void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, d
   k.big = big;
   k.limit = limit;
   k.rescale = rescale;
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
 }
 
 int64_t x_code(const Tensor& x) {
