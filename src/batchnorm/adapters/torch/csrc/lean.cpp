@@ -72,16 +72,21 @@ constexpr int64_t ROWS = 1;
 // Columns per block of a ROWS strip: whole cache lines of float32 (two of float64), so that
 // two threads share no line of the statistics and, in rows that start on a line, of x's.
 constexpr int64_t STRIP_BLOCK = 16;
+// Fewest blocks in a strip: the kernels' time per value grows as strips narrow (one thread's
+// forward + backward of half of (256, 1024) float32 in sub-strips of 512, 256, 128, 64, 32
+// columns: 171, 216, 279, 374, 535 us), so 64-column strips on two threads gain nothing.
+constexpr int64_t STRIP_MIN_BLOCKS = 8;
 
 // f(k0, w) over the columns [0, k) of an (o, k) input in strips of whole blocks on torch's
 // threads (at::parallel_for: one contiguous strip per thread, inline on one thread or inside
-// a parallel region), each strip at least half the serial size (a smaller one costs more
-// to hand to a thread than it saves). f writes only the caller's buffers, through the
-// pointers it captured: the scratch of filled() and scratch() is the calling thread's.
+// a parallel region), each strip at least 128 columns and half the serial size (a smaller
+// one costs more to hand to a thread than it saves). f writes only the caller's buffers,
+// through the pointers it captured: the scratch of filled() and scratch() is the calling
+// thread's.
 template <class F>
 void over_strips(int64_t o, int64_t k, int64_t serial_max, const F& f) {
   int64_t blocks = (k + STRIP_BLOCK - 1) / STRIP_BLOCK;
-  int64_t grain = std::max<int64_t>(1, (serial_max / 2) / (o * STRIP_BLOCK));
+  int64_t grain = std::max(STRIP_MIN_BLOCKS, (serial_max / 2) / (o * STRIP_BLOCK));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     int64_t k0 = b0 * STRIP_BLOCK;
     f(k0, std::min(k, b1 * STRIP_BLOCK) - k0);
