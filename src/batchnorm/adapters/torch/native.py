@@ -26,6 +26,11 @@ overflow-scaled general path (non-finite ones included), takes the Python route 
 A double backward (``create_graph=True``) and a batched or wrapped incoming gradient are
 handed back to Python: the custom operator's backward, which is differentiable.
 
+A ``ROWS`` input of at least :data:`~batchnorm.backends.numba.plan.SERIAL_MAX` elements is
+trained in strips of columns on torch's own threads (``at::parallel_for``; the extension is
+built with ``-fopenmp`` under torch's OpenMP backend), each strip running on its columns the
+kernel the Python route runs on all of them: the same bits whatever the number of threads.
+
 Evaluation without gradients (:func:`evaluate`, a plain C++ function, no autograd node) is
 served through the same extension while the route is on: ``_cpu.evaluate_direct``'s one
 coefficient call and one scale-and-shift pass, bit for bit, for float16/32/64 inputs with
