@@ -323,3 +323,48 @@ def test_gradient_primitives_agree_with_a_float64_reference(rng, xdt, dydt):
     # control: a wrong mean moves the centred sum by (mean shift) * sum(dy)
     _, s2_off = NumpyBackend.grad_sums(x, dy, (1,), mean + 1.0)
     assert not np.allclose(s2_off, ref_s2, rtol=tol, atol=tol * 40)
+
+
+@numba_only
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_strips_write_the_bits_of_the_one_call_kernels(rng, dtype):
+    """``small.train_cols`` / ``backward_cols`` over any partition of the columns, in any
+    order (the native torch node runs such strips on torch's threads), write the bits of
+    ``train_rows`` / ``backward_rows``; ``plain_stats`` after the strips gives their flag.
+    Negative control: strips that leave one column out (an offset bug) are seen."""
+    from batchnorm.backends.numba import small as S
+    from batchnorm.backends.numpy import OVERFLOW_LIMIT
+
+    o, k = 37, 300
+    x = (rng.standard_normal((o, k)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal((o, k)).astype(dtype)
+    g = rng.uniform(0.5, 1.5, k).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    big = OVERFLOW_LIMIT[np.dtype(dtype).itemsize]
+    limit = float(np.finfo(dtype).max) / 8
+
+    def run(strips):
+        stats = np.full((3, k), np.nan)
+        y, dx = np.full_like(x, np.nan), np.full_like(x, np.nan)
+        gw, gb = np.full(k, np.nan, dtype), np.full(k, np.nan, dtype)
+        c4, c5 = np.empty((4, k), dtype), np.empty((5, k), dtype)
+        if strips is None:
+            plain = S.train_rows(x, g, b, 1e-5, big, limit, c4, y, stats)
+            S.backward_rows(x, dy, stats[0], stats[2], g, True, c5, dx, gw, gb)
+            return plain, [y, stats, dx, gw, gb]
+        for k0, w in strips:
+            S.train_cols(x, g, b, 1e-5, big, c4, y, stats, k0, w)
+        plain = S.plain_stats(stats, o, limit)
+        for k0, w in strips[::-1]:
+            S.backward_cols(x, dy, stats[0], stats[2], g, True, c5, dx, gw, gb, k0, w)
+        return plain, [y, stats, dx, gw, gb]
+
+    def same(a, b):
+        return a[0] == b[0] and all(np.array_equal(u, v) for u, v in zip(a[1], b[1], strict=True))
+
+    whole = run(None)
+    assert whole[0] and not np.isnan(whole[1][2]).any()  # the reference is all written
+    blocks = [(k0, min(16, k - k0)) for k0 in range(0, k, 16)]  # the last one ragged
+    for strips in ([(0, k)], blocks, blocks[::-1], [(0, 5), (5, 100), (105, 195)]):
+        assert same(run(strips), whole), strips
+    assert not same(run([(0, 16), (17, k - 17)]), whole)  # column 16 never written

@@ -91,6 +91,70 @@ def test_bit_identical_to_the_python_route(ext, shape, fmt, dtype, affine):
     assert _same(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2, None], ids=["1-thread", "2-threads", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(256, 1024), (512, 300)])
+def test_strips_on_torchs_threads_are_bit_identical(ext, shape, dtype, threads):
+    """ROWS from SERIAL_MAX elements on: the node runs strips of columns on torch's threads
+    (300 columns: a ragged last strip), the Python route one serial call; the same bits
+    whatever the number of threads (None: torch's default here)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        a, node_a = _step(shape, dtype, True)
+        b, node_b = _step(shape, dtype, False)
+        c, _ = _step(shape, dtype, True, x_grad=False)  # no dx: the parameter gradients only
+        d, _ = _step(shape, dtype, False, x_grad=False)
+    finally:
+        torch.set_num_threads(before)
+    assert (node_a, node_b) == (NATIVE_NODE, PYTHON_NODE)
+    assert _same(a, b) and _same(c, d)
+
+
+def test_the_strips_are_built_to_run_on_torchs_threads(ext):
+    # set_kernels says whether at::parallel_for was compiled with torch's threads (else
+    # every strip runs in the calling thread: right values, no speed-up, nothing failing)
+    from batchnorm.adapters.torch import _cpu
+    from batchnorm.backends.numba import centry
+    from batchnorm.backends.numba.plan import SERIAL_MAX
+
+    big, limit = _cpu.kernel_limits(torch.float32)
+    addrs = list(centry.addresses(_cpu.NP_DTYPES[torch.float32]))
+    assert ext.set_kernels(0, addrs, big, limit, 1.0, SERIAL_MAX) is True
+
+
+def test_strips_in_python_threads_at_once(ext):
+    # two Python threads each training through the strips at once (each its own parallel
+    # region); the modules and data made first (torch.manual_seed is global)
+    import threading
+
+    shape = (256, 1024)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=gen) * 3 + 2
+    dy = torch.randn(shape, generator=gen)
+    mods = [_module(shape, torch.float32) for _ in range(3)]
+    res = [None] * 3
+
+    def run(i):
+        xi = x.clone().requires_grad_()
+        y = mods[i](xi)
+        y.backward(dy)
+        res[i] = ([y.detach(), xi.grad, mods[i].weight.grad, mods[i].running_var], y.grad_fn)
+
+    native.disable()
+    run(2)  # the reference: the Python route
+    native.build()
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert type(res[2][1]).__name__ == PYTHON_NODE
+    for r in res[:2]:
+        assert type(r[1]).__name__ == NATIVE_NODE and _same(r[0], res[2][0])
+
+
 def test_the_comparison_sees_a_difference(ext):
     # negative control: a one-ulp change of one output element is seen
     a, _ = _step((7, 5), torch.float32, True)
@@ -238,9 +302,11 @@ def test_a_failed_build_warns_and_leaves_the_python_route(ext, monkeypatch):
 
 def test_registration_refuses_bad_arguments(ext):
     with pytest.raises(RuntimeError, match="index 0"):
-        ext.set_kernels(2, [0, 0, 0, 0], 1.0, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="four addresses"):
-        ext.set_kernels(0, [0], 1.0, 1.0, 1.0)
+        ext.set_kernels(2, [0] * 7, 1.0, 1.0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="seven addresses"):
+        ext.set_kernels(0, [0] * 4, 1.0, 1.0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="positive serial size"):
+        ext.set_kernels(0, [0] * 7, 1.0, 1.0, 1.0, 0)
 
 
 _PROBE = """

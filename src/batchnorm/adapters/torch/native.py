@@ -28,6 +28,11 @@ overflow-scaled general path (non-finite ones included), takes the Python route 
 A double backward (``create_graph=True``) and a batched or wrapped incoming gradient are
 handed back to Python: the custom operator's backward, which is differentiable.
 
+A ``ROWS`` input of at least :data:`~batchnorm.backends.numba.plan.SERIAL_MAX` elements is
+trained in strips of columns on torch's own threads (``at::parallel_for``; the extension is
+built with ``-fopenmp`` under torch's OpenMP backend), each strip running on its columns the
+kernel the Python route runs on all of them: the same bits whatever the number of threads.
+
 Evaluation without gradients (:func:`evaluate`, a plain C++ function, no autograd node) is
 served through the same extension while the route is on: ``_cpu.evaluate_direct``'s one
 coefficient call and one scale-and-shift pass, bit for bit, for float16/32/64 inputs with
@@ -127,7 +132,8 @@ def _setup(verbose: bool, use_ninja: bool | None):
     for dtype, index in _DTYPES.items():
         big, limit = _cpu.kernel_limits(dtype)
         rescale = RESCALE if dtype == torch.float64 else 1.0
-        ext.set_kernels(index, list(centry.addresses(_cpu.NP_DTYPES[dtype])), big, limit, rescale)
+        addrs = list(centry.addresses(_cpu.NP_DTYPES[dtype]))
+        ext.set_kernels(index, addrs, big, limit, rescale, SERIAL_MAX)
     ext.set_fallback(_backward_op)
     ext.set_pool_limit(_pool.configured())
     return ext, centry.parallel_safe()
@@ -152,7 +158,12 @@ def _load(verbose: bool, use_ninja: bool | None):
         )
     if use_ninja:
         return ce.load(
-            name, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(where), verbose=verbose
+            name,
+            [str(SOURCE)],
+            extra_cflags=["-O2", *_openmp()],
+            extra_ldflags=_openmp(),
+            build_directory=str(where),
+            verbose=verbose,
         )
     if not so.exists():
         _compile(ce, name, so, verbose)
@@ -162,13 +173,21 @@ def _load(verbose: bool, use_ninja: bool | None):
     return mod
 
 
+def _openmp() -> list[str]:
+    """Compiler flags for torch's threads: without them at::parallel_for (the strips of
+    columns of a ROWS input, lean.cpp) runs every strip in the calling thread. The OpenMP
+    runtime is torch's own (libgomp.so.1, loaded by torch before the extension). Read at
+    build time only (parallel_info starts torch's thread pools)."""
+    return ["-fopenmp"] if "parallel backend: OpenMP" in torch.__config__.parallel_info() else []
+
+
 def _compile(ce, name: str, so: Path, verbose: bool) -> None:
     """The C++ compiler on the source, without ninja; written atomically (temp + rename)."""
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     tmp = so.with_suffix(f".{os.getpid()}.tmp")
     cmd = [
-        os.environ.get("CXX", "c++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+        os.environ.get("CXX", "c++"), "-O2", *_openmp(), "-std=c++17", "-shared", "-fPIC",
         f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in ce.include_paths()), f"-I{sysconfig.get_paths()['include']}",

@@ -3,9 +3,11 @@ native autograd node, :mod:`batchnorm.adapters.torch.native`).
 
 Each entry point takes raw pointers and sizes, views them as arrays (``numba.carray``, no
 copy) and calls the compiled kernels the Python route calls, with the same arguments: the
-serial fused kernels of :mod:`.small` (``train_rows``, ``backward_rows``) and the serial
-copies of :mod:`.passes`' ``_train_wide`` / ``_backward_wide`` (:func:`.kernels.kernel`),
-and their parallel compilations from :data:`~.plan.SERIAL_MAX` elements, as
+serial fused kernels of :mod:`.small` (``train_rows``, ``backward_rows``; their cores on a
+range of columns, ``train_cols`` and ``backward_cols``, with ``plain_stats``, for the
+strips of columns the caller runs on its own threads) and the serial copies of
+:mod:`.passes`' ``_train_wide`` / ``_backward_wide`` (:func:`.kernels.kernel`), and their
+parallel compilations from :data:`~.plan.SERIAL_MAX` elements, as
 :func:`.kernels.train_wide_direct` and :func:`.kernels.backward_wide_direct` choose (the
 caller sends the Python route inputs with fewer channels than threads there, and calls
 the parallel kernels only where :func:`parallel_safe`)).
@@ -29,19 +31,29 @@ from numba import carray, cfunc, types
 from . import kernels
 from .plan import SERIAL_MAX, guard
 from .small import (
+    backward_cols,
     backward_rows,
     eval_coef,
     eval_rows,
     eval_wide,
     param_grads,
     plain_stats,
+    train_cols,
     train_rows,
 )
 
 __all__ = ["NAMES", "addresses", "eval_address", "parallel_safe"]
 
 #: The entry points, in the order :func:`addresses` returns them.
-NAMES = ("train_rows", "train_wide", "backward_rows", "backward_wide")
+NAMES = (
+    "train_rows",
+    "train_wide",
+    "backward_rows",
+    "backward_wide",
+    "train_cols",
+    "backward_cols",
+    "plain_stats",
+)
 
 _TRAIN_WIDE = kernels.kernel("_train_wide", serial=True)
 _BACKWARD_WIDE = kernels.kernel("_backward_wide", serial=True)
@@ -60,6 +72,24 @@ def _train_rows_c(x, g, b, eps, big, limit, coef, y, stats, o, k):  # pragma: no
     ca = carray(coef, (4, k))
     sa = carray(stats, (3, k))
     return 1 if train_rows(xa, ga, ba, eps, big, limit, ca, ya, sa) else 0
+
+
+def _train_cols_c(x, g, b, eps, big, coef, y, stats, o, k, k0, w):  # pragma: no cover
+    """``train_cols`` on the columns ``k0 .. k0 + w`` of an ``(o, k)`` input (every
+    pointer the whole array's); no flag (:func:`_plain_c` after the last strip)."""
+    xa = carray(x, (o, k))
+    ya = carray(y, (o, k))
+    ga = carray(g, (k,))
+    ba = carray(b, (k,))
+    ca = carray(coef, (4, k))
+    sa = carray(stats, (3, k))
+    train_cols(xa, ga, ba, eps, big, ca, ya, sa, k0, w)
+    return 1
+
+
+def _plain_c(stats, k, count, limit):  # pragma: no cover - compiled
+    """``plain_stats`` of the ``(3, k)`` statistics of ``count`` values per feature."""
+    return 1 if plain_stats(carray(stats, (3, k)), count, limit) else 0
 
 
 def _train_wide_c(x, g, b, eps, big, limit, rescale, coef, y, stats, n, c, i):  # pragma: no cover
@@ -95,6 +125,29 @@ def _backward_rows_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out):  # pragma:
         carray(dx, (o_out, k)),
         carray(gw, (k,)),
         carray(gb, (k,)),
+    )
+    return 1
+
+
+def _backward_cols_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w):  # noqa: E501  # pragma: no cover
+    """``backward_cols`` on the columns ``k0 .. k0 + w`` of an ``(o, k)`` input (see
+    :func:`_backward_rows_c`)."""
+    xa = carray(x, (o, k))
+    dya = carray(dy, (o, k))
+    sa = carray(stats, (3, k))
+    backward_cols(
+        xa,
+        dya,
+        sa[0],
+        sa[2],
+        carray(g, (k,)),
+        True,
+        carray(coef, (5, k)),
+        carray(dx, (o_out, k)),
+        carray(gw, (k,)),
+        carray(gb, (k,)),
+        k0,
+        w,
     )
     return 1
 
@@ -195,6 +248,9 @@ def _signatures(dtype) -> dict:
         "train_wide": (_train_wide_c, r(p, p, p, f, f, f, f, p, p, d, n, n, n)),
         "backward_rows": (_backward_rows_c, r(p, p, d, p, p, p, p, p, n, n, n)),
         "backward_wide": (_backward_wide_c, r(p, p, d, p, p, p, p, p, n, n, n)),
+        "train_cols": (_train_cols_c, r(p, p, p, f, f, p, p, d, n, n, n, n)),
+        "backward_cols": (_backward_cols_c, r(p, p, d, p, p, p, p, p, n, n, n, n, n)),
+        "plain_stats": (_plain_c, r(d, n, n, f)),
     }
 
 

@@ -19,3 +19,12 @@ OPTS = {
     "error_model": "numpy",  # x/0 is inf or NaN, as in NumPy (never an exception)
 }
 SERIAL_OPTS = {**OPTS, "parallel": False}
+# Without fast-math: every operation the IEEE one, so that a kernel's values do not depend
+# on how LLVM compiles a loop in one caller or another (two compilations of one loop may
+# contract different multiply-adds to FMA: the native torch node's strips of columns and the
+# Python route's one call of the same kernel measured 1-ulp apart in 29% of the outputs).
+# A helper called by kernels of both kinds states ``fastmath=False`` itself: numba compiles
+# a callee without its own fastmath option with its first caller's, and caches it under a
+# key without the flags (a C entry point once linked a coefficient helper compiled for a
+# fast-math caller, x / n as x * (1 / n), 1 ulp from the Python route's).
+EXACT_OPTS = {**SERIAL_OPTS, "fastmath": False}

@@ -26,7 +26,7 @@ from .reductions import finish_moments, total
 
 
 # --------------------------------------------------------------------------- coefficients
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)  # (never inherited: see options)
 def _train_coef(sh, delta, hs, var, eps, g, b, m, big, coef, inv, c):  # pragma: no cover
     """Output coefficients of one feature into coef[:, c] (working precision).
 
@@ -58,7 +58,7 @@ def xterm(p, d):  # pragma: no cover - compiled
     return p if p == 0 else z
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)  # (never inherited: see options)
 def _grad_coef(s1, s2, mean, inv, k, h, m, batch_stats, coef, c):  # pragma: no cover
     """Input-gradient coefficients of one feature from its two gradient sums.
 
@@ -186,22 +186,26 @@ def _strip_sums(x, k0, w, hs, sh, a1, a2):  # pragma: no cover - compiled
     """Shifted sums of the columns ``k0 .. k0 + w`` of ``x`` (O, K), scaled by ``hs``: the
     shift (one sample per column), sum(d) and sum(d*d) into ``sh``, ``a1``, ``a2``."""
     O = x.shape[0]
+    k1 = k0 + w  # (row slices: 3-4x faster than x[o, k0 + j] where k0 is not a constant)
+    r = x[0, k0:k1]
     for j in range(w):
-        sh[j] = np.float64(ld(x[0, k0 + j])) * hs
+        sh[j] = np.float64(ld(r[j])) * hs
     o = 0
     while o + 4 <= O:
+        r0, r1, r2, r3 = x[o, k0:k1], x[o + 1, k0:k1], x[o + 2, k0:k1], x[o + 3, k0:k1]
         for j in range(w):
             sj = sh[j]
-            d0 = np.float64(ld(x[o, k0 + j])) * hs - sj
-            d1 = np.float64(ld(x[o + 1, k0 + j])) * hs - sj
-            d2 = np.float64(ld(x[o + 2, k0 + j])) * hs - sj
-            d3 = np.float64(ld(x[o + 3, k0 + j])) * hs - sj
+            d0 = np.float64(ld(r0[j])) * hs - sj
+            d1 = np.float64(ld(r1[j])) * hs - sj
+            d2 = np.float64(ld(r2[j])) * hs - sj
+            d3 = np.float64(ld(r3[j])) * hs - sj
             a1[j] += (d0 + d1) + (d2 + d3)
             a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         o += 4
     while o < O:
+        r = x[o, k0:k1]
         for j in range(w):
-            d = np.float64(ld(x[o, k0 + j])) * hs - sh[j]
+            d = np.float64(ld(r[j])) * hs - sh[j]
             a1[j] += d
             a2[j] += d * d
         o += 1

@@ -47,7 +47,7 @@ def total(a):  # pragma: no cover - compiled
     return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath=False)  # (never inherited: see options)
 def finish_moments(shift, t1, t2, n, hs):  # pragma: no cover - compiled
     """(mean, biased var) from shifted sums of d = x*hs - shift over n values."""
     return F.moments_from_shifted_sums(shift, t1, t2, n, hs)

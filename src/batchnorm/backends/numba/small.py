@@ -9,7 +9,9 @@ order, so the results are bit for bit those of the NumPy expressions it replaces
 
 The one-call kernels (:func:`train_rows`, :func:`backward_rows`, :func:`eval_coef`,
 :func:`eval_rows`, :func:`eval_wide`) serve
-the torch adapter's per-call route for small inputs (see below).
+the torch adapter's per-call route for small inputs (see below); :func:`train_cols` and
+:func:`backward_cols`, the cores of the first two, do a range of columns (the native node
+runs strips of columns on torch's threads with them).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from numba import njit
 from ...core import coef as F
 from . import coef as _jitable  # noqa: F401  (registers the formulas with numba)
 from .half import ld, st
-from .options import SERIAL_OPTS
+from .options import EXACT_OPTS, SERIAL_OPTS
 from .passes import grad_coef, strip_sums, train_coef, xterm
 from .reductions import finish_moments
 
 __all__ = [
+    "backward_cols",
     "backward_rows",
     "eval_coef",
     "eval_rows",
@@ -32,6 +35,7 @@ __all__ = [
     "param_grads",
     "plain_stats",
     "running_update",
+    "train_cols",
     "train_rows",
 ]
 
@@ -79,7 +83,7 @@ def running_update(rm, rv, mean, var, keep, w, wv):  # pragma: no cover - compil
 # Layout ``(O, K)``: ``K`` features, each a column (``(N, C)`` or channels-last ``(M, C)``).
 
 
-@njit(**SERIAL_OPTS)
+@njit(**EXACT_OPTS)
 def train_rows(x, g, b, eps, big, limit, coef, out, stats):  # pragma: no cover - compiled
     """Fused training forward of an ``(O, K)`` array: statistics, coefficients, output.
 
@@ -90,29 +94,47 @@ def train_rows(x, g, b, eps, big, limit, coef, out, stats):  # pragma: no cover 
     ``stats`` (3, K) float64 receives the mean, biased variance and ``1/sqrt(var + eps)``;
     ``coef`` (4, K) in the working precision is scratch; ``out`` receives ``y``. The sums
     are those of :func:`batchnorm.backends.numba.passes.strip_sums` (one strip of all
-    columns, no overflow rescale: the caller sends inputs that could need it elsewhere).
+    columns, no overflow rescale: the caller sends inputs that could need it elsewhere):
+    :func:`train_cols` over all columns, then :func:`plain_stats`.
     """
-    O, K = x.shape
-    sh = np.empty(K, np.float64)
-    a1 = np.zeros(K, np.float64)
-    a2 = np.zeros(K, np.float64)
-    strip_sums(x, 0, K, 1.0, sh, a1, a2)
+    train_cols(x, g, b, eps, big, coef, out, stats, 0, x.shape[1])
+    return plain_stats(stats, x.shape[0], limit)
+
+
+@njit(**EXACT_OPTS, inline="always")
+def train_cols(x, g, b, eps, big, coef, out, stats, k0, w):  # pragma: no cover - compiled
+    """:func:`train_rows` on the columns ``k0 .. k0 + w`` of ``x`` (O, K) only: it reads
+    and writes nothing of the other columns (of ``stats``, ``coef``, ``out`` either), so
+    strips of columns may run on several threads at once. No flag: :func:`plain_stats`
+    after the last strip.
+
+    Compiled without fast-math (``EXACT_OPTS``), as :func:`train_rows` and the C entry
+    points that call either (numba inlines it with its caller's options): each column's
+    values are the IEEE operations', the same bits whatever the strips and whichever
+    caller compiled them (with FMA contractions, two compilations of the same loop
+    measured 1 ulp apart in a third of the outputs)."""
+    O = x.shape[0]
+    sh = np.empty(w, np.float64)
+    a1 = np.zeros(w, np.float64)
+    a2 = np.zeros(w, np.float64)
+    strip_sums(x, k0, w, 1.0, sh, a1, a2)
     mean, var, inv = stats[0], stats[1], stats[2]
-    for k in range(K):
-        mu, v = finish_moments(sh[k], a1[k], a2[k], O, 1.0)
+    for j in range(w):
+        k = k0 + j
+        mu, v = finish_moments(sh[j], a1[j], a2[j], O, 1.0)
         mean[k] = mu
         var[k] = v
-        train_coef(sh[k], a1[k] / O, 1.0, v, eps, g[k], b[k], O, big, coef, inv, k)
-    s, a, bb, h = coef[0], coef[1], coef[2], coef[3]
+        train_coef(sh[j], a1[j] / O, 1.0, v, eps, g[k], b[k], O, big, coef, inv, k)
+    k1 = k0 + w  # (row slices: several times faster than x[o, k0 + j], k0 not a constant)
+    s, a, bb, h = coef[0, k0:k1], coef[1, k0:k1], coef[2, k0:k1], coef[3, k0:k1]
     for o in range(O):
-        xr = x[o]
-        yr = out[o]
-        for j in range(K):
+        xr = x[o, k0:k1]
+        yr = out[o, k0:k1]
+        for j in range(w):
             yr[j] = st((ld(xr[j]) * h[j] - s[j]) * a[j] + bb[j], out)
-    return plain_stats(stats, O, limit)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def param_grads(s1, s2, inv, gw, gb):  # pragma: no cover - compiled
     """``gb = sum(dy)`` and ``gw = sum(dy * (x - mean)) * inv_std`` from the float64 sums
     ``s1``, ``s2``, each rounded once to its own dtype (NumPy's ``gb[...] = s1``,
@@ -122,7 +144,7 @@ def param_grads(s1, s2, inv, gw, gb):  # pragma: no cover - compiled
         gw[k] = s2[k] * inv[k]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=False)
 def plain_stats(stats, count, limit):  # pragma: no cover - compiled
     """Whether ``sum(|mean|)`` and ``count * sum(var)`` (``stats`` rows 0 and 1) stay
     below ``limit`` and ``limit**2``; False for non-finite statistics."""
@@ -134,24 +156,34 @@ def plain_stats(stats, count, limit):  # pragma: no cover - compiled
     return m1 < limit and count * v1 < limit * limit
 
 
-@njit(**SERIAL_OPTS)
+@njit(**EXACT_OPTS)
 def backward_rows(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb):  # pragma: no cover
-    """Fused backward of an ``(O, K)`` array after :func:`train_rows` (``h = 1``).
+    """Fused backward of an ``(O, K)`` array after :func:`train_rows` (``h = 1``):
+    :func:`backward_cols` over all columns.
 
     ``mean`` and ``inv`` (float64) are the forward's; ``gw`` and ``gb`` (length
     K, any float dtype) receive ``sum(dy * x_hat)`` and ``sum(dy)``; ``out`` (or nothing
     when it has no rows) receives ``dx = k dy + p (x - mean) + q`` with the coefficients
     of :func:`batchnorm.backends.numba.passes.grad_coef`. ``coef`` (5, K) is scratch.
     """
-    O, K = x.shape
-    a1 = np.zeros(K, np.float64)
-    a2 = np.zeros(K, np.float64)
+    backward_cols(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb, 0, x.shape[1])
+
+
+@njit(**EXACT_OPTS, inline="always")
+def backward_cols(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb, k0, w):  # noqa: E501  # pragma: no cover
+    """:func:`backward_rows` on the columns ``k0 .. k0 + w`` only (of every argument),
+    without fast-math where called: see :func:`train_cols`."""
+    O = x.shape[0]
+    a1 = np.zeros(w, np.float64)
+    a2 = np.zeros(w, np.float64)
+    k1 = k0 + w  # (row slices, as in train_cols)
+    mu = mean[k0:k1]
     o = 0
     while o + 4 <= O:  # four rows per sweep over the accumulators
-        x0, x1, x2, x3 = x[o], x[o + 1], x[o + 2], x[o + 3]
-        y0, y1, y2, y3 = dy[o], dy[o + 1], dy[o + 2], dy[o + 3]
-        for j in range(K):
-            m = mean[j]
+        x0, x1, x2, x3 = x[o, k0:k1], x[o + 1, k0:k1], x[o + 2, k0:k1], x[o + 3, k0:k1]
+        y0, y1, y2, y3 = dy[o, k0:k1], dy[o + 1, k0:k1], dy[o + 2, k0:k1], dy[o + 3, k0:k1]
+        for j in range(w):
+            m = mu[j]
             g0 = np.float64(ld(y0[j]))
             g1 = np.float64(ld(y1[j]))
             g2 = np.float64(ld(y2[j]))
@@ -162,26 +194,27 @@ def backward_rows(x, dy, mean, inv, g, batch_stats, coef, out, gw, gb):  # pragm
             )
         o += 4
     while o < O:
-        xr = x[o]
-        gr = dy[o]
-        for j in range(K):
+        xr = x[o, k0:k1]
+        gr = dy[o, k0:k1]
+        for j in range(w):
             gv = np.float64(ld(gr[j]))
             a1[j] += gv
-            a2[j] += gv * (np.float64(ld(xr[j])) - mean[j])
+            a2[j] += gv * (np.float64(ld(xr[j])) - mu[j])
         o += 1
-    for j in range(K):
-        gw[j] = a2[j] * inv[j]
-        gb[j] = a1[j]
-        grad_coef(a1[j], a2[j], mean[j], inv[j], inv[j] * g[j], 1.0, O, batch_stats, coef, j)
-        coef[4, j] = 1.0
+    for j in range(w):
+        c = k0 + j
+        gw[c] = a2[j] * inv[c]
+        gb[c] = a1[j]
+        grad_coef(a1[j], a2[j], mean[c], inv[c], inv[c] * g[c], 1.0, O, batch_stats, coef, c)
+        coef[4, c] = 1.0
     if out.shape[0] == 0:
         return
-    s, kk, p, q, hw = coef[0], coef[1], coef[2], coef[3], coef[4]
+    s, kk, p, q, hw = coef[0, k0:k1], coef[1, k0:k1], coef[2, k0:k1], coef[3, k0:k1], coef[4, k0:k1]
     for o in range(O):
-        xr = x[o]
-        gr = dy[o]
-        dr = out[o]
-        for j in range(K):
+        xr = x[o, k0:k1]
+        gr = dy[o, k0:k1]
+        dr = out[o, k0:k1]
+        for j in range(w):
             v = kk[j] * ld(gr[j]) + xterm(p[j], ld(xr[j]) * hw[j] - s[j]) + q[j]
             dr[j] = st(v, out)
 

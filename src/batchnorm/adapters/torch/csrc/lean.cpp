@@ -34,6 +34,14 @@ using TrainWide = int32_t (*)(void*, void*, void*, double, double, double, doubl
                               void*, double*, int64_t, int64_t, int64_t);
 using Backward = int32_t (*)(void*, void*, double*, void*, void*, void*, void*, void*,
                              int64_t, int64_t, int64_t);
+// The ROWS kernels on the columns [k0, k0 + w) of an (o, k) input (centry._train_cols_c,
+// _backward_cols_c: the trailing k0, w), and plain_stats over all columns (stats, k, count,
+// limit).
+using TrainCols = int32_t (*)(void*, void*, void*, double, double, void*, void*, double*,
+                              int64_t, int64_t, int64_t, int64_t);
+using BackwardCols = int32_t (*)(void*, void*, double*, void*, void*, void*, void*, void*,
+                                 int64_t, int64_t, int64_t, int64_t, int64_t);
+using Plain = int32_t (*)(double*, int64_t, int64_t, double);
 
 // The evaluation entry point (centry._eval_c) of one dtype combination: x, weight, bias,
 // running mean, running variance, eps, limit, coef, y, n, c, i (0: an (n, c) view), nchunks.
@@ -45,7 +53,11 @@ struct Kernels {
   TrainWide train_wide = nullptr;
   Backward backward_rows = nullptr;
   Backward backward_wide = nullptr;
+  TrainCols train_cols = nullptr;
+  BackwardCols backward_cols = nullptr;
+  Plain plain = nullptr;
   double big = 0.0, limit = 0.0, rescale = 1.0;
+  int64_t serial_max = 0;  // plan.SERIAL_MAX: from this many elements, strips on threads
 };
 
 Kernels KERNELS[2];  // [0]: float32, [1]: float64
@@ -58,6 +70,55 @@ thread_local bool PLAIN = false;  // the last forward's flag, read by train() ri
 thread_local Tensor STATS;  // the last forward's statistics, read by train() likewise
 
 constexpr int64_t ROWS = 1;
+
+// Columns per block of a ROWS strip: whole cache lines of float32 (two of float64), so that
+// two threads share no line of the statistics and, in rows that start on a line, of x's.
+constexpr int64_t STRIP_BLOCK = 16;
+// Fewest blocks in a strip: the kernels' time per value grows as strips narrow (one thread's
+// forward + backward of half of (256, 1024) float32 in sub-strips of 512, 256, 128, 64, 32
+// columns: 171, 216, 279, 374, 535 us), so 64-column strips on two threads gain nothing.
+constexpr int64_t STRIP_MIN_BLOCKS = 8;
+
+// f(k0, w) over the columns [0, k) of an (o, k) input in strips of whole blocks on torch's
+// threads (at::parallel_for: one contiguous strip per thread, inline on one thread or inside
+// a parallel region), each strip at least 128 columns and half the serial size (a smaller
+// one costs more to hand to a thread than it saves). f writes only the caller's buffers,
+// through the pointers it captured: the scratch of filled() and scratch() is the calling
+// thread's.
+template <class F>
+void over_strips(int64_t o, int64_t k, int64_t serial_max, const F& f) {
+  int64_t blocks = (k + STRIP_BLOCK - 1) / STRIP_BLOCK;
+  int64_t grain = std::max(STRIP_MIN_BLOCKS, (serial_max / 2) / (o * STRIP_BLOCK));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    int64_t k0 = b0 * STRIP_BLOCK;
+    f(k0, std::min(k, b1 * STRIP_BLOCK) - k0);
+  });
+}
+
+// The ROWS training forward: one serial call below serial_max elements, else strips of
+// columns (train_cols) on torch's threads, then plain_stats over all columns. The same bits
+// either way: every column's values come from the same code whatever the strips.
+int32_t train_rows(const Kernels& k, void* x, void* g, void* b, double eps, void* coef, void* y,
+                   double* stats, int64_t o, int64_t c) {
+  if (o * c < k.serial_max)
+    return k.train_rows(x, g, b, eps, k.big, k.limit, coef, y, stats, o, c);
+  over_strips(o, c, k.serial_max, [&](int64_t k0, int64_t w) {
+    k.train_cols(x, g, b, eps, k.big, coef, y, stats, o, c, k0, w);
+  });
+  return k.plain(stats, c, o, k.limit);
+}
+
+// The ROWS backward likewise (backward_cols by strips; dx gets o_out rows: o or 0).
+void backward_rows(const Kernels& k, void* x, void* dy, double* stats, void* g, void* coef,
+                   void* dx, void* gw, void* gb, int64_t o, int64_t c, int64_t o_out) {
+  if (o * c < k.serial_max) {
+    k.backward_rows(x, dy, stats, g, coef, dx, gw, gb, o, c, o_out);
+    return;
+  }
+  over_strips(o, c, k.serial_max, [&](int64_t k0, int64_t w) {
+    k.backward_cols(x, dy, stats, g, coef, dx, gw, gb, o, c, o_out, k0, w);
+  });
+}
 
 const Kernels& kernels_for(const Tensor& x) {
   const Kernels& k = KERNELS[x.scalar_type() == at::kDouble ? 1 : 0];
@@ -134,8 +195,8 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
     {
       NoGil nogil;  // the kernels hold no Python object
       plain = kind == ROWS
-                  ? k.train_rows(x.data_ptr(), g, bb, eps, k.big, k.limit, coef,
-                                 y.data_ptr(), stats.data_ptr<double>(), a0, a1)
+                  ? train_rows(k, x.data_ptr(), g, bb, eps, coef, y.data_ptr(),
+                               stats.data_ptr<double>(), a0, a1)
                   : k.train_wide(x.data_ptr(), g, bb, eps, k.big, k.limit, k.rescale, coef,
                                  y.data_ptr(), stats.data_ptr<double>(), a0, a1, a2);
     }
@@ -191,8 +252,8 @@ struct LeanFn : public torch::autograd::Function<LeanFn> {
     void* coef = scratch(5 * c);
     void* dxp = dx.defined() ? dx.data_ptr() : nullptr;
     if (d[0] == ROWS)
-      k.backward_rows(x.data_ptr(), dy.data_ptr(), stats.data_ptr<double>(), g, coef, dxp, gwp,
-                      gbp, d[1], c, need_dx ? d[1] : 0);
+      backward_rows(k, x.data_ptr(), dy.data_ptr(), stats.data_ptr<double>(), g, coef, dxp, gwp,
+                    gbp, d[1], c, need_dx ? d[1] : 0);
     else
       k.backward_wide(x.data_ptr(), dy.data_ptr(), stats.data_ptr<double>(), g, coef, dxp, gwp,
                       gbp, d[1], c, d[3]);
@@ -259,18 +320,31 @@ std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tens
   return {r[0], stats, PLAIN};
 }
 
-void set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
-                 double rescale) {
+// Returns whether at::parallel_for runs the strips on torch's threads (the extension built
+// with them: -fopenmp for torch's OpenMP backend) rather than all in the calling thread.
+bool set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
+                 double rescale, int64_t serial_max) {
   TORCH_CHECK(index == 0 || index == 1, "set_kernels: index 0 (float32) or 1 (float64)");
-  TORCH_CHECK(addrs.size() == 4, "set_kernels: four addresses, got ", addrs.size());
+  TORCH_CHECK(addrs.size() == 7, "set_kernels: seven addresses (centry.NAMES), got ",
+              addrs.size());
+  TORCH_CHECK(serial_max > 0, "set_kernels: a positive serial size, got ", serial_max);
   Kernels& k = KERNELS[index];
   k.train_rows = reinterpret_cast<TrainRows>(addrs[0]);
   k.train_wide = reinterpret_cast<TrainWide>(addrs[1]);
   k.backward_rows = reinterpret_cast<Backward>(addrs[2]);
   k.backward_wide = reinterpret_cast<Backward>(addrs[3]);
+  k.train_cols = reinterpret_cast<TrainCols>(addrs[4]);
+  k.backward_cols = reinterpret_cast<BackwardCols>(addrs[5]);
+  k.plain = reinterpret_cast<Plain>(addrs[6]);
+  k.serial_max = serial_max;
   k.big = big;
   k.limit = limit;
   k.rescale = rescale;
+#ifdef INTRA_OP_PARALLEL
+  return true;
+#else
+  return false;
+#endif
 }
 
 int64_t x_code(const Tensor& x) {
