@@ -269,6 +269,65 @@ def test_non_finite_batch_changes_nothing(ext):
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+def _counting_updates(monkeypatch):
+    """The extension's train with its in-place running updates counted (done, refused)."""
+    seen = {"done": 0, "refused": 0}
+    real = native._EXT
+
+    class Counting:
+        def train(self, *args):
+            out = real.train(*args)
+            seen["done"] += out[3] == 1
+            seen["refused"] += out[3] == 0
+            return out
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(native, "_EXT", Counting())
+    return seen
+
+
+def test_a_running_update_that_would_overflow_changes_nothing(ext, monkeypatch):
+    """The update made in the extension refuses a new running variance that is not finite
+    in float32 (nothing changed, torch's NonFiniteStatisticsError from the Python side)."""
+    native.build()
+    seen = _counting_updates(monkeypatch)
+    m = _module((64, 256), torch.float32)
+    x = torch.randn(64, 256, requires_grad=True)
+    m(x)
+    assert seen == {"done": 1, "refused": 0}  # (the control: the update is made there)
+    with torch.no_grad():
+        m.running_var[7] = 3e38  # 0.9 * 3e38 + 0.1 * var * n / (n - 1) stays finite...
+        m.momentum = -2.0  # ...but 3 * 3e38 does not
+    before = [t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    with pytest.raises(NonFiniteStatisticsError):
+        m(x)
+    assert seen["refused"] == 1
+    after = (m.running_mean, m.running_var, m.num_batches_tracked)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_running_statistics_of_another_dtype_are_updated_in_python(ext, monkeypatch):
+    """float64 running statistics of a float32 module: not the extension's update (-1),
+    the same values as the Python route's."""
+    res = []
+    for on in (True, False):
+        (native.build() if on else native.disable())
+        seen = _counting_updates(monkeypatch) if on else None
+        m = _module((64, 256), torch.float32)
+        m.running_mean = m.running_mean.double()
+        m.running_var = m.running_var.double()
+        x = torch.randn(64, 256, generator=torch.Generator().manual_seed(3))
+        y = m(x.requires_grad_())
+        res.append((y.detach(), m.running_mean.clone(), m.running_var.clone()))
+        if on:
+            assert type(y.grad_fn).__name__ == NATIVE_NODE
+            assert seen == {"done": 0, "refused": 0}
+            monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(*res, strict=True))
+
+
 def test_overflow_scale_inputs_take_the_general_path(ext):
     res = []
     for on in (True, False):
@@ -302,11 +361,11 @@ def test_a_failed_build_warns_and_leaves_the_python_route(ext, monkeypatch):
 
 def test_registration_refuses_bad_arguments(ext):
     with pytest.raises(RuntimeError, match="index 0"):
-        ext.set_kernels(2, [0] * 7, 1.0, 1.0, 1.0, 1)
-    with pytest.raises(RuntimeError, match="seven addresses"):
+        ext.set_kernels(2, [0] * 8, 1.0, 1.0, 1.0, 1)
+    with pytest.raises(RuntimeError, match="eight addresses"):
         ext.set_kernels(0, [0] * 4, 1.0, 1.0, 1.0, 1)
     with pytest.raises(RuntimeError, match="positive serial size"):
-        ext.set_kernels(0, [0] * 7, 1.0, 1.0, 1.0, 0)
+        ext.set_kernels(0, [0] * 8, 1.0, 1.0, 1.0, 0)
 
 
 _PROBE = """
@@ -466,7 +525,8 @@ def test_two_backwards_through_one_graph(ext):
 def test_the_extension_refuses_arguments_that_do_not_fit(ext):
     x = torch.randn(8, 5)
     w = torch.ones(5)
-    ok = ext.train(x, w, w, 1, 8, 5, 1, 0, 1e-5)
+    none = (None, None, 0.0, 0.0, 0.0)  # no running statistics to update
+    ok = ext.train(x, w, w, 1, 8, 5, 1, 0, 1e-5, *none)
     assert ok[0].shape == x.shape and ok[2]  # the control: these arguments are accepted
     bad = [
         ((x, w, w, 1, 8, 6, 1, 0, 1e-5), "does not fit"),  # view larger than the input
@@ -479,7 +539,22 @@ def test_the_extension_refuses_arguments_that_do_not_fit(ext):
     ]
     for args, match in bad:
         with pytest.raises(RuntimeError, match=match):
-            ext.train(*args)
+            ext.train(*args, *none)
+    # running statistics the update cannot write (another size, dtype or layout, lazily
+    # negated): not updated (-1), left as they were; the control: fitting ones are (1)
+    rm, rv = torch.zeros(5), torch.ones(5)
+    assert ext.train(x, w, w, 1, 8, 5, 1, 0, 1e-5, rm, rv, 0.9, 0.1, 0.1)[3] == 1
+    assert not torch.equal(rm, torch.zeros(5))
+    unfit = [
+        (torch.zeros(6), torch.ones(6)),
+        (torch.zeros(5).double(), torch.ones(5)),
+        (torch.zeros(10)[::2], torch.ones(5)),
+        (torch._neg_view(torch.zeros(5)), torch.ones(5)),
+    ]
+    for rm, rv in unfit:
+        keep = rm.clone(), rv.clone()
+        assert ext.train(x, w, w, 1, 8, 5, 1, 0, 1e-5, rm, rv, 0.9, 0.1, 0.1)[3] == -1
+        assert torch.equal(rm, keep[0]) and torch.equal(rv, keep[1])
 
 
 def test_warmup_torch_builds_or_reports(ext, monkeypatch, capsys):

@@ -267,7 +267,7 @@ def _direct(module, x, tensors, batch, update, lay, views, eps):
         return None
     route = N.route  # (read once: another thread may turn it off meanwhile)
     if grads and route is not None:  # the compiled node (.native)
-        y = route(module, x, weight, bias, lay, views, eps, update)
+        y = route(module, x, weight, bias, lay, views, eps, update, rm, rv)
         if y is not None:
             return y
     st = _Step(lay, eps, True, views)

@@ -61,7 +61,7 @@ from ...core.coef import RESCALE
 from . import _autobuild, _cpu, _pool
 from . import ops as O
 from ._pool import POOL_ENV, empty_cache, pool_stats, set_pool_limit
-from ._running import update_views
+from ._running import UPDATE_LOCK, next_count, update_views
 
 __all__ = [
     "COMMON_EVAL",
@@ -223,11 +223,11 @@ def _backward_op(dy, x, weight, has_bias: bool, stats, eps: float):
     return dx, *O.param_grads(dw, db, dtypes)
 
 
-def train(module, x, weight, bias, lay, views, eps: float, update: bool):
+def train(module, x, weight, bias, lay, views, eps: float, update: bool, rm=None, rv=None):
     """The training forward of ``module`` on ``x`` through the native node (``lay`` its
     layout, ``views`` the module's cached NumPy views, :func:`.fast.batch_norm`), updating
-    the running statistics when ``update``; None where the route does not apply (nothing
-    done: the caller takes the Python route)."""
+    the running statistics ``rm``, ``rv`` when ``update``; None where the route does not
+    apply (nothing done: the caller takes the Python route)."""
     dt = x.dtype
     if (
         dt not in _DTYPES
@@ -247,12 +247,35 @@ def train(module, x, weight, bias, lay, views, eps: float, update: bool):
             a0 * a1 * a2 >= SERIAL_MAX and (not _PARALLEL or a1 < threads())
         ):
             return None
-    y, stats, plain = _EXT.train(x, weight, bias, lay.kind, a0, a1, a2, lay.channels_last, eps)
+    args = (x, weight, bias, lay.kind, a0, a1, a2, lay.channels_last, eps)
+    if update and views[5] and rm is not None:
+        return _train_updating(module, args, views, lay.count, rm, rv)
+    y, stats, plain, _ = _EXT.train(*args, None, None, 0.0, 0.0, 0.0)
     if not plain:
         return None
     if update:
         s = stats.numpy()
         update_views(module, views, s[0], s[1], lay.count, x.shape)
+    return y
+
+
+def _train_updating(module, args, views, count: int, rm, rv):
+    """:func:`train` with the running update made in the extension right after the
+    forward (no Python between them: the Python after a large forward runs on caches it
+    evicted), under the update lock as :func:`._running.update_views`; a refused update
+    (a non-finite new value) is handed to ``update_views``, which raises."""
+    n_np = views[4]
+    with UPDATE_LOCK:
+        n_new = next_count(n_np)  # (may refuse: nothing done yet)
+        w = module.momentum if module.momentum is not None else 1.0 / n_new
+        y, stats, plain, done = _EXT.train(*args, rm, rv, 1.0 - w, w, w * count / (count - 1))
+        if plain and done == 1:
+            n_np[...] = n_new
+            return y
+    if not plain:
+        return None
+    s = stats.numpy()  # (another layout of the buffers, or refused: raises, nothing changed)
+    update_views(module, views, s[0], s[1], count, args[0].shape)
     return y
 
 

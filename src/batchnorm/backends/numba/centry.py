@@ -38,6 +38,7 @@ from .small import (
     eval_wide,
     param_grads,
     plain_stats,
+    running_update,
     train_cols,
     train_rows,
 )
@@ -53,6 +54,7 @@ NAMES = (
     "train_cols",
     "backward_cols",
     "plain_stats",
+    "running_update",
 )
 
 _TRAIN_WIDE = kernels.kernel("_train_wide", serial=True)
@@ -174,6 +176,15 @@ def _backward_wide_c(x, dy, stats, g, coef, dx, gw, gb, n, c, i):  # pragma: no 
     return 1
 
 
+def _running_update_c(rm, rv, stats, c, keep, w, wv):  # pragma: no cover
+    """``running_update`` of ``c`` running statistics (the input's dtype) from the batch
+    mean and biased variance (``stats`` rows 0 and 1); returns 0, changing nothing, where a
+    new value would not be finite."""
+    sa = carray(stats, (3, c))
+    ok = running_update(carray(rm, (c,)), carray(rv, (c,)), sa[0], sa[1], keep, w, wv)
+    return 1 if ok else 0
+
+
 def _eval_c(x, g, b, rm, rv, eps, limit, coef, y, n, c, i, nchunks):  # pragma: no cover
     """Evaluation with the running statistics of an ``(n, c)`` (``i == 0``) or ``(n, c, i)``
     input, as :func:`batchnorm.adapters.torch._cpu.evaluate_direct`: ``eval_rows`` /
@@ -251,6 +262,7 @@ def _signatures(dtype) -> dict:
         "train_cols": (_train_cols_c, r(p, p, p, f, f, p, p, d, n, n, n, n)),
         "backward_cols": (_backward_cols_c, r(p, p, d, p, p, p, p, p, n, n, n, n, n)),
         "plain_stats": (_plain_c, r(d, n, n, f)),
+        "running_update": (_running_update_c, r(p, p, d, n, f, f, f)),
     }
 
 

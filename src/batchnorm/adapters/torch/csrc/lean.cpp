@@ -42,6 +42,8 @@ using TrainCols = int32_t (*)(void*, void*, void*, double, double, void*, void*,
 using BackwardCols = int32_t (*)(void*, void*, double*, void*, void*, void*, void*, void*,
                                  int64_t, int64_t, int64_t, int64_t, int64_t);
 using Plain = int32_t (*)(double*, int64_t, int64_t, double);
+// running mean, running variance (the input's dtype), stats, c, keep, w, wv
+using Update = int32_t (*)(void*, void*, double*, int64_t, double, double, double);
 
 // The evaluation entry point (centry._eval_c) of one dtype combination: x, weight, bias,
 // running mean, running variance, eps, limit, coef, y, n, c, i (0: an (n, c) view), nchunks.
@@ -56,6 +58,7 @@ struct Kernels {
   TrainCols train_cols = nullptr;
   BackwardCols backward_cols = nullptr;
   Plain plain = nullptr;
+  Update update = nullptr;
   double big = 0.0, limit = 0.0, rescale = 1.0;
   int64_t serial_max = 0;  // plan.SERIAL_MAX: from this many elements, strips on threads
 };
@@ -308,16 +311,43 @@ bool lazy_bits(std::initializer_list<std::optional<Tensor>> ts) {
   return false;
 }
 
-std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tensor>& w,
-                                       const std::optional<Tensor>& b, int64_t kind,
-                                       int64_t a0, int64_t a1, int64_t a2,
-                                       int64_t channels_last, double eps) {
+// The running statistics as `update` writes them: both dense (a1,) CPU tensors of x's
+// dtype, neither lazily negated (checked: the entry point writes raw memory).
+bool updatable(const Tensor& x, const std::optional<Tensor>& rm,
+               const std::optional<Tensor>& rv, int64_t a1) {
+  for (const std::optional<Tensor>* p : {&rm, &rv}) {
+    if (!p->has_value() || !(*p)->defined()) return false;
+    const Tensor& t = p->value();
+    if (!(t.device().is_cpu() && t.layout() == at::kStrided &&
+          t.scalar_type() == x.scalar_type() && t.dim() == 1 && t.size(0) == a1 &&
+          t.is_contiguous() && !t.is_neg() && !t.is_conj()))
+      return false;
+  }
+  return true;
+}
+
+// (y, stats, plain, updated): the training forward through the native node and, where
+// running statistics are given (and the plain form serves), their update in place with
+// the weights keep, w, wv (torch's: keep = 1 - w, wv = w * n / (n - 1)): updated 1 done,
+// 0 refused (a new value not finite: nothing changed, the caller raises), -1 not done
+// (none given, or not of x's dtype and layout: the caller updates them).
+std::tuple<Tensor, Tensor, bool, int64_t> train(
+    const Tensor& x, const std::optional<Tensor>& w, const std::optional<Tensor>& b,
+    int64_t kind, int64_t a0, int64_t a1, int64_t a2, int64_t channels_last, double eps,
+    const std::optional<Tensor>& rm, const std::optional<Tensor>& rv, double keep,
+    double wm, double wv) {
   check_args(x, w, b, kind, a0, a1, a2, channels_last);
-  if (lazy_bits({x, w, b})) return {Tensor(), Tensor(), false};  // the Python route's
+  if (lazy_bits({x, w, b})) return {Tensor(), Tensor(), false, -1};  // the Python route's
   variable_list r = LeanFn::apply(x, w, b, kind, a0, a1, a2, channels_last, eps);
   Tensor stats = STATS;
   STATS = Tensor();
-  return {r[0], stats, PLAIN};
+  int64_t updated = -1;
+  if (PLAIN && updatable(x, rm, rv, a1)) {
+    const Kernels& k = kernels_for(x);
+    updated = k.update(rm->data_ptr(), rv->data_ptr(), stats.data_ptr<double>(), a1, keep, wm,
+                       wv);
+  }
+  return {r[0], stats, PLAIN, updated};
 }
 
 // Returns whether at::parallel_for runs the strips on torch's threads (the extension built
@@ -325,7 +355,7 @@ std::tuple<Tensor, Tensor, bool> train(const Tensor& x, const std::optional<Tens
 bool set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, double limit,
                  double rescale, int64_t serial_max) {
   TORCH_CHECK(index == 0 || index == 1, "set_kernels: index 0 (float32) or 1 (float64)");
-  TORCH_CHECK(addrs.size() == 7, "set_kernels: seven addresses (centry.NAMES), got ",
+  TORCH_CHECK(addrs.size() == 8, "set_kernels: eight addresses (centry.NAMES), got ",
               addrs.size());
   TORCH_CHECK(serial_max > 0, "set_kernels: a positive serial size, got ", serial_max);
   Kernels& k = KERNELS[index];
@@ -336,6 +366,7 @@ bool set_kernels(int64_t index, const std::vector<int64_t>& addrs, double big, d
   k.train_cols = reinterpret_cast<TrainCols>(addrs[4]);
   k.backward_cols = reinterpret_cast<BackwardCols>(addrs[5]);
   k.plain = reinterpret_cast<Plain>(addrs[6]);
+  k.update = reinterpret_cast<Update>(addrs[7]);
   k.serial_max = serial_max;
   k.big = big;
   k.limit = limit;
