@@ -24,3 +24,17 @@ def built_extension():
 def route_off_after_each_test():
     yield
     native.disable()
+
+
+MIB = 1 << 20
+
+
+@pytest.fixture(name="pool")
+def pool_of_256_mib(ext):
+    """The extension loaded, an empty output pool of 256 MiB; the old limit back after."""
+    native.build()
+    old = native.set_pool_limit(256 * MIB)
+    native.empty_cache()
+    yield
+    native.set_pool_limit(old)
+    native.empty_cache()

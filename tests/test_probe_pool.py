@@ -21,24 +21,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _native import built_extension, route_off_after_each_test  # noqa: E402, F401
+from _native import (  # noqa: E402, F401
+    built_extension,
+    pool_of_256_mib,
+    route_off_after_each_test,
+)
 
 import batchnorm.torch as bt  # noqa: E402
 from batchnorm.adapters.torch import _cpu, native  # noqa: E402
 
 MIB = 1 << 20
 SHAPE = (32, 64, 16, 16)  # float32: 2 MiB, pooled
-
-
-@pytest.fixture
-def pool(ext):
-    """The extension loaded, an empty pool of 256 MiB; the old limit back afterwards."""
-    native.build()
-    old = native.set_pool_limit(256 * MIB)
-    native.empty_cache()
-    yield
-    native.set_pool_limit(old)
-    native.empty_cache()
 
 
 def _live():

@@ -17,24 +17,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from _native import built_extension, route_off_after_each_test  # noqa: E402, F401
+from _native import (  # noqa: E402, F401
+    built_extension,
+    pool_of_256_mib,
+    route_off_after_each_test,
+)
 
 import batchnorm.torch as bt  # noqa: E402
 from batchnorm.adapters.torch import _cpu, _pool, native  # noqa: E402
 
 CL = torch.channels_last
 MIB = 1 << 20
-
-
-@pytest.fixture
-def pool(ext):
-    """The route on, an empty pool of 256 MiB; the old limit back afterwards."""
-    native.build()
-    old = native.set_pool_limit(256 * MIB)
-    native.empty_cache()
-    yield
-    native.set_pool_limit(old)
-    native.empty_cache()
 
 
 def _hits():

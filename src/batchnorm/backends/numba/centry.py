@@ -32,7 +32,6 @@ from . import kernels
 from .plan import SERIAL_MAX, guard
 from .small import (
     backward_cols,
-    backward_rows,
     eval_coef,
     eval_rows,
     eval_wide,
@@ -110,36 +109,13 @@ def _train_wide_c(x, g, b, eps, big, limit, rescale, coef, y, stats, n, c, i):  
     return 1 if plain_stats(sa, n * i, limit) else 0
 
 
-def _backward_rows_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out):  # pragma: no cover
-    """``backward_rows`` (batch statistics) on an ``(o, k)`` input; ``dx`` gets ``o_out``
-    rows (``o`` or 0: parameter gradients only)."""
-    xa = carray(x, (o, k))
-    dya = carray(dy, (o, k))
-    sa = carray(stats, (3, k))
-    backward_rows(
-        xa,
-        dya,
-        sa[0],
-        sa[2],
-        carray(g, (k,)),
-        True,
-        carray(coef, (5, k)),
-        carray(dx, (o_out, k)),
-        carray(gw, (k,)),
-        carray(gb, (k,)),
-    )
-    return 1
-
-
-def _backward_cols_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w):  # noqa: E501  # pragma: no cover
-    """``backward_cols`` on the columns ``k0 .. k0 + w`` of an ``(o, k)`` input (see
-    :func:`_backward_rows_c`)."""
-    xa = carray(x, (o, k))
-    dya = carray(dy, (o, k))
+@numba.njit(inline="always")
+def _backward_views(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w):  # pragma: no cover
+    """``backward_cols`` on views of the raw buffers (batch statistics)."""
     sa = carray(stats, (3, k))
     backward_cols(
-        xa,
-        dya,
+        carray(x, (o, k)),
+        carray(dy, (o, k)),
         sa[0],
         sa[2],
         carray(g, (k,)),
@@ -151,6 +127,19 @@ def _backward_cols_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w):  # 
         k0,
         w,
     )
+
+
+def _backward_rows_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out):  # pragma: no cover
+    """``backward_rows`` (batch statistics: ``backward_cols`` over every column) on an
+    ``(o, k)`` input; ``dx`` gets ``o_out`` rows (``o`` or 0: parameter gradients only)."""
+    _backward_views(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, 0, k)
+    return 1
+
+
+def _backward_cols_c(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w):  # noqa: E501  # pragma: no cover
+    """``backward_cols`` on the columns ``k0 .. k0 + w`` of an ``(o, k)`` input (see
+    :func:`_backward_rows_c`)."""
+    _backward_views(x, dy, stats, g, coef, dx, gw, gb, o, k, o_out, k0, w)
     return 1
 
 
