@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "configured", "empty_cache", "env_limit",
+__all__ = ["DEFAULT_POOL_BYTES", "POOL_ENV", "attach", "configured", "empty_cache", "env_limit",
            "pool_stats", "set_pool_limit"]  # fmt: skip
 
 #: The environment variable that sets the output pool's limit in MiB (``0``: off).
@@ -89,8 +89,17 @@ def configured() -> int:
     return env_limit() if _LIMIT is None else _LIMIT
 
 
+def attach(ext) -> None:
+    """Give the pool functions the loaded extension module and set its limit
+    (:func:`configured`); called by :mod:`.native` when it loads the extension."""
+    global _EXT
+    ext.set_pool_limit(configured())
+    _EXT = ext
+
+
+_EXT = None  # the loaded extension module (attach)
+
+
 def _ext():
     """The loaded extension module, or None."""
-    from . import native  # (native imports this module)
-
-    return native._EXT
+    return _EXT

@@ -135,7 +135,7 @@ def _setup(verbose: bool, use_ninja: bool | None):
         addrs = list(centry.addresses(_cpu.NP_DTYPES[dtype]))
         ext.set_kernels(index, addrs, big, limit, rescale, SERIAL_MAX)
     ext.set_fallback(_backward_op)
-    ext.set_pool_limit(_pool.configured())
+    _pool.attach(ext)
     return ext, centry.parallel_safe()
 
 
