@@ -39,7 +39,6 @@ from .small import (
     plain_stats,
     running_update,
     train_cols,
-    train_rows,
 )
 
 __all__ = ["NAMES", "addresses", "eval_address", "parallel_safe"]
@@ -64,27 +63,34 @@ _AFFINE_ROWS_PAR = kernels.kernel("_affine_rows", serial=False)
 _AFFINE_WIDE_PAR = kernels.kernel("_affine_wide", serial=False)
 
 
+@numba.njit(inline="always")
+def _train_views(x, g, b, eps, big, coef, y, stats, o, k, k0, w):  # pragma: no cover
+    """``train_cols`` on views of the raw buffers."""
+    train_cols(
+        carray(x, (o, k)),
+        carray(g, (k,)),
+        carray(b, (k,)),
+        eps,
+        big,
+        carray(coef, (4, k)),
+        carray(y, (o, k)),
+        carray(stats, (3, k)),
+        k0,
+        w,
+    )
+
+
 def _train_rows_c(x, g, b, eps, big, limit, coef, y, stats, o, k):  # pragma: no cover
-    """``train_rows`` on an ``(o, k)`` input; returns 1 when the plain form serves."""
-    xa = carray(x, (o, k))
-    ya = carray(y, (o, k))
-    ga = carray(g, (k,))
-    ba = carray(b, (k,))
-    ca = carray(coef, (4, k))
-    sa = carray(stats, (3, k))
-    return 1 if train_rows(xa, ga, ba, eps, big, limit, ca, ya, sa) else 0
+    """``train_rows`` (``train_cols`` over every column, then ``plain_stats``) on an
+    ``(o, k)`` input; returns 1 when the plain form serves."""
+    _train_views(x, g, b, eps, big, coef, y, stats, o, k, 0, k)
+    return 1 if plain_stats(carray(stats, (3, k)), o, limit) else 0
 
 
 def _train_cols_c(x, g, b, eps, big, coef, y, stats, o, k, k0, w):  # pragma: no cover
     """``train_cols`` on the columns ``k0 .. k0 + w`` of an ``(o, k)`` input (every
     pointer the whole array's); no flag (:func:`_plain_c` after the last strip)."""
-    xa = carray(x, (o, k))
-    ya = carray(y, (o, k))
-    ga = carray(g, (k,))
-    ba = carray(b, (k,))
-    ca = carray(coef, (4, k))
-    sa = carray(stats, (3, k))
-    train_cols(xa, ga, ba, eps, big, ca, ya, sa, k0, w)
+    _train_views(x, g, b, eps, big, coef, y, stats, o, k, k0, w)
     return 1
 
 
